@@ -1,0 +1,28 @@
+"""chaperone: run programs on remote hosts over SSH and never lose them.
+
+The library is the product; the ``chaperone`` command is a thin shell over it.
+Imports are lazy so that ``import chaperone`` (and the CLI) start fast.
+"""
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "build_command": "chaperone.command",
+    "build_program": "chaperone.command",
+    "Chaperone": "chaperone.api",
+    "Run": "chaperone.api",
+    "ChaperoneError": "chaperone.errors",
+    "ProgramSpec": "chaperone.models",
+    "RunState": "chaperone.models",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError("module 'chaperone' has no attribute %r" % name)
+    import importlib
+
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,364 @@
+"""The scheduler's HTTPS endpoint, where agents deliver output and state.
+
+Routes (POST only), relative to ``/api/v1/agent/``::
+
+    {id}/output/{stream}?offset=N   raw bytes     -> 200 {"offset": held}
+                                                     409 {"offset": held} (gap)
+    {id}/state                      RunState JSON -> 200 {"ok": true}
+    {id}/completed                  RunState JSON -> 200 {"ok": true}
+
+Every request carries ``Authorization: Bearer <token>``, the per-run token
+from :meth:`CallbackServer.register`.  Errors are ``{"error": "..."}`` with,
+in this order of checks: 401 (no/malformed/unknown token), 404 (unknown run),
+403 (token of another run), 413 (body over :attr:`CallbackServer.max_body`),
+400 (bad stream, offset, JSON, state), 405 (method other than POST, decided
+by the router before anything else), 503 (unexpected failure: retry later).
+Never 500.  A rejected request changes nothing.
+
+The decisions that need no socket (auth, parameter and body parsing, the
+completion bookkeeping) live in :class:`CallbackProtocol`; the aiohttp
+handlers only move bytes in and out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import inspect
+import json
+import logging
+import re
+import secrets
+import ssl
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from . import certs
+from .mirror import OffsetGap, OutputMirror
+from .models import FINAL_STATES, STREAMS, RunState, check_run_id
+
+log = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1/agent/"
+DEFAULT_MAX_BODY = 8 << 20
+_OFFSET_RE = re.compile(r"^[0-9]{1,18}$")
+_BEARER_RE = re.compile(r"^Bearer +([A-Za-z0-9._~+/=-]+) *$", re.IGNORECASE)
+
+OnState = Callable[[str, RunState, bool], Any]
+
+
+class Reject(Exception):
+    """A request refused with ``status`` and ``{"error": message}``."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass
+class Run:
+    run_id: str
+    token: str
+    mirror: OutputMirror
+    on_state: Optional[OnState] = None
+    completed: bool = False
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
+
+
+class CallbackProtocol:
+    """Sans-IO: the registry of runs and every decision about a request."""
+
+    def __init__(self) -> None:
+        self._runs: Dict[str, Run] = {}
+        self._by_digest: Dict[bytes, str] = {}
+
+    # -- registry -----------------------------------------------------------
+
+    def register(self, run_id: str, mirror: OutputMirror, on_state: Optional[OnState] = None) -> str:
+        """Accept callbacks for ``run_id``; return its fresh 256-bit token.
+
+        Registering a run again replaces its token (the old one stops working)
+        and forgets that it completed.
+        """
+        check_run_id(run_id)
+        self.unregister(run_id)
+        token = secrets.token_urlsafe(32)
+        self._runs[run_id] = Run(run_id, token, mirror, on_state)
+        self._by_digest[_digest(token.encode("ascii"))] = run_id
+        return token
+
+    def unregister(self, run_id: str) -> None:
+        run = self._runs.pop(run_id, None)
+        if run is not None:
+            self._by_digest.pop(_digest(run.token.encode("ascii")), None)
+
+    def get(self, run_id: str) -> Optional[Run]:
+        return self._runs.get(run_id)
+
+    def __contains__(self, run_id: object) -> bool:
+        return run_id in self._runs
+
+    # -- decisions ----------------------------------------------------------
+
+    def authorize(self, path_id: str, authorization: Optional[str]) -> Run:
+        """401 no/malformed/unknown token, 404 unknown run, 403 another run's token."""
+        if not authorization:
+            raise Reject(401, "missing Authorization: Bearer token")
+        m = _BEARER_RE.match(authorization)
+        if m is None:
+            raise Reject(401, "malformed Authorization header: expected 'Bearer <token>'")
+        presented = m.group(1).encode("ascii")
+        owner_id = self._by_digest.get(_digest(presented))
+        owner = self._runs.get(owner_id) if owner_id is not None else None
+        if owner is None or not hmac.compare_digest(owner.token.encode("ascii"), presented):
+            raise Reject(401, "unknown token")
+        try:
+            check_run_id(path_id)
+        except ValueError:
+            raise Reject(404, "unknown run") from None
+        run = self._runs.get(path_id)
+        if run is None:
+            raise Reject(404, "unknown run")
+        if run is not owner:
+            raise Reject(403, "token does not belong to this run")
+        return run
+
+    @staticmethod
+    def check_length(content_length: Optional[int], max_body: int) -> None:
+        if content_length is not None and content_length > max_body:
+            raise Reject(413, f"body larger than {max_body} bytes")
+
+    @staticmethod
+    def parse_stream(stream: str) -> str:
+        if stream not in STREAMS:
+            raise Reject(400, f"unknown stream: expected one of {', '.join(STREAMS)}")
+        return stream
+
+    @staticmethod
+    def parse_offset(values: list) -> int:
+        """``values``: every ``offset`` query value (exactly one is allowed)."""
+        if len(values) != 1:
+            raise Reject(400, "exactly one offset query parameter is required")
+        if not _OFFSET_RE.match(values[0]):
+            raise Reject(400, "offset must be a non-negative decimal integer")
+        return int(values[0])
+
+    @staticmethod
+    def parse_state(body: bytes, path_id: str, final: bool) -> RunState:
+        """A RunState body; ``final`` says whether it must be a final state."""
+        try:
+            obj = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise Reject(400, "invalid JSON") from None
+        if not isinstance(obj, dict):
+            raise Reject(400, "the body must be a JSON object")
+        try:
+            state = RunState.model_validate_json(body)
+        except ValidationError as e:
+            errors = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}"
+                for err in e.errors(include_url=False, include_input=False)
+            )
+            raise Reject(400, f"invalid state: {errors}"[:2000]) from None
+        if state.id != path_id:
+            raise Reject(400, "state id does not match the run in the path")
+        if final and state.state not in FINAL_STATES:
+            raise Reject(400, f"completed needs a final state ({', '.join(FINAL_STATES)})")
+        if not final and state.state in FINAL_STATES:
+            raise Reject(400, "a final state must be posted to completed")
+        return state
+
+
+async def _call(on_state: Optional[OnState], run_id: str, state: RunState, final: bool) -> None:
+    if on_state is None:
+        return
+    result = on_state(run_id, state, final)
+    if inspect.isawaitable(result):
+        await result
+
+
+def _error(status: int, message: str, headers: Optional[dict] = None):
+    return web.json_response({"error": message}, status=status, headers=headers)
+
+
+class CallbackServer:
+    """The HTTPS endpoint on the scheduler's side."""
+
+    def __init__(self, max_body: int = DEFAULT_MAX_BODY) -> None:
+        self.max_body = max_body
+        self.protocol = CallbackProtocol()
+        self._runner = None
+        self._host: Optional[str] = None
+        self._port: Optional[int] = None
+        self._cert_path: Optional[Path] = None
+        self._cert_pem: Optional[str] = None
+
+    # -- registry (delegates to the sans-IO protocol) -----------------------
+
+    def register(self, run_id: str, mirror: OutputMirror, on_state: Optional[OnState] = None) -> str:
+        return self.protocol.register(run_id, mirror, on_state)
+
+    def unregister(self, run_id: str) -> None:
+        self.protocol.unregister(run_id)
+
+    # -- lifecycle ----------------------------------------------------------
+
+    async def start(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        cert_dir: Optional[Path] = None,
+        hostnames: Tuple[str, ...] = (),
+    ) -> None:
+        if self._runner is not None:
+            raise RuntimeError("callback server already started")
+        if cert_dir is None:
+            cert_dir = Path.home() / ".chaperone" / "tls"
+        cert_path, key_path = certs.ensure_certificate(Path(cert_dir), hostnames)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.load_cert_chain(cert_path, key_path)
+
+        app = web.Application(client_max_size=self.max_body, middlewares=[self._middleware])
+        app.router.add_post(API_PREFIX + "{id}/output/{stream}", self._output)
+        app.router.add_post(API_PREFIX + "{id}/state", self._state)
+        app.router.add_post(API_PREFIX + "{id}/completed", self._completed)
+        runner = web.AppRunner(app, access_log=log, handle_signals=False)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, ssl_context=ctx, reuse_address=True)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        addresses = runner.addresses
+        self._port = addresses[0][1] if addresses else port
+        self._host = host
+        self._cert_path = cert_path
+        self._cert_pem = certs.cert_pem(cert_path)
+        self._runner = runner
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    async def __aenter__(self) -> "CallbackServer":
+        if self._runner is None:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.stop()
+
+    # -- properties ---------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        if self._port is None:
+            raise RuntimeError("callback server not started")
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """Base URL for ``callback.url``; the agent appends ``<id>/...``."""
+        return self.base_url()
+
+    def base_url(self, host: Optional[str] = None, port: Optional[int] = None) -> str:
+        """The base URL as reached through ``host``/``port`` (e.g. the remote
+        end of an SSH port forward); defaults: 127.0.0.1 (or the bound
+        address) and the bound port."""
+        if host is None:
+            host = self._host if self._host not in (None, "", "0.0.0.0", "::", "localhost") else "127.0.0.1"
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        return f"https://{host}:{self.port if port is None else port}{API_PREFIX}"
+
+    @property
+    def cert_path(self) -> Path:
+        if self._cert_path is None:
+            raise RuntimeError("callback server not started")
+        return self._cert_path
+
+    @property
+    def cert_pem(self) -> str:
+        """The PEM certificate to pin in ``callback.cert``."""
+        if self._cert_pem is None:
+            raise RuntimeError("callback server not started")
+        return self._cert_pem
+
+    # -- aiohttp glue -------------------------------------------------------
+
+    @web.middleware
+    async def _middleware(self, request, handler):
+        try:
+            return await handler(request)
+        except Reject as r:
+            return _error(r.status, r.message)
+        except web.HTTPException as e:
+            if e.status < 400:  # pragma: no cover - we never redirect
+                raise
+            headers = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else None
+            status = e.status if e.status < 500 else 503
+            return _error(status, e.reason or "error", headers)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("callback %s %s failed", request.method, request.path)
+            return _error(503, "internal error; retry later")
+
+    def _authorize(self, request) -> Run:
+        run = self.protocol.authorize(request.match_info["id"], request.headers.get("Authorization"))
+        self.protocol.check_length(request.content_length, self.max_body)
+        return run
+
+    async def _body(self, request) -> bytes:
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge:
+            raise Reject(413, f"body larger than {self.max_body} bytes") from None
+        if len(body) > self.max_body:
+            raise Reject(413, f"body larger than {self.max_body} bytes")
+        return body
+
+    async def _output(self, request):
+        run = self._authorize(request)
+        body = await self._body(request)
+        stream = self.protocol.parse_stream(request.match_info["stream"])
+        offset = self.protocol.parse_offset(request.query.getall("offset", []))
+        loop = asyncio.get_running_loop()
+        try:
+            # Off the event loop: the flock may wait for another process.
+            held = await loop.run_in_executor(None, run.mirror.append, stream, offset, body)
+        except OffsetGap as gap:
+            return web.json_response({"offset": gap.held}, status=409)
+        except OSError:
+            log.exception("storing output of run %s failed", run.run_id)
+            return _error(503, "could not store output; retry later")
+        return web.json_response({"offset": held})
+
+    async def _state(self, request):
+        run = self._authorize(request)
+        state = self.protocol.parse_state(await self._body(request), run.run_id, final=False)
+        if not run.completed:  # a late heartbeat must not undo a completion
+            await _call(run.on_state, run.run_id, state, False)
+        return web.json_response({"ok": True})
+
+    async def _completed(self, request):
+        run = self._authorize(request)
+        state = self.protocol.parse_state(await self._body(request), run.run_id, final=True)
+        async with run.lock:
+            if not run.completed:
+                await _call(run.on_state, run.run_id, state, True)
+                run.completed = True  # only once on_state succeeded
+        return web.json_response({"ok": True})

@@ -1,0 +1,130 @@
+"""Agent commands over any transport: start, status, follow, signal, clean."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import AsyncIterator, Dict, List, Optional
+
+from .errors import AgentFailed, ChaperoneError, ConnectionLost, NoSuchRun
+from .protocol import Event, ProtocolError, StateUpdate, StreamDecoder, payload_after_marker
+from .transport import AgentProcess, Transport
+
+#: Exit status of the agent for "no such run" (see remote/agent.py).
+AGENT_NO_SUCH_RUN = 4
+
+
+def _marker() -> str:
+    return "CHAPERONE-" + secrets.token_hex(8)
+
+
+class AgentClient:
+    def __init__(self, transport: Transport):
+        self.transport = transport
+
+    async def _run(self, args: List[str], stdin: bytes = b"") -> bytes:
+        marker = _marker()
+        proc = await self.transport.open(["--marker", marker, *args], stdin)
+        chunks = []
+        try:
+            while True:
+                chunk = await proc.read()
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            code = await proc.wait()
+            if code != 0:
+                raise self._failure(code, await proc.stderr())
+        finally:
+            proc.close()
+        data = b"".join(chunks)
+        try:
+            return payload_after_marker(data, marker), marker
+        except ProtocolError as e:
+            raise ChaperoneError(str(e)) from None
+
+    def _failure(self, code: int, stderr: bytes) -> ChaperoneError:
+        lines = [l for l in stderr.decode("utf-8", "replace").splitlines() if l.strip()]
+        message = lines[-1] if lines else "the agent exited with status %d" % code
+        message = message.replace("chaperone-agent: ", "", 1)
+        if code == AGENT_NO_SUCH_RUN:
+            return NoSuchRun(message)
+        if code in (126, 127) or "python" in message and "not found" in message:
+            return ChaperoneError("cannot run the agent on %s: %s" % (self.transport.host, message))
+        if code == 255 or code is None or code < 0:
+            return ConnectionLost("connection to %s lost: %s" % (self.transport.host, message))
+        return AgentFailed(message, code)
+
+    async def _json(self, args: List[str], stdin: bytes = b""):
+        payload, _ = await self._run(args, stdin)
+        try:
+            return json.loads(payload.split(b"\n", 1)[0])
+        except ValueError as e:
+            raise ChaperoneError("the agent sent invalid JSON: %s" % e) from None
+
+    async def start(self, program_json: bytes) -> dict:
+        return await self._json(["start"], program_json)
+
+    async def status(self, run_id: str) -> dict:
+        return await self._json(["status", run_id])
+
+    async def list(self) -> List[dict]:
+        return await self._json(["list"])
+
+    async def signal(self, run_id: str, sig: str, grace: Optional[float] = None) -> dict:
+        args = ["signal", run_id, str(sig)]
+        if grace is not None:
+            args += ["--grace", repr(float(grace))]
+        return await self._json(args)
+
+    async def clean(self, run_id: str, force: bool = False) -> dict:
+        return await self._json(["clean", run_id] + (["--force"] if force else []))
+
+    async def control(self, run_id: str, message: bytes) -> dict:
+        return await self._json(["control", run_id], message)
+
+    async def output(self, run_id: str, stream: str, offset: int = 0, length: Optional[int] = None) -> bytes:
+        args = ["output", run_id, "--stream", stream, "--offset", str(offset)]
+        if length is not None:
+            args += ["--length", str(length)]
+        payload, _ = await self._run(args)
+        return payload
+
+    async def _events(self, args: List[str], stdin: bytes, json_line: bool) -> AsyncIterator[Event]:
+        marker = _marker()
+        proc: AgentProcess = await self.transport.open(["--marker", marker, *args], stdin)
+        decoder = StreamDecoder(marker, json_line=json_line, framed=True)
+        try:
+            while not decoder.ended:
+                chunk = await proc.read()
+                if not chunk:
+                    break
+                for event in decoder.feed(chunk):
+                    yield event
+            if decoder.ended:
+                return
+            code = await proc.wait()
+            if code != 0:
+                raise self._failure(code, await proc.stderr())
+            raise ConnectionLost("the output stream from %s ended early" % self.transport.host)
+        except ProtocolError as e:
+            raise ChaperoneError(str(e)) from None
+        finally:
+            proc.close()
+
+    def start_follow(self, program_json: bytes) -> AsyncIterator[Event]:
+        """Start a run and stream its events: its state, output, final state."""
+        return self._events(["start", "--follow"], program_json, json_line=True)
+
+    def follow(self, run_id: str, offsets: Optional[Dict[str, int]] = None) -> AsyncIterator[Event]:
+        """Stream a run's output from ``offsets`` until its final state."""
+        offsets = offsets or {}
+        args = [
+            "follow", run_id,
+            "--stdout-offset", str(offsets.get("stdout", 0)),
+            "--stderr-offset", str(offsets.get("stderr", 0)),
+        ]
+        return self._events(args, b"", json_line=False)
+
+
+__all__ = ["AgentClient", "StateUpdate"]

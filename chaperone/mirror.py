@@ -1,0 +1,124 @@
+"""The local copy of a run's output.
+
+Every byte of a run's stdout and stderr lands here, whichever path delivered
+it (the agent's HTTPS callback or an SSH catch-up).  Appends are idempotent
+by offset: the number of bytes held is the file's size, a chunk that starts
+past it is refused (:class:`OffsetGap`), a chunk that is already held is
+ignored and a chunk that overlaps the end contributes only its new tail.  The
+check and the write happen under an exclusive ``flock`` on a lock file in the
+directory, so two processes (the scheduler and a CLI) appending the same
+chunks never store a byte twice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Optional
+
+from .models import STREAMS
+
+LOCK_NAME = ".lock"
+
+
+class OffsetGap(Exception):
+    """A chunk starts after the last byte held; resend from :attr:`held`."""
+
+    def __init__(self, held: int, offset: Optional[int] = None) -> None:
+        self.held = held
+        self.offset = offset
+        msg = f"offset gap: {held} bytes held"
+        if offset is not None:
+            msg += f", chunk starts at {offset}"
+        super().__init__(msg)
+
+
+def check_stream(stream: str) -> str:
+    if stream not in STREAMS:
+        raise ValueError(f"unknown stream {stream!r}: expected one of {', '.join(STREAMS)}")
+    return stream
+
+
+def plan_append(held: int, offset: int, length: int) -> int:
+    """Sans-IO offset decision: how many leading bytes of a ``length``-byte
+    chunk starting at ``offset`` are already held (skip them, write the rest).
+
+    Returns ``length`` for a pure duplicate (nothing to write); raises
+    :class:`OffsetGap` when ``offset > held``; :class:`ValueError` for a
+    negative offset or length.
+    """
+    if offset < 0 or length < 0:
+        raise ValueError("offset and length must be >= 0")
+    if offset > held:
+        raise OffsetGap(held, offset)
+    return min(held - offset, length)
+
+
+class OutputMirror:
+    """``<directory>/stdout`` and ``<directory>/stderr`` (0600, directory 0700)."""
+
+    def __init__(self, directory: Path, fsync: bool = False) -> None:
+        self.directory = Path(directory)
+        self.fsync = fsync
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path(self, stream: str) -> Path:
+        return self.directory / check_stream(stream)
+
+    def held(self, stream: str) -> int:
+        """Bytes held for ``stream`` (the file's size)."""
+        try:
+            return os.stat(self.path(stream)).st_size
+        except FileNotFoundError:
+            return 0
+
+    def _lock(self) -> int:
+        fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def append(self, stream: str, offset: int, data: bytes) -> int:
+        """Store ``data`` found at ``offset`` of ``stream``; return the bytes held.
+
+        Idempotent: a duplicate writes nothing, an overlap writes only the new
+        tail; ``offset > held`` raises :class:`OffsetGap` and writes nothing.
+        """
+        path = self.path(stream)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"invalid offset {offset!r}")
+        data = bytes(data)
+        lock_fd = self._lock()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                held = os.fstat(fd).st_size
+                skip = plan_append(held, offset, len(data))
+                view = memoryview(data)[skip:]
+                while view:
+                    n = os.write(fd, view)
+                    held += n
+                    view = view[n:]
+                if self.fsync and skip < len(data):
+                    os.fsync(fd)
+                return held
+            finally:
+                os.close(fd)
+        finally:
+            os.close(lock_fd)  # releases the flock
+
+    def read(self, stream: str, offset: int = 0, length: Optional[int] = None) -> bytes:
+        """Up to ``length`` bytes (all when ``None``) of ``stream`` from ``offset``."""
+        path = self.path(stream)
+        if offset < 0 or (length is not None and length < 0):
+            raise ValueError("offset and length must be >= 0")
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                return f.read() if length is None else f.read(length)
+        except FileNotFoundError:
+            return b""

@@ -1,0 +1,197 @@
+"""The wire format, defined once.
+
+* :class:`ProgramSpec` is ``program.json``: what the agent reads on stdin.
+* :class:`RunState` is ``state.json``: what the agent writes in the spool and
+  prints on stdout.
+* :class:`OutputAck` is the scheduler's answer to an output callback.
+
+``remote/agent.py`` mirrors these in plain dicts (it is stdlib-only);
+``tests/test_protocol.py`` proves that the two agree, and
+``docs/protocol.md`` documents them with their JSON Schema
+(``python -m chaperone.models`` prints it).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, List, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+PROTOCOL_VERSION = 1
+
+#: A run id: starts with a letter or digit, then letters, digits, ``._-``;
+#: never ``/`` nor ``..``.  The agent uses the same pattern.
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_RUN_ID_RE = re.compile(RUN_ID_PATTERN)
+
+STREAMS = ("stdout", "stderr")
+
+
+def check_run_id(value: str) -> str:
+    if not isinstance(value, str) or not _RUN_ID_RE.match(value) or ".." in value:
+        raise ValueError(
+            f"invalid run id {value!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'"
+        )
+    return value
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class StdinPath(_Strict):
+    """The program reads this file on the agent's host."""
+
+    path: str
+
+
+class StdinData(_Strict):
+    """The program reads these bytes (base64), copied into the spool first."""
+
+    data: str
+
+
+class Program(_Strict):
+    argv: List[str] = Field(min_length=1)
+    #: Working directory; ``null`` means the agent's home directory.
+    cwd: Optional[str] = None
+    #: Variables to set (a string) or unset (``null``).
+    env: Dict[str, Optional[str]] = Field(default_factory=dict)
+    #: Inherit the agent's environment: all of it (true), none (false),
+    #: or only the named variables.
+    env_inherit: Union[bool, List[str]] = True
+    stdin: Union[None, StdinPath, StdinData] = None
+    umask: Optional[int] = Field(default=None, ge=0, le=0o777)
+
+
+class Callback(_Strict):
+    #: Base URL, e.g. ``https://127.0.0.1:8443/api/v1/agent/``; the agent
+    #: appends ``<id>/output/<stream>``, ``<id>/state``, ``<id>/completed``.
+    url: str
+    #: Per-run secret, sent as ``Authorization: Bearer <token>``.
+    token: str = Field(min_length=32)
+    #: PEM certificate the server must present, exactly.
+    cert: str
+    #: Seconds between heartbeats while the program runs.
+    heartbeat: float = Field(default=30.0, gt=0)
+
+
+class Config(_Strict):
+    #: Seconds after which the program's group gets SIGTERM, then SIGKILL.
+    timeout: Optional[float] = Field(default=None, gt=0)
+    #: Largest output callback body, in bytes.
+    output_buffer: int = Field(default=1 << 20, gt=0)
+    #: Longest wait, in seconds, before buffered output is sent.
+    output_latency: float = Field(default=0.2, ge=0)
+    #: Longest wait, in seconds, between callback retries.
+    retry_frequency: float = Field(default=10.0, gt=0)
+    #: Seconds between SIGTERM and SIGKILL on timeout or kill.
+    kill_grace: float = Field(default=10.0, ge=0)
+    #: Seconds the callback sender keeps trying after the program ended.
+    callback_timeout: float = Field(default=86400.0, gt=0)
+
+
+class ProgramSpec(_Strict):
+    """``program.json``."""
+
+    version: Literal[1] = PROTOCOL_VERSION
+    id: str
+    program: Program
+    callback: Optional[Callback] = None
+    config: Config = Field(default_factory=Config)
+
+    @field_validator("id")
+    @classmethod
+    def _id(cls, v: str) -> str:
+        return check_run_id(v)
+
+
+RUSAGE_FIELDS = (
+    "ru_utime", "ru_stime", "ru_maxrss", "ru_ixrss", "ru_idrss", "ru_isrss",
+    "ru_minflt", "ru_majflt", "ru_nswap", "ru_inblock", "ru_oublock",
+    "ru_msgsnd", "ru_msgrcv", "ru_nsignals", "ru_nvcsw", "ru_nivcsw",
+)
+
+
+class Rusage(_Strict):
+    ru_utime: float
+    ru_stime: float
+    ru_maxrss: int
+    ru_ixrss: int
+    ru_idrss: int
+    ru_isrss: int
+    ru_minflt: int
+    ru_majflt: int
+    ru_nswap: int
+    ru_inblock: int
+    ru_oublock: int
+    ru_msgsnd: int
+    ru_msgrcv: int
+    ru_nsignals: int
+    ru_nvcsw: int
+    ru_nivcsw: int
+
+
+StateName = Literal["running", "done", "error", "lost"]
+FINAL_STATES = ("done", "error", "lost")
+
+
+class RunState(_Strict):
+    """``state.json``; also the body of the ``state`` and ``completed`` callbacks."""
+
+    version: Literal[1] = PROTOCOL_VERSION
+    id: str
+    #: Host name as the agent's host sees itself.
+    host: str
+    state: StateName
+    #: Supervisor process: pid, start time in clock ticks since boot
+    #: (``/proc/PID/stat`` field 22), and the kernel boot id.  All three must
+    #: match for the supervisor to count as alive.
+    agent_pid: Optional[int] = None
+    agent_start: Optional[int] = None
+    boot_id: Optional[str] = None
+    #: The program's pid and process group (its own session).
+    pid: Optional[int] = None
+    pgid: Optional[int] = None
+    #: Exit status when it exited, or the signal name when killed.
+    return_code: Optional[int] = None
+    signal: Optional[str] = None
+    #: True when the agent ended the program because ``config.timeout`` passed.
+    timed_out: bool = False
+    #: Why the program never started (``error``) or why the run is ``lost``.
+    error: Optional[str] = None
+    #: The errno behind ``error`` for a program that could not be started.
+    errno: Optional[int] = None
+    rusage: Optional[Rusage] = None
+    start_time: str
+    end_time: Optional[str] = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    #: The run's spool directory on the agent's host.
+    spool: str
+
+    @property
+    def final(self) -> bool:
+        return self.state in FINAL_STATES
+
+
+class OutputAck(_Strict):
+    """Answer to an output append: the number of bytes the scheduler holds."""
+
+    offset: int = Field(ge=0)
+
+
+def json_schemas() -> dict:
+    return {
+        "program.json": ProgramSpec.model_json_schema(),
+        "state.json": RunState.model_json_schema(),
+        "output-ack": OutputAck.model_json_schema(),
+    }
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import json
+
+    print(json.dumps(json_schemas(), indent=2))

@@ -1,0 +1,132 @@
+"""The agent's stdout, parsed without I/O (sans-IO).
+
+What the agent prints, after whatever a login script printed first:
+
+* a marker line (``\\n<marker>\\n``) the client chose, so that noise before it
+  is skipped;
+* for ``start``/``status``/``signal``/``list``/``clean``/``control``: one JSON
+  line;
+* for ``start --follow`` and ``follow``: the JSON state line (``start`` only),
+  then frames: a header ``!cQI`` (kind, offset, length) and ``length`` bytes.
+  Kinds: ``1`` stdout, ``2`` stderr, ``S`` a state JSON, ``E`` the end.
+
+:class:`StreamDecoder` turns bytes into events; feed it whatever the transport
+read, in any split.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from typing import List, Optional, Union
+
+FRAME = struct.Struct("!cQI")
+KIND_STREAM = {b"1": "stdout", b"2": "stderr"}
+
+
+class ProtocolError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    stream: str
+    offset: int
+    data: bytes
+
+
+@dataclass(frozen=True)
+class StateUpdate:
+    state: dict
+
+    @property
+    def final(self) -> bool:
+        return self.state.get("state") in ("done", "error", "lost")
+
+
+@dataclass(frozen=True)
+class End:
+    pass
+
+
+Event = Union[OutputChunk, StateUpdate, End]
+
+
+class StreamDecoder:
+    """Decode the agent's stdout into events.
+
+    ``json_line``: a JSON line follows the marker (``start``); ``framed``:
+    frames follow (``--follow``).
+    """
+
+    def __init__(self, marker: str, json_line: bool = True, framed: bool = False):
+        self._needle = b"\n" + marker.encode() + b"\n"
+        self._json_line = json_line
+        self._framed = framed
+        self._buf = bytearray()
+        self._stage = "marker"
+        self.noise = 0  # bytes skipped before the marker
+        self.ended = False
+
+    def feed(self, data: bytes) -> List[Event]:
+        self._buf += data
+        events: List[Event] = []
+        while True:
+            event = self._next()
+            if event is None:
+                return events
+            events.append(event)
+
+    def _next(self) -> Optional[Event]:
+        buf = self._buf
+        if self._stage == "marker":
+            at = buf.find(self._needle)
+            if at < 0:
+                keep = len(self._needle) - 1
+                if len(buf) > keep:
+                    self.noise += len(buf) - keep
+                    del buf[: len(buf) - keep]
+                return None
+            self.noise += at
+            del buf[: at + len(self._needle)]
+            self._stage = "json" if self._json_line else "frames"
+            return self._next()
+        if self._stage == "json":
+            at = buf.find(b"\n")
+            if at < 0:
+                return None
+            line = bytes(buf[:at])
+            del buf[: at + 1]
+            self._stage = "frames" if self._framed else "done"
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                raise ProtocolError("the agent sent invalid JSON: %s" % e) from None
+            return StateUpdate(obj) if isinstance(obj, dict) else StateUpdate({"list": obj})
+        if self._stage == "frames":
+            if len(buf) < FRAME.size:
+                return None
+            kind, offset, length = FRAME.unpack_from(buf)
+            if len(buf) < FRAME.size + length:
+                return None
+            data = bytes(buf[FRAME.size: FRAME.size + length])
+            del buf[: FRAME.size + length]
+            if kind in KIND_STREAM:
+                return OutputChunk(KIND_STREAM[kind], offset, data)
+            if kind == b"S":
+                return StateUpdate(json.loads(data))
+            if kind == b"E":
+                self._stage = "done"
+                self.ended = True
+                return End()
+            raise ProtocolError("the agent sent an unknown frame kind %r" % kind)
+        return None
+
+
+def payload_after_marker(data: bytes, marker: str) -> bytes:
+    needle = b"\n" + marker.encode() + b"\n"
+    at = data.find(needle)
+    if at < 0:
+        raise ProtocolError("the agent's reply has no marker (is python3 working there?)")
+    return data[at + len(needle):]

@@ -1,0 +1,97 @@
+"""Local records of runs, in SQLite under ``$CHAPERONE_HOME``."""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    host TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    argv TEXT NOT NULL,
+    created REAL NOT NULL,
+    state TEXT NOT NULL,
+    return_code INTEGER,
+    signal TEXT,
+    error TEXT,
+    last TEXT
+);
+CREATE INDEX IF NOT EXISTS runs_created ON runs (created);
+"""
+
+
+def chaperone_home(home: Optional[os.PathLike] = None) -> Path:
+    """``$CHAPERONE_HOME``, else ``$XDG_STATE_HOME/chaperone``, else
+    ``~/.local/state/chaperone``; created 0700."""
+    if home is None:
+        home = os.environ.get("CHAPERONE_HOME")
+    if not home:
+        base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+        home = os.path.join(base, "chaperone")
+    path = Path(home)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
+class Record:
+    __slots__ = ("id", "host", "transport", "argv", "created", "state", "return_code", "signal", "error", "last")
+
+    def __init__(self, row):
+        for name, value in zip(self.__slots__, row):
+            setattr(self, name, value)
+        self.transport = json.loads(self.transport)
+        self.argv = json.loads(self.argv)
+        self.last = json.loads(self.last) if self.last else None
+
+    def as_dict(self) -> dict:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+class Records:
+    def __init__(self, path: os.PathLike):
+        self.path = Path(path)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        os.close(fd)
+        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def add(self, run_id: str, host: str, transport: dict, argv: List[str]) -> None:
+        self.db.execute(
+            "INSERT INTO runs (id, host, transport, argv, created, state) VALUES (?, ?, ?, ?, ?, 'starting')",
+            (run_id, host, json.dumps(transport), json.dumps(argv), time.time()),
+        )
+
+    def exists(self, run_id: str) -> bool:
+        return self.db.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is not None
+
+    def get(self, run_id: str) -> Optional[Record]:
+        row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return Record(row) if row else None
+
+    def update(self, run_id: str, state: dict) -> None:
+        self.db.execute(
+            "UPDATE runs SET state = ?, return_code = ?, signal = ?, error = ?, last = ? WHERE id = ?",
+            (state["state"], state.get("return_code"), state.get("signal"), state.get("error"),
+             json.dumps(state), run_id),
+        )
+
+    def mark(self, run_id: str, state: str, error: Optional[str] = None) -> None:
+        self.db.execute("UPDATE runs SET state = ?, error = ? WHERE id = ?", (state, error, run_id))
+
+    def remove(self, run_id: str) -> None:
+        self.db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
+    def all(self) -> Iterator[Record]:
+        for row in self.db.execute("SELECT * FROM runs ORDER BY created"):
+            yield Record(row)

@@ -1,0 +1,117 @@
+"""Transports: how agent commands reach a host.
+
+One small interface (like httpx's ``BaseTransport``): :meth:`Transport.open`
+runs ``agent.py ARGS`` on the host with ``stdin`` bytes and returns an
+:class:`AgentProcess` to read its stdout from.  :class:`LocalTransport` runs
+the agent as a local subprocess; ``chaperone.ssh.SSHTransport`` runs it over
+an SSH channel.  Everything above this module is the same for both.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import os
+import sys
+from typing import List, Optional
+
+from .agent_source import agent_path
+
+
+class AgentProcess(abc.ABC):
+    """A running agent command."""
+
+    @abc.abstractmethod
+    async def read(self, n: int = 1 << 20) -> bytes:
+        """Up to ``n`` bytes of the agent's stdout; ``b""`` at the end."""
+
+    @abc.abstractmethod
+    async def wait(self) -> int:
+        """The agent's exit status (after its stdout ended)."""
+
+    @abc.abstractmethod
+    async def stderr(self) -> bytes:
+        """What the agent wrote on stderr (after it exited)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Stop reading: kill the local process or close the SSH channel."""
+
+
+class Transport(abc.ABC):
+    #: Name of the host as records show it ("local" for this machine).
+    host: str = "local"
+
+    @abc.abstractmethod
+    async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
+        """Run ``agent.py *args`` on the host."""
+
+    async def close(self) -> None:
+        return None
+
+    def describe(self) -> dict:
+        """How the host was reached, for the run's record (reconnect later)."""
+        return {"host": self.host}
+
+
+class _LocalProcess(AgentProcess):
+    def __init__(self, proc: asyncio.subprocess.Process):
+        self.proc = proc
+        self._stderr = asyncio.ensure_future(proc.stderr.read())
+
+    async def read(self, n: int = 1 << 20) -> bytes:
+        return await self.proc.stdout.read(n)
+
+    async def wait(self) -> int:
+        return await self.proc.wait()
+
+    async def stderr(self) -> bytes:
+        return await self._stderr
+
+    def close(self) -> None:
+        if self.proc.returncode is None:
+            try:
+                self.proc.kill()
+            except ProcessLookupError:
+                pass
+        self._stderr.cancel()
+
+
+class LocalTransport(Transport):
+    """Runs the agent on this machine with this Python."""
+
+    host = "local"
+
+    def __init__(self, python: Optional[str] = None, root: Optional[str] = None):
+        self.python = python or sys.executable
+        self.root = root
+
+    async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
+        argv = [self.python, str(agent_path())]
+        if self.root:
+            argv += ["--root", self.root]
+        proc = await asyncio.create_subprocess_exec(
+            *argv, *args,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            # Out of the terminal's process group: a Ctrl-C is for chaperone
+            # to decide about, never delivered to the agent behind its back.
+            start_new_session=True,
+            limit=1 << 20,
+        )
+        try:
+            if stdin:
+                proc.stdin.write(stdin)
+                await proc.stdin.drain()
+            proc.stdin.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        return _LocalProcess(proc)
+
+    def describe(self) -> dict:
+        return {"host": "local", "root": self.root, "python": self.python}
+
+
+def local_transport_for(home: os.PathLike) -> LocalTransport:
+    return LocalTransport(root=os.path.join(os.fspath(home), "spool"))

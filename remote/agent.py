@@ -1,0 +1,1358 @@
+#!/usr/bin/env python3
+"""chaperone agent: runs one program detached, spools its output, reports back.
+
+One file, Python 3.8+, standard library only; shipped verbatim to each host.
+
+    agent.py [--root DIR] [--marker M] start [--follow]   < program.json
+    agent.py [--root DIR] [--marker M] status ID
+    agent.py [--root DIR] [--marker M] follow ID [--stdout-offset N] [--stderr-offset N]
+    agent.py [--root DIR] output ID --stream stdout|stderr --offset N [--length L]
+    agent.py [--root DIR] [--marker M] signal ID SIGNAL [--grace SECONDS]
+    agent.py [--root DIR] [--marker M] list
+    agent.py [--root DIR] [--marker M] clean ID [--force]
+    agent.py [--root DIR] [--marker M] control ID   < message.json
+
+The wire format (program.json, state.json, the follow frames, the callback
+bodies) is documented in docs/protocol.md and defined in chaperone/models.py;
+this file mirrors it in plain dicts.
+
+Each run lives in ``ROOT/ID/`` (0700): ``program.json`` (token removed),
+``state.json`` (written atomically at each transition), ``stdout``,
+``stderr``, ``stdin`` (when given as data) and ``control`` (a FIFO the
+supervisor reads requests from).  Files are 0600.
+"""
+
+import argparse
+import base64
+import datetime
+import errno
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import socket
+import ssl
+import struct
+import sys
+import tempfile
+import threading
+import time
+
+PROTOCOL_VERSION = 1
+RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+MAX_PROGRAM_JSON = 16 << 20
+STREAMS = ("stdout", "stderr")
+FINAL_STATES = ("done", "error", "lost")
+RUSAGE_FIELDS = (
+    "ru_utime", "ru_stime", "ru_maxrss", "ru_ixrss", "ru_idrss", "ru_isrss",
+    "ru_minflt", "ru_majflt", "ru_nswap", "ru_inblock", "ru_oublock",
+    "ru_msgsnd", "ru_msgrcv", "ru_nsignals", "ru_nvcsw", "ru_nivcsw",
+)
+CONFIG_DEFAULTS = {
+    "timeout": None,
+    "output_buffer": 1 << 20,
+    "output_latency": 0.2,
+    "retry_frequency": 10.0,
+    "kill_grace": 10.0,
+    "callback_timeout": 86400.0,
+}
+#: Follow frames: kind (b"1" stdout, b"2" stderr, b"S" state JSON,
+#: b"E" end), offset, length; then ``length`` bytes.
+FRAME = struct.Struct("!cQI")
+CHUNK = 1 << 20
+SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
+#: Seconds to keep reading the pipes after the program exited, for output
+#: from children it left behind that still hold them open.
+LINGER = 1.0
+
+
+class AgentError(Exception):
+    """A one-line error for the user; exit status ``code``."""
+
+    def __init__(self, message, code=2):
+        Exception.__init__(self, message)
+        self.code = code
+
+
+# --- small helpers ----------------------------------------------------------
+
+
+def now_iso():
+    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+
+
+def check_id(run_id):
+    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id) or ".." in run_id:
+        raise AgentError(
+            "invalid run id %r: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit, without '..'" % (run_id,)
+        )
+    return run_id
+
+
+def boot_id():
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def proc_start_ticks(pid):
+    """Start time of ``pid`` in clock ticks since boot, or None."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+    except OSError:
+        return None
+    try:
+        return int(data[data.rindex(b")") + 2:].split()[19])
+    except (ValueError, IndexError):
+        return None
+
+
+def pid_exists(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def write_json_atomic(path, obj):
+    data = (json.dumps(obj, sort_keys=True) + "\n").encode()
+    tmp = "%s.%d.tmp" % (path, os.getpid())
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+
+
+def read_json(path):
+    with open(path, "rb") as f:
+        return json.loads(f.read().decode())
+
+
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        try:
+            view = view[os.write(fd, view):]
+        except InterruptedError:  # pragma: no cover - PEP 475 retries
+            continue
+
+
+def parse_signal(name):
+    """'TERM', 'SIGTERM', 'sigterm' or '15' -> 15."""
+    text = str(name).strip()
+    if text.isdigit():
+        num = int(text)
+        try:
+            signal.Signals(num)
+        except ValueError:
+            raise AgentError("unknown signal %r" % (name,))
+        return num
+    upper = text.upper()
+    if not upper.startswith("SIG"):
+        upper = "SIG" + upper
+    sig = getattr(signal.Signals, upper, None) if upper.isidentifier() else None
+    if sig is None or upper.startswith("SIG_"):
+        raise AgentError("unknown signal %r" % (name,))
+    return int(sig)
+
+
+def signal_name(num):
+    try:
+        return signal.Signals(num).name
+    except ValueError:
+        return "SIG%d" % num
+
+
+# --- validation: mirrors chaperone/models.py --------------------------------
+
+
+def _is_num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _keys(obj, where, required, optional):
+    if not isinstance(obj, dict):
+        raise AgentError("%s: expected a JSON object" % where)
+    unknown = sorted(set(obj) - set(required) - set(optional))
+    if unknown:
+        raise AgentError("%s: unknown field %r" % (where, unknown[0]))
+    for key in required:
+        if key not in obj:
+            raise AgentError("%s: missing field %r" % (where, key))
+
+
+def _str(v, where):
+    if not isinstance(v, str):
+        raise AgentError("%s: expected a string" % where)
+    return v
+
+
+def validate_spec(spec):
+    """Check program.json and fill defaults; raises AgentError."""
+    _keys(spec, "program.json", ("id", "program"), ("version", "callback", "config"))
+    if spec.get("version", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+        raise AgentError("program.json: unsupported version %r" % (spec.get("version"),))
+    spec["version"] = PROTOCOL_VERSION
+    check_id(spec["id"])
+
+    prog = spec["program"]
+    _keys(prog, "program", ("argv",), ("cwd", "env", "env_inherit", "stdin", "umask"))
+    argv = prog["argv"]
+    if not isinstance(argv, list) or not argv:
+        raise AgentError("program.argv: expected a non-empty list of strings")
+    for i, arg in enumerate(argv):
+        _str(arg, "program.argv[%d]" % i)
+    if argv[0] == "":
+        raise AgentError("program.argv[0]: empty program name")
+    if prog.get("cwd") is not None:
+        _str(prog["cwd"], "program.cwd")
+    env = prog.setdefault("env", {})
+    if not isinstance(env, dict):
+        raise AgentError("program.env: expected an object of strings or nulls")
+    for k, v in env.items():
+        if k == "" or "=" in k or "\0" in k:
+            raise AgentError("program.env: invalid variable name %r" % (k,))
+        if v is not None:
+            _str(v, "program.env[%r]" % k)
+    inherit = prog.setdefault("env_inherit", True)
+    if not isinstance(inherit, bool):
+        if not isinstance(inherit, list):
+            raise AgentError("program.env_inherit: expected a boolean or a list of names")
+        for i, name in enumerate(inherit):
+            _str(name, "program.env_inherit[%d]" % i)
+    stdin = prog.setdefault("stdin", None)
+    if stdin is not None:
+        if isinstance(stdin, dict) and "path" in stdin:
+            _keys(stdin, "program.stdin", ("path",), ())
+            _str(stdin["path"], "program.stdin.path")
+        elif isinstance(stdin, dict) and "data" in stdin:
+            _keys(stdin, "program.stdin", ("data",), ())
+            try:
+                base64.b64decode(_str(stdin["data"], "program.stdin.data"), validate=True)
+            except ValueError:
+                raise AgentError("program.stdin.data: not valid base64")
+        else:
+            raise AgentError('program.stdin: expected null, {"path": ...} or {"data": ...}')
+    umask = prog.setdefault("umask", None)
+    if umask is not None and (not _is_int(umask) or not 0 <= umask <= 0o777):
+        raise AgentError("program.umask: expected an integer from 0 to 511")
+    prog.setdefault("cwd", None)
+
+    cb = spec.setdefault("callback", None)
+    if cb is not None:
+        _keys(cb, "callback", ("url", "token", "cert"), ("heartbeat",))
+        _str(cb["url"], "callback.url")
+        if not cb["url"].startswith("https://"):
+            raise AgentError("callback.url: must be an https:// URL")
+        if len(_str(cb["token"], "callback.token")) < 32:
+            raise AgentError("callback.token: too short (at least 32 characters)")
+        _str(cb["cert"], "callback.cert")
+        hb = cb.setdefault("heartbeat", 30.0)
+        if not _is_num(hb) or hb <= 0:
+            raise AgentError("callback.heartbeat: expected a positive number")
+
+    cfg = spec.setdefault("config", {})
+    _keys(cfg, "config", (), tuple(CONFIG_DEFAULTS))
+    for key, default in CONFIG_DEFAULTS.items():
+        value = cfg.setdefault(key, default)
+        if key == "timeout" and value is None:
+            continue
+        if key == "output_buffer":
+            ok = _is_int(value) and value > 0
+        elif key in ("output_latency", "kill_grace"):
+            ok = _is_num(value) and value >= 0
+        else:
+            ok = _is_num(value) and value > 0
+        if not ok:
+            raise AgentError("config.%s: invalid value %r" % (key, value))
+    return spec
+
+
+# --- the spool --------------------------------------------------------------
+
+
+def default_root():
+    return os.environ.get("CHAPERONE_SPOOL") or os.path.join(
+        os.path.expanduser("~"), ".chaperone", "runs"
+    )
+
+
+def ensure_root(root):
+    try:
+        os.makedirs(root, mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise AgentError("cannot create spool directory %s: %s" % (root, e.strerror), 3)
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise AgentError("spool directory %s is not writable" % root, 3)
+    return root
+
+
+class Run(object):
+    """A run's spool directory."""
+
+    def __init__(self, root, run_id):
+        self.id = check_id(run_id)
+        self.dir = os.path.join(root, run_id)
+
+    def path(self, name):
+        return os.path.join(self.dir, name)
+
+    def exists(self):
+        return os.path.isfile(self.path("state.json"))
+
+    def require(self):
+        if not self.exists():
+            raise AgentError("no such run: %s" % self.id, 4)
+        return self
+
+    def read_state(self):
+        # state.json is replaced by rename, so a read always sees a whole file.
+        return read_json(self.path("state.json"))
+
+    def write_state(self, st):
+        write_json_atomic(self.path("state.json"), st)
+
+    def sizes(self):
+        out = {}
+        for name in STREAMS:
+            try:
+                out[name] = os.stat(self.path(name)).st_size
+            except OSError:
+                out[name] = 0
+        return out
+
+    def supervisor_alive(self, st):
+        pid = st.get("agent_pid")
+        if not pid:
+            return False
+        if st.get("boot_id") and boot_id() and st["boot_id"] != boot_id():
+            return False
+        if st.get("agent_start") is not None:
+            return proc_start_ticks(pid) == st["agent_start"]
+        return pid_exists(pid)
+
+    def refresh(self):
+        """The current state; marks the run ``lost`` when its supervisor is gone."""
+        st = self.read_state()
+        if st["state"] != "running":
+            return st
+        if self.supervisor_alive(st):
+            sizes = self.sizes()
+            st["stdout_bytes"], st["stderr_bytes"] = sizes["stdout"], sizes["stderr"]
+            return st
+        st = self.read_state()  # it may have finished in between
+        if st["state"] != "running" or self.supervisor_alive(st):
+            return self.refresh()
+        reason = "the supervisor (pid %s) is gone without a result" % st.get("agent_pid")
+        if st.get("boot_id") and boot_id() and st["boot_id"] != boot_id():
+            reason = "the host rebooted while the run was running"
+        killed = kill_leftovers(st.get("pgid"))
+        if killed:
+            reason += "; killed what was left of the program's process group"
+        sizes = self.sizes()
+        st.update(
+            state="lost", error=reason, end_time=now_iso(),
+            stdout_bytes=sizes["stdout"], stderr_bytes=sizes["stderr"],
+        )
+        self.write_state(st)
+        return st
+
+
+def kill_leftovers(pgid):
+    """SIGKILL a process group left behind by a dead supervisor."""
+    if not pgid or pgid <= 1:
+        return False
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+# --- processes --------------------------------------------------------------
+
+
+def _libc():
+    try:
+        import ctypes
+        import ctypes.util
+
+        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+    except Exception:  # pragma: no cover - non-Linux or no ctypes
+        return None
+
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def descendants(root_pid):
+    """Pids of every process below ``root_pid`` (Linux /proc), deepest last."""
+    children = {}
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry, "rb") as f:
+                data = f.read()
+            ppid = int(data[data.rindex(b")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [root_pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def build_env(prog):
+    inherit = prog["env_inherit"]
+    if inherit is True:
+        env = dict(os.environ)
+    elif inherit is False:
+        env = {}
+    else:
+        env = dict((k, os.environ[k]) for k in inherit if k in os.environ)
+    env.pop("CHAPERONE_SPOOL", None)
+    for k, v in prog["env"].items():
+        if v is None:
+            env.pop(k, None)
+        else:
+            env[k] = v
+    return env
+
+
+class Supervisor(object):
+    """Runs in the detached process: starts the program, spools, reaps."""
+
+    def __init__(self, run, spec, ready_fd):
+        self.run = run
+        self.spec = spec
+        self.cfg = spec["config"]
+        self.ready_fd = ready_fd
+        self.pid = None
+        self.status = None
+        self.rusage = None
+        self.counts = {"stdout": 0, "stderr": 0}
+        self.timed_out = False
+        self.kill_at = None  # monotonic time for the next SIGKILL escalation
+        self.sender = None
+
+    # The state record -------------------------------------------------------
+
+    def base_state(self):
+        return {
+            "version": PROTOCOL_VERSION,
+            "id": self.run.id,
+            "host": socket.gethostname(),
+            "state": "running",
+            "agent_pid": os.getpid(),
+            "agent_start": proc_start_ticks(os.getpid()),
+            "boot_id": boot_id(),
+            "pid": None,
+            "pgid": None,
+            "return_code": None,
+            "signal": None,
+            "timed_out": False,
+            "error": None,
+            "errno": None,
+            "rusage": None,
+            "start_time": now_iso(),
+            "end_time": None,
+            "stdout_bytes": 0,
+            "stderr_bytes": 0,
+            "spool": self.run.dir,
+        }
+
+    def set_state(self, **changes):
+        self.state.update(changes)
+        self.run.write_state(self.state)
+        if self.sender:
+            self.sender.state_changed(dict(self.state))
+
+    def ready(self):
+        if self.ready_fd is not None:
+            try:
+                os.write(self.ready_fd, b"1")
+                os.close(self.ready_fd)
+            except OSError:
+                pass
+            self.ready_fd = None
+
+    # Start -------------------------------------------------------------------
+
+    def main(self):
+        self.state = self.base_state()
+        libc = _libc()
+        if libc is not None and sys.platform.startswith("linux"):
+            # Orphaned grandchildren become ours, so a kill can find them.
+            libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+        if self.spec.get("callback"):
+            self.sender = CallbackSender(self)
+        try:
+            self.start_program(libc)
+        except OSError as e:
+            self.exec_failed(e)
+            self.ready()
+            self.finish_callbacks()
+            return
+        self.set_state(pid=self.pid, pgid=self.pid)
+        self.ready()
+        if self.sender:
+            self.sender.start()
+        self.loop()
+        self.finish_callbacks()
+
+    def exec_failed(self, e):
+        prog = self.spec["program"]
+        what = prog["argv"][0]
+        if e.filename is not None and e.filename == prog.get("cwd"):
+            what = "cwd %s" % prog["cwd"]
+        elif e.filename is not None and prog["stdin"] and e.filename == prog["stdin"].get("path"):
+            what = "stdin %s" % e.filename
+        self.set_state(
+            state="error", errno=e.errno, end_time=now_iso(),
+            error="%s: %s" % (what, e.strerror or e),
+        )
+
+    def start_program(self, libc):
+        import subprocess
+
+        prog = self.spec["program"]
+        stdin = prog["stdin"]
+        if stdin is None:
+            stdin_fd = os.open(os.devnull, os.O_RDONLY)
+        else:
+            if "path" in stdin:
+                # Copied into the spool first: the spool keeps what the
+                # program was given, whatever happens to the original.
+                try:
+                    shutil.copyfile(stdin["path"], self.run.path("stdin"))
+                except OSError as e:
+                    e.filename = stdin["path"]
+                    raise
+                os.chmod(self.run.path("stdin"), 0o600)
+            stdin_fd = os.open(self.run.path("stdin"), os.O_RDONLY)
+        self.files = {}
+        self.pipes = {}
+        child_fds = {}
+        for name in STREAMS:
+            self.files[name] = os.open(self.run.path(name), os.O_WRONLY)
+            r, w = os.pipe()
+            try:
+                import fcntl
+
+                fcntl.fcntl(r, 1031, CHUNK)  # F_SETPIPE_SZ: fewer wake-ups
+            except (ImportError, OSError):
+                pass
+            os.set_blocking(r, False)
+            self.pipes[r] = name
+            child_fds[name] = w
+        cwd = prog["cwd"] or os.path.expanduser("~")
+        umask = prog["umask"]
+        parent = os.getpid()
+
+        def preexec():
+            if umask is not None:
+                os.umask(umask)
+            if libc is not None and sys.platform.startswith("linux"):
+                # The program must not silently outlive its supervisor.
+                libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                if os.getppid() != parent:
+                    os._exit(255)
+
+        try:
+            proc = subprocess.Popen(
+                prog["argv"],
+                stdin=stdin_fd,
+                stdout=child_fds["stdout"],
+                stderr=child_fds["stderr"],
+                cwd=cwd,
+                env=build_env(prog),
+                start_new_session=True,
+                restore_signals=True,
+                close_fds=True,
+                preexec_fn=preexec,
+            )
+        except OSError as e:
+            if e.filename is None and not os.path.isdir(cwd):
+                e.filename = cwd
+            raise
+        finally:
+            os.close(stdin_fd)
+            for w in child_fds.values():
+                os.close(w)
+        self.proc = proc
+        self.pid = proc.pid
+        self.started = time.monotonic()
+
+    # The loop ------------------------------------------------------------------
+
+    def loop(self):
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        signal.set_wakeup_fd(wake_w)
+        pending = []
+
+        def on_signal(signum, frame):
+            pending.append(signum)
+
+        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, on_signal)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+
+        ctl_fd = os.open(self.run.path("control"), os.O_RDWR | os.O_NONBLOCK)
+        ctl_buf = b""
+        poller = select.poll()
+        for fd in self.pipes:
+            poller.register(fd, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
+        poller.register(ctl_fd, select.POLLIN)
+        use_splice = hasattr(os, "splice")
+        timeout = self.cfg["timeout"]
+        deadline = self.started + timeout if timeout else None
+        exited_at = None
+
+        self.reap()
+        while True:
+            if self.status is not None and exited_at is None:
+                exited_at = time.monotonic()
+            if exited_at is not None and (not self.pipes or time.monotonic() - exited_at > LINGER):
+                break
+            now = time.monotonic()
+            waits = []
+            if deadline is not None and not self.timed_out:
+                waits.append(deadline - now)
+            if self.kill_at is not None:
+                waits.append(self.kill_at - now)
+            if exited_at is not None:
+                waits.append(exited_at + LINGER - now)
+            wait_ms = None if not waits else max(0, int(min(waits) * 1000) + 1)
+            try:
+                events = poller.poll(wait_ms)
+            except InterruptedError:  # pragma: no cover - PEP 475 retries
+                events = []
+            for fd, ev in events:
+                if fd in self.pipes:
+                    self.pump(fd, poller, use_splice)
+                elif fd == wake_r:
+                    try:
+                        while os.read(wake_r, 4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+                elif fd == ctl_fd:
+                    try:
+                        ctl_buf += os.read(ctl_fd, 65536)
+                    except BlockingIOError:
+                        pass
+                    while b"\n" in ctl_buf:
+                        line, ctl_buf = ctl_buf.split(b"\n", 1)
+                        self.control(line)
+            while pending:
+                sig = pending.pop(0)
+                if sig != signal.SIGCHLD:
+                    self.kill_tree(sig)
+            self.reap()
+            now = time.monotonic()
+            if deadline is not None and not self.timed_out and now >= deadline and self.status is None:
+                self.timed_out = True
+                self.kill_tree(signal.SIGTERM, grace=self.cfg["kill_grace"])
+            if self.kill_at is not None and now >= self.kill_at:
+                self.kill_at = None
+                if self.status is None:
+                    self.kill_tree(signal.SIGKILL)
+
+        for fd in list(self.pipes):
+            self.pump(fd, poller, use_splice, final=True)
+        for fd in self.files.values():
+            os.close(fd)
+        os.close(ctl_fd)
+        self.record_end()
+
+    def pump(self, fd, poller, use_splice, final=False):
+        name = self.pipes[fd]
+        out = self.files[name]
+        total = 0
+        while True:
+            try:
+                if use_splice:
+                    n = os.splice(fd, out, CHUNK, flags=SPLICE_FLAGS)
+                else:
+                    data = os.read(fd, CHUNK)
+                    n = len(data)
+                    if n:
+                        write_all(out, data)
+            except BlockingIOError:
+                if final:
+                    n = 0  # a child still holds the pipe: stop reading it
+                else:
+                    break
+            if n == 0:
+                poller.unregister(fd)
+                os.close(fd)
+                del self.pipes[fd]
+                break
+            total += n
+            self.counts[name] += n
+            if not final and total >= 4 * CHUNK:
+                break  # give the other stream and signals a turn
+        if total and self.sender:
+            self.sender.output_written()
+
+    def control(self, line):
+        try:
+            msg = json.loads(line.decode())
+            op = msg.get("op")
+        except (ValueError, AttributeError):
+            return
+        if op == "signal":
+            sig = msg.get("signal")
+            if _is_int(sig):
+                grace = msg.get("grace")
+                self.kill_tree(sig, grace=grace if _is_num(grace) else None)
+        elif op == "callback" and self.sender:
+            self.sender.update(msg)
+
+    def kill_tree(self, sig, grace=None):
+        """Signal the program's process group and every descendant."""
+        if self.status is None:
+            try:
+                os.killpg(self.pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        for pid in descendants(os.getpid()):
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if grace is not None and sig != signal.SIGKILL:
+            at = time.monotonic() + grace
+            if self.kill_at is None or at < self.kill_at:
+                self.kill_at = at
+
+    def reap(self):
+        while True:
+            try:
+                pid, status, rusage = os.wait4(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid == self.pid:
+                self.status = status
+                self.rusage = rusage
+                self.proc.returncode = status  # keep subprocess from reaping it
+
+    def record_end(self):
+        status = self.status
+        changes = {
+            "state": "done",
+            "end_time": now_iso(),
+            "timed_out": self.timed_out,
+            "stdout_bytes": self.counts["stdout"],
+            "stderr_bytes": self.counts["stderr"],
+            "rusage": dict((f, getattr(self.rusage, f)) for f in RUSAGE_FIELDS),
+        }
+        if os.WIFSIGNALED(status):
+            changes["signal"] = signal_name(os.WTERMSIG(status))
+        else:
+            changes["return_code"] = os.WEXITSTATUS(status)
+        self.set_state(**changes)
+
+    def finish_callbacks(self):
+        if self.sender:
+            self.sender.finish()
+
+
+# --- HTTPS callbacks ----------------------------------------------------------
+
+
+class CallbackSender(threading.Thread):
+    """Pushes output and state to the scheduler; the spool stays the truth.
+
+    Never blocks the supervisor's loop: it reads the spool files on its own
+    and only takes the supervisor's lock to look at counters.
+    """
+
+    def __init__(self, sup):
+        threading.Thread.__init__(self, name="callback", daemon=True)
+        self.sup = sup
+        self.cfg = sup.cfg
+        self.cb = dict(sup.spec["callback"])
+        self.cond = threading.Condition()
+        self.sent = {"stdout": 0, "stderr": 0}
+        self.state_to_send = None
+        self.final = None
+        self.done = False
+        self.conn = None
+        self.ctx = None
+        self.first_pending = None
+        self.next_heartbeat = time.monotonic() + self.cb["heartbeat"]
+        self.finish_deadline = None
+        self.updated = False
+
+    # Called from the supervisor ----------------------------------------------
+
+    def state_changed(self, st):
+        with self.cond:
+            if st["state"] in FINAL_STATES:
+                self.final = st
+            else:
+                self.state_to_send = st
+            self.cond.notify()
+
+    def output_written(self):
+        with self.cond:
+            if self.first_pending is None:
+                self.first_pending = time.monotonic()
+            self.cond.notify()
+
+    def update(self, msg):
+        with self.cond:
+            for key in ("url", "token", "cert"):
+                if isinstance(msg.get(key), str):
+                    self.cb[key] = msg[key]
+            self.close()
+            self.ctx = None
+            self.updated = True
+            self.cond.notify()
+
+    def finish(self):
+        """Wait (after the program ended) until the final state is acknowledged."""
+        if self.final is None:
+            return
+        with self.cond:
+            self.finish_deadline = time.monotonic() + self.cfg["callback_timeout"]
+            self.cond.notify()
+        if not self.is_alive():
+            self.start()
+        self.join()
+
+    # The thread ----------------------------------------------------------------
+
+    def written(self):
+        return dict(self.sup.counts)  # updated by the supervisor's thread only
+
+    def run(self):
+        delay = 0.0
+        while True:
+            with self.cond:
+                if delay:
+                    # Back off; a new callback address (update()) ends the wait.
+                    retry_at = time.monotonic() + delay
+                    self.updated = False
+                    while not self.updated and not self.done:
+                        left = retry_at - time.monotonic()
+                        if left <= 0:
+                            break
+                        self.cond.wait(left)
+                else:
+                    wait = self._wait_time()
+                    if wait > 0:
+                        self.cond.wait(wait)
+                if self.done:
+                    return
+                if self.finish_deadline is not None and time.monotonic() > self.finish_deadline:
+                    return
+            try:
+                if self._step():
+                    return
+                delay = 0.0
+            except (OSError, ssl.SSLError, ValueError, KeyError, http_client().HTTPException):
+                self.close()
+                delay = min(max(delay * 2, 0.1), self.cfg["retry_frequency"])
+
+    def _wait_time(self):
+        now = time.monotonic()
+        written = self.written()
+        if self.final is not None or self.state_to_send is not None:
+            return 0
+        pending = sum(written[s] - self.sent[s] for s in STREAMS)
+        if pending >= self.cfg["output_buffer"]:
+            return 0
+        waits = [self.next_heartbeat - now]
+        if pending:
+            first = self.first_pending or now
+            waits.append(first + self.cfg["output_latency"] - now)
+        return max(0, min(waits))
+
+    def _step(self):
+        """Send what is due; True when the final state was acknowledged."""
+        now = time.monotonic()
+        if self.state_to_send is not None:
+            st, self.state_to_send = self.state_to_send, None
+            try:
+                self.post("state", json.dumps(st).encode(), "application/json")
+            except Exception:
+                with self.cond:
+                    if self.state_to_send is None:
+                        self.state_to_send = st
+                raise
+            self.next_heartbeat = now + self.cb["heartbeat"]
+        final = self.final
+        written = final and {"stdout": final["stdout_bytes"], "stderr": final["stderr_bytes"]}
+        written = written or self.written()
+        with self.cond:
+            self.first_pending = None
+        for name in STREAMS:
+            self.send_stream(name, written[name], final is not None)
+        if final is not None:
+            self.post("completed", json.dumps(final).encode(), "application/json")
+            return True
+        if time.monotonic() >= self.next_heartbeat:
+            st = dict(self.sup.state)
+            sizes = self.sup.run.sizes()
+            st["stdout_bytes"], st["stderr_bytes"] = sizes["stdout"], sizes["stderr"]
+            self.post("state", json.dumps(st).encode(), "application/json")
+            self.next_heartbeat = time.monotonic() + self.cb["heartbeat"]
+        return False
+
+    def send_stream(self, name, upto, flush):
+        if self.sent[name] >= upto:
+            return
+        with open(self.sup.run.path(name), "rb") as f:
+            while self.sent[name] < upto:
+                want = min(self.cfg["output_buffer"], upto - self.sent[name])
+                if not flush and want < self.cfg["output_buffer"] and self.sent[name] + want < upto:
+                    break
+                data = os.pread(f.fileno(), want, self.sent[name])
+                if not data:
+                    return
+                status, body = self.post(
+                    "output/%s?offset=%d" % (name, self.sent[name]), data,
+                    "application/octet-stream", accept=(200, 409),
+                )
+                self.sent[name] = int(json.loads(body.decode())["offset"])
+
+    # HTTP -------------------------------------------------------------------------
+
+    def close(self):
+        if self.conn is not None:
+            try:
+                self.conn.close()
+            except Exception:
+                pass
+        self.conn = None
+
+    def connection(self):
+        if self.conn is None:
+            from urllib.parse import urlsplit
+
+            url = urlsplit(self.cb["url"])
+            if self.ctx is None:
+                ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+                ctx.load_verify_locations(cadata=self.cb["cert"])
+                # Trust exactly the pinned certificate: it is the only
+                # anchor, and the peer's certificate must equal it byte for
+                # byte (checked in post()); the host name is not what is
+                # pinned, so it is not checked.
+                ctx.check_hostname = False
+                ctx.verify_mode = ssl.CERT_REQUIRED
+                self.ctx = ctx
+                self.pinned = ssl.PEM_cert_to_DER_cert(self.cb["cert"].strip() + "\n")
+            self.prefix = url.path.rstrip("/") + "/" + self.sup.run.id + "/"
+            self.conn = http_client().HTTPSConnection(
+                url.hostname, url.port or 443, context=self.ctx, timeout=30
+            )
+            self.conn.connect()
+            if self.conn.sock.getpeercert(binary_form=True) != self.pinned:
+                self.close()
+                raise ssl.SSLError("the scheduler's certificate is not the pinned one")
+        return self.conn
+
+    def post(self, route, body, ctype, accept=(200,)):
+        conn = self.connection()
+        conn.request("POST", self.prefix + route, body=body, headers={
+            "Authorization": "Bearer " + self.cb["token"],
+            "Content-Type": ctype,
+        })
+        resp = conn.getresponse()
+        data = resp.read()
+        if resp.status not in accept:
+            raise OSError("callback %s answered %d" % (route.split("?")[0], resp.status))
+        return resp.status, data
+
+
+def http_client():
+    import http.client
+
+    return http.client
+
+
+# --- commands -------------------------------------------------------------------
+
+
+class Output(object):
+    """The agent's stdout, after an optional marker line that lets the client
+    skip whatever a login script printed first."""
+
+    def __init__(self, marker):
+        self.fd = sys.stdout.fileno()
+        if marker:
+            write_all(self.fd, ("\n%s\n" % marker).encode())
+
+    def json(self, obj):
+        write_all(self.fd, (json.dumps(obj, sort_keys=True) + "\n").encode())
+
+    def frame(self, kind, offset, data):
+        write_all(self.fd, FRAME.pack(kind, offset, len(data)) + bytes(data))
+
+
+def read_program_json():
+    data = b""
+    stdin = sys.stdin.buffer
+    while len(data) <= MAX_PROGRAM_JSON:
+        chunk = stdin.read(1 << 16)
+        if not chunk:
+            break
+        data += chunk
+    if len(data) > MAX_PROGRAM_JSON:
+        raise AgentError("program.json is too large (over %d bytes)" % MAX_PROGRAM_JSON)
+    if not data.strip():
+        raise AgentError("program.json is empty")
+    try:
+        spec = json.loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise AgentError("program.json is not valid JSON: %s" % str(e).splitlines()[0])
+    return validate_spec(spec)
+
+
+def wait_for_start(run, seconds=10.0):
+    """A concurrent start of the same id: wait until it has a pid or an end."""
+    end = time.monotonic() + seconds
+    while True:
+        st = run.refresh()
+        if st["pid"] or st["state"] != "running" or time.monotonic() > end:
+            return st
+        time.sleep(0.01)
+
+
+def cmd_start(args, out_marker):
+    spec = read_program_json()
+    root = ensure_root(args.root)
+    run = Run(root, spec["id"])
+    if os.path.lexists(run.dir):
+        out = Output(out_marker)
+        st = wait_for_start(run.require())
+        out.json(st)
+        if args.follow:
+            follow(run, out, {"stdout": 0, "stderr": 0}, st)
+        return 0
+
+    # Build the run in a private directory, then claim the id with one rename:
+    # of two concurrent starts, exactly one rename succeeds.
+    tmp = tempfile.mkdtemp(prefix=".new-%s-" % spec["id"], dir=root)
+    try:
+        stored = json.loads(json.dumps(spec))
+        if stored.get("callback"):
+            stored["callback"]["token"] = "<redacted>"
+        stdin = spec["program"]["stdin"]
+        if stdin is not None and "data" in stdin:
+            stored["program"]["stdin"] = {"data": "<in the stdin file>"}
+            fd = os.open(os.path.join(tmp, "stdin"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            write_all(fd, base64.b64decode(stdin["data"]))
+            os.close(fd)
+        write_json_atomic(os.path.join(tmp, "program.json"), stored)
+        for name in STREAMS:
+            os.close(os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.mkfifo(os.path.join(tmp, "control"), 0o600)
+        placeholder = Supervisor(Run(root, spec["id"]), spec, None).base_state()
+        placeholder["spool"] = run.dir
+        write_json_atomic(os.path.join(tmp, "state.json"), placeholder)
+        try:
+            os.rename(tmp, run.dir)
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+            out = Output(out_marker)
+            st = wait_for_start(run)
+            out.json(st)
+            if args.follow:
+                follow(run, out, {"stdout": 0, "stderr": 0}, st)
+            return 0
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise AgentError("cannot create the run's spool: %s" % e, 3)
+
+    ready_r, ready_w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the supervisor
+        code = 0
+        try:
+            os.close(ready_r)
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.close(null)
+            os.chdir("/")
+            Supervisor(run, spec, ready_w).main()
+        except BaseException:
+            code = 1
+            try:
+                import traceback
+
+                fd = os.open(run.path("agent.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                write_all(fd, traceback.format_exc().encode())
+                os.close(fd)
+            except Exception:
+                pass
+        os._exit(code)
+
+    os.close(ready_w)
+    while True:
+        try:
+            got = os.read(ready_r, 1)
+            break
+        except InterruptedError:  # pragma: no cover
+            continue
+    os.close(ready_r)
+    out = Output(out_marker)
+    st = run.refresh()
+    if not got and st["state"] == "running":
+        st = run.refresh()
+    out.json(st)
+    if args.follow:
+        follow(run, out, {"stdout": 0, "stderr": 0}, st)
+    return 0
+
+
+def follow(run, out, offsets, last=None):
+    """Stream output frames from ``offsets`` until the run is final and all
+    its output was sent; then the final state frame and an end frame."""
+    fds = dict((name, os.open(run.path(name), os.O_RDONLY)) for name in STREAMS)
+    kinds = {"stdout": b"1", "stderr": b"2"}
+    shown = last and (last["state"], last["pid"])
+    interval = 0.002
+    try:
+        while True:
+            st = run.refresh()
+            final = st["state"] in FINAL_STATES
+            moved = False
+            for name in STREAMS:
+                size = os.fstat(fds[name]).st_size
+                while offsets[name] < size:
+                    data = os.pread(fds[name], min(CHUNK, size - offsets[name]), offsets[name])
+                    if not data:
+                        break
+                    out.frame(kinds[name], offsets[name], data)
+                    offsets[name] += len(data)
+                    moved = True
+            if final and all(offsets[n] >= st[n + "_bytes"] for n in STREAMS):
+                out.frame(b"S", 0, json.dumps(st, sort_keys=True).encode())
+                out.frame(b"E", 0, b"")
+                return
+            if not final and (st["state"], st["pid"]) != shown:
+                out.frame(b"S", 0, json.dumps(st, sort_keys=True).encode())
+                shown = (st["state"], st["pid"])
+            if moved:
+                interval = 0.002
+            else:
+                time.sleep(interval)
+                interval = min(interval * 2, 0.05)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
+
+
+def cmd_status(args, marker):
+    st = Run(args.root, args.id).require().refresh()
+    Output(marker).json(st)
+    return 0
+
+
+def cmd_follow(args, marker):
+    run = Run(args.root, args.id).require()
+    offsets = {"stdout": args.stdout_offset, "stderr": args.stderr_offset}
+    if min(offsets.values()) < 0:
+        raise AgentError("offsets must not be negative")
+    follow(run, Output(marker), offsets)
+    return 0
+
+
+def cmd_output(args, marker):
+    run = Run(args.root, args.id).require()
+    if args.offset < 0 or (args.length is not None and args.length < 0):
+        raise AgentError("offset and length must not be negative")
+    out = Output(marker)
+    with open(run.path(args.stream), "rb") as f:
+        pos, left = args.offset, args.length
+        while left is None or left > 0:
+            data = os.pread(f.fileno(), CHUNK if left is None else min(CHUNK, left), pos)
+            if not data:
+                break
+            write_all(out.fd, data)
+            pos += len(data)
+            if left is not None:
+                left -= len(data)
+    return 0
+
+
+def send_control(run, msg):
+    """Write one request to the supervisor's FIFO; False when nobody reads it."""
+    try:
+        fd = os.open(run.path("control"), os.O_WRONLY | os.O_NONBLOCK)
+    except OSError as e:
+        if e.errno in (errno.ENXIO, errno.ENOENT):
+            return False
+        raise
+    try:
+        write_all(fd, (json.dumps(msg) + "\n").encode())
+    finally:
+        os.close(fd)
+    return True
+
+
+def cmd_signal(args, marker):
+    sig = parse_signal(args.signal)
+    if args.grace is not None and args.grace < 0:
+        raise AgentError("--grace must not be negative")
+    run = Run(args.root, args.id).require()
+    st = run.refresh()
+    if st["state"] != "running":
+        raise AgentError("run %s is not running (%s)" % (run.id, st["state"]), 1)
+    if not send_control(run, {"op": "signal", "signal": sig, "grace": args.grace}):
+        st = run.refresh()
+        raise AgentError("run %s is not running (%s)" % (run.id, st["state"]), 1)
+    Output(marker).json(run.refresh())
+    return 0
+
+
+def cmd_control(args, marker):
+    run = Run(args.root, args.id).require()
+    data = sys.stdin.buffer.read(1 << 16)
+    try:
+        msg = json.loads(data.decode())
+    except (ValueError, UnicodeDecodeError):
+        raise AgentError("control message is not valid JSON")
+    if not isinstance(msg, dict) or msg.get("op") not in ("callback",):
+        raise AgentError("control message: unknown op")
+    ok = send_control(run, msg)
+    Output(marker).json({"delivered": ok})
+    return 0
+
+
+def cmd_list(args, marker):
+    states = []
+    root = args.root
+    names = sorted(os.listdir(root)) if os.path.isdir(root) else []
+    for name in names:
+        if name.startswith(".") or not RUN_ID_RE.match(name):
+            continue
+        run = Run(root, name)
+        try:
+            states.append(run.refresh())
+        except (OSError, ValueError):
+            continue
+    Output(marker).json(states)
+    return 0
+
+
+def cmd_clean(args, marker):
+    run = Run(args.root, args.id).require()
+    st = run.refresh()
+    if st["state"] == "running":
+        if not args.force:
+            raise AgentError("run %s is running: kill it first, or clean --force" % run.id, 1)
+        send_control(run, {"op": "signal", "signal": int(signal.SIGKILL)})
+        end = time.monotonic() + 10
+        while st["state"] == "running" and time.monotonic() < end:
+            time.sleep(0.02)
+            st = run.refresh()
+    trash = tempfile.mkdtemp(prefix=".trash-%s-" % run.id, dir=args.root)
+    os.rename(run.dir, os.path.join(trash, run.id))
+    shutil.rmtree(trash, ignore_errors=True)
+    Output(marker).json({"id": run.id, "cleaned": True, "state": st["state"]})
+    return 0
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise AgentError("usage: %s" % message)
+
+
+def parse_args(argv):
+    p = _Parser(prog="agent.py", description="chaperone agent")
+    p.add_argument("--root", default=None, help="spool root (default ~/.chaperone/runs)")
+    p.add_argument("--marker", default=None, help="print this line before any output")
+    sub = p.add_subparsers(dest="command")
+    s = sub.add_parser("start")
+    s.add_argument("--follow", action="store_true")
+    for name in ("status", "list", "follow", "output", "signal", "clean", "control"):
+        s = sub.add_parser(name)
+        if name != "list":
+            s.add_argument("id")
+        if name == "follow":
+            s.add_argument("--stdout-offset", type=int, default=0)
+            s.add_argument("--stderr-offset", type=int, default=0)
+        elif name == "output":
+            s.add_argument("--stream", choices=STREAMS, required=True)
+            s.add_argument("--offset", type=int, default=0)
+            s.add_argument("--length", type=int, default=None)
+        elif name == "signal":
+            s.add_argument("signal")
+            s.add_argument("--grace", type=float, default=None)
+        elif name == "clean":
+            s.add_argument("--force", action="store_true")
+    args = p.parse_args(argv)
+    if not args.command:
+        raise AgentError("usage: agent.py [--root DIR] {start,status,follow,output,signal,list,clean,control} ...")
+    args.root = os.path.abspath(args.root or default_root())
+    if getattr(args, "id", None) is not None:
+        check_id(args.id)
+    return args
+
+
+COMMANDS = {
+    "start": cmd_start, "status": cmd_status, "follow": cmd_follow, "output": cmd_output,
+    "signal": cmd_signal, "list": cmd_list, "clean": cmd_clean, "control": cmd_control,
+}
+
+
+def main(argv=None):
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        return COMMANDS[args.command](args, args.marker)
+    except AgentError as e:
+        sys.stderr.write("chaperone-agent: %s\n" % e)
+        return e.code
+    except BrokenPipeError:
+        return 141
+    except KeyboardInterrupt:
+        return 130
+    except OSError as e:
+        sys.stderr.write("chaperone-agent: %s\n" % e)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Shared fixtures.  ``tests/`` is put on ``sys.path`` so ``from sshd import SSHD`` works."""
+
+import os
+import sys
+
+import pytest
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+if TESTS_DIR not in sys.path:
+    sys.path.insert(0, TESTS_DIR)
+
+from sshd import SSHD, require_sshd  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sshd():
+    """A real OpenSSH server on 127.0.0.1, shared by the whole session.
+
+    Skipped if sshd is not installed (a failure under CHAPERONE_REQUIRE_SSHD=1).
+    ``sshd.config_file`` is an ssh_config with ``Host testhost``.
+    """
+    require_sshd()
+    server = SSHD()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

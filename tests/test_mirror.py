@@ -1,0 +1,128 @@
+"""OutputMirror: idempotent appends by offset, across processes too."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import stat
+
+import pytest
+
+from chaperone.mirror import OffsetGap, OutputMirror, plan_append
+
+
+def test_plan_append_decisions():
+    assert plan_append(0, 0, 5) == 0  # all new
+    assert plan_append(5, 0, 5) == 5  # duplicate
+    assert plan_append(5, 2, 3) == 3  # duplicate inside
+    assert plan_append(5, 3, 6) == 2  # overlap: skip 2, write 4
+    assert plan_append(5, 5, 0) == 0  # empty at the end
+    with pytest.raises(OffsetGap) as e:
+        plan_append(5, 6, 1)
+    assert e.value.held == 5
+    with pytest.raises(ValueError):
+        plan_append(5, -1, 1)
+
+
+def test_modes_and_empty(tmp_path):
+    m = OutputMirror(tmp_path / "run")
+    assert stat.S_IMODE(os.stat(tmp_path / "run").st_mode) == 0o700
+    assert m.held("stdout") == 0 and m.held("stderr") == 0
+    assert m.read("stdout", 0) == b""
+    m.append("stdout", 0, b"x")
+    assert stat.S_IMODE(os.stat(tmp_path / "run" / "stdout").st_mode) == 0o600
+
+
+def test_append_in_order_duplicate_overlap_gap(tmp_path):
+    m = OutputMirror(tmp_path)
+    assert m.append("stdout", 0, b"hello ") == 6
+    assert m.append("stdout", 6, b"world") == 11
+    assert m.append("stdout", 6, b"world") == 11  # retried chunk
+    assert m.append("stdout", 0, b"hello") == 11  # old chunk
+    assert m.append("stdout", 9, b"ld!!") == 13  # overlap: only "!!" is new
+    with pytest.raises(OffsetGap) as e:
+        m.append("stdout", 20, b"late")
+    assert e.value.held == 13
+    assert m.read("stdout", 0) == b"hello world!!"
+    assert m.read("stdout", 6, 5) == b"world"
+    assert m.held("stderr") == 0  # streams are independent
+    assert m.append("stderr", 0, b"err") == 3
+    assert m.read("stderr") == b"err"
+    assert m.append("stderr", 3, b"") == 3
+
+
+@pytest.mark.parametrize("stream", ["stdin", "../stdout", "", "STDOUT"])
+def test_unknown_stream(tmp_path, stream):
+    m = OutputMirror(tmp_path)
+    with pytest.raises(ValueError):
+        m.append(stream, 0, b"x")
+    with pytest.raises(ValueError):
+        m.held(stream)
+    with pytest.raises(ValueError):
+        m.read(stream, 0)
+
+
+@pytest.mark.parametrize("offset", [-1, True, 1.0, "0"])
+def test_bad_offset(tmp_path, offset):
+    with pytest.raises(ValueError):
+        OutputMirror(tmp_path).append("stdout", offset, b"x")
+    assert OutputMirror(tmp_path).held("stdout") == 0
+
+
+CHUNK = 997  # odd size so that chunk boundaries and overlaps vary
+DATA = bytes((i * 7 + i // 251) % 256 for i in range(200 * CHUNK))
+
+
+def _writer(directory, seed, barrier):
+    import random
+
+    rng = random.Random(seed)
+    m = OutputMirror(directory)
+    barrier.wait()
+    offset = 0
+    while offset < len(DATA):
+        # Each process uses its own chunking, sometimes resending overlaps.
+        size = rng.randint(1, 3 * CHUNK)
+        start = max(0, offset - rng.choice([0, 0, 0, rng.randint(0, CHUNK)]))
+        try:
+            m.append("stdout", start, DATA[start:start + size])
+        except OffsetGap as gap:
+            offset = gap.held
+            continue
+        offset = m.held("stdout")
+        # The other process may have written ahead: resend from what it holds.
+        offset = min(offset, max(0, offset - rng.randint(0, 2) * CHUNK))
+
+
+def test_two_processes_append_each_byte_once(tmp_path):
+    ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+    barrier = ctx.Barrier(3)
+    procs = [ctx.Process(target=_writer, args=(tmp_path, seed, barrier)) for seed in (1, 2)]
+    for p in procs:
+        p.start()
+    barrier.wait()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    m = OutputMirror(tmp_path)
+    assert m.held("stdout") == len(DATA)
+    assert m.read("stdout") == DATA
+
+
+def _same_chunks(directory, barrier):
+    m = OutputMirror(directory)
+    barrier.wait()
+    for i in range(0, len(DATA), CHUNK):
+        m.append("stderr", i, DATA[i:i + CHUNK])
+
+
+def test_two_processes_same_chunks(tmp_path):
+    ctx = multiprocessing.get_context("fork" if hasattr(os, "fork") else "spawn")
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=_same_chunks, args=(tmp_path, barrier)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    assert OutputMirror(tmp_path).read("stderr") == DATA
