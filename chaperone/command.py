@@ -63,7 +63,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, List, Mapping, Optional, Sequence, Union
 
 __all__ = ["MODES", "CommandOptions", "build_command", "build_program"]
 

@@ -1304,6 +1304,7 @@ def parse_args(argv):
     p = _Parser(prog="agent.py", description="chaperone agent")
     p.add_argument("--root", default=None, help="spool root (default ~/.chaperone/runs)")
     p.add_argument("--marker", default=None, help="print this line before any output")
+    p.add_argument("--expect-hash", default=None, help="exit 97 unless this file's sha256 is this")
     sub = p.add_subparsers(dest="command")
     s = sub.add_parser("start")
     s.add_argument("--follow", action="store_true")
@@ -1341,6 +1342,12 @@ COMMANDS = {
 def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.expect_hash is not None:
+            import hashlib
+
+            with open(os.path.abspath(__file__), "rb") as f:
+                if hashlib.sha256(f.read()).hexdigest() != args.expect_hash:
+                    return 97  # stale or damaged copy: the client ships it again
         return COMMANDS[args.command](args, args.marker)
     except AgentError as e:
         sys.stderr.write("chaperone-agent: %s\n" % e)

@@ -1,0 +1,327 @@
+"""The SSH transport: the agent runs over asyncssh channels.
+
+Connecting follows OpenSSH: ``~/.ssh/config`` (or ``-F`` files) with Host,
+HostName, Port, User, IdentityFile, ProxyJump, UserKnownHostsFile ...; the
+ssh-agent; host keys checked against known_hosts unless told otherwise; never
+a prompt.  One connection per host per process carries many channels, at
+most ``max_sessions`` at a time (OpenSSH's ``MaxSessions``, default 10);
+past that another connection is opened.
+
+The agent is shipped once per host, content-addressed:
+``~/.chaperone/agent-<sha256[:16]>.py``, written to a temporary name, its
+hash checked there, then renamed into place.  Only ``python3`` is needed on
+the host.  Everything the agent reads (program.json, with the callback token)
+travels on the channel's stdin, never in argv.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shlex
+import socket
+from typing import List, Optional, Sequence
+
+import asyncssh
+
+from .agent_source import agent_bytes, agent_hash
+from .errors import ChaperoneError, ConnectionLost
+from .transport import AgentProcess, Transport
+
+#: Exit status of the remote wrapper when the agent file is missing or stale.
+SHIP_AGAIN = 97
+REMOTE_DIR = "~/.chaperone"
+
+
+class ConnectFailed(ChaperoneError):
+    """Could not connect to or log in to the host.  ``transient``: worth
+    retrying later (refused, timed out, reset), as opposed to a wrong host
+    key or a refused login."""
+
+    def __init__(self, message: str, transient: bool = False):
+        super().__init__(message)
+        self.transient = transient
+
+
+def _connect_error(host: str, e: BaseException) -> ConnectFailed:
+    if isinstance(e, asyncssh.HostKeyNotVerifiable):
+        return ConnectFailed(
+            "host key verification failed for %s: the host key is unknown or has changed "
+            "(add it to known_hosts, or pass --no-host-key-check)" % host)
+    if isinstance(e, asyncssh.PermissionDenied):
+        return ConnectFailed("authentication failed for %s: %s" % (host, e.reason or "permission denied"))
+    if isinstance(e, socket.gaierror):
+        return ConnectFailed("unknown host %s: %s" % (host, e.strerror or e))
+    if isinstance(e, ConnectionRefusedError):
+        return ConnectFailed("connection to %s refused" % host, transient=True)
+    if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
+        return ConnectFailed("connection to %s timed out" % host, transient=True)
+    if isinstance(e, asyncssh.DisconnectError):
+        return ConnectFailed("%s closed the connection: %s" % (host, e.reason), transient=True)
+    if isinstance(e, OSError):
+        return ConnectFailed("cannot connect to %s: %s" % (host, e.strerror or e), transient=True)
+    return ConnectFailed("cannot connect to %s: %s" % (host, e))
+
+
+class _Conn:
+    """One SSH connection and the number of channels open on it."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection):
+        self.conn = conn
+        self.channels = 0
+
+    @property
+    def closed(self) -> bool:
+        return self.conn._transport is None or self.conn.is_closed()
+
+
+class _SSHProcess(AgentProcess):
+    def __init__(self, transport: "SSHTransport", conn: _Conn, proc: asyncssh.SSHClientProcess):
+        self.transport = transport
+        self.c = conn
+        self.proc = proc  # a _Replay
+        self._released = False
+
+    async def read(self, n: int = 1 << 20) -> bytes:
+        try:
+            return await self.proc.stdout.read(n)
+        except (asyncssh.Error, OSError) as e:
+            raise ConnectionLost("connection to %s lost: %s" % (self.transport.host, e)) from None
+
+    async def wait(self) -> int:
+        try:
+            result = await self.proc.wait()
+        except (asyncssh.Error, OSError) as e:
+            raise ConnectionLost("connection to %s lost: %s" % (self.transport.host, e)) from None
+        if result.exit_status is None or result.exit_status < 0:
+            if result.exit_signal:
+                raise ConnectionLost("the agent on %s was killed by %s" % (self.transport.host, result.exit_signal[0]))
+            raise ConnectionLost("connection to %s lost" % self.transport.host)
+        return result.exit_status
+
+    async def stderr(self) -> bytes:
+        try:
+            return await self.proc.stderr.read()
+        except (asyncssh.Error, OSError):
+            return b""
+
+    def close(self) -> None:
+        if not self._released:
+            self._released = True
+            self.c.channels -= 1
+            self.proc.close()
+
+
+class SSHTransport(Transport):
+    def __init__(self, host: str, *, config: Sequence[str] = (), known_hosts: Optional[str] = None,
+                 check_host_keys: bool = True, python: Optional[str] = None, port: Optional[int] = None,
+                 username: Optional[str] = None, client_keys: Optional[Sequence[str]] = None,
+                 connect_timeout: float = 15.0, max_sessions: int = 10, keepalive_interval: float = 3.0):
+        if not host or host.startswith("-"):
+            raise ChaperoneError("invalid host %r" % host)
+        self.host = host
+        user, sep, hostname = host.rpartition("@")
+        self.hostname = hostname if sep else host
+        self.username = username or (user if sep else None)
+        self.port = port
+        self.config = list(config)
+        self.known_hosts = known_hosts
+        self.check_host_keys = check_host_keys
+        self.python = python or "python3"
+        self.client_keys = list(client_keys) if client_keys else None
+        self.connect_timeout = connect_timeout
+        self.max_sessions = max_sessions
+        self.keepalive_interval = keepalive_interval
+        self._conns: List[_Conn] = []
+        self._lock = asyncio.Lock()
+        self.agent_file = "%s/agent-%s.py" % (REMOTE_DIR, agent_hash()[:16])
+
+    # Records ---------------------------------------------------------------
+
+    def describe(self) -> dict:
+        return {
+            "host": self.host, "ssh": {
+                "port": self.port, "username": self.username, "config": self.config,
+                "known_hosts": self.known_hosts, "check_host_keys": self.check_host_keys,
+                "python": self.python, "client_keys": self.client_keys,
+            },
+        }
+
+    @classmethod
+    def from_description(cls, how: dict) -> "SSHTransport":
+        ssh = dict(how.get("ssh") or {})
+        return cls(how["host"], **{k: v for k, v in ssh.items() if v is not None})
+
+    # Connections -----------------------------------------------------------
+
+    def connect_options(self) -> dict:
+        options = dict(
+            config=self.config or None,
+            connect_timeout=self.connect_timeout,
+            keepalive_interval=self.keepalive_interval,
+            keepalive_count_max=3,
+            agent_forwarding=False,
+        )
+        if self.port:
+            options["port"] = self.port
+        if self.username:
+            options["username"] = self.username
+        if self.client_keys:
+            options["client_keys"] = self.client_keys
+        if not self.check_host_keys:
+            options["known_hosts"] = None
+        elif self.known_hosts:
+            options["known_hosts"] = self.known_hosts
+        return options
+
+    async def _new_connection(self) -> _Conn:
+        try:
+            conn = await asyncssh.connect(self.hostname, **self.connect_options())
+        except (asyncssh.Error, OSError, asyncio.TimeoutError, ValueError) as e:
+            raise _connect_error(self.host, e) from None
+        return _Conn(conn)
+
+    async def _channel_slot(self) -> _Conn:
+        async with self._lock:
+            self._conns = [c for c in self._conns if not c.closed]
+            for c in self._conns:
+                if c.channels < self.max_sessions:
+                    c.channels += 1
+                    return c
+            c = await self._new_connection()
+            self._conns.append(c)
+            c.channels += 1
+            return c
+
+    async def connection(self) -> asyncssh.SSHClientConnection:
+        """An open connection to the host (for port forwarding)."""
+        c = await self._channel_slot()
+        c.channels -= 1
+        return c.conn
+
+    async def forward_remote(self, local_port: int, local_host: str = "127.0.0.1"):
+        """Listen on the host's loopback (a free port) and forward to
+        ``local_host:local_port`` here; returns the asyncssh listener
+        (``get_port()`` is the port on the host).  Lives as long as the
+        connection does."""
+        conn = await self.connection()
+        try:
+            return await conn.forward_remote_port("127.0.0.1", 0, local_host, local_port)
+        except (asyncssh.Error, OSError) as e:
+            raise ConnectionLost("cannot forward a port from %s: %s" % (self.host, e)) from None
+
+    async def close(self) -> None:
+        for c in self._conns:
+            c.conn.close()
+        for c in self._conns:
+            try:
+                await c.conn.wait_closed()
+            except Exception:
+                pass
+        self._conns = []
+
+    def drop_connections(self) -> None:
+        """Forget every connection (after one broke): the next call reconnects."""
+        for c in self._conns:
+            c.conn.abort()
+        self._conns = []
+
+    # Running the agent -----------------------------------------------------
+
+    def _command(self, args: List[str]) -> str:
+        agent = self.agent_file
+        # The agent checks its own sha256 (--expect-hash) and exits 97 when
+        # it differs, as the wrapper does when the file is missing.
+        # -I -S: stdlib only, nothing from the host's site-packages or PYTHON* vars.
+        script = "[ -f %s ] || exit %d; exec %s -I -S %s --expect-hash %s %s" % (
+            agent, SHIP_AGAIN, shlex.quote(self.python), agent, agent_hash(),
+            " ".join(shlex.quote(a) for a in args))
+        # The remote login shell runs `sh -c SCRIPT`: plain sh syntax only.
+        return "sh -c %s" % shlex.quote(script)
+
+    async def _ship(self, c: _Conn) -> None:
+        script = (
+            "umask 077; mkdir -p {dir} || exit 3; t={dir}/.agent.$$.tmp; cat > \"$t\" || exit 3; "
+            "{py} -c 'import hashlib,sys; sys.exit(hashlib.sha256(open(sys.argv[1],\"rb\").read())"
+            ".hexdigest()!=sys.argv[2])' \"$t\" {hash} || {{ rm -f \"$t\"; exit 4; }}; "
+            "mv -f \"$t\" {dst}"
+        ).format(dir=REMOTE_DIR, py=shlex.quote(self.python), hash=agent_hash(), dst=self.agent_file)
+        try:
+            result = await c.conn.run("sh -c %s" % shlex.quote(script), input=agent_bytes(),
+                                      encoding=None, check=False)
+        except (asyncssh.Error, OSError) as e:
+            raise ConnectionLost("connection to %s lost while shipping the agent: %s" % (self.host, e)) from None
+        if result.exit_status != 0:
+            err = (result.stderr or b"").decode("utf-8", "replace").strip().splitlines()
+            if result.exit_status == 127:
+                raise ChaperoneError("no %s on %s (use --python to choose another)" % (self.python, self.host))
+            if result.exit_status == 3:
+                raise ChaperoneError("cannot write the agent to %s on %s: %s"
+                                     % (REMOTE_DIR, self.host, err[-1] if err else "not writable"))
+            raise ChaperoneError("cannot ship the agent to %s: %s"
+                                 % (self.host, err[-1] if err else "exit status %s" % result.exit_status))
+
+    async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
+        c = await self._channel_slot()
+        try:
+            for attempt in (0, 1):
+                try:
+                    proc = await c.conn.create_process(self._command(args), encoding=None)
+                except asyncssh.ChannelOpenError as e:
+                    raise ConnectionLost("cannot open a channel to %s: %s" % (self.host, e.reason)) from None
+                except (asyncssh.Error, OSError) as e:
+                    self.drop_connections()
+                    raise ConnectionLost("connection to %s lost: %s" % (self.host, e)) from None
+                try:
+                    if stdin:
+                        proc.stdin.write(stdin)
+                    proc.stdin.write_eof()
+                except (asyncssh.Error, OSError):
+                    pass
+                # The agent always prints (a marker) unless the wrapper
+                # refused it: no output and status 97 mean "ship it again".
+                first = await _peek(proc, self.host)
+                if first is None:
+                    result = await proc.wait()
+                    if result.exit_status == SHIP_AGAIN and attempt == 0:
+                        await self._ship(c)
+                        continue
+                    if result.exit_status == 127:
+                        raise ChaperoneError("no %s on %s (use --python to choose another)"
+                                             % (self.python, self.host))
+                return _SSHProcess(self, c, _Replay(proc, first or b""))
+            raise ChaperoneError("the agent on %s is missing after shipping it" % self.host)
+        except BaseException:
+            c.channels -= 1
+            raise
+
+
+async def _peek(proc, host: str) -> Optional[bytes]:
+    """The first bytes of stdout, or None if it ended without any."""
+    try:
+        data = await proc.stdout.read(1 << 16)
+    except (asyncssh.Error, OSError) as e:
+        raise ConnectionLost("connection to %s lost: %s" % (host, e)) from None
+    return data or None
+
+
+class _Replay:
+    """An SSHClientProcess whose first stdout bytes were already read."""
+
+    def __init__(self, proc, first: bytes):
+        self._proc = proc
+        self._first = first
+        self.stdout = self
+        self.stdin = proc.stdin
+        self.stderr = proc.stderr
+
+    async def read(self, n: int = -1) -> bytes:
+        if self._first:
+            data, self._first = self._first, b""
+            return data
+        return await self._proc.stdout.read(n)
+
+    async def wait(self):
+        return await self._proc.wait()
+
+    def close(self) -> None:
+        self._proc.close()

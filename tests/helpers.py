@@ -1,0 +1,183 @@
+"""Helpers for the agent / local-CLI tests: real processes, no mocks.
+
+Every helper takes the test's own ``home`` (a ``CHAPERONE_HOME``) or spool
+``root``, so tests never share state.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+AGENT = REPO / "remote" / "agent.py"
+#: The CLI, run with this Python (the package is installed editable).
+CLI = [sys.executable, "-c", "from chaperone.cli import main; main()"]
+PY38 = "/root/.pyenv/versions/3.8.18/bin/python3.8"
+
+
+def unique(prefix="m"):
+    """A unique token for run ids and process markers."""
+    return "%s%s" % (prefix, uuid.uuid4().hex[:12])
+
+
+def cli_env(home, **extra):
+    env = dict(os.environ)
+    env["CHAPERONE_HOME"] = str(home)
+    env.pop("CHAPERONE_SPOOL", None)
+    env.update(extra)
+    return env
+
+
+def cli(home, *args, input=None, timeout=60, cwd=None):
+    """Run ``chaperone ARGS``; a CompletedProcess with bytes stdout/stderr."""
+    return subprocess.run(
+        CLI + [str(a) for a in args], env=cli_env(home), input=input,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+        cwd=cwd or str(home),
+    )
+
+
+def cli_popen(home, *args, **kw):
+    kw.setdefault("stdout", subprocess.PIPE)
+    kw.setdefault("stderr", subprocess.PIPE)
+    kw.setdefault("stdin", subprocess.DEVNULL)
+    return subprocess.Popen(CLI + [str(a) for a in args], env=cli_env(home), cwd=str(home), **kw)
+
+
+def spool_root(home):
+    """The local spool root the CLI uses under ``home``."""
+    return Path(home) / "spool"
+
+
+def spool_dir(home, run_id):
+    return spool_root(home) / run_id
+
+
+def program(run_id, argv, **kw):
+    """A program.json dict; ``config``/``callback`` keys go top-level, the
+    rest into ``program``."""
+    spec = {"id": run_id, "program": {"argv": list(argv)}}
+    for key in ("config", "callback", "version"):
+        if key in kw:
+            spec[key] = kw.pop(key)
+    spec["program"].update(kw)
+    return spec
+
+
+def agent_cmd(root, *args, python=None):
+    return [python or sys.executable, str(AGENT), "--root", str(root)] + [str(a) for a in args]
+
+
+def agent(root, *args, input=None, python=None, timeout=60):
+    """Run ``agent.py --root ROOT ARGS``; ``input`` may be a dict (program.json)."""
+    if isinstance(input, dict):
+        input = json.dumps(input).encode()
+    return subprocess.run(
+        agent_cmd(root, *args, python=python), input=input,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout,
+    )
+
+
+def agent_start(root, spec, python=None):
+    """Start ``spec`` with the agent; returns the first state it printed."""
+    res = agent(root, "start", input=spec, python=python)
+    assert res.returncode == 0, res.stderr.decode()
+    return json.loads(res.stdout.decode().splitlines()[0])
+
+
+def read_state(root, run_id):
+    with open(os.path.join(str(root), run_id, "state.json"), "rb") as f:
+        return json.loads(f.read().decode())
+
+
+def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
+    """Poll ``predicate`` until it returns something truthy; returns it."""
+    end = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > end:
+            raise AssertionError("timed out after %.1fs waiting for %s" % (timeout, what))
+        time.sleep(interval)
+
+
+def wait_state(root, run_id, states=("done", "error", "lost"), timeout=20.0):
+    """Wait until the run's state.json says one of ``states`` (as refreshed
+    by the agent's ``status``, so a dead supervisor reads ``lost``)."""
+    if isinstance(states, str):
+        states = (states,)
+
+    def check():
+        try:
+            st = read_state(root, run_id)
+        except (OSError, ValueError):
+            return None
+        if st["state"] == "running" and "lost" in states:
+            res = agent(root, "status", run_id)
+            if res.returncode == 0:
+                st = json.loads(res.stdout.decode())
+        return st if st["state"] in states else None
+
+    return wait_for(check, timeout, what="run %s to be %s" % (run_id, "/".join(states)))
+
+
+def wait_pid_field(root, run_id, timeout=10.0):
+    return wait_for(lambda: read_state(root, run_id).get("pid"), timeout, what="a pid")
+
+
+def procs_with(marker):
+    """Live (non-zombie) processes whose command line contains ``marker``."""
+    found = []
+    for p in psutil.process_iter(["cmdline", "status"]):
+        try:
+            if p.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            if any(marker in part for part in (p.info["cmdline"] or ())):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def wait_no_procs(marker, timeout=5.0):
+    wait_for(lambda: not procs_with(marker), timeout, what="no process with %r" % marker)
+
+
+def pid_alive(pid):
+    try:
+        p = psutil.Process(pid)
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def kill_marked(marker):
+    """Clean up: SIGKILL any process left with ``marker`` (only ours)."""
+    for p in procs_with(marker):
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def one_line_error(stderr):
+    """Assert ``stderr`` is exactly one non-empty line and no traceback; return it."""
+    text = stderr.decode("utf-8", "replace")
+    lines = [l for l in text.splitlines() if l.strip()]
+    assert "Traceback" not in text, text
+    assert len(lines) == 1, "expected one line on stderr, got %r" % text
+    return lines[0]
+
+
+def ps_ids(home):
+    res = cli(home, "ps", "--json")
+    assert res.returncode == 0, res.stderr.decode()
+    return [r["id"] for r in json.loads(res.stdout.decode())]
