@@ -99,6 +99,7 @@ def _ssh_options(f):
     f = click.option("-i", "--identity", "identity", multiple=True, help="SSH identity file.")(f)
     f = click.option("--python", help="Python on the host (default: python3).")(f)
     f = click.option("--no-host-key-check", is_flag=True, help="Do not check SSH host keys (unsafe).")(f)
+    f = click.option("--spool", help="Spool directory on the host (default ~/.chaperone/runs).")(f)
     return f
 
 
@@ -152,6 +153,8 @@ def _ssh_settings(ssh) -> dict:
         out["username"] = ssh["user"]
     if ssh.get("identity"):
         out["client_keys"] = tuple(ssh["identity"])
+    if ssh.get("spool"):
+        out["root"] = ssh["spool"]
     return out
 
 

@@ -115,7 +115,8 @@ class SSHTransport(Transport):
     def __init__(self, host: str, *, config: Sequence[str] = (), known_hosts: Optional[str] = None,
                  check_host_keys: bool = True, python: Optional[str] = None, port: Optional[int] = None,
                  username: Optional[str] = None, client_keys: Optional[Sequence[str]] = None,
-                 connect_timeout: float = 15.0, max_sessions: int = 10, keepalive_interval: float = 3.0):
+                 connect_timeout: float = 15.0, max_sessions: int = 10, keepalive_interval: float = 3.0,
+                 root: Optional[str] = None):
         if not host or host.startswith("-"):
             raise ChaperoneError("invalid host %r" % host)
         self.host = host
@@ -131,6 +132,7 @@ class SSHTransport(Transport):
         self.connect_timeout = connect_timeout
         self.max_sessions = max_sessions
         self.keepalive_interval = keepalive_interval
+        self.root = root  # the agent's spool root on the host (default ~/.chaperone/runs)
         self._conns: List[_Conn] = []
         self._lock = asyncio.Lock()
         self.agent_file = "%s/agent-%s.py" % (REMOTE_DIR, agent_hash()[:16])
@@ -142,7 +144,7 @@ class SSHTransport(Transport):
             "host": self.host, "ssh": {
                 "port": self.port, "username": self.username, "config": self.config,
                 "known_hosts": self.known_hosts, "check_host_keys": self.check_host_keys,
-                "python": self.python, "client_keys": self.client_keys,
+                "python": self.python, "client_keys": self.client_keys, "root": self.root,
             },
         }
 
@@ -229,6 +231,8 @@ class SSHTransport(Transport):
 
     def _command(self, args: List[str]) -> str:
         agent = self.agent_file
+        if self.root:
+            args = ["--root", self.root, *args]
         # The agent checks its own sha256 (--expect-hash) and exits 97 when
         # it differs, as the wrapper does when the file is missing.
         # -I -S: stdlib only, nothing from the host's site-packages or PYTHON* vars.

@@ -1,0 +1,318 @@
+"""The agent driven directly: ``agent.py --root DIR start < program.json``.
+
+Real processes and signals; each test has its own spool root.
+"""
+
+import base64
+import errno
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from helpers import (
+    AGENT, PY38, agent, agent_cmd, agent_start, kill_marked, pid_alive, procs_with, program,
+    read_state, unique, wait_for, wait_no_procs, wait_state,
+)
+
+PY = sys.executable
+
+
+@pytest.fixture
+def root(tmp_path):
+    return tmp_path / "spool"
+
+
+# --- exec errors versus programs that fail ------------------------------------
+
+
+@pytest.mark.timeout(20)
+def test_false_is_done_with_return_code_1(root):
+    agent_start(root, program("f1", ["false"]))
+    st = wait_state(root, "f1")
+    assert st["state"] == "done"
+    assert st["return_code"] == 1
+    assert st["signal"] is None and st["error"] is None and st["errno"] is None
+    assert st["rusage"] is not None and st["end_time"] is not None
+
+
+@pytest.mark.timeout(20)
+def test_exec_errors_are_error_state_with_errno(root, tmp_path):
+    noexec = tmp_path / "noexec.sh"
+    noexec.write_text("#!/bin/sh\necho never\n")
+    os.chmod(str(noexec), 0o644)
+    cases = {
+        "nf": (program("nf", ["/nonexistent/prog-%s" % unique()]), errno.ENOENT, "No such file"),
+        "nx": (program("nx", [str(noexec)]), errno.EACCES, "Permission denied"),
+        "cw": (program("cw", ["true"], cwd="/nonexistent-%s" % unique()), errno.ENOENT, "cwd"),
+    }
+    for run_id, (spec, err, text) in cases.items():
+        first = agent_start(root, spec)
+        # start answers once the exec succeeded or failed: already final here
+        assert first["state"] == "error", first
+        st = read_state(root, run_id)
+        assert st["state"] == "error"
+        assert st["errno"] == err, st
+        assert text in st["error"], st
+        assert st["return_code"] is None and st["pid"] is None
+        assert os.path.getsize(str(root / run_id / "stdout")) == 0
+    assert "/nonexistent-" in read_state(root, "cw")["error"]
+
+
+# --- output is bytes ----------------------------------------------------------
+
+
+@pytest.mark.timeout(20)
+def test_binary_output_and_stdin_data_are_exact(root):
+    payload = bytes(range(256)) * 3 + b"\xff\xfe\x00no newline"
+    code = (
+        "import sys; d = sys.stdin.buffer.read(); sys.stdout.buffer.write(d); "
+        "sys.stderr.buffer.write(b'E\\x00\\x80' + str(len(d)).encode())"
+    )
+    spec = program("bin", [PY, "-c", code], stdin={"data": base64.b64encode(payload).decode()})
+    agent_start(root, spec)
+    st = wait_state(root, "bin")
+    assert st["state"] == "done" and st["return_code"] == 0
+    assert (root / "bin" / "stdout").read_bytes() == payload
+    assert (root / "bin" / "stderr").read_bytes() == b"E\x00\x80" + str(len(payload)).encode()
+    assert (root / "bin" / "stdin").read_bytes() == payload
+    assert st["stdout_bytes"] == len(payload)
+    # program.json keeps no copy of the data, only a pointer to the stdin file
+    stored = json.loads((root / "bin" / "program.json").read_text())
+    assert stored["program"]["stdin"] == {"data": "<in the stdin file>"}
+    # `output` gives byte ranges exactly
+    res = agent(root, "output", "bin", "--stream", "stdout", "--offset", "5", "--length", "300")
+    assert res.returncode == 0
+    assert res.stdout == payload[5:305]
+
+
+# --- idempotent start -----------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_start_twice_sequentially_runs_once(root, tmp_path):
+    log = tmp_path / "ran.log"
+    spec = program("seq", ["sh", "-c", 'echo "$$" >> "%s"; sleep 0.5' % log])
+    first = agent_start(root, spec)
+    second = agent_start(root, spec)
+    assert first["pid"] and first["pid"] == second["pid"]
+    st = wait_state(root, "seq")
+    third = agent_start(root, spec)  # after the end: still the same run
+    assert third["state"] == "done" and third["pid"] == first["pid"]
+    assert st["return_code"] == 0
+    assert log.read_text().split() == [str(first["pid"])]
+
+
+@pytest.mark.timeout(40)
+def test_concurrent_starts_run_one_program(root, tmp_path):
+    log = tmp_path / "ran.log"
+    spec = json.dumps(program("conc", ["sh", "-c", 'echo "$$" >> "%s"; sleep 1' % log])).encode()
+    procs = [
+        subprocess.Popen(agent_cmd(root, "start"), stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(8)
+    ]
+    # release them together: each blocks on stdin until now
+    for p in procs:
+        p.stdin.write(spec)
+    for p in procs:
+        p.stdin.close()
+    states = []
+    for p in procs:
+        out, err = p.communicate(timeout=30)
+        assert p.returncode == 0, err.decode()
+        states.append(json.loads(out.decode().splitlines()[0]))
+    pids = set(s["pid"] for s in states)
+    assert len(pids) == 1 and None not in pids, states
+    st = wait_state(root, "conc")
+    assert st["state"] == "done" and st["pid"] in pids
+    assert log.read_text().split() == [str(st["pid"])]
+    # no leftover private build directories
+    assert sorted(os.listdir(str(root))) == ["conc"]
+
+
+# --- timeout ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(20)
+def test_timeout_escalates_to_sigkill_after_kill_grace(root):
+    marker = unique("to")
+    spec = program("to", ["sh", "-c", 'trap "" TERM; sleep 30 & wait; echo %s' % marker],
+                   config={"timeout": 1, "kill_grace": 1})
+    t0 = time.monotonic()
+    agent_start(root, spec)
+    st = wait_state(root, "to", timeout=15)
+    elapsed = time.monotonic() - t0
+    assert st["state"] == "done"
+    assert st["timed_out"] is True
+    assert st["signal"] == "SIGKILL"
+    assert st["return_code"] is None
+    # SIGTERM at 1 s is ignored; SIGKILL at 2 s; the end is recorded soon after
+    assert 1.9 <= elapsed < 6, elapsed
+
+
+@pytest.mark.timeout(20)
+def test_timeout_sigterm_is_enough_for_a_polite_program(root):
+    agent_start(root, program("tp", ["sleep", "30"], config={"timeout": 0.5, "kill_grace": 5}))
+    t0 = time.monotonic()
+    st = wait_state(root, "tp", timeout=10)
+    assert st["timed_out"] is True and st["signal"] == "SIGTERM"
+    assert time.monotonic() - t0 < 4
+
+
+# --- signals and the process tree --------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_signal_with_grace_kills_escaped_grandchild_ignoring_term(root):
+    """The program dies of SIGTERM at once, but a grandchild that escaped with
+    setsid ignores it: --grace must still SIGKILL it."""
+    marker = "300.%d" % (os.getpid() % 1000 + 1000)
+    marker = "%s%d" % (marker, int(time.time() * 1000) % 100000)
+    script = '(trap "" TERM; exec setsid sleep %s >/dev/null 2>&1 </dev/null &); sleep %s & wait' % (marker, marker)
+    try:
+        agent_start(root, program("gr", ["sh", "-c", script]))
+        wait_for(lambda: len(procs_with(marker)) == 2, 10, what="two sleeps")
+        res = agent(root, "signal", "gr", "TERM", "--grace", "0.5")
+        assert res.returncode == 0, res.stderr.decode()
+        st = wait_state(root, "gr", timeout=10)
+        assert st["signal"] == "SIGTERM"
+        wait_no_procs(marker, timeout=5)
+    finally:
+        kill_marked(marker)
+
+
+@pytest.mark.timeout(20)
+def test_signal_not_running_and_unknown_signal(root):
+    agent_start(root, program("sg", ["true"]))
+    wait_state(root, "sg")
+    res = agent(root, "signal", "sg", "TERM")
+    assert res.returncode != 0 and b"not running" in res.stderr
+    res = agent(root, "signal", "sg", "SIGBOGUS")
+    assert res.returncode != 0 and b"unknown signal" in res.stderr
+
+
+# --- supervisor death ---------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_supervisor_killed_run_is_lost_and_program_dies(root):
+    marker = "301.%d" % (int(time.time() * 1000) % 1000000)
+    agent_start(root, program("lo", ["sh", "-c", "sleep %s & sleep %s; wait" % (marker, marker)]))
+    wait_for(lambda: len(procs_with(marker)) == 2, 10, what="two sleeps")
+    st = read_state(root, "lo")
+    pid, sup = st["pid"], st["agent_pid"]
+    assert psutil.Process(pid).ppid() == sup
+    try:
+        os.kill(sup, signal.SIGKILL)
+        # PDEATHSIG: the program itself goes with its supervisor
+        wait_for(lambda: not pid_alive(pid), 5, what="the program to die")
+        res = agent(root, "status", "lo")
+        assert res.returncode == 0
+        st = json.loads(res.stdout.decode())
+        assert st["state"] == "lost"
+        assert "supervisor" in st["error"] and str(sup) in st["error"]
+        # status killed the rest of the process group
+        wait_no_procs(marker, timeout=5)
+        assert read_state(root, "lo")["state"] == "lost"  # recorded, not just shown
+    finally:
+        kill_marked(marker)
+
+
+# --- the spool: modes, secrets ------------------------------------------------------
+
+
+DUMMY_CERT = "-----BEGIN CERTIFICATE-----\nMIIBdummy\n-----END CERTIFICATE-----\n"
+
+
+@pytest.mark.timeout(30)
+def test_spool_modes_and_token_never_stored(root, tmp_path):
+    token = "T" + unique("tok") * 3 + "x" * 10
+    token = token[:43]
+    assert len(token) == 43
+    stdin_data = base64.b64encode(b"some input").decode()
+    spec = program(
+        "sec", ["sh", "-c", "cat; sleep 1; echo done >&2"], stdin={"data": stdin_data},
+        callback={"url": "https://127.0.0.1:9/api/", "token": token, "cert": DUMMY_CERT},
+        config={"retry_frequency": 0.2, "callback_timeout": 1},
+    )
+    agent_start(root, spec)
+    st = read_state(root, "sec")
+    sup = st["agent_pid"]
+    # while it runs: no process has the token in its argv or environment
+    for p in psutil.process_iter(["cmdline"]):
+        try:
+            assert not any(token in a for a in (p.info["cmdline"] or ())), p
+        except psutil.NoSuchProcess:
+            pass
+    assert token.encode() not in open("/proc/%d/environ" % sup, "rb").read()
+    wait_state(root, "sec", timeout=15)
+    wait_for(lambda: not pid_alive(sup), 10, what="the supervisor to give up the callback")
+
+    run_dir = root / "sec"
+    assert stat.S_IMODE(os.stat(str(run_dir)).st_mode) == 0o700
+    names = sorted(os.listdir(str(run_dir)))
+    for name in ("program.json", "state.json", "stdout", "stderr", "stdin", "control"):
+        assert name in names
+    for dirpath, dirnames, filenames in os.walk(str(root)):
+        for d in dirnames:
+            assert stat.S_IMODE(os.stat(os.path.join(dirpath, d)).st_mode) == 0o700
+        for f in filenames:
+            path = os.path.join(dirpath, f)
+            assert stat.S_IMODE(os.lstat(path).st_mode) == 0o600, path
+            if not stat.S_ISFIFO(os.lstat(path).st_mode):
+                with open(path, "rb") as fh:
+                    assert token.encode() not in fh.read(), path
+    stored = json.loads((run_dir / "program.json").read_text())
+    assert stored["callback"]["token"] != token
+    assert stored["callback"]["url"] == "https://127.0.0.1:9/api/"
+    assert (run_dir / "stdout").read_bytes() == b"some input"
+
+
+# --- list, clean, python 3.8 ----------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_list_and_clean(root):
+    agent_start(root, program("c1", ["true"]))
+    agent_start(root, program("c2", ["sleep", "30"]))
+    wait_state(root, "c1")
+    res = agent(root, "list")
+    listed = dict((s["id"], s["state"]) for s in json.loads(res.stdout.decode()))
+    assert listed == {"c1": "done", "c2": "running"}
+    res = agent(root, "clean", "c2")
+    assert res.returncode != 0 and b"running" in res.stderr
+    assert (root / "c2").is_dir()
+    res = agent(root, "clean", "c2", "--force")
+    assert res.returncode == 0, res.stderr.decode()
+    assert json.loads(res.stdout.decode())["state"] == "done"
+    res = agent(root, "clean", "c1")
+    assert res.returncode == 0
+    assert os.listdir(str(root)) == []
+    res = agent(root, "status", "c1")
+    assert res.returncode == 4 and b"no such run" in res.stderr
+
+
+@pytest.mark.skipif(not os.path.exists(PY38), reason="python3.8 not installed")
+@pytest.mark.timeout(30)
+def test_agent_runs_on_python38(root):
+    payload = b"\x00\x01binary\xff"
+    spec = program("p38", [PY38, "-c", "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())"],
+                   stdin={"data": base64.b64encode(payload).decode()}, config={"timeout": 20})
+    res = agent(root, "start", "--follow", input=spec, python=PY38)
+    assert res.returncode == 0, res.stderr.decode()
+    assert (root / "p38" / "stdout").read_bytes() == payload
+    st = read_state(root, "p38")
+    assert st["state"] == "done" and st["return_code"] == 0
+    # the follow stream ends with the final state and an end frame
+    assert res.stdout.endswith(b"E" + b"\x00" * 12)
+    res = agent(root, "start", input=program("p38b", ["/nonexistent-38"]), python=PY38)
+    assert json.loads(res.stdout.decode())["errno"] == errno.ENOENT
+    res = agent(root, "status", "nope", python=PY38)
+    assert res.returncode == 4 and res.stderr.count(b"\n") == 1
