@@ -67,6 +67,8 @@ class Run:
     token: str
     mirror: OutputMirror
     on_state: Optional[OnState] = None
+    #: Called with (run_id, stream, held) after output was stored.
+    on_output: Optional[Callable[[str, str, int], None]] = None
     completed: bool = False
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
@@ -84,7 +86,8 @@ class CallbackProtocol:
 
     # -- registry -----------------------------------------------------------
 
-    def register(self, run_id: str, mirror: OutputMirror, on_state: Optional[OnState] = None) -> str:
+    def register(self, run_id: str, mirror: OutputMirror, on_state: Optional[OnState] = None,
+                 on_output: Optional[Callable[[str, str, int], None]] = None) -> str:
         """Accept callbacks for ``run_id``; return its fresh 256-bit token.
 
         Registering a run again replaces its token (the old one stops working)
@@ -93,7 +96,7 @@ class CallbackProtocol:
         check_run_id(run_id)
         self.unregister(run_id)
         token = secrets.token_urlsafe(32)
-        self._runs[run_id] = Run(run_id, token, mirror, on_state)
+        self._runs[run_id] = Run(run_id, token, mirror, on_state, on_output)
         self._by_digest[_digest(token.encode("ascii"))] = run_id
         return token
 
@@ -205,8 +208,9 @@ class CallbackServer:
 
     # -- registry (delegates to the sans-IO protocol) -----------------------
 
-    def register(self, run_id: str, mirror: OutputMirror, on_state: Optional[OnState] = None) -> str:
-        return self.protocol.register(run_id, mirror, on_state)
+    def register(self, run_id: str, mirror: OutputMirror, on_state: Optional[OnState] = None,
+                 on_output: Optional[Callable[[str, str, int], None]] = None) -> str:
+        return self.protocol.register(run_id, mirror, on_state, on_output)
 
     def unregister(self, run_id: str) -> None:
         self.protocol.unregister(run_id)
@@ -345,6 +349,8 @@ class CallbackServer:
         except OSError:
             log.exception("storing output of run %s failed", run.run_id)
             return _error(503, "could not store output; retry later")
+        if run.on_output is not None:
+            run.on_output(run.run_id, stream, held)
         return web.json_response({"offset": held})
 
     async def _state(self, request):

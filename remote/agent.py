@@ -100,17 +100,24 @@ def boot_id():
         return None
 
 
-def proc_start_ticks(pid):
-    """Start time of ``pid`` in clock ticks since boot, or None."""
+def proc_stat(pid):
+    """(state letter, start time in clock ticks since boot) of ``pid``, or None."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
             data = f.read()
     except OSError:
         return None
     try:
-        return int(data[data.rindex(b")") + 2:].split()[19])
+        fields = data[data.rindex(b")") + 2:].split()
+        return fields[0].decode("ascii", "replace"), int(fields[19])
     except (ValueError, IndexError):
         return None
+
+
+def proc_start_ticks(pid):
+    """Start time of ``pid`` in clock ticks since boot, or None."""
+    info = proc_stat(pid)
+    return info and info[1]
 
 
 def pid_exists(pid):
@@ -346,7 +353,10 @@ class Run(object):
         if st.get("boot_id") and boot_id() and st["boot_id"] != boot_id():
             return False
         if st.get("agent_start") is not None:
-            return proc_start_ticks(pid) == st["agent_start"]
+            # A dead supervisor stays a zombie until its new parent (often
+            # an init that reaps lazily, or none in a container) reaps it.
+            info = proc_stat(pid)
+            return info is not None and info[1] == st["agent_start"] and info[0] not in ("Z", "X", "x")
         return pid_exists(pid)
 
     def refresh(self):
@@ -643,14 +653,18 @@ class Supervisor(object):
             if self.status is not None and exited_at is None:
                 exited_at = time.monotonic()
             if exited_at is not None and (not self.pipes or time.monotonic() - exited_at > LINGER):
-                break
+                # A kill with a grace is not over while something it was
+                # meant for (e.g. a grandchild that escaped with setsid and
+                # ignores SIGTERM) is still alive: wait for the SIGKILL.
+                if self.kill_at is None or not descendants(os.getpid()):
+                    break
             now = time.monotonic()
             waits = []
-            if deadline is not None and not self.timed_out:
+            if deadline is not None and not self.timed_out and self.status is None:
                 waits.append(deadline - now)
             if self.kill_at is not None:
                 waits.append(self.kill_at - now)
-            if exited_at is not None:
+            if exited_at is not None and self.pipes and now < exited_at + LINGER:
                 waits.append(exited_at + LINGER - now)
             wait_ms = None if not waits else max(0, int(min(waits) * 1000) + 1)
             try:
@@ -685,8 +699,9 @@ class Supervisor(object):
                 self.kill_tree(signal.SIGTERM, grace=self.cfg["kill_grace"])
             if self.kill_at is not None and now >= self.kill_at:
                 self.kill_at = None
-                if self.status is None:
-                    self.kill_tree(signal.SIGKILL)
+                # Also when the program itself already exited: what it left
+                # behind gets the SIGKILL (kill_tree skips the old group then).
+                self.kill_tree(signal.SIGKILL)
 
         for fd in list(self.pipes):
             self.pump(fd, poller, use_splice, final=True)
@@ -921,11 +936,11 @@ class CallbackSender(threading.Thread):
         with self.cond:
             self.first_pending = None
         for name in STREAMS:
-            self.send_stream(name, written[name], final is not None)
+            self.send_stream(name, written[name])
         if final is not None:
             self.post("completed", json.dumps(final).encode(), "application/json")
             return True
-        if time.monotonic() >= self.next_heartbeat:
+        if time.monotonic() >= self.next_heartbeat and self.sup.state["state"] == "running":
             st = dict(self.sup.state)
             sizes = self.sup.run.sizes()
             st["stdout_bytes"], st["stderr_bytes"] = sizes["stdout"], sizes["stderr"]
@@ -933,14 +948,12 @@ class CallbackSender(threading.Thread):
             self.next_heartbeat = time.monotonic() + self.cb["heartbeat"]
         return False
 
-    def send_stream(self, name, upto, flush):
+    def send_stream(self, name, upto):
         if self.sent[name] >= upto:
             return
         with open(self.sup.run.path(name), "rb") as f:
             while self.sent[name] < upto:
                 want = min(self.cfg["output_buffer"], upto - self.sent[name])
-                if not flush and want < self.cfg["output_buffer"] and self.sent[name] + want < upto:
-                    break
                 data = os.pread(f.fileno(), want, self.sent[name])
                 if not data:
                     return

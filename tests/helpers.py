@@ -133,14 +133,16 @@ def wait_pid_field(root, run_id, timeout=10.0):
     return wait_for(lambda: read_state(root, run_id).get("pid"), timeout, what="a pid")
 
 
-def procs_with(marker):
-    """Live (non-zombie) processes whose command line contains ``marker``."""
+def procs_with(marker, exact=True):
+    """Live (non-zombie) processes with ``marker`` as one of their arguments
+    (``exact``), or anywhere in their command line."""
     found = []
     for p in psutil.process_iter(["cmdline", "status"]):
         try:
             if p.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
-            if any(marker in part for part in (p.info["cmdline"] or ())):
+            args = p.info["cmdline"] or ()
+            if (marker in args) if exact else any(marker in a for a in args):
                 found.append(p)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
@@ -161,7 +163,7 @@ def pid_alive(pid):
 
 def kill_marked(marker):
     """Clean up: SIGKILL any process left with ``marker`` (only ours)."""
-    for p in procs_with(marker):
+    for p in procs_with(marker, exact=False):
         try:
             p.send_signal(signal.SIGKILL)
         except psutil.NoSuchProcess:
@@ -181,3 +183,34 @@ def ps_ids(home):
     res = cli(home, "ps", "--json")
     assert res.returncode == 0, res.stderr.decode()
     return [r["id"] for r in json.loads(res.stdout.decode())]
+
+
+def read_until(stream, needle, timeout=10.0):
+    """Read a Popen pipe (raw, no buffering) until ``needle`` shows up."""
+    import select
+
+    fd = stream.fileno()
+    buf = b""
+    end = time.monotonic() + timeout
+    while needle not in buf:
+        left = end - time.monotonic()
+        if left <= 0:
+            raise AssertionError("timed out waiting for %r; got %r" % (needle, buf[-500:]))
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                raise AssertionError("EOF before %r; got %r" % (needle, buf[-500:]))
+            buf += chunk
+    return buf
+
+
+def read_rest(proc, timeout=30.0):
+    """The rest of a Popen's stdout and stderr, and its exit status."""
+    out, err = proc.communicate(timeout=timeout)
+    return out, err, proc.returncode
+
+
+def marker_number():
+    """A unique decimal like ``300.123456789`` for ``sleep``: findable in ps."""
+    return "300.%d" % (uuid.uuid4().int % 10 ** 9)

@@ -125,8 +125,8 @@ def test_concurrent_starts_run_one_program(root, tmp_path):
         p.stdin.close()
     states = []
     for p in procs:
-        out, err = p.communicate(timeout=30)
-        assert p.returncode == 0, err.decode()
+        out, err = p.stdout.read(), p.stderr.read()
+        assert p.wait(timeout=30) == 0, err.decode()
         states.append(json.loads(out.decode().splitlines()[0]))
     pids = set(s["pid"] for s in states)
     assert len(pids) == 1 and None not in pids, states

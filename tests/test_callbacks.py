@@ -1,0 +1,205 @@
+"""HTTPS callbacks end to end: the agent pushes output and state to the
+scheduler through an SSH remote forward, exactly once, across cuts of the
+callback path and restarts of the scheduler.  Real sshd, real TLS, real
+processes."""
+
+import asyncio
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from chaperone.api import Chaperone
+from chaperone.certs import cert_pem, ensure_certificate
+from chaperone.scheduler import Scheduler
+
+# Writes `blocks` MiB of deterministic bytes to stdout, a little at a time,
+# then the sha256 of all of it to stderr.
+WRITER = textwrap.dedent("""
+    import hashlib, os, sys, time
+    blocks, pause = int(sys.argv[1]), float(sys.argv[2])
+    h = hashlib.sha256()
+    seed = b"chaperone"
+    for i in range(blocks):
+        block = hashlib.sha256(seed + str(i).encode()).digest() * 32768  # 1 MiB
+        h.update(block)
+        sys.stdout.buffer.write(block)
+        sys.stdout.buffer.flush()
+        time.sleep(pause)
+    sys.stderr.write(h.hexdigest())
+""")
+
+FAST = {"retry_frequency": 0.5, "output_latency": 0.05}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def run_async(coro, timeout=150):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+@pytest.mark.timeout(200)
+def test_exactly_once_while_the_callback_path_is_cut(sshd, tmp_path):
+    """100 MB through the callback path while the SSH connection that
+    carries the tunnel is killed server-side three times: the mirror ends
+    with exactly the program's bytes (sha256), nothing twice, nothing lost."""
+    woken = []
+
+    async def main():
+        async with Scheduler(tmp_path / "home", ssh_config=[str(sshd.config_file)], config=FAST,
+                             heal_interval=0.3) as s:
+            wake = s._wake
+            s._wake = lambda rid: (woken.append(rid), wake(rid))
+            rid = await s.start("testhost", ["python3", "-c", WRITER, "100", "0.03"])
+            tunnels = []
+            for _ in range(3):
+                await asyncio.sleep(1.0)
+                tunnels.append(s._tunnels[id(s._hosts[rid])]["conn"])
+                killed = sshd.kill_sessions()
+                assert killed, "no SSH session to cut"
+            st = await s.wait(rid)
+            m = s.mirror(rid)
+            out = m.read("stdout")
+            err = m.read("stderr")
+            new_conn = s._tunnels[id(s._hosts[rid])]["conn"]
+            return st, out, err, tunnels, new_conn, new_conn.is_closed()
+
+    st, out, err, tunnels, new_conn, new_closed = run_async(main())
+    assert st["state"] == "done" and st["return_code"] == 0
+    assert len(out) == 100 << 20 == st["stdout_bytes"]
+    assert sha(out) == err.decode()
+    # The faults really happened, and the tunnel came back each time.
+    assert all(c.is_closed() for c in tunnels)
+    assert not new_closed
+    assert len(set(map(id, tunnels))) >= 2
+    assert woken  # output arrived through the callbacks, not only by catch-up
+
+
+SCHEDULER_SCRIPT = textwrap.dedent("""
+    import asyncio, sys
+    from chaperone.scheduler import Scheduler
+    async def main():
+        s = Scheduler(sys.argv[1], ssh_config=[sys.argv[2]], config={"retry_frequency": 0.5})
+        await s.open()
+        rid = await s.start("testhost", ["sh", "-c", "for i in $(seq 1 60); do echo line $i; sleep 0.05; done"],
+                            run_id="restart-1")
+        print(rid, flush=True)
+        await asyncio.sleep(3600)
+    asyncio.run(main())
+""")
+
+
+@pytest.mark.timeout(120)
+def test_scheduler_restarted_mid_run_reattaches(sshd, tmp_path):
+    """The scheduler process is SIGKILLed mid-run; a new one re-attaches by
+    id from the records and ends with all of the output, once."""
+    home = tmp_path / "home"
+    proc = subprocess.Popen([sys.executable, "-c", SCHEDULER_SCRIPT, str(home), str(sshd.config_file)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "restart-1"
+        time.sleep(1.0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    updates = []
+
+    async def main():
+        async with Scheduler(home, ssh_config=[str(sshd.config_file)],
+                             on_update=lambda rid, st: updates.append((rid, st["state"]))) as s:
+            ids = await s.reattach()
+            st = await s.wait("restart-1")
+            return ids, st, s.mirror("restart-1").read("stdout")
+
+    ids, st, out = run_async(main())
+    assert ids == ["restart-1"]
+    assert st["state"] == "done" and st["return_code"] == 0
+    assert out == b"".join(b"line %d\n" % i for i in range(1, 61))
+    assert ("restart-1", "done") in updates
+
+
+@pytest.mark.timeout(60)
+def test_agent_refuses_a_certificate_other_than_the_pinned_one(tmp_path):
+    """The agent is told to pin another certificate: the real server's TLS
+    handshake fails on the agent's side, so the server gets no request at
+    all; the run is unharmed and catch-up from the spool still has it all."""
+    other_cert, _ = ensure_certificate(tmp_path / "other")
+    seen = []
+
+    async def main():
+        async with Scheduler(tmp_path / "home", config=FAST) as s:
+            token = s.server.register("pin-1", s.mirror("pin-1"),
+                                      on_state=lambda *a: seen.append(a),
+                                      on_output=lambda *a: seen.append(a))
+            callback = {"url": s.server.url, "token": token, "cert": cert_pem(other_cert)}
+            run = await s.ch.start("local", ["sh", "-c", "echo pinned; exit 3"], run_id="pin-1",
+                                   callback=callback, config={**FAST, "callback_timeout": 2})
+            st = await s.ch.wait(run.id)
+            await asyncio.sleep(1.5)  # the agent keeps trying for callback_timeout
+            held_before = s.mirror("pin-1").held("stdout")
+            s._hosts["pin-1"] = s.ch.transport("local")
+            caught = await s.catch_up("pin-1")
+            return st, held_before, caught, s.mirror("pin-1").read("stdout")
+
+    st, held_before, caught, out = run_async(main())
+    assert st["state"] == "done" and st["return_code"] == 3
+    assert seen == [] and held_before == 0
+    assert caught["state"] == "done" and out == b"pinned\n"
+
+
+@pytest.mark.timeout(60)
+def test_callbacks_never_slow_or_fail_the_program(tmp_path):
+    """An unreachable scheduler (nothing listens) changes nothing for the
+    program or the spool: same exit status, all bytes spooled, promptly."""
+    cert, _ = ensure_certificate(tmp_path / "tls")
+    port = _free_port()
+
+    async def main():
+        async with Chaperone(tmp_path / "home") as ch:
+            callback = {"url": "https://127.0.0.1:%d/api/v1/agent/" % port, "token": "t" * 43,
+                        "cert": cert_pem(cert)}
+            t0 = time.monotonic()
+            run = await ch.start("local", ["sh", "-c", "head -c 5000000 /dev/zero; exit 4"],
+                                 callback=callback, config={"retry_frequency": 0.2, "callback_timeout": 1})
+            st = await ch.wait(run.id)
+            return st, time.monotonic() - t0, await ch.output(run.id, "stdout", 0)
+
+    st, elapsed, out = run_async(main())
+    assert st["state"] == "done" and st["return_code"] == 4
+    assert out == bytes(5000000)
+    assert elapsed < 10
+
+
+@pytest.mark.timeout(60)
+def test_on_update_and_output_stream_for_a_local_run(tmp_path):
+    """The library API: output chunks as they arrive, on_update on each
+    change, wait() for the result."""
+    updates = []
+
+    async def main():
+        async with Scheduler(tmp_path / "home", config=FAST,
+                             on_update=lambda rid, st: updates.append(st["state"])) as s:
+            rid = await s.start("local", command="for i in 1 2 3; do echo $i; sleep 0.2; done; exit 2")
+            chunks = [c async for c in s.output(rid)]
+            st = await s.wait(rid)
+            return chunks, st
+
+    chunks, st = run_async(main())
+    assert b"".join(chunks) == b"1\n2\n3\n"
+    assert st["return_code"] == 2
+    assert updates[0] == "running" and updates[-1] == "done"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
