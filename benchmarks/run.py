@@ -55,7 +55,7 @@ MB = 1000 * 1000
 MODES = {
     "quick": dict(
         cli_reps=5, reps=3, io_reps=1, big=64 * MiB, launch_n=20, scale_n=[10], concurrency=8,
-        nohup_n=20, ansible_n=(2, 6), ansible_reps=1, idle=5.0, records=1000,
+        nohup_n=20, ansible_n=(1, 3), ansible_reps=1, idle=5.0, records=1000,
         delivery_sizes=[1 * MB, 64 * MiB],
     ),
     "full": dict(
@@ -306,9 +306,13 @@ def make_data_file(path: str, size: int) -> str:
 
 
 class Context:
-    def __init__(self, mode: str, tmp: str, results: Results, keep_going_deadline: float):
+    def __init__(self, mode: str, tmp: str, results: Results, keep_going_deadline: float,
+                 real_home: bool = False, concurrency: Optional[int] = None):
         self.mode = mode
-        self.p = MODES[mode]
+        self.real_home = real_home
+        self.p = dict(MODES[mode])
+        if concurrency:
+            self.p["concurrency"] = concurrency
         self.tmp = tmp
         self.results = results
         self.deadline = keep_going_deadline
@@ -370,9 +374,27 @@ class Context:
         if reason:
             self.sshd_reason = reason
             return
+        clean_home = not self.real_home
+
+        class BenchSSHD(mod.SSHD):
+            """tests/sshd.py's server; unless --real-home, its sessions get
+            HOME=<a fresh empty dir> (sshd_config SetEnv), so the login shell
+            reads no ~/.bashrc and the agent and its spools live in the
+            temporary directory."""
+
+            remote_home = None
+
+            def _write_configs(self, *args, **kw):
+                super()._write_configs(*args, **kw)
+                if clean_home:
+                    self.remote_home = os.path.join(self.tmpdir, "remote-home")
+                    os.makedirs(self.remote_home, mode=0o700, exist_ok=True)
+                    with open(self.sshd_config, "a") as f:
+                        f.write("SetEnv HOME=%s\n" % self.remote_home)
+
         try:
             # MaxSessions as OpenSSH's default: the library must live with it.
-            self.sshd = mod.SSHD(max_sessions=10, log_level="ERROR").start()
+            self.sshd = BenchSSHD(max_sessions=10, log_level="ERROR").start()
         except Exception as e:
             self.sshd_reason = "sshd did not start: %s" % tail(str(e), 300)
 
@@ -535,8 +557,41 @@ async def _start_many(ch, n: int, concurrency: int, prefix: str, argv=("true",))
             states.append(run.state)
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(one(i) for i in range(n)))
-    return time.perf_counter() - t0, states
+    # Every task ends before this returns (return_exceptions), so no start
+    # is still in flight when the caller closes the Chaperone.
+    done = await asyncio.gather(*(one(i) for i in range(n)), return_exceptions=True)
+    dt = time.perf_counter() - t0
+    errors = ["%s: %s" % (type(e).__name__, tail(str(e), 300)) for e in done if isinstance(e, BaseException)]
+    if len(errors) == n:
+        raise BenchError("all %d starts failed; the first: %s" % (n, errors[0]))
+    return dt, states, errors
+
+
+async def _raw_channel_rate(ctx: Context, n: int, conc: int):
+    """Commands per second over one plain asyncssh connection, one channel
+    each (no chaperone): ``true``, then ``python3 -c pass``."""
+    try:
+        import asyncssh
+    except ImportError:
+        return None
+    conn = await asyncssh.connect("testhost", config=[ctx.sshd.config_file])
+    try:
+        rates = []
+        conc = min(conc, 4)  # channels close lazily: stay well under MaxSessions
+        for cmd in ("true", "python3 -c pass"):
+            sem = asyncio.Semaphore(conc)
+
+            async def one():
+                async with sem:
+                    await conn.run(cmd, check=True)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(one() for _ in range(n)))
+            rates.append(n / (time.perf_counter() - t0))
+        return rates[0], rates[1], conc
+    finally:
+        conn.close()
+        await conn.wait_closed()
 
 
 def bench_launch(ctx: Context):
@@ -545,7 +600,9 @@ def bench_launch(ctx: Context):
     sizes = sorted(set([ctx.p["launch_n"]] + list(ctx.p["scale_n"])))
     rates: Dict[int, float] = {}
     conns: Dict[int, int] = {}
-    failures = []
+    failures: Dict[int, str] = {}
+
+    extra = {}
 
     async def main():
         ch = ctx.library()
@@ -554,43 +611,68 @@ def bench_launch(ctx: Context):
             for n in sizes:
                 budget = max(60.0, n * 0.5)
                 try:
-                    dt, states = await asyncio.wait_for(
+                    dt, states, errors = await asyncio.wait_for(
                         _start_many(ch, n, conc, ctx.run_id("launch%d" % n)), budget)
                 except asyncio.TimeoutError:
-                    failures.append("%d programs did not all start within %.0f s" % (n, budget))
+                    failures[n] = "%d programs did not all start within %.0f s" % (n, budget)
                     continue
                 bad = [s for s in states if s.get("state") not in ("running", "done")]
-                if bad:
-                    failures.append("%d of %d starts ended %s" % (len(bad), n, bad[0].get("state")))
+                if errors:
+                    failures[n] = "%d of %d starts failed (the rate counts every attempt); the first: %s" % (
+                        len(errors), n, errors[0])
+                elif bad:
+                    failures[n] = "%d of %d starts ended %s" % (len(bad), n, bad[0].get("state"))
                 rates[n] = n / dt
                 if ctx.sshd is not None:
                     conns[n] = len(ctx.sshd.session_pids())
                 ctx.remove_remote_spools()
+            head_n = ctx.p["launch_n"]
+            wide = max(64, conc)
+            try:
+                dt, _, errors = await asyncio.wait_for(
+                    _start_many(ch, head_n, wide, ctx.run_id("launchwide")), max(60.0, head_n * 0.5))
+                extra["wide"] = (wide, head_n / dt, len(ctx.sshd.session_pids()), errors)
+            except Exception as e:
+                extra["wide_error"] = "%s: %s" % (type(e).__name__, tail(str(e), 200))
+            ctx.remove_remote_spools()
         finally:
             await ch.close()
+        extra["floor"] = await _raw_channel_rate(ctx, ctx.p["launch_n"], conc)
 
     asyncio.run(main())
     ctx.launch_rates = rates
     head = ctx.p["launch_n"]
     note_conc = "Chaperone.start detached, asyncio.gather bounded to %d at a time" % conc
-    if head in rates:
+    def add(rid, name, n, target=None):
+        fail = failures.get(n)
+        if n in rates:
+            ctx.results.add(rid, name, rates[n], "programs/s", target=target, status="error" if fail else None,
+                            notes=("error: %s; " % fail if fail else "")
+                            + "%s; sshd connections open after: %s" % (note_conc, conns.get(n)))
+        else:
+            ctx.results.add(rid, name, target=target, status="error", notes="error: %s" % (fail or "no result"))
+
+    add("launch_throughput", "warm launch: %d programs, library, one host" % head, head, target=">= 50/s")
+    if "wide" in extra:
+        wide, rate, nconn, errors = extra["wide"]
         ctx.results.add(
-            "launch_throughput", "warm launch: %d programs, library, one host" % head, rates[head],
-            "programs/s", target=">= 50/s",
-            notes="%s; sshd connections open after: %s%s" % (
-                note_conc, conns.get(head), ("; " + "; ".join(failures)) if failures else ""),
-        )
-    else:
-        ctx.results.add("launch_throughput", "warm launch: %d programs, library, one host" % head,
-                        status="error", notes="; ".join(failures) or "no result")
+            "launch_wide", "warm launch: %d programs, bound %d" % (head, wide), rate, "programs/s",
+            status="error" if errors else None,
+            notes=("error: %d starts failed, the first: %s; " % (len(errors), errors[0]) if errors else "")
+            + "as above with up to %d Chaperone.start calls in flight; sshd connections open after: %d"
+            % (wide, nconn))
+    elif "wide_error" in extra:
+        ctx.results.add("launch_wide", "warm launch: %d programs, bound 64" % head, status="error",
+                        notes="error: " + extra["wide_error"])
+    floor = extra.get("floor")
+    if floor:
+        ctx.results.add(
+            "launch_channel_floor", "raw asyncssh: one channel per `true`, one connection", floor[0],
+            "commands/s", notes="the ceiling of any one-channel-per-program design here: asyncssh conn.run('true') "
+                                "%d times, %d at a time; with `python3 -c pass`: %.1f/s" % (head, floor[2], floor[1]))
     for n in sizes:
-        if n == head:
-            continue
-        ctx.results.add(
-            "launch_scale_%d" % n, "warm launch scaling: %s programs" % format(n, ","), rates.get(n),
-            "programs/s", status=None if n in rates else "error",
-            notes="%s; sshd connections open after: %s" % (note_conc, conns.get(n)),
-        )
+        if n != head:
+            add("launch_scale_%d" % n, "warm launch scaling: %s programs" % format(n, ","), n)
 
 
 async def _ssh_nohup_many(ctx: Context, n: int, concurrency: int) -> float:
@@ -682,10 +764,10 @@ def bench_launch_ansible(ctx: Context):
         "launch_vs_ansible", "warm launch vs Ansible async (poll: 0)", mine, "programs/s",
         baseline=rate, ratio=(mine / rate) if mine else None, target=">= 50x",
         status=None if mine else "skipped",
-        notes="Ansible's marginal rate: (%d - %d) tasks / (%.1f s - %.1f s), its start-up excluded; a whole "
+        notes=("" if mine else "skipped: no chaperone figure (the launch benchmark did not measure); ")
+              + "Ansible's marginal rate: (%d - %d) tasks / (%.1f s - %.1f s), its start-up excluded; a whole "
               "playbook of %d: %.2f programs/s; ansible-core %s, ControlPersist on"
-              % (n2, n1, median(t2s), median(t1s), n2, whole, machine_info_cache().get("ansible"))
-              + ("" if mine else "; chaperone figure missing (launch benchmark skipped)"),
+              % (n2, n1, median(t2s), median(t1s), n2, whole, machine_info_cache().get("ansible")),
         samples=None, baseline_samples={"n1": n1, "t1": t1s, "n2": n2, "t2": t2s},
     )
 
@@ -896,7 +978,7 @@ def bench_delivery(ctx: Context):
 
     for size in sizes:
         data = ctx.data_file(size)
-        reps = ctx.p["io_reps"] if size >= 64 * MiB else ctx.p["reps"]
+        reps = ctx.p["io_reps"] if size >= 64 * MiB else min(ctx.p["reps"], 5)
 
         async def setup():
             ch = ctx.library()
@@ -934,11 +1016,12 @@ def bench_delivery(ctx: Context):
             return dt
 
         logs_t, stream_t, base_t = [], [], []
-        for i in range(reps + (1 if size < 64 * MiB else 0)):
+        warm = 1 if size < 64 * MiB and ctx.mode == "full" else 0
+        for i in range(reps + warm):
             a = timed_to_file(ctx.cli_argv("logs", run_id, ssh=True))
             b = asyncio.run(stream_once())
             c = timed_to_file(ctx.sshd.ssh_argv("cat", data))
-            if i or size >= 64 * MiB:
+            if i >= warm:
                 logs_t.append(a)
                 stream_t.append(b)
                 base_t.append(c)
@@ -1033,21 +1116,23 @@ TARGETS = {
 }
 
 
-def run_all(mode: str, only: Optional[Sequence[str]], output: str, verbose: bool = True) -> dict:
+def run_all(mode: str, only: Optional[Sequence[str]], output: str, verbose: bool = True,
+            real_home: bool = False, concurrency: Optional[int] = None) -> dict:
     results = Results()
     started = time.monotonic()
     tmp = tempfile.mkdtemp(prefix="chaperone-bench-")
-    ctx = Context(mode, tmp, results, started + 3600)
+    ctx = Context(mode, tmp, results, started + 3600, real_home=real_home, concurrency=concurrency)
     groups = [b for b in BENCHMARKS if not only or b[0] in only]
     needs_ssh = any(g[0] in ("cold_launch", "launch", "launch_ssh_nohup", "launch_ansible", "delivery",
                              "reconnect") for g in groups)
-    meta = dict(machine_info_cache(), mode=mode, params=ctx.p, cli=ctx.cli)
+    meta = dict(machine_info_cache(), mode=mode, params=ctx.p, cli=ctx.cli, loadavg_start=os.getloadavg())
     try:
         if needs_ssh:
             ctx.start_sshd()
             first = ctx.check_ssh_transport()
             meta["ssh"] = {"sshd": ctx.sshd_reason or "ok", "transport": ctx.ssh_reason or "ok",
-                           "first_launch_s": first}
+                           "first_launch_s": first,
+                           "remote_home": getattr(ctx.sshd, "remote_home", None) or "the user's real home"}
             if first is not None:
                 results.add("first_launch", "first launch on a new host (ships the agent)", first, "s",
                             notes="chaperone run testhost -- true, once, agent not yet on the host; no target")
@@ -1078,6 +1163,7 @@ def run_all(mode: str, only: Optional[Sequence[str]], output: str, verbose: bool
         ctx.close()
         shutil.rmtree(tmp, ignore_errors=True)
     meta["duration_s"] = round(time.monotonic() - started, 1)
+    meta["loadavg_end"] = os.getloadavg()
     doc = {"meta": meta, "results": results.rows}
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
     tmp_out = output + ".tmp"
@@ -1096,6 +1182,11 @@ def main(argv=None) -> int:
     ap.add_argument("--only", default="", help="comma-separated groups (see --list)")
     ap.add_argument("--list", action="store_true", help="list the benchmark groups and exit")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    ap.add_argument("--real-home", action="store_true",
+                    help="SSH sessions keep the user's real HOME (its ~/.bashrc runs at every channel); "
+                         "default: an empty HOME, so figures measure chaperone, not this machine's shell set-up")
+    ap.add_argument("--concurrency", type=int, default=None,
+                    help="bound on concurrent Chaperone.start calls in the launch benchmarks (default 8)")
     args = ap.parse_args(argv)
     if args.list:
         for group, _, ids in BENCHMARKS:
@@ -1106,11 +1197,13 @@ def main(argv=None) -> int:
     if unknown:
         ap.error("unknown group(s): %s (see --list)" % ", ".join(sorted(unknown)))
     mode = "quick" if args.quick else "full"
-    doc = run_all(mode, only, args.output, verbose=not args.quiet)
+    doc = run_all(mode, only, args.output, verbose=not args.quiet, real_home=args.real_home,
+                  concurrency=args.concurrency)
     m = doc["meta"]
-    print("chaperone benchmarks, %s mode, %s; %s CPUs (%s), %s GiB, Python %s, %s; %.0f s"
+    print("chaperone benchmarks, %s mode, %s; %s CPUs (%s), %s GiB, Python %s, %s; %.0f s; load average "
+          "%.1f at the start, %.1f at the end"
           % (mode, m["date"], m["nproc"], m.get("cpu"), m.get("memory_gib"), m["python"], m.get("openssh"),
-             m["duration_s"]))
+             m["duration_s"], m["loadavg_start"][0], m["loadavg_end"][0]))
     print()
     print_table(doc["results"])
     print()

@@ -81,6 +81,52 @@ def check_signal(name: str) -> str:
     return text
 
 
+class _StartBatcher:
+    """Starts requested in the same turn of the event loop for one host go
+    to the agent together: one channel and one Python start-up for all."""
+
+    MAX = 256
+
+    def __init__(self, client: AgentClient):
+        self.client = client
+        self.pending: list = []
+        self.task: Optional[asyncio.Task] = None
+
+    async def submit(self, program: bytes) -> dict:
+        fut = asyncio.get_running_loop().create_future()
+        self.pending.append((program, fut))
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._flush())
+        return await fut
+
+    async def _flush(self) -> None:
+        await asyncio.sleep(0)  # let the other starts of this turn join
+        batch, self.pending, self.task = self.pending, [], None
+        chunks = [batch[i:i + self.MAX] for i in range(0, len(batch), self.MAX)]
+        await asyncio.gather(*(self._send(chunk) for chunk in chunks))
+
+    async def _send(self, batch) -> None:
+        try:
+            if len(batch) == 1:
+                answers = [await self.client.start(batch[0][0])]
+            else:
+                answers = await self.client.start_many([p for p, _ in batch])
+                if not isinstance(answers, list) or len(answers) != len(batch):
+                    raise ChaperoneError("the agent answered %d starts with %r" % (len(batch), answers))
+        except BaseException as e:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(e if isinstance(e, Exception) else ChaperoneError(str(e)))
+            return
+        for (_, fut), answer in zip(batch, answers):
+            if fut.done():
+                continue
+            if isinstance(answer, dict) and "rejected" in answer:
+                fut.set_exception(UsageError(answer["rejected"]))
+            else:
+                fut.set_result(answer)
+
+
 @dataclass
 class Run:
     id: str
@@ -97,6 +143,7 @@ class Chaperone:
         self.home = chaperone_home(home)
         self._records: Optional[Records] = None
         self._transports: Dict[str, Transport] = {}
+        self._batchers: Dict[int, _StartBatcher] = {}
         self.ssh_config = list(ssh_config or [])
         self.known_hosts = known_hosts
         self.check_host_keys = check_host_keys
@@ -155,7 +202,10 @@ class Chaperone:
         return self._transports[key]
 
     def record(self, run_id: str):
-        check_run_id(run_id)
+        try:
+            check_run_id(run_id)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
         rec = self.records.get(run_id)
         if rec is None:
             raise NoSuchRun("no such run: %s" % run_id)
@@ -209,8 +259,11 @@ class Chaperone:
         spec = self.program_spec(argv, **kw)
         transport = self.transport(host, **(ssh or {}))
         self._register(host, transport, spec)
+        batcher = self._batchers.get(id(transport))
+        if batcher is None:
+            batcher = self._batchers[id(transport)] = _StartBatcher(AgentClient(transport))
         try:
-            state = await AgentClient(transport).start(spec.model_dump_json().encode())
+            state = await batcher.submit(spec.model_dump_json().encode())
         except ChaperoneError as e:
             self.records.mark(spec.id, "failed", str(e))
             raise

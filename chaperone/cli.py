@@ -111,10 +111,11 @@ def _ssh_options(f):
 @click.option("-e", "--env", multiple=True, metavar="K=V", help="Set an environment variable (repeatable).")
 @click.option("--cwd", help="Working directory (default: here for local, home for remote).")
 @click.option("--timeout", type=float, help="Seconds before SIGTERM, then SIGKILL after the grace.")
+@click.option("--kill-grace", type=float, help="Seconds from SIGTERM to SIGKILL on timeout or kill (default 10).")
 @click.option("--stdin", "stdin_file", type=click.Path(dir_okay=False), help="Give the program this file as stdin.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final state as JSON instead of the output.")
 @_ssh_options
-def run(host, command, run_id, detach, env, cwd, timeout, stdin_file, as_json, **ssh):
+def run(host, command, run_id, detach, env, cwd, timeout, kill_grace, stdin_file, as_json, **ssh):
     """Run CMD on HOST ("local" for this machine), streaming its output.
 
     Ctrl-C sends SIGINT to the program; a second Ctrl-C detaches and leaves
@@ -131,9 +132,10 @@ def run(host, command, run_id, detach, env, cwd, timeout, stdin_file, as_json, *
             _fail("cannot read --stdin %s: %s" % (stdin_file, e.strerror), 2)
 
     async def go(ch):
-        from .api import exit_code_for, parse_env
+        from .api import exit_code_for, new_run_id, parse_env
 
-        kw = dict(run_id=run_id, cwd=cwd, env=parse_env(env), timeout=timeout, stdin=stdin_data,
+        kw = dict(run_id=run_id or new_run_id(), cwd=cwd, env=parse_env(env), timeout=timeout, stdin=stdin_data,
+                  config={"kill_grace": kill_grace} if kill_grace is not None else None,
                   ssh=_ssh_settings(ssh) if host != "local" else None)
         if detach:
             r = await ch.start(host, list(command), **kw)
@@ -180,7 +182,7 @@ async def _foreground(ch, host, argv, kw, as_json, exit_code_for) -> int:
 
     def on_sigint():
         interrupts.append(1)
-        if len(interrupts) == 1 and run_id:
+        if len(interrupts) == 1:
             click.echo("\nchaperone: sending SIGINT to run %s (Ctrl-C again to detach)" % run_id, err=True)
             loop.create_task(ch.signal(run_id, "SIGINT"))
         else:

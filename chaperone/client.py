@@ -65,6 +65,12 @@ class AgentClient:
     async def start(self, program_json: bytes) -> dict:
         return await self._json(["start"], program_json)
 
+    async def start_many(self, programs: List[bytes]) -> List[dict]:
+        """Start several runs with one agent call (one channel, one Python
+        start-up on the host).  Each answer is a state, or ``{"id": ...,
+        "rejected": message}`` for a program.json the agent refused."""
+        return await self._json(["start"], b"[" + b",".join(programs) + b"]")
+
     async def status(self, run_id: str) -> dict:
         return await self._json(["status", run_id])
 

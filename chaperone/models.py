@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Dict, List, Literal, Optional, Union
 
@@ -29,7 +31,7 @@ STREAMS = ("stdout", "stderr")
 
 
 def check_run_id(value: str) -> str:
-    if not isinstance(value, str) or not _RUN_ID_RE.match(value) or ".." in value:
+    if not isinstance(value, str) or not _RUN_ID_RE.fullmatch(value) or ".." in value:
         raise ValueError(
             f"invalid run id {value!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'"
@@ -52,6 +54,21 @@ class StdinData(_Strict):
 
     data: str
 
+    @field_validator("data")
+    @classmethod
+    def _base64(cls, v: str) -> str:
+        try:
+            base64.b64decode(v, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("not valid base64") from None
+        return v
+
+
+def _no_nul(v: str, what: str) -> str:
+    if "\0" in v:
+        raise ValueError("%s contains a NUL character" % what)
+    return v
+
 
 class Program(_Strict):
     argv: List[str] = Field(min_length=1)
@@ -65,8 +82,34 @@ class Program(_Strict):
     stdin: Union[None, StdinPath, StdinData] = None
     umask: Optional[int] = Field(default=None, ge=0, le=0o777)
 
+    @field_validator("argv")
+    @classmethod
+    def _argv(cls, v: List[str]) -> List[str]:
+        if v and v[0] == "":
+            raise ValueError("empty program name")
+        for arg in v:
+            _no_nul(arg, "argument")
+        return v
+
+    @field_validator("cwd")
+    @classmethod
+    def _cwd(cls, v: Optional[str]) -> Optional[str]:
+        return v if v is None else _no_nul(v, "cwd")
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: Dict[str, Optional[str]]) -> Dict[str, Optional[str]]:
+        for name, value in v.items():
+            if name == "" or "=" in name or "\0" in name:
+                raise ValueError("invalid variable name %r" % name)
+            if value is not None:
+                _no_nul(value, "value of %s" % name)
+        return v
+
 
 class Callback(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
     #: Base URL, e.g. ``https://127.0.0.1:8443/api/v1/agent/``; the agent
     #: appends ``<id>/output/<stream>``, ``<id>/state``, ``<id>/completed``.
     url: str
@@ -74,11 +117,20 @@ class Callback(_Strict):
     token: str = Field(min_length=32)
     #: PEM certificate the server must present, exactly.
     cert: str
+
+    @field_validator("url")
+    @classmethod
+    def _https(cls, v: str) -> str:
+        if not v.startswith("https://"):
+            raise ValueError("must be an https:// URL")
+        return v
     #: Seconds between heartbeats while the program runs.
     heartbeat: float = Field(default=30.0, gt=0)
 
 
 class Config(_Strict):
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
     #: Seconds after which the program's group gets SIGTERM, then SIGKILL.
     timeout: Optional[float] = Field(default=None, gt=0)
     #: Largest output callback body, in bytes.
@@ -87,7 +139,8 @@ class Config(_Strict):
     output_latency: float = Field(default=0.2, ge=0)
     #: Longest wait, in seconds, between callback retries.
     retry_frequency: float = Field(default=10.0, gt=0)
-    #: Seconds between SIGTERM and SIGKILL on timeout or kill.
+    #: Seconds between SIGTERM and SIGKILL on timeout, and on a kill with
+    #: SIGTERM that names no grace of its own.
     kill_grace: float = Field(default=10.0, ge=0)
     #: Seconds the callback sender keeps trying after the program ended.
     callback_timeout: float = Field(default=86400.0, gt=0)
@@ -106,6 +159,13 @@ class ProgramSpec(_Strict):
     @classmethod
     def _id(cls, v: str) -> str:
         return check_run_id(v)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version(cls, v):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError("unsupported version %r" % (v,))
+        return v
 
 
 RUSAGE_FIELDS = (

@@ -30,6 +30,24 @@ from .transport import AgentProcess, Transport
 #: Exit status of the remote wrapper when the agent file is missing or stale.
 SHIP_AGAIN = 97
 REMOTE_DIR = "~/.chaperone"
+#: Seconds to connect and log in when neither ``connect_timeout`` nor the
+#: SSH config's ``ConnectTimeout`` says.
+DEFAULT_CONNECT_TIMEOUT = 15.0
+
+#: Run by ``python -c`` on the host: ``BOOT AGENT_FILE SHA256 ARGS...`` runs
+#: AGENT_FILE with ARGS if its content has that hash, else exits 97.
+_BOOTSTRAP = (
+    "import sys,hashlib\n"
+    "try:\n"
+    "    _b=open(sys.argv[1],'rb').read()\n"
+    "except OSError:\n"
+    "    sys.exit(%d)\n"
+    "if hashlib.sha256(_b).hexdigest()!=sys.argv[2]:\n"
+    "    sys.exit(%d)\n"
+    "__file__=sys.argv[1]\n"
+    "sys.argv=sys.argv[1:2]+sys.argv[3:]\n"
+    "exec(compile(_b,__file__,'exec'))\n"
+) % (SHIP_AGAIN, SHIP_AGAIN)
 
 
 class ConnectFailed(ChaperoneError):
@@ -100,7 +118,7 @@ class _SSHProcess(AgentProcess):
 
     async def stderr(self) -> bytes:
         try:
-            return await self.proc.stderr.read()
+            return await self.proc.read_stderr()
         except (asyncssh.Error, OSError):
             return b""
 
@@ -115,7 +133,7 @@ class SSHTransport(Transport):
     def __init__(self, host: str, *, config: Sequence[str] = (), known_hosts: Optional[str] = None,
                  check_host_keys: bool = True, python: Optional[str] = None, port: Optional[int] = None,
                  username: Optional[str] = None, client_keys: Optional[Sequence[str]] = None,
-                 connect_timeout: float = 15.0, max_sessions: int = 10, keepalive_interval: float = 3.0,
+                 connect_timeout: Optional[float] = None, max_sessions: int = 10, keepalive_interval: float = 3.0,
                  root: Optional[str] = None):
         if not host or host.startswith("-"):
             raise ChaperoneError("invalid host %r" % host)
@@ -158,11 +176,13 @@ class SSHTransport(Transport):
     def connect_options(self) -> dict:
         options = dict(
             config=self.config or None,
-            connect_timeout=self.connect_timeout,
             keepalive_interval=self.keepalive_interval,
             keepalive_count_max=3,
             agent_forwarding=False,
         )
+        if self.connect_timeout is not None:
+            # Given explicitly: wins over the config's ConnectTimeout.
+            options["connect_timeout"] = self.connect_timeout
         if self.port:
             options["port"] = self.port
         if self.username:
@@ -177,7 +197,11 @@ class SSHTransport(Transport):
 
     async def _new_connection(self) -> _Conn:
         try:
-            conn = await asyncssh.connect(self.hostname, **self.connect_options())
+            # asyncssh applies the config's ConnectTimeout (to the whole
+            # connect: DNS, TCP, handshake, login) unless connect_timeout is
+            # given; DEFAULT_CONNECT_TIMEOUT bounds it when neither says.
+            conn = await asyncio.wait_for(asyncssh.connect(self.hostname, **self.connect_options()),
+                                          DEFAULT_CONNECT_TIMEOUT if self.connect_timeout is None else None)
         except (asyncssh.Error, OSError, asyncio.TimeoutError, ValueError) as e:
             raise _connect_error(self.host, e) from None
         return _Conn(conn)
@@ -233,11 +257,16 @@ class SSHTransport(Transport):
         agent = self.agent_file
         if self.root:
             args = ["--root", self.root, *args]
-        # The agent checks its own sha256 (--expect-hash) and exits 97 when
-        # it differs, as the wrapper does when the file is missing.
+        # A small bootstrap reads the agent file, checks its sha256 and only
+        # then runs it (as __main__, in the same process): a missing,
+        # damaged, truncated or stale copy exits 97 ("ship it again") before
+        # any of it runs.  (Checking the hash inside the agent alone misses
+        # a copy too damaged to reach that check: empty, truncated, a syntax
+        # error.)  The agent checks its own hash too (--expect-hash).
         # -I -S: stdlib only, nothing from the host's site-packages or PYTHON* vars.
-        script = "[ -f %s ] || exit %d; exec %s -I -S %s --expect-hash %s %s" % (
-            agent, SHIP_AGAIN, shlex.quote(self.python), agent, agent_hash(),
+        # A missing python makes `exec` fail with 127.
+        script = "exec %s -I -S -c %s %s %s --expect-hash %s %s" % (
+            shlex.quote(self.python), shlex.quote(_BOOTSTRAP), agent, agent_hash(), agent_hash(),
             " ".join(shlex.quote(a) for a in args))
         # The remote login shell runs `sh -c SCRIPT`: plain sh syntax only.
         return "sh -c %s" % shlex.quote(script)
@@ -246,7 +275,9 @@ class SSHTransport(Transport):
         script = (
             "umask 077; mkdir -p {dir} || exit 3; t={dir}/.agent.$$.tmp; cat > \"$t\" || exit 3; "
             "{py} -c 'import hashlib,sys; sys.exit(hashlib.sha256(open(sys.argv[1],\"rb\").read())"
-            ".hexdigest()!=sys.argv[2])' \"$t\" {hash} || {{ rm -f \"$t\"; exit 4; }}; "
+            ".hexdigest()!=sys.argv[2])' \"$t\" {hash}; s=$?; "
+            # 127: no such python (not a damaged upload).
+            "if [ $s -ne 0 ]; then rm -f \"$t\"; [ $s -eq 127 ] && exit 127; exit 4; fi; "
             "mv -f \"$t\" {dst}"
         ).format(dir=REMOTE_DIR, py=shlex.quote(self.python), hash=agent_hash(), dst=self.agent_file)
         try:
@@ -292,7 +323,7 @@ class SSHTransport(Transport):
                     if result.exit_status == 127:
                         raise ChaperoneError("no %s on %s (use --python to choose another)"
                                              % (self.python, self.host))
-                return _SSHProcess(self, c, _Replay(proc, first or b""))
+                return _SSHProcess(self, c, _Replay(proc, first or b"", None if first else result))
             raise ChaperoneError("the agent on %s is missing after shipping it" % self.host)
         except BaseException:
             c.channels -= 1
@@ -309,11 +340,16 @@ async def _peek(proc, host: str) -> Optional[bytes]:
 
 
 class _Replay:
-    """An SSHClientProcess whose first stdout bytes were already read."""
+    """An SSHClientProcess whose first stdout bytes were already read.
 
-    def __init__(self, proc, first: bytes):
+    asyncssh's ``wait()`` collects what is left of stdout and stderr into
+    its result (a later ``stderr.read()`` gets nothing), so the result is
+    kept, and the agent's stderr (its one-line error) read from it."""
+
+    def __init__(self, proc, first: bytes, result=None):
         self._proc = proc
         self._first = first
+        self._result = result
         self.stdout = self
         self.stdin = proc.stdin
         self.stderr = proc.stderr
@@ -325,7 +361,14 @@ class _Replay:
         return await self._proc.stdout.read(n)
 
     async def wait(self):
-        return await self._proc.wait()
+        if self._result is None:
+            self._result = await self._proc.wait()
+        return self._result
+
+    async def read_stderr(self) -> bytes:
+        if self._result is not None:
+            return self._result.stderr or b""
+        return await self._proc.stderr.read()
 
     def close(self) -> None:
         self._proc.close()

@@ -27,6 +27,7 @@ import base64
 import datetime
 import errno
 import json
+import math
 import os
 import re
 import select
@@ -84,7 +85,7 @@ def now_iso():
 
 
 def check_id(run_id):
-    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id) or ".." in run_id:
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or ".." in run_id:
         raise AgentError(
             "invalid run id %r: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'" % (run_id,)
@@ -188,7 +189,14 @@ def signal_name(num):
 
 
 def _is_num(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    """A finite JSON number: NaN, infinities and ints too big for a float
+    would break the supervisor's clock arithmetic."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
 
 
 def _is_int(v):
@@ -212,10 +220,17 @@ def _str(v, where):
     return v
 
 
+def _no_nul(v, where):
+    if "\0" in v:
+        raise AgentError("%s: contains a NUL character" % where)
+    return v
+
+
 def validate_spec(spec):
     """Check program.json and fill defaults; raises AgentError."""
     _keys(spec, "program.json", ("id", "program"), ("version", "callback", "config"))
-    if spec.get("version", PROTOCOL_VERSION) != PROTOCOL_VERSION:
+    version = spec.get("version", PROTOCOL_VERSION)
+    if not _is_int(version) or version != PROTOCOL_VERSION:
         raise AgentError("program.json: unsupported version %r" % (spec.get("version"),))
     spec["version"] = PROTOCOL_VERSION
     check_id(spec["id"])
@@ -226,11 +241,11 @@ def validate_spec(spec):
     if not isinstance(argv, list) or not argv:
         raise AgentError("program.argv: expected a non-empty list of strings")
     for i, arg in enumerate(argv):
-        _str(arg, "program.argv[%d]" % i)
+        _no_nul(_str(arg, "program.argv[%d]" % i), "program.argv[%d]" % i)
     if argv[0] == "":
         raise AgentError("program.argv[0]: empty program name")
     if prog.get("cwd") is not None:
-        _str(prog["cwd"], "program.cwd")
+        _no_nul(_str(prog["cwd"], "program.cwd"), "program.cwd")
     env = prog.setdefault("env", {})
     if not isinstance(env, dict):
         raise AgentError("program.env: expected an object of strings or nulls")
@@ -238,7 +253,7 @@ def validate_spec(spec):
         if k == "" or "=" in k or "\0" in k:
             raise AgentError("program.env: invalid variable name %r" % (k,))
         if v is not None:
-            _str(v, "program.env[%r]" % k)
+            _no_nul(_str(v, "program.env[%r]" % k), "program.env[%r]" % k)
     inherit = prog.setdefault("env_inherit", True)
     if not isinstance(inherit, bool):
         if not isinstance(inherit, list):
@@ -372,9 +387,12 @@ class Run(object):
         if st["state"] != "running" or self.supervisor_alive(st):
             return self.refresh()
         reason = "the supervisor (pid %s) is gone without a result" % st.get("agent_pid")
+        killed = False
         if st.get("boot_id") and boot_id() and st["boot_id"] != boot_id():
+            # The old pgid means nothing after a reboot: never kill by it.
             reason = "the host rebooted while the run was running"
-        killed = kill_leftovers(st.get("pgid"))
+        else:
+            killed = kill_leftovers(st.get("pgid"))
         if killed:
             reason += "; killed what was left of the program's process group"
         sizes = self.sizes()
@@ -525,7 +543,8 @@ class Supervisor(object):
             self.sender = CallbackSender(self)
         try:
             self.start_program(libc)
-        except OSError as e:
+        except (OSError, ValueError) as e:
+            # ValueError: e.g. a NUL byte in argv, env or cwd (valid JSON)
             self.exec_failed(e)
             self.ready()
             self.finish_callbacks()
@@ -540,13 +559,14 @@ class Supervisor(object):
     def exec_failed(self, e):
         prog = self.spec["program"]
         what = prog["argv"][0]
-        if e.filename is not None and e.filename == prog.get("cwd"):
+        filename = getattr(e, "filename", None)
+        if filename is not None and filename == prog.get("cwd"):
             what = "cwd %s" % prog["cwd"]
-        elif e.filename is not None and prog["stdin"] and e.filename == prog["stdin"].get("path"):
-            what = "stdin %s" % e.filename
+        elif filename is not None and prog["stdin"] and filename == prog["stdin"].get("path"):
+            what = "stdin %s" % filename
         self.set_state(
-            state="error", errno=e.errno, end_time=now_iso(),
-            error="%s: %s" % (what, e.strerror or e),
+            state="error", errno=getattr(e, "errno", None), end_time=now_iso(),
+            error="%s: %s" % (what, getattr(e, "strerror", None) or e),
         )
 
     def start_program(self, libc):
@@ -666,7 +686,8 @@ class Supervisor(object):
                 waits.append(self.kill_at - now)
             if exited_at is not None and self.pipes and now < exited_at + LINGER:
                 waits.append(exited_at + LINGER - now)
-            wait_ms = None if not waits else max(0, int(min(waits) * 1000) + 1)
+            # (capped: a huge but finite timeout or grace must not overflow)
+            wait_ms = None if not waits else max(0, int(min(min(waits), 3600.0) * 1000) + 1)
             try:
                 events = poller.poll(wait_ms)
             except InterruptedError:  # pragma: no cover - PEP 475 retries
@@ -748,9 +769,16 @@ class Supervisor(object):
             return
         if op == "signal":
             sig = msg.get("signal")
+            try:
+                signal.Signals(sig)
+            except (ValueError, TypeError):
+                return  # an invalid number would make killpg raise
             if _is_int(sig):
                 grace = msg.get("grace")
-                self.kill_tree(sig, grace=grace if _is_num(grace) else None)
+                grace = grace if _is_num(grace) and grace >= 0 else None
+                if grace is None and sig == signal.SIGTERM:
+                    grace = self.cfg["kill_grace"]  # like `docker stop`
+                self.kill_tree(sig, grace=grace)
         elif op == "callback" and self.sender:
             self.sender.update(msg)
 
@@ -886,11 +914,11 @@ class CallbackSender(threading.Thread):
                         left = retry_at - time.monotonic()
                         if left <= 0:
                             break
-                        self.cond.wait(left)
+                        self.cond.wait(min(left, 3600.0))
                 else:
                     wait = self._wait_time()
                     if wait > 0:
-                        self.cond.wait(wait)
+                        self.cond.wait(min(wait, 3600.0))  # < threading.TIMEOUT_MAX
                 if self.done:
                     return
                 if self.finish_deadline is not None and time.monotonic() > self.finish_deadline:
@@ -1053,7 +1081,7 @@ def read_program_json():
         spec = json.loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise AgentError("program.json is not valid JSON: %s" % str(e).splitlines()[0])
-    return validate_spec(spec)
+    return spec
 
 
 def wait_for_start(run, seconds=10.0):
@@ -1066,20 +1094,16 @@ def wait_for_start(run, seconds=10.0):
         time.sleep(0.01)
 
 
-def cmd_start(args, out_marker):
-    spec = read_program_json()
-    root = ensure_root(args.root)
+def claim(root, spec):
+    """Create the run's spool and claim its id: ``(run, True)``; or
+    ``(run, False)`` when the id already exists (start is idempotent).
+
+    The run is built in a private directory, then claimed with one rename:
+    of two concurrent starts of one id, exactly one rename succeeds.
+    """
     run = Run(root, spec["id"])
     if os.path.lexists(run.dir):
-        out = Output(out_marker)
-        st = wait_for_start(run.require())
-        out.json(st)
-        if args.follow:
-            follow(run, out, {"stdout": 0, "stderr": 0}, st)
-        return 0
-
-    # Build the run in a private directory, then claim the id with one rename:
-    # of two concurrent starts, exactly one rename succeeds.
+        return run, False
     tmp = tempfile.mkdtemp(prefix=".new-%s-" % spec["id"], dir=root)
     try:
         stored = json.loads(json.dumps(spec))
@@ -1095,8 +1119,7 @@ def cmd_start(args, out_marker):
         for name in STREAMS:
             os.close(os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.mkfifo(os.path.join(tmp, "control"), 0o600)
-        placeholder = Supervisor(Run(root, spec["id"]), spec, None).base_state()
-        placeholder["spool"] = run.dir
+        placeholder = Supervisor(run, spec, None).base_state()
         write_json_atomic(os.path.join(tmp, "state.json"), placeholder)
         try:
             os.rename(tmp, run.dir)
@@ -1104,16 +1127,17 @@ def cmd_start(args, out_marker):
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
             shutil.rmtree(tmp, ignore_errors=True)
-            out = Output(out_marker)
-            st = wait_for_start(run)
-            out.json(st)
-            if args.follow:
-                follow(run, out, {"stdout": 0, "stderr": 0}, st)
-            return 0
+            return run, False
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise AgentError("cannot create the run's spool: %s" % e, 3)
+    return run, True
 
+
+def spawn(run, spec, close=()):
+    """Fork the detached supervisor; returns the read end of the pipe it
+    closes once the program started (or failed to).  ``close``: fds of this
+    process the supervisor must not keep."""
     ready_r, ready_w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -1122,6 +1146,8 @@ def cmd_start(args, out_marker):
         code = 0
         try:
             os.close(ready_r)
+            for fd in close:
+                os.close(fd)
             os.setsid()
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
@@ -1140,8 +1166,12 @@ def cmd_start(args, out_marker):
             except Exception:
                 pass
         os._exit(code)
-
     os.close(ready_w)
+    return ready_r
+
+
+def started_state(run, ready_r):
+    """Wait for the supervisor's word, then the run's state."""
     while True:
         try:
             got = os.read(ready_r, 1)
@@ -1149,10 +1179,65 @@ def cmd_start(args, out_marker):
         except InterruptedError:  # pragma: no cover
             continue
     os.close(ready_r)
-    out = Output(out_marker)
     st = run.refresh()
-    if not got and st["state"] == "running":
-        st = run.refresh()
+    if not got and st["state"] == "running" and st["agent_pid"] == os.getpid():
+        # The supervisor died before it wrote a state of its own: the
+        # placeholder names this process, which would look alive (and a
+        # --follow would wait for itself forever).
+        why = "the supervisor failed before starting the program"
+        try:
+            with open(run.path("agent.log"), "rb") as f:
+                lines = f.read().decode("utf-8", "replace").strip().splitlines()
+            if lines:
+                why += ": " + lines[-1]
+        except OSError:
+            pass
+        st.update(state="error", error=why, end_time=now_iso())
+        run.write_state(st)
+    return st
+
+
+def start_one(root, spec, close=()):
+    run, claimed = claim(root, spec)
+    if claimed:
+        return run, started_state(run, spawn(run, spec, close))
+    return run, wait_for_start(run.require())
+
+
+def start_many(root, docs):
+    """Start a list of program.json documents with one agent process: every
+    supervisor is forked first, then each one's start is awaited.  Each
+    answer is the run's state, or ``{"id", "rejected"}``."""
+    answers = [None] * len(docs)
+    waiting = []
+    for i, doc in enumerate(docs):
+        run_id = doc.get("id") if isinstance(doc, dict) else None
+        try:
+            spec = validate_spec(doc)
+            run, claimed = claim(root, spec)
+        except AgentError as e:
+            answers[i] = {"id": run_id, "rejected": str(e)}
+            continue
+        ready = spawn(run, spec, close=[r for _, _, r in waiting if r is not None]) if claimed else None
+        waiting.append((i, run, ready))
+    for i, run, ready in waiting:
+        answers[i] = started_state(run, ready) if ready is not None else wait_for_start(run.require())
+    return answers
+
+
+def cmd_start(args, out_marker):
+    doc = read_program_json()
+    root = ensure_root(args.root)
+    if isinstance(doc, list):
+        if not doc:
+            raise AgentError("program.json: expected a JSON object, or a non-empty list of them")
+        if args.follow:
+            raise AgentError("start --follow takes one program.json, not a list")
+        answers = start_many(root, doc)
+        Output(out_marker).json(answers)
+        return 0
+    run, st = start_one(root, validate_spec(doc))
+    out = Output(out_marker)
     out.json(st)
     if args.follow:
         follow(run, out, {"stdout": 0, "stderr": 0}, st)
@@ -1247,8 +1332,8 @@ def send_control(run, msg):
 
 def cmd_signal(args, marker):
     sig = parse_signal(args.signal)
-    if args.grace is not None and args.grace < 0:
-        raise AgentError("--grace must not be negative")
+    if args.grace is not None and not (_is_num(args.grace) and args.grace >= 0):
+        raise AgentError("--grace must be a finite number of seconds, not negative")
     run = Run(args.root, args.id).require()
     st = run.refresh()
     if st["state"] != "running":
@@ -1279,7 +1364,7 @@ def cmd_list(args, marker):
     root = args.root
     names = sorted(os.listdir(root)) if os.path.isdir(root) else []
     for name in names:
-        if name.startswith(".") or not RUN_ID_RE.match(name):
+        if name.startswith(".") or not RUN_ID_RE.fullmatch(name):
             continue
         run = Run(root, name)
         try:

@@ -14,6 +14,12 @@ It also writes, for clients:
   yes, LogLevel ERROR, so that ``ssh -F ssh_config testhost CMD`` and a
   library reading that file use the same settings.
 
+``SSHD(listen_address=ADDR, netns=NS, host_alias=ALIAS)`` runs it as
+``ip netns exec NS sshd ...`` listening on ADDR (an address inside that
+network namespace, reachable from here), with ``HostName ADDR`` in the
+ssh_config and the known_hosts entry for ``[ADDR]:PORT``.  The defaults
+(127.0.0.1, no namespace, ``testhost``) are the behaviour described above.
+
 If sshd is not installed, tests needing it are skipped (see
 :func:`require_sshd`), unless ``CHAPERONE_REQUIRE_SSHD=1`` is set in the
 environment (CI sets it): then it is a failure.
@@ -121,16 +127,25 @@ def _children(pid: int) -> List[int]:
 
 
 class SSHD:
-    """A real sshd on 127.0.0.1; see the module docstring.
+    """A real sshd on 127.0.0.1 (or ``listen_address``, in ``netns``); see
+    the module docstring.
 
     Use ``with SSHD() as server:`` or ``start()`` / ``stop()``.
     """
 
     host_alias = "testhost"
 
-    def __init__(self, max_sessions: int = 10, log_level: str = "INFO") -> None:
+    def __init__(self, max_sessions: int = 10, log_level: str = "INFO", *,
+                 listen_address: str = "127.0.0.1", netns: Optional[str] = None,
+                 host_alias: Optional[str] = None) -> None:
         self.max_sessions = max_sessions
         self.log_level = log_level
+        #: The address sshd listens on (and clients connect to).
+        self.listen_address = listen_address
+        #: A network namespace to run sshd in (``ip netns exec NS``), or None.
+        self.netns = netns
+        if host_alias is not None:
+            self.host_alias = host_alias
         self.port: Optional[int] = None
         self.tmpdir: Optional[str] = None
         self.config_file: Optional[str] = None  # the client ssh_config
@@ -174,7 +189,7 @@ class SSHD:
             log = open(self.log_file, "ab")
             try:
                 self.proc = subprocess.Popen(
-                    [self.sshd_path, "-D", "-e", "-f", self.sshd_config],
+                    self._netns_prefix() + [self.sshd_path, "-D", "-e", "-f", self.sshd_config],
                     stdin=subprocess.DEVNULL,
                     stdout=log,
                     stderr=log,
@@ -236,6 +251,10 @@ class SSHD:
 
     # -- internals ----------------------------------------------------------
 
+    def _netns_prefix(self) -> List[str]:
+        # `ip netns exec` execs the command (same pid), so self.proc is sshd.
+        return ["ip", "netns", "exec", self.netns] if self.netns else []
+
     def _keygen(self, name: str) -> str:
         path = os.path.join(self.tmpdir, name)
         subprocess.run(
@@ -251,7 +270,7 @@ class SSHD:
         q = _quote_config
         with open(self.sshd_config, "w") as f:
             f.write(
-                f"ListenAddress 127.0.0.1\n"
+                f"ListenAddress {self.listen_address}\n"
                 f"Port {self.port}\n"
                 f"HostKey {q(self.host_key)}\n"
                 f"AuthorizedKeysFile {q(authorized_keys)}\n"
@@ -274,11 +293,11 @@ class SSHD:
         with open(self.host_key + ".pub") as f:
             keytype, key = f.read().split()[:2]
         with open(self.known_hosts, "w") as f:
-            f.write(f"[127.0.0.1]:{self.port} {keytype} {key}\n")
+            f.write(f"[{self.listen_address}]:{self.port} {keytype} {key}\n")
         with open(self.config_file, "w") as f:
             f.write(
                 f"Host {self.host_alias}\n"
-                f"    HostName 127.0.0.1\n"
+                f"    HostName {self.listen_address}\n"
                 f"    Port {self.port}\n"
                 f"    User {self.user}\n"
                 f"    IdentityFile {q(self.identity_file)}\n"
@@ -308,7 +327,7 @@ class SSHD:
             if self.proc.poll() is not None:
                 return False
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                with socket.create_connection((self.listen_address, self.port), timeout=2) as s:
                     if s.recv(64).startswith(b"SSH-"):
                         return True
             except OSError:

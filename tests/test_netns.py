@@ -1,0 +1,332 @@
+"""Real network outages: the host is a network namespace of its own, reached
+over a veth pair, and the link is taken down (``ip link set ... down``) for
+longer than SSH keepalive needs to notice (3 s x 3).  The run on the host
+must go on, and every client must end with all of its output, once.
+
+Needs root (network namespaces) and OpenSSH: skipped otherwise, but under
+``CHAPERONE_REQUIRE_SSHD=1`` as root a namespace that cannot be made is a
+failure.  Traffic goes only to loopback and to the namespace made here; the
+namespace, the veth pair and the sshd in it are removed even when a test
+fails.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import textwrap
+import time
+
+import pytest
+
+from helpers import cli, cli_popen
+from sshd import REQUIRE_ENV, REQUIRE_SSHD, SSHD, require_sshd
+
+from chaperone.scheduler import Scheduler
+
+HOST_ADDR = "10.231.77.1"  # the root namespace's end of the veth pair
+NS_ADDR = "10.231.77.2"  # the test host, inside its namespace
+PREFIX = 30
+SUBNET = "10.231.77.0/30"  # used only on the veth pair (and its guard route)
+GUARD_METRIC = "4242"
+ALIAS = "nshost"
+
+
+def _ip(*args, check=True):
+    return subprocess.run(["ip", *args], stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=20, check=check)
+
+
+def _cannot(reason):
+    """Skip, or fail when CHAPERONE_REQUIRE_SSHD=1 (we are root by then)."""
+    if REQUIRE_SSHD:
+        pytest.fail("%s, and %s=1 requires it" % (reason, REQUIRE_ENV), pytrace=False)
+    pytest.skip("%s (set %s=1 as root to make this a failure)" % (reason, REQUIRE_ENV))
+
+
+class NetnsHost:
+    """A network namespace with sshd in it, reached over a veth pair."""
+
+    def __init__(self):
+        tag = secrets.token_hex(4)
+        self.ns = "chtest-" + tag
+        self.veth = "chth" + tag  # root-namespace side (<= 15 characters)
+        self.peer = "chtn" + tag  # inside the namespace
+        self.sshd = None
+        self.made_ns = False
+        self.guard = False
+
+    # -- life cycle ----------------------------------------------------------
+
+    def setup(self):
+        if shutil.which("ip") is None:
+            _cannot("iproute2 (`ip`) is not installed")
+        in_use = _ip("-4", "addr", "show", check=False).stdout + _ip("-4", "route", "show", check=False).stdout
+        if "10.231.77." in in_use:
+            _cannot("10.231.77.0/30 is already in use on this machine")
+        res = _ip("netns", "add", self.ns, check=False)
+        if res.returncode != 0:
+            _cannot("cannot create a network namespace: %s" % res.stderr.strip())
+        self.made_ns = True
+        # While the veth is down its connected route is gone: without this
+        # guard, traffic for the test host would follow the default route
+        # out of the machine.  Unreachable instead: it fails here, at once.
+        _ip("route", "add", "unreachable", SUBNET, "metric", GUARD_METRIC)
+        self.guard = True
+        _ip("link", "add", self.veth, "type", "veth", "peer", "name", self.peer, "netns", self.ns)
+        _ip("addr", "add", "%s/%d" % (HOST_ADDR, PREFIX), "dev", self.veth)
+        _ip("link", "set", self.veth, "up")
+        _ip("-n", self.ns, "addr", "add", "%s/%d" % (NS_ADDR, PREFIX), "dev", self.peer)
+        _ip("-n", self.ns, "link", "set", self.peer, "up")
+        _ip("-n", self.ns, "link", "set", "lo", "up")  # the callback tunnel listens there
+        self.sshd = SSHD(listen_address=NS_ADDR, netns=self.ns, host_alias=ALIAS)
+        self.sshd.start()
+        return self
+
+    def teardown(self):
+        try:
+            if self.sshd is not None:
+                self.sshd.stop()
+        finally:
+            if self.made_ns:
+                _ip("netns", "del", self.ns, check=False)
+                _ip("link", "del", self.veth, check=False)  # gone with the namespace, normally
+            if self.guard:
+                _ip("route", "del", "unreachable", SUBNET, "metric", GUARD_METRIC, check=False)
+
+    # -- helpers -------------------------------------------------------------
+
+    @property
+    def config_file(self):
+        return self.sshd.config_file
+
+    def link(self, up: bool):
+        _ip("link", "set", self.veth, "up" if up else "down")
+        if not up:
+            # Nothing for the test host may leave the machine meanwhile.
+            route = _ip("route", "get", NS_ADDR, check=False)
+            assert route.returncode != 0, "during the outage %s is routed: %s" % (NS_ADDR, route.stdout)
+
+    @contextlib.contextmanager
+    def outage(self):
+        """The link is down inside the block, and up again after it, whatever happens."""
+        try:
+            self.link(False)
+            yield
+        finally:
+            self.link(True)
+
+    def reachable(self, timeout=1.0) -> bool:
+        try:
+            with socket.create_connection((NS_ADDR, self.sshd.port), timeout=timeout) as s:
+                s.settimeout(timeout)
+                return s.recv(8).startswith(b"SSH-")
+        except OSError:
+            return False
+
+    def size_inside(self, path) -> int:
+        """A file's size, read from inside the namespace (the same filesystem)."""
+        res = subprocess.run(["ip", "netns", "exec", self.ns, "stat", "-c", "%s", str(path)],
+                             capture_output=True, text=True, timeout=10)
+        return int(res.stdout) if res.returncode == 0 else 0
+
+
+@pytest.fixture(scope="module")
+def nshost():
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    require_sshd()
+    host = NetnsHost()
+    try:
+        host.setup()
+        assert host.reachable(), "sshd in %s is not reachable:\n%s" % (host.ns, host.sshd.log_tail())
+        yield host
+    finally:
+        host.teardown()
+
+
+@pytest.fixture
+def spool(tmp_path):
+    """The runs' spool root on the host (``--spool``): the namespace shares
+    our filesystem, so the test reads it directly."""
+    return tmp_path / "spool"
+
+
+def wait_for(predicate, timeout, what, interval=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(interval)
+    raise AssertionError("timed out waiting for %s" % what)
+
+
+def file_size(path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
+def lines(n: int) -> bytes:
+    return b"".join(b"line %d\n" % i for i in range(1, n + 1))
+
+
+KEEPALIVE_DETECTION = 12.0  # asyncssh: keepalive_interval 3 s, keepalive_count_max 3
+OUTAGE = KEEPALIVE_DETECTION + 3.0
+
+
+# --- 1. the foreground CLI across an outage ---------------------------------------------
+
+
+@pytest.mark.timeout(75)
+def test_foreground_run_survives_a_link_outage(nshost, spool, tmp_path):
+    """`chaperone run` on a host whose link goes down for longer than
+    keepalive detection: it says once per attempt that it is reconnecting,
+    and ends with exit 0 and every line exactly once; the program went on
+    writing to its spool all through the outage."""
+    n = 200  # ~20 s: still running when the link comes back
+    run_id = "netns-fg-" + secrets.token_hex(3)
+    home = tmp_path / "home"
+    home.mkdir()
+    out_file = tmp_path / "cli.out"
+    spooled = spool / run_id / "stdout"
+    with open(out_file, "wb") as out:
+        proc = cli_popen(home, "-F", nshost.config_file, "run", ALIAS, "--id", run_id, "--spool", spool,
+                         "--", "sh", "-c", "for i in $(seq 1 %d); do echo line $i; sleep 0.1; done" % n,
+                         stdout=out)
+    try:
+        wait_for(lambda: out_file.read_bytes().count(b"\n") >= 10, 20, "the first lines over SSH")
+        with nshost.outage():
+            t0 = time.monotonic()
+            before = file_size(spooled)
+            assert not nshost.reachable(), "the link is down, yet sshd answers"
+            time.sleep(OUTAGE)
+            during = file_size(spooled)
+            shown_during = out_file.read_bytes().count(b"\n")
+        outage = time.monotonic() - t0
+        assert proc.poll() is None, "the CLI gave up during the outage: %r" % proc.stderr.read()
+        stderr = proc.communicate(timeout=45)[1]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    out = out_file.read_bytes()
+    notices = stderr.decode(errors="replace").splitlines()
+    assert proc.returncode == 0, stderr
+    assert out == lines(n)
+    # The program went on during the outage, and nothing of it came through the dead link.
+    assert outage >= KEEPALIVE_DETECTION
+    assert during >= before + len(b"line 100\n") * 50, (before, during)
+    assert shown_during < n
+    assert (spool / run_id / "stdout").read_bytes() == lines(n)
+    # It told the user, one line at a time, and nothing else on stderr.
+    assert notices, "no reconnect notice on stderr"
+    assert "lost" in notices[0], notices  # keepalive noticed the dead link
+    assert all(l.startswith("chaperone: ") and l.endswith("reconnecting") for l in notices), notices
+    assert len(notices) <= 10, notices
+
+
+# --- 2. the scheduler's callback tunnel across an outage ----------------------------------
+
+
+WRITER = textwrap.dedent("""
+    import hashlib, sys, time
+    blocks, pause = int(sys.argv[1]), float(sys.argv[2])
+    h = hashlib.sha256()
+    for i in range(blocks):
+        block = hashlib.sha256(b"netns" + str(i).encode()).digest() * 32768  # 1 MiB
+        h.update(block)
+        sys.stdout.buffer.write(block)
+        sys.stdout.buffer.flush()
+        time.sleep(pause)
+    sys.stderr.write(h.hexdigest())
+""")
+
+
+@pytest.mark.timeout(90)
+def test_scheduler_callbacks_survive_a_link_outage(nshost, spool, tmp_path):
+    """HTTPS callbacks through the SSH remote forward; the link goes down
+    2 s into a ~10 s, 20 MiB run and comes back after the run ended: the
+    tunnel heals, and wait() ends with exactly the program's bytes."""
+    blocks = 20
+
+    async def main():
+        async with Scheduler(tmp_path / "home", ssh_config=[str(nshost.config_file)],
+                             config={"retry_frequency": 0.5, "output_latency": 0.05},
+                             heal_interval=0.5) as s:
+            rid = await s.start(ALIAS, ["python3", "-c", WRITER, str(blocks), "0.5"],
+                                ssh={"root": str(spool)})
+            transport = s._hosts[rid]
+            await asyncio.sleep(2.0)
+            old_conn = s._tunnels[id(transport)]["conn"]
+            held_before = s.mirror(rid).held("stdout")
+            try:
+                nshost.link(False)
+                await asyncio.sleep(OUTAGE)
+                held_during = s.mirror(rid).held("stdout")
+                old_closed = old_conn.is_closed()
+            finally:
+                nshost.link(True)
+            t_up = time.monotonic()
+            st = await s.wait(rid)
+            settle = time.monotonic() - t_up
+            m = s.mirror(rid)
+            new_conn = s._tunnels[id(transport)]["conn"]
+            return dict(st=st, out=m.read("stdout"), err=m.read("stderr"), held_before=held_before,
+                        held_during=held_during, old_closed=old_closed, new_conn_is_new=new_conn is not old_conn,
+                        new_closed=new_conn.is_closed(), settle=settle)
+
+    r = asyncio.run(asyncio.wait_for(main(), 80))
+    st, out, err = r["st"], r["out"], r["err"]
+    facts = {k: v for k, v in r.items() if k not in ("st", "out", "err")}
+    assert st["state"] == "done" and st["return_code"] == 0, (st, facts)
+    assert len(out) == st["stdout_bytes"] == blocks << 20
+    assert len(err) == st["stderr_bytes"] == 64
+    assert hashlib.sha256(out).hexdigest() == err.decode()
+    # The spool on the host holds the same bytes.
+    assert (spool / st["id"] / "stdout").stat().st_size == blocks << 20
+    # The fault was real: callbacks flowed before it, the tunnel's
+    # connection died of it, and a new tunnel took over (not the 30 s
+    # safety net of wait()).
+    assert 0 < r["held_before"] < blocks << 20, facts
+    assert r["held_during"] < blocks << 20, facts
+    assert r["old_closed"], ("keepalive did not notice the outage", facts)
+    assert r["new_conn_is_new"] and not r["new_closed"], facts
+    assert r["settle"] < 25, facts  # wait()'s own safety net would take 30 s
+
+
+# --- 3. the run goes on, on the host, while the link is down ------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_run_goes_on_during_the_outage(nshost, spool, tmp_path):
+    """Seen from inside the namespace while the host is unreachable: the
+    spool's stdout grows (read with ``ip netns exec NS stat``); afterwards
+    `chaperone wait` and `logs` have it all."""
+    n = 80  # ~8 s
+    run_id = "netns-bg-" + secrets.token_hex(3)
+    home = tmp_path / "home"
+    home.mkdir()
+    cfg = ["-F", nshost.config_file]
+    res = cli(home, *cfg, "run", "-d", ALIAS, "--id", run_id, "--spool", spool, "--",
+              "sh", "-c", "for i in $(seq 1 %d); do echo line $i; sleep 0.1; done" % n)
+    assert res.returncode == 0, res.stderr
+    spooled = spool / run_id / "stdout"
+    wait_for(lambda: nshost.size_inside(spooled) > 0, 10, "the first output in the spool")
+    with nshost.outage():
+        assert not nshost.reachable()
+        first = nshost.size_inside(spooled)
+        time.sleep(3.0)
+        second = nshost.size_inside(spooled)
+        assert not nshost.reachable()
+    assert second > first + len(b"line 10\n") * 10, (first, second)
+    res = cli(home, *cfg, "wait", run_id, timeout=40)
+    assert res.returncode == 0, res.stderr
+    res = cli(home, *cfg, "logs", run_id, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == lines(n)
