@@ -36,6 +36,7 @@ import signal
 import socket
 import ssl
 import struct
+import subprocess
 import sys
 import tempfile
 import threading
@@ -418,14 +419,25 @@ def kill_leftovers(pgid):
 # --- processes --------------------------------------------------------------
 
 
-def _libc():
-    try:
-        import ctypes
-        import ctypes.util
+_LIBC = []
 
-        return ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-    except Exception:  # pragma: no cover - non-Linux or no ctypes
-        return None
+
+def _libc():
+    """libc for prctl(), loaded once (before the supervisors fork)."""
+    if not _LIBC:
+        lib = None
+        if sys.platform.startswith("linux"):
+            try:
+                import ctypes
+
+                # The running program's own symbols include libc's: no
+                # find_library() (which runs ldconfig) needed.
+                lib = ctypes.CDLL(None, use_errno=True)
+                lib.prctl  # noqa: B018 - present?
+            except (ImportError, OSError, AttributeError):  # pragma: no cover
+                lib = None
+        _LIBC.append(lib)
+    return _LIBC[0]
 
 
 PR_SET_PDEATHSIG = 1
@@ -570,8 +582,6 @@ class Supervisor(object):
         )
 
     def start_program(self, libc):
-        import subprocess
-
         prog = self.spec["program"]
         stdin = prog["stdin"]
         if stdin is None:
@@ -1197,9 +1207,15 @@ def started_state(run, ready_r):
     return st
 
 
+def prepare_fork():
+    """Load, once, what every supervisor needs, before forking them."""
+    _libc()
+
+
 def start_one(root, spec, close=()):
     run, claimed = claim(root, spec)
     if claimed:
+        prepare_fork()
         return run, started_state(run, spawn(run, spec, close))
     return run, wait_for_start(run.require())
 
@@ -1210,6 +1226,7 @@ def start_many(root, docs):
     answer is the run's state, or ``{"id", "rejected"}``."""
     answers = [None] * len(docs)
     waiting = []
+    prepare_fork()
     for i, doc in enumerate(docs):
         run_id = doc.get("id") if isinstance(doc, dict) else None
         try:
