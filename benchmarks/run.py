@@ -192,6 +192,21 @@ def print_table(rows: List[dict], out=sys.stdout) -> None:
             print("- %s [%s]: %s" % (r["name"], r["status"], r["notes"]), file=out)
 
 
+def markdown_table(rows: List[dict]) -> str:
+    """The results as a Markdown table (for docs/performance.md)."""
+    out = ["| benchmark | chaperone | baseline | ratio | target | status |",
+           "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        value = "%s %s" % (fmt_num(r["value"]), r["unit"]) if r["value"] is not None else "-"
+        base = "%s %s" % (fmt_num(r["baseline"]), r["baseline_unit"] or "") if r["baseline"] is not None else "-"
+        ratio = "%sx" % fmt_num(r["ratio"]) if r["ratio"] is not None else "-"
+        status = "**%s**" % r["status"] if r["status"] == "fail" else r["status"]
+        out.append("| %s | %s | %s | %s | %s | %s |" % (
+            r["name"].replace("|", "\\|"), value.strip(), base.strip(), ratio,
+            (r["target"] or "-").replace("<", "&lt;"), status))
+    return "\n".join(out)
+
+
 def machine_info() -> dict:
     info = {
         "date": datetime.date.today().isoformat(),
@@ -1046,8 +1061,8 @@ def bench_delivery(ctx: Context):
         base = mib / median(base_t)
         head = size == big
         label = human_size(size)
-        common = "baseline: ssh -F cfg testhost cat FILE > file; %d reps; the HTTPS callback path is not " \
-                 "measured (not there yet)" % len(base_t)
+        common = "baseline: ssh -F cfg testhost cat FILE > file; %d reps; the HTTPS callback path " \
+                 "(chaperone.scheduler) is not measured by this harness yet" % len(base_t)
         ctx.results.add(
             "delivery_logs" + ("" if head else "_%d" % size), "delivery %s: chaperone logs ID > file" % label,
             mib / median(logs_t), "MiB/s", baseline=base, target=">= 0.5x" if head else None,
@@ -1181,6 +1196,8 @@ def main(argv=None) -> int:
                     help="JSON results file (default: benchmarks/results/latest.json)")
     ap.add_argument("--only", default="", help="comma-separated groups (see --list)")
     ap.add_argument("--list", action="store_true", help="list the benchmark groups and exit")
+    ap.add_argument("--table-from", metavar="JSON", help="print the table of an earlier run and exit")
+    ap.add_argument("--markdown", action="store_true", help="with --table-from: a Markdown table")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     ap.add_argument("--real-home", action="store_true",
                     help="SSH sessions keep the user's real HOME (its ~/.bashrc runs at every channel); "
@@ -1191,6 +1208,14 @@ def main(argv=None) -> int:
     if args.list:
         for group, _, ids in BENCHMARKS:
             print("%-18s %s" % (group, ", ".join(ids)))
+        return 0
+    if args.table_from:
+        with open(args.table_from) as f:
+            rows = json.load(f)["results"]
+        if args.markdown:
+            print(markdown_table(rows))
+        else:
+            print_table(rows)
         return 0
     only = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = set(only) - {b[0] for b in BENCHMARKS}

@@ -33,3 +33,17 @@ def agent_bytes() -> bytes:
 @functools.lru_cache(maxsize=1)
 def agent_hash() -> str:
     return hashlib.sha256(agent_bytes()).hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def agent_module():
+    """``remote/agent.py`` loaded as a module (stdlib only, bytecode cached):
+    the library validates program.json with the agent's own validator, which
+    tests prove equal to ``chaperone.models`` (and is much faster to import
+    than pydantic)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chaperone._agent", agent_path())
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -24,10 +24,12 @@ from typing import AsyncIterator, Callable, Dict, List, Mapping, Optional, Seque
 
 from .client import AgentClient
 from .errors import ChaperoneError, ConnectionLost, NoSuchRun, UsageError
-from .models import STREAMS, ProgramSpec, check_run_id
+from .agent_source import agent_module
 from .protocol import End, Event, OutputChunk, StateUpdate
 from .records import Records, chaperone_home
 from .transport import LocalTransport, Transport
+
+STREAMS = ("stdout", "stderr")
 
 #: Follow offsets that skip all output (for ``wait``).
 SKIP_OUTPUT = {"stdout": 1 << 62, "stderr": 1 << 62}
@@ -202,9 +204,10 @@ class Chaperone:
         return self._transports[key]
 
     def record(self, run_id: str):
+        agent = agent_module()
         try:
-            check_run_id(run_id)
-        except ValueError as e:
+            agent.check_id(run_id)
+        except agent.AgentError as e:
             raise UsageError(str(e)) from None
         rec = self.records.get(run_id)
         if rec is None:
@@ -219,7 +222,9 @@ class Chaperone:
     def program_spec(self, argv: Sequence[str], *, run_id: Optional[str] = None, cwd: Optional[str] = None,
                      env: Optional[Mapping[str, Optional[str]]] = None, timeout: Optional[float] = None,
                      stdin: Optional[bytes] = None, stdin_path: Optional[str] = None,
-                     callback: Optional[dict] = None, config: Optional[dict] = None) -> ProgramSpec:
+                     callback: Optional[dict] = None, config: Optional[dict] = None) -> dict:
+        """A validated program.json (``chaperone.models.ProgramSpec`` as a
+        dict, defaults filled in)."""
         if not argv:
             raise UsageError("no command given")
         stdin_spec = None
@@ -230,27 +235,26 @@ class Chaperone:
         cfg = dict(config or {})
         if timeout is not None:
             cfg["timeout"] = float(timeout)
-        from pydantic import ValidationError
-
+        doc = {
+            "id": run_id or new_run_id(),
+            "program": {"argv": list(argv), "cwd": cwd, "env": dict(env or {}), "stdin": stdin_spec},
+            "callback": callback,
+            "config": cfg,
+        }
+        agent = agent_module()
         try:
-            return ProgramSpec.model_validate({
-                "id": run_id or new_run_id(),
-                "program": {"argv": list(argv), "cwd": cwd, "env": dict(env or {}), "stdin": stdin_spec},
-                "callback": callback,
-                "config": cfg,
-            })
-        except ValidationError as e:
-            err = e.errors()[0]
-            where = ".".join(str(p) for p in err["loc"])
-            raise UsageError("invalid %s: %s" % (where, err["msg"])) from None
+            return agent.validate_spec(doc)
+        except agent.AgentError as e:
+            raise UsageError("invalid %s" % e) from None
 
-    def _register(self, host: str, transport: Transport, spec: ProgramSpec) -> None:
-        rec = self.records.get(spec.id)
+    def _register(self, host: str, transport: Transport, spec: dict) -> None:
+        run_id, argv = spec["id"], spec["program"]["argv"]
+        rec = self.records.get(run_id)
         if rec is not None:
-            if rec.argv != spec.program.argv or rec.host != host:
-                raise UsageError("run id %s is already used by another run" % spec.id)
+            if rec.argv != argv or rec.host != host:
+                raise UsageError("run id %s is already used by another run" % run_id)
             return  # the same run again: start is idempotent
-        self.records.add(spec.id, host, transport.describe(), spec.program.argv)
+        self.records.add(run_id, host, transport.describe(), argv)
 
     async def start(self, host: str, argv: Sequence[str], *, ssh: Optional[dict] = None, **kw) -> Run:
         """Start ``argv`` on ``host`` and return at once (detached).
@@ -263,12 +267,12 @@ class Chaperone:
         if batcher is None:
             batcher = self._batchers[id(transport)] = _StartBatcher(AgentClient(transport))
         try:
-            state = await batcher.submit(spec.model_dump_json().encode())
+            state = await batcher.submit(json.dumps(spec).encode())
         except ChaperoneError as e:
-            self.records.mark(spec.id, "failed", str(e))
+            self.records.mark(spec["id"], "failed", str(e))
             raise
-        self.records.update(spec.id, state)
-        return Run(spec.id, host, state)
+        self.records.update(spec["id"], state)
+        return Run(spec["id"], host, state)
 
     async def start_stream(self, host: str, argv: Sequence[str], *, ssh: Optional[dict] = None,
                            on_reconnect: Optional[Callable[[Exception, float], None]] = None,
@@ -279,14 +283,15 @@ class Chaperone:
         spec = self.program_spec(argv, **kw)
         transport = self.transport(host, **(ssh or {}))
         self._register(host, transport, spec)
-        program = spec.model_dump_json().encode()
+        program = json.dumps(spec).encode()
+        run_id = spec["id"]
         offsets = {s: 0 for s in STREAMS}
         started = False
         try:
             async for event in AgentClient(transport).start_follow(program):
                 if isinstance(event, StateUpdate):
                     started = True
-                    self.records.update(spec.id, event.state)
+                    self.records.update(run_id, event.state)
                 elif isinstance(event, OutputChunk):
                     offsets[event.stream] = event.offset + len(event.data)
                 yield event
@@ -294,14 +299,14 @@ class Chaperone:
                     return
         except ConnectionLost as e:
             if not started:
-                self.records.mark(spec.id, "unknown", str(e))
+                self.records.mark(run_id, "unknown", str(e))
             if on_reconnect:
                 on_reconnect(e, 0.0)
         except ChaperoneError as e:
             if not started:
-                self.records.mark(spec.id, "failed", str(e))
+                self.records.mark(run_id, "failed", str(e))
             raise
-        async for event in self.stream(spec.id, offsets, on_reconnect=on_reconnect, restart=program):
+        async for event in self.stream(run_id, offsets, on_reconnect=on_reconnect, restart=program):
             yield event
 
     # Watching ------------------------------------------------------------------
@@ -346,7 +351,12 @@ class Chaperone:
                         return
                     delay = 0.25
                     give_up = loop.time() + reconnect_for
-            except ConnectionLost as e:
+            except ChaperoneError as e:
+                # A broken connection, or a reconnect that could not connect
+                # (yet: refused, timed out, no route): the host may come back.
+                # Anything else (host key, login, no such run) is final.
+                if not (isinstance(e, ConnectionLost) or getattr(e, "transient", False)):
+                    raise
                 if loop.time() + delay > give_up:
                     raise
                 if on_reconnect:

@@ -66,12 +66,11 @@ def _describe_end(state: dict) -> str:
 
 
 def _table(rows, headers) -> None:
-    widths = [len(h) for h in headers]
-    for row in rows:
-        widths = [max(w, len(str(c))) for w, c in zip(widths, row)]
-    fmt = "  ".join("%%-%ds" % w for w in widths[:-1]) + "  %s"
-    out = [fmt % tuple(headers)] + [fmt % tuple(str(c) for c in row) for row in rows]
-    click.echo("\n".join(line.rstrip() for line in out))
+    rows = [tuple(str(c) for c in row) for row in rows]
+    widths = [max(map(len, col)) for col in zip(headers, *rows)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+             for row in [tuple(headers)] + rows]
+    click.echo("\n".join(lines))
 
 
 class _Group(click.Group):
@@ -241,29 +240,17 @@ def status(run_id, as_json):
         if as_json:
             _print_json([r["last"] or r for r in rows])
         else:
-            _ps_table(rows)
+            _ps_table(ch)
         return 0
 
     sys.exit(_run_async(go))
 
 
-def _ps_table(rows) -> None:
-    import datetime
-    import shlex
+PS_HEADERS = ("ID", "HOST", "STATE", "RESULT", "CREATED", "COMMAND")
 
-    out = []
-    for r in rows:
-        last = r.get("last") or {}
-        if r["state"] == "done":
-            result = "signal %s" % r["signal"] if r["signal"] else "exit %s" % r["return_code"]
-        elif r["state"] in ("error", "lost", "failed"):
-            result = (r.get("error") or "")[:40]
-        else:
-            result = "pid %s" % last.get("pid", "-")
-        started = datetime.datetime.fromtimestamp(r["created"]).strftime("%Y-%m-%d %H:%M:%S")
-        command = " ".join(shlex.quote(a) for a in r["argv"])
-        out.append((r["id"], r["host"], r["state"], result, started, command[:60]))
-    _table(out, ("ID", "HOST", "STATE", "RESULT", "CREATED", "COMMAND"))
+
+def _ps_table(ch) -> None:
+    _table(ch.records.table(), PS_HEADERS)
 
 
 @cli.command()
@@ -273,11 +260,10 @@ def ps(as_json):
     from .records import Records, chaperone_home
 
     records = Records(chaperone_home() / "runs.db")
-    rows = [r.as_dict() for r in records.all()]
     if as_json:
-        _print_json(rows)
+        _print_json([r.as_dict() for r in records.all()])
     else:
-        _ps_table(rows)
+        _table(records.table(), PS_HEADERS)
 
 
 @cli.command()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sqlite3
 import time
 from pathlib import Path
@@ -20,7 +21,8 @@ CREATE TABLE IF NOT EXISTS runs (
     return_code INTEGER,
     signal TEXT,
     error TEXT,
-    last TEXT
+    last TEXT,
+    command TEXT
 );
 CREATE INDEX IF NOT EXISTS runs_created ON runs (created);
 """
@@ -40,7 +42,8 @@ def chaperone_home(home: Optional[os.PathLike] = None) -> Path:
 
 
 class Record:
-    __slots__ = ("id", "host", "transport", "argv", "created", "state", "return_code", "signal", "error", "last")
+    __slots__ = ("id", "host", "transport", "argv", "created", "state", "return_code", "signal", "error", "last",
+                 "command")
 
     def __init__(self, row):
         for name, value in zip(self.__slots__, row):
@@ -56,8 +59,14 @@ class Record:
 class Records:
     def __init__(self, path: os.PathLike):
         self.path = Path(path)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-        os.close(fd)
+        if not self.path.exists():
+            # Create it 0600 before SQLite does.  Only when it does not exist:
+            # closing a descriptor of a database this process has open would
+            # drop SQLite's POSIX locks on it.
+            try:
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+            except FileExistsError:
+                pass
         self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
@@ -68,8 +77,9 @@ class Records:
 
     def add(self, run_id: str, host: str, transport: dict, argv: List[str]) -> None:
         self.db.execute(
-            "INSERT INTO runs (id, host, transport, argv, created, state) VALUES (?, ?, ?, ?, ?, 'starting')",
-            (run_id, host, json.dumps(transport), json.dumps(argv), time.time()),
+            "INSERT INTO runs (id, host, transport, argv, created, state, command)"
+            " VALUES (?, ?, ?, ?, ?, 'starting', ?)",
+            (run_id, host, json.dumps(transport), json.dumps(argv), time.time(), shlex.join(argv)),
         )
 
     def exists(self, run_id: str) -> bool:
@@ -95,3 +105,15 @@ class Records:
     def all(self) -> Iterator[Record]:
         for row in self.db.execute("SELECT * FROM runs ORDER BY created"):
             yield Record(row)
+
+    def table(self) -> List[tuple]:
+        """The rows ``ps`` shows, formatted by SQLite (fast for 10,000s)."""
+        return self.db.execute(
+            "SELECT id, host, state,"
+            " CASE WHEN state = 'done' AND signal IS NOT NULL THEN 'signal ' || signal"
+            "      WHEN state = 'done' THEN 'exit ' || return_code"
+            "      WHEN state IN ('error', 'lost', 'failed') THEN substr(coalesce(error, ''), 1, 40)"
+            "      ELSE 'pid ' || coalesce(json_extract(last, '$.pid'), '-') END,"
+            " strftime('%Y-%m-%d %H:%M:%S', created, 'unixepoch', 'localtime'),"
+            " substr(command, 1, 60)"
+            " FROM runs ORDER BY created").fetchall()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import json
+import logging
 from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence
 
 from .api import Chaperone, new_run_id
@@ -31,6 +32,7 @@ from .models import FINAL_STATES, STREAMS
 from .transport import Transport
 
 CATCH_UP_CHUNK = 8 << 20
+log = logging.getLogger(__name__)
 
 
 class Scheduler:
@@ -116,7 +118,10 @@ class Scheduler:
 
     async def _open_tunnel(self, transport) -> None:
         conn = await transport.connection()
-        listener = await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", self.server.port)
+        try:
+            listener = await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", self.server.port)
+        except Exception as e:  # asyncssh.Error, OSError: the connection just broke
+            raise ConnectionLost("cannot forward a port from %s: %s" % (transport.host, e)) from None
         old = self._tunnels.get(id(transport))
         task = old["task"] if old else asyncio.ensure_future(self._heal(transport))
         self._tunnels[id(transport)] = {"port": listener.get_port(), "conn": conn, "task": task}
@@ -140,8 +145,8 @@ class Scheduler:
                 try:
                     await self._rewire(run_id, transport)
                     await self.catch_up(run_id)
-                except ChaperoneError:
-                    pass  # the next heal or wait() tries again
+                except Exception:  # the next heal, or wait()'s safety net, tries again
+                    log.warning("re-attaching run %s after a reconnect failed", run_id, exc_info=True)
 
     def _unfinished(self, transport) -> List[str]:
         return [r for r, t in self._hosts.items()

@@ -9,8 +9,10 @@ past that another connection is opened.
 
 The agent is shipped once per host, content-addressed:
 ``~/.chaperone/agent-<sha256[:16]>.py``, written to a temporary name, its
-hash checked there, then renamed into place.  Only ``python3`` is needed on
-the host.  Everything the agent reads (program.json, with the callback token)
+hash checked there, then renamed into place; before every run a small
+``python -c`` bootstrap checks the file's hash again and runs it only if it
+matches (else exit 97: ship it again).  Only ``python3`` is needed on the
+host.  Everything the agent reads (program.json, with the callback token)
 travels on the channel's stdin, never in argv.
 """
 
@@ -27,7 +29,7 @@ from .agent_source import agent_bytes, agent_hash
 from .errors import ChaperoneError, ConnectionLost
 from .transport import AgentProcess, Transport
 
-#: Exit status of the remote wrapper when the agent file is missing or stale.
+#: Exit status of the remote bootstrap when the agent file is missing, stale or damaged.
 SHIP_AGAIN = 97
 REMOTE_DIR = "~/.chaperone"
 #: Seconds to connect and log in when neither ``connect_timeout`` nor the
@@ -80,12 +82,22 @@ def _connect_error(host: str, e: BaseException) -> ConnectFailed:
     return ConnectFailed("cannot connect to %s: %s" % (host, e))
 
 
-class _Conn:
-    """One SSH connection and the number of channels open on it."""
+class _Refused(ConnectionLost):
+    """The server keeps refusing to open a channel."""
 
-    def __init__(self, conn: asyncssh.SSHClientConnection):
+
+class _Conn:
+    """One SSH connection and the number of channels open on it.
+
+    A channel's slot is given back only once the channel is fully closed
+    (both sides said so), not when we ask to close it: until then the
+    server still counts it against its MaxSessions."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection, capacity: int):
         self.conn = conn
-        self.channels = 0
+        self.channels = 0  # slots taken, closing channels included
+        self.closing = 0  # of which asked to close, not closed yet
+        self.capacity = capacity  # lowered if the server allows fewer
 
     @property
     def closed(self) -> bool:
@@ -125,8 +137,7 @@ class _SSHProcess(AgentProcess):
     def close(self) -> None:
         if not self._released:
             self._released = True
-            self.c.channels -= 1
-            self.proc.close()
+            self.transport._close_channel(self.c, self.proc)
 
 
 class SSHTransport(Transport):
@@ -153,6 +164,10 @@ class SSHTransport(Transport):
         self.root = root  # the agent's spool root on the host (default ~/.chaperone/runs)
         self._conns: List[_Conn] = []
         self._lock = asyncio.Lock()
+        self._slot_freed = asyncio.Event()
+        self._closers: set = set()
+        self._ship_lock = asyncio.Lock()
+        self._shipped = 0  # how many times this transport shipped the agent
         self.agent_file = "%s/agent-%s.py" % (REMOTE_DIR, agent_hash()[:16])
 
     # Records ---------------------------------------------------------------
@@ -204,24 +219,86 @@ class SSHTransport(Transport):
                                           DEFAULT_CONNECT_TIMEOUT if self.connect_timeout is None else None)
         except (asyncssh.Error, OSError, asyncio.TimeoutError, ValueError) as e:
             raise _connect_error(self.host, e) from None
-        return _Conn(conn)
+        return _Conn(conn, self.max_sessions)
 
     async def _channel_slot(self) -> _Conn:
-        async with self._lock:
-            self._conns = [c for c in self._conns if not c.closed]
-            for c in self._conns:
-                if c.channels < self.max_sessions:
+        """A slot for one channel: on a connection with room, else (once
+        the channels being closed are closed, if that is quick) on a new
+        connection."""
+        loop = asyncio.get_running_loop()
+        give_up_waiting = loop.time() + 2.0
+        while True:
+            async with self._lock:
+                self._conns = [c for c in self._conns if not c.closed]
+                for c in self._conns:
+                    if c.channels < c.capacity:
+                        c.channels += 1
+                        return c
+                closing = any(c.closing for c in self._conns)
+                if not closing or loop.time() >= give_up_waiting:
+                    c = await self._new_connection()
+                    self._conns.append(c)
                     c.channels += 1
                     return c
-            c = await self._new_connection()
-            self._conns.append(c)
-            c.channels += 1
-            return c
+                self._slot_freed.clear()
+            try:
+                await asyncio.wait_for(self._slot_freed.wait(), max(0.0, give_up_waiting - loop.time()))
+            except asyncio.TimeoutError:
+                pass
+
+    def _free_slot(self, c: _Conn) -> None:
+        c.channels -= 1
+        self._slot_freed.set()
+
+    def _close_channel(self, c: _Conn, proc) -> None:
+        """Close ``proc``'s channel; its slot is free once it is closed."""
+        try:
+            proc.close()
+        except Exception:
+            pass
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._free_slot(c)
+            return
+        c.closing += 1
+
+        async def when_closed():
+            try:
+                await asyncio.wait_for(proc.wait_closed(), 10.0)
+            except Exception:
+                pass
+            finally:
+                c.closing -= 1
+                self._free_slot(c)
+
+        task = loop.create_task(when_closed())
+        self._closers.add(task)
+        task.add_done_callback(self._closers.discard)
+
+    async def _create_process(self, c: _Conn, command: str):
+        """``command`` in a new channel on ``c``, whose slot the caller
+        holds.  A refused channel ("open failed": the server's sessions are
+        all taken, e.g. by channels it has not finished closing yet) is tried
+        again for a moment before :class:`_Refused` is raised."""
+        delay, waited = 0.02, 0.0
+        while True:
+            try:
+                return await c.conn.create_process(command, encoding=None)
+            except asyncssh.ChannelOpenError as e:
+                if waited >= 2.0:
+                    raise _Refused("cannot open a channel to %s: %s" % (self.host, e.reason)) from None
+                await asyncio.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 0.25)
+            except (asyncssh.Error, OSError) as e:
+                self.drop_connections()
+                raise ConnectionLost("connection to %s lost: %s" % (self.host, e)) from None
 
     async def connection(self) -> asyncssh.SSHClientConnection:
         """An open connection to the host (for port forwarding)."""
         c = await self._channel_slot()
-        c.channels -= 1
+        self._free_slot(c)
         return c.conn
 
     async def forward_remote(self, local_port: int, local_host: str = "127.0.0.1"):
@@ -244,6 +321,8 @@ class SSHTransport(Transport):
             except Exception:
                 pass
         self._conns = []
+        if self._closers:
+            await asyncio.gather(*list(self._closers), return_exceptions=True)
 
     def drop_connections(self) -> None:
         """Forget every connection (after one broke): the next call reconnects."""
@@ -271,7 +350,15 @@ class SSHTransport(Transport):
         # The remote login shell runs `sh -c SCRIPT`: plain sh syntax only.
         return "sh -c %s" % shlex.quote(script)
 
-    async def _ship(self, c: _Conn) -> None:
+    async def _ship(self, c: _Conn, shipped_before: int) -> None:
+        """Ship the agent (on ``c``, in the caller's slot), unless another
+        open() of this transport did since ``shipped_before``."""
+        async with self._ship_lock:
+            if self._shipped == shipped_before:
+                await self._do_ship(c)
+                self._shipped += 1
+
+    async def _do_ship(self, c: _Conn) -> None:
         script = (
             "umask 077; mkdir -p {dir} || exit 3; t={dir}/.agent.$$.tmp; cat > \"$t\" || exit 3; "
             "{py} -c 'import hashlib,sys; sys.exit(hashlib.sha256(open(sys.argv[1],\"rb\").read())"
@@ -281,8 +368,13 @@ class SSHTransport(Transport):
             "mv -f \"$t\" {dst}"
         ).format(dir=REMOTE_DIR, py=shlex.quote(self.python), hash=agent_hash(), dst=self.agent_file)
         try:
-            result = await c.conn.run("sh -c %s" % shlex.quote(script), input=agent_bytes(),
-                                      encoding=None, check=False)
+            proc = await self._create_process(c, "sh -c %s" % shlex.quote(script))
+            try:
+                proc.stdin.write(agent_bytes())
+                proc.stdin.write_eof()
+                result = await proc.wait()  # until the channel is closed
+            finally:
+                proc.close()
         except (asyncssh.Error, OSError) as e:
             raise ConnectionLost("connection to %s lost while shipping the agent: %s" % (self.host, e)) from None
         if result.exit_status != 0:
@@ -297,36 +389,52 @@ class SSHTransport(Transport):
 
     async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
         c = await self._channel_slot()
+        proc = None
         try:
             for attempt in (0, 1):
+                shipped = self._shipped
+                proc = None
                 try:
-                    proc = await c.conn.create_process(self._command(args), encoding=None)
-                except asyncssh.ChannelOpenError as e:
-                    raise ConnectionLost("cannot open a channel to %s: %s" % (self.host, e.reason)) from None
-                except (asyncssh.Error, OSError) as e:
-                    self.drop_connections()
-                    raise ConnectionLost("connection to %s lost: %s" % (self.host, e)) from None
+                    proc = await self._create_process(c, self._command(args))
+                except _Refused:
+                    if c.channels <= 1:
+                        raise  # refused even alone: not a matter of room
+                    # Still refused: the server allows fewer sessions than
+                    # max_sessions.  Count this connection as full; go elsewhere.
+                    c.capacity = c.channels - 1
+                    self._free_slot(c)
+                    c = None
+                    c = await self._channel_slot()
+                    proc = await self._create_process(c, self._command(args))
                 try:
                     if stdin:
                         proc.stdin.write(stdin)
                     proc.stdin.write_eof()
                 except (asyncssh.Error, OSError):
                     pass
-                # The agent always prints (a marker) unless the wrapper
+                # The agent always prints (a marker) unless the bootstrap
                 # refused it: no output and status 97 mean "ship it again".
                 first = await _peek(proc, self.host)
                 if first is None:
-                    result = await proc.wait()
-                    if result.exit_status == SHIP_AGAIN and attempt == 0:
-                        await self._ship(c)
+                    result = await proc.wait()  # until the channel is closed
+                    if result.exit_status == SHIP_AGAIN:
+                        if attempt:
+                            raise ChaperoneError("the agent on %s is missing or damaged right after "
+                                                 "shipping it" % self.host)
+                        await self._ship(c, shipped)
                         continue
                     if result.exit_status == 127:
                         raise ChaperoneError("no %s on %s (use --python to choose another)"
                                              % (self.python, self.host))
                 return _SSHProcess(self, c, _Replay(proc, first or b"", None if first else result))
-            raise ChaperoneError("the agent on %s is missing after shipping it" % self.host)
+            raise AssertionError("not reached")
         except BaseException:
-            c.channels -= 1
+            if c is None:
+                pass
+            elif proc is not None:
+                self._close_channel(c, proc)
+            else:
+                self._free_slot(c)
             raise
 
 
@@ -372,3 +480,6 @@ class _Replay:
 
     def close(self) -> None:
         self._proc.close()
+
+    async def wait_closed(self) -> None:
+        await self._proc.wait_closed()

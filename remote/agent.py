@@ -34,7 +34,6 @@ import select
 import shutil
 import signal
 import socket
-import ssl
 import struct
 import subprocess
 import sys
@@ -738,7 +737,9 @@ class Supervisor(object):
             self.pump(fd, poller, use_splice, final=True)
         for fd in self.files.values():
             os.close(fd)
-        os.close(ctl_fd)
+        # Keep reading requests while the final state waits for its callback:
+        # a new callback address (the scheduler's tunnel came back) must get in.
+        self.ctl_fd, self.ctl_buf = ctl_fd, ctl_buf
         self.record_end()
 
     def pump(self, fd, poller, use_splice, final=False):
@@ -839,8 +840,28 @@ class Supervisor(object):
         self.set_state(**changes)
 
     def finish_callbacks(self):
-        if self.sender:
-            self.sender.finish()
+        ctl_fd, self.ctl_fd = getattr(self, "ctl_fd", None), None
+        try:
+            if not self.sender:
+                return
+            if ctl_fd is None:
+                self.sender.finish()
+                return
+            self.sender.finish(wait=False)
+            buf = getattr(self, "ctl_buf", b"")
+            while self.sender.is_alive():
+                if not select.select([ctl_fd], [], [], 0.5)[0]:
+                    continue
+                try:
+                    buf += os.read(ctl_fd, 65536)
+                except BlockingIOError:
+                    pass
+                while b"\n" in buf:
+                    line, buf = buf.split(b"\n", 1)
+                    self.control(line)
+        finally:
+            if ctl_fd is not None:
+                os.close(ctl_fd)
 
 
 # --- HTTPS callbacks ----------------------------------------------------------
@@ -869,6 +890,7 @@ class CallbackSender(threading.Thread):
         self.next_heartbeat = time.monotonic() + self.cb["heartbeat"]
         self.finish_deadline = None
         self.updated = False
+        self.reset = False
 
     # Called from the supervisor ----------------------------------------------
 
@@ -891,21 +913,22 @@ class CallbackSender(threading.Thread):
             for key in ("url", "token", "cert"):
                 if isinstance(msg.get(key), str):
                     self.cb[key] = msg[key]
-            self.close()
-            self.ctx = None
+            self.reset = True  # the sender thread reconnects (it owns the connection)
             self.updated = True
             self.cond.notify()
 
-    def finish(self):
-        """Wait (after the program ended) until the final state is acknowledged."""
+    def finish(self, wait=True):
+        """After the program ended: send until the final state is
+        acknowledged or ``callback_timeout`` passed (``wait``: join)."""
         if self.final is None:
             return
         with self.cond:
             self.finish_deadline = time.monotonic() + self.cfg["callback_timeout"]
             self.cond.notify()
-        if not self.is_alive():
+        if not self.is_alive() and self.ident is None:
             self.start()
-        self.join()
+        if wait:
+            self.join()
 
     # The thread ----------------------------------------------------------------
 
@@ -933,11 +956,15 @@ class CallbackSender(threading.Thread):
                     return
                 if self.finish_deadline is not None and time.monotonic() > self.finish_deadline:
                     return
+                reset, self.reset = self.reset, False
+            if reset:
+                self.close()
+                self.ctx = None
             try:
                 if self._step():
                     return
                 delay = 0.0
-            except (OSError, ssl.SSLError, ValueError, KeyError, http_client().HTTPException):
+            except Exception:  # network, TLS, HTTP, a bad answer: retry, never die
                 self.close()
                 delay = min(max(delay * 2, 0.1), self.cfg["retry_frequency"])
 
@@ -1013,6 +1040,7 @@ class CallbackSender(threading.Thread):
 
     def connection(self):
         if self.conn is None:
+            import ssl  # only runs with callbacks pay for it
             from urllib.parse import urlsplit
 
             url = urlsplit(self.cb["url"])

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import uuid
 
 import pytest
 
@@ -89,7 +90,7 @@ SCHEDULER_SCRIPT = textwrap.dedent("""
         s = Scheduler(sys.argv[1], ssh_config=[sys.argv[2]], config={"retry_frequency": 0.5})
         await s.open()
         rid = await s.start("testhost", ["sh", "-c", "for i in $(seq 1 60); do echo line $i; sleep 0.05; done"],
-                            run_id="restart-1")
+                            run_id=sys.argv[3], ssh={"root": sys.argv[4]})
         print(rid, flush=True)
         await asyncio.sleep(3600)
     asyncio.run(main())
@@ -101,10 +102,11 @@ def test_scheduler_restarted_mid_run_reattaches(sshd, tmp_path):
     """The scheduler process is SIGKILLed mid-run; a new one re-attaches by
     id from the records and ends with all of the output, once."""
     home = tmp_path / "home"
-    proc = subprocess.Popen([sys.executable, "-c", SCHEDULER_SCRIPT, str(home), str(sshd.config_file)],
-                            stdout=subprocess.PIPE, text=True)
+    rid = "restart-" + uuid.uuid4().hex[:8]
+    proc = subprocess.Popen([sys.executable, "-c", SCHEDULER_SCRIPT, str(home), str(sshd.config_file),
+                             rid, str(tmp_path / "spool")], stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip() == "restart-1"
+        assert proc.stdout.readline().strip() == rid
         time.sleep(1.0)
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -115,14 +117,14 @@ def test_scheduler_restarted_mid_run_reattaches(sshd, tmp_path):
         async with Scheduler(home, ssh_config=[str(sshd.config_file)],
                              on_update=lambda rid, st: updates.append((rid, st["state"]))) as s:
             ids = await s.reattach()
-            st = await s.wait("restart-1")
-            return ids, st, s.mirror("restart-1").read("stdout")
+            st = await s.wait(rid)
+            return ids, st, s.mirror(rid).read("stdout")
 
     ids, st, out = run_async(main())
-    assert ids == ["restart-1"]
+    assert ids == [rid]
     assert st["state"] == "done" and st["return_code"] == 0
     assert out == b"".join(b"line %d\n" % i for i in range(1, 61))
-    assert ("restart-1", "done") in updates
+    assert (rid, "done") in updates
 
 
 @pytest.mark.timeout(60)

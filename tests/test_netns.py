@@ -16,6 +16,7 @@ import hashlib
 import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import textwrap
@@ -165,11 +166,41 @@ def wait_for(predicate, timeout, what, interval=0.05):
     raise AssertionError("timed out waiting for %s" % what)
 
 
+def read_bytes(path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError:
+        return b""
+
+
 def file_size(path) -> int:
     try:
         return os.path.getsize(path)
     except OSError:
         return 0
+
+
+def _agents(spool):
+    """Pids of the agents (started by these tests) that serve ``spool``."""
+    import psutil
+
+    pids = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = p.info["cmdline"] or []
+        if str(spool) in cmd and any("agent" in a for a in cmd):
+            pids.append(p.pid)
+    return pids
+
+
+def agent_alive(pid, spool) -> bool:
+    return pid is not None and pid in _agents(spool)
+
+
+def kill_agents(spool):
+    for pid in _agents(spool):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def lines(n: int) -> bytes:
@@ -200,7 +231,11 @@ def test_foreground_run_survives_a_link_outage(nshost, spool, tmp_path):
                          "--", "sh", "-c", "for i in $(seq 1 %d); do echo line $i; sleep 0.1; done" % n,
                          stdout=out)
     try:
-        wait_for(lambda: out_file.read_bytes().count(b"\n") >= 10, 20, "the first lines over SSH")
+        def started():
+            assert proc.poll() is None, "the CLI ended early: %r" % proc.stderr.read()
+            return out_file.read_bytes().count(b"\n") >= 10
+
+        wait_for(started, 20, "the first lines over SSH")
         with nshost.outage():
             t0 = time.monotonic()
             before = file_size(spooled)
@@ -234,6 +269,8 @@ def test_foreground_run_survives_a_link_outage(nshost, spool, tmp_path):
 # --- 2. the scheduler's callback tunnel across an outage ----------------------------------
 
 
+FAST = {"retry_frequency": 0.5, "output_latency": 0.05}
+
 WRITER = textwrap.dedent("""
     import hashlib, sys, time
     blocks, pause = int(sys.argv[1]), float(sys.argv[2])
@@ -257,8 +294,7 @@ def test_scheduler_callbacks_survive_a_link_outage(nshost, spool, tmp_path):
 
     async def main():
         async with Scheduler(tmp_path / "home", ssh_config=[str(nshost.config_file)],
-                             config={"retry_frequency": 0.5, "output_latency": 0.05},
-                             heal_interval=0.5) as s:
+                             config=FAST, heal_interval=0.5) as s:
             rid = await s.start(ALIAS, ["python3", "-c", WRITER, str(blocks), "0.5"],
                                 ssh={"root": str(spool)})
             transport = s._hosts[rid]
@@ -281,7 +317,12 @@ def test_scheduler_callbacks_survive_a_link_outage(nshost, spool, tmp_path):
                         held_during=held_during, old_closed=old_closed, new_conn_is_new=new_conn is not old_conn,
                         new_closed=new_conn.is_closed(), settle=settle)
 
-    r = asyncio.run(asyncio.wait_for(main(), 80))
+    try:
+        r = asyncio.run(asyncio.wait_for(main(), 80))
+    finally:
+        # The agent may still be trying to deliver its final state to this
+        # scheduler, now gone (see the xfail test below): do not leave it.
+        kill_agents(spool)
     st, out, err = r["st"], r["out"], r["err"]
     facts = {k: v for k, v in r.items() if k not in ("st", "out", "err")}
     assert st["state"] == "done" and st["return_code"] == 0, (st, facts)
@@ -300,6 +341,44 @@ def test_scheduler_callbacks_survive_a_link_outage(nshost, spool, tmp_path):
     assert r["settle"] < 25, facts  # wait()'s own safety net would take 30 s
 
 
+@pytest.mark.timeout(45)
+def test_new_callback_address_reaches_a_run_that_ended(nshost, spool, tmp_path):
+    """What the heal does for a run that ended during an outage: the agent,
+    still trying to deliver its final state to a dead address, is told the
+    new one (Scheduler._rewire, as _heal does), delivers through the new
+    tunnel, and exits.  No catch-up here: only the callbacks."""
+    run_id = "netns-rw-" + secrets.token_hex(3)
+
+    async def main():
+        async with Scheduler(tmp_path / "home", ssh_config=[str(nshost.config_file)], config=FAST) as s:
+            transport = s.ch.transport(ALIAS, root=str(spool))
+            s._hosts[run_id] = transport
+            # Port 1 on the host's loopback: nothing listens (the old tunnel).
+            dead = {"url": "https://127.0.0.1:1/api/v1/agent/", "token": "t" * 43, "cert": s.server.cert_pem}
+            await s.ch.start(ALIAS, ["sh", "-c", "echo ended"], run_id=run_id, ssh={"root": str(spool)},
+                             callback=dead, config=FAST)
+            await asyncio.get_running_loop().run_in_executor(
+                None, wait_for, lambda: b'"done"' in read_bytes(spool / run_id / "state.json"), 10,
+                "the program's end")
+            await asyncio.sleep(1.0)  # the agent is now retrying the dead address
+            await s._rewire(run_id, transport)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 10 and (s.state(run_id) or {}).get("state") != "done":
+                await asyncio.sleep(0.1)
+            while s.state(run_id) and time.monotonic() - t0 < 15 and _agents(spool):
+                await asyncio.sleep(0.1)  # acknowledged: the agent exits
+            return s.state(run_id), s.mirror(run_id).read("stdout"), _agents(spool)
+
+    try:
+        st, out, agents = asyncio.run(asyncio.wait_for(main(), 35))
+    finally:
+        kill_agents(spool)
+    assert st is not None, "no state came through the callbacks at the new address"
+    assert st["state"] == "done" and st["return_code"] == 0, st
+    assert out == b"ended\n"
+    assert not agents, "the agent was still running after its final state was delivered"
+
+
 # --- 3. the run goes on, on the host, while the link is down ------------------------------
 
 
@@ -308,7 +387,7 @@ def test_run_goes_on_during_the_outage(nshost, spool, tmp_path):
     """Seen from inside the namespace while the host is unreachable: the
     spool's stdout grows (read with ``ip netns exec NS stat``); afterwards
     `chaperone wait` and `logs` have it all."""
-    n = 80  # ~8 s
+    n = 60  # ~6 s
     run_id = "netns-bg-" + secrets.token_hex(3)
     home = tmp_path / "home"
     home.mkdir()

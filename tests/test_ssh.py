@@ -150,9 +150,11 @@ def test_run_survives_the_client_being_killed(sshd, tmp_path):
             proc.kill()
         proc.stderr.close()
     seen = out.join()
-    assert b"line 40\n" not in seen, "the client must die mid-run for this test to mean anything"
+    # The client died mid-run (output reaches it within ~0.2 s) ...
+    assert seen.count(b"\n") < 30, seen
     expected = b"".join(b"line %d\n" % i for i in range(1, 41))
 
+    # ... and the program went on to its end without it.
     res = chaperone(sshd, tmp_path, "wait", run_id)
     assert (res.returncode, res.stderr) == (0, b"")
     res = chaperone(sshd, tmp_path, "logs", run_id)
@@ -202,7 +204,7 @@ def test_foreground_run_and_follower_reconnect_after_sessions_are_killed(sshd, t
     err_lines = run_err.join().splitlines(keepends=True)
     notices = [l for l in err_lines if b"reconnecting" in l]
     assert len(notices) == 2, err_lines
-    assert all(l.startswith(b"chaperone: ") for l in notices), notices
+    assert all(l.startswith(b"chaperone: ") and b"testhost" in l for l in notices), notices
     assert b"".join(l for l in err_lines if l not in notices) == expected_err
 
     assert fol_out.join() == expected_out
@@ -276,7 +278,8 @@ def test_ten_parallel_runs_share_one_connection(sshd, tmp_path):
             results = await asyncio.gather(*tasks)
             assert [r[0] for r in results] == [b"stream%d\n" % i for i in range(10)]
             assert all(r[1] is not None for r in results)
-            assert [c.channels for c in _open(transport)] == [0]
+            # Each slot is free again once its channel is closed.
+            await _until(lambda: [c.channels for c in _open(transport)] == [0], timeout=10)
             states = await asyncio.gather(*(ch.wait(r.id) for r in runs))
             assert [(st["state"], st["return_code"]) for st in states] == [("done", 0)] * 10
             outputs = await asyncio.gather(*(ch.output(r.id) for r in runs))
@@ -322,5 +325,54 @@ def test_fifteen_follows_open_a_second_connection(sshd, tmp_path):
             for i, (out, state) in enumerate(results):
                 assert out == b"follow%d\n" % i
                 assert (state["state"], state["return_code"]) == ("done", 0)
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(90)
+def test_a_slot_is_reused_only_once_its_channel_is_closed(sshd, tmp_path):
+    """Ten follows that stop at the run's end close their channels while the
+    agents behind them may still be exiting; ten calls right after must not
+    be refused by sshd (MaxSessions 10) for channels it still counts, nor
+    need a second connection."""
+    from chaperone.client import AgentClient
+    from chaperone.protocol import End
+    from chaperone.ssh import SSHTransport
+
+    async def follow_to_the_end(client, run_id):
+        events = [e async for e in client.follow(run_id)]
+        assert isinstance(events[-1], End)
+        return events[-1]
+
+    async def main():
+        transport = SSHTransport("testhost", config=[sshd.config_file], root=str(tmp_path / "spool"))
+        client = AgentClient(transport)
+        try:
+            run_id = (await client.start(json.dumps({"id": "slots", "program": {"argv": ["true"]}}).encode()))["id"]
+            await follow_to_the_end(client, run_id)
+            for _ in range(2):
+                await asyncio.gather(*(follow_to_the_end(client, run_id) for _ in range(10)))
+                states = await asyncio.gather(*(client.status(run_id) for _ in range(10)))
+                assert [(st["state"], st["return_code"]) for st in states] == [("done", 0)] * 10
+            assert len(_open(transport)) == 1
+        finally:
+            await transport.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.xfail(strict=True, reason="chaperone/api.py: Chaperone.stream returns at End without closing "
+                   "the agent follow generator, so its channel stays taken until the generator is finalized")
+def test_wait_gives_its_channel_back_when_it_returns(sshd, tmp_path):
+    from chaperone.api import Chaperone
+
+    async def main():
+        async with Chaperone(home=tmp_path, ssh_config=[sshd.config_file]) as ch:
+            run = await ch.start("testhost", ["true"], ssh={"root": str(tmp_path / "spool")})
+            await ch.wait(run.id)
+            transport = ch.client(run.id).transport
+            # Closed, or at least closing (the slot is free once it is closed).
+            assert [c.channels - c.closing for c in _open(transport)] == [0]
 
     asyncio.run(main())
