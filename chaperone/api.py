@@ -164,7 +164,7 @@ class Chaperone:
         await self.close()
 
     async def close(self) -> None:
-        for transport in self._transports.values():
+        for transport in list(self._transports.values()):
             await transport.close()
         self._transports.clear()
         if self._records is not None:
@@ -288,15 +288,19 @@ class Chaperone:
         offsets = {s: 0 for s in STREAMS}
         started = False
         try:
-            async for event in AgentClient(transport).start_follow(program):
-                if isinstance(event, StateUpdate):
-                    started = True
-                    self.records.update(run_id, event.state)
-                elif isinstance(event, OutputChunk):
-                    offsets[event.stream] = event.offset + len(event.data)
-                yield event
-                if isinstance(event, End):
-                    return
+            events = AgentClient(transport).start_follow(program)
+            try:
+                async for event in events:
+                    if isinstance(event, StateUpdate):
+                        started = True
+                        self.records.update(run_id, event.state)
+                    elif isinstance(event, OutputChunk):
+                        offsets[event.stream] = event.offset + len(event.data)
+                    yield event
+                    if isinstance(event, End):
+                        return
+            finally:
+                await events.aclose()  # frees the channel now, not when collected
         except ConnectionLost as e:
             if not started:
                 self.records.mark(run_id, "unknown", str(e))
@@ -334,23 +338,26 @@ class Chaperone:
                     events = client.start_follow(restart)  # it may never have started
                 else:
                     events = client.follow(run_id, offsets)
-                async for event in events:
-                    if isinstance(event, OutputChunk):
-                        have = offsets[event.stream]
-                        end = event.offset + len(event.data)
-                        if end <= have:
-                            continue
-                        if event.offset > have:
-                            raise ChaperoneError("output gap in %s at %d" % (event.stream, have))
-                        event = OutputChunk(event.stream, have, event.data[have - event.offset:])
-                        offsets[event.stream] = end
-                    elif isinstance(event, StateUpdate):
-                        self.records.update(run_id, event.state)
-                    yield event
-                    if isinstance(event, End):
-                        return
-                    delay = 0.25
-                    give_up = loop.time() + reconnect_for
+                try:
+                    async for event in events:
+                        if isinstance(event, OutputChunk):
+                            have = offsets[event.stream]
+                            end = event.offset + len(event.data)
+                            if end <= have:
+                                continue
+                            if event.offset > have:
+                                raise ChaperoneError("output gap in %s at %d" % (event.stream, have))
+                            event = OutputChunk(event.stream, have, event.data[have - event.offset:])
+                            offsets[event.stream] = end
+                        elif isinstance(event, StateUpdate):
+                            self.records.update(run_id, event.state)
+                        yield event
+                        if isinstance(event, End):
+                            return
+                        delay = 0.25
+                        give_up = loop.time() + reconnect_for
+                finally:
+                    await events.aclose()  # frees the channel now, not when collected
             except ChaperoneError as e:
                 # A broken connection, or a reconnect that could not connect
                 # (yet: refused, timed out, no route): the host may come back.

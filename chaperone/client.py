@@ -112,7 +112,9 @@ class AgentClient:
             code = await proc.wait()
             if code != 0:
                 raise self._failure(code, await proc.stderr())
-            raise ConnectionLost("the output stream from %s ended early" % self.transport.host)
+            # The agent exited cleanly without its end frame: not a broken
+            # connection (worth retrying) but a broken agent.
+            raise ChaperoneError("the agent on %s ended its output stream early" % self.transport.host)
         except ProtocolError as e:
             raise ChaperoneError(str(e)) from None
         finally:

@@ -8,7 +8,6 @@ that crashes, hangs, or writes malformed results does.
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path

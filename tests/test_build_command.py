@@ -66,7 +66,7 @@ def test_ssh_as():
         "ssh", "-o", "BatchMode=yes", "-l", "bob", "--", "h", "/bin/sh -c true"]
 
 
-def test_sudo_then_ssh():
+def test_sudo_then_ssh_argv():
     assert build_command("echo $X", host="h", user="bob", options={"mode": "sudo-then-ssh"}) == [
         "sudo", "-n", "-u", "bob", "--", "ssh", "-o", "BatchMode=yes", "--", "h",
         "/bin/sh -c 'echo $X'"]

@@ -5,7 +5,6 @@ processes."""
 
 import asyncio
 import hashlib
-import os
 import signal
 import subprocess
 import sys

@@ -362,8 +362,6 @@ def test_a_slot_is_reused_only_once_its_channel_is_closed(sshd, tmp_path):
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=True, reason="chaperone/api.py: Chaperone.stream returns at End without closing "
-                   "the agent follow generator, so its channel stays taken until the generator is finalized")
 def test_wait_gives_its_channel_back_when_it_returns(sshd, tmp_path):
     from chaperone.api import Chaperone
 
