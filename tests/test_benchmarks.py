@@ -20,7 +20,7 @@ FIELDS = {"id", "name", "value", "unit", "baseline", "ratio", "target", "status"
 #: Row ids every run reports (measured, skipped or error, never missing).
 HEADLINES = {
     "cli_startup", "cold_launch", "launch_throughput", "launch_vs_ansible", "spool_throughput",
-    "agent_cpu_per_gib", "agent_memory", "idle_cost", "delivery_logs", "delivery_stream",
+    "agent_cpu_per_gib", "agent_memory", "idle_cost", "delivery_logs", "delivery_stream", "delivery_callback",
     "reconnect_status", "records_ps",
 }
 
