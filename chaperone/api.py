@@ -381,7 +381,14 @@ class Chaperone:
 
     async def output(self, run_id: str, stream: str = "stdout", offset: int = 0,
                      length: Optional[int] = None) -> bytes:
+        """Bytes of the run's spooled output (held in memory: see output_stream)."""
         return await self.client(run_id).output(run_id, stream, offset, length)
+
+    async def output_stream(self, run_id: str, stream: str = "stdout", offset: int = 0) -> AsyncIterator[bytes]:
+        """The run's spooled output from ``offset`` to what it holds now, in
+        chunks as they arrive (one call to the host, any size)."""
+        async for chunk in self.client(run_id).output_stream(run_id, stream, offset):
+            yield chunk
 
     # Acting --------------------------------------------------------------------
 

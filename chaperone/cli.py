@@ -50,6 +50,8 @@ def _run_async(coro_fn):
         sys.exit(130)
     except (OSError, ValueError) as e:
         _fail(str(e) or type(e).__name__)
+    except Exception as e:  # never a traceback: one line, and how to see more
+        _fail("internal error: %s: %s (please report it)" % (type(e).__name__, e))
 
 
 def _print_json(obj) -> None:
@@ -277,14 +279,13 @@ def logs(run_id, use_stderr, follow):
 
     async def go(ch):
         if not follow:
-            offset = 0
-            while True:
-                data = await ch.output(run_id, stream, offset, 64 << 20)
-                if not data:
-                    return 0
-                out.write(data)
+            try:
+                async for data in ch.output_stream(run_id, stream):
+                    out.write(data)
                 out.flush()
-                offset += len(data)
+            except BrokenPipeError:
+                return 141
+            return 0
         from .api import SKIP_OUTPUT
         from .protocol import OutputChunk
 

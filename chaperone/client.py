@@ -96,6 +96,36 @@ class AgentClient:
         payload, _ = await self._run(args)
         return payload
 
+    async def output_stream(self, run_id: str, stream: str, offset: int = 0) -> AsyncIterator[bytes]:
+        """The bytes of a spool file from ``offset`` to its current end, as
+        they arrive (one agent call, nothing held in memory)."""
+        marker = _marker()
+        needle = b"\n" + marker.encode() + b"\n"
+        proc = await self.transport.open(
+            ["--marker", marker, "output", run_id, "--stream", stream, "--offset", str(offset)])
+        try:
+            head = b""
+            while True:
+                chunk = await proc.read()
+                if not chunk:
+                    break
+                if head is not None:
+                    head += chunk
+                    at = head.find(needle)
+                    if at < 0:
+                        head = head[-(len(needle) - 1):]
+                        continue
+                    chunk, head = head[at + len(needle):], None
+                if chunk:
+                    yield chunk
+            code = await proc.wait()
+            if code != 0:
+                raise self._failure(code, await proc.stderr())
+            if head is not None:
+                raise ChaperoneError("the agent's reply has no marker (is python3 working there?)")
+        finally:
+            proc.close()
+
     async def _events(self, args: List[str], stdin: bytes, json_line: bool) -> AsyncIterator[Event]:
         marker = _marker()
         proc: AgentProcess = await self.transport.open(["--marker", marker, *args], stdin)

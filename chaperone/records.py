@@ -71,6 +71,16 @@ class Records:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring a database made by an earlier version up to this schema."""
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        if "command" not in columns:
+            self.db.execute("ALTER TABLE runs ADD COLUMN command TEXT")
+            rows = self.db.execute("SELECT id, argv FROM runs").fetchall()
+            self.db.executemany("UPDATE runs SET command = ? WHERE id = ?",
+                                [(shlex.join(json.loads(argv)), run_id) for run_id, argv in rows])
 
     def close(self) -> None:
         self.db.close()

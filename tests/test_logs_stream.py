@@ -1,0 +1,53 @@
+"""`chaperone logs ID` over SSH streams the spool file in one agent call:
+exact bytes, any size, without holding them in memory."""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+WRITER = ("import hashlib,os,sys\n"
+          "h=hashlib.sha256()\n"
+          "for i in range(40):\n"
+          "    b=hashlib.sha256(str(i).encode()).digest()*32768+bytes([0,255,10,13])\n"
+          "    h.update(b); sys.stdout.buffer.write(b)\n"
+          "sys.stderr.write(h.hexdigest())\n")
+
+
+def cli(sshd, home, *args, stdout=subprocess.PIPE):
+    env = dict(os.environ, CHAPERONE_HOME=str(home))
+    return subprocess.run([sys.executable, "-m", "chaperone.cli", "-F", str(sshd.config_file), *args],
+                          env=env, stdout=stdout, stderr=subprocess.PIPE, timeout=120)
+
+
+@pytest.mark.timeout(120)
+def test_logs_of_a_40_mb_run_over_ssh_are_exact(sshd, tmp_path):
+    res = cli(sshd, tmp_path, "run", "-d", "testhost", "--spool", str(tmp_path / "spool"), "--",
+              "python3", "-c", WRITER)
+    assert res.returncode == 0, res.stderr
+    run_id = res.stdout.decode().strip()
+    assert cli(sshd, tmp_path, "wait", run_id).returncode == 0
+    expected = cli(sshd, tmp_path, "logs", run_id, "--stderr").stdout.decode()
+    out = tmp_path / "out"
+    with open(out, "wb") as f:
+        res = cli(sshd, tmp_path, "logs", run_id, stdout=f)
+    assert res.returncode == 0 and res.stderr == b"", res.stderr
+    data = out.read_bytes()
+    assert len(data) == 40 * (32 * 32768 + 4)
+    assert hashlib.sha256(data).hexdigest() == expected
+
+
+@pytest.mark.timeout(120)
+def test_logs_into_a_closed_pipe_ends_quietly(sshd, tmp_path):
+    res = cli(sshd, tmp_path, "run", "-d", "testhost", "--spool", str(tmp_path / "spool"), "--",
+              "python3", "-c", WRITER)
+    run_id = res.stdout.decode().strip()
+    assert cli(sshd, tmp_path, "wait", run_id).returncode == 0
+    env = dict(os.environ, CHAPERONE_HOME=str(tmp_path))
+    p = subprocess.run("%s -m chaperone.cli -F %s logs %s | head -c 5 | od -An -c"
+                       % (sys.executable, sshd.config_file, run_id), shell=True, env=env,
+                       capture_output=True, timeout=60)
+    assert p.stdout.split()[:1] != []
+    assert b"Traceback" not in p.stderr
