@@ -711,13 +711,7 @@ class Supervisor(object):
                     except BlockingIOError:
                         pass
                 elif fd == ctl_fd:
-                    try:
-                        ctl_buf += os.read(ctl_fd, 65536)
-                    except BlockingIOError:
-                        pass
-                    while b"\n" in ctl_buf:
-                        line, ctl_buf = ctl_buf.split(b"\n", 1)
-                        self.control(line)
+                    ctl_buf = self.read_control(ctl_fd, ctl_buf)
             while pending:
                 sig = pending.pop(0)
                 if sig != signal.SIGCHLD:
@@ -771,6 +765,18 @@ class Supervisor(object):
                 break  # give the other stream and signals a turn
         if total and self.sender:
             self.sender.output_written()
+
+    def read_control(self, fd, buf):
+        """Read what the control FIFO holds, act on each whole line, and
+        return the partial line left over."""
+        try:
+            buf += os.read(fd, 65536)
+        except BlockingIOError:
+            pass
+        while b"\n" in buf:
+            line, buf = buf.split(b"\n", 1)
+            self.control(line)
+        return buf
 
     def control(self, line):
         try:
@@ -850,15 +856,8 @@ class Supervisor(object):
             self.sender.finish(wait=False)
             buf = getattr(self, "ctl_buf", b"")
             while self.sender.is_alive():
-                if not select.select([ctl_fd], [], [], 0.5)[0]:
-                    continue
-                try:
-                    buf += os.read(ctl_fd, 65536)
-                except BlockingIOError:
-                    pass
-                while b"\n" in buf:
-                    line, buf = buf.split(b"\n", 1)
-                    self.control(line)
+                if select.select([ctl_fd], [], [], 0.5)[0]:
+                    buf = self.read_control(ctl_fd, buf)
         finally:
             if ctl_fd is not None:
                 os.close(ctl_fd)
