@@ -39,7 +39,7 @@ class AgentClient:
             proc.close()
         data = b"".join(chunks)
         try:
-            return payload_after_marker(data, marker), marker
+            return payload_after_marker(data, marker)
         except ProtocolError as e:
             raise ChaperoneError(str(e)) from None
 
@@ -56,7 +56,7 @@ class AgentClient:
         return AgentFailed(message, code)
 
     async def _json(self, args: List[str], stdin: bytes = b""):
-        payload, _ = await self._run(args, stdin)
+        payload = await self._run(args, stdin)
         try:
             return json.loads(payload.split(b"\n", 1)[0])
         except ValueError as e:
@@ -93,8 +93,7 @@ class AgentClient:
         args = ["output", run_id, "--stream", stream, "--offset", str(offset)]
         if length is not None:
             args += ["--length", str(length)]
-        payload, _ = await self._run(args)
-        return payload
+        return await self._run(args)
 
     async def output_stream(self, run_id: str, stream: str, offset: int = 0) -> AsyncIterator[bytes]:
         """The bytes of a spool file from ``offset`` to its current end, as
