@@ -57,6 +57,42 @@ _BOOTSTRAP = (
 ) % (SHIP_AGAIN, SHIP_AGAIN)
 
 
+def _cpu_has_aes() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return "aes" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
+
+
+def _preferred_ciphers(config_files: Sequence[str]) -> Optional[List[str]]:
+    """asyncssh's default ciphers with AES-GCM first when the CPU has AES
+    instructions: every byte of output crosses this cipher in Python's one
+    thread, and AES-GCM moves ~1.6x what chacha20-poly1305 does there
+    (OpenSSH puts chacha first for CPUs without AES).  Only the order
+    changes, and never when an ssh config names its own ``Ciphers``."""
+    import os
+
+    files = list(config_files) or [os.path.expanduser("~/.ssh/config")]
+    for path in files:
+        try:
+            with open(path, errors="replace") as f:
+                if any(line.strip().lower().startswith("ciphers") for line in f):
+                    return None
+        except OSError:
+            continue
+    if not _cpu_has_aes():
+        return None
+    from asyncssh.encryption import get_default_encryption_algs
+
+    algs = [a.decode() for a in get_default_encryption_algs()]
+    gcm = [a for a in algs if "-gcm@" in a]
+    return gcm + [a for a in algs if a not in gcm]
+
+
 class ConnectFailed(ChaperoneError):
     """Could not connect to or log in to the host.  ``transient``: worth
     retrying later (refused, timed out, reset), as opposed to a wrong host
@@ -213,6 +249,9 @@ class SSHTransport(Transport):
             options["known_hosts"] = None
         elif self.known_hosts:
             options["known_hosts"] = self.known_hosts
+        ciphers = _preferred_ciphers(self.config)
+        if ciphers:
+            options["encryption_algs"] = ciphers
         return options
 
     async def _new_connection(self) -> _Conn:
