@@ -735,6 +735,12 @@ class Supervisor(object):
         # a new callback address (the scheduler's tunnel came back) must get in.
         self.ctl_fd, self.ctl_buf = ctl_fd, ctl_buf
         self.record_end()
+        # The program is gone and its final state is on disk: from here a
+        # SIGTERM/SIGINT/SIGHUP ends the supervisor (and any callbacks it
+        # still owes) instead of being forwarded to nobody.
+        signal.set_wakeup_fd(-1)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
 
     def pump(self, fd, poller, use_splice, final=False):
         name = self.pipes[fd]

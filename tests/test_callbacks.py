@@ -204,3 +204,38 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.timeout(60)
+def test_a_supervisor_still_owing_callbacks_ends_on_sigterm(tmp_path):
+    """Once the program ended (final state on disk) a supervisor retrying
+    callbacks to a scheduler that is gone obeys SIGTERM instead of
+    forwarding it to nobody: it would otherwise linger for callback_timeout."""
+    import psutil
+
+    cert, _ = ensure_certificate(tmp_path / "tls")
+    callback = {"url": "https://127.0.0.1:%d/api/v1/agent/" % _free_port(), "token": "t" * 43,
+                "cert": cert_pem(cert)}
+
+    async def main():
+        async with Chaperone(tmp_path / "home") as ch:
+            run = await ch.start("local", ["sh", "-c", "echo done"], callback=callback,
+                                 config={"retry_frequency": 0.2})  # callback_timeout: a day
+            return await ch.wait(run.id)
+
+    st = run_async(main())
+    assert st["state"] == "done" and st["return_code"] == 0
+    sup = psutil.Process(st["agent_pid"])
+    assert sup.is_running() and sup.status() != psutil.STATUS_ZOMBIE  # still retrying
+    sup.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            if sup.status() == psutil.STATUS_ZOMBIE:
+                break
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.05)
+    else:
+        sup.kill()
+        raise AssertionError("the supervisor ignored SIGTERM")
