@@ -345,17 +345,6 @@ class SSHTransport(Transport):
         self._free_slot(c)
         return c.conn
 
-    async def forward_remote(self, local_port: int, local_host: str = "127.0.0.1"):
-        """Listen on the host's loopback (a free port) and forward to
-        ``local_host:local_port`` here; returns the asyncssh listener
-        (``get_port()`` is the port on the host).  Lives as long as the
-        connection does."""
-        conn = await self.connection()
-        try:
-            return await conn.forward_remote_port("127.0.0.1", 0, local_host, local_port)
-        except (asyncssh.Error, OSError) as e:
-            raise ConnectionLost("cannot forward a port from %s: %s" % (self.host, e)) from None
-
     async def close(self) -> None:
         for c in self._conns:
             c.conn.close()

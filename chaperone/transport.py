@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import os
 import sys
 from typing import List, Optional
 
@@ -112,6 +111,3 @@ class LocalTransport(Transport):
     def describe(self) -> dict:
         return {"host": "local", "root": self.root, "python": self.python}
 
-
-def local_transport_for(home: os.PathLike) -> LocalTransport:
-    return LocalTransport(root=os.path.join(os.fspath(home), "spool"))
