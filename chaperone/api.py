@@ -25,11 +25,9 @@ from typing import AsyncIterator, Callable, Dict, List, Mapping, Optional, Seque
 from .client import AgentClient
 from .errors import ChaperoneError, ConnectionLost, NoSuchRun, UsageError
 from .agent_source import agent_module
-from .protocol import End, Event, OutputChunk, StateUpdate
+from .protocol import STREAMS, End, Event, OutputChunk, StateUpdate
 from .records import Records, chaperone_home
 from .transport import LocalTransport, Transport
-
-STREAMS = ("stdout", "stderr")
 
 #: Follow offsets that skip all output (for ``wait``).
 SKIP_OUTPUT = {"stdout": 1 << 62, "stderr": 1 << 62}

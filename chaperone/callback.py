@@ -227,7 +227,9 @@ class CallbackServer:
         if self._runner is not None:
             raise RuntimeError("callback server already started")
         if cert_dir is None:
-            cert_dir = Path.home() / ".chaperone" / "tls"
+            from .records import chaperone_home
+
+            cert_dir = chaperone_home() / "tls"
         cert_path, key_path = certs.ensure_certificate(Path(cert_dir), hostnames)
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2

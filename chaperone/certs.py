@@ -105,7 +105,11 @@ def ensure_certificate(directory: Path, hostnames: Iterable[str] = ()) -> Tuple[
     """Return ``(cert_path, key_path)`` in ``directory``, creating a
     self-signed P-256 certificate and key on first use (key mode 0600)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    old_umask = os.umask(0o077)  # missing parents are private too, not only the leaf
+    try:
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    finally:
+        os.umask(old_umask)
     cert_path = directory / CERT_NAME
     key_path = directory / KEY_NAME
     if cert_path.is_file() and key_path.is_file():

@@ -20,6 +20,8 @@ from typing import Dict, List, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .protocol import STREAMS  # noqa: F401 - part of the wire format, re-exported
+
 PROTOCOL_VERSION = 1
 
 #: A run id: starts with a letter or digit, then letters, digits, ``._-``;
@@ -27,7 +29,6 @@ PROTOCOL_VERSION = 1
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _RUN_ID_RE = re.compile(RUN_ID_PATTERN)
 
-STREAMS = ("stdout", "stderr")
 
 
 def check_run_id(value: str) -> str:

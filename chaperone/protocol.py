@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from typing import List, Optional, Union
 
 FRAME = struct.Struct("!cQI")
-KIND_STREAM = {b"1": "stdout", b"2": "stderr"}
+#: The output streams of a run (the agent mirrors this; tests check it).
+STREAMS = ("stdout", "stderr")
+KIND_STREAM = {b"1": STREAMS[0], b"2": STREAMS[1]}
 
 
 class ProtocolError(Exception):

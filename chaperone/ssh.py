@@ -393,7 +393,7 @@ class SSHTransport(Transport):
 
     async def _do_ship(self, c: _Conn) -> None:
         script = (
-            "umask 077; mkdir -p {dir} || exit 3; t={dir}/.agent.$$.tmp; cat > \"$t\" || exit 3; "
+            "umask 077; mkdir -p {dir} && chmod 700 {dir} || exit 3; t={dir}/.agent.$$.tmp; cat > \"$t\" || exit 3; "
             "{py} -c 'import hashlib,sys; sys.exit(hashlib.sha256(open(sys.argv[1],\"rb\").read())"
             ".hexdigest()!=sys.argv[2])' \"$t\" {hash}; s=$?; "
             # 127: no such python (not a damaged upload).

@@ -319,7 +319,11 @@ def default_root():
 
 def ensure_root(root):
     try:
-        os.makedirs(root, mode=0o700, exist_ok=True)
+        old_umask = os.umask(0o077)  # missing parents (~/.chaperone) are private too
+        try:
+            os.makedirs(root, mode=0o700, exist_ok=True)
+        finally:
+            os.umask(old_umask)
     except OSError as e:
         raise AgentError("cannot create spool directory %s: %s" % (root, e.strerror), 3)
     if not os.access(root, os.W_OK | os.X_OK):

@@ -372,3 +372,38 @@ def test_agent_runs_on_python38(root):
     assert json.loads(res.stdout.decode())["errno"] == errno.ENOENT
     res = agent(root, "status", "nope", python=PY38)
     assert res.returncode == 4 and res.stderr.count(b"\n") == 1
+
+
+@pytest.mark.timeout(30)
+def test_batch_start_starts_each_document_on_its_own(root):
+    """`start` with a JSON array (what the library sends for concurrent
+    starts to one host): a rejected document does not stop the others, and
+    an id twice in one batch starts one program."""
+    good = [program("batch-%d" % i, ["sh", "-c", "echo %d >> %s/ran-%d" % (i, root, i)]) for i in range(3)]
+    docs = [good[0], {"id": "bad/id", "program": {"argv": ["true"]}}, good[1], good[2], good[1],
+            {"program": {"argv": ["true"]}}]
+    res = agent(root, "start", input=json.dumps(docs).encode())
+    assert res.returncode == 0, res.stderr
+    answers = json.loads(res.stdout.decode())
+    assert len(answers) == len(docs)
+    assert answers[1]["id"] == "bad/id" and "invalid run id" in answers[1]["rejected"]
+    assert answers[5]["id"] is None and "missing field 'id'" in answers[5]["rejected"]
+    for i, at in ((0, 0), (1, 2), (2, 3)):
+        assert answers[at]["id"] == "batch-%d" % i and answers[at]["state"] in ("running", "done")
+        st = wait_state(root, "batch-%d" % i, ("done",))
+        assert st["return_code"] == 0
+        with open(os.path.join(str(root), "ran-%d" % i)) as f:
+            assert f.read() == "%d\n" % i  # once, even for batch-1 given twice
+    assert answers[4]["pid"] == answers[2]["pid"]
+    assert not os.path.exists(os.path.join(str(root), "bad"))
+    assert agent(root, "start", input=b"[]").returncode == 2
+
+
+@pytest.mark.timeout(30)
+def test_spool_root_parents_the_agent_creates_are_private(tmp_path):
+    """`--root a/b/runs` where none exists: every directory the agent makes
+    is 0700 (e.g. ~/.chaperone on a new host), not only the last."""
+    root = tmp_path / "a" / "b" / "runs"
+    agent_start(root, program("priv-1", ["true"]))
+    for d in (tmp_path / "a", tmp_path / "a" / "b", root, root / "priv-1"):
+        assert stat.S_IMODE(os.stat(str(d)).st_mode) == 0o700, d

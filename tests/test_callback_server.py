@@ -475,3 +475,28 @@ def test_client_with_other_cert_refuses(tmp_path):
             assert h.m1.held("stdout") == 0
 
     run(scenario())
+
+
+def test_certificate_directory_parents_are_private(tmp_path):
+    """Missing parents of the certificate directory are made 0700 too."""
+    import stat as _stat
+
+    certs.ensure_certificate(tmp_path / "home" / "tls")
+    for d in (tmp_path / "home", tmp_path / "home" / "tls"):
+        assert _stat.S_IMODE(d.stat().st_mode) == 0o700, d
+
+
+def test_server_certificate_defaults_to_chaperone_home(tmp_path, monkeypatch):
+    """Without cert_dir the server keeps its certificate under
+    $CHAPERONE_HOME/tls (never in a directory of its own choosing)."""
+    monkeypatch.setenv("CHAPERONE_HOME", str(tmp_path / "home"))
+
+    async def main():
+        server = CallbackServer()
+        await server.start()
+        try:
+            return server.cert_path
+        finally:
+            await server.stop()
+
+    assert asyncio.run(main()).parent == tmp_path / "home" / "tls"

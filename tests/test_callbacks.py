@@ -239,3 +239,46 @@ def test_a_supervisor_still_owing_callbacks_ends_on_sigterm(tmp_path):
     else:
         sup.kill()
         raise AssertionError("the supervisor ignored SIGTERM")
+
+
+@pytest.mark.timeout(60)
+def test_agent_batches_output_by_buffer_and_sends_heartbeats(tmp_path):
+    """The agent's side of the callbacks: no body over ``output_buffer``
+    bytes, all of them in order; and heartbeats (state updates) while the
+    program runs quietly, before the one final ``completed``."""
+    from chaperone.callback import CallbackServer
+    from chaperone.mirror import OutputMirror
+
+    bodies, states = [], []
+
+    async def main():
+        server = CallbackServer()
+        await server.start(cert_dir=tmp_path / "tls")
+        try:
+            mirror = OutputMirror(tmp_path / "mirror")
+            token = server.register("hb-1", mirror,
+                                    on_state=lambda rid, st, final: states.append((st.state, final)),
+                                    on_output=lambda rid, stream, held: bodies.append((stream, held)))
+            async with Chaperone(tmp_path / "home") as ch:
+                run = await ch.start(
+                    "local", ["sh", "-c", "head -c 20000 /dev/zero; sleep 1.5; printf end"], run_id="hb-1",
+                    callback={"url": server.url, "token": token, "cert": server.cert_pem, "heartbeat": 0.3},
+                    config={"output_buffer": 4096, "output_latency": 0.05, "retry_frequency": 0.2})
+                await ch.wait(run.id)
+            for _ in range(100):
+                if states and states[-1][1]:
+                    break
+                await asyncio.sleep(0.05)
+            return mirror.read("stdout")
+        finally:
+            await server.stop()
+
+    out = run_async(main())
+    assert out == bytes(20000) + b"end"
+    helds = [held for stream, held in bodies if stream == "stdout"]
+    assert helds == sorted(helds) and helds[-1] == 20003
+    steps = [b - a for a, b in zip([0] + helds, helds)]
+    assert max(steps) <= 4096 and len(helds) >= 5  # never a body over output_buffer
+    running = [s for s, final in states if not final]
+    assert len(running) >= 3, states  # started + heartbeats during the 1.5 s sleep
+    assert [s for s, final in states if final] == ["done"]
