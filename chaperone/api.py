@@ -139,7 +139,9 @@ class Chaperone:
 
     def __init__(self, home: Optional[os.PathLike] = None, *, ssh_config: Optional[Sequence[str]] = None,
                  known_hosts: Optional[str] = None, check_host_keys: bool = True,
-                 python: Optional[str] = None):
+                 python: Optional[str] = None, ssh_client: str = "asyncssh"):
+        if ssh_client not in ("asyncssh", "openssh"):
+            raise UsageError("unknown ssh client %r: asyncssh or openssh" % ssh_client)
         self.home = chaperone_home(home)
         self._records: Optional[Records] = None
         self._transports: Dict[str, Transport] = {}
@@ -148,6 +150,19 @@ class Chaperone:
         self.known_hosts = known_hosts
         self.check_host_keys = check_host_keys
         self.python = python
+        #: "asyncssh": one connection per host carries many channels (for
+        #: schedulers); "openssh": one ``ssh`` process per agent call, the
+        #: cheapest for a one-shot command (the CLI's choice).
+        self.ssh_client = ssh_client
+
+    def _ssh_class(self, config: Sequence[str]):
+        if self.ssh_client == "openssh" and len(config) <= 1:
+            from .openssh import OpenSSHTransport
+
+            return OpenSSHTransport
+        from .ssh import SSHTransport
+
+        return SSHTransport
 
     @property
     def records(self) -> Records:
@@ -180,12 +195,28 @@ class Chaperone:
                 self._transports[key] = LocalTransport(
                     python=self.python, root=str(self.home / "spool"))
             else:
-                from .ssh import SSHTransport
-
-                self._transports[key] = SSHTransport(
+                self._transports[key] = self._ssh_class(self.ssh_config)(
                     host, config=self.ssh_config, known_hosts=self.known_hosts,
                     check_host_keys=self.check_host_keys, python=self.python, **ssh)
         return self._transports[key]
+
+    def preconnect(self, host: str, ssh: Optional[dict] = None) -> None:
+        """Start connecting to ``host`` in the background now, where the
+        transport can (the OpenSSH client's shared connection): the
+        handshake then overlaps whatever the caller does before its first
+        call."""
+        if host != "local":
+            warm = getattr(self.transport(host, **(ssh or {})), "warm", None)
+            if warm is not None:
+                warm()
+
+    def preconnect_run(self, run_id: str) -> None:
+        """:meth:`preconnect` to the host of a recorded run (if any)."""
+        rec = self.records.get(run_id)
+        if rec is not None and rec.host != "local":
+            warm = getattr(self._transport_for(rec), "warm", None)
+            if warm is not None:
+                warm()
 
     def _transport_for(self, record) -> Transport:
         how = dict(record.transport)
@@ -194,11 +225,10 @@ class Chaperone:
             if key not in self._transports:
                 self._transports[key] = LocalTransport(python=how.get("python"), root=how.get("root"))
             return self._transports[key]
-        from .ssh import SSHTransport
-
         key = json.dumps(["record", how])
         if key not in self._transports:
-            self._transports[key] = SSHTransport.from_description(how)
+            config = (how.get("ssh") or {}).get("config") or ()
+            self._transports[key] = self._ssh_class(config).from_description(how)
         return self._transports[key]
 
     def record(self, run_id: str):

@@ -36,8 +36,15 @@ def _run_async(coro_fn):
 
     async def main():
         ch = Chaperone(ssh_config=opts.get("ssh_config") or None, python=ctx.params.get("python"),
-                       check_host_keys=not ctx.params.get("no_host_key_check", False))
+                       check_host_keys=not ctx.params.get("no_host_key_check", False),
+                       ssh_client=_ssh_client())
         try:
+            run_id = ctx.params.get("run_id")
+            if run_id and ctx.info_name != "run":
+                try:
+                    ch.preconnect_run(run_id)  # the handshake overlaps the rest
+                except ChaperoneError:
+                    pass  # the command itself will say what is wrong
             return await coro_fn(ch)
         finally:
             await ch.close()
@@ -52,6 +59,18 @@ def _run_async(coro_fn):
         _fail(str(e) or type(e).__name__)
     except Exception as e:  # never a traceback: one line, and how to see more
         _fail("internal error: %s: %s (please report it)" % (type(e).__name__, e))
+
+
+def _ssh_client() -> str:
+    """OpenSSH's ``ssh`` when it is installed (a one-shot command costs
+    about what ``ssh HOST true`` costs), else asyncssh;
+    ``$CHAPERONE_SSH_CLIENT`` (openssh or asyncssh) decides otherwise."""
+    chosen = os.environ.get("CHAPERONE_SSH_CLIENT")
+    if chosen:
+        return chosen
+    from .openssh import ssh_binary
+
+    return "openssh" if ssh_binary() else "asyncssh"
 
 
 def _print_json(obj) -> None:
@@ -133,6 +152,8 @@ def run(host, command, run_id, detach, env, cwd, timeout, kill_grace, stdin_file
             _fail("cannot read --stdin %s: %s" % (stdin_file, e.strerror), 2)
 
     async def go(ch):
+        if host != "local":
+            ch.preconnect(host, _ssh_settings(ssh))
         from .api import exit_code_for, new_run_id, parse_env
 
         kw = dict(run_id=run_id or new_run_id(), cwd=cwd, env=parse_env(env), timeout=timeout, stdin=stdin_data,

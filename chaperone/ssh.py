@@ -19,42 +19,18 @@ travels on the channel's stdin, never in argv.
 from __future__ import annotations
 
 import asyncio
-import shlex
 import socket
 from typing import List, Optional, Sequence
 
 import asyncssh
 
-from .agent_source import agent_bytes, agent_hash
+from .agent_source import agent_bytes
 from .errors import ChaperoneError, ConnectionLost
+from .sshcommon import (DEFAULT_CONNECT_TIMEOUT, REMOTE_DIR, SHIP_AGAIN, ConnectFailed, agent_command,
+                        agent_file, no_python, ship_command, ship_failure, shipped_but_missing)
 from .transport import AgentProcess, Transport
 
-#: Exit status of the remote bootstrap when the agent file is missing, stale or damaged.
-SHIP_AGAIN = 97
-REMOTE_DIR = "~/.chaperone"
-#: Seconds to connect and log in when neither ``connect_timeout`` nor the
-#: SSH config's ``ConnectTimeout`` says.
-DEFAULT_CONNECT_TIMEOUT = 15.0
-
-#: Run by ``python -c`` on the host: ``BOOT AGENT_FILE SHA256 ARGS...`` runs
-#: AGENT_FILE with ARGS if its content has that hash, else exits 97.
-_BOOTSTRAP = (
-    "import sys,hashlib\n"
-    "try:\n"
-    "    _b=open(sys.argv[1],'rb').read()\n"
-    "except OSError:\n"
-    "    sys.exit(%d)\n"
-    "if hashlib.sha256(_b).hexdigest()!=sys.argv[2]:\n"
-    "    sys.exit(%d)\n"
-    # Loaded as a module so that its bytecode is cached (a hash-checked
-    # .pyc written when it was shipped): no 1,400-line compile per call.
-    "import importlib.util as _u\n"
-    "_s=_u.spec_from_file_location('chaperone_agent',sys.argv[1])\n"
-    "_m=_u.module_from_spec(_s)\n"
-    "sys.argv=sys.argv[1:2]+sys.argv[3:]\n"
-    "_s.loader.exec_module(_m)\n"
-    "sys.exit(_m.main())\n"
-) % (SHIP_AGAIN, SHIP_AGAIN)
+__all__ = ["SSHTransport", "ConnectFailed", "SHIP_AGAIN", "REMOTE_DIR"]
 
 
 def _cpu_has_aes() -> bool:
@@ -91,16 +67,6 @@ def _preferred_ciphers(config_files: Sequence[str]) -> Optional[List[str]]:
     algs = [a.decode() for a in get_default_encryption_algs()]
     gcm = [a for a in algs if "-gcm@" in a]
     return gcm + [a for a in algs if a not in gcm]
-
-
-class ConnectFailed(ChaperoneError):
-    """Could not connect to or log in to the host.  ``transient``: worth
-    retrying later (refused, timed out, reset), as opposed to a wrong host
-    key or a refused login."""
-
-    def __init__(self, message: str, transient: bool = False):
-        super().__init__(message)
-        self.transient = transient
 
 
 def _connect_error(host: str, e: BaseException) -> ConnectFailed:
@@ -209,7 +175,7 @@ class SSHTransport(Transport):
         self._closers: set = set()
         self._ship_lock = asyncio.Lock()
         self._shipped = 0  # how many times this transport shipped the agent
-        self.agent_file = "%s/agent-%s.py" % (REMOTE_DIR, agent_hash()[:16])
+        self.agent_file = agent_file()
 
     # Records ---------------------------------------------------------------
 
@@ -366,22 +332,7 @@ class SSHTransport(Transport):
     # Running the agent -----------------------------------------------------
 
     def _command(self, args: List[str]) -> str:
-        agent = self.agent_file
-        if self.root:
-            args = ["--root", self.root, *args]
-        # A small bootstrap reads the agent file, checks its sha256 and only
-        # then runs it (as __main__, in the same process): a missing,
-        # damaged, truncated or stale copy exits 97 ("ship it again") before
-        # any of it runs.  (Checking the hash inside the agent alone misses
-        # a copy too damaged to reach that check: empty, truncated, a syntax
-        # error.)  The agent checks its own hash too (--expect-hash).
-        # -I -S: stdlib only, nothing from the host's site-packages or PYTHON* vars.
-        # A missing python makes `exec` fail with 127.
-        script = "exec %s -I -S -c %s %s %s --expect-hash %s %s" % (
-            shlex.quote(self.python), shlex.quote(_BOOTSTRAP), agent, agent_hash(), agent_hash(),
-            " ".join(shlex.quote(a) for a in args))
-        # The remote login shell runs `sh -c SCRIPT`: plain sh syntax only.
-        return "sh -c %s" % shlex.quote(script)
+        return agent_command(self.python, self.root, args)
 
     async def _ship(self, c: _Conn, shipped_before: int) -> None:
         """Ship the agent (on ``c``, in the caller's slot), unless another
@@ -392,19 +343,8 @@ class SSHTransport(Transport):
                 self._shipped += 1
 
     async def _do_ship(self, c: _Conn) -> None:
-        script = (
-            "umask 077; mkdir -p {dir} && chmod 700 {dir} || exit 3; t={dir}/.agent.$$.tmp; cat > \"$t\" || exit 3; "
-            "{py} -c 'import hashlib,sys; sys.exit(hashlib.sha256(open(sys.argv[1],\"rb\").read())"
-            ".hexdigest()!=sys.argv[2])' \"$t\" {hash}; s=$?; "
-            # 127: no such python (not a damaged upload).
-            "if [ $s -ne 0 ]; then rm -f \"$t\"; [ $s -eq 127 ] && exit 127; exit 4; fi; "
-            "mv -f \"$t\" {dst} || exit 3; "
-            # Its bytecode, checked against the source's hash at each load.
-            "{py} -I -S -c 'import py_compile,sys; py_compile.compile(sys.argv[1], doraise=True, "
-            "invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)' {dst} >/dev/null 2>&1; exit 0"
-        ).format(dir=REMOTE_DIR, py=shlex.quote(self.python), hash=agent_hash(), dst=self.agent_file)
         try:
-            proc = await self._create_process(c, "sh -c %s" % shlex.quote(script))
+            proc = await self._create_process(c, ship_command(self.python))
             try:
                 proc.stdin.write(agent_bytes())
                 proc.stdin.write_eof()
@@ -414,14 +354,7 @@ class SSHTransport(Transport):
         except (asyncssh.Error, OSError) as e:
             raise ConnectionLost("connection to %s lost while shipping the agent: %s" % (self.host, e)) from None
         if result.exit_status != 0:
-            err = (result.stderr or b"").decode("utf-8", "replace").strip().splitlines()
-            if result.exit_status == 127:
-                raise ChaperoneError("no %s on %s (use --python to choose another)" % (self.python, self.host))
-            if result.exit_status == 3:
-                raise ChaperoneError("cannot write the agent to %s on %s: %s"
-                                     % (REMOTE_DIR, self.host, err[-1] if err else "not writable"))
-            raise ChaperoneError("cannot ship the agent to %s: %s"
-                                 % (self.host, err[-1] if err else "exit status %s" % result.exit_status))
+            raise ship_failure(result.exit_status, result.stderr, self.python, self.host)
 
     async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
         c = await self._channel_slot()
@@ -455,13 +388,11 @@ class SSHTransport(Transport):
                     result = await proc.wait()  # until the channel is closed
                     if result.exit_status == SHIP_AGAIN:
                         if attempt:
-                            raise ChaperoneError("the agent on %s is missing or damaged right after "
-                                                 "shipping it" % self.host)
+                            raise shipped_but_missing(self.host)
                         await self._ship(c, shipped)
                         continue
                     if result.exit_status == 127:
-                        raise ChaperoneError("no %s on %s (use --python to choose another)"
-                                             % (self.python, self.host))
+                        raise no_python(self.python, self.host)
                 return _SSHProcess(self, c, _Replay(proc, first or b"", None if first else result))
             raise AssertionError("not reached")
         except BaseException:

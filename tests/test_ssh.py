@@ -192,7 +192,7 @@ def test_foreground_run_and_follower_reconnect_after_sessions_are_killed(sshd, t
             run_out.wait_for(lambda d: len(d) > len(have) + 20)
         fol_err.wait_for(lambda d: b"reconnecting" in d)
         assert run.wait(timeout=60) == 3
-        assert follower.wait(timeout=60) == 0
+        assert follower.wait(timeout=60) == 0, fol_err.join()
     finally:
         for p in (run, follower):
             if p is not None and p.poll() is None:

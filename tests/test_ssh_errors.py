@@ -17,14 +17,21 @@ from helpers import CLI, cli_env
 from sshd import free_port
 
 
-def write_config(path, sshd, alias, hostname="127.0.0.1", port=None, known_hosts=None, **extra):
+@pytest.fixture(params=["openssh", "asyncssh"], autouse=True)
+def ssh_client(request, monkeypatch):
+    """Every case with both SSH clients: the same failure, the same line."""
+    monkeypatch.setenv("CHAPERONE_SSH_CLIENT", request.param)
+    return request.param
+
+
+def write_config(path, sshd, alias, hostname="127.0.0.1", port=None, known_hosts=None, identity=None, **extra):
     """An ssh_config with one Host block like the fixture's ``testhost``."""
     lines = [
         "Host %s" % alias,
         "    HostName %s" % hostname,
         "    Port %d" % (port or sshd.port),
         "    User %s" % sshd.user,
-        '    IdentityFile "%s"' % sshd.identity_file,
+        '    IdentityFile "%s"' % (identity or sshd.identity_file),
         "    IdentitiesOnly yes",
         '    UserKnownHostsFile "%s"' % (known_hosts or sshd.known_hosts),
         "    GlobalKnownHostsFile /dev/null",
@@ -103,8 +110,20 @@ def test_connection_timed_out_honours_connect_timeout(sshd, tmp_path):
 @pytest.mark.timeout(30)
 def test_authentication_failed(sshd, tmp_path):
     other = keygen(tmp_path / "not_authorized")
-    res = chaperone(tmp_path, "-F", sshd.config_file, "run", "-i", other, "testhost", "--", "true")
+    cfg = write_config(tmp_path / "cfg", sshd, "testhost", identity=other)
+    res = chaperone(tmp_path, "-F", cfg, "run", "testhost", "--", "true")
     assert_fails_cleanly(tmp_path, res, "authentication failed for testhost")
+
+
+@pytest.mark.timeout(30)
+def test_identity_option_logs_in_where_the_config_key_cannot(sshd, tmp_path):
+    # -i adds a key the config does not have (OpenSSH tries it first; the
+    # asyncssh client uses only the keys given), so the login succeeds.
+    other = keygen(tmp_path / "not_authorized")
+    cfg = write_config(tmp_path / "cfg", sshd, "testhost", identity=other)
+    res = chaperone(tmp_path, "-F", cfg, "run", "-i", sshd.identity_file, "--spool", tmp_path / "spool",
+                    "testhost", "--", "echo", "in")
+    assert (res.returncode, res.stdout, res.stderr) == (0, b"in\n", b"")
 
 
 @pytest.mark.timeout(30)

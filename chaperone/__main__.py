@@ -1,0 +1,144 @@
+"""The ``chaperone`` command (and ``python -m chaperone``): the CLI, with a
+head start for SSH.
+
+Before anything else is imported, the command line is looked at: when it
+will talk to a host over OpenSSH (``run HOST ...``, or ``status``/``logs``/
+``wait``/``kill``/``clean ID`` of a run on a remote host), a control master
+for that host starts connecting in the background.  The handshake (most of
+what ``ssh HOST true`` costs) then overlaps Python loading click, asyncio
+and the library.  The guess is only a guess: the transport adopts the
+master only if it was started with exactly the options it would use itself
+(``chaperone.sshmaster.adopt``), and a wrong guess costs one stopped
+process.  Nothing here may fail the command: any surprise means no guess.
+"""
+
+import os
+import sys
+
+#: Options that take a value, and flags, of the subcommands (as in cli.py).
+_RUN_VALUES = {"--id", "-e", "--env", "--cwd", "--timeout", "--kill-grace", "--stdin", "-p", "--port", "-l",
+               "--login", "-i", "--identity", "--python", "--spool"}
+_RUN_FLAGS = {"-d", "--detach", "--json", "--no-host-key-check"}
+_ID_COMMANDS = {
+    "status": (set(), {"--json"}),
+    "logs": (set(), {"-f", "--follow", "--stderr"}),
+    "wait": (set(), {"--json"}),
+    "kill": ({"-s", "--signal", "--grace"}, set()),
+    "clean": (set(), {"--force"}),
+}
+
+
+def _parse(args, values, flags, positionals):
+    """(options, positionals) up to ``--`` or the ``positionals``-th
+    positional argument; None when something is not understood."""
+    opts, pos = {}, []
+    i = 0
+    while i < len(args) and len(pos) < positionals:
+        arg = args[i]
+        if arg == "--":
+            break
+        if arg.startswith("-") and arg != "-":
+            name, eq, value = arg.partition("=")
+            if name in values:
+                if not eq:
+                    i += 1
+                    if i == len(args):
+                        return None
+                    value = args[i]
+                opts.setdefault(name, []).append(value)
+            elif name in flags and not eq:
+                opts[name] = [True]
+            else:
+                return None
+        else:
+            pos.append(arg)
+        i += 1
+    return opts, pos
+
+
+def _guess(argv):
+    """(host, settings) for the SSH connection this command line will make, or None."""
+    configs = []
+    i = 0
+    while i < len(argv) and argv[i] == "-F" and i + 1 < len(argv):
+        configs.append(argv[i + 1])
+        i += 2
+    if i == len(argv) or len(configs) > 1:
+        return None
+    command, rest = argv[i], argv[i + 1:]
+    if command == "run":
+        parsed = _parse(rest, _RUN_VALUES, _RUN_FLAGS, 2)
+        if parsed is None or not parsed[1] or parsed[1][0] == "local":
+            return None
+        opts, pos = parsed
+
+        def last(*names):
+            found = [v for n in names for v in opts.get(n, [])]
+            return found[-1] if found else None
+
+        port = last("-p", "--port")
+        return pos[0], dict(
+            config=configs, port=int(port) if port else None, username=last("-l", "--login"),
+            client_keys=[v for n in ("-i", "--identity") for v in opts.get(n, [])] or None,
+            check_host_keys=not last("--no-host-key-check"))
+    if command in _ID_COMMANDS:
+        parsed = _parse(rest, *_ID_COMMANDS[command], 1)
+        if parsed is None or not parsed[1]:
+            return None
+        import json
+        import sqlite3
+
+        from .records import chaperone_home
+
+        db = chaperone_home() / "runs.db"
+        if not db.exists():
+            return None
+        conn = sqlite3.connect("file:%s?mode=ro" % db, uri=True)
+        try:
+            row = conn.execute("SELECT host, transport FROM runs WHERE id = ?", (parsed[1][0],)).fetchone()
+        finally:
+            conn.close()
+        if row is None or row[0] == "local":
+            return None
+        how = json.loads(row[1])
+        ssh = how.get("ssh") or {}
+        config = ssh.get("config") or []
+        if len(config) > 1:
+            return None
+        return how["host"], dict(
+            config=config, port=ssh.get("port"), username=ssh.get("username"),
+            client_keys=ssh.get("client_keys"), known_hosts=ssh.get("known_hosts"),
+            check_host_keys=ssh.get("check_host_keys", True))
+    return None
+
+
+def _speculate(argv) -> None:
+    if os.environ.get("CHAPERONE_SSH_CLIENT", "openssh") != "openssh":
+        return
+    try:
+        guess = _guess(argv)
+        if guess is None:
+            return
+        from . import sshmaster
+
+        ssh = sshmaster.ssh_binary()
+        if ssh is None:
+            return
+        host, settings = guess
+        if sshmaster.config_mentions(sshmaster.default_config_files(settings["config"]),
+                                     r"Control(Master|Path|Persist)"):
+            return  # the user multiplexes their own way
+        sshmaster.speculate(sshmaster.ssh_options(ssh, **settings), host)
+    except Exception:
+        return
+
+
+def main() -> None:
+    _speculate(sys.argv[1:])
+    from .cli import main as cli_main
+
+    cli_main()
+
+
+if __name__ == "__main__":
+    main()
