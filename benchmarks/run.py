@@ -354,9 +354,14 @@ class Context:
         """The installed ``chaperone`` entry point of this Python (not a
         pyenv shim, whose own start-up would be measured), else ``-m``."""
         here = os.path.join(os.path.dirname(sys.executable), "chaperone")
-        if os.path.isfile(here) and os.access(here, os.X_OK):
+        try:
+            with open(here, errors="replace") as f:
+                current = "chaperone.__main__" in f.read()  # not an install older than the entry point
+        except OSError:
+            current = False
+        if current and os.access(here, os.X_OK):
             return [here]
-        return [sys.executable, "-m", "chaperone.cli"]
+        return [sys.executable, "-m", "chaperone"]
 
     def cli_argv(self, *args: str, ssh: bool = False) -> List[str]:
         argv = list(self.cli)

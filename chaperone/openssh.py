@@ -28,7 +28,7 @@ from typing import List, Optional, Sequence
 from .agent_source import agent_bytes
 from .errors import ChaperoneError, ConnectionLost
 from . import sshmaster
-from .sshcommon import (SHIP_AGAIN, ConnectFailed, agent_command, agent_file,
+from .sshcommon import (SHIP_AGAIN, Tunnel, ConnectFailed, agent_command, agent_file,
                         no_python, ship_command, ship_failure, shipped_but_missing)
 from .transport import AgentProcess, Transport
 
@@ -109,6 +109,21 @@ class _Process(AgentProcess):
         self.transport._forget(self.proc)
 
 
+class _MasterTunnel(Tunnel):
+    def __init__(self, master: sshmaster.Master, port: int):
+        self.master = master
+        self.port = port
+
+    def closed(self) -> bool:
+        return not self.master.alive()
+
+    async def wait_closed(self) -> None:
+        await self.master.wait_exit()
+
+    def close(self) -> None:
+        self.master.stop()
+
+
 class OpenSSHTransport(Transport):
     """Runs the agent through the ``ssh`` program; same settings and
     description as :class:`chaperone.ssh.SSHTransport`."""
@@ -118,7 +133,7 @@ class OpenSSHTransport(Transport):
                  username: Optional[str] = None, client_keys: Optional[Sequence[str]] = None,
                  connect_timeout: Optional[float] = None, keepalive_interval: float = 3.0,
                  root: Optional[str] = None, ssh: Optional[str] = None, multiplex: Optional[bool] = None,
-                 **ignored):
+                 max_sessions: int = 10, **ignored):
         if not host or host.startswith("-") or any(c.isspace() for c in host):
             raise ChaperoneError("invalid host %r" % host)
         config = list(config)
@@ -147,6 +162,8 @@ class OpenSSHTransport(Transport):
                                                       r"Control(Master|Path|Persist)")
         self.multiplex = multiplex
         self._master: Optional[sshmaster.Master] = None
+        self.max_sessions = max_sessions
+        self._muxed = 0  # calls running over the master
 
     # Records ---------------------------------------------------------------
 
@@ -166,17 +183,20 @@ class OpenSSHTransport(Transport):
 
     # The ssh command -------------------------------------------------------
 
-    def argv(self, command: str) -> List[str]:
-        """``ssh ... HOST COMMAND`` (COMMAND is one argument for the login shell)."""
+    def argv(self, command: str, muxed: bool = True) -> List[str]:
+        """``ssh ... HOST COMMAND`` (COMMAND is one argument for the login
+        shell), over the shared connection if there is one and ``muxed``."""
         argv = self.options()
-        if self._master is not None:
+        if self._master is not None and muxed:
             argv += ["-o", "ControlMaster=no", "-S", self._master.socket]
+        elif self.multiplex:
+            argv += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
         return argv + ["--", self.host, command]
 
-    def options(self) -> List[str]:
+    def options(self, forwardings: bool = False) -> List[str]:
         """``ssh`` and its options for this host (no host, no command)."""
         return sshmaster.ssh_options(
-            self.ssh, config=self.config, port=self.port, username=self.username,
+            self.ssh, forwardings=forwardings, config=self.config, port=self.port, username=self.username,
             client_keys=self.client_keys, check_host_keys=self.check_host_keys, known_hosts=self.known_hosts,
             connect_timeout=self.connect_timeout, keepalive_interval=self.keepalive_interval)
 
@@ -217,15 +237,45 @@ class OpenSSHTransport(Transport):
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.005)
 
+    async def forward_remote(self, local_port: int) -> Tunnel:
+        """Forward a fresh port on the host's 127.0.0.1 to ``local_port`` on
+        127.0.0.1 here: a control master of its own (``ssh -N``) and ``ssh
+        -O forward -R 0:...``, so the forwarded bytes are decrypted by ssh,
+        in its own process, not by this one."""
+        master = sshmaster.Master(self.options(), self.host)
+        try:
+            while not master.ready():
+                if not master.alive():
+                    raise ssh_error(self.host, master.stderr(), False)
+                await asyncio.sleep(0.005)
+            # (without ClearAllForwardings, which would clear this -R too)
+            proc = await asyncio.create_subprocess_exec(
+                *self.options(forwardings=True), "-S", master.socket, "-O", "forward",
+                "-R", "127.0.0.1:0:127.0.0.1:%d" % int(local_port), "--", self.host,
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await proc.communicate()
+            port = out.split()[0] if out.split() else b""
+            if proc.returncode != 0 or not port.isdigit():
+                raise ConnectionLost("cannot forward a port from %s: %s" % (
+                    self.host, err.decode("utf-8", "replace").strip() or "ssh -O forward failed"))
+        except BaseException:
+            master.stop()
+            raise
+        return _MasterTunnel(master, int(port))
+
     def _stop_master(self) -> None:
         master, self._master = self._master, None
         if master is not None:
             master.stop()
 
     async def _spawn(self, command: str, stdin: bytes):
+        # The server allows MaxSessions channels per connection: past
+        # max_sessions calls at once, a call gets a connection of its own
+        # (slower, never stuck behind long follows).
+        muxed = self._muxed < self.max_sessions
         try:
             proc = await asyncio.create_subprocess_exec(
-                *self.argv(command),
+                *self.argv(command, muxed),
                 stdin=asyncio.subprocess.PIPE,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
@@ -237,6 +287,9 @@ class OpenSSHTransport(Transport):
         except FileNotFoundError:
             raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh) from None
         self._procs.add(proc)
+        if muxed:
+            self._muxed += 1
+            asyncio.ensure_future(proc.wait()).add_done_callback(lambda _: self._unmux())
         stderr_task = asyncio.ensure_future(proc.stderr.read())
 
         async def feed():
@@ -250,6 +303,9 @@ class OpenSSHTransport(Transport):
 
         feeder = asyncio.ensure_future(feed())
         return proc, stderr_task, feeder
+
+    def _unmux(self) -> None:
+        self._muxed -= 1
 
     def _forget(self, proc) -> None:
         """Kill ``proc`` if it still runs; drop it once reaped."""

@@ -39,8 +39,12 @@ class Scheduler:
     def __init__(self, home=None, *, on_update: Optional[Callable] = None, ssh_config: Sequence[str] = (),
                  check_host_keys: bool = True, callback_url: Optional[str] = None,
                  bind: str = "127.0.0.1", port: int = 0, config: Optional[dict] = None,
-                 heal_interval: float = 1.0):
-        self.ch = Chaperone(home, ssh_config=ssh_config, check_host_keys=check_host_keys)
+                 heal_interval: float = 1.0, ssh_client: Optional[str] = None):
+        if ssh_client is None:
+            from .openssh import ssh_binary
+
+            ssh_client = "openssh" if ssh_binary() and len(ssh_config) <= 1 else "asyncssh"
+        self.ch = Chaperone(home, ssh_config=ssh_config, check_host_keys=check_host_keys, ssh_client=ssh_client)
         self.on_update = on_update
         self.callback_url = callback_url
         self.bind = bind
@@ -51,7 +55,7 @@ class Scheduler:
         self.server = CallbackServer()
         self._states: Dict[str, dict] = {}
         self._changed: Dict[str, asyncio.Event] = {}
-        self._tunnels: Dict[int, dict] = {}  # id(transport) -> {"port", "conn", "task"}
+        self._tunnels: Dict[int, dict] = {}  # id(transport) -> {"tunnel", "task"}
         self._hosts: Dict[str, Transport] = {}
         self._started = False
 
@@ -70,6 +74,7 @@ class Scheduler:
     async def close(self) -> None:
         for tunnel in self._tunnels.values():
             tunnel["task"].cancel()
+            tunnel["tunnel"].close()
         self._tunnels.clear()
         await self.server.stop()
         await self.ch.close()
@@ -111,20 +116,18 @@ class Scheduler:
         if host == "local":
             return self.server.url
         tunnel = self._tunnels.get(id(transport))
-        if tunnel is None or tunnel["conn"].is_closed():
+        if tunnel is None or tunnel["tunnel"].closed():
             await self._open_tunnel(transport)
             tunnel = self._tunnels[id(transport)]
-        return self.server.base_url("127.0.0.1", tunnel["port"])
+        return self.server.base_url("127.0.0.1", tunnel["tunnel"].port)
 
     async def _open_tunnel(self, transport) -> None:
-        conn = await transport.connection()
-        try:
-            listener = await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", self.server.port)
-        except Exception as e:  # asyncssh.Error, OSError: the connection just broke
-            raise ConnectionLost("cannot forward a port from %s: %s" % (transport.host, e)) from None
+        new = await transport.forward_remote(self.server.port)
         old = self._tunnels.get(id(transport))
+        if old is not None:
+            old["tunnel"].close()
         task = old["task"] if old else asyncio.ensure_future(self._heal(transport))
-        self._tunnels[id(transport)] = {"port": listener.get_port(), "conn": conn, "task": task}
+        self._tunnels[id(transport)] = {"tunnel": new, "task": task}
 
     async def _heal(self, transport) -> None:
         """When the tunnel's connection drops: reconnect, forward again, tell
@@ -133,7 +136,7 @@ class Scheduler:
             tunnel = self._tunnels.get(id(transport))
             if tunnel is None:
                 return
-            await tunnel["conn"].wait_closed()
+            await tunnel["tunnel"].wait_closed()
             while True:
                 await asyncio.sleep(self.heal_interval)
                 try:

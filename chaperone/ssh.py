@@ -26,7 +26,7 @@ import asyncssh
 
 from .agent_source import agent_bytes
 from .errors import ChaperoneError, ConnectionLost
-from .sshcommon import (DEFAULT_CONNECT_TIMEOUT, REMOTE_DIR, SHIP_AGAIN, ConnectFailed, agent_command,
+from .sshcommon import (DEFAULT_CONNECT_TIMEOUT, REMOTE_DIR, SHIP_AGAIN, ConnectFailed, Tunnel, agent_command,
                         agent_file, no_python, ship_command, ship_failure, shipped_but_missing)
 from .transport import AgentProcess, Transport
 
@@ -311,6 +311,16 @@ class SSHTransport(Transport):
         self._free_slot(c)
         return c.conn
 
+    async def forward_remote(self, local_port: int) -> Tunnel:
+        """Forward a fresh port on the host's 127.0.0.1 to ``local_port`` on
+        127.0.0.1 here, over one of this transport's connections."""
+        conn = await self.connection()
+        try:
+            listener = await conn.forward_remote_port("127.0.0.1", 0, "127.0.0.1", local_port)
+        except Exception as e:  # asyncssh.Error, OSError: the connection just broke
+            raise ConnectionLost("cannot forward a port from %s: %s" % (self.host, e)) from None
+        return _ConnTunnel(conn, listener)
+
     async def close(self) -> None:
         for c in self._conns:
             c.conn.close()
@@ -403,6 +413,22 @@ class SSHTransport(Transport):
             else:
                 self._free_slot(c)
             raise
+
+
+class _ConnTunnel(Tunnel):
+    def __init__(self, conn, listener):
+        self.conn = conn
+        self.listener = listener
+        self.port = listener.get_port()
+
+    def closed(self) -> bool:
+        return self.conn.is_closed()
+
+    async def wait_closed(self) -> None:
+        await self.conn.wait_closed()
+
+    def close(self) -> None:
+        self.listener.close()
 
 
 async def _peek(proc, host: str) -> Optional[bytes]:

@@ -110,3 +110,20 @@ def ship_failure(status: int, stderr: bytes, python: str, host: str) -> Chaperon
 
 def shipped_but_missing(host: str) -> ChaperoneError:
     return ChaperoneError("the agent on %s is missing or damaged right after shipping it" % host)
+
+
+class Tunnel:
+    """A port on the host's loopback forwarded to a port here (for the
+    agents' callbacks); ``port`` is the host's side.  Ends with the SSH
+    connection that carries it."""
+
+    port: int
+
+    def closed(self) -> bool:
+        raise NotImplementedError
+
+    async def wait_closed(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError

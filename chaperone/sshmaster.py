@@ -61,20 +61,24 @@ def default_config_files(config: Sequence[str]) -> List[str]:
 def ssh_options(ssh: str, *, config: Sequence[str] = (), port: Optional[int] = None,
                 username: Optional[str] = None, client_keys: Optional[Sequence[str]] = None,
                 check_host_keys: bool = True, known_hosts: Optional[str] = None,
-                connect_timeout: Optional[float] = None, keepalive_interval: float = 3.0) -> List[str]:
+                connect_timeout: Optional[float] = None, keepalive_interval: float = 3.0,
+                forwardings: bool = False) -> List[str]:
     """``ssh`` and its options (everything but the host and the command).
-    Command-line options win over the config (ssh keeps the first value)."""
+    Command-line options win over the config (ssh keeps the first value).
+    Port forwardings from the config are cleared unless ``forwardings``
+    (that would clear those on the command line too)."""
     argv = [ssh]
     if config:
         argv += ["-F", config[0]]
     argv += [
         "-T", "-x", "-a",  # no tty, no X11 or agent forwarding
         "-o", "BatchMode=yes",  # never a prompt
-        "-o", "ClearAllForwardings=yes",  # a LocalForward in the config is not for us
         "-o", "ServerAliveInterval=%d" % max(1, round(keepalive_interval)),
         "-o", "ServerAliveCountMax=3",
         "-o", "LogLevel=ERROR",
     ]
+    if not forwardings:
+        argv += ["-o", "ClearAllForwardings=yes"]  # a LocalForward in the config is not for us
     if connect_timeout is not None:
         argv += ["-o", "ConnectTimeout=%d" % max(1, round(connect_timeout))]
     elif not config_mentions(default_config_files(config), "ConnectTimeout"):
@@ -114,6 +118,26 @@ class Master:
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    async def wait_exit(self) -> None:
+        """Until the master exited (its connection is gone)."""
+        import asyncio
+
+        try:
+            fd = os.pidfd_open(self.proc.pid)  # Linux 5.3+: readable once it exits
+        except (AttributeError, OSError):
+            while self.alive():
+                await asyncio.sleep(0.05)
+            return
+        loop = asyncio.get_running_loop()
+        exited = loop.create_future()
+        loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+        try:
+            if self.alive():
+                await exited
+        finally:
+            loop.remove_reader(fd)
+            os.close(fd)
 
     def ready(self) -> bool:
         """Logged in: its socket is there (made only after the login)."""

@@ -286,7 +286,8 @@ WRITER = textwrap.dedent("""
 
 
 @pytest.mark.timeout(90)
-def test_scheduler_callbacks_survive_a_link_outage(nshost, spool, tmp_path):
+@pytest.mark.parametrize("ssh_client", ["openssh", "asyncssh"])
+def test_scheduler_callbacks_survive_a_link_outage(nshost, spool, tmp_path, ssh_client):
     """HTTPS callbacks through the SSH remote forward; the link goes down
     2 s into a ~10 s, 20 MiB run and comes back after the run ended: the
     tunnel heals, and wait() ends with exactly the program's bytes."""
@@ -294,28 +295,29 @@ def test_scheduler_callbacks_survive_a_link_outage(nshost, spool, tmp_path):
 
     async def main():
         async with Scheduler(tmp_path / "home", ssh_config=[str(nshost.config_file)],
-                             config=FAST, heal_interval=0.5) as s:
+                             config=FAST, heal_interval=0.5, ssh_client=ssh_client) as s:
             rid = await s.start(ALIAS, ["python3", "-c", WRITER, str(blocks), "0.5"],
                                 ssh={"root": str(spool)})
             transport = s._hosts[rid]
             await asyncio.sleep(2.0)
-            old_conn = s._tunnels[id(transport)]["conn"]
+            old_tunnel = s._tunnels[id(transport)]["tunnel"]
             held_before = s.mirror(rid).held("stdout")
             try:
                 nshost.link(False)
                 await asyncio.sleep(OUTAGE)
                 held_during = s.mirror(rid).held("stdout")
-                old_closed = old_conn.is_closed()
+                old_closed = old_tunnel.closed()
             finally:
                 nshost.link(True)
             t_up = time.monotonic()
             st = await s.wait(rid)
             settle = time.monotonic() - t_up
             m = s.mirror(rid)
-            new_conn = s._tunnels[id(transport)]["conn"]
+            new_tunnel = s._tunnels[id(transport)]["tunnel"]
             return dict(st=st, out=m.read("stdout"), err=m.read("stderr"), held_before=held_before,
-                        held_during=held_during, old_closed=old_closed, new_conn_is_new=new_conn is not old_conn,
-                        new_closed=new_conn.is_closed(), settle=settle)
+                        held_during=held_during, old_closed=old_closed,
+                        new_tunnel_is_new=new_tunnel is not old_tunnel, new_closed=new_tunnel.closed(),
+                        settle=settle)
 
     try:
         r = asyncio.run(asyncio.wait_for(main(), 80))
@@ -337,7 +339,7 @@ def test_scheduler_callbacks_survive_a_link_outage(nshost, spool, tmp_path):
     assert 0 < r["held_before"] < blocks << 20, facts
     assert r["held_during"] < blocks << 20, facts
     assert r["old_closed"], ("keepalive did not notice the outage", facts)
-    assert r["new_conn_is_new"] and not r["new_closed"], facts
+    assert r["new_tunnel_is_new"] and not r["new_closed"], facts
     assert r["settle"] < 25, facts  # wait()'s own safety net would take 30 s
 
 
