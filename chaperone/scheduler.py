@@ -25,8 +25,8 @@ import logging
 from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence
 
 from .api import Chaperone, new_run_id
-from .callback import CallbackServer
-from .errors import ChaperoneError, ConnectionLost
+from .callback import DEFAULT_MAX_BODY, CallbackServer
+from .errors import ChaperoneError, ConnectionLost, UsageError
 from .mirror import OutputMirror
 from .models import FINAL_STATES, STREAMS
 from .transport import Transport
@@ -52,7 +52,8 @@ class Scheduler:
         #: Defaults for each program.json's ``config`` (timeouts, batching ...).
         self.config = dict(config or {})
         self.heal_interval = heal_interval
-        self.server = CallbackServer()
+        # Room for the largest callback body an agent sends (output_buffer).
+        self.server = CallbackServer(max_body=max(DEFAULT_MAX_BODY, int(self.config.get("output_buffer") or 0)))
         self._states: Dict[str, dict] = {}
         self._changed: Dict[str, asyncio.Event] = {}
         self._tunnels: Dict[int, dict] = {}  # id(transport) -> {"tunnel", "task"}
@@ -181,13 +182,18 @@ class Scheduler:
         if command is not None:
             argv = ["/bin/sh", "-c", command]
         run_id = run_id or new_run_id()
+        config = {**self.config, **(config or {})}
+        if (config.get("output_buffer") or 0) > self.server.max_body:
+            # The agent would retry a body the endpoint refuses, forever.
+            raise UsageError("output_buffer %s is larger than this scheduler's callback bodies may be (%d); "
+                             "give it to Scheduler(config=...)" % (config["output_buffer"], self.server.max_body))
         transport = self.ch.transport(host, **(ssh or {}))
         self._hosts[run_id] = transport
         token = self._register(run_id)
         url = await self._callback_for(host, transport)
         callback = {"url": url, "token": token, "cert": self.server.cert_pem}
         run = await self.ch.start(host, argv, run_id=run_id, env=env, cwd=cwd, timeout=timeout, ssh=ssh,
-                                  callback=callback, config={**self.config, **(config or {})})
+                                  callback=callback, config=config)
         await self._on_state(run_id, run.state)
         return run_id
 

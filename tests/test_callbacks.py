@@ -290,3 +290,22 @@ def test_agent_batches_output_by_buffer_and_sends_heartbeats(tmp_path):
     running = [s for s, final in states if not final]
     assert len(running) >= 3, states  # started + heartbeats during the 1.5 s sleep
     assert [s for s, final in states if final] == ["done"]
+
+
+def test_callback_bodies_fit_the_endpoint(tmp_path):
+    """An output_buffer the endpoint would refuse (413) would have the
+    agent retry the same body forever: the scheduler makes room for its own
+    default and refuses a larger one per run, before anything starts."""
+    from chaperone.errors import UsageError
+
+    async def main():
+        async with Scheduler(tmp_path / "home", config={"output_buffer": 16 << 20}) as s:
+            assert s.server.max_body >= 16 << 20
+            with pytest.raises(UsageError, match="output_buffer"):
+                await s.start("local", ["true"], config={"output_buffer": 64 << 20})
+            assert list(s.ch.records.all()) == []
+            rid = await s.start("local", ["sh", "-c", "head -c 20000000 /dev/zero"])
+            st = await s.wait(rid)
+            assert st["stdout_bytes"] == 20000000 == s.mirror(rid).held("stdout")
+
+    run_async(main())
