@@ -45,7 +45,9 @@ from .models import FINAL_STATES, STREAMS, RunState, check_run_id
 log = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1/agent/"
-DEFAULT_MAX_BODY = 8 << 20
+DEFAULT_MAX_BODY = 64 << 20
+#: Output bodies go to the mirror in pieces of this size as they arrive.
+APPEND_CHUNK = 1 << 20
 _OFFSET_RE = re.compile(r"^[0-9]{1,18}$")
 _BEARER_RE = re.compile(r"^Bearer +([A-Za-z0-9._~+/=-]+) *$", re.IGNORECASE)
 
@@ -338,19 +340,40 @@ class CallbackServer:
         return body
 
     async def _output(self, request):
+        """Appends the body to the mirror as it arrives (1 MiB at a time:
+        bodies as large as ``max_body`` cost no more memory than that)."""
         run = self._authorize(request)
-        body = await self._body(request)
         stream = self.protocol.parse_stream(request.match_info["stream"])
         offset = self.protocol.parse_offset(request.query.getall("offset", []))
         loop = asyncio.get_running_loop()
-        try:
-            # Off the event loop: the flock may wait for another process.
-            held = await loop.run_in_executor(None, run.mirror.append, stream, offset, body)
-        except OffsetGap as gap:
-            return web.json_response({"offset": gap.held}, status=409)
-        except OSError:
-            log.exception("storing output of run %s failed", run.run_id)
-            return _error(503, "could not store output; retry later")
+        pos, held, received = offset, None, 0
+        pending = bytearray()
+        while True:
+            try:
+                data = await request.content.read(APPEND_CHUNK)
+            except web.HTTPRequestEntityTooLarge:
+                raise Reject(413, f"body larger than {self.max_body} bytes") from None
+            received += len(data)
+            if received > self.max_body:
+                raise Reject(413, f"body larger than {self.max_body} bytes")
+            if data:
+                pending += data
+                if len(pending) < APPEND_CHUNK:
+                    continue
+            elif held is not None and not pending:
+                break
+            chunk, pending = bytes(pending), bytearray()
+            try:
+                # Off the event loop: the flock may wait for another process.
+                held = await loop.run_in_executor(None, run.mirror.append, stream, pos, chunk)
+            except OffsetGap as gap:
+                return web.json_response({"offset": gap.held}, status=409)
+            except OSError:
+                log.exception("storing output of run %s failed", run.run_id)
+                return _error(503, "could not store output; retry later")
+            pos += len(chunk)
+            if not data:
+                break
         if run.on_output is not None:
             run.on_output(run.run_id, stream, held)
         return web.json_response({"offset": held})

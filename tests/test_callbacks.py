@@ -299,10 +299,10 @@ def test_callback_bodies_fit_the_endpoint(tmp_path):
     from chaperone.errors import UsageError
 
     async def main():
-        async with Scheduler(tmp_path / "home", config={"output_buffer": 16 << 20}) as s:
-            assert s.server.max_body >= 16 << 20
+        async with Scheduler(tmp_path / "home", config={"output_buffer": 96 << 20}) as s:
+            assert s.server.max_body >= 96 << 20
             with pytest.raises(UsageError, match="output_buffer"):
-                await s.start("local", ["true"], config={"output_buffer": 64 << 20})
+                await s.start("local", ["true"], config={"output_buffer": 256 << 20})
             assert list(s.ch.records.all()) == []
             rid = await s.start("local", ["sh", "-c", "head -c 20000000 /dev/zero"])
             st = await s.wait(rid)
