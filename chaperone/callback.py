@@ -341,8 +341,11 @@ class CallbackServer:
 
     async def _output(self, request):
         """Appends the body to the mirror as it arrives (1 MiB at a time:
-        bodies as large as ``max_body`` cost no more memory than that)."""
+        bodies as large as ``max_body`` cost no more memory than that).  A
+        body without Content-Length (chunked) is read whole first, so that
+        one found too large has stored nothing."""
         run = self._authorize(request)
+        streamed = request.content_length is not None  # and <= max_body (checked)
         stream = self.protocol.parse_stream(request.match_info["stream"])
         offset = self.protocol.parse_offset(request.query.getall("offset", []))
         loop = asyncio.get_running_loop()
@@ -353,12 +356,16 @@ class CallbackServer:
                 data = await request.content.read(APPEND_CHUNK)
             except web.HTTPRequestEntityTooLarge:
                 raise Reject(413, f"body larger than {self.max_body} bytes") from None
+            except ConnectionError:
+                # The agent's connection died mid-body: what was stored
+                # stays (at its offset); the agent sends the rest again.
+                raise Reject(400, "connection lost in the middle of the body") from None
             received += len(data)
             if received > self.max_body:
                 raise Reject(413, f"body larger than {self.max_body} bytes")
             if data:
                 pending += data
-                if len(pending) < APPEND_CHUNK:
+                if len(pending) < APPEND_CHUNK or not streamed:
                     continue
             elif held is not None and not pending:
                 break

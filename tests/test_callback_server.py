@@ -500,3 +500,55 @@ def test_server_certificate_defaults_to_chaperone_home(tmp_path, monkeypatch):
             await server.stop()
 
     assert asyncio.run(main()).parent == tmp_path / "home" / "tls"
+
+
+def test_large_body_streams_to_the_mirror_and_a_cut_one_is_completed_by_its_retry(tmp_path):
+    """A body of several APPEND_CHUNKs lands exactly; a body cut off mid-way
+    (the client's connection dies) leaves a prefix at the right offset, and
+    the retry of the same body from the same offset completes it, once."""
+    import socket
+
+    from chaperone.callback import APPEND_CHUNK, CallbackServer
+
+    data = os.urandom(5 * APPEND_CHUNK + 12345)
+
+    async def scenario():
+        server = CallbackServer(max_body=len(data))
+        await server.start("127.0.0.1", 0, cert_dir=tmp_path / "tls")
+        mirror = OutputMirror(tmp_path / "r1")
+        token = server.register("r1", mirror, lambda *a: None)
+        ctx = ssl.create_default_context(cadata=server.cert_pem)
+        ctx.check_hostname = False
+        head = ("POST /api/v1/agent/r1/output/stdout?offset=0 HTTP/1.1\r\nHost: x\r\n"
+                "Authorization: Bearer %s\r\nContent-Type: application/octet-stream\r\n"
+                "Content-Length: %d\r\n\r\n" % (token, len(data))).encode()
+
+        def cut():
+            with socket.create_connection(("127.0.0.1", server.port)) as raw:
+                with ctx.wrap_socket(raw) as tls:
+                    tls.sendall(head + data[:3 * APPEND_CHUNK + 777])
+            # (closed mid-body)
+
+        def whole():
+            conn = http.client.HTTPSConnection("127.0.0.1", server.port, context=ctx, timeout=30)
+            conn.request("POST", "/api/v1/agent/r1/output/stdout?offset=0", body=data,
+                         headers={"Authorization": "Bearer " + token,
+                                  "Content-Type": "application/octet-stream"})
+            resp = conn.getresponse()
+            return resp.status, json.loads(resp.read())
+
+        try:
+            await asyncio.to_thread(cut)
+            for _ in range(100):  # the server appended what it got, a piece at a time
+                if mirror.held("stdout") >= 2 * APPEND_CHUNK:
+                    break
+                await asyncio.sleep(0.05)
+            held = mirror.held("stdout")
+            assert 2 * APPEND_CHUNK <= held <= 3 * APPEND_CHUNK + 777
+            assert mirror.read("stdout") == data[:held]
+            assert await asyncio.to_thread(whole) == (200, {"offset": len(data)})
+            assert mirror.read("stdout") == data
+        finally:
+            await server.stop()
+
+    run(scenario())
