@@ -357,8 +357,13 @@ class CallbackServer:
             except web.HTTPRequestEntityTooLarge:
                 raise Reject(413, f"body larger than {self.max_body} bytes") from None
             except ConnectionError:
-                # The agent's connection died mid-body: what was stored
-                # stays (at its offset); the agent sends the rest again.
+                # The agent's connection died mid-body: what came is kept
+                # (at its offset); the agent sends the rest again.
+                if pending and streamed:
+                    try:
+                        await loop.run_in_executor(None, run.mirror.append, stream, pos, bytes(pending))
+                    except (OffsetGap, OSError):
+                        pass
                 raise Reject(400, "connection lost in the middle of the body") from None
             received += len(data)
             if received > self.max_body:
