@@ -145,6 +145,10 @@ class Config(_Strict):
     kill_grace: float = Field(default=10.0, ge=0)
     #: Seconds the callback sender keeps trying after the program ended.
     callback_timeout: float = Field(default=86400.0, gt=0)
+    #: How the program's stdout and stderr reach the spool: ``"file"``, they
+    #: are the spool files (the supervisor moves no bytes); ``"pipe"``,
+    #: pipes the supervisor copies into them.
+    capture: Literal["file", "pipe"] = "file"
 
 
 class ProgramSpec(_Strict):

@@ -74,10 +74,34 @@ class _LocalProcess(AgentProcess):
             except ProcessLookupError:
                 pass
         self._stderr.cancel()
+        # Close the subprocess transport now, while the loop runs: left to
+        # the garbage collector after the loop closed, it would complain
+        # ("Event loop is closed"), which a quick agent made likely.
+        transport = getattr(self.proc, "_transport", None)
+        if transport is not None:
+            transport.close()
+
+
+#: Runs the agent file named by ``argv[1]`` as a module, so that its
+#: bytecode is cached (``__pycache__``) instead of compiled at every call.
+_BOOTSTRAP = (
+    "import sys\n"
+    "from importlib.machinery import SourceFileLoader\n"
+    "_a=type(sys)('chaperone_agent')\n"
+    "_a.__file__=sys.argv[1]\n"
+    "sys.argv=sys.argv[1:]\n"
+    "SourceFileLoader('chaperone_agent',_a.__file__).exec_module(_a)\n"
+    "sys.exit(_a.main())\n"
+)
 
 
 class LocalTransport(Transport):
-    """Runs the agent on this machine with this Python."""
+    """Runs the agent on this machine with this Python.
+
+    ``-I -S``: the agent is stdlib-only, so it needs neither site-packages
+    (whose ``.pth`` files can cost tens of milliseconds per start) nor the
+    ``PYTHON*`` variables; the program still gets the whole environment.
+    """
 
     host = "local"
 
@@ -86,7 +110,7 @@ class LocalTransport(Transport):
         self.root = root
 
     async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
-        argv = [self.python, str(agent_path())]
+        argv = [self.python, "-I", "-S", "-c", _BOOTSTRAP, str(agent_path())]
         if self.root:
             argv += ["--root", self.root]
         proc = await asyncio.create_subprocess_exec(

@@ -20,26 +20,28 @@ Each run lives in ``ROOT/ID/`` (0700): ``program.json`` (token removed),
 ``state.json`` (written atomically at each transition), ``stdout``,
 ``stderr``, ``stdin`` (when given as data) and ``control`` (a FIFO the
 supervisor reads requests from).  Files are 0600.
+
+Output capture (``config.capture``): by default (``"file"``) the program's
+stdout and stderr ARE the spool files (opened ``O_WRONLY``, as after
+``nohup cmd > file``): the supervisor moves no bytes and only watches the sizes.
+``"pipe"``: they are pipes the supervisor splices into the spool files.
 """
 
-import argparse
-import base64
-import datetime
 import errno
 import json
 import math
 import os
 import re
 import select
-import shutil
 import signal
-import socket
 import struct
-import subprocess
 import sys
-import tempfile
 import threading
 import time
+
+# Imported where needed, off the common paths (each costs milliseconds at
+# every agent call): base64, shutil (which loads zlib, bz2, lzma),
+# subprocess (the supervisors: see prepare_fork), ssl, http.client, ctypes.
 
 PROTOCOL_VERSION = 1
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -58,15 +60,31 @@ CONFIG_DEFAULTS = {
     "retry_frequency": 10.0,
     "kill_grace": 10.0,
     "callback_timeout": 86400.0,
+    "capture": "file",
 }
+#: ``config.capture``: the program writes the spool files itself, or pipes
+#: the supervisor splices into them.
+CAPTURES = ("file", "pipe")
 #: Follow frames: kind (b"1" stdout, b"2" stderr, b"S" state JSON,
 #: b"E" end), offset, length; then ``length`` bytes.
 FRAME = struct.Struct("!cQI")
 CHUNK = 1 << 20
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
-#: Seconds to keep reading the pipes after the program exited, for output
-#: from children it left behind that still hold them open.
+#: Seconds to keep reading the pipes (pipe capture) or to wait for the
+#: spool files to be let go of (file capture) after the program exited, for
+#: output from children it left behind that still hold them open.
 LINGER = 1.0
+#: File capture, while something is left behind after the program exited:
+#: how often to look whether it still holds a spool file.
+HOLD_CHECK = 0.05
+#: File capture with a callback: the supervisor looks at the spool files'
+#: sizes this soon after they grew, backing off (doubling) to SIZE_POLL_MAX
+#: while they do not.
+SIZE_POLL_MIN = 0.01
+SIZE_POLL_MAX = 1.0
+#: How long a final state waits for readers holding the run's lock (a
+#: reader holds it for a few system calls; this bounds a stopped one).
+LOCK_WAIT = 10.0
 
 
 class AgentError(Exception):
@@ -81,7 +99,33 @@ class AgentError(Exception):
 
 
 def now_iso():
-    return datetime.datetime.now(datetime.timezone.utc).isoformat()
+    """The time in ISO 8601 UTC, as ``datetime.now(timezone.utc).isoformat()``
+    writes it (without importing datetime)."""
+    t = time.time()
+    secs = math.floor(t)
+    micros = int(round((t - secs) * 1e6))
+    if micros >= 1000000:
+        secs, micros = secs + 1, micros - 1000000
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+    return text + (".%06d" % micros if micros else "") + "+00:00"
+
+
+def remove_tree(path):
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def private_dir(parent, prefix):
+    """A new 0700 directory ``parent/prefix`` + 8 random characters (as
+    ``tempfile.mkdtemp`` makes it, without importing tempfile)."""
+    while True:
+        path = os.path.join(parent, prefix + os.urandom(4).hex())
+        try:
+            os.mkdir(path, 0o700)
+            return path
+        except FileExistsError:
+            continue
 
 
 def check_id(run_id):
@@ -267,6 +311,8 @@ def validate_spec(spec):
             _str(stdin["path"], "program.stdin.path")
         elif isinstance(stdin, dict) and "data" in stdin:
             _keys(stdin, "program.stdin", ("data",), ())
+            import base64
+
             try:
                 base64.b64decode(_str(stdin["data"], "program.stdin.data"), validate=True)
             except ValueError:
@@ -297,7 +343,9 @@ def validate_spec(spec):
         value = cfg.setdefault(key, default)
         if key == "timeout" and value is None:
             continue
-        if key == "output_buffer":
+        if key == "capture":
+            ok = isinstance(value, str) and value in CAPTURES
+        elif key == "output_buffer":
             ok = _is_int(value) and value > 0
         elif key in ("output_latency", "kill_grace"):
             ok = _is_num(value) and value >= 0
@@ -356,14 +404,26 @@ class Run(object):
     def write_state(self, st):
         write_json_atomic(self.path("state.json"), st)
 
-    def sizes(self):
+    def sizes(self, fds=None):
+        """The spool files' sizes (``fds``: open descriptors of them, by name)."""
         out = {}
         for name in STREAMS:
             try:
-                out[name] = os.stat(self.path(name)).st_size
+                if fds:
+                    out[name] = os.fstat(fds[name]).st_size
+                else:
+                    out[name] = os.stat(self.path(name)).st_size
             except OSError:
                 out[name] = 0
         return out
+
+    def lock(self, exclusive=False):
+        """The run's lock (``flock`` of its directory), taken around each
+        look at a running run's sizes (shared) and around the write of its
+        final state (exclusive).  With file capture, children left behind
+        can append after the end: the lock makes "the sizes while running"
+        never exceed the final counts (see docs/protocol.md)."""
+        return RunLock(self.dir, exclusive)
 
     def supervisor_alive(self, st):
         pid = st.get("agent_pid")
@@ -378,18 +438,32 @@ class Run(object):
             return info is not None and info[1] == st["agent_start"] and info[0] not in ("Z", "X", "x")
         return pid_exists(pid)
 
-    def refresh(self):
-        """The current state; marks the run ``lost`` when its supervisor is gone."""
+    def refresh(self, fds=None):
+        """The current state; marks the run ``lost`` when its supervisor is gone.
+
+        For a running run, ``stdout_bytes``/``stderr_bytes`` are the current
+        sizes of the spool files, taken under the run's shared lock, so they
+        never exceed the final counts; for a final run, the recorded counts.
+        Either way they bound what may be delivered of each stream."""
         st = self.read_state()
         if st["state"] != "running":
             return st
         if self.supervisor_alive(st):
-            sizes = self.sizes()
-            st["stdout_bytes"], st["stderr_bytes"] = sizes["stdout"], sizes["stderr"]
+            with self.lock():
+                sizes = self.sizes(fds)
+                st = self.read_state()  # after the sizes: it may have become final
+            if st["state"] == "running":
+                st["stdout_bytes"], st["stderr_bytes"] = sizes["stdout"], sizes["stderr"]
             return st
-        st = self.read_state()  # it may have finished in between
-        if st["state"] != "running" or self.supervisor_alive(st):
-            return self.refresh()
+        with self.lock(exclusive=True):
+            st = self.read_state()  # it may have finished in between
+            if st["state"] == "running" and not self.supervisor_alive(st):
+                return self.mark_lost(st)
+        return self.refresh(fds)
+
+    def mark_lost(self, st):
+        """Record a running run whose supervisor is gone as ``lost`` (under
+        the exclusive lock)."""
         reason = "the supervisor (pid %s) is gone without a result" % st.get("agent_pid")
         killed = False
         if st.get("boot_id") and boot_id() and st["boot_id"] != boot_id():
@@ -406,6 +480,48 @@ class Run(object):
         )
         self.write_state(st)
         return st
+
+
+class RunLock(object):
+    """``flock`` of a run's directory (a context manager).  Shared: waits.
+    Exclusive: waits at most LOCK_WAIT seconds, then goes on without it (a
+    reader holds the lock for a few system calls; only a stopped one could
+    hold it longer, and the end of a run must not wait for it forever)."""
+
+    def __init__(self, path, exclusive):
+        self.path = path
+        self.exclusive = exclusive
+        self.fd = None
+
+    def __enter__(self):
+        try:
+            import fcntl
+
+            fd = os.open(self.path, os.O_RDONLY)
+        except (ImportError, OSError):
+            return self
+        self.fd = fd
+        try:
+            if not self.exclusive:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                return self
+            end = time.monotonic() + LOCK_WAIT
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return self
+                except BlockingIOError:
+                    if time.monotonic() > end:
+                        return self
+                    time.sleep(0.001)
+        except OSError:  # e.g. a file system without locks
+            return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # releases the lock
+            self.fd = None
+        return False
 
 
 def kill_leftovers(pgid):
@@ -497,13 +613,22 @@ class Supervisor(object):
         self.spec = spec
         self.cfg = spec["config"]
         self.ready_fd = ready_fd
+        self.capture = self.cfg.get("capture", "file")
         self.pid = None
         self.status = None
         self.rusage = None
+        #: Bytes spooled: counted by pump() (pipe capture) or the spool
+        #: files' sizes as last seen by watch_sizes() (file capture).
+        #: Updated by the supervisor's thread only.
         self.counts = {"stdout": 0, "stderr": 0}
+        self.files = {}  # name -> fd: written by pump() (pipe), or watched (file, read-only)
+        self.pipes = {}  # read end -> name (pipe capture)
+        self.has_children = True  # until wait4 says ECHILD
         self.timed_out = False
         self.kill_at = None  # monotonic time for the next SIGKILL escalation
         self.sender = None
+        self.size_poll = SIZE_POLL_MIN
+        self.next_size_check = None
 
     # The state record -------------------------------------------------------
 
@@ -511,7 +636,7 @@ class Supervisor(object):
         return {
             "version": PROTOCOL_VERSION,
             "id": self.run.id,
-            "host": socket.gethostname(),
+            "host": os.uname()[1],  # gethostname(); no socket module to import
             "state": "running",
             "agent_pid": os.getpid(),
             "agent_start": proc_start_ticks(os.getpid()),
@@ -532,6 +657,9 @@ class Supervisor(object):
         }
 
     def set_state(self, **changes):
+        if self.capture == "file" and self.files and "stdout_bytes" not in changes:
+            self.watch_sizes()
+            changes.update(stdout_bytes=self.counts["stdout"], stderr_bytes=self.counts["stderr"])
         self.state.update(changes)
         self.run.write_state(self.state)
         if self.sender:
@@ -593,6 +721,8 @@ class Supervisor(object):
             if "path" in stdin:
                 # Copied into the spool first: the spool keeps what the
                 # program was given, whatever happens to the original.
+                import shutil
+
                 try:
                     shutil.copyfile(stdin["path"], self.run.path("stdin"))
                 except OSError as e:
@@ -600,10 +730,17 @@ class Supervisor(object):
                     raise
                 os.chmod(self.run.path("stdin"), 0o600)
             stdin_fd = os.open(self.run.path("stdin"), os.O_RDONLY)
-        self.files = {}
-        self.pipes = {}
         child_fds = {}
         for name in STREAMS:
+            if self.capture == "file":
+                # The program writes its spool file itself, as after
+                # `cmd > file` (no O_APPEND: so copy_file_range() and
+                # sendfile() work, and the size only grows even when the
+                # program truncates its stdout by reopening /dev/stdout;
+                # see docs/protocol.md, output capture).
+                child_fds[name] = os.open(self.run.path(name), os.O_WRONLY)
+                self.files[name] = os.open(self.run.path(name), os.O_RDONLY)
+                continue
             self.files[name] = os.open(self.run.path(name), os.O_WRONLY)
             r, w = os.pipe()
             try:
@@ -627,6 +764,8 @@ class Supervisor(object):
                 libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
                 if os.getppid() != parent:
                     os._exit(255)
+
+        import subprocess  # only the supervisor needs it
 
         try:
             proc = subprocess.Popen(
@@ -681,24 +820,39 @@ class Supervisor(object):
         deadline = self.started + timeout if timeout else None
         exited_at = None
 
+        # File capture with a callback: nobody wakes us when the program
+        # writes, so look at the spool files' sizes, often right after they
+        # grew, rarely while they do not.  Without a callback nobody needs
+        # to know before the end: block without a timeout.
+        watch = self.capture == "file" and self.sender is not None
+
         self.reap()
         while True:
+            now = time.monotonic()
             if self.status is not None and exited_at is None:
-                exited_at = time.monotonic()
-            if exited_at is not None and (not self.pipes or time.monotonic() - exited_at > LINGER):
+                exited_at = now
+            lingering = False
+            if exited_at is not None:
+                # Output may still come from children the program left
+                # behind, while they hold the pipes / the spool files open.
+                lingering = now - exited_at <= LINGER and self.output_open()
                 # A kill with a grace is not over while something it was
                 # meant for (e.g. a grandchild that escaped with setsid and
                 # ignores SIGTERM) is still alive: wait for the SIGKILL.
-                if self.kill_at is None or not descendants(os.getpid()):
+                if not lingering and (self.kill_at is None or not descendants(os.getpid())):
                     break
-            now = time.monotonic()
             waits = []
             if deadline is not None and not self.timed_out and self.status is None:
                 waits.append(deadline - now)
             if self.kill_at is not None:
                 waits.append(self.kill_at - now)
-            if exited_at is not None and self.pipes and now < exited_at + LINGER:
-                waits.append(exited_at + LINGER - now)
+            if lingering:
+                # (a pipe's end wakes the poll; a file let go of does not)
+                waits.append(exited_at + LINGER - now if self.pipes else min(exited_at + LINGER - now, HOLD_CHECK))
+            if watch and self.status is None:
+                if self.next_size_check is None:
+                    self.next_size_check = now + self.size_poll
+                waits.append(self.next_size_check - now)
             # (capped: a huge but finite timeout or grace must not overflow)
             wait_ms = None if not waits else max(0, int(min(min(waits), 3600.0) * 1000) + 1)
             try:
@@ -730,15 +884,18 @@ class Supervisor(object):
                 # Also when the program itself already exited: what it left
                 # behind gets the SIGKILL (kill_tree skips the old group then).
                 self.kill_tree(signal.SIGKILL)
+            if watch and self.status is None and now >= self.next_size_check:
+                self.poll_sizes(now)
 
         for fd in list(self.pipes):
             self.pump(fd, poller, use_splice, final=True)
-        for fd in self.files.values():
-            os.close(fd)
         # Keep reading requests while the final state waits for its callback:
         # a new callback address (the scheduler's tunnel came back) must get in.
         self.ctl_fd, self.ctl_buf = ctl_fd, ctl_buf
         self.record_end()
+        for fd in self.files.values():
+            os.close(fd)
+        self.files = {}
         # The program is gone and its final state is on disk: from here a
         # SIGTERM/SIGINT/SIGHUP ends the supervisor (and any callbacks it
         # still owes) instead of being forwarded to nobody.
@@ -775,6 +932,59 @@ class Supervisor(object):
                 break  # give the other stream and signals a turn
         if total and self.sender:
             self.sender.output_written()
+
+    # File capture --------------------------------------------------------------
+
+    def watch_sizes(self):
+        """File capture: counts := the spool files' sizes."""
+        for name, fd in self.files.items():
+            self.counts[name] = os.fstat(fd).st_size
+
+    def poll_sizes(self, now):
+        """File capture with a callback: wake the sender when the spool
+        grew; look again soon if it did, later and later if not."""
+        before = dict(self.counts)
+        self.watch_sizes()
+        if self.counts != before:
+            self.size_poll = SIZE_POLL_MIN
+            self.sender.output_written()
+        else:
+            self.size_poll = min(self.size_poll * 2, SIZE_POLL_MAX)
+        self.next_size_check = now + self.size_poll
+
+    def output_open(self):
+        """After the program exited: may more output still come?  Pipe
+        capture: while a pipe is open.  File capture: while a process left
+        behind holds a spool file open."""
+        if self.capture != "file":
+            return bool(self.pipes)
+        if not self.has_children:
+            return False  # nothing left behind: no descendant at all
+        if not os.path.isdir("/proc/self/fd"):
+            return True  # cannot look: wait for LINGER
+        keys = set()
+        for fd in self.files.values():
+            info = os.fstat(fd)
+            keys.add((info.st_dev, info.st_ino))
+        for pid in descendants(os.getpid()):
+            where = "/proc/%d/fd" % pid
+            try:
+                names = os.listdir(where)
+            except PermissionError:
+                info = proc_stat(pid)
+                if info is not None and info[0] not in ("Z", "X", "x"):
+                    return True  # not ours to look at (setuid): it may hold them
+                continue
+            except OSError:
+                continue  # gone
+            for name in names:
+                try:
+                    info = os.stat(os.path.join(where, name))
+                except OSError:
+                    continue
+                if (info.st_dev, info.st_ino) in keys:
+                    return True
+        return False
 
     def read_control(self, fd, buf):
         """Read what the control FIFO holds, act on each whole line, and
@@ -831,8 +1041,10 @@ class Supervisor(object):
             try:
                 pid, status, rusage = os.wait4(-1, os.WNOHANG)
             except ChildProcessError:
+                self.has_children = False
                 return
             if pid == 0:
+                self.has_children = True
                 return
             if pid == self.pid:
                 self.status = status
@@ -841,19 +1053,25 @@ class Supervisor(object):
 
     def record_end(self):
         status = self.status
-        changes = {
-            "state": "done",
-            "end_time": now_iso(),
-            "timed_out": self.timed_out,
-            "stdout_bytes": self.counts["stdout"],
-            "stderr_bytes": self.counts["stderr"],
-            "rusage": dict((f, getattr(self.rusage, f)) for f in RUSAGE_FIELDS),
-        }
-        if os.WIFSIGNALED(status):
-            changes["signal"] = signal_name(os.WTERMSIG(status))
-        else:
-            changes["return_code"] = os.WEXITSTATUS(status)
-        self.set_state(**changes)
+        # Under the run's exclusive lock: no reader sees "running" with
+        # sizes larger than these counts (file capture: children left
+        # behind may still append; what they append now is not the run's).
+        with self.run.lock(exclusive=True):
+            if self.capture == "file":
+                self.watch_sizes()
+            changes = {
+                "state": "done",
+                "end_time": now_iso(),
+                "timed_out": self.timed_out,
+                "stdout_bytes": self.counts["stdout"],
+                "stderr_bytes": self.counts["stderr"],
+                "rusage": dict((f, getattr(self.rusage, f)) for f in RUSAGE_FIELDS),
+            }
+            if os.WIFSIGNALED(status):
+                changes["signal"] = signal_name(os.WTERMSIG(status))
+            else:
+                changes["return_code"] = os.WEXITSTATUS(status)
+            self.set_state(**changes)
 
     def finish_callbacks(self):
         ctl_fd, self.ctl_fd = getattr(self, "ctl_fd", None), None
@@ -1016,7 +1234,9 @@ class CallbackSender(threading.Thread):
             return True
         if time.monotonic() >= self.next_heartbeat and self.sup.state["state"] == "running":
             st = dict(self.sup.state)
-            sizes = self.sup.run.sizes()
+            # What the supervisor counted (file capture: the sizes it last
+            # saw): never more than the final counts will be.
+            sizes = self.written()
             st["stdout_bytes"], st["stderr_bytes"] = sizes["stdout"], sizes["stderr"]
             self.post("state", json.dumps(st).encode(), "application/json")
             self.next_heartbeat = time.monotonic() + self.cb["heartbeat"]
@@ -1151,7 +1371,7 @@ def claim(root, spec):
     run = Run(root, spec["id"])
     if os.path.lexists(run.dir):
         return run, False
-    tmp = tempfile.mkdtemp(prefix=".new-%s-" % spec["id"], dir=root)
+    tmp = private_dir(root, ".new-%s-" % spec["id"])
     try:
         stored = json.loads(json.dumps(spec))
         if stored.get("callback"):
@@ -1159,6 +1379,8 @@ def claim(root, spec):
         stdin = spec["program"]["stdin"]
         if stdin is not None and "data" in stdin:
             stored["program"]["stdin"] = {"data": "<in the stdin file>"}
+            import base64
+
             fd = os.open(os.path.join(tmp, "stdin"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             write_all(fd, base64.b64decode(stdin["data"]))
             os.close(fd)
@@ -1173,10 +1395,10 @@ def claim(root, spec):
         except OSError as e:
             if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
-            shutil.rmtree(tmp, ignore_errors=True)
+            remove_tree(tmp)
             return run, False
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_tree(tmp)
         raise AgentError("cannot create the run's spool: %s" % e, 3)
     return run, True
 
@@ -1246,6 +1468,8 @@ def started_state(run, ready_r):
 
 def prepare_fork():
     """Load, once, what every supervisor needs, before forking them."""
+    import subprocess  # noqa: F401 - into sys.modules, for start_program
+
     _libc()
 
 
@@ -1300,26 +1524,34 @@ def cmd_start(args, out_marker):
 
 def follow(run, out, offsets, last=None):
     """Stream output frames from ``offsets`` until the run is final and all
-    its output was sent; then the final state frame and an end frame."""
+    its output was sent; then the final state frame and an end frame.
+    Never past the state's counts (see Run.refresh): what children left
+    behind append after the end is not the run's output."""
     fds = dict((name, os.open(run.path(name), os.O_RDONLY)) for name in STREAMS)
     kinds = {"stdout": b"1", "stderr": b"2"}
     shown = last and (last["state"], last["pid"])
     interval = 0.002
     try:
         while True:
-            st = run.refresh()
+            st = run.refresh(fds)
             final = st["state"] in FINAL_STATES
             moved = False
+            short = False
             for name in STREAMS:
-                size = os.fstat(fds[name]).st_size
+                size = st[name + "_bytes"]
                 while offsets[name] < size:
                     data = os.pread(fds[name], min(CHUNK, size - offsets[name]), offsets[name])
                     if not data:
+                        # The file is shorter than its count: truncated
+                        # after the end (say a child left behind reopened
+                        # /dev/stdout).  Those bytes are gone: once the run
+                        # is final, end rather than wait for them forever.
+                        short = final
                         break
                     out.frame(kinds[name], offsets[name], data)
                     offsets[name] += len(data)
                     moved = True
-            if final and all(offsets[n] >= st[n + "_bytes"] for n in STREAMS):
+            if final and (short or all(offsets[n] >= st[n + "_bytes"] for n in STREAMS)):
                 out.frame(b"S", 0, json.dumps(st, sort_keys=True).encode())
                 out.frame(b"E", 0, b"")
                 return
@@ -1357,15 +1589,17 @@ def cmd_output(args, marker):
         raise AgentError("offset and length must not be negative")
     out = Output(marker)
     with open(run.path(args.stream), "rb") as f:
-        pos, left = args.offset, args.length
-        while left is None or left > 0:
-            data = os.pread(f.fileno(), CHUNK if left is None else min(CHUNK, left), pos)
+        # Up to what the run holds now, never past its final count.
+        upto = run.refresh()[args.stream + "_bytes"]
+        pos = args.offset
+        left = max(0, upto - pos) if args.length is None else max(0, min(args.length, upto - pos))
+        while left > 0:
+            data = os.pread(f.fileno(), min(CHUNK, left), pos)
             if not data:
                 break
             write_all(out.fd, data)
             pos += len(data)
-            if left is not None:
-                left -= len(data)
+            left -= len(data)
     return 0
 
 
@@ -1440,45 +1674,148 @@ def cmd_clean(args, marker):
         while st["state"] == "running" and time.monotonic() < end:
             time.sleep(0.02)
             st = run.refresh()
-    trash = tempfile.mkdtemp(prefix=".trash-%s-" % run.id, dir=args.root)
+    trash = private_dir(args.root, ".trash-%s-" % run.id)
     os.rename(run.dir, os.path.join(trash, run.id))
-    shutil.rmtree(trash, ignore_errors=True)
+    remove_tree(trash)
     Output(marker).json({"id": run.id, "cleaned": True, "state": st["state"]})
     return 0
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise AgentError("usage: %s" % message)
+USAGE = """\
+usage: agent.py [--root DIR] [--marker M] [--expect-hash SHA256] COMMAND ...
+
+commands:
+  start [--follow]                       < program.json (or a JSON array of them)
+  status ID
+  follow ID [--stdout-offset N] [--stderr-offset N]
+  output ID --stream {stdout,stderr} [--offset N] [--length L]
+  signal ID SIGNAL [--grace SECONDS]
+  list
+  clean ID [--force]
+  control ID                             < message.json
+"""
+#: The global options (before the command): option -> attribute.
+GLOBAL_OPTIONS = {"--root": "root", "--marker": "marker", "--expect-hash": "expect_hash"}
+#: Each command: its positional arguments and its options, option ->
+#: (attribute, None for a flag / a type / a tuple of choices, default).
+COMMAND_ARGS = {
+    "start": ((), {"--follow": ("follow", None, False)}),
+    "status": (("id",), {}),
+    "follow": (("id",), {"--stdout-offset": ("stdout_offset", int, 0),
+                         "--stderr-offset": ("stderr_offset", int, 0)}),
+    "output": (("id",), {"--stream": ("stream", STREAMS, None), "--offset": ("offset", int, 0),
+                         "--length": ("length", int, None)}),
+    "signal": (("id", "signal"), {"--grace": ("grace", float, None)}),
+    "list": ((), {}),
+    "clean": (("id",), {"--force": ("force", None, False)}),
+    "control": (("id",), {}),
+}
+REQUIRED_OPTIONS = {"output": ("--stream",)}
+
+
+class Args(object):
+    """The parsed command line (what argparse would give)."""
+
+
+class _Help(Exception):
+    pass
+
+
+_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+
+
+def _is_option(arg):
+    """An option, as argparse tells them apart: ``-1`` or ``-2.5`` (a
+    negative number), ``-`` alone and anything with a space are values."""
+    return arg.startswith("-") and arg != "-" and " " not in arg and not _NEGATIVE_NUMBER.match(arg)
 
 
 def parse_args(argv):
-    p = _Parser(prog="agent.py", description="chaperone agent")
-    p.add_argument("--root", default=None, help="spool root (default ~/.chaperone/runs)")
-    p.add_argument("--marker", default=None, help="print this line before any output")
-    p.add_argument("--expect-hash", default=None, help="exit 97 unless this file's sha256 is this")
-    sub = p.add_subparsers(dest="command")
-    s = sub.add_parser("start")
-    s.add_argument("--follow", action="store_true")
-    for name in ("status", "list", "follow", "output", "signal", "clean", "control"):
-        s = sub.add_parser(name)
-        if name != "list":
-            s.add_argument("id")
-        if name == "follow":
-            s.add_argument("--stdout-offset", type=int, default=0)
-            s.add_argument("--stderr-offset", type=int, default=0)
-        elif name == "output":
-            s.add_argument("--stream", choices=STREAMS, required=True)
-            s.add_argument("--offset", type=int, default=0)
-            s.add_argument("--length", type=int, default=None)
-        elif name == "signal":
-            s.add_argument("signal")
-            s.add_argument("--grace", type=float, default=None)
-        elif name == "clean":
-            s.add_argument("--force", action="store_true")
-    args = p.parse_args(argv)
-    if not args.command:
-        raise AgentError("usage: agent.py [--root DIR] {start,status,follow,output,signal,list,clean,control} ...")
+    """The agent's command line (argparse's behaviour for these commands,
+    without the 10+ ms that importing and building argparse costs at every
+    agent call).  Bad usage raises AgentError (exit 2)."""
+    args = Args()
+    for attr in GLOBAL_OPTIONS.values():
+        setattr(args, attr, None)
+    argv = list(argv)
+    i, command = 0, None
+
+    def value(opt, arg, inline):
+        if inline is not None:
+            return inline, 1
+        if i + 1 >= len(argv) or _is_option(argv[i + 1]):
+            raise AgentError("usage: argument %s: expected one argument" % opt)
+        return argv[i + 1], 2
+
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            raise _Help()
+        name, eq, inline = arg.partition("=")
+        if name in GLOBAL_OPTIONS:
+            text, used = value(name, arg, inline if eq else None)
+            setattr(args, GLOBAL_OPTIONS[name], text)
+            i += used
+            continue
+        if _is_option(arg):
+            raise AgentError("usage: unrecognized arguments: %s" % arg)
+        command = arg
+        i += 1
+        break
+    if command is None:
+        raise AgentError("usage: agent.py [--root DIR] {%s} ..." % ",".join(COMMAND_ARGS))
+    if command not in COMMAND_ARGS:
+        raise AgentError("usage: argument command: invalid choice: %r (choose from %s)"
+                         % (command, ", ".join(repr(c) for c in COMMAND_ARGS)))
+    args.command = command
+    positional, options = COMMAND_ARGS[command]
+    for attr, kind, default in options.values():
+        setattr(args, attr, default)
+    given, seen, only_values = [], set(), False
+    while i < len(argv):
+        arg = argv[i]
+        if only_values or not _is_option(arg):
+            given.append(arg)
+            i += 1
+            continue
+        if arg == "--":
+            if not positional:  # (as argparse: nothing it could stand before)
+                raise AgentError("usage: unrecognized arguments: --")
+            only_values = True
+            i += 1
+            continue
+        if arg in ("-h", "--help"):
+            raise _Help()
+        name, eq, inline = arg.partition("=")
+        if name not in options:
+            raise AgentError("usage: unrecognized arguments: %s" % arg)
+        attr, kind, default = options[name]
+        seen.add(name)
+        if kind is None:
+            if eq:
+                raise AgentError("usage: argument %s: ignored explicit argument %r" % (name, inline))
+            setattr(args, attr, True)
+            i += 1
+            continue
+        text, used = value(name, arg, inline if eq else None)
+        i += used
+        if isinstance(kind, tuple):
+            if text not in kind:
+                raise AgentError("usage: argument %s: invalid choice: %r (choose from %s)"
+                                 % (name, text, ", ".join(repr(c) for c in kind)))
+            setattr(args, attr, text)
+            continue
+        try:
+            setattr(args, attr, kind(text))
+        except ValueError:
+            raise AgentError("usage: argument %s: invalid %s value: %r" % (name, kind.__name__, text))
+    if len(given) > len(positional):
+        raise AgentError("usage: unrecognized arguments: %s" % " ".join(given[len(positional):]))
+    missing = list(positional[len(given):]) + [o for o in REQUIRED_OPTIONS.get(command, ()) if o not in seen]
+    if missing:
+        raise AgentError("usage: the following arguments are required: %s" % ", ".join(missing))
+    for attr, text in zip(positional, given):
+        setattr(args, attr, text)
     args.root = os.path.abspath(args.root or default_root())
     if getattr(args, "id", None) is not None:
         check_id(args.id)
@@ -1501,6 +1838,9 @@ def main(argv=None):
                 if hashlib.sha256(f.read()).hexdigest() != args.expect_hash:
                     return 97  # stale or damaged copy: the client ships it again
         return COMMANDS[args.command](args, args.marker)
+    except _Help:
+        sys.stdout.write(USAGE)
+        return 0
     except AgentError as e:
         sys.stderr.write("chaperone-agent: %s\n" % e)
         return e.code

@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from helpers import (
-    PY38, agent, agent_cmd, agent_start, kill_marked, pid_alive, procs_with, program,
+    AGENT, PY38, agent, agent_cmd, agent_start, kill_marked, pid_alive, procs_with, program,
     marker_number, one_line_error, read_state, unique, wait_for, wait_no_procs, wait_state,
 )
 
@@ -94,13 +94,15 @@ def test_nul_byte_in_argv_env_or_cwd_is_refused_up_front(root):
 
 
 @pytest.mark.timeout(20)
-def test_binary_output_and_stdin_data_are_exact(root):
+@pytest.mark.parametrize("capture", ["file", "pipe"])
+def test_binary_output_and_stdin_data_are_exact(root, capture):
     payload = bytes(range(256)) * 3 + b"\xff\xfe\x00no newline"
     code = (
         "import sys; d = sys.stdin.buffer.read(); sys.stdout.buffer.write(d); "
         "sys.stderr.buffer.write(b'E\\x00\\x80' + str(len(d)).encode())"
     )
-    spec = program("bin", [PY, "-c", code], stdin={"data": base64.b64encode(payload).decode()})
+    spec = program("bin", [PY, "-c", code], stdin={"data": base64.b64encode(payload).decode()},
+                   config={"capture": capture})
     agent_start(root, spec)
     st = wait_state(root, "bin")
     assert st["state"] == "done" and st["return_code"] == 0
@@ -407,3 +409,111 @@ def test_spool_root_parents_the_agent_creates_are_private(tmp_path):
     agent_start(root, program("priv-1", ["true"]))
     for d in (tmp_path / "a", tmp_path / "a" / "b", root, root / "priv-1"):
         assert stat.S_IMODE(os.stat(str(d)).st_mode) == 0o700, d
+
+
+# --- the command line and the clock, without argparse and datetime ---------------------
+
+
+def _load_agent():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("chaperone_agent_parse_test", str(AGENT))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _argparse_reference(ag):
+    """The agent's command line as it was defined with argparse (which costs
+    10+ ms at every agent call to import and build)."""
+    import argparse
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message):
+            raise ag.AgentError("usage: %s" % message)
+
+    p = Parser(prog="agent.py", allow_abbrev=False)
+    for opt in ("--root", "--marker", "--expect-hash"):
+        p.add_argument(opt, default=None)
+    sub = p.add_subparsers(dest="command")
+    s = sub.add_parser("start", allow_abbrev=False)
+    s.add_argument("--follow", action="store_true")
+    for name in ("status", "list", "follow", "output", "signal", "clean", "control"):
+        s = sub.add_parser(name, allow_abbrev=False)
+        if name != "list":
+            s.add_argument("id")
+        if name == "follow":
+            s.add_argument("--stdout-offset", type=int, default=0)
+            s.add_argument("--stderr-offset", type=int, default=0)
+        elif name == "output":
+            s.add_argument("--stream", choices=ag.STREAMS, required=True)
+            s.add_argument("--offset", type=int, default=0)
+            s.add_argument("--length", type=int, default=None)
+        elif name == "signal":
+            s.add_argument("signal")
+            s.add_argument("--grace", type=float, default=None)
+        elif name == "clean":
+            s.add_argument("--force", action="store_true")
+
+    def parse(argv):
+        args = p.parse_args(argv)
+        if not args.command:
+            raise ag.AgentError("usage: no command")
+        args.root = os.path.abspath(args.root or ag.default_root())
+        if getattr(args, "id", None) is not None:
+            ag.check_id(args.id)
+        return vars(args)
+
+    return parse
+
+
+def test_command_line_parses_as_argparse_did():
+    import random
+
+    ag = _load_agent()
+    reference = _argparse_reference(ag)
+
+    def verdict(parse, argv):
+        try:
+            return True, parse(argv)
+        except ag.AgentError:
+            return False, None
+
+    tokens = ["start", "status", "follow", "output", "signal", "list", "clean", "control", "x", "run-1",
+              "TERM", "-1", "-2.5", "--follow", "--force", "--root", "--root=/tmp/r", "/tmp/r", "--marker",
+              "M", "--expect-hash", "abc", "--stdout-offset", "--stderr-offset", "5", "z", "--stream",
+              "stdout", "stderr", "stdin", "--offset", "--length", "--grace", "1e308", "nan", "--", "-x",
+              "--bogus", "--grace=3", "--stream=stderr", "--force=1", "a b", "-", "../x"]
+    cases = [["status", "x"], ["signal", "x", "TERM", "--grace", "-1"], ["list"], ["start", "--follow"],
+             ["output", "x", "--stream", "stdout", "--offset", "3", "--length", "4"], ["clean", "x", "--force"],
+             ["--root", "/tmp/q", "--marker", "MM", "follow", "r", "--stdout-offset", "7", "--stderr-offset", "-2"],
+             ["signal", "--grace", "2", "x", "KILL"], ["--expect-hash=h", "control", "x"], ["status", "--", "x"]]
+    rng = random.Random(5)
+    cases += [[rng.choice(tokens) for _ in range(rng.randint(0, 6))] for _ in range(5000)]
+    for argv in cases:
+        ok, got = verdict(lambda a: vars(ag.parse_args(a)), argv)
+        assert (ok, got) == verdict(reference, argv), argv
+
+
+def test_agent_help_and_usage_errors():
+    res = subprocess.run([PY, str(AGENT), "--help"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, timeout=20)
+    assert res.returncode == 0 and b"usage: agent.py" in res.stdout
+    for argv in (["status", "x", "y"], ["output", "x"], ["--root"], ["follow", "x", "--stdout-offset", "z"]):
+        res = subprocess.run([PY, str(AGENT)] + argv, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, timeout=20)
+        assert res.returncode == 2 and res.stdout == b""
+        assert one_line_error(res.stderr).startswith("chaperone-agent: usage: "), argv
+
+
+def test_now_iso_is_datetimes_isoformat():
+    import datetime
+
+    ag = _load_agent()
+    for _ in range(50):
+        before = datetime.datetime.now(datetime.timezone.utc)
+        text = ag.now_iso()
+        after = datetime.datetime.now(datetime.timezone.utc)
+        when = datetime.datetime.fromisoformat(text)
+        assert before <= when <= after and text.endswith("+00:00")
+        assert when.isoformat() == text  # the same spelling datetime gives

@@ -477,7 +477,7 @@ FULL = {
     "callback": {"url": "https://sched.example:8443/api/v1/agent/", "token": TOKEN,
                  "cert": CERT, "heartbeat": 0.5},
     "config": {"timeout": 12.5, "output_buffer": 4096, "output_latency": 0,
-               "retry_frequency": 1, "kill_grace": 0.0, "callback_timeout": 60},
+               "retry_frequency": 1, "kill_grace": 0.0, "callback_timeout": 60, "capture": "pipe"},
 }
 
 VALID = {
@@ -509,6 +509,8 @@ VALID = {
     "latency-zero": with_("config.output_latency", 0),
     "kill-grace-zero": with_("config.kill_grace", 0),
     "output-buffer-1": with_("config.output_buffer", 1),
+    "capture-file": with_("config.capture", "file"),
+    "capture-pipe": with_("config.capture", "pipe"),
 }
 
 INVALID = {
@@ -558,6 +560,13 @@ INVALID = {
     "timeout-string": with_("config.timeout", "10"),
     "heartbeat-string": with_("callback", {"url": "https://h/", "token": TOKEN, "cert": CERT, "heartbeat": "30"}),
     "latency-string": with_("config.output_latency", "0.2"),
+    # capture: exactly "file" or "pipe"
+    "capture-unknown": with_("config.capture", "pty"),
+    "capture-uppercase": with_("config.capture", "FILE"),
+    "capture-null": with_("config.capture", None),
+    "capture-bool": with_("config.capture", True),
+    "capture-int": with_("config.capture", 1),
+    "capture-list": with_("config.capture", ["file"]),
     # out of range
     "timeout-negative": with_("config.timeout", -1),
     "timeout-zero": with_("config.timeout", 0),
@@ -689,6 +698,7 @@ _config = st.one_of(st.just(_OMIT), _any_scalar, st.fixed_dictionaries({}, optio
     "retry_frequency": _field(10.0, 0, 3),
     "kill_grace": _field(0, 10.0, -0.5),
     "callback_timeout": _field(1, 0, 1e9),
+    "capture": _field("file", "pipe", "FILE", "pty"),
     "bogus": st.just(1),
 }))
 _spec_doc = st.fixed_dictionaries({
