@@ -137,7 +137,28 @@ def main() -> None:
     _speculate(sys.argv[1:])
     from .cli import main as cli_main
 
-    cli_main()
+    try:
+        cli_main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        sys.stderr.write("%s\n" % code)
+        code = 1
+    # What must happen at exit happens (atexit, buffered output), then the
+    # process ends without the interpreter's teardown of every module
+    # (about 20 ms here, a tenth of a cold `run`).
+    import atexit
+
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 if __name__ == "__main__":
