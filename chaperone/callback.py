@@ -217,6 +217,11 @@ class CallbackServer:
     def unregister(self, run_id: str) -> None:
         self.protocol.unregister(run_id)
 
+    def completed(self, run_id: str) -> bool:
+        """Whether the run's agent delivered (and we acknowledged) its final state."""
+        run = self.protocol.get(run_id)
+        return run is not None and run.completed
+
     # -- lifecycle ----------------------------------------------------------
 
     async def start(

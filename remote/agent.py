@@ -1018,6 +1018,8 @@ class Supervisor(object):
                 self.kill_tree(sig, grace=grace)
         elif op == "callback" and self.sender:
             self.sender.update(msg)
+        elif op == "release" and self.sender:
+            self.sender.release()
 
     def kill_tree(self, sig, grace=None):
         """Signal the program's process group and every descendant."""
@@ -1142,6 +1144,13 @@ class CallbackSender(threading.Thread):
                     self.cb[key] = msg[key]
             self.reset = True  # the sender thread reconnects (it owns the connection)
             self.updated = True
+            self.cond.notify()
+
+    def release(self):
+        """The scheduler has what it needs (it caught up from the spool):
+        no more callbacks for this run."""
+        with self.cond:
+            self.done = True
             self.cond.notify()
 
     def finish(self, wait=True):
@@ -1640,7 +1649,7 @@ def cmd_control(args, marker):
         msg = json.loads(data.decode())
     except (ValueError, UnicodeDecodeError):
         raise AgentError("control message is not valid JSON")
-    if not isinstance(msg, dict) or msg.get("op") not in ("callback",):
+    if not isinstance(msg, dict) or msg.get("op") not in ("callback", "release"):
         raise AgentError("control message: unknown op")
     ok = send_control(run, msg)
     Output(marker).json({"delivered": ok})

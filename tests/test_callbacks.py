@@ -309,3 +309,36 @@ def test_callback_bodies_fit_the_endpoint(tmp_path):
             assert st["stdout_bytes"] == 20000000 == s.mirror(rid).held("stdout")
 
     run_async(main())
+
+
+def test_a_run_caught_up_from_its_spool_is_released(tmp_path):
+    """The callbacks cannot get through (a dead address); wait() ends by
+    catching up from the spool, then tells the agent to stop trying: its
+    supervisor exits at once instead of retrying for callback_timeout."""
+    from sshd import free_port
+
+    def dead_url():  # nothing listens there: every callback is refused
+        return "https://127.0.0.1:%d/api/v1/agent/" % free_port()
+
+    async def main():
+        async with Scheduler(tmp_path / "home", callback_url=dead_url(), config=FAST) as s:
+            rid = await s.start("local", ["sh", "-c", "echo caught up"])
+            st = await s.wait(rid, safety_net=0.5)
+            assert not s.server.completed(rid)
+            return st, s.mirror(rid).read("stdout")
+
+    st, out = run_async(main(), timeout=60)
+    assert (st["state"], st["return_code"], out) == ("done", 0, b"caught up\n")
+    pid = st["agent_pid"]
+    deadline = time.monotonic() + 10
+    while _alive(pid):
+        assert time.monotonic() < deadline, "the released supervisor still runs"
+        time.sleep(0.05)
+
+
+def _alive(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            return f.read().split(") ", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
