@@ -1113,13 +1113,13 @@ def bench_delivery_callback(ctx: Context):
     sizes = ctx.p["delivery_sizes"]
     big = max(sizes)
     out = os.path.join(ctx.tmp, "delivered")
+    ssh_client = Scheduler(ctx.home, ssh_config=[ctx.sshd.config_file]).ch.ssh_client
     for size in sizes:
         data = ctx.data_file(size)
         reps = ctx.p["io_reps"] if size >= 64 * MiB else min(ctx.p["reps"], 5)
 
         async def once():
-            async with Scheduler(ctx.home, ssh_config=[ctx.sshd.config_file],
-                                 config={"output_buffer": 4 << 20, "output_latency": 0.05}) as s:
+            async with Scheduler(ctx.home, ssh_config=[ctx.sshd.config_file]) as s:
                 await s.open()
                 t0 = time.perf_counter()
                 rid = await s.start("testhost", ["cat", data], run_id=ctx.run_id("callback"))
@@ -1146,8 +1146,9 @@ def bench_delivery_callback(ctx: Context):
             mib / median(cb_t), "MiB/s", baseline=mib / median(base_t), target=">= 0.5x" if head else None,
             samples=cb_t, baseline_samples=base_t,
             notes="Scheduler.start(cat FILE) until wait() returns with the mirror holding every byte "
-                  "(callbacks only: safety-net catch-up off); output_buffer 4 MiB; baseline: "
-                  "ssh -F cfg testhost cat FILE > file; %d reps" % len(cb_t),
+                  "(callbacks only: safety-net catch-up off); default config (output_buffer 16 MiB), the "
+                  "scheduler's default SSH client (%s); baseline: "
+                  "ssh -F cfg testhost cat FILE > file; %d reps" % (ssh_client, len(cb_t)),
         )
         if size != ctx.p["big"]:
             ctx.drop_data_file(size)

@@ -135,7 +135,7 @@ class Config(_Strict):
     #: Seconds after which the program's group gets SIGTERM, then SIGKILL.
     timeout: Optional[float] = Field(default=None, gt=0)
     #: Largest output callback body, in bytes.
-    output_buffer: int = Field(default=1 << 20, gt=0)
+    output_buffer: int = Field(default=16 << 20, gt=0)
     #: Longest wait, in seconds, before buffered output is sent.
     output_latency: float = Field(default=0.2, ge=0)
     #: Longest wait, in seconds, between callback retries.

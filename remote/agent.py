@@ -55,7 +55,7 @@ RUSAGE_FIELDS = (
 )
 CONFIG_DEFAULTS = {
     "timeout": None,
-    "output_buffer": 1 << 20,
+    "output_buffer": 16 << 20,
     "output_latency": 0.2,
     "retry_frequency": 10.0,
     "kill_grace": 10.0,
@@ -1096,6 +1096,10 @@ class Supervisor(object):
 # --- HTTPS callbacks ----------------------------------------------------------
 
 
+#: Output bodies are read from the spool and sent this much at a time.
+SEND_CHUNK = 1 << 20
+
+
 class CallbackSender(threading.Thread):
     """Pushes output and state to the scheduler; the spool stays the truth.
 
@@ -1256,13 +1260,13 @@ class CallbackSender(threading.Thread):
             return
         with open(self.sup.run.path(name), "rb") as f:
             while self.sent[name] < upto:
-                want = min(self.cfg["output_buffer"], upto - self.sent[name])
-                data = os.pread(f.fileno(), want, self.sent[name])
-                if not data:
-                    return
-                status, body = self.post(
-                    "output/%s?offset=%d" % (name, self.sent[name]), data,
-                    "application/octet-stream", accept=(200, 409),
+                want = min(self.cfg["output_buffer"], upto - self.sent[name],
+                           os.fstat(f.fileno()).st_size - self.sent[name])
+                if want <= 0:
+                    return  # (the file is shorter than counted: truncated by the program)
+                status, body = self.post_file(
+                    "output/%s?offset=%d" % (name, self.sent[name]), f.fileno(), self.sent[name], want,
+                    accept=(200, 409),
                 )
                 self.sent[name] = int(json.loads(body.decode())["offset"])
 
@@ -1303,12 +1307,36 @@ class CallbackSender(threading.Thread):
                 raise ssl.SSLError("the scheduler's certificate is not the pinned one")
         return self.conn
 
+    def post_file(self, route, fd, offset, length, accept=(200,)):
+        """POST ``length`` bytes of ``fd`` from ``offset``, read and sent
+        SEND_CHUNK at a time: a body as large as output_buffer costs no
+        more memory than that."""
+        conn = self.connection()
+        conn.putrequest("POST", self.prefix + route, skip_accept_encoding=True)
+        conn.putheader("Authorization", "Bearer " + self.cb["token"])
+        conn.putheader("Content-Type", "application/octet-stream")
+        conn.putheader("Content-Length", str(length))
+        conn.endheaders()
+        end = offset + length
+        while offset < end:
+            data = os.pread(fd, min(SEND_CHUNK, end - offset), offset)
+            if not data:  # truncated meanwhile: this body cannot be completed
+                self.close()
+                raise OSError("the spool file shrank while it was being sent")
+            conn.send(data)
+            offset += len(data)
+        return self._response(conn, route, accept)
+
     def post(self, route, body, ctype, accept=(200,)):
         conn = self.connection()
         conn.request("POST", self.prefix + route, body=body, headers={
             "Authorization": "Bearer " + self.cb["token"],
             "Content-Type": ctype,
         })
+        return self._response(conn, route, accept)
+
+    @staticmethod
+    def _response(conn, route, accept):
         resp = conn.getresponse()
         data = resp.read()
         if resp.status not in accept:

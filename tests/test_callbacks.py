@@ -342,3 +342,34 @@ def _alive(pid):
             return f.read().split(") ", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_large_callback_bodies_are_streamed_not_held(tmp_path):
+    """48 MiB bodies (output_buffer): the supervisor reads and sends each a
+    MiB at a time, so its peak memory stays far below one body, and the
+    mirror gets every byte."""
+    size = 150 << 20
+
+    async def main():
+        async with Scheduler(tmp_path / "home", config={"output_buffer": 48 << 20, "output_latency": 0.5}) as s:
+            rid = await s.start("local", [sys.executable, "-c", WRITER, str(size >> 20), "0"])
+            pid = s.state(rid)["agent_pid"]
+            peak = 0
+            waiting = asyncio.ensure_future(s.wait(rid))
+            while not waiting.done():
+                try:
+                    with open("/proc/%d/status" % pid) as f:
+                        for line in f:
+                            if line.startswith("VmHWM:"):
+                                peak = max(peak, int(line.split()[1]) << 10)
+                except OSError:
+                    pass
+                await asyncio.sleep(0.02)
+            st = await waiting
+            m = s.mirror(rid)
+            return st, m.read("stdout"), m.read("stderr"), peak
+
+    st, out, err, peak = run_async(main(), timeout=120)
+    assert st["state"] == "done" and st["stdout_bytes"] == size == len(out)
+    assert err.decode() == sha(out)
+    assert 0 < peak < 40 << 20, peak

@@ -182,7 +182,8 @@ def test_file_capture_writes_after_the_end_are_never_delivered(root):
     a follow after the end and `output` give exactly the recorded bytes,
     and no follower ever saw a running size beyond the final count."""
     m = unique("cap")
-    script = "(while :; do printf x; done) & printf early"
+    # ("early" first: a writer started before it could come first in the file.)
+    script = "printf early; (while :; do printf x; done) &"
     try:
         agent_start(root, program("grow", ["sh", "-c", script, m]))
         followers = [follow_popen(root, "grow") for _ in range(6)]
