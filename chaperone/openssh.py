@@ -28,9 +28,9 @@ from typing import List, Optional, Sequence
 from .agent_source import agent_bytes
 from .errors import ChaperoneError, ConnectionLost
 from . import sshmaster
-from .sshcommon import (SHIP_AGAIN, Tunnel, ConnectFailed, agent_command, agent_file,
-                        no_python, ship_command, ship_failure, shipped_but_missing)
-from .transport import AgentProcess, Transport
+from .sshcommon import (SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel, agent_command, agent_file, no_python,
+                        ship_command, ship_failure, shipped_but_missing)
+from .transport import AgentProcess, Transport, spawn
 
 __all__ = ["OpenSSHTransport", "ssh_binary"]
 
@@ -124,7 +124,7 @@ class _MasterTunnel(Tunnel):
         self.master.stop()
 
 
-class OpenSSHTransport(Transport):
+class OpenSSHTransport(SSHDescribed, Transport):
     """Runs the agent through the ``ssh`` program; same settings and
     description as :class:`chaperone.ssh.SSHTransport`."""
 
@@ -164,22 +164,6 @@ class OpenSSHTransport(Transport):
         self._master: Optional[sshmaster.Master] = None
         self.max_sessions = max_sessions
         self._muxed = 0  # calls running over the master
-
-    # Records ---------------------------------------------------------------
-
-    def describe(self) -> dict:
-        return {
-            "host": self.host, "ssh": {
-                "port": self.port, "username": self.username, "config": self.config,
-                "known_hosts": self.known_hosts, "check_host_keys": self.check_host_keys,
-                "python": self.python, "client_keys": self.client_keys, "root": self.root,
-            },
-        }
-
-    @classmethod
-    def from_description(cls, how: dict) -> "OpenSSHTransport":
-        ssh = dict(how.get("ssh") or {})
-        return cls(how["host"], **{k: v for k, v in ssh.items() if v is not None})
 
     # The ssh command -------------------------------------------------------
 
@@ -274,16 +258,7 @@ class OpenSSHTransport(Transport):
         # (slower, never stuck behind long follows).
         muxed = self._muxed < self.max_sessions
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *self.argv(command, muxed),
-                stdin=asyncio.subprocess.PIPE,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                # Out of the terminal's process group: a Ctrl-C is for
-                # chaperone to decide about, never ssh's to act on.
-                start_new_session=True,
-                limit=1 << 20,
-            )
+            proc = await spawn(self.argv(command, muxed))
         except FileNotFoundError:
             raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh) from None
         self._procs.add(proc)

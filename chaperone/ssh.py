@@ -26,8 +26,8 @@ import asyncssh
 
 from .agent_source import agent_bytes
 from .errors import ChaperoneError, ConnectionLost
-from .sshcommon import (DEFAULT_CONNECT_TIMEOUT, REMOTE_DIR, SHIP_AGAIN, ConnectFailed, Tunnel, agent_command,
-                        agent_file, no_python, ship_command, ship_failure, shipped_but_missing)
+from .sshcommon import (DEFAULT_CONNECT_TIMEOUT, REMOTE_DIR, SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel,
+                        agent_command, agent_file, no_python, ship_command, ship_failure, shipped_but_missing)
 from .transport import AgentProcess, Transport
 
 __all__ = ["SSHTransport", "ConnectFailed", "SHIP_AGAIN", "REMOTE_DIR"]
@@ -147,7 +147,7 @@ class _SSHProcess(AgentProcess):
             self.transport._close_channel(self.c, self.proc)
 
 
-class SSHTransport(Transport):
+class SSHTransport(SSHDescribed, Transport):
     def __init__(self, host: str, *, config: Sequence[str] = (), known_hosts: Optional[str] = None,
                  check_host_keys: bool = True, python: Optional[str] = None, port: Optional[int] = None,
                  username: Optional[str] = None, client_keys: Optional[Sequence[str]] = None,
@@ -176,22 +176,6 @@ class SSHTransport(Transport):
         self._ship_lock = asyncio.Lock()
         self._shipped = 0  # how many times this transport shipped the agent
         self.agent_file = agent_file()
-
-    # Records ---------------------------------------------------------------
-
-    def describe(self) -> dict:
-        return {
-            "host": self.host, "ssh": {
-                "port": self.port, "username": self.username, "config": self.config,
-                "known_hosts": self.known_hosts, "check_host_keys": self.check_host_keys,
-                "python": self.python, "client_keys": self.client_keys, "root": self.root,
-            },
-        }
-
-    @classmethod
-    def from_description(cls, how: dict) -> "SSHTransport":
-        ssh = dict(how.get("ssh") or {})
-        return cls(how["host"], **{k: v for k, v in ssh.items() if v is not None})
 
     # Connections -----------------------------------------------------------
 

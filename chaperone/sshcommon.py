@@ -52,6 +52,26 @@ class ConnectFailed(ChaperoneError):
         self.transient = transient
 
 
+class SSHDescribed:
+    """What both SSH transports record of how a host was reached, and how
+    either one is rebuilt from that record (a run started through one can
+    be reconnected through the other)."""
+
+    def describe(self) -> dict:
+        return {
+            "host": self.host, "ssh": {
+                "port": self.port, "username": self.username, "config": self.config,
+                "known_hosts": self.known_hosts, "check_host_keys": self.check_host_keys,
+                "python": self.python, "client_keys": self.client_keys, "root": self.root,
+            },
+        }
+
+    @classmethod
+    def from_description(cls, how: dict):
+        ssh = dict(how.get("ssh") or {})
+        return cls(how["host"], **{k: v for k, v in ssh.items() if v is not None})
+
+
 def agent_file() -> str:
     """Where the agent lives on a host (content-addressed)."""
     return "%s/agent-%s.py" % (REMOTE_DIR, agent_hash()[:16])

@@ -95,6 +95,20 @@ _BOOTSTRAP = (
 )
 
 
+async def spawn(argv: List[str]) -> asyncio.subprocess.Process:
+    """``argv`` with pipes for stdin, stdout and stderr, in a session of its
+    own: out of the terminal's process group, so a Ctrl-C is for chaperone
+    to decide about, never delivered to the agent (or ssh) behind its back."""
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        start_new_session=True,
+        limit=1 << 20,
+    )
+
+
 class LocalTransport(Transport):
     """Runs the agent on this machine with this Python.
 
@@ -113,16 +127,7 @@ class LocalTransport(Transport):
         argv = [self.python, "-I", "-S", "-c", _BOOTSTRAP, str(agent_path())]
         if self.root:
             argv += ["--root", self.root]
-        proc = await asyncio.create_subprocess_exec(
-            *argv, *args,
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            # Out of the terminal's process group: a Ctrl-C is for chaperone
-            # to decide about, never delivered to the agent behind its back.
-            start_new_session=True,
-            limit=1 << 20,
-        )
+        proc = await spawn(argv + list(args))
         try:
             if stdin:
                 proc.stdin.write(stdin)
