@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import os
+import signal
 import sys
 from typing import List, Optional
 
@@ -54,8 +56,9 @@ class Transport(abc.ABC):
 
 
 class _LocalProcess(AgentProcess):
-    def __init__(self, proc: asyncio.subprocess.Process):
+    def __init__(self, proc: asyncio.subprocess.Process, owner: "LocalTransport"):
         self.proc = proc
+        self.owner = owner
         self._stderr = asyncio.ensure_future(proc.stderr.read())
 
     async def read(self, n: int = 1 << 20) -> bytes:
@@ -68,18 +71,8 @@ class _LocalProcess(AgentProcess):
         return await self._stderr
 
     def close(self) -> None:
-        if self.proc.returncode is None:
-            try:
-                self.proc.kill()
-            except ProcessLookupError:
-                pass
         self._stderr.cancel()
-        # Close the subprocess transport now, while the loop runs: left to
-        # the garbage collector after the loop closed, it would complain
-        # ("Event loop is closed"), which a quick agent made likely.
-        transport = getattr(self.proc, "_transport", None)
-        if transport is not None:
-            transport.close()
+        self.owner._finish(self.proc)
 
 
 #: Runs the agent file named by ``argv[1]`` as a module, so that its
@@ -122,6 +115,38 @@ class LocalTransport(Transport):
     def __init__(self, python: Optional[str] = None, root: Optional[str] = None):
         self.python = python or sys.executable
         self.root = root
+        self._reaping: set = set()
+
+    def _finish(self, proc: asyncio.subprocess.Process) -> None:
+        """Kill ``proc`` if it still runs; close its pipes once it is reaped.
+
+        ``os.kill``, not ``proc.kill()``, and no transport ``close()``
+        before the exit: both poll the child first, which can reap it
+        behind asyncio's child watcher (it then reports status 255 and
+        warns).  :meth:`close` waits for the reaping, so no child exits
+        after the event loop closed ("Loop ... that handles pid ... is
+        closed")."""
+        if proc.returncode is None:
+            try:
+                os.kill(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        async def reap():
+            try:
+                await proc.wait()
+            finally:
+                transport = getattr(proc, "_transport", None)
+                if transport is not None:
+                    transport.close()
+
+        task = asyncio.ensure_future(reap())
+        self._reaping.add(task)
+        task.add_done_callback(self._reaping.discard)
+
+    async def close(self) -> None:
+        if self._reaping:
+            await asyncio.wait(list(self._reaping), timeout=5.0)
 
     async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
         argv = [self.python, "-I", "-S", "-c", _BOOTSTRAP, str(agent_path())]
@@ -135,7 +160,7 @@ class LocalTransport(Transport):
             proc.stdin.close()
         except (BrokenPipeError, ConnectionResetError):
             pass
-        return _LocalProcess(proc)
+        return _LocalProcess(proc, self)
 
     def describe(self) -> dict:
         return {"host": "local", "root": self.root, "python": self.python}
