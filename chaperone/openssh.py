@@ -48,7 +48,7 @@ def ssh_error(host: str, stderr: bytes, got_output: bool) -> ChaperoneError:
     text = "\n".join(lines)
     if not lines:  # ssh says why it failed to connect; a silent 255 is a dropped connection
         return ConnectionLost("connection to %s lost" % host)
-    last = lines[-1] if lines else "ssh exited with status 255"
+    last = lines[-1]
     if "Host key verification failed" in text or "IDENTIFICATION HAS CHANGED" in text:
         return ConnectFailed(
             "host key verification failed for %s: the host key is unknown or has changed "
