@@ -209,7 +209,6 @@ class OpenSSHTransport(SSHDescribed, Transport):
             return
         self.warm()  # (again, if the last one died: the connection broke)
         master = self._master
-        delay = 0.002
         while not master.ready():
             if not master.alive():
                 err = master.stderr()
@@ -218,8 +217,7 @@ class OpenSSHTransport(SSHDescribed, Transport):
                 if code == 127:
                     raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh)
                 raise ssh_error(self.host, err, False)
-            await asyncio.sleep(delay)
-            delay = min(delay * 1.5, 0.005)
+            await asyncio.sleep(0.001)  # (a stat a ms while it logs in: the call goes out at once)
 
     async def forward_remote(self, local_port: int) -> Tunnel:
         """Forward a fresh port on the host's 127.0.0.1 to ``local_port`` on

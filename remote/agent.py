@@ -1567,7 +1567,7 @@ def follow(run, out, offsets, last=None):
     fds = dict((name, os.open(run.path(name), os.O_RDONLY)) for name in STREAMS)
     kinds = {"stdout": b"1", "stderr": b"2"}
     shown = last and (last["state"], last["pid"])
-    interval = 0.002
+    interval = 0.001
     try:
         while True:
             st = run.refresh(fds)
@@ -1596,10 +1596,10 @@ def follow(run, out, offsets, last=None):
                 out.frame(b"S", 0, json.dumps(st, sort_keys=True).encode())
                 shown = (st["state"], st["pid"])
             if moved:
-                interval = 0.002
+                interval = 0.001
             else:
                 time.sleep(interval)
-                interval = min(interval * 2, 0.05)
+                interval = min(interval * 1.5, 0.05)  # (a quick program's end is seen soon)
     finally:
         for fd in fds.values():
             os.close(fd)
