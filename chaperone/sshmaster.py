@@ -25,10 +25,12 @@ from typing import List, Optional, Sequence
 #: SSH config's ``ConnectTimeout`` says.
 DEFAULT_CONNECT_TIMEOUT = 15
 
-# $@ is the master's argv.  Its exit status is the script's; when fd 0 (a
-# pipe from the parent) reaches EOF, the watchdog kills it.  A background
-# list gets /dev/null as stdin unless redirected, hence fd 3.
-_WATCHDOG = ('exec 3<&0; "$@" </dev/null & p=$!; { read _ <&3; kill $p 2>/dev/null; } & w=$!; '
+# $1 is the master's directory, the rest its argv.  Its exit status is the
+# script's.  When fd 0 (a pipe from the parent) reaches EOF -- the parent
+# stopped it, or died -- the watchdog kills ssh and removes the directory.
+# (A background list gets /dev/null as stdin unless redirected: fd 3.)
+_WATCHDOG = ('d=$1; shift; exec 3<&0; "$@" </dev/null & p=$!; '
+             '{ read _ <&3; kill $p 2>/dev/null; rm -rf "$d"; } & w=$!; '
              'wait $p; s=$?; kill $w 2>/dev/null; exit $s')
 
 
@@ -110,7 +112,8 @@ class Master:
                                 "-S", self.socket, "--", host]
         try:
             with open(self._stderr, "wb") as err:
-                self.proc = subprocess.Popen(["/bin/sh", "-c", _WATCHDOG, "sh", *argv], stdin=subprocess.PIPE,
+                self.proc = subprocess.Popen(["/bin/sh", "-c", _WATCHDOG, "sh", self.dir, *argv],
+                                             stdin=subprocess.PIPE,
                                              stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)

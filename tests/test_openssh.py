@@ -33,6 +33,19 @@ def masters(tag):
     return [int(p) for p in out.stdout.split()]
 
 
+def _master_dir(pid):
+    """The directory of the control socket in a master's command line."""
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            argv = f.read().decode().split("\0")
+    except OSError:
+        return None
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "-S":
+            return os.path.dirname(argv[i + 1])
+    return None
+
+
 def no_masters_left(tag, timeout=5.0):
     """Masters are stopped without waiting for them (ssh takes a few ms
     to say goodbye): wait a moment for them to go."""
@@ -128,10 +141,17 @@ def test_no_master_outlives_a_killed_cli(sshd, tmp_path):
         while not flag.exists():
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
             time.sleep(0.05)
-        assert masters(sshd.config_file), "the run goes through a control master"
+        mine = [m for m in masters(sshd.config_file) if _master_dir(m)]
+        assert mine, "the run goes through a control master"
+        dirs = {_master_dir(m) for m in mine}
+        assert all(os.path.isdir(d) for d in dirs)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert no_masters_left(sshd.config_file, 10), "the control master outlived its CLI"
+        deadline = time.monotonic() + 10
+        while any(os.path.exists(d) for d in dirs):  # its directory (socket, stderr) goes too
+            assert time.monotonic() < deadline, dirs
+            time.sleep(0.05)
     finally:
         if proc.poll() is None:
             proc.kill()
