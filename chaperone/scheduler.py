@@ -263,8 +263,10 @@ class Scheduler:
             if st and st["state"] in FINAL_STATES:
                 mirror = self.mirror(run_id)
                 if all(mirror.held(s) >= st[s + "_bytes"] for s in STREAMS):
-                    if not self.server.completed(run_id):
-                        await self._release(run_id)
+                    # Also when its final callback was acknowledged: the
+                    # answer may still be on its way (and lost if this
+                    # scheduler closes now), and the agent would retry.
+                    await self._release(run_id)
                     return st
                 try:
                     await self.catch_up(run_id)
@@ -282,8 +284,8 @@ class Scheduler:
                     pass
 
     async def _release(self, run_id: str) -> None:
-        """Tell the agent we have everything (caught up from the spool): it
-        stops calling back instead of trying for callback_timeout."""
+        """Tell the agent we have everything: it stops calling back instead
+        of trying for callback_timeout (a no-op for an agent that ended)."""
         try:
             await self.ch.client(run_id).control(run_id, b'{"op": "release"}')
         except ChaperoneError:
