@@ -30,7 +30,7 @@ from .errors import ChaperoneError, ConnectionLost
 from . import sshmaster
 from .sshcommon import (SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel, agent_command, agent_file, no_python,
                         ship_command, ship_failure, shipped_but_missing)
-from .transport import AgentProcess, Transport, spawn
+from .transport import AgentProcess, Transport, feed_stdin, spawn
 
 __all__ = ["OpenSSHTransport", "ssh_binary"]
 
@@ -264,17 +264,7 @@ class OpenSSHTransport(SSHDescribed, Transport):
             self._muxed += 1
             asyncio.ensure_future(proc.wait()).add_done_callback(lambda _: self._unmux())
         stderr_task = asyncio.ensure_future(proc.stderr.read())
-
-        async def feed():
-            try:
-                if stdin:
-                    proc.stdin.write(stdin)
-                    await proc.stdin.drain()
-                proc.stdin.close()
-            except (BrokenPipeError, ConnectionResetError):
-                pass
-
-        feeder = asyncio.ensure_future(feed())
+        feeder = asyncio.ensure_future(feed_stdin(proc, stdin))
         return proc, stderr_task, feeder
 
     def _unmux(self) -> None:

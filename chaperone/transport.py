@@ -102,6 +102,18 @@ async def spawn(argv: List[str]) -> asyncio.subprocess.Process:
     )
 
 
+async def feed_stdin(proc: asyncio.subprocess.Process, data: bytes) -> None:
+    """Write ``data`` to ``proc``'s stdin and close it (an early exit of
+    the process is not an error here: its status will say why)."""
+    try:
+        if data:
+            proc.stdin.write(data)
+            await proc.stdin.drain()
+        proc.stdin.close()
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+
+
 class LocalTransport(Transport):
     """Runs the agent on this machine with this Python.
 
@@ -153,13 +165,7 @@ class LocalTransport(Transport):
         if self.root:
             argv += ["--root", self.root]
         proc = await spawn(argv + list(args))
-        try:
-            if stdin:
-                proc.stdin.write(stdin)
-                await proc.stdin.drain()
-            proc.stdin.close()
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        await feed_stdin(proc, stdin)
         return _LocalProcess(proc, self)
 
     def describe(self) -> dict:
