@@ -113,8 +113,6 @@ def _guess(argv):
 
 
 def _speculate(argv) -> None:
-    if os.environ.get("CHAPERONE_SSH_CLIENT", "openssh") != "openssh":
-        return
     try:
         guess = _guess(argv)
         if guess is None:
@@ -122,12 +120,11 @@ def _speculate(argv) -> None:
         from . import sshmaster
 
         ssh = sshmaster.ssh_binary()
-        if ssh is None:
+        if ssh is None or sshmaster.default_client() != "openssh":
             return
         host, settings = guess
-        if sshmaster.config_mentions(sshmaster.default_config_files(settings["config"]),
-                                     r"Control(Master|Path|Persist)"):
-            return  # the user multiplexes their own way
+        if sshmaster.multiplexes_itself(settings["config"]):
+            return  # the user shares connections their own way
         sshmaster.speculate(sshmaster.ssh_options(ssh, **settings), host)
     except Exception:
         return

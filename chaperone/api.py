@@ -206,17 +206,13 @@ class Chaperone:
         handshake then overlaps whatever the caller does before its first
         call."""
         if host != "local":
-            warm = getattr(self.transport(host, **(ssh or {})), "warm", None)
-            if warm is not None:
-                warm()
+            self.transport(host, **(ssh or {})).warm()
 
     def preconnect_run(self, run_id: str) -> None:
         """:meth:`preconnect` to the host of a recorded run (if any)."""
         rec = self.records.get(run_id)
         if rec is not None and rec.host != "local":
-            warm = getattr(self._transport_for(rec), "warm", None)
-            if warm is not None:
-                warm()
+            self._transport_for(rec).warm()
 
     def _transport_for(self, record) -> Transport:
         how = dict(record.transport)

@@ -30,6 +30,7 @@ def _run_async(coro_fn):
 
     from .api import Chaperone
     from .errors import ChaperoneError
+    from .sshmaster import default_client
 
     ctx = click.get_current_context()
     opts = ctx.find_root().params
@@ -37,7 +38,7 @@ def _run_async(coro_fn):
     async def main():
         ch = Chaperone(ssh_config=opts.get("ssh_config") or None, python=ctx.params.get("python"),
                        check_host_keys=not ctx.params.get("no_host_key_check", False),
-                       ssh_client=_ssh_client())
+                       ssh_client=default_client())
         try:
             run_id = ctx.params.get("run_id")
             if run_id and ctx.info_name != "run":
@@ -59,18 +60,6 @@ def _run_async(coro_fn):
         _fail(str(e) or type(e).__name__)
     except Exception as e:  # never a traceback: one line, and how to see more
         _fail("internal error: %s: %s (please report it)" % (type(e).__name__, e))
-
-
-def _ssh_client() -> str:
-    """OpenSSH's ``ssh`` when it is installed (a one-shot command costs
-    about what ``ssh HOST true`` costs), else asyncssh;
-    ``$CHAPERONE_SSH_CLIENT`` (openssh or asyncssh) decides otherwise."""
-    chosen = os.environ.get("CHAPERONE_SSH_CLIENT")
-    if chosen:
-        return chosen
-    from .openssh import ssh_binary
-
-    return "openssh" if ssh_binary() else "asyncssh"
 
 
 def _print_json(obj) -> None:

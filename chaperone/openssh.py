@@ -32,9 +32,7 @@ from .sshcommon import (SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel, agent_c
                         ship_command, ship_failure, shipped_but_missing)
 from .transport import AgentProcess, Transport, feed_stdin, spawn
 
-__all__ = ["OpenSSHTransport", "ssh_binary"]
-
-ssh_binary = sshmaster.ssh_binary
+__all__ = ["OpenSSHTransport"]
 
 #: ``ssh`` exits with this when it (not the remote command) failed.
 SSH_FAILED = 255
@@ -150,7 +148,7 @@ class OpenSSHTransport(SSHDescribed, Transport):
         self.connect_timeout = connect_timeout
         self.keepalive_interval = keepalive_interval
         self.root = root
-        self.ssh = ssh or ssh_binary() or "ssh"
+        self.ssh = ssh or sshmaster.ssh_binary() or "ssh"
         self.agent_file = agent_file()
         self._procs: set = set()
         self._ship_lock = asyncio.Lock()
@@ -158,10 +156,10 @@ class OpenSSHTransport(SSHDescribed, Transport):
         # One connection for every call (OpenSSH's ControlMaster), unless
         # the user's config does its own multiplexing.
         if multiplex is None:
-            multiplex = not sshmaster.config_mentions(sshmaster.default_config_files(self.config),
-                                                      r"Control(Master|Path|Persist)")
+            multiplex = not sshmaster.multiplexes_itself(self.config)
         self.multiplex = multiplex
         self._master: Optional[sshmaster.Master] = None
+        self._options: dict = {}
         self.max_sessions = max_sessions
         self._muxed = 0  # calls running over the master
 
@@ -178,11 +176,15 @@ class OpenSSHTransport(SSHDescribed, Transport):
         return argv + ["--", self.host, command]
 
     def options(self, forwardings: bool = False) -> List[str]:
-        """``ssh`` and its options for this host (no host, no command)."""
-        return sshmaster.ssh_options(
-            self.ssh, forwardings=forwardings, config=self.config, port=self.port, username=self.username,
-            client_keys=self.client_keys, check_host_keys=self.check_host_keys, known_hosts=self.known_hosts,
-            connect_timeout=self.connect_timeout, keepalive_interval=self.keepalive_interval)
+        """``ssh`` and its options for this host (no host, no command);
+        worked out once (it reads the config files), not at every call."""
+        if forwardings not in self._options:
+            self._options[forwardings] = sshmaster.ssh_options(
+                self.ssh, forwardings=forwardings, config=self.config, port=self.port,
+                username=self.username, client_keys=self.client_keys, check_host_keys=self.check_host_keys,
+                known_hosts=self.known_hosts, connect_timeout=self.connect_timeout,
+                keepalive_interval=self.keepalive_interval)
+        return list(self._options[forwardings])
 
     # The shared connection -------------------------------------------------
 
@@ -254,14 +256,21 @@ class OpenSSHTransport(SSHDescribed, Transport):
         # The server allows MaxSessions channels per connection: past
         # max_sessions calls at once, a call gets a connection of its own
         # (slower, never stuck behind long follows).
+        # (The slot is taken before the await: calls made at once must not
+        # all see the same free count.)
         muxed = self._muxed < self.max_sessions
-        try:
-            proc = await spawn(self.argv(command, muxed))
-        except FileNotFoundError:
-            raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh) from None
-        self._procs.add(proc)
         if muxed:
             self._muxed += 1
+        try:
+            proc = await spawn(self.argv(command, muxed))
+        except BaseException as e:
+            if muxed:
+                self._unmux()
+            if isinstance(e, FileNotFoundError):
+                raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh) from None
+            raise
+        self._procs.add(proc)
+        if muxed:
             asyncio.ensure_future(proc.wait()).add_done_callback(lambda _: self._unmux())
         stderr_task = asyncio.ensure_future(proc.stderr.read())
         feeder = asyncio.ensure_future(feed_stdin(proc, stdin))

@@ -40,10 +40,10 @@ class Scheduler:
                  check_host_keys: bool = True, callback_url: Optional[str] = None,
                  bind: str = "127.0.0.1", port: int = 0, config: Optional[dict] = None,
                  heal_interval: float = 1.0, ssh_client: Optional[str] = None):
-        if ssh_client is None:
-            from .openssh import ssh_binary
+        if ssh_client is None:  # (more than one config file: asyncssh, see Chaperone)
+            from .sshmaster import default_client
 
-            ssh_client = "openssh" if ssh_binary() and len(ssh_config) <= 1 else "asyncssh"
+            ssh_client = default_client()
         self.ch = Chaperone(home, ssh_config=ssh_config, check_host_keys=check_host_keys, ssh_client=ssh_client)
         self.on_update = on_update
         self.callback_url = callback_url

@@ -39,6 +39,20 @@ def ssh_binary() -> Optional[str]:
     return shutil.which(os.environ.get("CHAPERONE_SSH") or "ssh")
 
 
+def default_client() -> str:
+    """The SSH client chaperone uses unless told: ``$CHAPERONE_SSH_CLIENT``
+    (``openssh`` or ``asyncssh``), else OpenSSH's ``ssh`` when it is
+    installed, else asyncssh."""
+    return os.environ.get("CHAPERONE_SSH_CLIENT") or ("openssh" if ssh_binary() else "asyncssh")
+
+
+def multiplexes_itself(config: Sequence[str]) -> bool:
+    """Whether the user's ssh config does its own connection sharing
+    (ControlMaster/ControlPath/ControlPersist): chaperone then starts no
+    master of its own."""
+    return config_mentions(default_config_files(config), r"Control(Master|Path|Persist)")
+
+
 def config_mentions(paths: Sequence[str], keyword: str) -> bool:
     """Whether any of these ssh config files sets ``keyword`` (a regular
     expression; a textual check: enough to decide whether to supply a

@@ -50,6 +50,11 @@ class Transport(abc.ABC):
     async def close(self) -> None:
         return None
 
+    def warm(self) -> None:
+        """Start connecting now, in the background, if connecting is slow
+        and the transport can (the OpenSSH client's shared connection)."""
+        return None
+
     def describe(self) -> dict:
         """How the host was reached, for the run's record (reconnect later)."""
         return {"host": self.host}

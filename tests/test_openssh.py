@@ -180,3 +180,41 @@ def test_the_users_own_multiplexing_is_left_alone(sshd, tmp_path):
                          stdin=subprocess.DEVNULL, capture_output=True, timeout=30)
     assert (res.returncode, res.stdout, res.stderr) == (0, b"mine\n", b"")
     assert no_masters_left(str(cfg))
+
+
+@pytest.mark.timeout(90)
+def test_calls_past_max_sessions_get_a_connection_of_their_own(tmp_path):
+    """A server that allows 2 sessions per connection, 4 follows at once:
+    the first 2 share the master, the others connect on their own instead
+    of being refused ("open failed") or queued behind the long follows."""
+    from chaperone.api import Chaperone
+    from chaperone.protocol import OutputChunk
+    from sshd import SSHD, require_sshd
+
+    require_sshd()
+    flag = tmp_path / "go"
+    with SSHD(max_sessions=2) as server:
+        async def main():
+            async with Chaperone(home=tmp_path, ssh_config=[server.config_file], ssh_client="openssh") as ch:
+                ssh = {"root": str(tmp_path / "spool"), "max_sessions": 2}
+                transport = ch.transport("testhost", **ssh)
+
+                async def one(i):
+                    out = b""
+                    argv = ["sh", "-c", "while [ ! -e %s ]; do sleep 0.05; done; echo f%d" % (flag, i)]
+                    async for event in ch.start_stream("testhost", argv, ssh=ssh):
+                        if isinstance(event, OutputChunk):
+                            out += event.data
+                    return out
+
+                tasks = [asyncio.ensure_future(one(i)) for i in range(4)]
+                deadline = time.monotonic() + 30
+                while len(transport._procs) < 4:
+                    assert time.monotonic() < deadline and not any(t.done() for t in tasks), \
+                        [t.exception() for t in tasks if t.done()]
+                    await asyncio.sleep(0.05)
+                assert transport._muxed == 2
+                flag.touch()
+                return await asyncio.gather(*tasks)
+
+        assert asyncio.run(main()) == [b"f%d\n" % i for i in range(4)]
