@@ -28,9 +28,11 @@ DEFAULT_CONNECT_TIMEOUT = 15
 # $1 is the master's directory, the rest its argv.  Its exit status is the
 # script's.  When fd 0 (a pipe from the parent) reaches EOF -- the parent
 # stopped it, or died -- the watchdog kills ssh and removes the directory.
+# Once it has begun, the watchdog ignores the TERM with which the main
+# shell ends it when ssh exits (else that could cut it off before the rm).
 # (A background list gets /dev/null as stdin unless redirected: fd 3.)
 _WATCHDOG = ('d=$1; shift; exec 3<&0; "$@" </dev/null & p=$!; '
-             '{ read _ <&3; kill $p 2>/dev/null; rm -rf "$d"; } & w=$!; '
+             '{ read _ <&3; trap "" TERM; kill $p 2>/dev/null; rm -rf "$d"; } & w=$!; '
              'wait $p; s=$?; kill $w 2>/dev/null; exit $s')
 
 

@@ -208,13 +208,15 @@ def test_calls_past_max_sessions_get_a_connection_of_their_own(tmp_path):
                     return out
 
                 tasks = [asyncio.ensure_future(one(i)) for i in range(4)]
-                deadline = time.monotonic() + 30
-                while len(transport._procs) < 4:
-                    assert time.monotonic() < deadline and not any(t.done() for t in tasks), \
-                        [t.exception() for t in tasks if t.done()]
-                    await asyncio.sleep(0.05)
-                assert transport._muxed == 2
-                flag.touch()
+                try:
+                    deadline = time.monotonic() + 30
+                    while len(transport._procs) < 4:
+                        assert time.monotonic() < deadline and not any(t.done() for t in tasks), \
+                            [t.exception() for t in tasks if t.done()]
+                        await asyncio.sleep(0.05)
+                    assert transport._muxed == 2
+                finally:
+                    flag.touch()  # the programs end either way
                 return await asyncio.gather(*tasks)
 
         assert asyncio.run(main()) == [b"f%d\n" % i for i in range(4)]
