@@ -3,13 +3,17 @@ head start for SSH.
 
 Before anything else is imported, the command line is looked at: when it
 will talk to a host over OpenSSH (``run HOST ...``, or ``status``/``logs``/
-``wait``/``kill``/``clean ID`` of a run on a remote host), a control master
-for that host starts connecting in the background.  The handshake (most of
-what ``ssh HOST true`` costs) then overlaps Python loading click, asyncio
-and the library.  The guess is only a guess: the transport adopts the
-master only if it was started with exactly the options it would use itself
-(``chaperone.sshmaster.adopt``), and a wrong guess costs one stopped
-process.  Nothing here may fail the command: any surprise means no guess.
+``wait``/``kill``/``clean ID`` of a run on a remote host), an SSH session
+to that host starts in the background (``chaperone.sshmaster.Standby``):
+it connects, logs in and waits for its command on stdin.  The handshake
+(most of what ``ssh HOST true`` costs) then overlaps Python loading click,
+asyncio and the library, and the command's first agent call runs on that
+session: no second connection, and no second session set up on it.  The
+guess is only a guess: the transport adopts the session only if it was
+started with exactly the options it would use itself
+(``chaperone.sshmaster.adopt_session``), and a wrong guess costs one
+stopped process.  Nothing here may fail the command: any surprise means
+no guess.
 """
 
 import os
@@ -123,9 +127,8 @@ def _speculate(argv) -> None:
         if ssh is None or sshmaster.default_client() != "openssh":
             return
         host, settings = guess
-        if sshmaster.multiplexes_itself(settings["config"]):
-            return  # the user shares connections their own way
-        sshmaster.speculate(sshmaster.ssh_options(ssh, **settings), host)
+        sshmaster.speculate_session(sshmaster.ssh_options(ssh, **settings), host,
+                                    multiplex=not sshmaster.multiplexes_itself(settings["config"]))
     except Exception:
         return
 

@@ -30,7 +30,7 @@ from .errors import ChaperoneError, ConnectionLost
 from . import sshmaster
 from .sshcommon import (SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel, agent_command, agent_file, no_python,
                         ship_command, ship_failure, shipped_but_missing)
-from .transport import AgentProcess, Transport, feed_stdin, spawn
+from .transport import AgentProcess, AttachedProcess, Transport, feed_stdin, spawn
 
 __all__ = ["OpenSSHTransport"]
 
@@ -168,12 +168,9 @@ class OpenSSHTransport(SSHDescribed, Transport):
     def argv(self, command: str, muxed: bool = True) -> List[str]:
         """``ssh ... HOST COMMAND`` (COMMAND is one argument for the login
         shell), over the shared connection if there is one and ``muxed``."""
-        argv = self.options()
         if self._master is not None and muxed:
-            argv += ["-o", "ControlMaster=no", "-S", self._master.socket]
-        elif self.multiplex:
-            argv += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
-        return argv + ["--", self.host, command]
+            return self.options() + ["-o", "ControlMaster=no", "-S", self._master.socket, "--", self.host, command]
+        return sshmaster.direct_argv(self.options(), self.host, command, self.multiplex)
 
     def options(self, forwardings: bool = False) -> List[str]:
         """``ssh`` and its options for this host (no host, no command);
@@ -191,25 +188,29 @@ class OpenSSHTransport(SSHDescribed, Transport):
     def warm(self) -> None:
         """Start connecting now, in the background: a control master that
         the next calls share.  Needs no event loop.  Does nothing without
-        multiplexing, or when a master is already up."""
+        multiplexing, when a master is already up, or when the CLI's head
+        start has a session to this host standing by (a master now would
+        only compete with it for the CPU, for a handshake the command may
+        never need)."""
+        if not sshmaster.standing_by(self.options(), self.host):
+            self._start_master()
+
+    def _start_master(self) -> None:
+        """A master now, unless one is up (or there is no multiplexing)."""
         if not self.multiplex or (self._master is not None and self._master.alive()):
             return
         self._stop_master()
-        options = self.options()
-        master = sshmaster.adopt(options, self.host)
-        if master is None:
-            try:
-                master = sshmaster.Master(options, self.host)
-            except FileNotFoundError:
-                raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh) from None
-        self._master = master
+        try:
+            self._master = sshmaster.Master(self.options(), self.host)
+        except FileNotFoundError:
+            raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh) from None
 
     async def _connected(self) -> None:
         """Wait until the master is logged in (its socket appears); raise
         its error if it failed."""
         if not self.multiplex:
             return
-        self.warm()  # (again, if the last one died: the connection broke)
+        self._start_master()  # (again, if the last one died: the connection broke)
         master = self._master
         while not master.ready():
             if not master.alive():
@@ -336,13 +337,35 @@ class OpenSSHTransport(SSHDescribed, Transport):
                 raise ship_failure(code, err, self.python, self.host)
             self._shipped += 1
 
+    async def _adopt(self, command: str, stdin: bytes):
+        """A call on the head start's standby session if there is one for
+        this host (already connecting, or connected), else None."""
+        standby = sshmaster.adopt_session(self.options(), self.host, self.multiplex)
+        if standby is None:
+            return None
+        try:
+            proc = await AttachedProcess.attach(standby.proc, on_exit=standby.cut)
+        except BaseException:
+            standby.stop()
+            raise
+        self._procs.add(proc)
+        stderr_task = asyncio.ensure_future(proc.stderr.read())
+        feeder = asyncio.ensure_future(feed_stdin(proc, sshmaster.standby_input(command) + stdin))
+        return proc, stderr_task, feeder
+
     async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
+        command = agent_command(self.python, self.root, args)
         shipped_again = reconnected = False
+        adopted = await self._adopt(command, stdin)
         while True:
             shipped = self._shipped
-            await self._connected()
-            master = self._master
-            proc, stderr_task, feeder = await self._spawn(agent_command(self.python, self.root, args), stdin)
+            if adopted is not None:
+                master = None
+                (proc, stderr_task, feeder), adopted = adopted, None
+            else:
+                await self._connected()
+                master = self._master
+                proc, stderr_task, feeder = await self._spawn(command, stdin)
             try:
                 # The agent always prints (a marker) unless the bootstrap
                 # refused it: no output and status 97 mean "ship it again".

@@ -1,14 +1,18 @@
-"""OpenSSH control masters: one background ``ssh -N -M`` connection that
-later ``ssh -S SOCKET HOST CMD`` calls share (no handshake of their own).
+"""OpenSSH connections started ahead of their use.
 
-Stdlib only and light to import: the CLI starts a master for the host it
-is about to use before it imports anything else (:func:`speculate`), so the
-SSH handshake runs while Python loads the rest of chaperone; the transport
-then adopts that master if it was started with the very same options
-(:func:`adopt`), else stops it.
+* :class:`Master`: one background ``ssh -N -M`` connection that later ``ssh
+  -S SOCKET HOST CMD`` calls share (no handshake of their own).
+* :class:`Standby`: one ``ssh HOST`` session that logs in at once and
+  then waits for the command it is to run, on its stdin.
 
-A master never outlives the process that started it: it runs under a small
-``sh`` watchdog that kills it when the pipe from its parent closes, however
+Stdlib only and light to import: the CLI starts a standby session to the
+host it is about to use before it imports anything else (:func:`speculate_session`),
+so the SSH handshake runs while Python loads the rest of chaperone; the
+transport then runs its first call on that session if it was started with
+the very same options (:func:`adopt_session`).
+
+Neither ever outlives the process that started it: both run under a small
+``sh`` watchdog that kills ssh when a pipe from its parent closes, however
 the parent ended (even SIGKILL).
 """
 
@@ -25,15 +29,46 @@ from typing import List, Optional, Sequence
 #: SSH config's ``ConnectTimeout`` says.
 DEFAULT_CONNECT_TIMEOUT = 15
 
-# $1 is the master's directory, the rest its argv.  Its exit status is the
-# script's.  When fd 0 (a pipe from the parent) reaches EOF -- the parent
-# stopped it, or died -- the watchdog kills ssh and removes the directory.
-# Once it has begun, the watchdog ignores the TERM with which the main
-# shell ends it when ssh exits (else that could cut it off before the rm).
-# (A background list gets /dev/null as stdin unless redirected: fd 3.)
-_WATCHDOG = ('d=$1; shift; exec 3<&0; "$@" </dev/null & p=$!; '
-             '{ read _ <&3; trap "" TERM; kill $p 2>/dev/null; rm -rf "$d"; } & w=$!; '
-             'wait $p; s=$?; kill $w 2>/dev/null; exit $s')
+# $1 is a fd: the read end of a pipe whose write end only the parent
+# holds; $2 a directory to remove at the end ("" for none); the rest the
+# command, which gets the script's stdin, stdout and stderr.  Its exit
+# status is the script's (128+N if it was killed by signal N).  When that
+# pipe reaches EOF -- the parent closed it, or died, even by SIGKILL -- the
+# watchdog kills the command and removes the directory.  Once it has
+# begun, it ignores the TERM with which the main shell ends it when the
+# command exits (else that could cut it off before the rm).  A TERM to the
+# main shell is passed on to the command.  (The pipe moves to fd 3 first,
+# opened as /dev/fd/N: dash takes fds up to 9 only, and N may be 4.  A
+# background list gets /dev/null as stdin unless redirected: hence fd 4.)
+_WATCHDOG = ('l=$1; d=$2; shift 2; exec 3</dev/fd/$l 4<&0; "$@" <&4 3<&- 4<&- & p=$!; exec 4<&-; '
+             '{ read _ <&3; trap "" TERM; kill $p 2>/dev/null; [ -z "$d" ] || rm -rf "$d"; } </dev/null & w=$!; '
+             'exec 3<&-; trap "kill $p 2>/dev/null" TERM; '
+             'while :; do wait $p; s=$?; kill -0 $p 2>/dev/null || break; done; '
+             'kill $w 2>/dev/null; exit $s')
+
+
+def watched(argv: Sequence[str], directory: str = "", **popen) -> "tuple[subprocess.Popen, int]":
+    """Start ``argv`` under the watchdog (``popen``: its stdin, stdout,
+    stderr ...): ``(process, fd)``.  The process ends when ``fd`` is closed
+    or this process dies; ``directory`` (if any) is then removed."""
+    r, w = os.pipe()
+    try:
+        proc = subprocess.Popen(["/bin/sh", "-c", _WATCHDOG, "sh", str(r), directory, *argv], pass_fds=(r,),
+                                start_new_session=True, **popen)
+    except BaseException:
+        os.close(w)
+        raise
+    finally:
+        os.close(r)
+    return proc, w
+
+
+def close_fd(fd: Optional[int]) -> None:
+    if fd is not None:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def ssh_binary() -> Optional[str]:
@@ -128,9 +163,8 @@ class Master:
                                 "-S", self.socket, "--", host]
         try:
             with open(self._stderr, "wb") as err:
-                self.proc = subprocess.Popen(["/bin/sh", "-c", _WATCHDOG, "sh", self.dir, *argv],
-                                             stdin=subprocess.PIPE,
-                                             stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+                self.proc, self._lifeline = watched(argv, self.dir, stdin=subprocess.DEVNULL,
+                                                    stdout=subprocess.DEVNULL, stderr=err)
         except BaseException:
             shutil.rmtree(self.dir, ignore_errors=True)
             raise
@@ -140,23 +174,7 @@ class Master:
 
     async def wait_exit(self) -> None:
         """Until the master exited (its connection is gone)."""
-        import asyncio
-
-        try:
-            fd = os.pidfd_open(self.proc.pid)  # Linux 5.3+: readable once it exits
-        except (AttributeError, OSError):
-            while self.alive():
-                await asyncio.sleep(0.05)
-            return
-        loop = asyncio.get_running_loop()
-        exited = loop.create_future()
-        loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
-        try:
-            if self.alive():
-                await exited
-        finally:
-            loop.remove_reader(fd)
-            os.close(fd)
+        await wait_exited(self.proc)
 
     def ready(self) -> bool:
         """Logged in: its socket is there (made only after the login)."""
@@ -176,11 +194,8 @@ class Master:
         """End the connection: the watchdog kills ssh once its pipe is
         closed.  Without ``wait`` the exit is not waited for (ssh takes a
         few ms to say goodbye); it is reaped later (:func:`_reap`)."""
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
+        close_fd(self._lifeline)
+        self._lifeline = None
         if wait:
             try:
                 self.proc.wait(5)
@@ -192,6 +207,85 @@ class Master:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+async def wait_exited(proc: subprocess.Popen) -> int:
+    """Until ``proc`` (a child not known to asyncio's child watcher) exited:
+    its status, reaped."""
+    import asyncio
+
+    try:
+        fd = os.pidfd_open(proc.pid)  # Linux 5.3+: readable once it exits
+    except (AttributeError, OSError):
+        while proc.poll() is None:
+            await asyncio.sleep(0.01)
+        return proc.returncode
+    loop = asyncio.get_running_loop()
+    exited = loop.create_future()
+    loop.add_reader(fd, lambda: exited.done() or exited.set_result(None))
+    try:
+        if proc.poll() is None:
+            await exited
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+    return proc.wait()
+
+
+def direct_argv(options: Sequence[str], host: str, command: str, multiplex: bool) -> List[str]:
+    """``ssh ... HOST COMMAND`` on a connection of its own.  ``multiplex``:
+    chaperone shares connections itself, so none of the user's config
+    (there is none) and none of its own masters are wanted here."""
+    argv = list(options)
+    if multiplex:
+        argv += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]
+    return argv + ["--", host, command]
+
+
+#: The remote command of a standby session (:class:`Standby`): the login
+#: shell runs ``sh``, which reads one line from stdin -- the real command,
+#: escaped by :func:`standby_input` -- and runs it; the rest of stdin is
+#: that command's.  (``read`` takes a pipe byte by byte: nothing past the
+#: line is consumed.)  An empty stdin ends it doing nothing.
+STANDBY_COMMAND = """sh -c 'IFS= read -r c || exit 0; eval "$(printf %b "$c")"'"""
+
+
+def standby_input(command: str) -> bytes:
+    """The line that makes a standby session run ``command`` (a command
+    for ``sh``): backslashes and newlines escaped for ``printf %b``."""
+    return (command.replace("\\", "\\\\").replace("\n", "\\n") + "\n").encode()
+
+
+class Standby:
+    """An ``ssh HOST`` session started before its caller knows what it will
+    run: it connects and logs in while the caller is still loading (the
+    CLI's head start), then waits for its command on stdin
+    (:data:`STANDBY_COMMAND`).  Like a master it runs under the watchdog:
+    ``lifeline`` open keeps it alive, and it never outlives this process.
+    Stopped unused, its stdin is closed (the remote side ends doing
+    nothing) and ssh is killed."""
+
+    def __init__(self, options: Sequence[str], host: str, multiplex: bool):
+        _reap()
+        self.key = (tuple(options), host, multiplex)
+        self.proc, self.lifeline = watched(direct_argv(options, host, STANDBY_COMMAND, multiplex), bufsize=0,
+                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+    def stop(self) -> None:
+        proc = self.proc
+        for pipe in (proc.stdin, proc.stdout, proc.stderr):
+            try:
+                pipe.close()
+            except OSError:
+                pass
+        self.cut()
+        if proc.poll() is None:
+            _stopping.append(proc)
+
+    def cut(self) -> None:
+        """Close the lifeline: the watchdog kills ssh if it still runs."""
+        close_fd(self.lifeline)
+        self.lifeline = None
+
+
 #: Stopped masters not reaped yet.
 _stopping: List[subprocess.Popen] = []
 
@@ -200,33 +294,39 @@ def _reap() -> None:
     _stopping[:] = [p for p in _stopping if p.poll() is None]
 
 
-_speculative: Optional[Master] = None
+#: The head start's session, until a transport adopts it.
+_standby: Optional[Standby] = None
 
 
-def _stop_speculative() -> None:
-    global _speculative
-    master, _speculative = _speculative, None
-    if master is not None:
-        master.stop()
+def _stop_standby() -> None:
+    global _standby
+    standby, _standby = _standby, None
+    if standby is not None:
+        standby.stop()
 
 
-def speculate(options: Sequence[str], host: str) -> None:
-    """Start a master now for a transport that will likely ask for it."""
-    global _speculative
-    _stop_speculative()
-    _speculative = Master(options, host)
-    atexit.register(_stop_speculative)
+def speculate_session(options: Sequence[str], host: str, multiplex: bool) -> None:
+    """Start a :class:`Standby` session now, for a transport that will
+    likely make a call to this host first (:func:`adopt_session`); stopped
+    at exit if none does."""
+    global _standby
+    _stop_standby()
+    _standby = Standby(options, host, multiplex)
+    atexit.register(_stop_standby)
 
 
-def adopt(options: Sequence[str], host: str) -> Optional[Master]:
-    """The speculative master if it was started with these options for this
-    host (it is then the caller's to stop); else stop it and None."""
-    global _speculative
-    master = _speculative
-    if master is None:
-        return None
-    if master.key == (tuple(options), host):
-        _speculative = None
-        return master
-    _stop_speculative()
+def standing_by(options: Sequence[str], host: str) -> bool:
+    """Whether a standby session with these options to this host waits to
+    be adopted."""
+    return _standby is not None and _standby.key[:2] == (tuple(options), host)
+
+
+def adopt_session(options: Sequence[str], host: str, multiplex: bool) -> Optional[Standby]:
+    """The standby session if it has these options, host and sharing (it is
+    then the caller's, its stdin not written yet); else None."""
+    global _standby
+    standby = _standby
+    if standby is not None and standby.key == (tuple(options), host, multiplex):
+        _standby = None
+        return standby
     return None

@@ -107,6 +107,60 @@ async def spawn(argv: List[str]) -> asyncio.subprocess.Process:
     )
 
 
+class AttachedProcess:
+    """A child started before the event loop ran (``subprocess.Popen``
+    with pipes for stdin, stdout and stderr), with the interface of an
+    ``asyncio.subprocess.Process`` that :func:`feed_stdin` and the
+    transports use: ``stdin`` (a StreamWriter), ``stdout`` and ``stderr``
+    (StreamReaders), ``pid``, ``returncode``, ``wait()``.  asyncio's child
+    watcher does not know it; it is reaped here (pidfd), never twice.
+    ``on_exit``: called once it is reaped."""
+
+    def __init__(self, popen, on_exit=None):
+        self.popen = popen
+        self.pid = popen.pid
+        self.stdin = self.stdout = self.stderr = None
+        self._pipes: list = []
+        self._on_exit = on_exit
+
+    @classmethod
+    async def attach(cls, popen, on_exit=None) -> "AttachedProcess":
+        self = cls(popen, on_exit)
+        loop = asyncio.get_running_loop()
+        try:
+            for name in ("stdout", "stderr"):
+                reader = asyncio.StreamReader(limit=1 << 20, loop=loop)
+                transport, _ = await loop.connect_read_pipe(
+                    lambda: asyncio.StreamReaderProtocol(reader, loop=loop), getattr(popen, name))
+                self._pipes.append(transport)
+                setattr(self, name, reader)
+            transport, protocol = await loop.connect_write_pipe(
+                lambda: asyncio.streams.FlowControlMixin(loop=loop), popen.stdin)
+            self._pipes.append(transport)
+            self.stdin = asyncio.StreamWriter(transport, protocol, None, loop)
+        except BaseException:
+            self.close_pipes()
+            raise
+        return self
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self.popen.returncode
+
+    async def wait(self) -> int:
+        from .sshmaster import wait_exited
+
+        code = await wait_exited(self.popen)
+        on_exit, self._on_exit = self._on_exit, None
+        if on_exit is not None:
+            on_exit()
+        return code
+
+    def close_pipes(self) -> None:
+        for transport in self._pipes:
+            transport.close()
+
+
 async def feed_stdin(proc: asyncio.subprocess.Process, data: bytes) -> None:
     """Write ``data`` to ``proc``'s stdin and close it (an early exit of
     the process is not an error here: its status will say why)."""

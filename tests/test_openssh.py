@@ -46,6 +46,21 @@ def _master_dir(pid):
     return None
 
 
+def ssh_processes(tag):
+    """Pids of ssh processes (masters, sessions) whose command line mentions ``tag``."""
+    out = subprocess.run(["pgrep", "-f", "^[^ ]*ssh .*%s" % tag], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def no_ssh_left(tag, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while ssh_processes(tag):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
 def no_masters_left(tag, timeout=5.0):
     """Masters are stopped without waiting for them (ssh takes a few ms
     to say goodbye): wait a moment for them to go."""
@@ -78,11 +93,12 @@ def test_a_command_logs_in_once_and_leaves_no_master(sshd, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_the_speculative_master_is_the_one_the_command_uses(sshd, tmp_path, monkeypatch):
-    """``python -m chaperone`` starts the master before its imports; the
-    transport the CLI then builds must adopt it (same options), for ``run
-    HOST`` and for ``status ID``: a guess that never matches would cost a
-    second handshake on every command."""
+def test_the_standby_session_is_the_one_the_command_uses(sshd, tmp_path, monkeypatch):
+    """``python -m chaperone`` starts an SSH session before its imports;
+    the first call of the transport the CLI then builds must run on it
+    (same options), for ``run HOST`` and for ``status ID``, and no master
+    may be started meanwhile: a guess that never matches, or a second
+    connection, would cost a second handshake on every command."""
     from chaperone import __main__ as entry
     from chaperone import sshmaster
     from chaperone.api import Chaperone
@@ -93,28 +109,63 @@ def test_the_speculative_master_is_the_one_the_command_uses(sshd, tmp_path, monk
     async def main():
         entry._speculate(["-F", sshd.config_file, "run", "-p", str(sshd.port), "--no-host-key-check",
                           "--spool", str(tmp_path / "spool"), "--id", "spec", "testhost", "--", "true"])
-        speculative = sshmaster._speculative
-        assert speculative is not None
+        standby = sshmaster._standby
+        assert isinstance(standby, sshmaster.Standby)
         async with Chaperone(ssh_config=[sshd.config_file], check_host_keys=False,
                              ssh_client="openssh") as ch:
             ssh = {"port": sshd.port, "root": str(tmp_path / "spool")}
             ch.preconnect("testhost", ssh)
-            assert sshmaster._speculative is None
-            assert ch.transport("testhost", **ssh)._master is speculative
+            transport = ch.transport("testhost", **ssh)
+            assert sshmaster._standby is standby and transport._master is None
             run = await ch.start("testhost", ["true"], run_id="spec", ssh=ssh)
+            assert sshmaster._standby is None and transport._master is None
+            assert standby.proc.returncode == 0  # (it ran the start)
             await ch.wait(run.id)
 
         entry._speculate(["-F", sshd.config_file, "status", "spec"])
-        speculative = sshmaster._speculative
-        assert speculative is not None
+        standby = sshmaster._standby
+        assert isinstance(standby, sshmaster.Standby)
         async with Chaperone(ssh_config=[sshd.config_file], ssh_client="openssh") as ch:
             ch.preconnect_run("spec")
-            assert sshmaster._speculative is None
-            assert ch.client("spec").transport._master is speculative
+            transport = ch.client("spec").transport
+            assert sshmaster._standby is standby and transport._master is None
             assert (await ch.status("spec"))["state"] == "done"
+            assert sshmaster._standby is None and transport._master is None
 
     asyncio.run(main())
-    assert no_masters_left(sshd.config_file)
+    assert no_ssh_left(sshd.config_file)
+
+
+@pytest.mark.timeout(60)
+def test_a_standby_session_runs_its_command_exactly(sshd, tmp_path):
+    """The command goes over stdin as one escaped line; quotes, $,
+    backslashes, % and newlines arrive as they would in ``ssh HOST CMD``,
+    and the rest of stdin is the command's."""
+    from chaperone import sshmaster
+
+    command = ("printf '%s|' 'a\\b' \"$HOME\" '%d' \"it's\"; printf 'x\ny\\n'; echo; "
+               "cat; echo \"tab\there\"")
+    options = sshmaster.ssh_options("ssh", config=[sshd.config_file])
+    direct = subprocess.run(sshmaster.direct_argv(options, "testhost", command, True), input=b"in\0put",
+                            capture_output=True, timeout=30)
+    standby = sshmaster.Standby(options, "testhost", True)
+    try:
+        out, err = standby.proc.communicate(sshmaster.standby_input(command) + b"in\0put", timeout=30)
+    finally:
+        standby.stop()
+    assert (standby.proc.returncode, out, err) == (direct.returncode, direct.stdout, direct.stderr)
+    assert out == b"a\\b|%s|%%d|it's|x\ny\n\nin\0puttab\there\n" % os.environ["HOME"].encode()
+
+    # Unused, it ends doing nothing; stopped, no ssh is left.
+    standby = sshmaster.Standby(options, "testhost", True)
+    standby.proc.stdin.close()
+    assert standby.proc.wait(30) == 0
+    assert standby.proc.stdout.read() == b""
+    standby.stop()
+    standby = sshmaster.Standby(options, "testhost", True)
+    standby.stop()
+    assert standby.proc.wait(10) != 0
+    assert no_ssh_left(sshd.config_file)
 
 
 def test_guesses_only_what_it_understands():
@@ -130,7 +181,11 @@ def test_guesses_only_what_it_understands():
 
 
 @pytest.mark.timeout(60)
-def test_no_master_outlives_a_killed_cli(sshd, tmp_path):
+@pytest.mark.parametrize("calls", ["one", "more"])
+def test_no_ssh_outlives_a_killed_cli(sshd, tmp_path, calls):
+    """SIGKILL the CLI while it follows a run: its SSH session (the standby
+    session it started with) and, after a reconnect, its control master
+    and the master's directory are gone soon after; the run goes on."""
     flag = tmp_path / "started"
     proc = subprocess.Popen(MAIN + ["-F", sshd.config_file, "run", "--spool", str(tmp_path / "spool"), "--id", "orphan",
                                     "testhost", "--", "sh", "-c", "touch %s; sleep 30" % flag],
@@ -141,15 +196,22 @@ def test_no_master_outlives_a_killed_cli(sshd, tmp_path):
         while not flag.exists():
             assert time.monotonic() < deadline and proc.poll() is None, proc.stderr.read()
             time.sleep(0.05)
-        mine = [m for m in masters(sshd.config_file) if _master_dir(m)]
-        assert mine, "the run goes through a control master"
-        dirs = {_master_dir(m) for m in mine}
-        assert all(os.path.isdir(d) for d in dirs)
+        assert ssh_processes(sshd.config_file), "the run is followed over SSH"
+        dirs = set()
+        if calls == "more":
+            # Cut the session: the CLI reconnects, over a control master.
+            sshd.kill_sessions()
+            deadline = time.monotonic() + 20
+            while not dirs:
+                assert time.monotonic() < deadline and proc.poll() is None
+                dirs = {_master_dir(m) for m in masters(sshd.config_file)} - {None}
+                time.sleep(0.05)
+            assert all(os.path.isdir(d) for d in dirs)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        assert no_masters_left(sshd.config_file, 10), "the control master outlived its CLI"
+        assert no_ssh_left(sshd.config_file, 10), "an ssh process outlived its CLI"
         deadline = time.monotonic() + 10
-        while any(os.path.exists(d) for d in dirs):  # its directory (socket, stderr) goes too
+        while any(os.path.exists(d) for d in dirs):  # a master's directory (socket, stderr) goes too
             assert time.monotonic() < deadline, dirs
             time.sleep(0.05)
     finally:
