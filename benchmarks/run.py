@@ -45,8 +45,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+#: Set (to the venv's path) when the harness runs inside the venv it made.
+VENV_ENV = "CHAPERONE_BENCH_VENV"
+DEFAULT_VENV = REPO / "benchmarks" / ".venv"
+if not os.environ.get(VENV_ENV) and str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))  # (in its venv: the installed copy)
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 MB = 1000 * 1000
@@ -214,6 +217,8 @@ def machine_info() -> dict:
         "nproc": os.cpu_count(),
         "python": platform.python_version(),
         "python_executable": sys.executable,
+        "install": ("venv %s: chaperone installed from the tree with pip, not editable" % os.environ[VENV_ENV]
+                    if os.environ.get(VENV_ENV) else "the running Python's environment (--no-venv)"),
         "platform": platform.platform(),
     }
     try:
@@ -343,8 +348,9 @@ class Context:
         self.env = dict(os.environ)
         self.env["CHAPERONE_HOME"] = self.home
         self.env.pop("CHAPERONE_SPOOL", None)
-        pp = self.env.get("PYTHONPATH")
-        self.env["PYTHONPATH"] = str(REPO) + (os.pathsep + pp if pp else "")
+        if not os.environ.get(VENV_ENV):
+            pp = self.env.get("PYTHONPATH")
+            self.env["PYTHONPATH"] = str(REPO) + (os.pathsep + pp if pp else "")
 
     def run_id(self, what: str) -> str:
         self.counter += 1
@@ -492,6 +498,16 @@ def bench_cli_startup(ctx: Context):
     reps = ctx.p["cli_reps"]
     chap, base = Timed.pair(ctx.cli_argv("--help"), [sys.executable, "-c", "pass"], reps, env=ctx.env,
                             warmup=2)
+    # The floor under any click CLI: Python importing click (the brief's
+    # choice of CLI library), measured the same way.
+    _, click_only = Timed.pair(ctx.cli_argv("--help"), [sys.executable, "-c", "import click"], reps,
+                               env=ctx.env, warmup=1)
+    ctx.results.add(
+        "cli_startup_vs_click", "CLI start-up: chaperone --help, against importing click alone", median(chap), "s",
+        baseline=median(click_only), samples=chap, baseline_samples=click_only,
+        notes="no target; baseline: %s -c 'import click' (%.1fx %s -c pass): what chaperone adds to click"
+              % (os.path.basename(sys.executable), median(click_only) / median(base),
+                 os.path.basename(sys.executable)))
     ctx.results.add(
         "cli_startup", "CLI start-up: chaperone --help", median(chap), "s",
         baseline=median(base), target="<= 3x", samples=chap, baseline_samples=base,
@@ -1172,7 +1188,7 @@ def bench_reconnect(ctx: Context):
 
 #: (group, function, row ids it produces, needs).
 BENCHMARKS = [
-    ("cli_startup", bench_cli_startup, ["cli_startup"]),
+    ("cli_startup", bench_cli_startup, ["cli_startup", "cli_startup_vs_click"]),
     ("records", bench_records, ["records_ps"]),
     ("cold_launch", bench_cold_launch, ["cold_launch", "cold_launch_local"]),
     ("launch", bench_launch, ["launch_throughput"]),
@@ -1268,6 +1284,31 @@ def run_all(mode: str, only: Optional[Sequence[str]], output: str, verbose: bool
     return doc
 
 
+def ensure_venv(path: Path, verbose: bool) -> str:
+    """The Python of a venv at ``path`` holding chaperone from this tree as a
+    user installs it (``pip install '.[bench]'``: not editable, with
+    ansible-core for the Ansible peer); made on the first run, and on each
+    run chaperone itself is reinstalled from the tree (its dependencies
+    stay).  A user's chaperone starts without the ``.pth`` hooks of a
+    development install, so that is what the figures should measure."""
+    py = path / "bin" / "python"
+    fresh = not py.exists()
+    if fresh:
+        if verbose:
+            print("[bench] making %s (pip install '.[bench]'; once) ..." % path, file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+        cmd = [str(py), "-m", "pip", "install", "-q", "%s[bench]" % REPO]
+    else:
+        cmd = [str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(REPO)]
+    res = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                         text=True, errors="replace")
+    if res.returncode != 0:
+        if fresh:
+            shutil.rmtree(path, ignore_errors=True)
+        raise BenchError("%s failed: %s" % (shlex.join(cmd), tail(res.stdout, 1500)))
+    return str(py)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="chaperone benchmarks (ratios against baselines measured here)")
     ap.add_argument("--quick", action="store_true", help="small sizes, under two minutes (CI)")
@@ -1281,6 +1322,12 @@ def main(argv=None) -> int:
     ap.add_argument("--real-home", action="store_true",
                     help="SSH sessions keep the user's real HOME (its ~/.bashrc runs at every channel); "
                          "default: an empty HOME, so figures measure chaperone, not this machine's shell set-up")
+    ap.add_argument("--venv", default=str(DEFAULT_VENV),
+                    help="run in this venv, made and kept up to date here: chaperone installed from this tree "
+                         "with pip (not editable) plus ansible-core (default: benchmarks/.venv)")
+    ap.add_argument("--no-venv", action="store_true",
+                    help="measure the chaperone of the Python running this script instead (e.g. an editable "
+                         "development install, whose .pth hooks slow every start)")
     ap.add_argument("--concurrency", type=int, default=None,
                     help="bound on concurrent Chaperone.start calls in the launch benchmarks (default 8)")
     args = ap.parse_args(argv)
@@ -1300,6 +1347,16 @@ def main(argv=None) -> int:
     unknown = set(only) - {b[0] for b in BENCHMARKS}
     if unknown:
         ap.error("unknown group(s): %s (see --list)" % ", ".join(sorted(unknown)))
+    if not args.no_venv and not os.environ.get(VENV_ENV):
+        venv = Path(args.venv).resolve()
+        try:
+            py = ensure_venv(venv, verbose=not args.quiet)
+        except (OSError, subprocess.SubprocessError, BenchError) as e:
+            print("benchmarks: cannot set up the venv %s: %s\n(--no-venv measures this Python's chaperone)"
+                  % (venv, e), file=sys.stderr)
+            return 1
+        os.environ[VENV_ENV] = str(venv)
+        os.execv(py, [py, os.path.abspath(__file__)] + list(sys.argv[1:] if argv is None else argv))
     mode = "quick" if args.quick else "full"
     doc = run_all(mode, only, args.output, verbose=not args.quiet, real_home=args.real_home,
                   concurrency=args.concurrency)

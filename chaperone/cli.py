@@ -10,7 +10,6 @@ so ``chaperone --help`` starts fast.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -63,6 +62,8 @@ def _run_async(coro_fn):
 
 
 def _print_json(obj) -> None:
+    import json
+
     click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
 

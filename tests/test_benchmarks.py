@@ -57,7 +57,7 @@ def check_doc(doc, statuses):
 def test_quick_run_writes_valid_json(tmp_path):
     out = tmp_path / "results" / "bench.json"
     res = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--output", str(out)],
+        [sys.executable, str(RUN), "--quick", "--no-venv", "--output", str(out)],
         cwd=str(tmp_path), stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=280,
     )
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
@@ -79,7 +79,7 @@ def test_quick_run_writes_valid_json(tmp_path):
 def test_only_and_default_output_dir(tmp_path):
     out = tmp_path / "only.json"
     res = subprocess.run(
-        [sys.executable, str(RUN), "--quick", "--only", "cli_startup", "--output", str(out), "-q"],
+        [sys.executable, str(RUN), "--quick", "--no-venv", "--only", "cli_startup", "--output", str(out), "-q"],
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
     )
     assert res.returncode == 0, res.stderr[-3000:]

@@ -150,7 +150,10 @@ def test_a_standby_session_runs_its_command_exactly(sshd, tmp_path):
                             capture_output=True, timeout=30)
     standby = sshmaster.Standby(options, "testhost", True)
     try:
-        out, err = standby.proc.communicate(sshmaster.standby_input(command) + b"in\0put", timeout=30)
+        standby.proc.stdin.write(sshmaster.standby_input(command) + b"in\0put")
+        standby.proc.stdin.close()
+        out, err = standby.proc.stdout.read(), standby.proc.stderr.read()  # (small: no deadlock)
+        standby.proc.wait(30)
     finally:
         standby.stop()
     assert (standby.proc.returncode, out, err) == (direct.returncode, direct.stdout, direct.stderr)
