@@ -118,6 +118,7 @@ class Scheduler:
             return self.server.url
         tunnel = self._tunnels.get(id(transport))
         if tunnel is None or tunnel["tunnel"].closed():
+            transport.warm()  # the calls' connection logs in meanwhile, not after
             await self._open_tunnel(transport)
             tunnel = self._tunnels[id(transport)]
         return self.server.base_url("127.0.0.1", tunnel["tunnel"].port)
