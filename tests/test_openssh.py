@@ -285,3 +285,58 @@ def test_calls_past_max_sessions_get_a_connection_of_their_own(tmp_path):
                 return await asyncio.gather(*tasks)
 
         assert asyncio.run(main()) == [b"f%d\n" % i for i in range(4)]
+
+
+def test_child_is_spawned_like_popen_with_close_fds_and_a_new_session(tmp_path):
+    """sshmaster.Child (posix_spawn, for a fast head start) keeps
+    subprocess.Popen's guarantees that the watchdog and ssh rely on: only
+    fds 0-2 and the kept ones are inherited (also inheritable fds this
+    process got from its parent), a session of its own, SIGPIPE back to
+    its default, pipes and /dev/null as asked."""
+    from chaperone import sshmaster
+
+    leak_r, leak_w = os.pipe()
+    os.set_inheritable(leak_r, True)  # as if inherited from our own parent
+    keep_r, keep_w = os.pipe()
+    script = ("import os, sys; sys.stdout.write(repr((sorted(int(f) for f in os.listdir('/proc/self/fd')), "
+              "os.getsid(0) == os.getpid(), sys.stdin.read())))")
+    try:
+        child = sshmaster.Child([sys.executable, "-S", "-c", script], stdin=sshmaster.PIPE,
+                                stdout=sshmaster.PIPE, stderr=sshmaster.DEVNULL, keep=(keep_r,))
+        child.stdin.write(b"hello")
+        child.stdin.close()
+        out = child.stdout.read()
+        assert child.wait(30) == 0
+        child.stdout.close()
+        fds, own_session, got = eval(out)
+        # 0-2, the kept pipe, and the one fd listdir itself opened
+        assert keep_r in fds and leak_r not in fds and leak_w not in fds and keep_w not in fds
+        assert len(set(fds) - {0, 1, 2, keep_r}) == 1, fds
+        assert own_session and got == "hello"
+        assert not os.get_inheritable(keep_r), "kept fds are inheritable only for the spawn"
+        assert child.poll() == 0
+
+        # Signals this (Python) process ignores are not ignored there
+        # (/proc's SigIgn, as grep inherits it through sh's exec).
+        sig = sshmaster.Child(["/bin/sh", "-c", "grep SigIgn /proc/self/status"], stdout=sshmaster.PIPE)
+        ignored = int(sig.stdout.read().split()[1], 16)
+        sig.stdout.close()
+        assert sig.wait(30) == 0
+        assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN
+        assert not ignored & (1 << (signal.SIGPIPE - 1)), hex(ignored)
+
+        silent = sshmaster.Child(["/bin/sh", "-c", "cat; echo err >&2; exit 3"], stdin=sshmaster.DEVNULL,
+                                 stdout=sshmaster.DEVNULL, stderr=sshmaster.PIPE)
+        assert silent.stdin is None and silent.stdout is None
+        assert silent.stderr.read() == b"err\n"
+        assert silent.wait() == 3
+        silent.stderr.close()
+
+        sleeper = sshmaster.Child(["/bin/sleep", "30"])
+        with pytest.raises(sshmaster.TimeoutExpired):
+            sleeper.wait(0.05)
+        sleeper.kill()
+        assert sleeper.wait(10) == -signal.SIGKILL
+    finally:
+        for fd in (leak_r, leak_w, keep_r, keep_w):
+            os.close(fd)
