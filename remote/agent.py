@@ -27,24 +27,30 @@ stdout and stderr ARE the spool files (opened ``O_WRONLY``, as after
 ``"pipe"``: they are pipes the supervisor splices into the spool files.
 """
 
+import _signal
 import errno
-import json
 import math
 import os
-import re
 import select
-import signal
 import struct
 import sys
-import threading
 import time
 
-# Imported where needed, off the common paths (each costs milliseconds at
-# every agent call): base64, shutil (which loads zlib, bz2, lzma),
-# subprocess (the supervisors: see prepare_fork), ssl, http.client, ctypes.
+# Every agent call pays for its imports (json, re, signal and threading
+# alone cost 12-16 ms: json loads re, re and signal load enum), so the
+# common paths import none of them: JSON goes through the C accelerator
+# _json (see loads/dumps), signals through _signal (the C module under
+# `signal`; see SIGNAL_NAMES), the run id and option checks are plain
+# string tests, and threading is only imported by runs with a callback.
+# Imported where needed, off the common paths: base64 (stdin data),
+# shutil (which loads zlib, bz2, lzma), ssl, http.client, ctypes.
 
 PROTOCOL_VERSION = 1
-RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+#: The run id pattern (chaperone/models.py's RUN_ID_PATTERN), as check_id
+#: implements it without `re`: and never with '..' in it.
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+_ID_FIRST = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
+_ID_CHARS = _ID_FIRST + "._-"
 MAX_PROGRAM_JSON = 16 << 20
 STREAMS = ("stdout", "stderr")
 FINAL_STATES = ("done", "error", "lost")
@@ -95,6 +101,113 @@ class AgentError(Exception):
         self.code = code
 
 
+# --- JSON and signals without their (costly to import) modules -----------------
+
+
+def _stdlib_json():
+    import json
+
+    return json
+
+
+def _lean_json():
+    """``(loads, dumps)`` over the C accelerator ``_json``, exactly as
+    ``json.loads(text)`` and ``json.dumps(obj, sort_keys=...)`` (with
+    every other argument left at its default) behave, without importing the
+    json package (~10 ms: it loads re and enum).  They build the very
+    scanner and encoder json builds from _json; anything they do not take
+    (bytes, a BOM, invalid JSON, objects json cannot encode, ...) is handed
+    to json itself, so the errors are json's own.  Raises when _json is
+    missing or its interface differs (the caller then uses json)."""
+    import _json
+
+    constants = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}
+
+    class Context(object):
+        """What json.decoder.JSONDecoder() gives make_scanner."""
+        strict = True
+        object_hook = None
+        object_pairs_hook = None
+        parse_float = float
+        parse_int = int
+        parse_constant = constants.__getitem__
+
+    scan_once = _json.make_scanner(Context())
+    make_encoder = _json.make_encoder
+    encode_str = _json.encode_basestring_ascii
+    space = " \t\n\r"  # json.decoder.WHITESPACE
+
+    def default(o):
+        # (json.JSONEncoder.default)
+        raise TypeError("Object of type %s is not JSON serializable" % o.__class__.__name__)
+
+    def loads(text):
+        if isinstance(text, str) and not text.startswith("\ufeff"):
+            try:
+                obj, end = scan_once(text, len(text) - len(text.lstrip(space)))
+            except Exception:  # not JSON: json says how
+                pass
+            else:
+                if end == len(text) or not text[end:].strip(space):
+                    return obj
+        return _stdlib_json().loads(text)
+
+    def dumps(obj, sort_keys=False):
+        # JSONEncoder.encode(): a str directly, else the C encoder with the
+        # defaults (ensure_ascii, check_circular, allow_nan, separators
+        # ", " and ": ", no indent, no skipkeys).
+        if isinstance(obj, str):
+            return encode_str(obj)
+        try:
+            return "".join(make_encoder({}, default, encode_str, None, ": ", ", ", sort_keys, False, True)(obj, 0))
+        except Exception:  # json raises it too, or does it another way
+            return _stdlib_json().dumps(obj, sort_keys=sort_keys)
+
+    # The interface check, on the very pieces (no fallback): an error or a
+    # difference here and the agent uses json.
+    doc = '{"b": [1, -2.5e-07, "\\u00e9\\ud83d\\ude00", null, true, NaN], "a": {}}'
+    obj, end = scan_once(doc, 0)
+    text = "".join(make_encoder({}, default, encode_str, None, ": ", ", ", True, False, True)(obj, 0))
+    if end != len(doc) or text != '{"a": {}, "b": [1, -2.5e-07, "\\u00e9\\ud83d\\ude00", null, true, NaN]}':
+        raise ValueError("_json is not what json uses")
+    return loads, dumps
+
+
+try:
+    loads, dumps = _lean_json()
+except Exception:  # pragma: no cover - no _json, or another interface
+    def loads(text):
+        return _stdlib_json().loads(text)
+
+    def dumps(obj, sort_keys=False):
+        return _stdlib_json().dumps(obj, sort_keys=sort_keys)
+
+
+def _signal_names():
+    """``{number: name}`` and ``{name: number}`` of the signals, as
+    ``signal.Signals`` has them (without importing signal, which loads
+    enum): the names ``signal`` takes from ``_signal`` that are upper case
+    and start with SIG but not SIG_ (or with CTRL_), sorted by (value,
+    name); of aliases the first is the name (SIGABRT, not SIGIOT), and
+    every alias is a name for its number."""
+    members = [(name, value) for name, value in vars(_signal).items()
+               if not name.startswith("_")  # (what `from _signal import *` takes)
+               and (name.isupper() and (name.startswith("SIG") and not name.startswith("SIG_"))
+                    or name.startswith("CTRL_"))]
+    try:
+        members.sort(key=lambda t: (t[1], t[0]))
+    except TypeError:  # pragma: no cover - (as enum does)
+        members.sort(key=lambda t: t[0])
+    names = {}
+    for name, value in members:
+        names.setdefault(value, name)
+    return names, dict(members)
+
+
+#: Signal number -> name, and name (aliases too) -> number.
+SIGNAL_NAMES, SIGNAL_NUMBERS = _signal_names()
+
+
 # --- small helpers ----------------------------------------------------------
 
 
@@ -111,9 +224,30 @@ def now_iso():
 
 
 def remove_tree(path):
-    import shutil
-
-    shutil.rmtree(path, ignore_errors=True)
+    """Remove the directory ``path`` and everything in it, ignoring errors,
+    as ``shutil.rmtree(path, ignore_errors=True)`` (without importing
+    shutil: ~10 ms, it loads re, fnmatch and the compression modules).
+    Symbolic links in it are removed, never followed."""
+    try:
+        entries = list(os.scandir(path))
+    except OSError:
+        entries = []
+    for entry in entries:
+        try:
+            subdir = entry.is_dir(follow_symlinks=False)
+        except OSError:
+            subdir = False
+        if subdir:
+            remove_tree(entry.path)
+            continue
+        try:
+            os.unlink(entry.path)
+        except OSError:
+            pass
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
 
 
 def private_dir(parent, prefix):
@@ -128,8 +262,15 @@ def private_dir(parent, prefix):
             continue
 
 
+def valid_id(name):
+    """``name`` matches RUN_ID_PATTERN in full (so no newline, not even a
+    trailing one) and has no '..' in it."""
+    return (isinstance(name, str) and 0 < len(name) <= 128 and name[0] in _ID_FIRST
+            and not name.strip(_ID_CHARS) and ".." not in name)
+
+
 def check_id(run_id):
-    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id) or ".." in run_id:
+    if not valid_id(run_id):
         raise AgentError(
             "invalid run id %r: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'" % (run_id,)
@@ -176,7 +317,7 @@ def pid_exists(pid):
 
 
 def write_json_atomic(path, obj):
-    data = (json.dumps(obj, sort_keys=True) + "\n").encode()
+    data = (dumps(obj, sort_keys=True) + "\n").encode()
     tmp = "%s.%d.tmp" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
@@ -191,7 +332,7 @@ def write_json_atomic(path, obj):
 
 def read_json(path):
     with open(path, "rb") as f:
-        return json.loads(f.read().decode())
+        return loads(f.read().decode())
 
 
 def write_all(fd, data):
@@ -207,26 +348,23 @@ def parse_signal(name):
     """'TERM', 'SIGTERM', 'sigterm' or '15' -> 15."""
     text = str(name).strip()
     if text.isdigit():
-        num = int(text)
         try:
-            signal.Signals(num)
-        except ValueError:
+            num = int(text)
+        except ValueError:  # e.g. a superscript digit: isdigit(), not a number
+            num = None
+        if num not in SIGNAL_NAMES:
             raise AgentError("unknown signal %r" % (name,))
         return num
     upper = text.upper()
     if not upper.startswith("SIG"):
         upper = "SIG" + upper
-    sig = getattr(signal.Signals, upper, None) if upper.isidentifier() else None
-    if sig is None or upper.startswith("SIG_"):
+    if upper not in SIGNAL_NUMBERS:
         raise AgentError("unknown signal %r" % (name,))
-    return int(sig)
+    return SIGNAL_NUMBERS[upper]
 
 
 def signal_name(num):
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return "SIG%d" % num
+    return SIGNAL_NAMES.get(num) or "SIG%d" % num
 
 
 # --- validation: mirrors chaperone/models.py --------------------------------
@@ -529,7 +667,7 @@ def kill_leftovers(pgid):
     if not pgid or pgid <= 1:
         return False
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pgid, _signal.SIGKILL)
         return True
     except (ProcessLookupError, PermissionError):
         return False
@@ -761,7 +899,7 @@ class Supervisor(object):
                 os.umask(umask)
             if libc is not None and sys.platform.startswith("linux"):
                 # The program must not silently outlive its supervisor.
-                libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+                libc.prctl(PR_SET_PDEATHSIG, _signal.SIGKILL, 0, 0, 0)
                 if os.getppid() != parent:
                     os._exit(255)
 
@@ -798,15 +936,15 @@ class Supervisor(object):
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
-        signal.set_wakeup_fd(wake_w)
+        _signal.set_wakeup_fd(wake_w)
         pending = []
 
         def on_signal(signum, frame):
             pending.append(signum)
 
-        for sig in (signal.SIGCHLD, signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, on_signal)
-        signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+        for sig in (_signal.SIGCHLD, _signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
+            _signal.signal(sig, on_signal)
+        _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
 
         ctl_fd = os.open(self.run.path("control"), os.O_RDWR | os.O_NONBLOCK)
         ctl_buf = b""
@@ -872,18 +1010,18 @@ class Supervisor(object):
                     ctl_buf = self.read_control(ctl_fd, ctl_buf)
             while pending:
                 sig = pending.pop(0)
-                if sig != signal.SIGCHLD:
+                if sig != _signal.SIGCHLD:
                     self.kill_tree(sig)
             self.reap()
             now = time.monotonic()
             if deadline is not None and not self.timed_out and now >= deadline and self.status is None:
                 self.timed_out = True
-                self.kill_tree(signal.SIGTERM, grace=self.cfg["kill_grace"])
+                self.kill_tree(_signal.SIGTERM, grace=self.cfg["kill_grace"])
             if self.kill_at is not None and now >= self.kill_at:
                 self.kill_at = None
                 # Also when the program itself already exited: what it left
                 # behind gets the SIGKILL (kill_tree skips the old group then).
-                self.kill_tree(signal.SIGKILL)
+                self.kill_tree(_signal.SIGKILL)
             if watch and self.status is None and now >= self.next_size_check:
                 self.poll_sizes(now)
 
@@ -899,9 +1037,9 @@ class Supervisor(object):
         # The program is gone and its final state is on disk: from here a
         # SIGTERM/SIGINT/SIGHUP ends the supervisor (and any callbacks it
         # still owes) instead of being forwarded to nobody.
-        signal.set_wakeup_fd(-1)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
+        _signal.set_wakeup_fd(-1)
+        for sig in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
+            _signal.signal(sig, _signal.SIG_DFL)
 
     def pump(self, fd, poller, use_splice, final=False):
         name = self.pipes[fd]
@@ -1000,22 +1138,19 @@ class Supervisor(object):
 
     def control(self, line):
         try:
-            msg = json.loads(line.decode())
+            msg = loads(line.decode())
             op = msg.get("op")
         except (ValueError, AttributeError):
             return
         if op == "signal":
             sig = msg.get("signal")
-            try:
-                signal.Signals(sig)
-            except (ValueError, TypeError):
+            if not _is_int(sig) or sig not in SIGNAL_NAMES:
                 return  # an invalid number would make killpg raise
-            if _is_int(sig):
-                grace = msg.get("grace")
-                grace = grace if _is_num(grace) and grace >= 0 else None
-                if grace is None and sig == signal.SIGTERM:
-                    grace = self.cfg["kill_grace"]  # like `docker stop`
-                self.kill_tree(sig, grace=grace)
+            grace = msg.get("grace")
+            grace = grace if _is_num(grace) and grace >= 0 else None
+            if grace is None and sig == _signal.SIGTERM:
+                grace = self.cfg["kill_grace"]  # like `docker stop`
+            self.kill_tree(sig, grace=grace)
         elif op == "callback" and self.sender:
             self.sender.update(msg)
         elif op == "release" and self.sender:
@@ -1033,7 +1168,7 @@ class Supervisor(object):
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
                 pass
-        if grace is not None and sig != signal.SIGKILL:
+        if grace is not None and sig != _signal.SIGKILL:
             at = time.monotonic() + grace
             if self.kill_at is None or at < self.kill_at:
                 self.kill_at = at
@@ -1100,15 +1235,18 @@ class Supervisor(object):
 SEND_CHUNK = 1 << 20
 
 
-class CallbackSender(threading.Thread):
-    """Pushes output and state to the scheduler; the spool stays the truth.
+class CallbackSender(object):
+    """Pushes output and state to the scheduler, from a thread of its own;
+    the spool stays the truth.
 
     Never blocks the supervisor's loop: it reads the spool files on its own
     and only takes the supervisor's lock to look at counters.
     """
 
     def __init__(self, sup):
-        threading.Thread.__init__(self, name="callback", daemon=True)
+        import threading  # only runs with a callback pay for it
+
+        self.thread = threading.Thread(target=self.run, name="callback", daemon=True)
         self.sup = sup
         self.cfg = sup.cfg
         self.cb = dict(sup.spec["callback"])
@@ -1165,10 +1303,16 @@ class CallbackSender(threading.Thread):
         with self.cond:
             self.finish_deadline = time.monotonic() + self.cfg["callback_timeout"]
             self.cond.notify()
-        if not self.is_alive() and self.ident is None:
+        if not self.is_alive() and self.thread.ident is None:
             self.start()
         if wait:
-            self.join()
+            self.thread.join()
+
+    def start(self):
+        self.thread.start()
+
+    def is_alive(self):
+        return self.thread.is_alive()
 
     # The thread ----------------------------------------------------------------
 
@@ -1228,7 +1372,7 @@ class CallbackSender(threading.Thread):
         if self.state_to_send is not None:
             st, self.state_to_send = self.state_to_send, None
             try:
-                self.post("state", json.dumps(st).encode(), "application/json")
+                self.post("state", dumps(st).encode(), "application/json")
             except Exception:
                 with self.cond:
                     if self.state_to_send is None:
@@ -1243,7 +1387,7 @@ class CallbackSender(threading.Thread):
         for name in STREAMS:
             self.send_stream(name, written[name])
         if final is not None:
-            self.post("completed", json.dumps(final).encode(), "application/json")
+            self.post("completed", dumps(final).encode(), "application/json")
             return True
         if time.monotonic() >= self.next_heartbeat and self.sup.state["state"] == "running":
             st = dict(self.sup.state)
@@ -1251,7 +1395,7 @@ class CallbackSender(threading.Thread):
             # saw): never more than the final counts will be.
             sizes = self.written()
             st["stdout_bytes"], st["stderr_bytes"] = sizes["stdout"], sizes["stderr"]
-            self.post("state", json.dumps(st).encode(), "application/json")
+            self.post("state", dumps(st).encode(), "application/json")
             self.next_heartbeat = time.monotonic() + self.cb["heartbeat"]
         return False
 
@@ -1268,7 +1412,7 @@ class CallbackSender(threading.Thread):
                     "output/%s?offset=%d" % (name, self.sent[name]), f.fileno(), self.sent[name], want,
                     accept=(200, 409),
                 )
-                self.sent[name] = int(json.loads(body.decode())["offset"])
+                self.sent[name] = int(loads(body.decode())["offset"])
 
     # HTTP -------------------------------------------------------------------------
 
@@ -1363,7 +1507,7 @@ class Output(object):
             write_all(self.fd, ("\n%s\n" % marker).encode())
 
     def json(self, obj):
-        write_all(self.fd, (json.dumps(obj, sort_keys=True) + "\n").encode())
+        write_all(self.fd, (dumps(obj, sort_keys=True) + "\n").encode())
 
     def frame(self, kind, offset, data):
         write_all(self.fd, FRAME.pack(kind, offset, len(data)) + bytes(data))
@@ -1382,7 +1526,7 @@ def read_program_json():
     if not data.strip():
         raise AgentError("program.json is empty")
     try:
-        spec = json.loads(data.decode("utf-8"))
+        spec = loads(data.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as e:
         raise AgentError("program.json is not valid JSON: %s" % str(e).splitlines()[0])
     return spec
@@ -1410,7 +1554,7 @@ def claim(root, spec):
         return run, False
     tmp = private_dir(root, ".new-%s-" % spec["id"])
     try:
-        stored = json.loads(json.dumps(spec))
+        stored = loads(dumps(spec))
         if stored.get("callback"):
             stored["callback"]["token"] = "<redacted>"
         stdin = spec["program"]["stdin"]
@@ -1589,11 +1733,11 @@ def follow(run, out, offsets, last=None):
                     offsets[name] += len(data)
                     moved = True
             if final and (short or all(offsets[n] >= st[n + "_bytes"] for n in STREAMS)):
-                out.frame(b"S", 0, json.dumps(st, sort_keys=True).encode())
+                out.frame(b"S", 0, dumps(st, sort_keys=True).encode())
                 out.frame(b"E", 0, b"")
                 return
             if not final and (st["state"], st["pid"]) != shown:
-                out.frame(b"S", 0, json.dumps(st, sort_keys=True).encode())
+                out.frame(b"S", 0, dumps(st, sort_keys=True).encode())
                 shown = (st["state"], st["pid"])
             if moved:
                 interval = 0.001
@@ -1649,7 +1793,7 @@ def send_control(run, msg):
             return False
         raise
     try:
-        write_all(fd, (json.dumps(msg) + "\n").encode())
+        write_all(fd, (dumps(msg) + "\n").encode())
     finally:
         os.close(fd)
     return True
@@ -1674,7 +1818,7 @@ def cmd_control(args, marker):
     run = Run(args.root, args.id).require()
     data = sys.stdin.buffer.read(1 << 16)
     try:
-        msg = json.loads(data.decode())
+        msg = loads(data.decode())
     except (ValueError, UnicodeDecodeError):
         raise AgentError("control message is not valid JSON")
     if not isinstance(msg, dict) or msg.get("op") not in ("callback", "release"):
@@ -1689,7 +1833,7 @@ def cmd_list(args, marker):
     root = args.root
     names = sorted(os.listdir(root)) if os.path.isdir(root) else []
     for name in names:
-        if name.startswith(".") or not RUN_ID_RE.fullmatch(name):
+        if name.startswith(".") or not valid_id(name):
             continue
         run = Run(root, name)
         try:
@@ -1706,7 +1850,7 @@ def cmd_clean(args, marker):
     if st["state"] == "running":
         if not args.force:
             raise AgentError("run %s is running: kill it first, or clean --force" % run.id, 1)
-        send_control(run, {"op": "signal", "signal": int(signal.SIGKILL)})
+        send_control(run, {"op": "signal", "signal": _signal.SIGKILL})
         end = time.monotonic() + 10
         while st["state"] == "running" and time.monotonic() < end:
             time.sleep(0.02)
@@ -1758,13 +1902,26 @@ class _Help(Exception):
     pass
 
 
-_NEGATIVE_NUMBER = re.compile(r"^-\d+$|^-\d*\.\d+$")
+def _is_negative_number(arg):
+    """What argparse's ``re.match(r"^-\\d+$|^-\\d*\\.\\d+$", arg)`` says,
+    without `re`: ``-`` then decimal digits, or digits (maybe none), a point
+    and digits.  As there, ``\\d`` is any Unicode decimal digit (what
+    str.isdecimal() takes), and ``$`` also matches before one trailing
+    newline: ``"-1\\n"`` is a number too (argparse's rule, kept; run ids,
+    in contrast, never end with a newline)."""
+    if not arg.startswith("-"):
+        return False
+    body = arg[1:-1] if arg.endswith("\n") else arg[1:]
+    if body.isdecimal():
+        return True
+    whole, point, fraction = body.partition(".")
+    return bool(point) and (not whole or whole.isdecimal()) and fraction.isdecimal()
 
 
 def _is_option(arg):
     """An option, as argparse tells them apart: ``-1`` or ``-2.5`` (a
     negative number), ``-`` alone and anything with a space are values."""
-    return arg.startswith("-") and arg != "-" and " " not in arg and not _NEGATIVE_NUMBER.match(arg)
+    return arg.startswith("-") and arg != "-" and " " not in arg and not _is_negative_number(arg)
 
 
 def parse_args(argv):

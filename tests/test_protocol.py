@@ -833,7 +833,9 @@ def test_output_ack_and_constants():
     assert tuple(agent.FINAL_STATES) == tuple(FINAL_STATES)
     assert tuple(agent.STREAMS) == tuple(STREAMS)
     assert agent.PROTOCOL_VERSION == PROTOCOL_VERSION
-    assert agent.RUN_ID_RE.pattern == RUN_ID_PATTERN
+    # (the agent checks ids without `re`; tests/test_agent_lean.py proves
+    # its check_id is this pattern in full, without '..')
+    assert agent.RUN_ID_PATTERN == RUN_ID_PATTERN
     assert tuple(agent.RUSAGE_FIELDS) == tuple(RUSAGE_FIELDS) == tuple(Rusage.model_fields)
     assert agent.CONFIG_DEFAULTS == Config().model_dump()
     base = agent.Supervisor(agent.Run("/nonexistent", "x"), {"config": {}}, None).base_state()
