@@ -5,12 +5,14 @@ The JSON and signal checks run under every Python the agent supports that
 is installed here (3.8 to 3.13), each against its own stdlib.
 """
 
+import json
 import os
 import random
 import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -289,8 +291,14 @@ def _imports(root, *args, stdin=b""):
 def test_commands_import_no_heavy_module(tmp_path):
     root = tmp_path / "spool"
     run_id = unique("imp")
-    agent_start(root, program(run_id, ["sh", "-c", "echo out; echo err >&2"]))
+    code, heavy = _imports(root, "start", stdin=json.dumps(program(run_id, ["sh", "-c", "echo out; echo err >&2"])).encode())
+    assert (code, heavy) == (0, [])
     wait_state(root, run_id)
+    code, heavy = _imports(root, "start", "--follow", stdin=json.dumps(program(unique("imp"), ["true"])).encode())
+    assert (code, heavy) == (0, [])
+    batch = [program(unique("imp"), ["true"]), program(unique("imp"), ["true"], umask=-1)]
+    code, heavy = _imports(root, "start", stdin=json.dumps(batch).encode())
+    assert (code, heavy) == (0, [])
     for args in (["status", run_id], ["list"], ["follow", run_id], ["output", run_id, "--stream", "stdout"],
                  ["signal", run_id, "TERM"], ["status", "nosuch"], ["status", "bad..id"]):
         code, heavy = _imports(root, *args)
@@ -309,4 +317,120 @@ def test_commands_import_no_heavy_module(tmp_path):
     code, heavy = _imports(root, "clean", run_id)
     assert (code, heavy) == (0, [])
     assert agent(root, "status", run_id).returncode == 4
-    assert os.listdir(str(root)) == [] and (keep / "file").read_bytes() == b"x"
+    left = os.listdir(str(root))
+    assert run_id not in left and not [n for n in left if n.startswith(".")], left
+    assert (keep / "file").read_bytes() == b"x"
+
+
+
+# --- the program's start, without subprocess --------------------------------------
+
+
+#: The program: what it was given (descriptors, ignored signals, session,
+#: umask, PR_SET_PDEATHSIG, cwd), as JSON.
+PROBE = r'''
+import ctypes, json, os, sys
+libc = ctypes.CDLL(None)
+pdeath = ctypes.c_int()
+libc.prctl(2, ctypes.byref(pdeath), 0, 0, 0)  # PR_GET_PDEATHSIG
+fds = []
+for fd in range(1024):
+    try:
+        os.fstat(fd)
+        fds.append(fd)
+    except OSError:
+        pass
+print(json.dumps({"pid": os.getpid(), "sid": os.getsid(0), "pgid": os.getpgid(0), "pdeath": pdeath.value,
+                  "umask": os.umask(0), "cwd": os.getcwd(), "fds": fds, "argv": sys.argv[1:],
+                  "ignored": int(sys.argv[1], 16), "stdin": sys.stdin.read()}))
+'''
+
+
+def test_the_program_starts_as_subprocess_started_it(tmp_path):
+    """A session of its own, PR_SET_PDEATHSIG=SIGKILL, the umask, the cwd,
+    stdin, SIGPIPE/SIGXFSZ back to default (Python ignores them), and no
+    descriptor but 0, 1, 2, also none the agent inherited."""
+    root = tmp_path / "spool"
+    probe = tmp_path / "probe.py"
+    probe.write_text(PROBE)
+    run_id = unique("probe")
+    # (sh passes on its SigIgn to the Python it execs; which then ignores SIGPIPE itself)
+    spec = program(run_id, ["sh", "-c", 'exec "$0" -I -S "$1" "$(grep ^SigIgn /proc/self/status | cut -f2)" x',
+                            sys.executable, str(probe)], cwd=str(tmp_path), umask=0o027,
+                   stdin={"data": "aW4="})
+    leak_r, leak_w = os.pipe()  # inheritable: the agent has it, the program must not
+    os.set_inheritable(leak_w, True)
+    try:
+        res = subprocess.run([sys.executable, str(AGENT), "--root", str(root), "start", "--follow"],
+                             input=json.dumps(spec).encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             pass_fds=(leak_w,), timeout=60)
+    finally:
+        os.close(leak_r)
+        os.close(leak_w)
+    assert res.returncode == 0, res.stderr
+    st = wait_state(root, run_id)
+    assert st["state"] == "done" and st["return_code"] == 0, st
+    got = json.loads((root / run_id / "stdout").read_text())
+    assert got["pid"] == got["sid"] == got["pgid"] == st["pid"] == st["pgid"]
+    assert got["pdeath"] == signal.SIGKILL
+    assert got["umask"] == 0o027 and got["cwd"] == str(tmp_path) and got["stdin"] == "in"
+    assert got["fds"] == [0, 1, 2], got["fds"]
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        assert not got["ignored"] & (1 << (sig - 1)), hex(got["ignored"])
+
+
+def test_exec_errors_and_the_path_search_are_subprocess_s(tmp_path):
+    """PATH is searched in the program's environment; the first error that
+    is not "not there" wins, else the last; chdir errors name the cwd."""
+    import errno
+
+    root = tmp_path / "spool"
+    noexec, good = tmp_path / "noexec", tmp_path / "good"
+    noexec.mkdir()
+    good.mkdir()
+    (noexec / "prog").write_text("#!/bin/sh\necho never\n")
+    (good / "prog").write_text("#!/bin/sh\necho found\n")
+    os.chmod(str(good / "prog"), 0o755)
+    (good / "garbage").write_bytes(b"\x00\x01garbage")
+    os.chmod(str(good / "garbage"), 0o755)
+    cases = [
+        (["prog"], {"env": {"PATH": "%s:%s" % (noexec, good)}}, None),
+        (["prog"], {"env": {"PATH": "/nonexistent:%s" % noexec}}, (errno.EACCES, "prog")),
+        (["prog"], {"env": {"PATH": "/etc/passwd:/nonexistent"}}, (errno.ENOENT, "prog")),  # the last
+        (["prog"], {"env": {"PATH": "/nonexistent:/etc/passwd"}}, (errno.ENOTDIR, "prog")),
+        (["prog"], {"env": {"PATH": ""}, "cwd": str(good)}, None),
+        (["prog"], {"env_inherit": False, "cwd": str(good)}, (errno.ENOENT, "prog")),  # os.defpath
+        ([str(good / "garbage")], {}, (errno.ENOEXEC, str(good / "garbage"))),
+        ([str(good)], {}, (errno.EACCES, str(good))),
+        (["true"], {"cwd": "/etc/passwd"}, (errno.ENOTDIR, "cwd /etc/passwd")),
+        (["nonexistent-prog"], {"cwd": "/nonexistent"}, (errno.ENOENT, "cwd /nonexistent")),
+        (["true", "\ud800"], {}, (None, "true: 'utf-8' codec can't encode character '\\ud800' in position 0")),
+    ]
+    for i, (argv, kw, want) in enumerate(cases):
+        st = agent_start(root, program("px%d" % i, argv, **kw))
+        if want is None:
+            assert st["state"] in ("running", "done"), st
+            assert wait_state(root, "px%d" % i)["return_code"] == 0
+            assert (root / ("px%d" % i) / "stdout").read_bytes() == b"found\n"
+            continue
+        assert st["state"] == "error" and st["pid"] is None, st
+        assert st["errno"] == want[0], (argv, kw, st)
+        if want[0] is not None:
+            assert st["error"] == "%s: %s" % (want[1], os.strerror(want[0])), st
+        else:
+            assert st["error"].startswith(want[1]), st
+
+
+def test_a_failed_exec_leaves_no_process(tmp_path):
+    """The child that could not exec reports and exits: it never goes on
+    as a second supervisor (which would write states and wait for input)."""
+    root = tmp_path / "spool"
+    marker = unique("noexec")
+    st = agent_start(root, program("gone", ["/nonexistent/%s" % marker], cwd=str(tmp_path)))
+    assert st["state"] == "error"
+    import psutil
+
+    time.sleep(0.2)
+    left = [p for p in psutil.process_iter(["cmdline"]) if any(marker in a for a in (p.info["cmdline"] or []))]
+    assert not left, left
+    assert sorted(os.listdir(str(root / "gone"))) == ["control", "program.json", "state.json", "stderr", "stdout"]
