@@ -316,7 +316,12 @@ def pid_exists(pid):
     return True
 
 
-def write_json_atomic(path, obj):
+def write_json_atomic(path, obj, durable=True):
+    """Replace ``path`` with ``obj`` as JSON (sorted keys), atomically: a
+    temporary file renamed over it, so a reader sees the old document or
+    the new one.  ``durable``: fsync it before the rename, so it survives
+    a power loss too (a final state); without, an OS crash may leave the
+    old document, the new one, or a damaged file (see Run.read_state)."""
     data = (dumps(obj, sort_keys=True) + "\n").encode()
     tmp = "%s.%d.tmp" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -324,15 +329,11 @@ def write_json_atomic(path, obj):
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
     os.rename(tmp, path)
-
-
-def read_json(path):
-    with open(path, "rb") as f:
-        return loads(f.read().decode())
 
 
 def write_all(fd, data):
@@ -536,11 +537,27 @@ class Run(object):
         return self
 
     def read_state(self):
-        # state.json is replaced by rename, so a read always sees a whole file.
-        return read_json(self.path("state.json"))
+        """state.json.  It is replaced by rename, so a read always sees a
+        whole document; but only final states are fsynced, so after an OS
+        crash (power loss) the state of a run that was running may be
+        damaged: that is a one-line AgentError (exit 3) for this run."""
+        with open(self.path("state.json"), "rb") as f:
+            data = f.read()
+        try:
+            st = loads(data.decode())
+        except ValueError as e:  # (UnicodeDecodeError too)
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        else:
+            if isinstance(st, dict) and st.get("state") in ("running",) + FINAL_STATES:
+                return st
+            why = "not a run's state"
+        raise DamagedState("run %s: state.json is damaged (%s), as an OS crash can leave the state of a run "
+                           "that was running; clean --force removes the run" % (self.id, why), 3)
 
     def write_state(self, st):
-        write_json_atomic(self.path("state.json"), st)
+        # Only a final state must survive a power loss (it is the result):
+        # a run that was running is lost after a reboot anyway (boot_id).
+        write_json_atomic(self.path("state.json"), st, durable=st["state"] in FINAL_STATES)
 
     def sizes(self, fds=None):
         """The spool files' sizes (``fds``: open descriptors of them, by name)."""
@@ -618,6 +635,10 @@ class Run(object):
         )
         self.write_state(st)
         return st
+
+
+class DamagedState(AgentError):
+    """A run's state.json is not a state (only an OS crash can do that)."""
 
 
 class RunLock(object):
@@ -1697,12 +1718,13 @@ def claim(root, spec):
             fd = os.open(os.path.join(tmp, "stdin"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             write_all(fd, base64.b64decode(stdin["data"]))
             os.close(fd)
-        write_json_atomic(os.path.join(tmp, "program.json"), stored)
+        # (program.json and the placeholder state are not fsynced: see Run.write_state)
+        write_json_atomic(os.path.join(tmp, "program.json"), stored, durable=False)
         for name in STREAMS:
             os.close(os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.mkfifo(os.path.join(tmp, "control"), 0o600)
         placeholder = Supervisor(run, spec, None).base_state()
-        write_json_atomic(os.path.join(tmp, "state.json"), placeholder)
+        write_json_atomic(os.path.join(tmp, "state.json"), placeholder, durable=False)
         try:
             os.rename(tmp, run.dir)
         except OSError as e:
@@ -1810,7 +1832,10 @@ def start_many(root, docs):
         ready = spawn(run, spec, close=[r for _, _, r in waiting if r is not None]) if claimed else None
         waiting.append((i, run, ready))
     for i, run, ready in waiting:
-        answers[i] = started_state(run, ready) if ready is not None else wait_for_start(run.require())
+        try:
+            answers[i] = started_state(run, ready) if ready is not None else wait_for_start(run.require())
+        except AgentError as e:  # (an existing run whose state is damaged)
+            answers[i] = {"id": run.id, "rejected": str(e)}
     return answers
 
 
@@ -1969,14 +1994,23 @@ def cmd_list(args, marker):
         try:
             states.append(run.refresh())
         except (OSError, ValueError):
-            continue
+            continue  # (e.g. removed meanwhile)
+        except AgentError as e:  # its state is damaged: say so, list the others
+            sys.stderr.write("chaperone-agent: %s\n" % e)
     Output(marker).json(states)
     return 0
 
 
 def cmd_clean(args, marker):
     run = Run(args.root, args.id).require()
-    st = run.refresh()
+    try:
+        st = run.refresh()
+    except DamagedState:
+        if not args.force:
+            raise
+        # Damaged by an OS crash while it was running: nothing of it is
+        # left to stop (the crash ended it), and its state is unknown.
+        st = {"state": None}
     if st["state"] == "running":
         if not args.force:
             raise AgentError("run %s is running: kill it first, or clean --force" % run.id, 1)

@@ -434,3 +434,94 @@ def test_a_failed_exec_leaves_no_process(tmp_path):
     left = [p for p in psutil.process_iter(["cmdline"]) if any(marker in a for a in (p.info["cmdline"] or []))]
     assert not left, left
     assert sorted(os.listdir(str(root / "gone"))) == ["control", "program.json", "state.json", "stderr", "stdout"]
+
+
+# --- fsync only what must survive a crash -------------------------------------------
+
+
+def test_only_final_states_are_fsynced(tmp_path, monkeypatch):
+    """program.json, the placeholder and the running state are written
+    atomically without fsync; done, error and lost are fsynced before their
+    rename."""
+    synced = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        synced.append(os.readlink("/proc/self/fd/%d" % fd))
+        real_fsync(fd)
+
+    monkeypatch.setattr(ag.os, "fsync", fsync)
+    root = str(tmp_path)
+    spec = ag.validate_spec(program("fs", ["true"]))
+    run, claimed = ag.claim(root, spec)
+    assert claimed and synced == []
+    st = run.read_state()
+    assert st["state"] == "running"
+    run.write_state(dict(st, pid=1))
+    assert synced == []
+    for state in ("done", "error", "lost"):
+        run.write_state(dict(st, state=state))
+        assert len(synced) == 1 and synced.pop().startswith(os.path.join(root, "fs", "state.json."))
+        assert run.read_state()["state"] == state
+    assert sorted(os.listdir(os.path.join(root, "fs"))) == ["control", "program.json", "state.json", "stderr",
+                                                             "stdout"]
+
+
+@pytest.mark.skipif(not os.path.exists("/usr/bin/strace"), reason="needs strace")
+def test_a_run_costs_one_fsync(tmp_path):
+    """End to end (strace): a run, its supervisor included, fsyncs once:
+    its final state.  A batch of three: three."""
+    root = tmp_path / "spool"
+    trace = tmp_path / "trace"
+
+    def fsyncs(args, stdin):
+        res = subprocess.run(["strace", "-f", "-qq", "-e", "trace=fsync,fdatasync", "-o", str(trace),
+                              sys.executable, str(AGENT), "--root", str(root)] + args,
+                             input=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return [line for line in trace.read_text().splitlines() if "sync(" in line]
+
+    assert len(fsyncs(["start", "--follow"], json.dumps(program("one", ["true"])).encode())) == 1
+    assert len(fsyncs(["start", "--follow"], json.dumps(program("bad", ["/nonexistent/x"])).encode())) == 1
+    batch = [program("b%d" % i, ["true"]) for i in range(3)]
+    assert len(fsyncs(["start"], json.dumps(batch).encode())) == 3  # (strace -f waits for the supervisors)
+    for i in range(3):
+        assert wait_state(root, "b%d" % i)["state"] == "done"
+
+
+def _damage(root, run_id, data):
+    with open(os.path.join(str(root), run_id, "state.json"), "wb") as f:
+        f.write(data)
+
+
+@pytest.mark.parametrize("data", [b"", b"\0" * 700, b'{"state": "runn', b"[]", b'{"no": "state"}', b"\xff\xfe"])
+def test_a_damaged_state_is_one_error_for_that_run(tmp_path, data):
+    """After an OS crash the state of a run that was running may be
+    anything (it was not fsynced): each command says so in one line (exit
+    3) for that run; list lists the others; clean --force removes it."""
+    from helpers import one_line_error
+
+    root = tmp_path / "spool"
+    for run_id in ("ok1", "hurt", "ok2"):
+        agent_start(root, program(run_id, ["true"]))
+        wait_state(root, run_id)
+    _damage(root, "hurt", data)
+    for args in (["status", "hurt"], ["follow", "hurt"], ["output", "hurt", "--stream", "stdout"],
+                 ["signal", "hurt", "TERM"], ["clean", "hurt"]):
+        res = agent(root, *args)
+        assert res.returncode == 3 and res.stdout == b"", (args, res)
+        line = one_line_error(res.stderr)
+        assert line.startswith("chaperone-agent: run hurt: state.json is damaged ("), line
+    res = agent(root, "list")
+    assert res.returncode == 0
+    assert [st["id"] for st in json.loads(res.stdout.decode())] == ["ok1", "ok2"]
+    assert one_line_error(res.stderr).startswith("chaperone-agent: run hurt: state.json is damaged (")
+    res = agent(root, "start", input=json.dumps([program("hurt", ["true"]), program("new", ["true"])]).encode())
+    assert res.returncode == 0, res.stderr
+    answers = json.loads(res.stdout.decode())
+    assert answers[0]["id"] == "hurt" and "state.json is damaged" in answers[0]["rejected"]
+    assert answers[1]["id"] == "new" and answers[1]["state"] in ("running", "done")
+    res = agent(root, "clean", "hurt", "--force")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout.decode()) == {"id": "hurt", "cleaned": True, "state": None}
+    assert not os.path.exists(str(root / "hurt"))
