@@ -545,7 +545,7 @@ class Run(object):
             data = f.read()
         try:
             st = loads(data.decode())
-        except ValueError as e:  # (UnicodeDecodeError too)
+        except (ValueError, RecursionError) as e:  # (UnicodeDecodeError too)
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
         else:
             if isinstance(st, dict) and st.get("state") in ("running",) + FINAL_STATES:
@@ -1801,9 +1801,12 @@ def started_state(run, ready_r):
     return st
 
 
-def prepare_fork():
-    """Load, once, what every supervisor needs, before forking them."""
+def prepare_fork(callbacks=False):
+    """Load, once, what every supervisor needs, before forking them
+    (``callbacks``: some will call back, from a thread)."""
     _libc()
+    if callbacks:
+        import threading  # noqa: F401 - into sys.modules, for CallbackSender
 
 
 def start_one(root, spec, close=()):
@@ -1820,7 +1823,7 @@ def start_many(root, docs):
     answer is the run's state, or ``{"id", "rejected"}``."""
     answers = [None] * len(docs)
     waiting = []
-    prepare_fork()
+    prepare_fork(callbacks=any(isinstance(doc, dict) and doc.get("callback") for doc in docs))
     for i, doc in enumerate(docs):
         run_id = doc.get("id") if isinstance(doc, dict) else None
         try:
