@@ -319,9 +319,10 @@ def pid_exists(pid):
 def write_json_atomic(path, obj, durable=True):
     """Replace ``path`` with ``obj`` as JSON (sorted keys), atomically: a
     temporary file renamed over it, so a reader sees the old document or
-    the new one.  ``durable``: fsync it before the rename, so it survives
-    a power loss too (a final state); without, an OS crash may leave the
-    old document, the new one, or a damaged file (see Run.read_state)."""
+    the new one.  ``durable``: fsync it before the rename and its directory
+    after (the rename itself is only durable then), so it survives a power
+    loss too (a final state); without, an OS crash may leave the old
+    document, the new one, or a damaged file (see Run.read_state)."""
     data = (dumps(obj, sort_keys=True) + "\n").encode()
     tmp = "%s.%d.tmp" % (path, os.getpid())
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -334,6 +335,17 @@ def write_json_atomic(path, obj, durable=True):
     finally:
         os.close(fd)
     os.rename(tmp, path)
+    if durable:
+        try:
+            fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        except OSError:  # pragma: no cover - a directory we just wrote in
+            return
+        try:
+            os.fsync(fd)
+        except OSError:  # pragma: no cover - some filesystems refuse directories
+            pass
+        finally:
+            os.close(fd)
 
 
 def write_all(fd, data):

@@ -442,7 +442,7 @@ def test_a_failed_exec_leaves_no_process(tmp_path):
 def test_only_final_states_are_fsynced(tmp_path, monkeypatch):
     """program.json, the placeholder and the running state are written
     atomically without fsync; done, error and lost are fsynced before their
-    rename."""
+    rename, and their directory after it."""
     synced = []
     real_fsync = os.fsync
 
@@ -461,16 +461,19 @@ def test_only_final_states_are_fsynced(tmp_path, monkeypatch):
     assert synced == []
     for state in ("done", "error", "lost"):
         run.write_state(dict(st, state=state))
-        assert len(synced) == 1 and synced.pop().startswith(os.path.join(root, "fs", "state.json."))
+        assert len(synced) == 2 and synced[0].startswith(os.path.join(root, "fs", "state.json."))
+        assert synced[1] == os.path.join(root, "fs")
+        del synced[:]
         assert run.read_state()["state"] == state
     assert sorted(os.listdir(os.path.join(root, "fs"))) == ["control", "program.json", "state.json", "stderr",
                                                              "stdout"]
 
 
 @pytest.mark.skipif(not os.path.exists("/usr/bin/strace"), reason="needs strace")
-def test_a_run_costs_one_fsync(tmp_path):
-    """End to end (strace): a run, its supervisor included, fsyncs once:
-    its final state.  A batch of three: three."""
+def test_a_run_costs_one_durable_write(tmp_path):
+    """End to end (strace): a run, its supervisor included, fsyncs its
+    final state and then its directory, nothing else.  A batch of three:
+    three of each."""
     root = tmp_path / "spool"
     trace = tmp_path / "trace"
 
@@ -481,10 +484,10 @@ def test_a_run_costs_one_fsync(tmp_path):
         assert res.returncode == 0, res.stderr
         return [line for line in trace.read_text().splitlines() if "sync(" in line]
 
-    assert len(fsyncs(["start", "--follow"], json.dumps(program("one", ["true"])).encode())) == 1
-    assert len(fsyncs(["start", "--follow"], json.dumps(program("bad", ["/nonexistent/x"])).encode())) == 1
+    assert len(fsyncs(["start", "--follow"], json.dumps(program("one", ["true"])).encode())) == 2
+    assert len(fsyncs(["start", "--follow"], json.dumps(program("bad", ["/nonexistent/x"])).encode())) == 2
     batch = [program("b%d" % i, ["true"]) for i in range(3)]
-    assert len(fsyncs(["start"], json.dumps(batch).encode())) == 3  # (strace -f waits for the supervisors)
+    assert len(fsyncs(["start"], json.dumps(batch).encode())) == 6  # (strace -f waits for the supervisors)
     for i in range(3):
         assert wait_state(root, "b%d" % i)["state"] == "done"
 
