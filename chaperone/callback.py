@@ -33,7 +33,7 @@ import secrets
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -196,6 +196,16 @@ def _error(status: int, message: str, headers: Optional[dict] = None):
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
+async def _append(mirror, stream: str, offset: int, data: bytes) -> int:
+    """``mirror.append`` here in the event loop (a write to the page cache:
+    no thread hand-off per MiB), or in a thread when another process holds
+    the mirror's lock (waiting for it must not stop the loop)."""
+    try:
+        return mirror.append(stream, offset, data, blocking=False)
+    except BlockingIOError:
+        return await asyncio.get_running_loop().run_in_executor(None, mirror.append, stream, offset, data)
+
+
 class CallbackServer:
     """The HTTPS endpoint on the scheduler's side."""
 
@@ -345,28 +355,28 @@ class CallbackServer:
         return body
 
     async def _output(self, request):
-        """Appends the body to the mirror as it arrives (1 MiB at a time:
-        bodies as large as ``max_body`` cost no more memory than that).  A
-        body without Content-Length (chunked) is read whole first, so that
-        one found too large has stored nothing."""
+        """Appends the body to the mirror as it arrives (about 1 MiB at a
+        time: bodies as large as ``max_body`` cost no more memory than
+        that).  A body without Content-Length (chunked) is read whole
+        first, so that one found too large has stored nothing."""
         run = self._authorize(request)
         streamed = request.content_length is not None  # and <= max_body (checked)
         stream = self.protocol.parse_stream(request.match_info["stream"])
         offset = self.protocol.parse_offset(request.query.getall("offset", []))
-        loop = asyncio.get_running_loop()
         pos, held, received = offset, None, 0
-        pending = bytearray()
+        chunks: List[bytes] = []  # what arrived since the last append (joined once, when stored)
+        pending = 0
         while True:
             try:
-                data = await request.content.read(APPEND_CHUNK)
+                data = await request.content.readany()  # (as it came: no joining of small reads)
             except web.HTTPRequestEntityTooLarge:
                 raise Reject(413, f"body larger than {self.max_body} bytes") from None
             except ConnectionError:
                 # The agent's connection died mid-body: what came is kept
                 # (at its offset); the agent sends the rest again.
-                if pending and streamed:
+                if chunks and streamed:
                     try:
-                        await loop.run_in_executor(None, run.mirror.append, stream, pos, bytes(pending))
+                        await _append(run.mirror, stream, pos, b"".join(chunks))
                     except (OffsetGap, OSError):
                         pass
                 raise Reject(400, "connection lost in the middle of the body") from None
@@ -374,15 +384,16 @@ class CallbackServer:
             if received > self.max_body:
                 raise Reject(413, f"body larger than {self.max_body} bytes")
             if data:
-                pending += data
-                if len(pending) < APPEND_CHUNK or not streamed:
+                chunks.append(data)
+                pending += len(data)
+                if pending < APPEND_CHUNK or not streamed:
                     continue
-            elif held is not None and not pending:
+            elif held is not None and not chunks:
                 break
-            chunk, pending = bytes(pending), bytearray()
+            chunk = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks, pending = [], 0
             try:
-                # Off the event loop: the flock may wait for another process.
-                held = await loop.run_in_executor(None, run.mirror.append, stream, pos, chunk)
+                held = await _append(run.mirror, stream, pos, chunk)
             except OffsetGap as gap:
                 return web.json_response({"offset": gap.held}, status=409)
             except OSError:

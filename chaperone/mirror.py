@@ -73,26 +73,28 @@ class OutputMirror:
         except FileNotFoundError:
             return 0
 
-    def _lock(self) -> int:
+    def _lock(self, blocking: bool = True) -> int:
         fd = os.open(self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.flock(fd, fcntl.LOCK_EX if blocking else fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BaseException:
             os.close(fd)
             raise
         return fd
 
-    def append(self, stream: str, offset: int, data: bytes) -> int:
+    def append(self, stream: str, offset: int, data: bytes, blocking: bool = True) -> int:
         """Store ``data`` found at ``offset`` of ``stream``; return the bytes held.
 
         Idempotent: a duplicate writes nothing, an overlap writes only the new
         tail; ``offset > held`` raises :class:`OffsetGap` and writes nothing.
+        Not ``blocking``: :class:`BlockingIOError` (nothing written) when
+        another process holds the lock, instead of waiting for it.
         """
         path = self.path(stream)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"invalid offset {offset!r}")
         data = bytes(data)
-        lock_fd = self._lock()
+        lock_fd = self._lock(blocking)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             try:
