@@ -148,6 +148,32 @@ def test_output_appended_in_order(tmp_path):
     run(scenario())
 
 
+def test_output_waits_for_a_mirror_locked_elsewhere_without_stopping_the_loop(tmp_path):
+    """Another process holding the mirror's lock: the append waits for it
+    off the event loop (other requests are answered meanwhile), then stores
+    the body."""
+    import fcntl
+
+    from chaperone.mirror import LOCK_NAME
+
+    async def scenario():
+        async with Harness(tmp_path) as h:
+            assert (await h.output(0, b"abc"))[::2] == (200, {"offset": 3})
+            fd = os.open(str(tmp_path / "r1" / LOCK_NAME), os.O_RDWR)  # its own open file: a separate lock
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                blocked = asyncio.ensure_future(h.output(3, b"defg"))
+                await asyncio.sleep(0.3)
+                assert not blocked.done() and h.m1.read("stdout") == b"abc"
+                assert (await h.output(0, b"other", run="r2"))[::2] == (200, {"offset": 5})
+            finally:
+                os.close(fd)  # releases the flock
+            assert (await blocked)[::2] == (200, {"offset": 7})
+            assert h.m1.read("stdout") == b"abcdefg"
+
+    run(scenario())
+
+
 def test_retried_chunk_stored_once(tmp_path):
     async def scenario():
         async with Harness(tmp_path) as h:
