@@ -10,7 +10,7 @@ from __future__ import annotations
 import shlex
 from typing import List, Optional
 
-from .agent_source import agent_hash
+from .agent_source import RUN_AGENT, agent_hash
 from .errors import ChaperoneError
 
 #: Exit status of the remote bootstrap when the agent file is missing, stale or damaged.
@@ -30,26 +30,8 @@ BOOTSTRAP = (
     "    sys.exit(%d)\n"
     "if hashlib.sha256(_b).hexdigest()!=sys.argv[2]:\n"
     "    sys.exit(%d)\n"
-    # Loaded as a module so that its bytecode is cached (a hash-checked
-    # .pyc written when it was shipped): no 1,800-line compile per call.
-    # (importlib.machinery's loader: importlib.util costs ~6 ms more.)
-    "from importlib.machinery import SourceFileLoader\n"
-    "_m=type(sys)('chaperone_agent')\n"
-    "_m.__file__=sys.argv[1]\n"
     "sys.argv=sys.argv[1:2]+sys.argv[3:]\n"
-    "SourceFileLoader('chaperone_agent',_m.__file__).exec_module(_m)\n"
-    # The agent's exit status, without the interpreter's teardown (~8 ms
-    # of freeing modules): flush what sys.stdout/sys.stderr hold (a failed
-    # flush is status 120, as at a normal exit), then os._exit.
-    "_c=_m.main()\n"
-    "try:\n"
-    "    sys.stdout.flush()\n"
-    "    sys.stderr.flush()\n"
-    "except Exception:\n"
-    "    _c=120\n"
-    "import os\n"
-    "os._exit(_c)\n"
-) % (SHIP_AGAIN, SHIP_AGAIN)
+) % (SHIP_AGAIN, SHIP_AGAIN) + RUN_AGENT
 
 
 class ConnectFailed(ChaperoneError):

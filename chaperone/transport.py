@@ -16,7 +16,7 @@ import signal
 import sys
 from typing import List, Optional
 
-from .agent_source import agent_path
+from .agent_source import RUN_AGENT, agent_path
 
 
 class AgentProcess(abc.ABC):
@@ -80,26 +80,8 @@ class _LocalProcess(AgentProcess):
         self.owner._finish(self.proc)
 
 
-#: Runs the agent file named by ``argv[1]`` as a module, so that its
-#: bytecode is cached (``__pycache__``) instead of compiled at every call;
-#: ends with ``os._exit`` after flushing sys.stdout/sys.stderr (a failed
-#: flush is status 120, as at a normal exit): no interpreter teardown.
-_BOOTSTRAP = (
-    "import sys\n"
-    "from importlib.machinery import SourceFileLoader\n"
-    "_a=type(sys)('chaperone_agent')\n"
-    "_a.__file__=sys.argv[1]\n"
-    "sys.argv=sys.argv[1:]\n"
-    "SourceFileLoader('chaperone_agent',_a.__file__).exec_module(_a)\n"
-    "_c=_a.main()\n"
-    "try:\n"
-    "    sys.stdout.flush()\n"
-    "    sys.stderr.flush()\n"
-    "except Exception:\n"
-    "    _c=120\n"
-    "import os\n"
-    "os._exit(_c)\n"
-)
+#: Runs the agent file named by ``argv[1]`` (see agent_source.RUN_AGENT).
+_BOOTSTRAP = "import sys\nsys.argv=sys.argv[1:]\n" + RUN_AGENT
 
 
 async def spawn(argv: List[str]) -> asyncio.subprocess.Process:

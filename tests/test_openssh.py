@@ -53,19 +53,18 @@ def ssh_processes(tag):
 
 
 def no_ssh_left(tag, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while ssh_processes(tag):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
+    return _none_left(ssh_processes, tag, timeout)
 
 
 def no_masters_left(tag, timeout=5.0):
-    """Masters are stopped without waiting for them (ssh takes a few ms
-    to say goodbye): wait a moment for them to go."""
+    return _none_left(masters, tag, timeout)
+
+
+def _none_left(find, tag, timeout):
+    """Masters and sessions are stopped without waiting for them (ssh takes
+    a few ms to say goodbye): wait a moment for them to go."""
     deadline = time.monotonic() + timeout
-    while masters(tag):
+    while find(tag):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.02)
