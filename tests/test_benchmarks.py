@@ -83,11 +83,13 @@ def test_only_and_default_output_dir(tmp_path):
         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120,
     )
     assert res.returncode == 0, res.stderr[-3000:]
-    rows = check_doc(json.loads(out.read_text()), {"pass", "fail"})
-    assert set(rows) == {"cli_startup"}
-    row = rows["cli_startup"]
-    assert row["unit"] == "s" and row["baseline"] > 0 and row["ratio"] > 0
-    assert len(row["samples"]) == len(row["baseline_samples"]) >= 3
+    rows = check_doc(json.loads(out.read_text()), {"pass", "fail", "info"})
+    assert set(rows) == {"cli_startup", "cli_startup_vs_click"}
+    assert rows["cli_startup"]["status"] in ("pass", "fail")  # (a target)
+    assert rows["cli_startup_vs_click"]["status"] == "info"  # (none)
+    for row in rows.values():
+        assert row["unit"] == "s" and row["baseline"] > 0 and row["ratio"] > 0
+        assert len(row["samples"]) == len(row["baseline_samples"]) >= 3
 
 
 def test_bad_group_is_a_usage_error():
