@@ -350,7 +350,10 @@ class OpenSSHTransport(SSHDescribed, Transport):
             raise
         self._procs.add(proc)
         stderr_task = asyncio.ensure_future(proc.stderr.read())
-        feeder = asyncio.ensure_future(feed_stdin(proc, sshmaster.standby_input(command) + stdin))
+        # `exec`: the agent's Python then replaces the standby's shell, as
+        # the login shell's own exec makes it sshd's child for a direct
+        # call (sshd hangs up on its child when the connection is gone).
+        feeder = asyncio.ensure_future(feed_stdin(proc, sshmaster.standby_input("exec " + command) + stdin))
         return proc, stderr_task, feeder
 
     async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:

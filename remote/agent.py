@@ -1668,6 +1668,7 @@ class Output(object):
 
     def __init__(self, marker):
         self.fd = sys.stdout.fileno()
+        self._watch = None
         if marker:
             write_all(self.fd, ("\n%s\n" % marker).encode())
 
@@ -1676,6 +1677,18 @@ class Output(object):
 
     def frame(self, kind, offset, data):
         write_all(self.fd, FRAME.pack(kind, offset, len(data)) + bytes(data))
+
+    def idle(self, seconds):
+        """Wait ``seconds`` with nothing to send; :class:`BrokenPipeError`
+        as soon as nobody reads this output any more (the client, or its
+        SSH connection, went away: the pipe or socket reports an error or a
+        hang-up), so that a follow whose client died does not wait, unseen,
+        for the run's end."""
+        if self._watch is None:
+            self._watch = select.poll()
+            self._watch.register(self.fd, 0)  # (POLLERR/POLLHUP come anyway)
+        if self._watch.poll(seconds * 1000.0):
+            raise BrokenPipeError(errno.EPIPE, "the reader of this output is gone")
 
 
 def read_program_json():
@@ -1912,7 +1925,7 @@ def follow(run, out, offsets, last=None):
             if moved:
                 interval = 0.001
             else:
-                time.sleep(interval)
+                out.idle(interval)
                 interval = min(interval * 1.5, 0.05)  # (a quick program's end is seen soon)
     finally:
         for fd in fds.values():

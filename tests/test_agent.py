@@ -517,3 +517,38 @@ def test_now_iso_is_datetimes_isoformat():
         when = datetime.datetime.fromisoformat(text)
         assert before <= when <= after and text.endswith("+00:00")
         assert when.isoformat() == text  # the same spelling datetime gives
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["follow", "start --follow"])
+def test_a_follow_whose_reader_is_gone_ends_at_once(root, how):
+    """The client of a follow died (its SSH session or the CLI was killed):
+    the agent sees the hang-up on its stdout while it waits for output and
+    ends, instead of waiting unseen for the run's end (hours, for a long
+    run); the run itself goes on."""
+    if how == "follow":
+        agent_start(root, program("quiet", ["sleep", "30"]))
+        argv, stdin = agent_cmd(root, "--marker", "M", "follow", "quiet"), b""
+    else:
+        argv = agent_cmd(root, "--marker", "M", "start", "--follow")
+        stdin = json.dumps(program("quiet", ["sleep", "30"])).encode()
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+        assert proc.stdout.read(3) == b"\nM\n"  # it is following
+        time.sleep(0.3)
+        assert proc.poll() is None
+        proc.stdout.close()  # the reader goes
+        t0 = time.monotonic()
+        code = proc.wait(10)
+        assert time.monotonic() - t0 < 1.0
+        assert code == 141, proc.stderr.read()
+        assert read_state(root, "quiet")["state"] == "running"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stderr.close()
+        agent(root, "signal", "quiet", "SIGKILL")
+        wait_state(root, "quiet")

@@ -3,12 +3,14 @@ per command through a control master started before the CLI's imports,
 which never outlives the CLI, and honours the user's own multiplexing."""
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
 from helpers import CLI, cli_env
@@ -209,9 +211,33 @@ def test_no_ssh_outlives_a_killed_cli(sshd, tmp_path, calls):
                 dirs = {_master_dir(m) for m in masters(sshd.config_file)} - {None}
                 time.sleep(0.05)
             assert all(os.path.isdir(d) for d in dirs)
+        # The agent process following the run for the CLI: the one the
+        # run's supervisor was forked from (start --follow), or, after a
+        # reconnect, the follow whose session the CLI uses.
+        supervisor = json.loads((tmp_path / "spool" / "orphan" / "state.json").read_text())["agent_pid"]
+        if calls == "one":
+            follower = psutil.Process(supervisor).ppid()
+        else:
+            def reconnected():
+                return [p.pid for p in psutil.process_iter(["cmdline"])
+                        if "follow" in (p.info["cmdline"] or []) and "orphan" in p.info["cmdline"]]
+
+            deadline = time.monotonic() + 20
+            while not reconnected():
+                assert time.monotonic() < deadline, "the CLI did not follow again"
+                time.sleep(0.05)
+            follower, = reconnected()
+        assert "--marker" in psutil.Process(follower).cmdline()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
         assert no_ssh_left(sshd.config_file, 10), "an ssh process outlived its CLI"
+        # ... and on the host, the agent that followed the run for it sees
+        # the session gone and ends, though the run has no output to send.
+        deadline = time.monotonic() + 10
+        while psutil.pid_exists(follower) and psutil.Process(follower).status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "an agent kept following for a dead client"
+            time.sleep(0.05)
+        assert psutil.pid_exists(supervisor), "the run goes on"
         deadline = time.monotonic() + 10
         while any(os.path.exists(d) for d in dirs):  # a master's directory (socket, stderr) goes too
             assert time.monotonic() < deadline, dirs
