@@ -41,9 +41,11 @@ DEFAULT_CONNECT_TIMEOUT = 15
 # begun, it ignores the TERM with which the main shell ends it when the
 # command exits (else that could cut it off before the rm).  A TERM to the
 # main shell is passed on to the command.  (The pipe moves to fd 3 first,
-# opened as /dev/fd/N: dash takes fds up to 9 only, and N may be 4.  A
+# opened as /dev/fd/N: dash takes fds up to 9 only, and N may be 4; where
+# there is no /dev/fd, N is duplicated, which works for N up to 9.  A
 # background list gets /dev/null as stdin unless redirected: hence fd 4.)
-_WATCHDOG = ('l=$1; d=$2; shift 2; exec 3</dev/fd/$l 4<&0; "$@" <&4 3<&- 4<&- & p=$!; exec 4<&-; '
+_WATCHDOG = ('l=$1; d=$2; shift 2; { command exec 3</dev/fd/$l; } 2>/dev/null || exec 3<&$l; exec 4<&0; '
+             '"$@" <&4 3<&- 4<&- & p=$!; exec 4<&-; '
              '{ read _ <&3; trap "" TERM; kill $p 2>/dev/null; [ -z "$d" ] || rm -rf "$d"; } </dev/null & w=$!; '
              'exec 3<&-; trap "kill $p 2>/dev/null" TERM; '
              'while :; do wait $p; s=$?; kill -0 $p 2>/dev/null || break; done; '
