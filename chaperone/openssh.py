@@ -350,9 +350,10 @@ class OpenSSHTransport(SSHDescribed, Transport):
             raise
         self._procs.add(proc)
         stderr_task = asyncio.ensure_future(proc.stderr.read())
-        # `exec`: the agent's Python then replaces the standby's shell, as
-        # the login shell's own exec makes it sshd's child for a direct
-        # call (sshd hangs up on its child when the connection is gone).
+        # `exec`: the agent's Python then replaces the standby's shell, so
+        # the processes on the host are those of a direct call (one shell
+        # fewer); a follow whose client is gone ends by itself (the agent
+        # watches its stdout).
         feeder = asyncio.ensure_future(feed_stdin(proc, sshmaster.standby_input("exec " + command) + stdin))
         return proc, stderr_task, feeder
 

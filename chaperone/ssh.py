@@ -26,8 +26,9 @@ import asyncssh
 
 from .agent_source import agent_bytes
 from .errors import ChaperoneError, ConnectionLost
-from .sshcommon import (DEFAULT_CONNECT_TIMEOUT, REMOTE_DIR, SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel,
+from .sshcommon import (REMOTE_DIR, SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel,
                         agent_command, agent_file, no_python, ship_command, ship_failure, shipped_but_missing)
+from .sshmaster import DEFAULT_CONNECT_TIMEOUT
 from .transport import AgentProcess, Transport
 
 __all__ = ["SSHTransport", "ConnectFailed", "SHIP_AGAIN", "REMOTE_DIR"]

@@ -16,9 +16,6 @@ from .errors import ChaperoneError
 #: Exit status of the remote bootstrap when the agent file is missing, stale or damaged.
 SHIP_AGAIN = 97
 REMOTE_DIR = "~/.chaperone"
-#: Seconds to connect and log in when neither ``connect_timeout`` nor the
-#: SSH config's ``ConnectTimeout`` says.
-DEFAULT_CONNECT_TIMEOUT = 15.0
 
 #: Run by ``python -c`` on the host: ``BOOT AGENT_FILE SHA256 ARGS...`` runs
 #: AGENT_FILE with ARGS if its content has that hash, else exits 97.

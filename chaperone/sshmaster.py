@@ -297,7 +297,6 @@ class Master:
 
     def __init__(self, options: Sequence[str], host: str):
         _reap()
-        self.key = (tuple(options), host)
         import tempfile
 
         self.dir = tempfile.mkdtemp(prefix="chaperone-ssh-")  # 0700
@@ -378,8 +377,8 @@ async def wait_exited(proc: Child) -> int:
 
 def direct_argv(options: Sequence[str], host: str, command: str, multiplex: bool) -> List[str]:
     """``ssh ... HOST COMMAND`` on a connection of its own.  ``multiplex``:
-    chaperone shares connections itself, so none of the user's config
-    (there is none) and none of its own masters are wanted here."""
+    chaperone shares connections itself (the user's config does not), so
+    this call must neither use nor become a control master."""
     argv = list(options)
     if multiplex:
         argv += ["-o", "ControlMaster=no", "-o", "ControlPath=none"]

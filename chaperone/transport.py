@@ -99,8 +99,9 @@ async def spawn(argv: List[str]) -> asyncio.subprocess.Process:
 
 
 class AttachedProcess:
-    """A child started before the event loop ran (``subprocess.Popen``
-    with pipes for stdin, stdout and stderr), with the interface of an
+    """A child started before the event loop ran (a ``sshmaster.Child``,
+    or anything with Popen's ``pid``, ``returncode``, ``poll()``,
+    ``wait()`` and pipes for stdin, stdout and stderr), with the interface of an
     ``asyncio.subprocess.Process`` that :func:`feed_stdin` and the
     transports use: ``stdin`` (a StreamWriter), ``stdout`` and ``stderr``
     (StreamReaders), ``pid``, ``returncode``, ``wait()``.  asyncio's child
