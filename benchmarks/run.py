@@ -441,8 +441,8 @@ class Context:
         if self.sshd is None:
             self.ssh_reason = self.sshd_reason
             return None
-        if importlib.util.find_spec("chaperone.ssh") is None:
-            self.ssh_reason = "the SSH transport (chaperone/ssh.py) is not there yet"
+        if importlib.util.find_spec("chaperone.transports.ssh.via_asyncssh") is None:
+            self.ssh_reason = "the SSH transport is not there yet"
             return None
         try:
             dt = Timed.once(self.cli_argv("run", "--id", self.run_id("preflight"), "testhost", "--", "true",

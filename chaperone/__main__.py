@@ -4,14 +4,14 @@ head start for SSH.
 Before anything else is imported, the command line is looked at: when it
 will talk to a host over OpenSSH (``run HOST ...``, or ``status``/``logs``/
 ``wait``/``kill``/``clean ID`` of a run on a remote host), an SSH session
-to that host starts in the background (``chaperone.sshmaster.Standby``):
+to that host starts in the background (``chaperone.transports.ssh.master.Standby``):
 it connects, logs in and waits for its command on stdin.  The handshake
 (most of what ``ssh HOST true`` costs) then overlaps Python loading click,
 asyncio and the library, and the command's first agent call runs on that
 session: no second connection, and no second session set up on it.  The
 guess is only a guess: the transport adopts the session only if it was
 started with exactly the options it would use itself
-(``chaperone.sshmaster.adopt_session``), and a wrong guess costs one
+(``chaperone.transports.ssh.master.adopt_session``), and a wrong guess costs one
 stopped process.  Nothing here may fail the command: any surprise means
 no guess.
 """
@@ -121,14 +121,14 @@ def _speculate(argv) -> None:
         guess = _guess(argv)
         if guess is None:
             return
-        from . import sshmaster
+        from .transports.ssh import master, options
 
-        ssh = sshmaster.ssh_binary()
-        if ssh is None or sshmaster.default_client() != "openssh":
+        ssh = options.ssh_binary()
+        if ssh is None or options.default_client() != "openssh":
             return
         host, settings = guess
-        sshmaster.speculate_session(sshmaster.ssh_options(ssh, **settings), host,
-                                    multiplex=not sshmaster.multiplexes_itself(settings["config"]))
+        master.speculate_session(options.ssh_options(ssh, **settings), host,
+                                    multiplex=not options.multiplexes_itself(settings["config"]))
     except Exception:
         return
 

@@ -27,7 +27,8 @@ from .errors import ChaperoneError, ConnectionLost, NoSuchRun, UsageError
 from .agent_source import agent_module
 from .protocol import STREAMS, End, Event, OutputChunk, StateUpdate
 from .records import Records, chaperone_home
-from .transport import LocalTransport, Transport
+from .transports.base import Transport
+from .transports.local import LocalTransport
 
 #: Follow offsets that skip all output (for ``wait``).
 SKIP_OUTPUT = {"stdout": 1 << 62, "stderr": 1 << 62}
@@ -157,10 +158,10 @@ class Chaperone:
 
     def _ssh_class(self, config: Sequence[str]):
         if self.ssh_client == "openssh" and len(config) <= 1:
-            from .openssh import OpenSSHTransport
+            from .transports.ssh.via_openssh import OpenSSHTransport
 
             return OpenSSHTransport
-        from .ssh import SSHTransport
+        from .transports.ssh.via_asyncssh import SSHTransport
 
         return SSHTransport
 

@@ -29,7 +29,7 @@ def _run_async(coro_fn):
 
     from .api import Chaperone
     from .errors import ChaperoneError
-    from .sshmaster import default_client
+    from .transports.ssh.options import default_client
 
     ctx = click.get_current_context()
     opts = ctx.find_root().params

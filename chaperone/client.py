@@ -8,7 +8,7 @@ from typing import AsyncIterator, Dict, List, Optional
 
 from .errors import AgentFailed, ChaperoneError, ConnectionLost, NoSuchRun
 from .protocol import Event, ProtocolError, StateUpdate, StreamDecoder, payload_after_marker
-from .transport import AgentProcess, Transport
+from .transports.base import AgentProcess, Transport
 
 #: Exit status of the agent for "no such run" (see remote/agent.py).
 AGENT_NO_SUCH_RUN = 4

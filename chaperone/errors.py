@@ -27,3 +27,7 @@ class AgentFailed(ChaperoneError):
     def __init__(self, message, code):
         super().__init__(message)
         self.agent_code = code
+
+
+class TimeoutExpired(Exception):
+    """A child process did not exit within the time given (``Child.wait``)."""

@@ -25,11 +25,11 @@ import logging
 from typing import AsyncIterator, Callable, Dict, List, Optional, Sequence
 
 from .api import Chaperone, new_run_id
-from .callback import DEFAULT_MAX_BODY, CallbackServer
+from .push.endpoint import DEFAULT_MAX_BODY, CallbackServer
 from .errors import ChaperoneError, ConnectionLost, UsageError
-from .mirror import OutputMirror
+from .push.mirror import OutputMirror
 from .models import FINAL_STATES, STREAMS
-from .transport import Transport
+from .transports.base import Transport
 
 CATCH_UP_CHUNK = 8 << 20
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class Scheduler:
                  bind: str = "127.0.0.1", port: int = 0, config: Optional[dict] = None,
                  heal_interval: float = 1.0, ssh_client: Optional[str] = None):
         if ssh_client is None:  # (more than one config file: asyncssh, see Chaperone)
-            from .sshmaster import default_client
+            from .transports.ssh.options import default_client
 
             ssh_client = default_client()
         self.ch = Chaperone(home, ssh_config=ssh_config, check_host_keys=check_host_keys, ssh_client=ssh_client)

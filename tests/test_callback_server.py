@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from chaperone import certs
-from chaperone.callback import CallbackProtocol, CallbackServer, Reject
-from chaperone.mirror import OutputMirror
+from chaperone.push import certs
+from chaperone.push.endpoint import CallbackProtocol, CallbackServer, Reject
+from chaperone.push.mirror import OutputMirror
 from chaperone.models import OutputAck, RunState
 
 MAX_BODY = 4096
@@ -154,7 +154,7 @@ def test_output_waits_for_a_mirror_locked_elsewhere_without_stopping_the_loop(tm
     the body."""
     import fcntl
 
-    from chaperone.mirror import LOCK_NAME
+    from chaperone.push.mirror import LOCK_NAME
 
     async def scenario():
         async with Harness(tmp_path) as h:
@@ -534,7 +534,7 @@ def test_large_body_streams_to_the_mirror_and_a_cut_one_is_completed_by_its_retr
     the retry of the same body from the same offset completes it, once."""
     import socket
 
-    from chaperone.callback import APPEND_CHUNK, CallbackServer
+    from chaperone.push.endpoint import APPEND_CHUNK, CallbackServer
 
     data = os.urandom(5 * APPEND_CHUNK + 12345)
 

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from chaperone.api import Chaperone
-from chaperone.certs import cert_pem, ensure_certificate
+from chaperone.push.certs import cert_pem, ensure_certificate
 from chaperone.scheduler import Scheduler
 
 # Writes `blocks` MiB of deterministic bytes to stdout, a little at a time,
@@ -254,8 +254,8 @@ def test_agent_batches_output_by_buffer_and_sends_heartbeats(tmp_path):
     """The agent's side of the callbacks: no body over ``output_buffer``
     bytes, all of them in order; and heartbeats (state updates) while the
     program runs quietly, before the one final ``completed``."""
-    from chaperone.callback import CallbackServer
-    from chaperone.mirror import OutputMirror
+    from chaperone.push.endpoint import CallbackServer
+    from chaperone.push.mirror import OutputMirror
 
     bodies, states = [], []
 

@@ -397,8 +397,8 @@ def test_file_capture_callbacks_notice_growth_back_off_and_stop_at_the_final_cou
     writes after the end never gets a byte past the final counts to the
     scheduler."""
     from chaperone.api import Chaperone
-    from chaperone.callback import CallbackServer
-    from chaperone.mirror import OutputMirror
+    from chaperone.push.endpoint import CallbackServer
+    from chaperone.push.mirror import OutputMirror
 
     m = unique("cb")
     root = tmp_path / "home" / "spool"

@@ -8,7 +8,7 @@ import stat
 
 import pytest
 
-from chaperone.mirror import OffsetGap, OutputMirror, plan_append
+from chaperone.push.mirror import OffsetGap, OutputMirror, plan_append
 
 
 def test_plan_append_decisions():

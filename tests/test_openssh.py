@@ -101,7 +101,7 @@ def test_the_standby_session_is_the_one_the_command_uses(sshd, tmp_path, monkeyp
     may be started meanwhile: a guess that never matches, or a second
     connection, would cost a second handshake on every command."""
     from chaperone import __main__ as entry
-    from chaperone import sshmaster
+    from chaperone.transports.ssh import master, options as ssh_opts, process
     from chaperone.api import Chaperone
 
     monkeypatch.setenv("CHAPERONE_HOME", str(tmp_path))
@@ -110,28 +110,28 @@ def test_the_standby_session_is_the_one_the_command_uses(sshd, tmp_path, monkeyp
     async def main():
         entry._speculate(["-F", sshd.config_file, "run", "-p", str(sshd.port), "--no-host-key-check",
                           "--spool", str(tmp_path / "spool"), "--id", "spec", "testhost", "--", "true"])
-        standby = sshmaster._standby
-        assert isinstance(standby, sshmaster.Standby)
+        standby = master._standby
+        assert isinstance(standby, master.Standby)
         async with Chaperone(ssh_config=[sshd.config_file], check_host_keys=False,
                              ssh_client="openssh") as ch:
             ssh = {"port": sshd.port, "root": str(tmp_path / "spool")}
             ch.preconnect("testhost", ssh)
             transport = ch.transport("testhost", **ssh)
-            assert sshmaster._standby is standby and transport._master is None
+            assert master._standby is standby and transport._master is None
             run = await ch.start("testhost", ["true"], run_id="spec", ssh=ssh)
-            assert sshmaster._standby is None and transport._master is None
+            assert master._standby is None and transport._master is None
             assert standby.proc.returncode == 0  # (it ran the start)
             await ch.wait(run.id)
 
         entry._speculate(["-F", sshd.config_file, "status", "spec"])
-        standby = sshmaster._standby
-        assert isinstance(standby, sshmaster.Standby)
+        standby = master._standby
+        assert isinstance(standby, master.Standby)
         async with Chaperone(ssh_config=[sshd.config_file], ssh_client="openssh") as ch:
             ch.preconnect_run("spec")
             transport = ch.client("spec").transport
-            assert sshmaster._standby is standby and transport._master is None
+            assert master._standby is standby and transport._master is None
             assert (await ch.status("spec"))["state"] == "done"
-            assert sshmaster._standby is None and transport._master is None
+            assert master._standby is None and transport._master is None
 
     asyncio.run(main())
     assert no_ssh_left(sshd.config_file)
@@ -142,16 +142,16 @@ def test_a_standby_session_runs_its_command_exactly(sshd, tmp_path):
     """The command goes over stdin as one escaped line; quotes, $,
     backslashes, % and newlines arrive as they would in ``ssh HOST CMD``,
     and the rest of stdin is the command's."""
-    from chaperone import sshmaster
+    from chaperone.transports.ssh import master, options as ssh_opts, process
 
     command = ("printf '%s|' 'a\\b' \"$HOME\" '%d' \"it's\"; printf 'x\ny\\n'; echo; "
                "cat; echo \"tab\there\"")
-    options = sshmaster.ssh_options("ssh", config=[sshd.config_file])
-    direct = subprocess.run(sshmaster.direct_argv(options, "testhost", command, True), input=b"in\0put",
+    options = ssh_opts.ssh_options("ssh", config=[sshd.config_file])
+    direct = subprocess.run(ssh_opts.direct_argv(options, "testhost", command, True), input=b"in\0put",
                             capture_output=True, timeout=30)
-    standby = sshmaster.Standby(options, "testhost", True)
+    standby = master.Standby(options, "testhost", True)
     try:
-        standby.proc.stdin.write(sshmaster.standby_input(command) + b"in\0put")
+        standby.proc.stdin.write(master.standby_input(command) + b"in\0put")
         standby.proc.stdin.close()
         out, err = standby.proc.stdout.read(), standby.proc.stderr.read()  # (small: no deadlock)
         standby.proc.wait(30)
@@ -161,12 +161,12 @@ def test_a_standby_session_runs_its_command_exactly(sshd, tmp_path):
     assert out == b"a\\b|%s|%%d|it's|x\ny\n\nin\0puttab\there\n" % os.environ["HOME"].encode()
 
     # Unused, it ends doing nothing; stopped, no ssh is left.
-    standby = sshmaster.Standby(options, "testhost", True)
+    standby = master.Standby(options, "testhost", True)
     standby.proc.stdin.close()
     assert standby.proc.wait(30) == 0
     assert standby.proc.stdout.read() == b""
     standby.stop()
-    standby = sshmaster.Standby(options, "testhost", True)
+    standby = master.Standby(options, "testhost", True)
     standby.stop()
     assert standby.proc.wait(10) != 0
     assert no_ssh_left(sshd.config_file)
@@ -258,7 +258,7 @@ def test_no_ssh_outlives_a_killed_cli(sshd, tmp_path, calls):
 def test_the_users_own_multiplexing_is_left_alone(sshd, tmp_path):
     """A config with ControlMaster/ControlPath: chaperone starts no master
     of its own (ssh then multiplexes the user's way)."""
-    from chaperone.openssh import OpenSSHTransport
+    from chaperone.transports.ssh.via_openssh import OpenSSHTransport
 
     cfg = tmp_path / "cfg"
     cfg.write_text(open(sshd.config_file).read() + "    ControlPath none\n")
@@ -313,12 +313,12 @@ def test_calls_past_max_sessions_get_a_connection_of_their_own(tmp_path):
 
 
 def test_child_is_spawned_like_popen_with_close_fds_and_a_new_session(tmp_path):
-    """sshmaster.Child (posix_spawn, for a fast head start) keeps
+    """process.Child (posix_spawn, for a fast head start) keeps
     subprocess.Popen's guarantees that the watchdog and ssh rely on: only
     fds 0-2 and the kept ones are inherited (also inheritable fds this
     process got from its parent), a session of its own, SIGPIPE back to
     its default, pipes and /dev/null as asked."""
-    from chaperone import sshmaster
+    from chaperone.transports.ssh import master, options as ssh_opts, process
 
     leak_r, leak_w = os.pipe()
     os.set_inheritable(leak_r, True)  # as if inherited from our own parent
@@ -326,8 +326,8 @@ def test_child_is_spawned_like_popen_with_close_fds_and_a_new_session(tmp_path):
     script = ("import os, sys; sys.stdout.write(repr((sorted(int(f) for f in os.listdir('/proc/self/fd')), "
               "os.getsid(0) == os.getpid(), sys.stdin.read())))")
     try:
-        child = sshmaster.Child([sys.executable, "-S", "-c", script], stdin=sshmaster.PIPE,
-                                stdout=sshmaster.PIPE, stderr=sshmaster.DEVNULL, keep=(keep_r,))
+        child = process.Child([sys.executable, "-S", "-c", script], stdin=process.PIPE,
+                                stdout=process.PIPE, stderr=process.DEVNULL, keep=(keep_r,))
         child.stdin.write(b"hello")
         child.stdin.close()
         out = child.stdout.read()
@@ -343,22 +343,22 @@ def test_child_is_spawned_like_popen_with_close_fds_and_a_new_session(tmp_path):
 
         # Signals this (Python) process ignores are not ignored there
         # (/proc's SigIgn, as grep inherits it through sh's exec).
-        sig = sshmaster.Child(["/bin/sh", "-c", "grep SigIgn /proc/self/status"], stdout=sshmaster.PIPE)
+        sig = process.Child(["/bin/sh", "-c", "grep SigIgn /proc/self/status"], stdout=process.PIPE)
         ignored = int(sig.stdout.read().split()[1], 16)
         sig.stdout.close()
         assert sig.wait(30) == 0
         assert signal.getsignal(signal.SIGPIPE) == signal.SIG_IGN
         assert not ignored & (1 << (signal.SIGPIPE - 1)), hex(ignored)
 
-        silent = sshmaster.Child(["/bin/sh", "-c", "cat; echo err >&2; exit 3"], stdin=sshmaster.DEVNULL,
-                                 stdout=sshmaster.DEVNULL, stderr=sshmaster.PIPE)
+        silent = process.Child(["/bin/sh", "-c", "cat; echo err >&2; exit 3"], stdin=process.DEVNULL,
+                                 stdout=process.DEVNULL, stderr=process.PIPE)
         assert silent.stdin is None and silent.stdout is None
         assert silent.stderr.read() == b"err\n"
         assert silent.wait() == 3
         silent.stderr.close()
 
-        sleeper = sshmaster.Child(["/bin/sleep", "30"])
-        with pytest.raises(sshmaster.TimeoutExpired):
+        sleeper = process.Child(["/bin/sleep", "30"])
+        with pytest.raises(process.TimeoutExpired):
             sleeper.wait(0.05)
         sleeper.kill()
         assert sleeper.wait(10) == -signal.SIGKILL

@@ -337,7 +337,7 @@ def test_a_slot_is_reused_only_once_its_channel_is_closed(sshd, tmp_path):
     need a second connection."""
     from chaperone.client import AgentClient
     from chaperone.protocol import End
-    from chaperone.ssh import SSHTransport
+    from chaperone.transports.ssh.via_asyncssh import SSHTransport
 
     async def follow_to_the_end(client, run_id):
         events = [e async for e in client.follow(run_id)]

@@ -10,8 +10,8 @@ from __future__ import annotations
 import shlex
 from typing import List, Optional
 
-from .agent_source import RUN_AGENT, agent_hash
-from .errors import ChaperoneError
+from ...agent_source import RUN_AGENT, agent_hash
+from ...errors import ChaperoneError
 
 #: Exit status of the remote bootstrap when the agent file is missing, stale or damaged.
 SHIP_AGAIN = 97

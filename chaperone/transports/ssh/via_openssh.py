@@ -25,12 +25,13 @@ import re
 import signal
 from typing import List, Optional, Sequence
 
-from .agent_source import agent_bytes
-from .errors import ChaperoneError, ConnectionLost
-from . import sshmaster
-from .sshcommon import (SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel, agent_command, agent_file, no_python,
+from ...agent_source import agent_bytes
+from ...errors import ChaperoneError, ConnectionLost
+from . import master as masters
+from . import options as ssh_opts
+from .common import (SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel, agent_command, agent_file, no_python,
                         ship_command, ship_failure, shipped_but_missing)
-from .transport import AgentProcess, AttachedProcess, Transport, feed_stdin, spawn
+from ..base import AgentProcess, AttachedProcess, Transport, feed_stdin, spawn
 
 __all__ = ["OpenSSHTransport"]
 
@@ -108,7 +109,7 @@ class _Process(AgentProcess):
 
 
 class _MasterTunnel(Tunnel):
-    def __init__(self, master: sshmaster.Master, port: int):
+    def __init__(self, master: masters.Master, port: int):
         self.master = master
         self.port = port
 
@@ -148,7 +149,7 @@ class OpenSSHTransport(SSHDescribed, Transport):
         self.connect_timeout = connect_timeout
         self.keepalive_interval = keepalive_interval
         self.root = root
-        self.ssh = ssh or sshmaster.ssh_binary() or "ssh"
+        self.ssh = ssh or ssh_opts.ssh_binary() or "ssh"
         self.agent_file = agent_file()
         self._procs: set = set()
         self._ship_lock = asyncio.Lock()
@@ -156,9 +157,9 @@ class OpenSSHTransport(SSHDescribed, Transport):
         # One connection for every call (OpenSSH's ControlMaster), unless
         # the user's config does its own multiplexing.
         if multiplex is None:
-            multiplex = not sshmaster.multiplexes_itself(self.config)
+            multiplex = not ssh_opts.multiplexes_itself(self.config)
         self.multiplex = multiplex
-        self._master: Optional[sshmaster.Master] = None
+        self._master: Optional[masters.Master] = None
         self._options: dict = {}
         self.max_sessions = max_sessions
         self._muxed = 0  # calls running over the master
@@ -170,13 +171,13 @@ class OpenSSHTransport(SSHDescribed, Transport):
         shell), over the shared connection if there is one and ``muxed``."""
         if self._master is not None and muxed:
             return self.options() + ["-o", "ControlMaster=no", "-S", self._master.socket, "--", self.host, command]
-        return sshmaster.direct_argv(self.options(), self.host, command, self.multiplex)
+        return ssh_opts.direct_argv(self.options(), self.host, command, self.multiplex)
 
     def options(self, forwardings: bool = False) -> List[str]:
         """``ssh`` and its options for this host (no host, no command);
         worked out once (it reads the config files), not at every call."""
         if forwardings not in self._options:
-            self._options[forwardings] = sshmaster.ssh_options(
+            self._options[forwardings] = ssh_opts.ssh_options(
                 self.ssh, forwardings=forwardings, config=self.config, port=self.port,
                 username=self.username, client_keys=self.client_keys, check_host_keys=self.check_host_keys,
                 known_hosts=self.known_hosts, connect_timeout=self.connect_timeout,
@@ -192,7 +193,7 @@ class OpenSSHTransport(SSHDescribed, Transport):
         start has a session to this host standing by (a master now would
         only compete with it for the CPU, for a handshake the command may
         never need)."""
-        if not sshmaster.standing_by(self.options(), self.host):
+        if not masters.standing_by(self.options(), self.host):
             self._start_master()
 
     def _start_master(self) -> None:
@@ -201,7 +202,7 @@ class OpenSSHTransport(SSHDescribed, Transport):
             return
         self._stop_master()
         try:
-            self._master = sshmaster.Master(self.options(), self.host)
+            self._master = masters.Master(self.options(), self.host)
         except FileNotFoundError:
             raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh) from None
 
@@ -227,7 +228,7 @@ class OpenSSHTransport(SSHDescribed, Transport):
         127.0.0.1 here: a control master of its own (``ssh -N``) and ``ssh
         -O forward -R 0:...``, so the forwarded bytes are decrypted by ssh,
         in its own process, not by this one."""
-        master = sshmaster.Master(self.options(), self.host)
+        master = masters.Master(self.options(), self.host)
         try:
             while not master.ready():
                 if not master.alive():
@@ -340,7 +341,7 @@ class OpenSSHTransport(SSHDescribed, Transport):
     async def _adopt(self, command: str, stdin: bytes):
         """A call on the head start's standby session if there is one for
         this host (already connecting, or connected), else None."""
-        standby = sshmaster.adopt_session(self.options(), self.host, self.multiplex)
+        standby = masters.adopt_session(self.options(), self.host, self.multiplex)
         if standby is None:
             return None
         try:
@@ -354,7 +355,7 @@ class OpenSSHTransport(SSHDescribed, Transport):
         # the processes on the host are those of a direct call (one shell
         # fewer); a follow whose client is gone ends by itself (the agent
         # watches its stdout).
-        feeder = asyncio.ensure_future(feed_stdin(proc, sshmaster.standby_input("exec " + command) + stdin))
+        feeder = asyncio.ensure_future(feed_stdin(proc, masters.standby_input("exec " + command) + stdin))
         return proc, stderr_task, feeder
 
     async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:

@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from . import certs
 from .mirror import OffsetGap, OutputMirror
-from .models import FINAL_STATES, STREAMS, RunState, check_run_id
+from ..models import FINAL_STATES, STREAMS, RunState, check_run_id
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,7 @@ class CallbackServer:
         if self._runner is not None:
             raise RuntimeError("callback server already started")
         if cert_dir is None:
-            from .records import chaperone_home
+            from ..records import chaperone_home
 
             cert_dir = chaperone_home() / "tls"
         cert_path, key_path = certs.ensure_certificate(Path(cert_dir), hostnames)

@@ -17,7 +17,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from .models import STREAMS
+from ..models import STREAMS
 
 LOCK_NAME = ".lock"
 

@@ -24,12 +24,12 @@ from typing import List, Optional, Sequence
 
 import asyncssh
 
-from .agent_source import agent_bytes
-from .errors import ChaperoneError, ConnectionLost
-from .sshcommon import (REMOTE_DIR, SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel,
+from ...agent_source import agent_bytes
+from ...errors import ChaperoneError, ConnectionLost
+from .common import (REMOTE_DIR, SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel,
                         agent_command, agent_file, no_python, ship_command, ship_failure, shipped_but_missing)
-from .sshmaster import DEFAULT_CONNECT_TIMEOUT
-from .transport import AgentProcess, Transport
+from .options import DEFAULT_CONNECT_TIMEOUT
+from ..base import AgentProcess, Transport
 
 __all__ = ["SSHTransport", "ConnectFailed", "SHIP_AGAIN", "REMOTE_DIR"]
 

@@ -2,9 +2,11 @@
 
 One small interface (like httpx's ``BaseTransport``): :meth:`Transport.open`
 runs ``agent.py ARGS`` on the host with ``stdin`` bytes and returns an
-:class:`AgentProcess` to read its stdout from.  :class:`LocalTransport` runs
-the agent as a local subprocess; ``chaperone.ssh.SSHTransport`` runs it over
-an SSH channel.  Everything above this module is the same for both.
+:class:`AgentProcess` to read its stdout from.  The transports:
+``local.LocalTransport`` (a local subprocess), ``memory.MemoryTransport`` (an
+in-memory host, for tests), ``ssh.via_asyncssh.AsyncSSHTransport`` and
+``ssh.via_openssh.OpenSSHTransport``; ``factory`` is the one place that
+decides which one reaches a host.  Everything above is the same for all.
 """
 
 from __future__ import annotations
@@ -12,11 +14,8 @@ from __future__ import annotations
 import abc
 import asyncio
 import os
-import signal
-import sys
 from typing import List, Optional
 
-from .agent_source import RUN_AGENT, agent_path
 
 
 class AgentProcess(abc.ABC):
@@ -60,30 +59,6 @@ class Transport(abc.ABC):
         return {"host": self.host}
 
 
-class _LocalProcess(AgentProcess):
-    def __init__(self, proc: asyncio.subprocess.Process, owner: "LocalTransport"):
-        self.proc = proc
-        self.owner = owner
-        self._stderr = asyncio.ensure_future(proc.stderr.read())
-
-    async def read(self, n: int = 1 << 20) -> bytes:
-        return await self.proc.stdout.read(n)
-
-    async def wait(self) -> int:
-        return await self.proc.wait()
-
-    async def stderr(self) -> bytes:
-        return await self._stderr
-
-    def close(self) -> None:
-        self._stderr.cancel()
-        self.owner._finish(self.proc)
-
-
-#: Runs the agent file named by ``argv[1]`` (see agent_source.RUN_AGENT).
-_BOOTSTRAP = "import sys\nsys.argv=sys.argv[1:]\n" + RUN_AGENT
-
-
 async def spawn(argv: List[str]) -> asyncio.subprocess.Process:
     """``argv`` with pipes for stdin, stdout and stderr, in a session of its
     own: out of the terminal's process group, so a Ctrl-C is for chaperone
@@ -99,7 +74,7 @@ async def spawn(argv: List[str]) -> asyncio.subprocess.Process:
 
 
 class AttachedProcess:
-    """A child started before the event loop ran (a ``sshmaster.Child``,
+    """A child started before the event loop ran (a ``ssh.process.Child``,
     or anything with Popen's ``pid``, ``returncode``, ``poll()``,
     ``wait()`` and pipes for stdin, stdout and stderr), with the interface of an
     ``asyncio.subprocess.Process`` that :func:`feed_stdin` and the
@@ -140,7 +115,7 @@ class AttachedProcess:
         return self.popen.returncode
 
     async def wait(self) -> int:
-        from .sshmaster import wait_exited
+        from .ssh.process import wait_exited
 
         code = await wait_exited(self.popen)
         on_exit, self._on_exit = self._on_exit, None
@@ -164,61 +139,4 @@ async def feed_stdin(proc: asyncio.subprocess.Process, data: bytes) -> None:
     except (BrokenPipeError, ConnectionResetError):
         pass
 
-
-class LocalTransport(Transport):
-    """Runs the agent on this machine with this Python.
-
-    ``-I -S``: the agent is stdlib-only, so it needs neither site-packages
-    (whose ``.pth`` files can cost tens of milliseconds per start) nor the
-    ``PYTHON*`` variables; the program still gets the whole environment.
-    """
-
-    host = "local"
-
-    def __init__(self, python: Optional[str] = None, root: Optional[str] = None):
-        self.python = python or sys.executable
-        self.root = root
-        self._reaping: set = set()
-
-    def _finish(self, proc: asyncio.subprocess.Process) -> None:
-        """Kill ``proc`` if it still runs; close its pipes once it is reaped.
-
-        ``os.kill``, not ``proc.kill()``, and no transport ``close()``
-        before the exit: both poll the child first, which can reap it
-        behind asyncio's child watcher (it then reports status 255 and
-        warns).  :meth:`close` waits for the reaping, so no child exits
-        after the event loop closed ("Loop ... that handles pid ... is
-        closed")."""
-        if proc.returncode is None:
-            try:
-                os.kill(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-        async def reap():
-            try:
-                await proc.wait()
-            finally:
-                transport = getattr(proc, "_transport", None)
-                if transport is not None:
-                    transport.close()
-
-        task = asyncio.ensure_future(reap())
-        self._reaping.add(task)
-        task.add_done_callback(self._reaping.discard)
-
-    async def close(self) -> None:
-        if self._reaping:
-            await asyncio.wait(list(self._reaping), timeout=5.0)
-
-    async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
-        argv = [self.python, "-I", "-S", "-c", _BOOTSTRAP, str(agent_path())]
-        if self.root:
-            argv += ["--root", self.root]
-        proc = await spawn(argv + list(args))
-        await feed_stdin(proc, stdin)
-        return _LocalProcess(proc, self)
-
-    def describe(self) -> dict:
-        return {"host": "local", "root": self.root, "python": self.python}
 
