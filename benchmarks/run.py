@@ -851,7 +851,7 @@ async def _local_run(ctx: Context, ch, argv, run_id: str):
     loop = asyncio.get_running_loop()
     t0 = time.perf_counter()
     run = await ch.start("local", list(argv), run_id=run_id, cwd=ctx.tmp)
-    pid = run.state.get("agent_pid")
+    pid = run.state.agent_pid
     if not pid:
         raise BenchError("no agent_pid in the state: %s" % run.state)
     sampler = _Sampler(pid)
@@ -863,7 +863,7 @@ async def _local_run(ctx: Context, ch, argv, run_id: str):
     dt = time.perf_counter() - t0
     sampler.stop.set()
     sampler.join(2)
-    with open(os.path.join(run.state["spool"], "state.json")) as f:
+    with open(os.path.join(run.state.spool, "state.json")) as f:
         state = json.load(f)
     return dt, rusage, state, sampler
 
@@ -983,7 +983,7 @@ def bench_idle(ctx: Context):
         ch = ctx.library()
         try:
             run = await ch.start("local", ["sleep", "%g" % (idle + 30)], run_id=ctx.run_id("idle"), cwd=ctx.tmp)
-            pid = run.state["agent_pid"]
+            pid = run.state.agent_pid
             p = psutil.Process(pid)
             await asyncio.sleep(0.5)
             t = p.cpu_times()
@@ -995,7 +995,7 @@ def bench_idle(ctx: Context):
             await ch.signal(run.id, "SIGKILL")
             loop = asyncio.get_running_loop()
             await asyncio.wait_for(loop.run_in_executor(None, os.wait4, pid, 0), 30)
-            shutil.rmtree(run.state["spool"], ignore_errors=True)
+            shutil.rmtree(run.state.spool, ignore_errors=True)
             return c1 - c0, rss
         finally:
             await ch.close()
@@ -1019,7 +1019,7 @@ async def _deliver_stream(ch, run_id: str, path: str) -> int:
 
     n = 0
     with open(path, "wb") as f:
-        async for event in ch.stream(run_id, {"stdout": 0, "stderr": SKIP_OUTPUT["stderr"]}):
+        async for event in ch.events(run_id, {"stdout": 0, "stderr": SKIP_OUTPUT["stderr"]}):
             if isinstance(event, OutputChunk) and event.stream == "stdout":
                 f.write(event.data)
                 n += len(event.data)
@@ -1048,8 +1048,8 @@ def bench_delivery(ctx: Context):
                 await ch.close()
 
         run_id, st = asyncio.run(setup())
-        if st.get("stdout_bytes") != size:
-            raise BenchError("the run holds %s of %d bytes" % (st.get("stdout_bytes"), size))
+        if st.stdout_bytes != size:
+            raise BenchError("the run holds %s of %d bytes" % (st.stdout_bytes, size))
 
         def timed_to_file(argv):
             with open(out, "wb") as f:
@@ -1116,33 +1116,32 @@ def bench_delivery(ctx: Context):
             "delivery_stream" + ("" if head else "_%d" % size), "delivery %s: follow stream (library)" % label,
             mib / median(stream_t), "MiB/s", baseline=base, target=">= 0.5x" if head else None,
             samples=stream_t, baseline_samples=base_t,
-            notes="Chaperone.stream() from offset 0 to a file, new connection each time; " + common,
+            notes="Chaperone.events() from offset 0 to a file, new connection each time; " + common,
         )
 
 
 def bench_delivery_callback(ctx: Context):
     """The push path: the agent's HTTPS callbacks through the SSH remote
-    forward, into the scheduler's mirror (``chaperone.scheduler``)."""
+    forward, into the local mirror (``Chaperone(push=True)``)."""
     ctx.require_ssh()
-    from chaperone.scheduler import Scheduler
+    from chaperone.transports.target import Target
 
     sizes = ctx.p["delivery_sizes"]
     big = max(sizes)
     out = os.path.join(ctx.tmp, "delivered")
-    ssh_client = Scheduler(ctx.home, ssh_config=[ctx.sshd.config_file]).ch.ssh_client
+    ssh_client = ctx.library().transports.client_for(Target("testhost"))
     for size in sizes:
         data = ctx.data_file(size)
         reps = ctx.p["io_reps"] if size >= 64 * MiB else min(ctx.p["reps"], 5)
 
         async def once():
-            async with Scheduler(ctx.home, ssh_config=[ctx.sshd.config_file]) as s:
-                await s.open()
+            async with ctx.library(push=True) as ch:
                 t0 = time.perf_counter()
-                rid = await s.start("testhost", ["cat", data], run_id=ctx.run_id("callback"))
-                st = await asyncio.wait_for(s.wait(rid, safety_net=3600), 900)
+                run = await ch.start("testhost", ["cat", data], id=ctx.run_id("callback"))
+                st = await asyncio.wait_for(ch.push.wait(run.id, safety_net=3600), 900)
                 dt = time.perf_counter() - t0
-                held = s.mirror(rid).held("stdout")
-                await s.clean(rid)
+                held = ch.push.mirror(run.id).held("stdout")
+                await ch.clean(run.id)
                 return dt, held, st
 
         cb_t, base_t = [], []
@@ -1161,7 +1160,7 @@ def bench_delivery_callback(ctx: Context):
             "delivery %s: HTTPS callbacks to the scheduler" % human_size(size),
             mib / median(cb_t), "MiB/s", baseline=mib / median(base_t), target=">= 0.5x" if head else None,
             samples=cb_t, baseline_samples=base_t,
-            notes="Scheduler.start(cat FILE) until wait() returns with the mirror holding every byte "
+            notes="Chaperone(push=True).start(cat FILE) until wait() returns with the mirror holding every byte "
                   "(callbacks only: safety-net catch-up off); default config (output_buffer 16 MiB), the "
                   "scheduler's default SSH client (%s); baseline: "
                   "ssh -F cfg testhost cat FILE > file; %d reps" % (ssh_client, len(cb_t)),

@@ -61,7 +61,7 @@ def _parse(args, values, flags, positionals):
 
 
 def _guess(argv):
-    """(host, settings) for the SSH connection this command line will make, or None."""
+    """The target of the SSH connection this command line will make, or None."""
     configs = []
     i = 0
     while i < len(argv) and argv[i] == "-F" and i + 1 < len(argv):
@@ -80,39 +80,32 @@ def _guess(argv):
             found = [v for n in names for v in opts.get(n, [])]
             return found[-1] if found else None
 
+        from .transports.target import Target
+
         port = last("-p", "--port")
-        return pos[0], dict(
-            config=configs, port=int(port) if port else None, username=last("-l", "--login"),
-            client_keys=[v for n in ("-i", "--identity") for v in opts.get(n, [])] or None,
-            check_host_keys=not last("--no-host-key-check"))
+        return Target.parse(
+            pos[0], config=configs, port=int(port) if port else None, user=last("-l", "--login"),
+            identities=[v for n in ("-i", "--identity") for v in opts.get(n, [])],
+            check_host_keys=not last("--no-host-key-check"), python=last("--python"), spool=last("--spool"))
     if command in _ID_COMMANDS:
         parsed = _parse(rest, *_ID_COMMANDS[command], 1)
         if parsed is None or not parsed[1]:
             return None
-        import json
-        import sqlite3
-
-        from .records import chaperone_home
+        from .records import Records, chaperone_home
+        from .transports.target import Target
 
         db = chaperone_home() / "runs.db"
         if not db.exists():
             return None
-        conn = sqlite3.connect("file:%s?mode=ro" % db, uri=True)
+        records = Records(db)
         try:
-            row = conn.execute("SELECT host, transport FROM runs WHERE id = ?", (parsed[1][0],)).fetchone()
+            rec = records.get(parsed[1][0])
         finally:
-            conn.close()
-        if row is None or row[0] == "local":
+            records.close()
+        if rec is None or rec.host == "local":
             return None
-        how = json.loads(row[1])
-        ssh = how.get("ssh") or {}
-        config = ssh.get("config") or []
-        if len(config) > 1:
-            return None
-        return how["host"], dict(
-            config=config, port=ssh.get("port"), username=ssh.get("username"),
-            client_keys=ssh.get("client_keys"), known_hosts=ssh.get("known_hosts"),
-            check_host_keys=ssh.get("check_host_keys", True))
+        target = Target.from_description(rec.transport)
+        return None if len(target.config) > 1 else target
     return None
 
 
@@ -126,9 +119,9 @@ def _speculate(argv) -> None:
         ssh = options.ssh_binary()
         if ssh is None or options.default_client() != "openssh":
             return
-        host, settings = guess
-        master.speculate_session(options.ssh_options(ssh, **settings), host,
-                                    multiplex=not options.multiplexes_itself(settings["config"]))
+        target = guess
+        master.speculate_session(options.ssh_options(ssh, target), target.destination,
+                                 multiplex=not options.multiplexes_itself(target.config))
     except Exception:
         return
 

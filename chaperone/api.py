@@ -1,13 +1,24 @@
-"""The library API: start, watch, signal, reconnect and clean up runs.
+"""The library: start, watch, signal, reconnect to and clean up runs.
 
->>> async with Chaperone() as ch:
-...     run = await ch.start("local", ["echo", "hello"])
-...     async for event in ch.stream(run.id):
-...         ...
+One class, :class:`Chaperone`; one handle, :class:`Run`::
+
+    async with Chaperone() as ch:
+        run = await ch.start("gpu1", ["python", "train.py"], timeout=3600)
+        async for chunk in run.output(follow=True):   # reconnects by itself
+            ...
+        state = await run.wait()                       # a RunState
+        print(state.exit_code)
 
 Every run has a record (SQLite, ``$CHAPERONE_HOME/runs.db``) that says which
-host it is on and how that host was reached, so any later process can
-reconnect to it by id.
+host it is on and how that host was reached (a
+:class:`~chaperone.transports.target.Target`), so any later process reaches
+it by id.  Updates come by SSH (the agent is asked, or followed), or, with
+``Chaperone(push=True)``, by each agent's HTTPS callbacks
+(:mod:`chaperone.push.receiver`): the same verbs either way.
+
+Results are typed: :class:`~chaperone.models.RunState` (the agent's
+``state.json``), :class:`~chaperone.models.RunInfo` (a run as chaperone
+shows it), and the events of :mod:`chaperone.protocol`.
 """
 
 from __future__ import annotations
@@ -18,46 +29,40 @@ import datetime
 import json
 import os
 import secrets
+import shlex
 import signal as _signal
-from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import (TYPE_CHECKING, AsyncIterator, Callable, Dict, List, Mapping, Optional, Sequence,
+                    Union)
 
-from .client import AgentClient
-from .errors import ChaperoneError, ConnectionLost, NoSuchRun, UsageError
 from .agent_source import agent_module
+from .client import AgentClient
+from .errors import ChaperoneError, ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, UsageError
+from .models import FINAL_STATES, exit_code_for
 from .protocol import STREAMS, End, Event, OutputChunk, StateUpdate
-from .records import Records, chaperone_home
+from .records import Record, Records, chaperone_home
 from .transports.base import Transport
-from .transports.local import LocalTransport
+from .transports.factory import Transports
+from .transports.target import Target
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .models import RunInfo, RunState
+
+__all__ = ["Chaperone", "Run", "new_run_id", "parse_env", "check_signal", "exit_code_for"]
 
 #: Follow offsets that skip all output (for ``wait``).
 SKIP_OUTPUT = {"stdout": 1 << 62, "stderr": 1 << 62}
 
+Command = Union[str, Sequence[str]]
+
 
 def new_run_id() -> str:
+    """A fresh run id: the local date and time, then 6 random hex digits."""
     now = datetime.datetime.now()
     return now.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
-def exit_code_for(state: Mapping) -> int:
-    """The shell-like exit status for a final state: the program's code,
-    ``128+N`` when killed by signal N, 127/126 when it could not be started,
-    255 when chaperone lost it."""
-    if state.get("state") == "done":
-        if state.get("signal"):
-            try:
-                return 128 + int(_signal.Signals[state["signal"]])
-            except KeyError:
-                return 255
-        return int(state.get("return_code") or 0)
-    if state.get("state") == "error":
-        import errno
-
-        return 127 if state.get("errno") in (errno.ENOENT, errno.ENOTDIR) else 126
-    return 255
-
-
 def parse_env(pairs: Sequence[str]) -> Dict[str, str]:
+    """``["K=V", ...]`` as a dict (a usage error for anything else)."""
     env = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
@@ -67,8 +72,8 @@ def parse_env(pairs: Sequence[str]) -> Dict[str, str]:
     return env
 
 
-def check_signal(name: str) -> str:
-    """Validate a signal name or number locally; returns the canonical name."""
+def check_signal(name: Union[str, int]) -> str:
+    """A signal name or number, checked here; its canonical name (``SIGTERM``)."""
     text = str(name).strip().upper()
     if text.isdigit():
         try:
@@ -80,6 +85,11 @@ def check_signal(name: str) -> str:
     if text.startswith("SIG_") or text not in _signal.Signals.__members__:
         raise UsageError("unknown signal %r" % name)
     return text
+
+
+def shell_argv(command: str) -> List[str]:
+    """The argv that runs a shell command line, as ``ssh HOST 'CMD'`` does."""
+    return ["/bin/sh", "-c", command]
 
 
 class _StartBatcher:
@@ -128,121 +138,244 @@ class _StartBatcher:
                 fut.set_result(answer)
 
 
-@dataclass
 class Run:
-    id: str
-    host: str
-    state: dict
+    """A run: its id and host, what is known of it, and the verbs of
+    :class:`Chaperone` bound to it (``await run.wait()``)."""
+
+    def __init__(self, ch: "Chaperone", record: Record):
+        self._ch = ch
+        self._record = record
+
+    @property
+    def id(self) -> str:
+        return self._record.id
+
+    @property
+    def host(self) -> str:
+        """The host as it was named (``local``, an alias, ``user@host``)."""
+        return self._record.host
+
+    @property
+    def state(self) -> Optional["RunState"]:
+        """The last state seen of it on its host (None before the host answered)."""
+        last = self._record.last
+        return self._ch._typed(last) if last else None
+
+    def info(self) -> "RunInfo":
+        """The run as the one JSON object of a run (records only, no I/O)."""
+        from .models import RunInfo
+
+        return RunInfo.model_validate(self._record.info())
+
+    def _refresh(self) -> "Run":
+        rec = self._ch.records.get(self.id)
+        if rec is not None:
+            self._record = rec
+        return self
+
+    async def status(self) -> "RunState":
+        """See :meth:`Chaperone.status`."""
+        try:
+            return await self._ch.status(self.id)
+        finally:
+            self._refresh()
+
+    async def wait(self, **kw) -> "RunState":
+        """See :meth:`Chaperone.wait`."""
+        try:
+            return await self._ch.wait(self.id, **kw)
+        finally:
+            self._refresh()
+
+    def events(self, offsets: Optional[Dict[str, int]] = None, **kw) -> AsyncIterator[Event]:
+        """See :meth:`Chaperone.events`."""
+        return self._ch.events(self.id, offsets, **kw)
+
+    def output(self, stream: str = "stdout", offset: int = 0, *, follow: bool = False) -> AsyncIterator[bytes]:
+        """See :meth:`Chaperone.output`."""
+        return self._ch.output(self.id, stream, offset, follow=follow)
+
+    async def read(self, stream: str = "stdout", offset: int = 0, length: Optional[int] = None) -> bytes:
+        """See :meth:`Chaperone.read`."""
+        return await self._ch.read(self.id, stream, offset, length)
+
+    async def signal(self, sig: Union[str, int] = "SIGTERM", grace: Optional[float] = None) -> "RunState":
+        """See :meth:`Chaperone.signal`."""
+        try:
+            return await self._ch.signal(self.id, sig, grace)
+        finally:
+            self._refresh()
+
+    async def clean(self, force: bool = False) -> None:
+        """See :meth:`Chaperone.clean`."""
+        await self._ch.clean(self.id, force)
+
+    def __repr__(self) -> str:
+        return "<Run %s on %s: %s>" % (self.id, self.host, self._record.state)
 
 
 class Chaperone:
-    """Starts, watches, signals, reconnects to and cleans up runs."""
+    """Starts, watches, signals, reconnects to and cleans up runs.
+
+    ``home``: where records live (default ``$CHAPERONE_HOME``, else
+    ``~/.local/state/chaperone``).  SSH: ``ssh_config`` (``-F`` files; the
+    user's ``~/.ssh/config`` otherwise, for both clients), ``ssh_client``
+    (``"openssh"``, ``"asyncssh"``, or None: ``$CHAPERONE_SSH_CLIENT``,
+    else ``ssh`` when installed), ``check_host_keys``, ``known_hosts``,
+    ``python`` (on the hosts, default ``python3``), ``connect_limit`` (new
+    connections to one host being set up at once; sshd drops those past
+    its MaxStartups, 10 by default), ``max_sessions`` (channels on one
+    connection: the server's MaxSessions, 10 by default).
+
+    Push: with ``push=True`` each agent calls back over HTTPS
+    (``callback_url`` when hosts reach this process directly; else an SSH
+    remote port forward on the host's connection, which works behind NAT);
+    ``config`` gives defaults for each run's ``program.json`` config;
+    ``on_update(run_id, RunState)`` (sync or async) is called on each state
+    change.  ``transports``: transports to use for some host names (an
+    in-memory host in tests, as httpx's MockTransport)."""
 
     def __init__(self, home: Optional[os.PathLike] = None, *, ssh_config: Optional[Sequence[str]] = None,
-                 known_hosts: Optional[str] = None, check_host_keys: bool = True,
-                 python: Optional[str] = None, ssh_client: str = "asyncssh"):
-        if ssh_client not in ("asyncssh", "openssh"):
-            raise UsageError("unknown ssh client %r: asyncssh or openssh" % ssh_client)
+                 ssh_client: Optional[str] = None, check_host_keys: bool = True,
+                 known_hosts: Optional[str] = None, python: Optional[str] = None,
+                 connect_limit: Optional[int] = None, max_sessions: Optional[int] = None, push: bool = False, callback_url: Optional[str] = None,
+                 bind: str = "127.0.0.1", port: int = 0, config: Optional[dict] = None,
+                 on_update: Optional[Callable] = None, heal_interval: float = 1.0,
+                 transports: Optional[Mapping[str, Transport]] = None):
         self.home = chaperone_home(home)
         self._records: Optional[Records] = None
-        self._transports: Dict[str, Transport] = {}
-        self._batchers: Dict[int, _StartBatcher] = {}
         self.ssh_config = list(ssh_config or [])
-        self.known_hosts = known_hosts
         self.check_host_keys = check_host_keys
+        self.known_hosts = known_hosts
         self.python = python
-        #: "asyncssh": one connection per host carries many channels (for
-        #: schedulers); "openssh": one ``ssh`` process per agent call, the
-        #: cheapest for a one-shot command (the CLI's choice).
-        self.ssh_client = ssh_client
+        tuning = {k: v for k, v in (("connect_limit", connect_limit), ("max_sessions", max_sessions))
+                  if v is not None}
+        self.transports = Transports(local_spool=self.home / "spool", client=ssh_client, overrides=transports,
+                                     **tuning)
+        self._batchers: Dict[int, _StartBatcher] = {}
+        #: Defaults for each program.json's ``config`` (timeouts, batching ...).
+        self.config = dict(config or {})
+        self.push = None
+        if push:
+            from .push.endpoint import DEFAULT_MAX_BODY
+            from .push.receiver import PushReceiver
 
-    def _ssh_class(self, config: Sequence[str]):
-        if self.ssh_client == "openssh" and len(config) <= 1:
-            from .transports.ssh.via_openssh import OpenSSHTransport
-
-            return OpenSSHTransport
-        from .transports.ssh.via_asyncssh import SSHTransport
-
-        return SSHTransport
+            self.push = PushReceiver(
+                self, callback_url=callback_url, bind=bind, port=port, heal_interval=heal_interval,
+                on_update=on_update,
+                # Room for the largest callback body an agent sends (output_buffer).
+                max_body=max(DEFAULT_MAX_BODY, int(self.config.get("output_buffer") or 0)))
 
     @property
     def records(self) -> Records:
+        """The local records (SQLite)."""
         if self._records is None:
             self._records = Records(self.home / "runs.db")
         return self._records
 
     async def __aenter__(self) -> "Chaperone":
+        await self.open()
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
 
+    async def open(self) -> None:
+        """Start what runs in the background (push: the callback endpoint)."""
+        if self.push is not None:
+            await self.push.open()
+
     async def close(self) -> None:
-        for transport in list(self._transports.values()):
-            await transport.close()
-        self._transports.clear()
+        """Close connections, the callback endpoint and the records."""
+        if self.push is not None:
+            await self.push.close()
+        await self.transports.close()
         if self._records is not None:
             self._records.close()
             self._records = None
 
-    # Transports -------------------------------------------------------------
+    # Hosts ---------------------------------------------------------------------
 
-    def transport(self, host: str, **ssh) -> Transport:
-        """The transport to ``host`` ("local", or ``[user@]host`` over SSH);
-        one per host per process."""
-        key = json.dumps([host, sorted(ssh.items())])
-        if key not in self._transports:
-            if host == "local":
-                self._transports[key] = LocalTransport(
-                    python=self.python, root=str(self.home / "spool"))
-            else:
-                self._transports[key] = self._ssh_class(self.ssh_config)(
-                    host, config=self.ssh_config, known_hosts=self.known_hosts,
-                    check_host_keys=self.check_host_keys, python=self.python, **ssh)
-        return self._transports[key]
+    def target(self, host: Union[str, Target], **ssh) -> Target:
+        """How ``host`` is reached: a host argument (``local``, ``gpu1``,
+        ``user@host``, ``ssh://user@host:port``) and SSH settings (``user``,
+        ``port``, ``identities``, ``options``, ``jump``, ``spool``,
+        ``python``) on top of this object's (config files, host keys)."""
+        if isinstance(host, Target):
+            return self.transports.normalize(host)
+        ssh = _ssh_settings(ssh)
+        settings = dict(config=self.ssh_config, check_host_keys=self.check_host_keys,
+                        known_hosts=self.known_hosts, python=self.python)
+        settings.update({k: v for k, v in ssh.items() if v is not None})
+        return self.transports.normalize(Target.parse(host, **settings))
 
-    def preconnect(self, host: str, ssh: Optional[dict] = None) -> None:
+    def transport(self, host: Union[str, Target], **ssh) -> Transport:
+        """The transport to ``host`` (one per target in this process)."""
+        return self.transports.get(self.target(host, **ssh))
+
+    def transport_for(self, record: Record) -> Transport:
+        """The transport to a recorded run's host (the same object as for a start there)."""
+        return self.transports.for_record(record.transport)
+
+    def preconnect(self, host: Union[str, Target], ssh: Optional[Mapping] = None, **settings) -> None:
         """Start connecting to ``host`` in the background now, where the
-        transport can (the OpenSSH client's shared connection): the
-        handshake then overlaps whatever the caller does before its first
-        call."""
-        if host != "local":
-            self.transport(host, **(ssh or {})).warm()
+        transport can (the OpenSSH client's shared connection)."""
+        target = self.target(host, **{**(ssh or {}), **settings})
+        if not target.local:
+            self.transports.get(target).warm()
 
     def preconnect_run(self, run_id: str) -> None:
         """:meth:`preconnect` to the host of a recorded run (if any)."""
         rec = self.records.get(run_id)
         if rec is not None and rec.host != "local":
-            self._transport_for(rec).warm()
+            self.transport_for(rec).warm()
 
-    def _transport_for(self, record) -> Transport:
-        how = dict(record.transport)
-        if how.get("host") == "local":
-            key = json.dumps(["local@" + str(how.get("root")), []])
-            if key not in self._transports:
-                self._transports[key] = LocalTransport(python=how.get("python"), root=how.get("root"))
-            return self._transports[key]
-        key = json.dumps(["record", how])
-        if key not in self._transports:
-            config = (how.get("ssh") or {}).get("config") or ()
-            self._transports[key] = self._ssh_class(config).from_description(how)
-        return self._transports[key]
+    # Records -------------------------------------------------------------------
 
-    def record(self, run_id: str):
-        agent = agent_module()
-        try:
-            agent.check_id(run_id)
-        except agent.AgentError as e:
-            raise UsageError(str(e)) from None
+    def record(self, run_id: Union[str, Run]) -> Record:
+        """The record of ``run_id`` (a unique prefix of it is enough)."""
+        if isinstance(run_id, Run):
+            run_id = run_id.id
+        if not isinstance(run_id, str) or not run_id:
+            raise UsageError("invalid run id %r" % (run_id,))
         rec = self.records.get(run_id)
-        if rec is None:
-            raise NoSuchRun("no such run: %s" % run_id)
-        return rec
+        if rec is not None:
+            return rec
+        agent = agent_module()
+        if any(c in run_id for c in "/\0") or len(run_id) > 128:
+            try:
+                agent.check_id(run_id)
+            except agent.AgentError as e:
+                raise UsageError(str(e)) from None
+        found = self.records.resolve(run_id)
+        if len(found) == 1:
+            return self.records.get(found[0])
+        if len(found) > 1:
+            raise UsageError("run id %s is ambiguous: %s%s" % (
+                run_id, ", ".join(found[:5]), " ..." if len(found) > 5 else ""))
+        raise NoSuchRun("no such run: %s (chaperone ps -a lists the runs recorded here)" % run_id)
+
+    def get(self, run_id: str) -> Run:
+        """The run ``run_id`` (or a unique prefix of it), as recorded: no I/O."""
+        return Run(self, self.record(run_id))
+
+    def runs(self, *, host: Optional[str] = None, state: Optional[str] = None) -> List[Run]:
+        """Recorded runs, oldest first (records only, no I/O)."""
+        return [Run(self, r) for r in self.records.all()
+                if (host is None or r.host == host) and (state is None or r.state == state)]
 
     def client(self, run_id: str) -> AgentClient:
-        return AgentClient(self._transport_for(self.record(run_id)))
+        """Agent commands to the host of ``run_id``."""
+        return AgentClient(self.transport_for(self.record(run_id)))
 
-    # Starting ------------------------------------------------------------------
+    @staticmethod
+    def _typed(state: Mapping) -> "RunState":
+        """A state dict from an agent as a RunState (strict)."""
+        from .models import RunState
+
+        return state if isinstance(state, RunState) else RunState.model_validate(dict(state))
+
+    # Starting --------------------------------------------------------------------
 
     def program_spec(self, argv: Sequence[str], *, run_id: Optional[str] = None, cwd: Optional[str] = None,
                      env: Optional[Mapping[str, Optional[str]]] = None, timeout: Optional[float] = None,
@@ -257,7 +390,7 @@ class Chaperone:
             stdin_spec = {"data": base64.b64encode(stdin).decode()}
         elif stdin_path is not None:
             stdin_spec = {"path": stdin_path}
-        cfg = dict(config or {})
+        cfg = {**self.config, **(config or {})}
         if timeout is not None:
             cfg["timeout"] = float(timeout)
         doc = {
@@ -272,42 +405,109 @@ class Chaperone:
         except agent.AgentError as e:
             raise UsageError("invalid %s" % e) from None
 
-    def _register(self, host: str, transport: Transport, spec: dict) -> None:
-        run_id, argv = spec["id"], spec["program"]["argv"]
-        rec = self.records.get(run_id)
-        if rec is not None:
-            if rec.argv != argv or rec.host != host:
-                raise UsageError("run id %s is already used by another run" % run_id)
-            return  # the same run again: start is idempotent
-        self.records.add(run_id, host, transport.describe(), argv)
+    @staticmethod
+    def _argv(command: Command) -> "tuple[List[str], bool, str]":
+        """``(argv, shell, display)``: a string is a shell command line, a
+        sequence an exact argv (never interpreted by a shell)."""
+        if isinstance(command, str):
+            if not command.strip():
+                raise UsageError("no command given")
+            return shell_argv(command), True, command
+        argv = list(command)
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise UsageError("the command must be a string (a shell command line) or a list of strings (argv)")
+        return argv, False, shlex.join(argv)
 
-    async def start(self, host: str, argv: Sequence[str], *, ssh: Optional[dict] = None, **kw) -> Run:
-        """Start ``argv`` on ``host`` and return at once (detached).
-        ``ssh``: connection settings for this host (port, username,
-        client_keys ...), on top of the SSH config."""
-        spec = self.program_spec(argv, **kw)
-        transport = self.transport(host, **(ssh or {}))
-        self._register(host, transport, spec)
+    def _register(self, target: Target, spec: dict, shell: bool, display: str,
+                  group: Optional[str]) -> Record:
+        run_id, argv = spec["id"], spec["program"]["argv"]
+        rec = self.records.add(run_id, target.name, target.describe(), argv, command=display, shell=shell,
+                               group=group)
+        if rec.argv != argv or rec.host != target.name:
+            raise UsageError("run id %s is already used by another run" % run_id)
+        return rec  # (the same run again: start is idempotent)
+
+    async def _prepare(self, host, command: Command, ssh, group, kw) -> "tuple[Target, Transport, dict]":
+        argv, shell, display = self._argv(command)
+        target = self.target(host, **(ssh or {}))
+        transport = self.transports.get(target)
+        run_id = kw.pop("run_id", None) or kw.pop("id", None) or new_run_id()
+        spec = self.program_spec(argv, run_id=run_id, **kw)
+        if self.push is not None:
+            self.push.check_config(spec["config"])
+        self._register(target, spec, shell, display, group)
+        if self.push is not None and kw.get("callback") is None:
+            try:
+                spec["callback"] = await self.push.callback(run_id, transport, target.local)
+            except ChaperoneError as e:
+                self._start_failed(run_id, e)
+                raise
+            spec = self.program_spec(argv, run_id=run_id, **{**kw, "callback": spec["callback"]})
+        return target, transport, spec
+
+    def _start_failed(self, run_id: str, error: ChaperoneError) -> None:
+        """The start did not go through: ``failed`` if it never reached the
+        host (nothing ran), ``unknown`` if the connection broke after the
+        program.json was sent (the next look at the host decides)."""
+        never_reached = isinstance(error, (ConnectFailed, UsageError)) or not isinstance(error, ConnectionLost)
+        self.records.mark(run_id, "failed" if never_reached else "unknown", str(error))
+
+    async def start(self, host: Union[str, Target], command: Command, *, id: Optional[str] = None,
+                    cwd: Optional[str] = None, env: Optional[Mapping[str, Optional[str]]] = None,
+                    timeout: Optional[float] = None, stdin: Optional[bytes] = None,
+                    stdin_path: Optional[str] = None, config: Optional[dict] = None,
+                    ssh: Optional[dict] = None, group: Optional[str] = None, callback: Optional[dict] = None,
+                    **kw) -> Run:
+        """Start ``command`` on ``host`` and return at once (it runs detached).
+
+        ``command``: a string is a shell command line (as ``ssh HOST
+        'CMD'``); a list is an exact argv, never interpreted by a shell.
+        ``id``: the run id (default: new); starting an id again is harmless
+        (the same run).  ``cwd`` (default: the home directory on the host),
+        ``env`` (set a string, unset None), ``timeout`` (seconds; then
+        SIGTERM, SIGKILL after ``config["kill_grace"]``), ``stdin`` (bytes)
+        or ``stdin_path`` (a file on the host), ``config`` (see
+        ``chaperone.models.Config``), ``ssh`` (settings for this host: see
+        :meth:`target`), ``callback`` (``program.json``'s callback, for an
+        endpoint of your own; ``push=True`` makes one).  A start that never
+        reached the host raises and is recorded ``failed``."""
+        run_id = id or kw.pop("run_id", None)
+        if kw:
+            raise TypeError("start() got unexpected keyword arguments: %s" % ", ".join(sorted(kw)))
+        target, transport, spec = await self._prepare(
+            host, command, ssh, group, dict(run_id=run_id, cwd=cwd, env=env, timeout=timeout, stdin=stdin,
+                                            stdin_path=stdin_path, config=config, callback=callback))
+        run_id = spec["id"]
+        try:
+            state = await self._batcher(transport).submit(json.dumps(spec).encode())
+        except ChaperoneError as e:
+            self._start_failed(run_id, e)
+            raise
+        self.records.update(run_id, state)
+        if self.push is not None:
+            await self.push.on_state(run_id, state)
+        return self.get(run_id)
+
+    def _batcher(self, transport: Transport) -> _StartBatcher:
         batcher = self._batchers.get(id(transport))
         if batcher is None:
             batcher = self._batchers[id(transport)] = _StartBatcher(AgentClient(transport))
-        try:
-            state = await batcher.submit(json.dumps(spec).encode())
-        except ChaperoneError as e:
-            self.records.mark(spec["id"], "failed", str(e))
-            raise
-        self.records.update(spec["id"], state)
-        return Run(spec["id"], host, state)
+        return batcher
 
-    async def start_stream(self, host: str, argv: Sequence[str], *, ssh: Optional[dict] = None,
-                           on_reconnect: Optional[Callable[[Exception, float], None]] = None,
-                           **kw) -> AsyncIterator[Event]:
-        """Start ``argv`` on ``host`` and stream its events until its end,
-        reconnecting when the transport breaks.  The first event is the
-        run's first state (with its ``id``)."""
-        spec = self.program_spec(argv, **kw)
-        transport = self.transport(host, **(ssh or {}))
-        self._register(host, transport, spec)
+    async def run(self, host: Union[str, Target], command: Command, *,
+                  on_reconnect: Optional[Callable[[Exception, float], None]] = None, **kw) -> AsyncIterator[Event]:
+        """Start ``command`` on ``host`` and stream its events until its end
+        (the foreground of ``chaperone run``): its first state (with its
+        ``id``), output as written, states, :class:`~chaperone.protocol.End`.
+        Reconnects when the connection breaks; takes :meth:`start`'s options."""
+        if self.push is not None:
+            run = await self.start(host, command, **kw)
+            async for event in self.events(run.id, on_reconnect=on_reconnect):
+                yield event
+            return
+        ssh, group = kw.pop("ssh", None), kw.pop("group", None)
+        kw.setdefault("run_id", kw.pop("id", None))
+        target, transport, spec = await self._prepare(host, command, ssh, group, kw)
         program = json.dumps(spec).encode()
         run_id = spec["id"]
         offsets = {s: 0 for s in STREAMS}
@@ -333,25 +533,95 @@ class Chaperone:
                 on_reconnect(e, 0.0)
         except ChaperoneError as e:
             if not started:
-                self.records.mark(run_id, "failed", str(e))
+                self._start_failed(run_id, e)
             raise
-        async for event in self.stream(run_id, offsets, on_reconnect=on_reconnect, restart=program):
+        async for event in self._follow(run_id, offsets, on_reconnect=on_reconnect, restart=program):
             yield event
 
     # Watching ------------------------------------------------------------------
 
-    async def status(self, run_id: str) -> dict:
-        """The run's state, read from its spool over a fresh connection."""
-        state = await self.client(run_id).status(run_id)
-        self.records.update(run_id, state)
-        return state
+    def _never_started(self, rec: Record) -> None:
+        if rec.state == "failed":
+            raise StartFailed("run %s never started: %s" % (rec.id, rec.error or "its start failed"))
 
-    async def stream(self, run_id: str, offsets: Optional[Dict[str, int]] = None, *,
-                     on_reconnect: Optional[Callable[[Exception, float], None]] = None,
-                     reconnect_for: float = 3600.0, restart: Optional[bytes] = None) -> AsyncIterator[Event]:
+    async def status(self, run_id: str) -> "RunState":
+        """The run's state, read from its spool on its host now."""
+        rec = self.record(run_id)
+        self._never_started(rec)
+        try:
+            state = await self.client(rec.id).status(rec.id)
+        except NoSuchRun:
+            raise self._gone(rec) from None
+        self.records.update(rec.id, state)
+        if self.push is not None and self.push.knows(rec.id):
+            await self.push.on_state(rec.id, state)
+        return self._typed(state)
+
+    def _gone(self, rec: Record) -> ChaperoneError:
+        """The error for a recorded run its host does not know."""
+        if rec.state in ("starting", "unknown"):
+            reason = "its start never reached %s" % rec.host + (": %s" % rec.error if rec.error else "")
+            self.records.mark(rec.id, "failed", reason)
+            return StartFailed("run %s never started: %s" % (rec.id, reason))
+        reason = "its spool on %s was removed" % rec.host
+        self.records.mark(rec.id, "lost", reason)
+        return NoSuchRun("run %s: %s (chaperone clean %s forgets it)" % (rec.id, reason, rec.id))
+
+    def events(self, run_id: str, offsets: Optional[Dict[str, int]] = None, *,
+               on_reconnect: Optional[Callable[[Exception, float], None]] = None,
+               reconnect_for: float = 3600.0) -> AsyncIterator[Event]:
         """Output and state events of a run from ``offsets`` (each byte once,
-        in order) until its final state; reconnects with backoff when the
-        transport breaks, for up to ``reconnect_for`` seconds at a time."""
+        in order) until its final state and :class:`~chaperone.protocol.End`;
+        reconnects with backoff when the connection breaks, for up to
+        ``reconnect_for`` seconds at a time (``on_reconnect(error,
+        delay)`` is told each time)."""
+        rec = self.record(run_id)
+        self._never_started(rec)
+        if self.push is not None and self.push.knows(rec.id):
+            return self._pushed_events(rec.id, offsets)
+        return self._follow(rec.id, offsets, on_reconnect=on_reconnect, reconnect_for=reconnect_for)
+
+    async def _pushed_events(self, run_id: str, offsets: Optional[Dict[str, int]]) -> AsyncIterator[Event]:
+        offsets = dict(offsets or {s: 0 for s in STREAMS})
+        push = self.push
+        mirror = push.mirror(run_id)
+        last = None
+        while True:
+            event = push._event(run_id)
+            event.clear()
+            moved = False
+            for stream in STREAMS:
+                if offsets.get(stream, 0) >= SKIP_OUTPUT[stream]:
+                    continue
+                data = mirror.read(stream, offsets[stream], 1 << 20)
+                if data:
+                    yield OutputChunk(stream, offsets[stream], data)
+                    offsets[stream] += len(data)
+                    moved = True
+            st = push.states.get(run_id)
+            if st is not None and st != last:
+                last = st
+                yield StateUpdate(st)
+            complete = push._complete(run_id)
+            if complete is not None and not moved and all(
+                    offsets.get(s, 0) >= complete.get(s + "_bytes", 0) for s in STREAMS):
+                await push.release(run_id)
+                yield End()
+                return
+            if moved:
+                continue
+            try:
+                await asyncio.wait_for(event.wait(), 30.0)
+            except asyncio.TimeoutError:
+                try:
+                    await push.catch_up(run_id)
+                except ChaperoneError:
+                    pass
+
+    async def _follow(self, run_id: str, offsets: Optional[Dict[str, int]] = None, *,
+                      on_reconnect: Optional[Callable[[Exception, float], None]] = None,
+                      reconnect_for: float = 3600.0, restart: Optional[bytes] = None) -> AsyncIterator[Event]:
+        """:meth:`events` over SSH: the agent's ``follow``."""
         offsets = dict(offsets or {s: 0 for s in STREAMS})
         delay = 0.25
         loop = asyncio.get_running_loop()
@@ -383,6 +653,8 @@ class Chaperone:
                         give_up = loop.time() + reconnect_for
                 finally:
                     await events.aclose()  # frees the channel now, not when collected
+            except NoSuchRun:
+                raise self._gone(self.records.get(run_id)) from None
             except ChaperoneError as e:
                 # A broken connection, or a reconnect that could not connect
                 # (yet: refused, timed out, no route): the host may come back.
@@ -396,62 +668,157 @@ class Chaperone:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 10.0)
 
-    async def wait(self, run_id: str, **kw) -> dict:
-        """Wait for the run's final state (no output is moved)."""
-        state = None
-        async for event in self.stream(run_id, SKIP_OUTPUT, **kw):
-            if isinstance(event, StateUpdate):
-                state = event.state
-        return state
+    async def wait(self, run_id: str, *, timeout: Optional[float] = None,
+                   on_reconnect: Optional[Callable[[Exception, float], None]] = None) -> "RunState":
+        """The run's final state, once it ended (with push: once all its
+        output is held here too).  ``timeout``: seconds, then
+        :class:`asyncio.TimeoutError`; reconnects meanwhile."""
+        rec = self.record(run_id)
+        self._never_started(rec)
+        if rec.final and rec.last and (self.push is None or not self.push.knows(rec.id)):
+            return self._typed(rec.last)
 
-    async def output(self, run_id: str, stream: str = "stdout", offset: int = 0,
-                     length: Optional[int] = None) -> bytes:
-        """Bytes of the run's spooled output (held in memory: see output_stream)."""
-        return await self.client(run_id).output(run_id, stream, offset, length)
+        async def until_end() -> dict:
+            if self.push is not None and self.push.knows(rec.id):
+                return await self.push.wait(rec.id)
+            state = None
+            async for event in self._follow(rec.id, SKIP_OUTPUT, on_reconnect=on_reconnect):
+                if isinstance(event, StateUpdate):
+                    state = event.state
+            return state
 
-    async def output_stream(self, run_id: str, stream: str = "stdout", offset: int = 0) -> AsyncIterator[bytes]:
-        """The run's spooled output from ``offset`` to what it holds now, in
-        chunks as they arrive (one call to the host, any size)."""
-        async for chunk in self.client(run_id).output_stream(run_id, stream, offset):
-            yield chunk
+        state = await (until_end() if timeout is None else asyncio.wait_for(until_end(), timeout))
+        return self._typed(state)
+
+    async def read(self, run_id: str, stream: str = "stdout", offset: int = 0,
+                   length: Optional[int] = None) -> bytes:
+        """Bytes of the run's output held now (from its spool; with push,
+        what the local mirror holds if it holds that much), in memory:
+        :meth:`output` streams any size."""
+        rec = self.record(run_id)
+        self._never_started(rec)
+        if self.push is not None and self.push.knows(rec.id):
+            mirror = self.push.mirror(rec.id)
+            if length is not None and mirror.held(stream) >= offset + length:
+                return mirror.read(stream, offset, length)
+        return await self.client(rec.id).output(rec.id, stream, offset, length)
+
+    async def output(self, run_id: str, stream: str = "stdout", offset: int = 0, *,
+                     follow: bool = False) -> AsyncIterator[bytes]:
+        """The run's output from ``offset``, in chunks as they arrive: what
+        it holds now, or with ``follow`` until its end.  The same bytes
+        however they reach this process (SSH or push)."""
+        if stream not in STREAMS:
+            raise UsageError("unknown stream %r: stdout or stderr" % stream)
+        rec = self.record(run_id)
+        self._never_started(rec)
+        if self.push is not None and self.push.knows(rec.id) and follow:
+            async for data in self.push.output(rec.id, stream, offset):
+                yield data
+            return
+        if follow:
+            offsets = {s: SKIP_OUTPUT[s] for s in STREAMS}
+            offsets[stream] = offset
+            async for event in self._follow(rec.id, offsets):
+                if isinstance(event, OutputChunk) and event.stream == stream:
+                    yield event.data
+            return
+        try:
+            async for data in self.client(rec.id).output_stream(rec.id, stream, offset):
+                yield data
+        except NoSuchRun:
+            raise self._gone(rec) from None
+
+    async def refresh(self, run_ids: Optional[Sequence[str]] = None, *,
+                      timeout: float = 20.0) -> Dict[str, Optional[str]]:
+        """Re-read unfinished runs (all of them, or ``run_ids``) from their
+        hosts, one call per host, all hosts at once, each bounded by
+        ``timeout`` seconds.  Returns ``{host: None or why it could not be
+        reached}``."""
+        by_host: Dict[str, List[Record]] = {}
+        for rec in (self.records.all() if run_ids is None else (self.record(r) for r in run_ids)):
+            if rec.state in FINAL_STATES:
+                continue
+            by_host.setdefault(json.dumps(rec.transport, sort_keys=True), []).append(rec)
+
+        async def one(recs: List[Record]) -> Optional[str]:
+            client = AgentClient(self.transport_for(recs[0]))
+            try:
+                states = {s["id"]: s for s in await asyncio.wait_for(client.list(), timeout)
+                          if isinstance(s, dict) and "id" in s}
+            except (ChaperoneError, asyncio.TimeoutError) as e:
+                return str(e) or "timed out after %g s" % timeout
+            for rec in recs:
+                if rec.id in states and "state" in states[rec.id]:
+                    self.records.update(rec.id, states[rec.id])
+                elif rec.id not in states:
+                    self._gone(rec)
+            return None
+
+        hosts = list(by_host.values())
+        results = await asyncio.gather(*(one(recs) for recs in hosts))
+        return {recs[0].host: why for recs, why in zip(hosts, results)}
 
     # Acting --------------------------------------------------------------------
 
-    async def signal(self, run_id: str, sig: str = "SIGTERM", grace: Optional[float] = None) -> dict:
-        """Send ``sig`` to the run's whole process tree; with ``grace``,
-        SIGKILL follows after that many seconds if it is still running."""
+    async def signal(self, run_id: str, sig: Union[str, int] = "SIGTERM",
+                     grace: Optional[float] = None) -> "RunState":
+        """Send ``sig`` to the run's whole process tree, each process once;
+        with ``grace``, SIGKILL follows after that many seconds if it is
+        still running."""
         name = check_signal(sig)
-        state = await self.client(run_id).signal(run_id, name, grace)
-        self.records.update(run_id, state)
-        return state
+        rec = self.record(run_id)
+        self._never_started(rec)
+        try:
+            state = await self.client(rec.id).signal(rec.id, name, grace)
+        except NoSuchRun:
+            raise self._gone(rec) from None
+        self.records.update(rec.id, state)
+        return self._typed(state)
 
     async def clean(self, run_id: str, force: bool = False) -> None:
-        """Remove the run's spool on its host and its record here."""
+        """Remove the run's spool on its host and its record here (a run
+        that never started has nothing on a host: only the record)."""
         rec = self.record(run_id)
-        try:
-            await self.client(run_id).clean(run_id, force)
-        except NoSuchRun:
-            pass  # already gone there
+        if rec.state != "failed":
+            try:
+                await self.client(rec.id).clean(rec.id, force)
+            except NoSuchRun:
+                pass  # already gone there
+        if self.push is not None:
+            self.push.forget(rec.id)
         self.records.remove(rec.id)
 
-    async def refresh_all(self) -> List[dict]:
-        """Refresh every unfinished run from its host (one call per host)."""
-        by_transport: Dict[str, list] = {}
-        for rec in self.records.all():
-            if rec.state in ("done", "error", "lost"):
+    async def reattach(self) -> List[str]:
+        """After a restart: take back every unfinished recorded run.  With
+        push: new token, new callback address, catch-up from its spool;
+        without: its state re-read.  A host that cannot be reached does
+        not stop the others (its runs stay as they are, for a later try)."""
+        ids = []
+        for rec in list(self.records.all()):
+            if rec.state in FINAL_STATES:
                 continue
-            by_transport.setdefault(json.dumps(rec.transport, sort_keys=True), []).append(rec)
-        for recs in by_transport.values():
-            client = AgentClient(self._transport_for(recs[0]))
             try:
-                states = {s["id"]: s for s in await client.list()}
-            except ChaperoneError as e:
-                for rec in recs:
-                    self.records.mark(rec.id, rec.state, "cannot refresh: %s" % e)
-                continue
-            for rec in recs:
-                if rec.id in states:
-                    self.records.update(rec.id, states[rec.id])
+                if self.push is not None:
+                    await self.push.open()
+                    await self.push.adopt(rec.id, rec.last)
                 else:
-                    self.records.mark(rec.id, "lost", "its spool is gone from %s" % rec.host)
-        return [r.as_dict() for r in self.records.all()]
+                    await self.status(rec.id)
+            except ChaperoneError:
+                continue
+            ids.append(rec.id)
+        return ids
+
+
+def _ssh_settings(ssh: Mapping) -> dict:
+    """SSH settings, also under their earlier names (``username``,
+    ``client_keys``, ``root``)."""
+    out = dict(ssh)
+    for old, new in (("username", "user"), ("client_keys", "identities"), ("root", "spool")):
+        if old in out:
+            value = out.pop(old)
+            if new not in out:
+                out[new] = value
+    if isinstance(out.get("identities"), str):
+        out["identities"] = (out["identities"],)
+    return out

@@ -29,15 +29,13 @@ def _run_async(coro_fn):
 
     from .api import Chaperone
     from .errors import ChaperoneError
-    from .transports.ssh.options import default_client
 
     ctx = click.get_current_context()
     opts = ctx.find_root().params
 
     async def main():
         ch = Chaperone(ssh_config=opts.get("ssh_config") or None, python=ctx.params.get("python"),
-                       check_host_keys=not ctx.params.get("no_host_key_check", False),
-                       ssh_client=default_client())
+                       check_host_keys=not ctx.params.get("no_host_key_check", False))
         try:
             run_id = ctx.params.get("run_id")
             if run_id and ctx.info_name != "run":
@@ -143,7 +141,7 @@ def run(host, command, run_id, detach, env, cwd, timeout, kill_grace, stdin_file
 
     async def go(ch):
         if host != "local":
-            ch.preconnect(host, _ssh_settings(ssh))
+            ch.preconnect(host, **_ssh_settings(ssh))
         from .api import exit_code_for, new_run_id, parse_env
 
         kw = dict(run_id=run_id or new_run_id(), cwd=cwd, env=parse_env(env), timeout=timeout, stdin=stdin_data,
@@ -152,7 +150,7 @@ def run(host, command, run_id, detach, env, cwd, timeout, kill_grace, stdin_file
         if detach:
             r = await ch.start(host, list(command), **kw)
             click.echo(r.id)
-            return _exec_error(r.state) if r.state["state"] == "error" else 0
+            return _exec_error(r.state.model_dump()) if r.state.state == "error" else 0
         return await _foreground(ch, host, list(command), kw, as_json, exit_code_for)
 
     sys.exit(_run_async(go))
@@ -164,11 +162,11 @@ def _ssh_settings(ssh) -> dict:
     if ssh.get("port"):
         out["port"] = ssh["port"]
     if ssh.get("user"):
-        out["username"] = ssh["user"]
+        out["user"] = ssh["user"]
     if ssh.get("identity"):
-        out["client_keys"] = tuple(ssh["identity"])
+        out["identities"] = tuple(ssh["identity"])
     if ssh.get("spool"):
-        out["root"] = ssh["spool"]
+        out["spool"] = ssh["spool"]
     return out
 
 
@@ -205,7 +203,7 @@ async def _foreground(ch, host, argv, kw, as_json, exit_code_for) -> int:
 
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     try:
-        async for event in ch.start_stream(host, argv, on_reconnect=on_reconnect, **kw):
+        async for event in ch.run(host, argv, on_reconnect=on_reconnect, **kw):
             if isinstance(event, OutputChunk):
                 if not as_json:
                     out[event.stream].write(event.data)
@@ -240,7 +238,7 @@ def status(run_id, as_json):
 
     async def go(ch):
         if run_id:
-            st = await ch.status(run_id)
+            st = (await ch.status(run_id)).model_dump()
             if as_json:
                 _print_json(st)
             else:
@@ -249,7 +247,8 @@ def status(run_id, as_json):
                          st["stdout_bytes"], st["stderr_bytes"])],
                        ("ID", "HOST", "STATE", "RESULT", "STDOUT", "STDERR"))
             return 0
-        rows = await ch.refresh_all()
+        await ch.refresh()
+        rows = [r.as_dict() for r in ch.records.all()]
         if as_json:
             _print_json([r["last"] or r for r in rows])
         else:
@@ -291,7 +290,7 @@ def logs(run_id, use_stderr, follow):
     async def go(ch):
         if not follow:
             try:
-                async for data in ch.output_stream(run_id, stream):
+                async for data in ch.output(run_id, stream):
                     out.write(data)
                 out.flush()
             except BrokenPipeError:
@@ -307,7 +306,7 @@ def logs(run_id, use_stderr, follow):
             click.echo("chaperone: %s; reconnecting" % error, err=True)
 
         try:
-            async for event in ch.stream(run_id, offsets, on_reconnect=on_reconnect):
+            async for event in ch.events(run_id, offsets, on_reconnect=on_reconnect):
                 if isinstance(event, OutputChunk) and event.stream == stream:
                     out.write(event.data)
                     out.flush()
@@ -327,7 +326,7 @@ def wait(run_id, as_json):
     async def go(ch):
         from .api import exit_code_for
 
-        st = await ch.wait(run_id)
+        st = (await ch.wait(run_id)).model_dump()
         if as_json:
             _print_json(st)
         elif st["state"] != "done":
@@ -349,7 +348,7 @@ def kill(run_id, sig, grace):
 
         name = check_signal(sig)
         st = await ch.signal(run_id, name, grace)
-        click.echo("sent %s to run %s (pid %s)" % (name, run_id, st.get("pid")))
+        click.echo("sent %s to run %s (pid %s)" % (name, run_id, st.pid))
         return 0
 
     sys.exit(_run_async(go))

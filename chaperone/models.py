@@ -199,8 +199,50 @@ class Rusage(_Strict):
     ru_nivcsw: int
 
 
+#: The states of a run, in one place.  On the host (``state.json``, the
+#: agent): ``running``; then ``done`` (it ran and ended: ``return_code``, or
+#: ``signal``), ``error`` (the agent could not start it: ``errno``) or
+#: ``lost`` (its supervisor is gone without a result).  In local records
+#: only, before the host answered a start: ``starting`` (sent, no answer
+#: yet), ``unknown`` (the connection broke after the start was sent: the
+#: next look at the host decides) and ``failed`` (the start never reached
+#: the host, or was refused: nothing ran).  docs/protocol.md explains each.
+AGENT_STATES = ("running", "done", "error", "lost")
+RECORD_STATES = ("starting", "unknown", "failed")
+STATES = ("starting", "running", "unknown", "done", "error", "lost", "failed")
+#: States a run never leaves.
+FINAL_STATES = ("done", "error", "lost", "failed")
+#: The final states an agent writes.
+AGENT_FINAL_STATES = tuple(s for s in FINAL_STATES if s in AGENT_STATES)
+
 StateName = Literal["running", "done", "error", "lost"]
-FINAL_STATES = ("done", "error", "lost")
+AnyStateName = Literal["starting", "running", "unknown", "done", "error", "lost", "failed"]
+
+
+def exit_code_for(state) -> Optional[int]:
+    """The shell-like exit status of a run in ``state`` (a RunState or its
+    dict): the program's own code, ``128+N`` when killed by signal N,
+    127/126 when it could not be started (not found / not executable, as a
+    shell), 255 when chaperone lost it or never started it; None while it
+    is not over."""
+    get = state.get if isinstance(state, dict) else (lambda k, d=None: getattr(state, k, d))
+    name = get("state")
+    if name == "done":
+        if get("signal"):
+            import signal as _signal
+
+            try:
+                return 128 + int(_signal.Signals[get("signal")])
+            except KeyError:
+                return 255
+        return int(get("return_code") or 0)
+    if name == "error":
+        import errno
+
+        return 127 if get("errno") in (errno.ENOENT, errno.ENOTDIR) else 126
+    if name in ("lost", "failed"):
+        return 255
+    return None
 
 
 class RunState(_Strict):
@@ -239,7 +281,57 @@ class RunState(_Strict):
 
     @property
     def final(self) -> bool:
+        """Whether the run is over (it never leaves this state)."""
         return self.state in FINAL_STATES
+
+    @property
+    def exit_code(self) -> Optional[int]:
+        """The shell-like exit status (see :func:`exit_code_for`)."""
+        return exit_code_for(self)
+
+
+class RunInfo(BaseModel):
+    """A run as chaperone shows it: ONE object for every ``--json`` of the
+    CLI (``run``, ``status``, ``wait``, ``ps``), the library's
+    :meth:`chaperone.Run.info` and the local server's API.  Documented in
+    docs/cli.md with its JSON Schema."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    #: The run id.
+    id: str
+    #: The host as the user named it (``local``, an ssh config alias, ``user@host``).
+    host: str
+    #: The command as typed (a shell command line, or the argv quoted for a shell).
+    command: str
+    #: The exact argv when one was given; None for a shell command line.
+    argv: Optional[List[str]] = None
+    state: AnyStateName
+    #: Shell-like exit status: the program's code, 128+N for signal N, 127/126
+    #: not started, 255 lost or never started; None while not over.
+    exit_code: Optional[int] = None
+    return_code: Optional[int] = None
+    signal: Optional[str] = None
+    timed_out: bool = False
+    #: Why it never started, or was lost.
+    error: Optional[str] = None
+    #: When chaperone was asked to start it (ISO 8601, UTC).
+    created: str
+    start_time: Optional[str] = None
+    end_time: Optional[str] = None
+    #: Seconds it ran (so far, while running).
+    duration: Optional[float] = None
+    stdout_bytes: int = 0
+    stderr_bytes: int = 0
+    pid: Optional[int] = None
+    #: The host's own name for itself (as the agent saw it).
+    remote_host: Optional[str] = None
+    #: The run's spool directory on its host.
+    spool: Optional[str] = None
+    #: When its state was last read from the host or pushed by its agent (ISO 8601, UTC).
+    last_seen: Optional[str] = None
+    #: The group of runs started together (``run -H``), if any.
+    group: Optional[str] = None
 
 
 class OutputAck(_Strict):

@@ -22,10 +22,16 @@ CREATE TABLE IF NOT EXISTS runs (
     signal TEXT,
     error TEXT,
     last TEXT,
-    command TEXT
+    command TEXT,
+    seen REAL,
+    grp TEXT,
+    shell INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_created ON runs (created);
 """
+
+#: States a record never leaves for another (see chaperone.models.STATES).
+_FINAL_SQL = "('done', 'error', 'lost', 'failed')"
 
 
 def chaperone_home(home: Optional[os.PathLike] = None) -> Path:
@@ -42,8 +48,10 @@ def chaperone_home(home: Optional[os.PathLike] = None) -> Path:
 
 
 class Record:
+    """One row of ``runs``: a run as recorded here."""
+
     __slots__ = ("id", "host", "transport", "argv", "created", "state", "return_code", "signal", "error", "last",
-                 "command")
+                 "command", "seen", "group", "shell")
 
     def __init__(self, row):
         for name, value in zip(self.__slots__, row):
@@ -51,9 +59,73 @@ class Record:
         self.transport = json.loads(self.transport)
         self.argv = json.loads(self.argv)
         self.last = json.loads(self.last) if self.last else None
+        self.shell = bool(self.shell)
 
     def as_dict(self) -> dict:
         return {name: getattr(self, name) for name in self.__slots__}
+
+    @property
+    def final(self) -> bool:
+        return self.state in ("done", "error", "lost", "failed")
+
+    def info(self) -> dict:
+        """The run as the one JSON object (chaperone.models.RunInfo), as a dict."""
+        return run_info(self)
+
+
+_COLUMNS = "id, host, transport, argv, created, state, return_code, signal, error, last, command, seen, grp, shell"
+
+
+def _iso(ts: Optional[float]) -> Optional[str]:
+    if ts is None:
+        return None
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="seconds").replace(
+        "+00:00", "Z")
+
+
+def _seconds_between(start: Optional[str], end: Optional[str]) -> Optional[float]:
+    import datetime
+
+    def parse(text):
+        return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+    try:
+        a = parse(start)
+        b = parse(end) if end else datetime.datetime.now(datetime.timezone.utc)
+        if a.tzinfo is None:
+            a = a.replace(tzinfo=datetime.timezone.utc)
+        if b.tzinfo is None:
+            b = b.replace(tzinfo=datetime.timezone.utc)
+        return max(0.0, round((b - a).total_seconds(), 3))
+    except (TypeError, ValueError, AttributeError):
+        return None
+
+
+def run_info(rec: "Record") -> dict:
+    """A record as the one JSON object of a run (chaperone.models.RunInfo)."""
+    last = rec.last or {}
+    from .models import exit_code_for
+
+    state = rec.state
+    info = {
+        "id": rec.id, "host": rec.host, "command": rec.command or shlex.join(rec.argv),
+        "argv": None if rec.shell else list(rec.argv), "state": state,
+        "exit_code": exit_code_for({**last, "state": state}) if state in ("done", "error", "lost", "failed")
+        else None,
+        "return_code": last.get("return_code") if state == "done" else None,
+        "signal": last.get("signal") if state == "done" else None,
+        "timed_out": bool(last.get("timed_out")) if state == "done" else False,
+        "error": rec.error if state in ("error", "lost", "failed", "unknown") else None,
+        "created": _iso(rec.created), "start_time": last.get("start_time"), "end_time": last.get("end_time"),
+        "duration": _seconds_between(last.get("start_time"), last.get("end_time")) if last.get("start_time")
+        else None,
+        "stdout_bytes": last.get("stdout_bytes", 0), "stderr_bytes": last.get("stderr_bytes", 0),
+        "pid": last.get("pid"), "remote_host": last.get("host"), "spool": last.get("spool"),
+        "last_seen": _iso(rec.seen), "group": rec.group,
+    }
+    return info
 
 
 class Records:
@@ -76,6 +148,9 @@ class Records:
     def _migrate(self) -> None:
         """Bring a database made by an earlier version up to this schema."""
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        for name, decl in (("seen", "REAL"), ("grp", "TEXT"), ("shell", "INTEGER NOT NULL DEFAULT 0")):
+            if name not in columns:
+                self.db.execute("ALTER TABLE runs ADD COLUMN %s %s" % (name, decl))
         if "command" not in columns:
             self.db.execute("ALTER TABLE runs ADD COLUMN command TEXT")
             rows = self.db.execute("SELECT id, argv FROM runs").fetchall()
@@ -85,35 +160,60 @@ class Records:
     def close(self) -> None:
         self.db.close()
 
-    def add(self, run_id: str, host: str, transport: dict, argv: List[str]) -> None:
+    def add(self, run_id: str, host: str, transport: dict, argv: List[str], *, command: Optional[str] = None,
+            shell: bool = False, group: Optional[str] = None) -> "Record":
+        """Record a new run as ``starting``; if the id is recorded already,
+        the record as it is (look-up and insert in one statement: two
+        processes adding one id both get the one record)."""
         self.db.execute(
-            "INSERT INTO runs (id, host, transport, argv, created, state, command)"
-            " VALUES (?, ?, ?, ?, ?, 'starting', ?)",
-            (run_id, host, json.dumps(transport), json.dumps(argv), time.time(), shlex.join(argv)),
+            "INSERT OR IGNORE INTO runs (id, host, transport, argv, created, state, command, shell, grp)"
+            " VALUES (?, ?, ?, ?, ?, 'starting', ?, ?, ?)",
+            (run_id, host, json.dumps(transport), json.dumps(argv), time.time(),
+             command if command is not None else shlex.join(argv), int(shell), group),
         )
+        return self.get(run_id)
 
     def exists(self, run_id: str) -> bool:
         return self.db.execute("SELECT 1 FROM runs WHERE id = ?", (run_id,)).fetchone() is not None
 
     def get(self, run_id: str) -> Optional[Record]:
-        row = self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+        row = self.db.execute("SELECT %s FROM runs WHERE id = ?" % _COLUMNS, (run_id,)).fetchone()
         return Record(row) if row else None
 
+    def resolve(self, prefix: str) -> List[str]:
+        """The ids equal to ``prefix``, else those starting with it."""
+        if self.exists(prefix):
+            return [prefix]
+        like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        return [r[0] for r in self.db.execute("SELECT id FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 10", (like,))]
+
     def update(self, run_id: str, state: dict) -> None:
+        """Store the state the host reported.  A record that is final stays
+        as it is unless the new state is final too (a late update never
+        turns an ended run back into a running one)."""
         self.db.execute(
-            "UPDATE runs SET state = ?, return_code = ?, signal = ?, error = ?, last = ? WHERE id = ?",
+            "UPDATE runs SET state = ?, return_code = ?, signal = ?, error = ?, last = ?, seen = ? WHERE id = ?"
+            " AND (state NOT IN %s OR ? IN %s)" % (_FINAL_SQL, _FINAL_SQL),
             (state["state"], state.get("return_code"), state.get("signal"), state.get("error"),
-             json.dumps(state), run_id),
+             json.dumps(state), time.time(), run_id, state["state"]),
         )
 
     def mark(self, run_id: str, state: str, error: Optional[str] = None) -> None:
-        self.db.execute("UPDATE runs SET state = ?, error = ? WHERE id = ?", (state, error, run_id))
+        """Set a record's own state (``starting``, ``unknown``, ``failed``)
+        with its reason; never over a final state."""
+        self.db.execute("UPDATE runs SET state = ?, error = ? WHERE id = ? AND state NOT IN %s" % _FINAL_SQL,
+                        (state, error, run_id))
+
+    def seen(self, run_id: str, error: Optional[str] = None) -> None:
+        """Note that the host was (or, with ``error``, could not be) looked at."""
+        if error is None:
+            self.db.execute("UPDATE runs SET seen = ? WHERE id = ?", (time.time(), run_id))
 
     def remove(self, run_id: str) -> None:
         self.db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
     def all(self) -> Iterator[Record]:
-        for row in self.db.execute("SELECT * FROM runs ORDER BY created"):
+        for row in self.db.execute("SELECT %s FROM runs ORDER BY created" % _COLUMNS):
             yield Record(row)
 
     def table(self) -> List[tuple]:

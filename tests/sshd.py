@@ -137,8 +137,10 @@ class SSHD:
 
     def __init__(self, max_sessions: int = 10, log_level: str = "INFO", *,
                  listen_address: str = "127.0.0.1", netns: Optional[str] = None,
-                 host_alias: Optional[str] = None) -> None:
+                 host_alias: Optional[str] = None, max_startups: Optional[str] = "100:30:200") -> None:
         self.max_sessions = max_sessions
+        #: sshd's MaxStartups; None: sshd's own default (10:30:100, as on a stock host).
+        self.max_startups = max_startups
         self.log_level = log_level
         #: The address sshd listens on (and clients connect to).
         self.listen_address = listen_address
@@ -283,7 +285,7 @@ class SSHD:
                 f"UsePAM no\n"
                 f"UseDNS no\n"
                 f"MaxSessions {self.max_sessions}\n"
-                f"MaxStartups 100:30:200\n"
+                + (f"MaxStartups {self.max_startups}\n" if self.max_startups else "") +
                 f"PrintMotd no\n"
                 f"PrintLastLog no\n"
                 f"X11Forwarding no\n"

@@ -16,7 +16,6 @@ import pytest
 
 from chaperone.api import Chaperone
 from chaperone.push.certs import cert_pem, ensure_certificate
-from chaperone.scheduler import Scheduler
 
 # Writes `blocks` MiB of deterministic bytes to stdout, a little at a time,
 # then the sha256 of all of it to stderr.
@@ -55,33 +54,35 @@ def test_exactly_once_while_the_callback_path_is_cut(sshd, tmp_path, ssh_client)
     woken = []
 
     async def main():
-        async with Scheduler(tmp_path / "home", ssh_config=[str(sshd.config_file)], config=FAST,
-                             heal_interval=0.3, ssh_client=ssh_client) as s:
-            wake = s._wake
-            s._wake = lambda rid: (woken.append(rid), wake(rid))
-            rid = await s.start("testhost", ["python3", "-c", WRITER, "100", "0.03"])
+        async with Chaperone(tmp_path / "home", push=True, ssh_config=[str(sshd.config_file)], config=FAST,
+                             heal_interval=0.3, ssh_client=ssh_client) as ch:
+            push = ch.push
+            wake = push.wake
+            push.wake = lambda rid: (woken.append(rid), wake(rid))
+            run = await ch.start("testhost", ["python3", "-c", WRITER, "100", "0.03"])
+            rid = run.id
             tunnels = []
             for _ in range(3):
                 await asyncio.sleep(1.0)
-                tunnels.append(s._tunnels[id(s._hosts[rid])]["tunnel"])
+                tunnels.append(push.tunnel(rid))
                 killed = sshd.kill_sessions()
                 assert killed, "no SSH session to cut"
-            st = await s.wait(rid)
-            m = s.mirror(rid)
+            st = await run.wait()
+            m = push.mirror(rid)
             out = m.read("stdout")
             err = m.read("stderr")
             # The tunnel comes back after the last cut too (the run may
             # have ended before that: its end came by catch-up then).
             for _ in range(200):
-                new_tunnel = s._tunnels[id(s._hosts[rid])]["tunnel"]
+                new_tunnel = push.tunnel(rid)
                 if not new_tunnel.closed():
                     break
                 await asyncio.sleep(0.05)
             return st, out, err, tunnels, new_tunnel, new_tunnel.closed()
 
     st, out, err, tunnels, new_tunnel, new_closed = run_async(main())
-    assert st["state"] == "done" and st["return_code"] == 0
-    assert len(out) == 100 << 20 == st["stdout_bytes"]
+    assert st.state == "done" and st.return_code == 0
+    assert len(out) == 100 << 20 == st.stdout_bytes
     assert sha(out) == err.decode()
     # The faults really happened, and the tunnel came back each time.
     assert all(t.closed() for t in tunnels)
@@ -92,13 +93,13 @@ def test_exactly_once_while_the_callback_path_is_cut(sshd, tmp_path, ssh_client)
 
 SCHEDULER_SCRIPT = textwrap.dedent("""
     import asyncio, sys
-    from chaperone.scheduler import Scheduler
+    from chaperone import Chaperone
     async def main():
-        s = Scheduler(sys.argv[1], ssh_config=[sys.argv[2]], config={"retry_frequency": 0.5})
-        await s.open()
-        rid = await s.start("testhost", ["sh", "-c", "for i in $(seq 1 60); do echo line $i; sleep 0.05; done"],
-                            run_id=sys.argv[3], ssh={"root": sys.argv[4]})
-        print(rid, flush=True)
+        ch = Chaperone(sys.argv[1], push=True, ssh_config=[sys.argv[2]], config={"retry_frequency": 0.5})
+        await ch.open()
+        run = await ch.start("testhost", ["sh", "-c", "for i in $(seq 1 60); do echo line $i; sleep 0.05; done"],
+                             id=sys.argv[3], ssh={"spool": sys.argv[4]})
+        print(run.id, flush=True)
         await asyncio.sleep(3600)
     asyncio.run(main())
 """)
@@ -121,15 +122,15 @@ def test_scheduler_restarted_mid_run_reattaches(sshd, tmp_path):
     updates = []
 
     async def main():
-        async with Scheduler(home, ssh_config=[str(sshd.config_file)],
-                             on_update=lambda rid, st: updates.append((rid, st["state"]))) as s:
-            ids = await s.reattach()
-            st = await s.wait(rid)
-            return ids, st, s.mirror(rid).read("stdout")
+        async with Chaperone(home, push=True, ssh_config=[str(sshd.config_file)],
+                             on_update=lambda rid, st: updates.append((rid, st.state))) as ch:
+            ids = await ch.reattach()
+            st = await ch.wait(rid)
+            return ids, st, ch.push.mirror(rid).read("stdout")
 
     ids, st, out = run_async(main())
     assert ids == [rid]
-    assert st["state"] == "done" and st["return_code"] == 0
+    assert st.state == "done" and st.return_code == 0
     assert out == b"".join(b"line %d\n" % i for i in range(1, 61))
     assert (rid, "done") in updates
 
@@ -143,22 +144,22 @@ def test_agent_refuses_a_certificate_other_than_the_pinned_one(tmp_path):
     seen = []
 
     async def main():
-        async with Scheduler(tmp_path / "home", config=FAST) as s:
-            token = s.server.register("pin-1", s.mirror("pin-1"),
-                                      on_state=lambda *a: seen.append(a),
-                                      on_output=lambda *a: seen.append(a))
-            callback = {"url": s.server.url, "token": token, "cert": cert_pem(other_cert)}
-            run = await s.ch.start("local", ["sh", "-c", "echo pinned; exit 3"], run_id="pin-1",
-                                   callback=callback, config={**FAST, "callback_timeout": 2})
-            st = await s.ch.wait(run.id)
+        async with Chaperone(tmp_path / "home", push=True, config=FAST) as ch:
+            push = ch.push
+            token = push.server.register("pin-1", push.mirror("pin-1"),
+                                         on_state=lambda *a: seen.append(a),
+                                         on_output=lambda *a: seen.append(a))
+            callback = {"url": push.server.url, "token": token, "cert": cert_pem(other_cert)}
+            run = await ch.start("local", ["sh", "-c", "echo pinned; exit 3"], id="pin-1",
+                                 callback=callback, config={**FAST, "callback_timeout": 2})
+            st = await ch.wait(run.id)
             await asyncio.sleep(1.5)  # the agent keeps trying for callback_timeout
-            held_before = s.mirror("pin-1").held("stdout")
-            s._hosts["pin-1"] = s.ch.transport("local")
-            caught = await s.catch_up("pin-1")
-            return st, held_before, caught, s.mirror("pin-1").read("stdout")
+            held_before = push.mirror("pin-1").held("stdout")
+            caught = await push.catch_up("pin-1")
+            return st, held_before, caught, push.mirror("pin-1").read("stdout")
 
     st, held_before, caught, out = run_async(main())
-    assert st["state"] == "done" and st["return_code"] == 3
+    assert st.state == "done" and st.return_code == 3
     assert seen == [] and held_before == 0
     assert caught["state"] == "done" and out == b"pinned\n"
 
@@ -178,10 +179,10 @@ def test_callbacks_never_slow_or_fail_the_program(tmp_path):
             run = await ch.start("local", ["sh", "-c", "head -c 5000000 /dev/zero; exit 4"],
                                  callback=callback, config={"retry_frequency": 0.2, "callback_timeout": 1})
             st = await ch.wait(run.id)
-            return st, time.monotonic() - t0, await ch.output(run.id, "stdout", 0)
+            return st, time.monotonic() - t0, await ch.read(run.id, "stdout", 0)
 
     st, elapsed, out = run_async(main())
-    assert st["state"] == "done" and st["return_code"] == 4
+    assert st.state == "done" and st.return_code == 4
     assert out == bytes(5000000)
     assert elapsed < 10
 
@@ -193,16 +194,16 @@ def test_on_update_and_output_stream_for_a_local_run(tmp_path):
     updates = []
 
     async def main():
-        async with Scheduler(tmp_path / "home", config=FAST,
-                             on_update=lambda rid, st: updates.append(st["state"])) as s:
-            rid = await s.start("local", command="for i in 1 2 3; do echo $i; sleep 0.2; done; exit 2")
-            chunks = [c async for c in s.output(rid)]
-            st = await s.wait(rid)
+        async with Chaperone(tmp_path / "home", push=True, config=FAST,
+                             on_update=lambda rid, st: updates.append(st.state)) as ch:
+            run = await ch.start("local", "for i in 1 2 3; do echo $i; sleep 0.2; done; exit 2")
+            chunks = [c async for c in run.output(follow=True)]
+            st = await run.wait()
             return chunks, st
 
     chunks, st = run_async(main())
     assert b"".join(chunks) == b"1\n2\n3\n"
-    assert st["return_code"] == 2
+    assert st.return_code == 2
     assert updates[0] == "running" and updates[-1] == "done"
 
 
@@ -232,8 +233,8 @@ def test_a_supervisor_still_owing_callbacks_ends_on_sigterm(tmp_path):
             return await ch.wait(run.id)
 
     st = run_async(main())
-    assert st["state"] == "done" and st["return_code"] == 0
-    sup = psutil.Process(st["agent_pid"])
+    assert st.state == "done" and st.return_code == 0
+    sup = psutil.Process(st.agent_pid)
     assert sup.is_running() and sup.status() != psutil.STATUS_ZOMBIE  # still retrying
     sup.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + 10
@@ -299,14 +300,14 @@ def test_callback_bodies_fit_the_endpoint(tmp_path):
     from chaperone.errors import UsageError
 
     async def main():
-        async with Scheduler(tmp_path / "home", config={"output_buffer": 96 << 20}) as s:
-            assert s.server.max_body >= 96 << 20
+        async with Chaperone(tmp_path / "home", push=True, config={"output_buffer": 96 << 20}) as ch:
+            assert ch.push.server.max_body >= 96 << 20
             with pytest.raises(UsageError, match="output_buffer"):
-                await s.start("local", ["true"], config={"output_buffer": 256 << 20})
-            assert list(s.ch.records.all()) == []
-            rid = await s.start("local", ["sh", "-c", "head -c 20000000 /dev/zero"])
-            st = await s.wait(rid)
-            assert st["stdout_bytes"] == 20000000 == s.mirror(rid).held("stdout")
+                await ch.start("local", ["true"], config={"output_buffer": 256 << 20})
+            assert list(ch.records.all()) == []
+            run = await ch.start("local", ["sh", "-c", "head -c 20000000 /dev/zero"])
+            st = await run.wait()
+            assert st.stdout_bytes == 20000000 == ch.push.mirror(run.id).held("stdout")
 
     run_async(main())
 
@@ -321,11 +322,11 @@ def test_a_run_caught_up_from_its_spool_is_released(tmp_path):
         return "https://127.0.0.1:%d/api/v1/agent/" % free_port()
 
     async def main():
-        async with Scheduler(tmp_path / "home", callback_url=dead_url(), config=FAST) as s:
-            rid = await s.start("local", ["sh", "-c", "echo caught up"])
-            st = await s.wait(rid, safety_net=0.5)
-            assert not s.server.completed(rid)
-            return st, s.mirror(rid).read("stdout")
+        async with Chaperone(tmp_path / "home", push=True, callback_url=dead_url(), config=FAST) as ch:
+            run = await ch.start("local", ["sh", "-c", "echo caught up"])
+            st = await ch.push.wait(run.id, safety_net=0.5)
+            assert not ch.push.server.completed(run.id)
+            return st, ch.push.mirror(run.id).read("stdout")
 
     st, out = run_async(main(), timeout=60)
     assert (st["state"], st["return_code"], out) == ("done", 0, b"caught up\n")
@@ -351,11 +352,12 @@ def test_large_callback_bodies_are_streamed_not_held(tmp_path):
     size = 150 << 20
 
     async def main():
-        async with Scheduler(tmp_path / "home", config={"output_buffer": 48 << 20, "output_latency": 0.5}) as s:
-            rid = await s.start("local", [sys.executable, "-c", WRITER, str(size >> 20), "0"])
-            pid = s.state(rid)["agent_pid"]
+        async with Chaperone(tmp_path / "home", push=True,
+                             config={"output_buffer": 48 << 20, "output_latency": 0.5}) as ch:
+            run = await ch.start("local", [sys.executable, "-c", WRITER, str(size >> 20), "0"])
+            pid = run.state.agent_pid
             peak = 0
-            waiting = asyncio.ensure_future(s.wait(rid))
+            waiting = asyncio.ensure_future(run.wait())
             while not waiting.done():
                 try:
                     with open("/proc/%d/status" % pid) as f:
@@ -366,10 +368,26 @@ def test_large_callback_bodies_are_streamed_not_held(tmp_path):
                     pass
                 await asyncio.sleep(0.02)
             st = await waiting
-            m = s.mirror(rid)
+            m = ch.push.mirror(run.id)
             return st, m.read("stdout"), m.read("stderr"), peak
 
     st, out, err, peak = run_async(main(), timeout=120)
-    assert st["state"] == "done" and st["stdout_bytes"] == size == len(out)
+    assert st.state == "done" and st.stdout_bytes == size == len(out)
     assert err.decode() == sha(out)
     assert 0 < peak < 40 << 20, peak
+
+
+def test_scheduler_is_chaperone_with_push(tmp_path):
+    """The earlier name: ``Scheduler(...)`` is ``Chaperone(push=True, ...)``
+    and its ``start`` takes ``argv`` or ``command=``."""
+    from chaperone.scheduler import Scheduler
+
+    async def main():
+        async with Scheduler(tmp_path / "home", config=FAST) as s:
+            assert isinstance(s, Chaperone) and s.push is not None
+            run = await s.start("local", command="echo $((6 * 7))")
+            st = await s.wait(run)
+            return st, s.push.mirror(run.id).read("stdout")
+
+    st, out = run_async(main(), timeout=60)
+    assert (st.state, st.return_code, out) == ("done", 0, b"42\n")

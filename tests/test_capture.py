@@ -420,7 +420,7 @@ def test_file_capture_callbacks_notice_growth_back_off_and_stop_at_the_final_cou
                     "local", ["sh", "-c", script, m], run_id="cb-1",
                     callback={"url": server.url, "token": token, "cert": server.cert_pem},
                     config={"output_latency": 0.05, "retry_frequency": 0.2})
-                pid = run.state["agent_pid"]
+                pid = run.state.agent_pid
                 t0 = time.monotonic()
                 while mirror.held("stdout") < 5 or mirror.held("stderr") < 1:
                     assert time.monotonic() - t0 < 2, "output did not arrive while the program ran"

@@ -27,7 +27,7 @@ import pytest
 from helpers import cli, cli_popen
 from sshd import REQUIRE_ENV, REQUIRE_SSHD, SSHD, require_sshd
 
-from chaperone.scheduler import Scheduler
+from chaperone.api import Chaperone
 
 HOST_ADDR = "10.231.77.1"  # the root namespace's end of the veth pair
 NS_ADDR = "10.231.77.2"  # the test host, inside its namespace
@@ -294,26 +294,26 @@ def test_scheduler_callbacks_survive_a_link_outage(nshost, spool, tmp_path, ssh_
     blocks = 20
 
     async def main():
-        async with Scheduler(tmp_path / "home", ssh_config=[str(nshost.config_file)],
-                             config=FAST, heal_interval=0.5, ssh_client=ssh_client) as s:
-            rid = await s.start(ALIAS, ["python3", "-c", WRITER, str(blocks), "0.5"],
-                                ssh={"root": str(spool)})
-            transport = s._hosts[rid]
+        async with Chaperone(tmp_path / "home", push=True, ssh_config=[str(nshost.config_file)],
+                             config=FAST, heal_interval=0.5, ssh_client=ssh_client) as ch:
+            run = await ch.start(ALIAS, ["python3", "-c", WRITER, str(blocks), "0.5"],
+                                 ssh={"spool": str(spool)})
+            rid, push = run.id, ch.push
             await asyncio.sleep(2.0)
-            old_tunnel = s._tunnels[id(transport)]["tunnel"]
-            held_before = s.mirror(rid).held("stdout")
+            old_tunnel = push.tunnel(rid)
+            held_before = push.mirror(rid).held("stdout")
             try:
                 nshost.link(False)
                 await asyncio.sleep(OUTAGE)
-                held_during = s.mirror(rid).held("stdout")
+                held_during = push.mirror(rid).held("stdout")
                 old_closed = old_tunnel.closed()
             finally:
                 nshost.link(True)
             t_up = time.monotonic()
-            st = await s.wait(rid)
+            st = (await run.wait()).model_dump()
             settle = time.monotonic() - t_up
-            m = s.mirror(rid)
-            new_tunnel = s._tunnels[id(transport)]["tunnel"]
+            m = push.mirror(rid)
+            new_tunnel = push.tunnel(rid)
             return dict(st=st, out=m.read("stdout"), err=m.read("stderr"), held_before=held_before,
                         held_during=held_during, old_closed=old_closed,
                         new_tunnel_is_new=new_tunnel is not old_tunnel, new_closed=new_tunnel.closed(),
@@ -347,29 +347,29 @@ def test_scheduler_callbacks_survive_a_link_outage(nshost, spool, tmp_path, ssh_
 def test_new_callback_address_reaches_a_run_that_ended(nshost, spool, tmp_path):
     """What the heal does for a run that ended during an outage: the agent,
     still trying to deliver its final state to a dead address, is told the
-    new one (Scheduler._rewire, as _heal does), delivers through the new
+    new one (PushReceiver.rewire, as its heal does), delivers through the new
     tunnel, and exits.  No catch-up here: only the callbacks."""
     run_id = "netns-rw-" + secrets.token_hex(3)
 
     async def main():
-        async with Scheduler(tmp_path / "home", ssh_config=[str(nshost.config_file)], config=FAST) as s:
-            transport = s.ch.transport(ALIAS, root=str(spool))
-            s._hosts[run_id] = transport
+        async with Chaperone(tmp_path / "home", push=True, ssh_config=[str(nshost.config_file)],
+                             config=FAST) as ch:
+            push = ch.push
             # Port 1 on the host's loopback: nothing listens (the old tunnel).
-            dead = {"url": "https://127.0.0.1:1/api/v1/agent/", "token": "t" * 43, "cert": s.server.cert_pem}
-            await s.ch.start(ALIAS, ["sh", "-c", "echo ended"], run_id=run_id, ssh={"root": str(spool)},
-                             callback=dead, config=FAST)
+            dead = {"url": "https://127.0.0.1:1/api/v1/agent/", "token": "t" * 43, "cert": push.server.cert_pem}
+            await ch.start(ALIAS, ["sh", "-c", "echo ended"], id=run_id, ssh={"spool": str(spool)},
+                           callback=dead, config=FAST)
             await asyncio.get_running_loop().run_in_executor(
                 None, wait_for, lambda: b'"done"' in read_bytes(spool / run_id / "state.json"), 10,
                 "the program's end")
             await asyncio.sleep(1.0)  # the agent is now retrying the dead address
-            await s._rewire(run_id, transport)
+            await push.rewire(run_id)
             t0 = time.monotonic()
-            while time.monotonic() - t0 < 10 and (s.state(run_id) or {}).get("state") != "done":
+            while time.monotonic() - t0 < 10 and (push.states.get(run_id) or {}).get("state") != "done":
                 await asyncio.sleep(0.1)
-            while s.state(run_id) and time.monotonic() - t0 < 15 and _agents(spool):
+            while push.states.get(run_id) and time.monotonic() - t0 < 15 and _agents(spool):
                 await asyncio.sleep(0.1)  # acknowledged: the agent exits
-            return s.state(run_id), s.mirror(run_id).read("stdout"), _agents(spool)
+            return push.states.get(run_id), push.mirror(run_id).read("stdout"), _agents(spool)
 
     try:
         st, out, agents = asyncio.run(asyncio.wait_for(main(), 35))

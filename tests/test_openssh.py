@@ -130,7 +130,7 @@ def test_the_standby_session_is_the_one_the_command_uses(sshd, tmp_path, monkeyp
             ch.preconnect_run("spec")
             transport = ch.client("spec").transport
             assert master._standby is standby and transport._master is None
-            assert (await ch.status("spec"))["state"] == "done"
+            assert (await ch.status("spec")).state == "done"
             assert master._standby is None and transport._master is None
 
     asyncio.run(main())
@@ -146,7 +146,9 @@ def test_a_standby_session_runs_its_command_exactly(sshd, tmp_path):
 
     command = ("printf '%s|' 'a\\b' \"$HOME\" '%d' \"it's\"; printf 'x\ny\\n'; echo; "
                "cat; echo \"tab\there\"")
-    options = ssh_opts.ssh_options("ssh", config=[sshd.config_file])
+    from chaperone.transports.target import Target
+
+    options = ssh_opts.ssh_options("ssh", Target("testhost", config=[sshd.config_file]))
     direct = subprocess.run(ssh_opts.direct_argv(options, "testhost", command, True), input=b"in\0put",
                             capture_output=True, timeout=30)
     standby = master.Standby(options, "testhost", True)
@@ -179,9 +181,10 @@ def test_guesses_only_what_it_understands():
     assert _guess(["run", "--frobnicate", "h", "--", "true"]) is None
     assert _guess(["-F", "a", "-F", "b", "run", "h", "--", "true"]) is None
     assert _guess(["ps"]) is None
-    host, settings = _guess(["run", "-l", "bob", "-i", "k1", "--identity=k2", "-p", "2222", "-d", "h", "--", "x"])
-    assert host == "h"
-    assert settings == dict(config=[], port=2222, username="bob", client_keys=["k1", "k2"], check_host_keys=True)
+    target = _guess(["run", "-l", "bob", "-i", "k1", "--identity=k2", "-p", "2222", "-d", "h", "--", "x"])
+    assert (target.name, target.destination) == ("h", "h")
+    assert (target.config, target.port, target.user, target.identities, target.check_host_keys) == (
+        (), 2222, "bob", ("k1", "k2"), True)
 
 
 @pytest.mark.timeout(60)
@@ -259,11 +262,12 @@ def test_the_users_own_multiplexing_is_left_alone(sshd, tmp_path):
     """A config with ControlMaster/ControlPath: chaperone starts no master
     of its own (ssh then multiplexes the user's way)."""
     from chaperone.transports.ssh.via_openssh import OpenSSHTransport
+    from chaperone.transports.target import Target
 
     cfg = tmp_path / "cfg"
     cfg.write_text(open(sshd.config_file).read() + "    ControlPath none\n")
-    assert OpenSSHTransport("testhost", config=[str(cfg)]).multiplex is False
-    assert OpenSSHTransport("testhost", config=[sshd.config_file]).multiplex is True
+    assert OpenSSHTransport(Target("testhost", config=[str(cfg)])).multiplex is False
+    assert OpenSSHTransport(Target("testhost", config=[sshd.config_file])).multiplex is True
     res = subprocess.run(MAIN + ["-F", str(cfg), "run", "--spool", str(tmp_path / "spool"), "testhost",
                                  "--", "echo", "mine"],
                          env=cli_env(tmp_path, CHAPERONE_SSH_CLIENT="openssh"), cwd=str(tmp_path),
@@ -285,14 +289,15 @@ def test_calls_past_max_sessions_get_a_connection_of_their_own(tmp_path):
     flag = tmp_path / "go"
     with SSHD(max_sessions=2) as server:
         async def main():
-            async with Chaperone(home=tmp_path, ssh_config=[server.config_file], ssh_client="openssh") as ch:
-                ssh = {"root": str(tmp_path / "spool"), "max_sessions": 2}
+            async with Chaperone(home=tmp_path, ssh_config=[server.config_file], ssh_client="openssh",
+                                 max_sessions=2) as ch:
+                ssh = {"root": str(tmp_path / "spool")}
                 transport = ch.transport("testhost", **ssh)
 
                 async def one(i):
                     out = b""
                     argv = ["sh", "-c", "while [ ! -e %s ]; do sleep 0.05; done; echo f%d" % (flag, i)]
-                    async for event in ch.start_stream("testhost", argv, ssh=ssh):
+                    async for event in ch.run("testhost", argv, ssh=ssh):
                         if isinstance(event, OutputChunk):
                             out += event.data
                     return out

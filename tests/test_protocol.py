@@ -32,7 +32,11 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from chaperone.models import (
+    AGENT_FINAL_STATES,
+    AGENT_STATES,
     FINAL_STATES,
+    RECORD_STATES,
+    STATES,
     PROTOCOL_VERSION,
     RUN_ID_PATTERN,
     RUSAGE_FIELDS,
@@ -830,7 +834,8 @@ def test_output_ack_and_constants():
     assert OutputAck.model_validate({"offset": 5}).offset == 5
     with pytest.raises(ValidationError):
         OutputAck.model_validate({"offset": -1})
-    assert tuple(agent.FINAL_STATES) == tuple(FINAL_STATES)
+    assert tuple(agent.FINAL_STATES) == tuple(AGENT_FINAL_STATES)
+    assert set(AGENT_FINAL_STATES) <= set(FINAL_STATES) and set(STATES) == set(AGENT_STATES) | set(RECORD_STATES)
     assert tuple(agent.STREAMS) == tuple(STREAMS)
     assert agent.PROTOCOL_VERSION == PROTOCOL_VERSION
     # (the agent checks ids without `re`; tests/test_agent_lean.py proves

@@ -40,7 +40,7 @@ from pydantic import ValidationError
 
 from . import certs
 from .mirror import OffsetGap, OutputMirror
-from ..models import FINAL_STATES, STREAMS, RunState, check_run_id
+from ..models import AGENT_FINAL_STATES as FINAL_STATES, STREAMS, RunState, check_run_id
 
 log = logging.getLogger(__name__)
 

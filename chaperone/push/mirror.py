@@ -61,7 +61,11 @@ class OutputMirror:
     def __init__(self, directory: Path, fsync: bool = False) -> None:
         self.directory = Path(directory)
         self.fsync = fsync
-        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        old = os.umask(0o077)  # missing parents (mirror/) are private too
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        finally:
+            os.umask(old)
 
     def path(self, stream: str) -> Path:
         return self.directory / check_stream(stream)

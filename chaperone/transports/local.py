@@ -49,6 +49,7 @@ class LocalTransport(Transport):
     host = "local"
 
     def __init__(self, python: Optional[str] = None, root: Optional[str] = None):
+        self._python = python
         self.python = python or sys.executable
         self.root = root
         self._reaping: set = set()
@@ -93,5 +94,5 @@ class LocalTransport(Transport):
         return _LocalProcess(proc, self)
 
     def describe(self) -> dict:
-        return {"host": "local", "root": self.root, "python": self.python}
+        return {"host": "local", "root": self.root, "python": self._python}
 

@@ -1,17 +1,28 @@
-"""What both SSH clients (asyncssh in ``chaperone.ssh``, OpenSSH's ``ssh``
-in ``chaperone.openssh``) send to a host: the bootstrap that runs the
-shipped agent, the script that ships it, and how their failures read.
+"""SSH in one place: what both SSH clients (asyncssh in ``via_asyncssh``,
+OpenSSH's ``ssh`` in ``via_openssh``) share.
+
+* what they send to a host: the bootstrap that runs the shipped agent and
+  the script that ships it;
+* how a call goes (:class:`SSHTransportBase`): launch the agent, ship it
+  when the host lacks it and launch again, retry a connection that was
+  refused before anything ran (sshd's MaxStartups), limit how many
+  connections to one host are being set up at once;
+* how their failures read.
 
 Stdlib only: the CLI imports this on its start-up path.
 """
 
 from __future__ import annotations
 
+import abc
+import random
 import shlex
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from ...agent_source import RUN_AGENT, agent_hash
-from ...errors import ChaperoneError
+from ...errors import ChaperoneError, ConnectFailed
+from ..base import AgentProcess, Transport
+from ..target import Target
 
 #: Exit status of the remote bootstrap when the agent file is missing, stale or damaged.
 SHIP_AGAIN = 97
@@ -29,36 +40,6 @@ BOOTSTRAP = (
     "    sys.exit(%d)\n"
     "sys.argv=sys.argv[1:2]+sys.argv[3:]\n"
 ) % (SHIP_AGAIN, SHIP_AGAIN) + RUN_AGENT
-
-
-class ConnectFailed(ChaperoneError):
-    """Could not connect to or log in to the host.  ``transient``: worth
-    retrying later (refused, timed out, reset), as opposed to a wrong host
-    key or a refused login."""
-
-    def __init__(self, message: str, transient: bool = False):
-        super().__init__(message)
-        self.transient = transient
-
-
-class SSHDescribed:
-    """What both SSH transports record of how a host was reached, and how
-    either one is rebuilt from that record (a run started through one can
-    be reconnected through the other)."""
-
-    def describe(self) -> dict:
-        return {
-            "host": self.host, "ssh": {
-                "port": self.port, "username": self.username, "config": self.config,
-                "known_hosts": self.known_hosts, "check_host_keys": self.check_host_keys,
-                "python": self.python, "client_keys": self.client_keys, "root": self.root,
-            },
-        }
-
-    @classmethod
-    def from_description(cls, how: dict):
-        ssh = dict(how.get("ssh") or {})
-        return cls(how["host"], **{k: v for k, v in ssh.items() if v is not None})
 
 
 def agent_file() -> str:
@@ -102,6 +83,56 @@ def ship_command(python: str) -> str:
     return "sh -c %s" % shlex.quote(script)
 
 
+def _host_for_ssh(target: Target) -> str:
+    """How to name the host in a command the user may type."""
+    port = " -p %d" % target.port if target.port else ""
+    return port, target.destination
+
+
+def connect_error(target: Target, kind: str, detail: str = "") -> ConnectFailed:
+    """The one error each way of failing to connect reads as, whichever
+    client failed.  ``kind``: ``host_key_unknown``, ``host_key_changed``,
+    ``host_key`` (one of the two), ``auth``, ``unknown_host``, ``refused``,
+    ``timeout``, ``dropped`` (before login: sshd's MaxStartups, a reset
+    during key exchange), ``closed``, ``unreachable``, ``other``."""
+    host = target.name
+    port, dest = _host_for_ssh(target)
+    detail = detail.strip()
+    if kind in ("host_key", "host_key_unknown"):
+        what = "is not known here" if kind == "host_key_unknown" else "is not known here or has changed"
+        return ConnectFailed(
+            "host key verification failed for %s: its host key %s; check its fingerprint, then add it "
+            "(ssh-keyscan%s %s >> ~/.ssh/known_hosts, or connect once with ssh%s %s), or pass --no-host-key-check "
+            "(unsafe)" % (host, what, port, dest, port, dest))
+    if kind == "host_key_changed":
+        return ConnectFailed(
+            "host key verification failed for %s: its host key has CHANGED (a reinstalled host, or someone in "
+            "the middle); if that is expected, remove the old key (ssh-keygen -R %s) and add the new one"
+            % (host, dest))
+    if kind == "auth":
+        who = detail or ("%s@%s" % (target.user, dest) if target.user else "")
+        return ConnectFailed(
+            "authentication failed for %s%s: permission denied (check the user name, -l USER or USER@HOST, "
+            "and your keys: -i KEY, ssh-add -l)" % (host, " (as %s)" % who if who and who != host else ""))
+    if kind == "unknown_host":
+        return ConnectFailed("unknown host %s: %s (is it in ~/.ssh/config? check the spelling)"
+                             % (host, detail or "cannot resolve its name"))
+    if kind == "refused":
+        return ConnectFailed("connection to %s refused (is sshd running there, on that port?)" % host,
+                             transient=True)
+    if kind == "timeout":
+        return ConnectFailed("connection to %s timed out" % host, transient=True)
+    if kind == "dropped":
+        return ConnectFailed("%s dropped the connection before login%s (too many connections at once? "
+                             "sshd's MaxStartups)" % (host, ": " + detail if detail else ""), retry_safe=True)
+    if kind == "closed":
+        return ConnectFailed("%s closed the connection%s" % (host, ": " + detail if detail else ""),
+                             transient=True)
+    if kind == "unreachable":
+        return ConnectFailed("cannot connect to %s: %s" % (host, detail), transient=True)
+    return ConnectFailed("cannot connect to %s: %s" % (host, detail or "unknown error"))
+
+
 def no_python(python: str, host: str) -> ChaperoneError:
     return ChaperoneError("no %s on %s (use --python to choose another)" % (python, host))
 
@@ -137,3 +168,155 @@ class Tunnel:
 
     def close(self) -> None:
         raise NotImplementedError
+
+
+#: New connections to one host being set up at once, by default: under
+#: OpenSSH's ``MaxStartups 10:30:100`` (past 10 unauthenticated
+#: connections, sshd starts dropping new ones).
+DEFAULT_CONNECT_LIMIT = 4
+#: A connection dropped before login (sshd's MaxStartups, a reset during
+#: key exchange) is tried again this many times, with backoff and jitter.
+CONNECT_RETRIES = 8
+RETRY_BASE = 0.1
+RETRY_CAP = 3.0
+
+
+def retry_delay(attempt: int, rng=random.random) -> float:
+    """Seconds before try ``attempt`` (1, 2, ...): exponential backoff with
+    full jitter (AWS's "full jitter": uniform in [0, min(cap, base*2^n)])."""
+    return rng() * min(RETRY_CAP, RETRY_BASE * (2 ** attempt))
+
+
+async def retrying(connect):
+    """``await connect()``, again after a :class:`ConnectFailed` that is
+    ``retry_safe`` (dropped before login: nothing ran), with backoff and
+    jitter, at most CONNECT_RETRIES times."""
+    import asyncio
+
+    attempt = 0
+    while True:
+        try:
+            return await connect()
+        except ConnectFailed as e:
+            attempt += 1
+            if not e.retry_safe or attempt > CONNECT_RETRIES:
+                raise
+            await asyncio.sleep(retry_delay(attempt))
+
+
+class Launch(abc.ABC):
+    """One agent command just started on a host (its first bytes not read yet)."""
+
+    @abc.abstractmethod
+    async def first(self) -> bytes:
+        """The first bytes of its stdout; ``b""`` if it ended without any."""
+
+    @abc.abstractmethod
+    async def finish(self) -> Tuple[Optional[int], bytes]:
+        """Its exit status and stderr, once it ended (after ``first`` gave ``b""``)."""
+
+    @abc.abstractmethod
+    def process(self, first: bytes) -> AgentProcess:
+        """The agent process to read from (``first`` is given back first)."""
+
+    @abc.abstractmethod
+    def discard(self) -> None:
+        """Stop it and free what it holds."""
+
+
+class SSHTransportBase(Transport):
+    """A host reached over SSH.  Subclasses say how a command is launched
+    (:meth:`_launch`) and how the agent is shipped (:meth:`_ship_once`);
+    the rest is here, once."""
+
+    def __init__(self, target: Target, *, connect_timeout: Optional[float] = None,
+                 keepalive_interval: float = 3.0, max_sessions: int = 10,
+                 connect_limit: int = DEFAULT_CONNECT_LIMIT):
+        if target.local:
+            raise ChaperoneError("%s is not a host reached over SSH" % target.name)
+        self.target = target
+        self.host = target.name
+        self.python = target.python or "python3"
+        self.root = target.spool  # the agent's spool root on the host (default ~/.chaperone/runs)
+        self.connect_timeout = connect_timeout
+        self.keepalive_interval = keepalive_interval
+        self.max_sessions = max_sessions
+        self.connect_limit = max(1, int(connect_limit))
+        self.agent_file = agent_file()
+        self._ship_lock = None
+        self._shipped = 0  # how many times this transport shipped the agent
+        self._connecting = None  # asyncio.Semaphore(connect_limit), made in the loop
+
+    def describe(self) -> dict:
+        return self.target.describe()
+
+    # Connecting -------------------------------------------------------------
+
+    def connecting(self):
+        """The semaphore every new connection to this host is set up under."""
+        if self._connecting is None:
+            import asyncio
+
+            self._connecting = asyncio.Semaphore(self.connect_limit)
+        return self._connecting
+
+    async def retrying(self, connect):
+        """:func:`retrying` (here for the subclasses)."""
+        return await retrying(connect)
+
+    # Running the agent ------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _launch(self, command: str, stdin: bytes) -> Launch:
+        """Start ``command`` (for the login shell) with ``stdin`` on the host."""
+
+    @abc.abstractmethod
+    async def _ship_once(self) -> None:
+        """Install the agent on the host (raise on failure)."""
+
+    def _silent_exit(self, launch: Launch, code: Optional[int], err: bytes, relaunched: bool) -> bool:
+        """A call ended without a byte of output, status ``code``: raise
+        the error it means, or return True to launch it once more
+        (``relaunched``: this call was launched once more already)."""
+        return False
+
+    async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
+        command = agent_command(self.python, self.root, args)
+        shipped_again = relaunched = False
+        while True:
+            shipped = self._shipped
+            launch = await self._launch(command, stdin)
+            try:
+                # The agent always prints (a marker) unless the bootstrap
+                # refused it: no output and status 97 mean "ship it again".
+                first = await launch.first()
+            except BaseException:
+                launch.discard()
+                raise
+            if first:
+                return launch.process(first)
+            code, err = await launch.finish()
+            if code == SHIP_AGAIN:
+                if shipped_again:
+                    raise shipped_but_missing(self.host)
+                shipped_again = True
+                await self._ship(shipped)
+                continue
+            if self._silent_exit(launch, code, err, relaunched):
+                relaunched = True
+                continue
+            if code == 127:
+                raise no_python(self.python, self.host)
+            return launch.process(b"")
+
+    async def _ship(self, shipped_before: int) -> None:
+        """Ship the agent, unless another call of this transport did since
+        ``shipped_before``."""
+        import asyncio
+
+        if self._ship_lock is None:
+            self._ship_lock = asyncio.Lock()
+        async with self._ship_lock:
+            if self._shipped == shipped_before:
+                await self._ship_once()
+                self._shipped += 1

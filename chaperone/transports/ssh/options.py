@@ -10,6 +10,8 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # (annotations are not evaluated: __future__)
     from typing import List, Optional, Sequence
 
+    from ..target import Target
+
 #: Seconds to connect and log in when neither ``connect_timeout`` nor the
 #: SSH config's ``ConnectTimeout`` says.
 DEFAULT_CONNECT_TIMEOUT = 15
@@ -68,18 +70,18 @@ def default_config_files(config: Sequence[str]) -> List[str]:
     return list(config) or ["~/.ssh/config", "/etc/ssh/ssh_config"]
 
 
-def ssh_options(ssh: str, *, config: Sequence[str] = (), port: Optional[int] = None,
-                username: Optional[str] = None, client_keys: Optional[Sequence[str]] = None,
-                check_host_keys: bool = True, known_hosts: Optional[str] = None,
-                connect_timeout: Optional[float] = None, keepalive_interval: float = 3.0,
-                forwardings: bool = False) -> List[str]:
-    """``ssh`` and its options (everything but the host and the command).
-    Command-line options win over the config (ssh keeps the first value).
-    Port forwardings from the config are cleared unless ``forwardings``
-    (that would clear those on the command line too)."""
+def ssh_options(ssh: str, target: "Target", *, connect_timeout: Optional[float] = None,
+                keepalive_interval: float = 3.0, forwardings: bool = False) -> List[str]:
+    """``ssh`` and its options for ``target`` (everything but the host and
+    the command).  Command-line options win over the config (ssh keeps the
+    first value), the user's ``-o`` options first of all.  Port forwardings
+    from the config are cleared unless ``forwardings`` (that would clear
+    those on the command line too)."""
     argv = [ssh]
-    if config:
-        argv += ["-F", config[0]]
+    if target.config:
+        argv += ["-F", target.config[0]]
+    for option in target.options:
+        argv += ["-o", option]
     argv += [
         "-T", "-x", "-a",  # no tty, no X11 or agent forwarding
         "-o", "BatchMode=yes",  # never a prompt
@@ -91,20 +93,36 @@ def ssh_options(ssh: str, *, config: Sequence[str] = (), port: Optional[int] = N
         argv += ["-o", "ClearAllForwardings=yes"]  # a LocalForward in the config is not for us
     if connect_timeout is not None:
         argv += ["-o", "ConnectTimeout=%d" % max(1, round(connect_timeout))]
-    elif not config_mentions(default_config_files(config), "ConnectTimeout"):
+    elif not (any(option_name(o) == "connecttimeout" for o in target.options)
+              or config_mentions(default_config_files(target.config), "ConnectTimeout")):
         argv += ["-o", "ConnectTimeout=%d" % DEFAULT_CONNECT_TIMEOUT]
-    if port:
-        argv += ["-p", str(int(port))]
-    if username:
-        argv += ["-l", username]
-    for key in client_keys or ():
+    if target.port:
+        argv += ["-p", str(int(target.port))]
+    if target.user:
+        argv += ["-l", target.user]
+    if target.jump:
+        argv += ["-J", target.jump]
+    for key in target.identities:
         argv += ["-i", key]
-    if not check_host_keys:
+    if not target.check_host_keys:
         argv += ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
                  "-o", "GlobalKnownHostsFile=/dev/null"]
-    elif known_hosts:
-        argv += ["-o", "UserKnownHostsFile=%s" % known_hosts]
+    elif target.known_hosts:
+        argv += ["-o", "UserKnownHostsFile=%s" % target.known_hosts]
     return argv
+
+
+def option_name(option: str) -> str:
+    """The keyword of a ``-o`` option (``Key=Value`` or ``Key Value``), lower case."""
+    return option.strip().replace("=", " ", 1).split(None, 1)[0].lower() if option.strip() else ""
+
+
+def option_line(option: str) -> str:
+    """A ``-o`` option as a line of an ssh config file."""
+    key, sep, value = option.strip().partition("=")
+    if not sep:
+        key, _, value = option.strip().partition(" ")
+    return "%s %s" % (key.strip(), value.strip())
 
 
 def direct_argv(options: Sequence[str], host: str, command: str, multiplex: bool) -> List[str]:

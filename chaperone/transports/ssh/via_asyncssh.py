@@ -19,19 +19,20 @@ travels on the channel's stdin, never in argv.
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 from typing import List, Optional, Sequence
 
 import asyncssh
 
 from ...agent_source import agent_bytes
-from ...errors import ChaperoneError, ConnectionLost
-from .common import (REMOTE_DIR, SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel,
-                        agent_command, agent_file, no_python, ship_command, ship_failure, shipped_but_missing)
-from .options import DEFAULT_CONNECT_TIMEOUT
-from ..base import AgentProcess, Transport
+from ...errors import ConnectFailed, ConnectionLost
+from .common import Launch, SSHTransportBase, Tunnel, connect_error, ship_command, ship_failure
+from .options import DEFAULT_CONNECT_TIMEOUT, default_config_files, option_line
+from ..target import Target
+from ..base import AgentProcess
 
-__all__ = ["SSHTransport", "ConnectFailed", "SHIP_AGAIN", "REMOTE_DIR"]
+__all__ = ["SSHTransport"]
 
 
 def _cpu_has_aes() -> bool:
@@ -70,24 +71,25 @@ def _preferred_ciphers(config_files: Sequence[str]) -> Optional[List[str]]:
     return gcm + [a for a in algs if a not in gcm]
 
 
-def _connect_error(host: str, e: BaseException) -> ConnectFailed:
+def _connect_error(target: Target, e: BaseException) -> ConnectFailed:
+    """What an exception from ``asyncssh.connect`` means (nothing has run yet)."""
     if isinstance(e, asyncssh.HostKeyNotVerifiable):
-        return ConnectFailed(
-            "host key verification failed for %s: the host key is unknown or has changed "
-            "(add it to known_hosts, or pass --no-host-key-check)" % host)
+        return connect_error(target, "host_key")
     if isinstance(e, asyncssh.PermissionDenied):
-        return ConnectFailed("authentication failed for %s: %s" % (host, e.reason or "permission denied"))
+        return connect_error(target, "auth")
     if isinstance(e, socket.gaierror):
-        return ConnectFailed("unknown host %s: %s" % (host, e.strerror or e))
+        return connect_error(target, "unknown_host", e.strerror or str(e))
     if isinstance(e, ConnectionRefusedError):
-        return ConnectFailed("connection to %s refused" % host, transient=True)
+        return connect_error(target, "refused")
     if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
-        return ConnectFailed("connection to %s timed out" % host, transient=True)
+        return connect_error(target, "timeout")
+    if isinstance(e, (asyncssh.ConnectionLost, ConnectionResetError, BrokenPipeError)):
+        return connect_error(target, "dropped", getattr(e, "reason", "") or str(e))
     if isinstance(e, asyncssh.DisconnectError):
-        return ConnectFailed("%s closed the connection: %s" % (host, e.reason), transient=True)
+        return connect_error(target, "closed", e.reason)
     if isinstance(e, OSError):
-        return ConnectFailed("cannot connect to %s: %s" % (host, e.strerror or e), transient=True)
-    return ConnectFailed("cannot connect to %s: %s" % (host, e))
+        return connect_error(target, "unreachable", e.strerror or str(e))
+    return connect_error(target, "other", str(e))
 
 
 class _Refused(ConnectionLost):
@@ -148,41 +150,48 @@ class _SSHProcess(AgentProcess):
             self.transport._close_channel(self.c, self.proc)
 
 
-class SSHTransport(SSHDescribed, Transport):
-    def __init__(self, host: str, *, config: Sequence[str] = (), known_hosts: Optional[str] = None,
-                 check_host_keys: bool = True, python: Optional[str] = None, port: Optional[int] = None,
-                 username: Optional[str] = None, client_keys: Optional[Sequence[str]] = None,
-                 connect_timeout: Optional[float] = None, max_sessions: int = 10, keepalive_interval: float = 3.0,
-                 root: Optional[str] = None):
-        if not host or host.startswith("-"):
-            raise ChaperoneError("invalid host %r" % host)
-        self.host = host
-        user, sep, hostname = host.rpartition("@")
-        self.hostname = hostname if sep else host
-        self.username = username or (user if sep else None)
-        self.port = port
-        self.config = list(config)
-        self.known_hosts = known_hosts
-        self.check_host_keys = check_host_keys
-        self.python = python or "python3"
-        self.client_keys = list(client_keys) if client_keys else None
-        self.connect_timeout = connect_timeout
-        self.max_sessions = max_sessions
-        self.keepalive_interval = keepalive_interval
-        self.root = root  # the agent's spool root on the host (default ~/.chaperone/runs)
+class SSHTransport(SSHTransportBase):
+    """A host reached through asyncssh: one connection carries many
+    channels (up to ``max_sessions``, the server's MaxSessions); past that,
+    another connection (at most ``connect_limit`` being set up at once)."""
+
+    def __init__(self, target: Target, **tuning):
+        super().__init__(target, **tuning)
+        self.hostname = target.destination
         self._conns: List[_Conn] = []
         self._lock = asyncio.Lock()
         self._slot_freed = asyncio.Event()
         self._closers: set = set()
-        self._ship_lock = asyncio.Lock()
-        self._shipped = 0  # how many times this transport shipped the agent
-        self.agent_file = agent_file()
+        self._config_dir: Optional[str] = None
 
     # Connections -----------------------------------------------------------
 
+    def config_files(self) -> List[str]:
+        """The ssh config files asyncssh reads, as ``ssh`` would: ``-F``
+        files, else ``~/.ssh/config`` and ``/etc/ssh/ssh_config``; led by
+        a file of the ``-o`` options and ``-J`` (the command line wins)."""
+        files = list(self.target.config) or [p for p in default_config_files(())
+                                              if os.access(os.path.expanduser(p), os.R_OK)]
+        lines = [option_line(o) for o in self.target.options]
+        if self.target.jump:
+            lines.append("ProxyJump %s" % self.target.jump)
+        if lines:
+            if self._config_dir is None:
+                import tempfile
+
+                self._config_dir = tempfile.mkdtemp(prefix="chaperone-asyncssh-")  # 0700
+            path = os.path.join(self._config_dir, "options")
+            with open(path, "w") as f:
+                f.write("\n".join(lines) + "\n")
+            files.insert(0, path)
+        return [os.path.expanduser(p) for p in files]
+
     def connect_options(self) -> dict:
+        target = self.target
         options = dict(
-            config=self.config or None,
+            # () would be asyncssh's own default (~/.ssh/config only); None
+            # would turn the config off.
+            config=self.config_files() or None,
             keepalive_interval=self.keepalive_interval,
             keepalive_count_max=3,
             agent_forwarding=False,
@@ -190,30 +199,35 @@ class SSHTransport(SSHDescribed, Transport):
         if self.connect_timeout is not None:
             # Given explicitly: wins over the config's ConnectTimeout.
             options["connect_timeout"] = self.connect_timeout
-        if self.port:
-            options["port"] = self.port
-        if self.username:
-            options["username"] = self.username
-        if self.client_keys:
-            options["client_keys"] = self.client_keys
-        if not self.check_host_keys:
+        if target.port:
+            options["port"] = target.port
+        if target.user:
+            options["username"] = target.user
+        if target.identities:
+            options["client_keys"] = list(target.identities)
+        if not target.check_host_keys:
             options["known_hosts"] = None
-        elif self.known_hosts:
-            options["known_hosts"] = self.known_hosts
-        ciphers = _preferred_ciphers(self.config)
+        elif target.known_hosts:
+            options["known_hosts"] = target.known_hosts
+        ciphers = _preferred_ciphers(options["config"] or ())
         if ciphers:
             options["encryption_algs"] = ciphers
         return options
 
     async def _new_connection(self) -> _Conn:
-        try:
-            # asyncssh applies the config's ConnectTimeout (to the whole
-            # connect: DNS, TCP, handshake, login) unless connect_timeout is
-            # given; DEFAULT_CONNECT_TIMEOUT bounds it when neither says.
-            conn = await asyncio.wait_for(asyncssh.connect(self.hostname, **self.connect_options()),
-                                          DEFAULT_CONNECT_TIMEOUT if self.connect_timeout is None else None)
-        except (asyncssh.Error, OSError, asyncio.TimeoutError, ValueError) as e:
-            raise _connect_error(self.host, e) from None
+        async def connect():
+            try:
+                # asyncssh applies the config's ConnectTimeout (to the whole
+                # connect: DNS, TCP, handshake, login) unless connect_timeout is
+                # given; DEFAULT_CONNECT_TIMEOUT bounds it when neither says.
+                return await asyncio.wait_for(
+                    asyncssh.connect(self.hostname, **self.connect_options()),
+                    DEFAULT_CONNECT_TIMEOUT if self.connect_timeout is None else None)
+            except (asyncssh.Error, OSError, asyncio.TimeoutError, ValueError) as e:
+                raise _connect_error(self.target, e) from None
+
+        async with self.connecting():
+            conn = await self.retrying(connect)
         return _Conn(conn, self.max_sessions)
 
     async def _channel_slot(self) -> _Conn:
@@ -290,6 +304,29 @@ class SSHTransport(SSHDescribed, Transport):
                 self.drop_connections()
                 raise ConnectionLost("connection to %s lost: %s" % (self.host, e)) from None
 
+    async def _channel(self, command: str):
+        """``(connection, process)``: ``command`` in a channel, in a slot
+        of its own (moved to another connection if the server allows fewer
+        sessions than ``max_sessions``)."""
+        c = await self._channel_slot()
+        try:
+            try:
+                return c, await self._create_process(c, command)
+            except _Refused:
+                if c.channels <= 1:
+                    raise  # refused even alone: not a matter of room
+                # Still refused: the server allows fewer sessions than
+                # max_sessions.  Count this connection as full; go elsewhere.
+                c.capacity = c.channels - 1
+                self._free_slot(c)
+                c = None
+                c = await self._channel_slot()
+                return c, await self._create_process(c, command)
+        except BaseException:
+            if c is not None:
+                self._free_slot(c)
+            raise
+
     async def connection(self) -> asyncssh.SSHClientConnection:
         """An open connection to the host (for port forwarding)."""
         c = await self._channel_slot()
@@ -317,6 +354,11 @@ class SSHTransport(SSHDescribed, Transport):
         self._conns = []
         if self._closers:
             await asyncio.gather(*list(self._closers), return_exceptions=True)
+        if self._config_dir is not None:
+            import shutil
+
+            shutil.rmtree(self._config_dir, ignore_errors=True)
+            self._config_dir = None
 
     def drop_connections(self) -> None:
         """Forget every connection (after one broke): the next call reconnects."""
@@ -326,78 +368,56 @@ class SSHTransport(SSHDescribed, Transport):
 
     # Running the agent -----------------------------------------------------
 
-    def _command(self, args: List[str]) -> str:
-        return agent_command(self.python, self.root, args)
-
-    async def _ship(self, c: _Conn, shipped_before: int) -> None:
-        """Ship the agent (on ``c``, in the caller's slot), unless another
-        open() of this transport did since ``shipped_before``."""
-        async with self._ship_lock:
-            if self._shipped == shipped_before:
-                await self._do_ship(c)
-                self._shipped += 1
-
-    async def _do_ship(self, c: _Conn) -> None:
+    async def _ship_once(self) -> None:
+        c, proc = await self._channel(ship_command(self.python))
         try:
-            proc = await self._create_process(c, ship_command(self.python))
-            try:
-                proc.stdin.write(agent_bytes())
-                proc.stdin.write_eof()
-                result = await proc.wait()  # until the channel is closed
-            finally:
-                proc.close()
+            proc.stdin.write(agent_bytes())
+            proc.stdin.write_eof()
+            result = await proc.wait()  # until the channel is closed
         except (asyncssh.Error, OSError) as e:
             raise ConnectionLost("connection to %s lost while shipping the agent: %s" % (self.host, e)) from None
+        finally:
+            self._close_channel(c, proc)
         if result.exit_status != 0:
             raise ship_failure(result.exit_status, result.stderr, self.python, self.host)
 
-    async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
-        c = await self._channel_slot()
-        proc = None
+    async def _launch(self, command: str, stdin: bytes) -> Launch:
+        c, proc = await self._channel(command)
         try:
-            for attempt in (0, 1):
-                shipped = self._shipped
-                proc = None
-                try:
-                    proc = await self._create_process(c, self._command(args))
-                except _Refused:
-                    if c.channels <= 1:
-                        raise  # refused even alone: not a matter of room
-                    # Still refused: the server allows fewer sessions than
-                    # max_sessions.  Count this connection as full; go elsewhere.
-                    c.capacity = c.channels - 1
-                    self._free_slot(c)
-                    c = None
-                    c = await self._channel_slot()
-                    proc = await self._create_process(c, self._command(args))
-                try:
-                    if stdin:
-                        proc.stdin.write(stdin)
-                    proc.stdin.write_eof()
-                except (asyncssh.Error, OSError):
-                    pass
-                # The agent always prints (a marker) unless the bootstrap
-                # refused it: no output and status 97 mean "ship it again".
-                first = await _peek(proc, self.host)
-                if first is None:
-                    result = await proc.wait()  # until the channel is closed
-                    if result.exit_status == SHIP_AGAIN:
-                        if attempt:
-                            raise shipped_but_missing(self.host)
-                        await self._ship(c, shipped)
-                        continue
-                    if result.exit_status == 127:
-                        raise no_python(self.python, self.host)
-                return _SSHProcess(self, c, _Replay(proc, first or b"", None if first else result))
-            raise AssertionError("not reached")
-        except BaseException:
-            if c is None:
-                pass
-            elif proc is not None:
-                self._close_channel(c, proc)
-            else:
-                self._free_slot(c)
-            raise
+            if stdin:
+                proc.stdin.write(stdin)
+            proc.stdin.write_eof()
+        except (asyncssh.Error, OSError):
+            pass
+        return _ChannelLaunch(self, c, proc)
+
+
+class _ChannelLaunch(Launch):
+    def __init__(self, transport: SSHTransport, c: _Conn, proc):
+        self.transport = transport
+        self.c = c
+        self.proc = proc
+        self.result = None
+
+    async def first(self) -> bytes:
+        try:
+            return await self.proc.stdout.read(1 << 16)
+        except (asyncssh.Error, OSError) as e:
+            raise ConnectionLost("connection to %s lost: %s" % (self.transport.host, e)) from None
+
+    async def finish(self):
+        try:
+            self.result = await self.proc.wait()  # until the channel is closed
+        except (asyncssh.Error, OSError) as e:
+            self.discard()
+            raise ConnectionLost("connection to %s lost: %s" % (self.transport.host, e)) from None
+        return self.result.exit_status, self.result.stderr or b""
+
+    def process(self, first: bytes) -> AgentProcess:
+        return _SSHProcess(self.transport, self.c, _Replay(self.proc, first, self.result))
+
+    def discard(self) -> None:
+        self.transport._close_channel(self.c, self.proc)
 
 
 class _ConnTunnel(Tunnel):
@@ -414,15 +434,6 @@ class _ConnTunnel(Tunnel):
 
     def close(self) -> None:
         self.listener.close()
-
-
-async def _peek(proc, host: str) -> Optional[bytes]:
-    """The first bytes of stdout, or None if it ended without any."""
-    try:
-        data = await proc.stdout.read(1 << 16)
-    except (asyncssh.Error, OSError) as e:
-        raise ConnectionLost("connection to %s lost: %s" % (host, e)) from None
-    return data or None
 
 
 class _Replay:

@@ -26,12 +26,12 @@ import signal
 from typing import List, Optional, Sequence
 
 from ...agent_source import agent_bytes
-from ...errors import ChaperoneError, ConnectionLost
+from ...errors import ChaperoneError, ConnectFailed, ConnectionLost
 from . import master as masters
 from . import options as ssh_opts
-from .common import (SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel, agent_command, agent_file, no_python,
-                        ship_command, ship_failure, shipped_but_missing)
-from ..base import AgentProcess, AttachedProcess, Transport, feed_stdin, spawn
+from .common import Launch, SSHTransportBase, Tunnel, connect_error, ship_command, ship_failure
+from ..target import Target
+from ..base import AgentProcess, AttachedProcess, feed_stdin, spawn
 
 __all__ = ["OpenSSHTransport"]
 
@@ -39,36 +39,39 @@ __all__ = ["OpenSSHTransport"]
 SSH_FAILED = 255
 
 
-def ssh_error(host: str, stderr: bytes, got_output: bool) -> ChaperoneError:
+def ssh_error(target: Target, stderr: bytes, got_output: bool) -> ChaperoneError:
     """The error for ``ssh`` exiting 255, from what it wrote on stderr:
-    :class:`ConnectFailed` (``transient`` when worth retrying) before the
-    agent said anything, :class:`ConnectionLost` after."""
+    :class:`ConnectFailed` (``transient`` when worth retrying, ``retry_safe``
+    when dropped before login) before the agent said anything,
+    :class:`ConnectionLost` after."""
+    host = target.name
     lines = [l.strip() for l in stderr.decode("utf-8", "replace").splitlines() if l.strip()]
     text = "\n".join(lines)
     if not lines:  # ssh says why it failed to connect; a silent 255 is a dropped connection
         return ConnectionLost("connection to %s lost" % host)
     last = lines[-1]
-    if "Host key verification failed" in text or "IDENTIFICATION HAS CHANGED" in text:
-        return ConnectFailed(
-            "host key verification failed for %s: the host key is unknown or has changed "
-            "(add it to known_hosts, or pass --no-host-key-check)" % host)
+    if "IDENTIFICATION HAS CHANGED" in text:
+        return connect_error(target, "host_key_changed")
+    if re.search(r"host key is known for|Host key verification failed", text):
+        return connect_error(target, "host_key_unknown" if "is known for" in text else "host_key")
     if "Permission denied" in text and not got_output:
-        return ConnectFailed("authentication failed for %s: permission denied" % host)
+        m = re.search(r"^(\S+@\S+): Permission denied", text, re.M)
+        return connect_error(target, "auth", m.group(1) if m else "")
     if "Could not resolve hostname" in text:
-        return ConnectFailed("unknown host %s: %s" % (host, last.rsplit(": ", 1)[-1]))
+        return connect_error(target, "unknown_host", last.rsplit(": ", 1)[-1])
+    if not got_output and re.search(r"kex_exchange_identification|^Connection (closed|reset) by \S+ port \d+",
+                                    text, re.M):
+        return connect_error(target, "dropped", last)
     if got_output or re.search(r"Timeout, server .* not responding|Broken pipe|Connection reset|"
                                r"closed by remote host|Connection closed by|client_loop|mux_client", text):
-        if not got_output and "Connection closed by" in text:
-            return ConnectFailed("%s closed the connection" % host, transient=True)
         return ConnectionLost("connection to %s lost: %s" % (host, last))
     if "Connection refused" in text:
-        return ConnectFailed("connection to %s refused" % host, transient=True)
+        return connect_error(target, "refused")
     if "timed out" in text:
-        return ConnectFailed("connection to %s timed out" % host, transient=True)
-    if re.search(r"No route to host|Network is unreachable|Connection reset|kex_exchange_identification",
-                 text):
-        return ConnectFailed("cannot connect to %s: %s" % (host, last), transient=True)
-    return ConnectFailed("cannot connect to %s: %s" % (host, last))
+        return connect_error(target, "timeout")
+    if re.search(r"No route to host|Network is unreachable", text):
+        return connect_error(target, "unreachable", last)
+    return connect_error(target, "other", last)
 
 
 class _Process(AgentProcess):
@@ -92,7 +95,7 @@ class _Process(AgentProcess):
     async def wait(self) -> int:
         code = await self.proc.wait()
         if code == SSH_FAILED:
-            raise ssh_error(self.transport.host, await self.stderr(), self._got_output)
+            raise ssh_error(self.transport.target, await self.stderr(), self._got_output)
         if code < 0:  # ssh itself was killed (not by us: close() comes last)
             raise ConnectionLost("connection to %s lost: ssh was killed by signal %d"
                                  % (self.transport.host, -code))
@@ -123,45 +126,26 @@ class _MasterTunnel(Tunnel):
         self.master.stop()
 
 
-class OpenSSHTransport(SSHDescribed, Transport):
-    """Runs the agent through the ``ssh`` program; same settings and
-    description as :class:`chaperone.ssh.SSHTransport`."""
+class OpenSSHTransport(SSHTransportBase):
+    """Runs the agent through the ``ssh`` program: one control master per
+    host that the calls share (MaxSessions of them at once; past that a
+    call connects on its own), at most ``connect_limit`` connections being
+    set up at once, each retried if sshd drops it before login."""
 
-    def __init__(self, host: str, *, config: Sequence[str] = (), known_hosts: Optional[str] = None,
-                 check_host_keys: bool = True, python: Optional[str] = None, port: Optional[int] = None,
-                 username: Optional[str] = None, client_keys: Optional[Sequence[str]] = None,
-                 connect_timeout: Optional[float] = None, keepalive_interval: float = 3.0,
-                 root: Optional[str] = None, ssh: Optional[str] = None, multiplex: Optional[bool] = None,
-                 max_sessions: int = 10, **ignored):
-        if not host or host.startswith("-") or any(c.isspace() for c in host):
-            raise ChaperoneError("invalid host %r" % host)
-        config = list(config)
-        if len(config) > 1:
-            raise ChaperoneError("the ssh program reads one config file (-F); %d were given" % len(config))
-        self.host = host
-        self.config = config
-        self.known_hosts = known_hosts
-        self.check_host_keys = check_host_keys
-        self.python = python or "python3"
-        self.port = port
-        self.username = username
-        self.client_keys = list(client_keys) if client_keys else None
-        self.connect_timeout = connect_timeout
-        self.keepalive_interval = keepalive_interval
-        self.root = root
+    def __init__(self, target: Target, *, ssh: Optional[str] = None, multiplex: Optional[bool] = None, **tuning):
+        super().__init__(target, **tuning)
+        if len(target.config) > 1:
+            raise ChaperoneError("the ssh program reads one config file (-F); %d were given" % len(target.config))
         self.ssh = ssh or ssh_opts.ssh_binary() or "ssh"
-        self.agent_file = agent_file()
+        self.destination = target.destination
         self._procs: set = set()
-        self._ship_lock = asyncio.Lock()
-        self._shipped = 0
         # One connection for every call (OpenSSH's ControlMaster), unless
         # the user's config does its own multiplexing.
         if multiplex is None:
-            multiplex = not ssh_opts.multiplexes_itself(self.config)
+            multiplex = not ssh_opts.multiplexes_itself(target.config)
         self.multiplex = multiplex
         self._master: Optional[masters.Master] = None
         self._options: dict = {}
-        self.max_sessions = max_sessions
         self._muxed = 0  # calls running over the master
 
     # The ssh command -------------------------------------------------------
@@ -170,17 +154,16 @@ class OpenSSHTransport(SSHDescribed, Transport):
         """``ssh ... HOST COMMAND`` (COMMAND is one argument for the login
         shell), over the shared connection if there is one and ``muxed``."""
         if self._master is not None and muxed:
-            return self.options() + ["-o", "ControlMaster=no", "-S", self._master.socket, "--", self.host, command]
-        return ssh_opts.direct_argv(self.options(), self.host, command, self.multiplex)
+            return self.options() + ["-o", "ControlMaster=no", "-S", self._master.socket, "--", self.destination,
+                                     command]
+        return ssh_opts.direct_argv(self.options(), self.destination, command, self.multiplex)
 
     def options(self, forwardings: bool = False) -> List[str]:
         """``ssh`` and its options for this host (no host, no command);
         worked out once (it reads the config files), not at every call."""
         if forwardings not in self._options:
             self._options[forwardings] = ssh_opts.ssh_options(
-                self.ssh, forwardings=forwardings, config=self.config, port=self.port,
-                username=self.username, client_keys=self.client_keys, check_host_keys=self.check_host_keys,
-                known_hosts=self.known_hosts, connect_timeout=self.connect_timeout,
+                self.ssh, self.target, forwardings=forwardings, connect_timeout=self.connect_timeout,
                 keepalive_interval=self.keepalive_interval)
         return list(self._options[forwardings])
 
@@ -193,7 +176,7 @@ class OpenSSHTransport(SSHDescribed, Transport):
         start has a session to this host standing by (a master now would
         only compete with it for the CPU, for a handshake the command may
         never need)."""
-        if not masters.standing_by(self.options(), self.host):
+        if not masters.standing_by(self.options(), self.destination):
             self._start_master()
 
     def _start_master(self) -> None:
@@ -202,42 +185,59 @@ class OpenSSHTransport(SSHDescribed, Transport):
             return
         self._stop_master()
         try:
-            self._master = masters.Master(self.options(), self.host)
+            self._master = masters.Master(self.options(), self.destination)
         except FileNotFoundError:
             raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh) from None
 
-    async def _connected(self) -> None:
-        """Wait until the master is logged in (its socket appears); raise
-        its error if it failed."""
-        if not self.multiplex:
-            return
-        self._start_master()  # (again, if the last one died: the connection broke)
-        master = self._master
+    async def _logged_in(self, master: "masters.Master") -> None:
+        """Until ``master`` is logged in (its socket appears); its error if it failed."""
         while not master.ready():
             if not master.alive():
                 err = master.stderr()
                 code = master.exit_status()
-                self._stop_master()
+                if master is self._master:
+                    self._stop_master()
                 if code == 127:
                     raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh)
-                raise ssh_error(self.host, err, False)
+                raise ssh_error(self.target, err, False)
             await asyncio.sleep(0.001)  # (a stat a ms while it logs in: the call goes out at once)
+
+    async def _connected(self) -> None:
+        """Wait until the master is logged in; start it (again) if needed,
+        within the connection limit, retried if sshd drops it before login."""
+        if not self.multiplex:
+            return
+        if self._master is not None and self._master.alive() and self._master.ready():
+            return
+
+        async def connect():
+            self._start_master()  # (again, if the last one died: the connection broke)
+            await self._logged_in(self._master)
+
+        async with self.connecting():
+            await self.retrying(connect)
 
     async def forward_remote(self, local_port: int) -> Tunnel:
         """Forward a fresh port on the host's 127.0.0.1 to ``local_port`` on
         127.0.0.1 here: a control master of its own (``ssh -N``) and ``ssh
         -O forward -R 0:...``, so the forwarded bytes are decrypted by ssh,
         in its own process, not by this one."""
-        master = masters.Master(self.options(), self.host)
+        async def connect():
+            master = masters.Master(self.options(), self.destination)
+            try:
+                await self._logged_in(master)
+            except BaseException:
+                master.stop()
+                raise
+            return master
+
+        async with self.connecting():
+            master = await self.retrying(connect)
         try:
-            while not master.ready():
-                if not master.alive():
-                    raise ssh_error(self.host, master.stderr(), False)
-                await asyncio.sleep(0.005)
             # (without ClearAllForwardings, which would clear this -R too)
             proc = await asyncio.create_subprocess_exec(
                 *self.options(forwardings=True), "-S", master.socket, "-O", "forward",
-                "-R", "127.0.0.1:0:127.0.0.1:%d" % int(local_port), "--", self.host,
+                "-R", "127.0.0.1:0:127.0.0.1:%d" % int(local_port), "--", self.destination,
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
             out, err = await proc.communicate()
             port = out.split()[0] if out.split() else b""
@@ -254,32 +254,15 @@ class OpenSSHTransport(SSHDescribed, Transport):
         if master is not None:
             master.stop()
 
-    async def _spawn(self, command: str, stdin: bytes):
-        # The server allows MaxSessions channels per connection: past
-        # max_sessions calls at once, a call gets a connection of its own
-        # (slower, never stuck behind long follows).
-        # (The slot is taken before the await: calls made at once must not
-        # all see the same free count.)
-        muxed = self._muxed < self.max_sessions
-        if muxed:
-            self._muxed += 1
+    async def _spawn(self, command: str, stdin: bytes, muxed: bool):
         try:
             proc = await spawn(self.argv(command, muxed))
-        except BaseException as e:
-            if muxed:
-                self._unmux()
-            if isinstance(e, FileNotFoundError):
-                raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh) from None
-            raise
+        except FileNotFoundError:
+            raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh) from None
         self._procs.add(proc)
-        if muxed:
-            asyncio.ensure_future(proc.wait()).add_done_callback(lambda _: self._unmux())
         stderr_task = asyncio.ensure_future(proc.stderr.read())
         feeder = asyncio.ensure_future(feed_stdin(proc, stdin))
         return proc, stderr_task, feeder
-
-    def _unmux(self) -> None:
-        self._muxed -= 1
 
     def _forget(self, proc) -> None:
         """Kill ``proc`` if it still runs; drop it once reaped."""
@@ -311,37 +294,22 @@ class OpenSSHTransport(SSHDescribed, Transport):
 
     # Running the agent -----------------------------------------------------
 
-    async def _finish(self, proc, stderr_task) -> "tuple[int, bytes]":
-        code = await proc.wait()
-        self._procs.discard(proc)
+    async def _ship_once(self) -> None:
+        launch = await self._launch(ship_command(self.python), agent_bytes())
         try:
-            err = await stderr_task
-        except asyncio.CancelledError:
-            err = b""
-        return code, err
+            await launch.proc.stdout.read()
+            code, err = await launch.finish()
+        finally:
+            launch.discard()
+        if code == SSH_FAILED:
+            raise ssh_error(self.target, err, False)
+        if code != 0:
+            raise ship_failure(code, err, self.python, self.host)
 
-    async def _ship(self, shipped_before: int) -> None:
-        async with self._ship_lock:
-            if self._shipped != shipped_before:
-                return  # another call shipped it meanwhile
-            await self._connected()
-            proc, stderr_task, feeder = await self._spawn(ship_command(self.python), agent_bytes())
-            try:
-                await proc.stdout.read()
-                code, err = await self._finish(proc, stderr_task)
-            finally:
-                self._forget(proc)
-                feeder.cancel()
-            if code == SSH_FAILED:
-                raise ssh_error(self.host, err, False)
-            if code != 0:
-                raise ship_failure(code, err, self.python, self.host)
-            self._shipped += 1
-
-    async def _adopt(self, command: str, stdin: bytes):
+    async def _adopt(self, command: str, stdin: bytes) -> "Optional[_SSHLaunch]":
         """A call on the head start's standby session if there is one for
         this host (already connecting, or connected), else None."""
-        standby = masters.adopt_session(self.options(), self.host, self.multiplex)
+        standby = masters.adopt_session(self.options(), self.destination, self.multiplex)
         if standby is None:
             return None
         try:
@@ -356,49 +324,99 @@ class OpenSSHTransport(SSHDescribed, Transport):
         # fewer); a follow whose client is gone ends by itself (the agent
         # watches its stdout).
         feeder = asyncio.ensure_future(feed_stdin(proc, masters.standby_input("exec " + command) + stdin))
-        return proc, stderr_task, feeder
+        return _SSHLaunch(self, proc, stderr_task, feeder, master=None, muxed=False)
 
-    async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
-        command = agent_command(self.python, self.root, args)
-        shipped_again = reconnected = False
+    async def _launch(self, command: str, stdin: bytes) -> Launch:
         adopted = await self._adopt(command, stdin)
-        while True:
-            shipped = self._shipped
-            if adopted is not None:
-                master = None
-                (proc, stderr_task, feeder), adopted = adopted, None
-            else:
-                await self._connected()
-                master = self._master
-                proc, stderr_task, feeder = await self._spawn(command, stdin)
+        if adopted is not None:
+            return adopted
+        await self._connected()
+        # The server allows MaxSessions channels per connection: past
+        # max_sessions calls at once, a call gets a connection of its own
+        # (slower, never stuck behind long follows).  (The slot is taken
+        # before any await: calls made at once must not all see the same
+        # free count.)
+        muxed = self._master is not None and self._muxed < self.max_sessions
+        if muxed:
+            self._muxed += 1
             try:
-                # The agent always prints (a marker) unless the bootstrap
-                # refused it: no output and status 97 mean "ship it again".
-                first = await proc.stdout.read(1 << 16)
+                proc, stderr_task, feeder = await self._spawn(command, stdin, True)
             except BaseException:
-                self._forget(proc)
-                feeder.cancel()
+                self._muxed -= 1
                 raise
-            if first:
-                return _Process(self, proc, first, stderr_task)
-            code, err = await self._finish(proc, stderr_task)
-            if code == SHIP_AGAIN:
-                if shipped_again:
-                    raise shipped_but_missing(self.host)
-                shipped_again = True
-                await self._ship(shipped)
-                continue
-            if code == SSH_FAILED:
-                if master is not None and not reconnected and (not master.alive() or not err.strip()):
-                    # The shared connection broke (its master is exiting):
-                    # once more over a new one.
-                    reconnected = True
-                    if self._master is master:
-                        self._stop_master()
-                    continue
-                raise ssh_error(self.host, err, False)
-            if code == 127:
-                raise no_python(self.python, self.host)
+            return _SSHLaunch(self, proc, stderr_task, feeder, master=self._master, muxed=True)
+
+        async def connect():
+            launch = _SSHLaunch(self, *await self._spawn(command, stdin, False), master=None, muxed=False)
+            try:
+                first = await launch.first()
+            except BaseException:
+                launch.discard()
+                raise
+            if not first:
+                code, err = await launch.finish()
+                if code == SSH_FAILED:
+                    error = ssh_error(self.target, err, False)
+                    if isinstance(error, ConnectFailed) and error.retry_safe:
+                        raise error
+            return launch
+
+        # A connection of its own: set up within the limit, and again if
+        # sshd drops it before login (then nothing ran).
+        async with self.connecting():
+            return await self.retrying(connect)
+
+    def _silent_exit(self, launch: Launch, code, err: bytes, relaunched: bool) -> bool:
+        if code != SSH_FAILED:
+            return False
+        master = launch.master
+        if master is not None and not relaunched and (not master.alive() or not err.strip()):
+            # The shared connection broke (its master is exiting): once
+            # more over a new one.
+            if self._master is master:
+                self._stop_master()
+            return True
+        raise ssh_error(self.target, err, False)
+
+
+class _SSHLaunch(Launch):
+    """One ``ssh`` process running an agent command."""
+
+    def __init__(self, transport: OpenSSHTransport, proc, stderr_task, feeder, master, muxed: bool):
+        self.transport = transport
+        self.proc = proc
+        self.stderr_task = stderr_task
+        self.feeder = feeder
+        self.master = master
+        self._first: Optional[bytes] = None
+        self._result = None
+        if muxed:
+            proc_wait = asyncio.ensure_future(proc.wait())
+            proc_wait.add_done_callback(lambda _: transport.__setattr__("_muxed", transport._muxed - 1))
+
+    async def first(self) -> bytes:
+        if self._first is None:
+            self._first = await self.proc.stdout.read(1 << 16)
+        return self._first
+
+    async def finish(self):
+        if self._result is None:
+            code = await self.proc.wait()
+            self.transport._procs.discard(self.proc)
+            try:
+                err = await self.stderr_task
+            except asyncio.CancelledError:
+                err = b""
+            self._result = (code, err)
+        return self._result
+
+    def process(self, first: bytes) -> AgentProcess:
+        if self._result is not None:
             done = asyncio.get_running_loop().create_future()
-            done.set_result(err)
-            return _Process(self, proc, b"", done)
+            done.set_result(self._result[1])
+            return _Process(self.transport, self.proc, first, done)
+        return _Process(self.transport, self.proc, first, self.stderr_task)
+
+    def discard(self) -> None:
+        self.transport._forget(self.proc)
+        self.feeder.cancel()
