@@ -99,10 +99,9 @@ def _style(pattern: str, terms: Sequence[Term]) -> str:
         return "nodeset"
     xor = next((t for t in terms if t.op == "^"), None)
     if xor is not None:
-        raise NodeSetError(pattern, "'^' {at} is ClusterShell's, and %r at column %d is Ansible's, whose order "
-                           "differs: write the pattern in one of the two" % (ansible.text if not ansible.prefixed
-                                                                              else ansible.op + ansible.text,
-                                                                              ansible.pos + 1), xor.pos)
+        raise NodeSetError(pattern, "'^' {at} (ClusterShell's xor) cannot be mixed with Ansible's syntax (':' "
+                           "between names, '!' or '&' after a separator, '~regex'), which is evaluated in "
+                           "another order; use ',' and infix '!' '&' '^' only", xor.pos)
     return "ansible"
 
 
@@ -232,10 +231,10 @@ def _groups(pattern: str, term: Term, inv: HostSource, limit: int) -> List[str]:
                 out.update(dict.fromkeys(members))
         if not found:
             what = {None: "group or label", "group": "group", "label": "label"}[source]
-            raise NodeSetError(pattern, "unknown %s @%s {at}%s" % (
-                what, (source + ":" if source else "") + name,
-                " (no inventory: give one with -i FILE or $CHAPERONE_INVENTORY)" if isinstance(inv, _Empty)
-                else " in the inventory"), term.pos)
+            raise NodeSetError(pattern, "@%s {at} is no %s %s" % (
+                (source + ":" if source else "") + name, what,
+                "(no inventory: give one with -i FILE or $CHAPERONE_INVENTORY)" if isinstance(inv, _Empty)
+                else "of the inventory"), term.pos)
         if len(out) > limit:
             raise NodeSetError(pattern, "%r {at} selects more than %d hosts" % (term.text, limit), term.pos)
     return list(out)
