@@ -4,9 +4,9 @@ Generic: a *job* is anything (a :class:`~.inventory.HostEntry`, a
 ``(host, argv)`` pair ...); a *task* is ``async def task(job)``; how a run
 is started is the task's business.  Pure asyncio.
 
-    fan = Fanout(hosts, task, forks=32, per_host=8, timeout=60)
-    async for result in fan:          # HostResult, in order of completion
-        ...
+    async with Fanout(hosts, task, forks=32, per_host=8, timeout=60) as fan:
+        async for result in fan:      # HostResult, in order of completion
+            ...                       # leaving the block early cancels the rest
     # from a SIGINT handler: fan.interrupt()
 
 Limits and their defaults:
@@ -206,7 +206,27 @@ class Fanout:
         if self._iterated:
             raise RuntimeError("a Fanout is iterated once")
         self._iterated = True
-        return self._run()
+        self._gen = self._run()
+        return self._gen
+
+    async def aclose(self) -> None:
+        """Cancel whatever still runs and wait for it (what leaving
+        ``async with`` does; a ``break`` out of ``async for`` alone leaves
+        the clean-up to the garbage collector, as for any async generator)."""
+        gen = getattr(self, "_gen", None)
+        if gen is not None:
+            await gen.aclose()
+        left = list(self._running)
+        for t in left:
+            t.cancel()
+        if left:
+            await asyncio.gather(*left, return_exceptions=True)
+
+    async def __aenter__(self) -> "Fanout":
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.aclose()
 
     def _startable(self) -> Optional[int]:
         """Index in the pending queue of the first job whose host has room."""
@@ -323,7 +343,9 @@ async def fanout(jobs: Iterable[Any], task: Callable[[Any], Awaitable[Any]], *, 
                  buffer: int = DEFAULT_BUFFER, on_interrupt: Optional[Callable[[Any], Any]] = None,
                  key: Callable[[Any], Hashable] = host_key) -> AsyncIterator[HostResult]:
     """``async for result in fanout(hosts, task, forks=N, per_host=M, timeout=T)``:
-    :class:`Fanout` without a handle (use the class to interrupt)."""
-    async for r in Fanout(jobs, task, forks=forks, per_host=per_host, timeout=timeout, buffer=buffer,
-                          on_interrupt=on_interrupt, key=key):
-        yield r
+    :class:`Fanout` without a handle (use the class to interrupt, or to
+    stop early without leaving the clean-up to the garbage collector)."""
+    async with Fanout(jobs, task, forks=forks, per_host=per_host, timeout=timeout, buffer=buffer,
+                      on_interrupt=on_interrupt, key=key) as fan:
+        async for r in fan:
+            yield r

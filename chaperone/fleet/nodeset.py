@@ -100,6 +100,7 @@ class Term:
     pos: int
     prefixed: bool = False
     sep: str = ""
+    op_pos: int = -1  # column (0-based) of the operator or separator before it; -1 for none
 
 
 # --- scanning -----------------------------------------------------------------------
@@ -149,7 +150,7 @@ def tokenize(pattern: str, *, ansible: bool = False) -> List[Term]:
     n = len(s)
     terms: List[Term] = []
     i = 0
-    op, sep, prefixed = ",", "", False
+    op, sep, prefixed, op_pos = ",", "", False, -1
     expect_operand = True  # at the start, or after a separator/operator
     after_sep = True       # an operator here would be a prefix
     while True:
@@ -166,10 +167,11 @@ def tokenize(pattern: str, *, ansible: bool = False) -> List[Term]:
         if c in "!&^" and expect_operand:
             if not ansible or not after_sep or op != ",":
                 raise NodeSetError(pattern, "operator %r {at} needs a name before it" % c, i)
-            op, prefixed, after_sep = c, True, False
+            op, prefixed, after_sep, op_pos = c, True, False, i
             i += 1
             continue
-        if c in OPERATORS or (ansible and c == ":"):
+        v6 = _ipv6_at(s, i) if ansible else -1
+        if v6 < 0 and (c in OPERATORS or (ansible and c == ":")):
             raise NodeSetError(pattern, "missing name before %r {at}" % c, i)
         if c == "]":
             raise NodeSetError(pattern, "']' {at} has no '['", i)
@@ -204,7 +206,7 @@ def tokenize(pattern: str, *, ansible: bool = False) -> List[Term]:
                 j += 1
             end = j
         else:
-            end = _ipv6_at(s, i) if ansible else -1
+            end = v6
             if end < 0:
                 j = i
                 colon_ok = ansible and c == "@"  # the first ':' of @source:group
@@ -230,7 +232,7 @@ def tokenize(pattern: str, *, ansible: bool = False) -> List[Term]:
         bad = next((k for k, ch in enumerate(text) if ch.isspace()), None)
         if bad is not None and not text.startswith("~"):
             raise NodeSetError(pattern, "space inside a name {at} (separate names with ',')", start + bad)
-        terms.append(Term(op, text, start, prefixed, sep))
+        terms.append(Term(op, text, start, prefixed, sep, op_pos))
         i = end
         while i < n and s[i].isspace():
             i += 1
@@ -238,9 +240,9 @@ def tokenize(pattern: str, *, ansible: bool = False) -> List[Term]:
             break
         c = s[i]
         if c == "," or (ansible and c == ":"):
-            op, sep, prefixed, after_sep = ",", c, False, True
+            op, sep, prefixed, after_sep, op_pos = ",", c, False, True, i
         elif c in "!&^":
-            op, sep, prefixed, after_sep = c, "", False, False
+            op, sep, prefixed, after_sep, op_pos = c, "", False, False, i
         else:  # pragma: no cover - the operand scan stops only at these
             raise NodeSetError(pattern, "unexpected %r {at}" % c, i)
         expect_operand = True
@@ -528,8 +530,8 @@ def _fold_indexes(indexes: Iterable[str]) -> str:
 
 
 def fold(hosts: Iterable[str]) -> str:
-    """The shortest node set naming exactly ``hosts`` that the folding of
-    ClusterShell finds (``nodeset -f``): names are grouped by their
+    """A short node set naming exactly ``hosts``, folded as ClusterShell's
+    ``nodeset -f`` folds (``n[0-1]``, not ``n0,n1``): names are grouped by their
     non-digit parts, each run of digits is an axis, and vectors are merged
     along one axis at a time until nothing merges (``dc[1-2]n[1-2]``;
     ``dc1n[1-2],dc2n1``).  Names holding node-set syntax characters are

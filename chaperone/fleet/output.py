@@ -193,7 +193,7 @@ class LiveOutput:
             self._line(f, key, bytes(buf[start:nl + 1]))
             start = nl + 1
         del buf[:start]
-        while len(buf) >= self.max_line:
+        while len(buf) > self.max_line:  # (exactly max_line may still end the output)
             piece = bytes(buf[:self.max_line])
             del buf[:self.max_line]
             self._line(f, key, piece + b"\n", cut=True)

@@ -101,7 +101,7 @@ def _style(pattern: str, terms: Sequence[Term]) -> str:
     if xor is not None:
         raise NodeSetError(pattern, "'^' {at} (ClusterShell's xor) cannot be mixed with Ansible's syntax (':' "
                            "between names, '!' or '&' after a separator, '~regex'), which is evaluated in "
-                           "another order; use ',' and infix '!' '&' '^' only", xor.pos)
+                           "another order; use ',' and infix '!' '&' '^' only", xor.op_pos)
     return "ansible"
 
 
