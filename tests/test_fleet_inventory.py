@@ -224,7 +224,10 @@ def test_several_inventories_merge(tmp_path):
     ("web,db", "db-a db-b web01 web02 web03"),
     ("prod:&stage", "web03"),
     ("prod:!db", "web01 web02 web03"),
-    ("prod:!db:mail.example.com", "mail.example.com web01 web02 web03"),  # Ansible order: ! last
+    ("prod:!db:mail.example.com", "mail.example.com web01 web02 web03"),
+    ("web:!web01:web01", "web02 web03"),                   # Ansible order: ! last, whatever the position
+    ("web01:&stage:web02", ""),                            # ... and & after every union
+    ("web!web01,web01", "web01 web02 web03"),              # the same in ClusterShell syntax: left to right
     ("!prod", "mail.example.com"),                         # Ansible: all implied
     ("&stage", "web03"),
     ("prod!db,db-a", "db-a web01 web02 web03"),            # ClusterShell order: left to right
