@@ -1,12 +1,11 @@
 """Inventories (Ansible INI/YAML, chaperone's YAML), host patterns over them
 (chaperone.fleet.patterns), host files and select_hosts."""
 
-import os
 import textwrap
 
 import pytest
 
-from chaperone.fleet.inventory import (HostEntry, Inventory, InventoryError, SelectionError, inventory_paths,
+from chaperone.fleet.inventory import (HostEntry, InventoryError, SelectionError, inventory_paths,
                                        load_inventory, parse_inventory, read_hostfile, select_hosts)
 from chaperone.fleet.nodeset import NodeSetError
 from chaperone.fleet.patterns import pattern_style, select
@@ -317,6 +316,7 @@ def test_select_hosts(inv, tmp_path):
     assert got[0].hostname == "10.0.0.9"                  # the inventory's entry
     assert got[2] == HostEntry.plain("extra", user="root", port=2222)
     assert select_hosts(["a,b"]) == [HostEntry.plain("a"), HostEntry.plain("b")]
+    assert len(set(got) | set(got)) == 5                  # entries are hashable (sets, dict keys)
 
 
 def test_pick_is_random_and_seeded(inv):

@@ -80,7 +80,10 @@ def test_expansion_is_bounded_before_it_is_built():
         expand("a[1-1000]b[1-1000]")
     with pytest.raises(NodeSetError, match="more than 10 names"):
         expand("a[1-6],b[1-6]", limit=10)
-    assert len(expand("n[1-%d]" % DEFAULT_LIMIT)) == DEFAULT_LIMIT
+    assert len(expand("n[1-10]", limit=10)) == 10        # the limit itself is allowed
+    with pytest.raises(NodeSetError, match="11 names, over the limit of 10"):
+        expand("n[1-11]", limit=10)
+    assert DEFAULT_LIMIT == 100_000
 
 
 GROUPS = {

@@ -48,7 +48,7 @@ import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Dict, Hashable, Iterable, List, Optional
+from typing import Any, AsyncIterator, Awaitable, Callable, Deque, Dict, Hashable, Iterable, Optional
 
 __all__ = ["Fanout", "HostResult", "fanout", "default_forks", "host_key", "DEFAULT_PER_HOST", "DEFAULT_BUFFER",
            "HostFailure", "OK", "FAILED", "TIMEOUT", "CANCELLED"]

@@ -66,14 +66,11 @@ last), ``--pick N`` (N hosts at random, ``seed`` for tests).  Errors are
 
 from __future__ import annotations
 
-import ast
 import dataclasses
 import os
-import random
 import re
-import shlex
 from dataclasses import dataclass, field
-from typing import Any, Dict, FrozenSet, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tuple
 
 from .nodeset import DEFAULT_LIMIT, NodeSetError, expand, expand_name, natural_key
 from .patterns import select
@@ -131,7 +128,7 @@ class HostEntry:
     user: Optional[str] = None
     python: Optional[str] = None
     spool: Optional[str] = None
-    env: Mapping[str, str] = field(default_factory=dict)
+    env: Mapping[str, str] = field(default_factory=dict, hash=False)
     labels: FrozenSet[str] = frozenset()
     groups: Tuple[str, ...] = ()
     vars: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -192,6 +189,8 @@ class _Raw:
 
 def _parse_value(v: str) -> Any:
     """ansible-core's ini ``_parse_value``: a Python literal if it is one."""
+    import ast
+
     try:
         return ast.literal_eval(v)
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -253,6 +252,8 @@ def _parse_ini(text: str, path: str) -> _Raw:
                 pending.pop(group, None)
             continue
         if state == "hosts":
+            import shlex
+
             try:
                 tokens = shlex.split(line, comments=True)
             except ValueError as e:
@@ -738,5 +739,7 @@ def select_hosts(patterns: Sequence[str] = (), *, inventory: Optional[Inventory]
         if pick < 1:
             raise SelectionError("--pick needs a number of hosts, 1 or more (got %d)" % pick)
         if pick < len(names):
+            import random
+
             names = sorted(random.Random(seed).sample(names, pick), key=natural_key)
     return [chosen[n] for n in names]

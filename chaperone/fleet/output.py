@@ -60,7 +60,7 @@ import json
 from dataclasses import dataclass, field
 from typing import IO, Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-from .fanout import CANCELLED, FAILED, OK, TIMEOUT, HostFailure, HostResult
+from .fanout import CANCELLED, FAILED, TIMEOUT, HostFailure, HostResult
 from .nodeset import fold, natural_key
 
 __all__ = [

@@ -51,7 +51,6 @@ inventory's order first.
 from __future__ import annotations
 
 import fnmatch
-import ipaddress
 import re
 from typing import Dict, Iterable, List, Optional, Protocol, Sequence
 
@@ -198,6 +197,8 @@ def _matching(inv: HostSource, match) -> List[str]:
 def _is_ip(text: str) -> bool:
     if ":" not in text:
         return False
+    import ipaddress
+
     try:
         ipaddress.IPv6Address(text.split("%", 1)[0])
         return True
