@@ -324,7 +324,8 @@ def report(data: dict, sizes: Sequence[int], tools: Sequence[str], results: "har
             if d.get("cpu"):
                 per = harness.median(d["cpu"]) / (1 if tool == "ssh_one" else n)
                 results.add("fleet_cpu_%s_%d" % (tool, n if tool != "ssh_one" else 1),
-                            "%s: CPU per host launched (its whole process tree), true" % tool, per * 1000, "ms",
+                            "%s: CPU per host launched (its whole process tree), %d host%s, true"
+                            % (tool, 1 if tool == "ssh_one" else n, "" if tool == "ssh_one" else "s"), per * 1000, "ms",
                             notes="user+sys of the tool and its children (ssh processes too), per host")
 
 
