@@ -19,77 +19,44 @@ no guess.
 import os
 import sys
 
-#: Options that take a value, and flags, of the subcommands (as in cli.py).
-_RUN_VALUES = {"--id", "-e", "--env", "--cwd", "--timeout", "--kill-grace", "--stdin", "-p", "--port", "-l",
-               "--login", "-i", "--identity", "--python", "--spool"}
-_RUN_FLAGS = {"-d", "--detach", "--json", "--no-host-key-check"}
-_ID_COMMANDS = {
-    "status": (set(), {"--json"}),
-    "logs": (set(), {"-f", "--follow", "--stderr"}),
-    "wait": (set(), {"--json"}),
-    "kill": ({"-s", "--signal", "--grace"}, set()),
-    "clean": (set(), {"--force"}),
-}
-
-
-def _parse(args, values, flags, positionals):
-    """(options, positionals) up to ``--`` or the ``positionals``-th
-    positional argument; None when something is not understood."""
-    opts, pos = {}, []
-    i = 0
-    while i < len(args) and len(pos) < positionals:
-        arg = args[i]
-        if arg == "--":
-            break
-        if arg.startswith("-") and arg != "-":
-            name, eq, value = arg.partition("=")
-            if name in values:
-                if not eq:
-                    i += 1
-                    if i == len(args):
-                        return None
-                    value = args[i]
-                opts.setdefault(name, []).append(value)
-            elif name in flags and not eq:
-                opts[name] = [True]
-            else:
-                return None
-        else:
-            pos.append(arg)
-        i += 1
-    return opts, pos
-
-
 def _guess(argv):
-    """The target of the SSH connection this command line will make, or None."""
+    """The target of the SSH connection this command line will make, or
+    None.  It reads the command line with the CLI's own option table
+    (chaperone.cli.options), and recorded runs with the records' own code."""
+    from .cli import options as o
+
     configs = []
     i = 0
     while i < len(argv) and argv[i] == "-F" and i + 1 < len(argv):
         configs.append(argv[i + 1])
         i += 2
-    if i == len(argv) or len(configs) > 1:
+    if i == len(argv):
         return None
     command, rest = argv[i], argv[i + 1:]
     if command == "run":
-        parsed = _parse(rest, _RUN_VALUES, _RUN_FLAGS, 2)
-        if parsed is None or not parsed[1] or parsed[1][0] == "local":
+        opts, host, words, _ = o.split_run(rest, o.RUN + o.SSH)
+        parsed = o.parse_options(opts, o.RUN + o.SSH)
+        if parsed is None or host is None or host == "local" or not words or "hosts" in parsed:
             return None
-        opts, pos = parsed
-
-        def last(*names):
-            found = [v for n in names for v in opts.get(n, [])]
-            return found[-1] if found else None
-
         from .transports.target import Target
 
-        port = last("-p", "--port")
-        return Target.parse(
-            pos[0], config=configs, port=int(port) if port else None, user=last("-l", "--login"),
-            identities=[v for n in ("-i", "--identity") for v in opts.get(n, [])],
-            check_host_keys=not last("--no-host-key-check"), python=last("--python"), spool=last("--spool"))
-    if command in _ID_COMMANDS:
-        parsed = _parse(rest, *_ID_COMMANDS[command], 1)
-        if parsed is None or not parsed[1]:
+        configs += parsed.get("ssh_config", [])
+        if len(configs) > 1:
+            return None
+        settings = o.ssh_settings(parsed)
+        return Target.parse(host, config=configs, check_host_keys="no_host_key_check" not in parsed,
+                            **settings)
+    if command in o.ID_COMMANDS:
+        extra = tuple(o.Opt((name,), name) for name in o.ID_VALUES)
+        flags = ("-f", "--follow", "--json", "--stdout", "--stderr", "--force", "-a", "-q")
+        extra += tuple(o.Opt((name,), name, value=False) for name in flags)
+        ids = [a for a in rest if not a.startswith("-")]
+        opts = [a for a in rest if a not in ids[:1]]
+        parsed = o.parse_options(opts[:len(opts)], o.SSH + extra) if ids else None
+        if parsed is None or len(ids) != 1:
+            return None
+        # (an option's value would be taken for the id: only clear cases)
+        if any(a in ids for a in sum((v for v in parsed.values() if isinstance(v, list)), [])):
             return None
         from .records import Records, chaperone_home
         from .transports.target import Target
@@ -99,12 +66,19 @@ def _guess(argv):
             return None
         records = Records(db)
         try:
-            rec = records.get(parsed[1][0])
+            rec = records.get(ids[0])
         finally:
             records.close()
         if rec is None or rec.host == "local":
             return None
         target = Target.from_description(rec.transport)
+        settings = o.ssh_settings(parsed)
+        configs += parsed.get("ssh_config", [])
+        if configs:
+            settings["config"] = tuple(configs)
+        if "no_host_key_check" in parsed:
+            settings["check_host_keys"] = False
+        target = target.replace(**settings) if settings else target
         return None if len(target.config) > 1 else target
     return None
 

@@ -233,7 +233,10 @@ class Chaperone:
     ``config`` gives defaults for each run's ``program.json`` config;
     ``on_update(run_id, RunState)`` (sync or async) is called on each state
     change.  ``transports``: transports to use for some host names (an
-    in-memory host in tests, as httpx's MockTransport)."""
+    in-memory host in tests, as httpx's MockTransport).  ``overrides``: SSH
+    settings (as for :meth:`target`) that win over the recorded ones when
+    a recorded run's host is reached again (the CLI's ``-p``, ``-i`` ...
+    on ``status ID``)."""
 
     def __init__(self, home: Optional[os.PathLike] = None, *, ssh_config: Optional[Sequence[str]] = None,
                  ssh_client: Optional[str] = None, check_host_keys: bool = True,
@@ -241,13 +244,14 @@ class Chaperone:
                  connect_limit: Optional[int] = None, max_sessions: Optional[int] = None, push: bool = False, callback_url: Optional[str] = None,
                  bind: str = "127.0.0.1", port: int = 0, config: Optional[dict] = None,
                  on_update: Optional[Callable] = None, heal_interval: float = 1.0,
-                 transports: Optional[Mapping[str, Transport]] = None):
+                 transports: Optional[Mapping[str, Transport]] = None, overrides: Optional[Mapping] = None):
         self.home = chaperone_home(home)
         self._records: Optional[Records] = None
         self.ssh_config = list(ssh_config or [])
         self.check_host_keys = check_host_keys
         self.known_hosts = known_hosts
         self.python = python
+        self.overrides = {k: v for k, v in _ssh_settings(overrides or {}).items() if v not in (None, (), [])}
         tuning = {k: v for k, v in (("connect_limit", connect_limit), ("max_sessions", max_sessions))
                   if v is not None}
         self.transports = Transports(local_spool=self.home / "spool", client=ssh_client, overrides=transports,
@@ -314,8 +318,12 @@ class Chaperone:
         return self.transports.get(self.target(host, **ssh))
 
     def transport_for(self, record: Record) -> Transport:
-        """The transport to a recorded run's host (the same object as for a start there)."""
-        return self.transports.for_record(record.transport)
+        """The transport to a recorded run's host (the same object as for a
+        start there), with this object's ``overrides``."""
+        target = Target.from_description(dict(record.transport))
+        if self.overrides and not target.local:
+            target = target.replace(**self.overrides)
+        return self.transports.get(target)
 
     def preconnect(self, host: Union[str, Target], ssh: Optional[Mapping] = None, **settings) -> None:
         """Start connecting to ``host`` in the background now, where the

@@ -180,7 +180,7 @@ def one_line_error(stderr):
 
 
 def ps_ids(home):
-    res = cli(home, "ps", "--json")
+    res = cli(home, "ps", "-a", "--json")
     assert res.returncode == 0, res.stderr.decode()
     return [r["id"] for r in json.loads(res.stdout.decode())]
 

@@ -22,7 +22,7 @@ from helpers import (
     ps_ids, read_state, read_until, spool_dir, spool_root, unique, wait_for, wait_no_procs,
 )
 
-from chaperone.models import RunState
+from chaperone.models import RunInfo
 
 PY = sys.executable
 
@@ -272,7 +272,7 @@ def test_supervisor_sigkilled_reads_lost_and_program_dies(home):
         now = json.loads(res.stdout)
         assert now["state"] == "lost"
         assert "supervisor" in now["error"]
-        RunState.model_validate_json(res.stdout)
+        RunInfo.model_validate_json(res.stdout)
         wait_no_procs(m, timeout=3)
         res = cli(home, "wait", "lost")
         assert res.returncode == 255
@@ -301,7 +301,7 @@ def test_cli_sigkilled_during_run_program_carries_on(home):
         res = cli(home, "logs", "X")
         assert res.stdout == LINES
         res = cli(home, "status", "X", "--json")
-        st = RunState.model_validate_json(res.stdout)
+        st = RunInfo.model_validate_json(res.stdout)
         assert st.state == "done" and st.return_code == 0
     finally:
         proc.stdout.close()
@@ -326,7 +326,7 @@ def test_status_ps_logs_follow_clean(home, tmp_path):
         assert read_until(follower.stdout, b"line 10\n") == b"".join(b"line %d\n" % i for i in range(1, 11))
         res = cli(home, "status", "F", "--json")
         assert res.returncode == 0
-        st = RunState.model_validate_json(res.stdout)
+        st = RunInfo.model_validate_json(res.stdout)
         assert st.id == "F" and st.state == "running" and st.pid
         res = cli(home, "status", "F")
         assert b"running" in res.stdout and b"F" in res.stdout
@@ -355,9 +355,9 @@ def test_status_ps_logs_follow_clean(home, tmp_path):
             follower.kill()
             follower.communicate()
     res = cli(home, "status", "F", "--json")
-    st = RunState.model_validate_json(res.stdout)
+    st = RunInfo.model_validate_json(res.stdout)
     assert st.state == "done" and st.return_code == 0 and st.stdout_bytes == len(LINES)
-    res = cli(home, "ps", "--json")
+    res = cli(home, "ps", "-a", "--json")
     rows = dict((r["id"], r) for r in json.loads(res.stdout))
     assert rows["F"]["state"] == "done" and rows["F"]["argv"][0] == "sh"
 

@@ -32,7 +32,7 @@ def test_logs_of_a_40_mb_run_over_ssh_are_exact(sshd, tmp_path):
     expected = cli(sshd, tmp_path, "logs", run_id, "--stderr").stdout.decode()
     out = tmp_path / "out"
     with open(out, "wb") as f:
-        res = cli(sshd, tmp_path, "logs", run_id, stdout=f)
+        res = cli(sshd, tmp_path, "logs", "--stdout", run_id, stdout=f)
     assert res.returncode == 0 and res.stderr == b"", res.stderr
     data = out.read_bytes()
     assert len(data) == 40 * (32 * 32768 + 4)

@@ -180,7 +180,7 @@ def test_foreground_run_and_follower_reconnect_after_sessions_are_killed(sshd, t
     follower = None
     try:
         run_out.wait_for(lambda d: b"line 2\n" in d)
-        follower = popen(sshd, tmp_path, "logs", "-f", run_id)
+        follower = popen(sshd, tmp_path, "logs", "-f", "--stdout", run_id)
         fol_out, fol_err = Reader(follower.stdout), Reader(follower.stderr)
         fol_out.wait_for(lambda d: b"line 3\n" in d)
 

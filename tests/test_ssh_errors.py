@@ -62,7 +62,7 @@ def assert_fails_cleanly(home, res, *words):
     assert "Traceback" not in err
     for word in words:
         assert word in line, line
-    ps = chaperone(home, "ps", "--json")
+    ps = chaperone(home, "ps", "-a", "--json")
     assert ps.returncode == 0, ps.stderr
     runs = json.loads(ps.stdout)
     assert [r["state"] for r in runs if r["state"] in ("running", "starting")] == []

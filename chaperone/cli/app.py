@@ -1,0 +1,159 @@
+"""The click application: the ``chaperone`` group, its shared helpers, and
+the commands (:mod:`.run`, :mod:`.manage`).
+
+Every command and option is documented in docs/cli.md.  Exit status of
+``run`` and ``wait``: the program's own; ``128+N`` when it was killed by
+signal N; 127 (not found) or 126 (not executable) when it could not be
+started; 255 when chaperone itself failed or lost the run (as ssh); 2 for
+bad usage; 4 for an unknown run id.
+
+Heavy modules (asyncio, pydantic, asyncssh) are imported inside the commands,
+so ``chaperone --help`` starts fast.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .options import SSH, Opt, ssh_settings
+
+EXIT_FAILURE = 255
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def fail(message: str, code: int = EXIT_FAILURE):
+    """One line on stderr, then exit ``code``."""
+    click.echo("chaperone: %s" % message, err=True)
+    sys.exit(code)
+
+
+def add_options(table):
+    """Click options from a table of :class:`~chaperone.cli.options.Opt`."""
+    def decorate(f):
+        for opt in reversed(table):
+            if opt.value:
+                f = click.option(*opt.flags, opt.dest, multiple=opt.multiple, metavar=opt.metavar,
+                                 help=opt.help)(f)
+            else:
+                f = click.option(*opt.flags, opt.dest, is_flag=True, help=opt.help)(f)
+        return f
+    return decorate
+
+
+def chaperone_for(params: dict, **kw):
+    """The Chaperone a command works with: the ssh config files (``-F``
+    before the command and on it), host key checking, and the SSH options
+    given on the command line, which also win over a recorded run's."""
+    from ..api import Chaperone
+
+    ctx = click.get_current_context()
+    configs = list(ctx.find_root().params.get("ssh_config") or ()) + list(params.get("ssh_config") or ())
+    settings = ssh_settings(params)
+    if configs:
+        settings["config"] = tuple(configs)
+    if params.get("no_host_key_check"):
+        settings["check_host_keys"] = False
+    return Chaperone(ssh_config=configs or None, python=params.get("python"),
+                     check_host_keys=not params.get("no_host_key_check"), overrides=settings, **kw)
+
+
+def run_async(params: dict, coro_fn, **kw):
+    """Run ``coro_fn(ch)`` with a Chaperone; every error is one line."""
+    import asyncio
+
+    from ..errors import ChaperoneError
+
+    async def main():
+        ch = chaperone_for(params, **kw)
+        try:
+            return await coro_fn(ch)
+        finally:
+            await ch.close()
+
+    try:
+        return asyncio.run(main())
+    except ChaperoneError as e:
+        fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(141)
+    except OSError as e:
+        fail(_os_error(e))
+    except ValueError as e:
+        fail(str(e) or type(e).__name__)
+    except Exception as e:  # never a traceback: one line, and how to see more
+        fail("internal error: %s: %s (please report it)" % (type(e).__name__, e))
+
+
+def _os_error(e: OSError) -> str:
+    import errno
+
+    if e.errno == errno.ENOSPC:
+        return "no space left on this machine's disk%s: free some, then try again (nothing spooled is lost)" % (
+            " (%s)" % e.filename if e.filename else "")
+    return "%s%s" % (e.strerror or e, ": %s" % e.filename if e.filename else "")
+
+
+class Group(click.Group):
+    """One-line usage errors that say how to get help; no tracebacks."""
+
+    def main(self, args=None, **kw):
+        try:
+            return super().main(args=args, standalone_mode=False, **kw)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            sys.exit(130)
+        except click.ClickException as e:
+            message = e.format_message()
+            if isinstance(e, click.UsageError):
+                path = e.ctx.command_path if e.ctx is not None else "chaperone"
+                fail("%s (Try '%s --help'.)" % (message.rstrip("."), path), 2)
+            fail(message, 1)
+        except BrokenPipeError:
+            sys.exit(141)
+        except Exception as e:  # never a traceback
+            from ..errors import ChaperoneError
+
+            if isinstance(e, ChaperoneError):
+                fail(str(e), e.exit_code)
+            fail("internal error: %s: %s (please report it)" % (type(e).__name__, e))
+
+    def resolve_command(self, ctx, args):
+        # docker's words for the same things
+        aliases = {"rm": "clean", "inspect": "status", "stop": "kill", "list": "ps", "ls": "ps"}
+        if args and args[0] in aliases:
+            args = [aliases[args[0]]] + list(args[1:])
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=Group, context_settings=CONTEXT)
+@click.version_option(package_name="chaperone", message="chaperone %(version)s")
+@click.option("-F", "ssh_config", multiple=True, metavar="FILE", help="SSH config file (as ssh -F).")
+def cli(ssh_config):
+    """Run programs on this machine or remote hosts over SSH, and never lose them.
+
+    \b
+      chaperone run HOST CMD...        run it there (HOST: local, or as for ssh)
+      chaperone run -d HOST -- ARGV... start it detached; print its id
+      chaperone ps                     the runs that are running (-a: all)
+      chaperone logs -f ID             its output, to the end
+      chaperone wait ID                exit with its exit status
+      chaperone kill ID                SIGTERM to its whole tree, then SIGKILL
+
+    Shell completion: eval "$(_CHAPERONE_COMPLETE=bash_source chaperone)"
+    (zsh_source, fish_source for those shells; see docs/cli.md).
+    """
+
+
+def ssh_options(f):
+    """The options that say how to reach a host, for commands that connect."""
+    return add_options(SSH)(f)
+
+
+from . import manage, run  # noqa: E402,F401 - the commands register themselves
+
+__all__ = ["cli", "Opt"]

@@ -1,0 +1,163 @@
+"""How the CLI shows things to people: tables that fit the terminal,
+relative times and durations, one-line errors; and ``--json`` (one object
+per run: :class:`chaperone.models.RunInfo`, documented in docs/cli.md).
+
+Stdlib only (``ps`` of 10,000 runs must be quick)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (annotations are not evaluated: __future__)
+    from typing import Iterable, List, Optional, Sequence
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?)", re.I)
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+
+
+def parse_duration(text: str, what: str = "duration") -> float:
+    """Seconds from ``30``, ``1.5s``, ``500ms``, ``5m``, ``1h30m``, ``2d``,
+    ``inf``; a one-line usage error otherwise."""
+    from ..errors import UsageError
+
+    s = str(text).strip().lower()
+    try:
+        value = float(s)  # plain seconds: 30, 0.5, 1e308, inf
+    except ValueError:
+        pass
+    else:
+        if value != value or value < 0:  # nan, negative
+            raise UsageError("invalid %s %r: a number of seconds >= 0, or a duration such as 30s, 5m, 1h30m"
+                             % (what, text))
+        return value
+    pos, total, matched = 0, 0.0, False
+    while pos < len(s):
+        m = _DURATION.match(s, pos)
+        if not m or m.end() == pos:
+            break
+        total += float(m.group(1)) * _UNITS[m.group(2)]
+        matched, pos = True, m.end()
+        if m.group(2) is None:
+            break
+    if not matched or pos != len(s):
+        raise UsageError("invalid %s %r: use seconds or a duration such as 30s, 5m, 1h30m, 2d" % (what, text))
+    return total
+
+
+def human_duration(seconds: Optional[float]) -> str:
+    """``0.4s``, ``12s``, ``3m05s``, ``2h07m``, ``3d04h``."""
+    if seconds is None:
+        return "-"
+    if seconds < 10:
+        return "%.1fs" % seconds
+    s = int(seconds)
+    if s < 60:
+        return "%ds" % s
+    if s < 3600:
+        return "%dm%02ds" % (s // 60, s % 60)
+    if s < 86400:
+        return "%dh%02dm" % (s // 3600, s % 3600 // 60)
+    return "%dd%02dh" % (s // 86400, s % 86400 // 3600)
+
+
+def parse_time(text: Optional[str]) -> Optional[float]:
+    """Epoch seconds of an ISO 8601 time (None for None or junk)."""
+    if not text:
+        return None
+    try:
+        t = datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=datetime.timezone.utc)
+    return t.timestamp()
+
+
+def ago(epoch: Optional[float], now: Optional[float] = None) -> str:
+    """``5 seconds ago``, ``3 minutes ago``, ``2 days ago`` (as docker)."""
+    if epoch is None:
+        return "-"
+    delta = max(0.0, (now or time.time()) - epoch)
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if delta >= size:
+            n = int(delta // size)
+            return "%d %s%s ago" % (n, unit, "" if n == 1 else "s")
+    n = int(delta)
+    return "%d second%s ago" % (n, "" if n == 1 else "s") if n else "just now"
+
+
+def short_ago(epoch: Optional[float], now: Optional[float] = None) -> str:
+    """``5s``, ``3m``, ``2h``, ``4d`` (for "seen 5m ago")."""
+    if epoch is None:
+        return "?"
+    d = max(0.0, (now or time.time()) - epoch)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if d >= size:
+            return "%d%s" % (d // size, unit)
+    return "%ds" % d
+
+
+def terminal_width(default: int = 80) -> int:
+    if not sys.stdout.isatty():
+        return int(os.environ.get("COLUMNS") or 0) or 10 ** 6
+    return shutil.get_terminal_size((default, 24)).columns
+
+
+def cut(text: str, width: int) -> str:
+    """``text`` in ``width`` columns, cut at a word boundary with an ellipsis."""
+    if len(text) <= width:
+        return text
+    if width <= 1:
+        return text[:width]
+    head = text[:width - 1]
+    space = head.rfind(" ")
+    if space >= width // 2:
+        head = head[:space]
+    return head.rstrip() + "…"
+
+
+def table(rows: Sequence[Sequence[str]], headers: Sequence[str], *, flex: int = -1,
+          width: Optional[int] = None) -> str:
+    """Columns padded to their widest cell; column ``flex`` (the last by
+    default) takes what is left of the terminal and is cut to fit."""
+    rows = [[str(c) for c in row] for row in rows]
+    cols = len(headers)
+    flex = flex % cols
+    widths = [max([len(headers[i])] + [len(r[i]) for r in rows]) for i in range(cols)]
+    width = width or terminal_width()
+    fixed = sum(w for i, w in enumerate(widths) if i != flex) + 2 * (cols - 1)
+    widths[flex] = max(len(headers[flex]), min(widths[flex], width - fixed))
+    out = []
+    for row in [list(headers)] + rows:
+        cells = [cut(c, widths[i]) if i == flex else c for i, c in enumerate(row)]
+        out.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(cells)).rstrip())
+    return "\n".join(out)
+
+
+def result(info: dict) -> str:
+    """How a run ended (or where it is), for people."""
+    state = info["state"]
+    if state == "done":
+        if info.get("signal"):
+            return ("timed out, " if info.get("timed_out") else "") + "killed by %s" % info["signal"]
+        return "exited %s" % info.get("return_code")
+    if state in ("error", "lost", "failed", "unknown"):
+        return info.get("error") or state
+    if state == "running" and info.get("pid"):
+        return "pid %s" % info["pid"]
+    return "-"
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def infos_json(infos: Iterable[dict]) -> list:
+    return list(infos)

@@ -1,0 +1,441 @@
+"""Run management, as docker users expect it: ``ps``, ``status``
+(``inspect``), ``logs``, ``wait``, ``kill`` (``stop``), ``clean`` (``rm``),
+``prune``.  Every command that takes an id takes several, and a unique
+prefix of each; ``--json`` prints the one object of a run (docs/cli.md)."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .app import cli, fail, run_async, ssh_options
+from .display import (ago, human_duration, parse_duration, parse_time, print_json, result, short_ago, table)
+
+IDS = click.argument("run_ids", nargs=-1, required=True, metavar="ID...")
+
+
+def _status_cell(info: dict, refreshed: bool) -> str:
+    state = info["state"]
+    if state == "running":
+        text = "running %s" % human_duration(info.get("duration")) if info.get("duration") is not None \
+            else "running"
+        if not refreshed:
+            text = "running (seen %s ago)" % short_ago(parse_time(info.get("last_seen")))
+        return text
+    if state == "done":
+        if info.get("signal"):
+            return ("timed out: " if info.get("timed_out") else "") + "killed (%s)" % info["signal"]
+        return "exited %s" % info.get("return_code")
+    if state in ("error", "failed", "lost", "unknown"):
+        return "%s: %s" % (state, info.get("error") or "")
+    return state
+
+
+def _rows(infos, refreshed_ids):
+    now = None
+    rows = []
+    for info in infos:
+        rows.append((info["id"], info["host"], _status_cell(info, info["id"] in refreshed_ids),
+                     ago(parse_time(info["created"]), now), human_duration(info.get("duration")),
+                     info["command"]))
+    return rows
+
+
+async def _current(ch, recs, timeout: float, say=None):
+    """Make the unfinished ones of ``recs`` current: local ones from their
+    spools here, remote ones from their hosts, all hosts at once, each
+    within ``timeout``.  Returns the ids made current, and ``{host: why}``
+    for the hosts that could not be reached."""
+    from ..models import FINAL_STATES
+
+    local, remote = [], []
+    for rec in recs:
+        if rec.state in FINAL_STATES:
+            continue
+        (local if rec.host == "local" else remote).append(rec)
+    fresh = set()
+    if local:
+        fresh |= _refresh_local(ch, local)
+    unreachable = {}
+    if remote:
+        if say:
+            hosts = sorted({r.host for r in remote})
+            say("chaperone: checking %d run%s on %s" % (len(remote), "" if len(remote) == 1 else "s",
+                                                         ", ".join(hosts)))
+        unreachable = {h: why for h, why in (await ch.refresh([r.id for r in remote], timeout=timeout)).items()
+                       if why}
+        fresh |= {r.id for r in remote if r.host not in unreachable}
+        if say:
+            for host, why in sorted(unreachable.items()):
+                say("chaperone: could not reach %s: %s" % (host, why))
+    return fresh, unreachable
+
+
+def _refresh_local(ch, recs):
+    """Local runs: their spools are on this machine; read them here with the
+    agent's own code (no process, no connection)."""
+    from ..agent_source import agent_module
+
+    agent = agent_module()
+    fresh = set()
+    for rec in recs:
+        root = (rec.transport or {}).get("root") or str(ch.home / "spool")
+        try:
+            state = agent.Run(root, rec.id).require().refresh()
+        except agent.AgentError as e:
+            if getattr(e, "code", None) == 4 and rec.state in ("starting", "unknown"):
+                ch.records.mark(rec.id, "failed", "its start never reached this machine's spool")
+            elif getattr(e, "code", None) == 4:
+                ch.records.mark(rec.id, "lost", "its spool on local was removed")
+            continue
+        except (OSError, ValueError):
+            continue
+        ch.records.update(rec.id, state)
+        fresh.add(rec.id)
+    return fresh
+
+
+@cli.command()
+@click.option("-a", "--all", "show_all", is_flag=True, help="All runs (default: those not over).")
+@click.option("-q", "--quiet", is_flag=True, help="Only the ids.")
+@click.option("-n", "--last", type=int, metavar="N", help="The N newest runs, over or not.")
+@click.option("--host", "hosts", multiple=True, metavar="HOST", help="Only runs on HOST (repeatable).")
+@click.option("--state", "states", multiple=True, metavar="STATE",
+              help="Only runs in STATE: running, done, error, lost, failed, starting, unknown (repeatable).")
+@click.option("--cached", is_flag=True, help="Show what the records hold; contact no host.")
+@click.option("--timeout", default="3s", show_default=True, metavar="DURATION",
+              help="How long to wait for hosts while refreshing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of runs).")
+@ssh_options
+def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params):
+    """List runs, newest first, with their current state.
+
+    Local runs are read from their spools; runs on hosts are refreshed
+    from all hosts at once within --timeout, else shown as of when they
+    were last seen ("running (seen 5m ago)")."""
+    from ..models import STATES
+
+    bad = [s for s in states if s not in STATES]
+    if bad:
+        fail("unknown state %r: one of %s (Try 'chaperone ps --help'.)" % (bad[0], ", ".join(STATES)), 2)
+    wait = parse_duration(timeout, "--timeout")
+
+    async def go(ch):
+        from ..models import FINAL_STATES
+
+        recs = list(ch.records.all())
+        recs.reverse()  # newest first
+        if hosts:
+            recs = [r for r in recs if r.host in hosts]
+        fresh = set()
+        if not cached:
+            fresh, _ = await _current(ch, recs, wait)
+            recs = [ch.records.get(r.id) or r for r in recs]
+        if states:
+            recs = [r for r in recs if r.state in states]
+        elif not show_all and last is None:
+            recs = [r for r in recs if r.state not in FINAL_STATES]
+        if last is not None:
+            recs = recs[:max(0, last)]
+        infos = [r.info() for r in recs]
+        if as_json:
+            print_json(infos)
+        elif quiet:
+            for info in infos:
+                click.echo(info["id"])
+        else:
+            fresh |= {r.id for r in recs if r.state in FINAL_STATES}
+            click.echo(table(_rows(infos, fresh), ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND")))
+        return 0
+
+    sys.exit(run_async(params, go))
+
+
+def _records(ch, run_ids, errors):
+    """The records of ``run_ids`` (each an id or a unique prefix); a line on
+    stderr for each that is not a run."""
+    from ..errors import ChaperoneError
+
+    out = []
+    for run_id in run_ids:
+        try:
+            out.append(ch.record(run_id))
+        except ChaperoneError as e:
+            click.echo("chaperone: %s" % e, err=True)
+            errors.append(e.exit_code)
+    return out
+
+
+@cli.command()
+@click.argument("run_ids", nargs=-1, metavar="[ID...]")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one run; a list for several or none).")
+@click.option("--timeout", default="20s", show_default=True, metavar="DURATION",
+              help="How long to wait for each host.")
+@ssh_options
+def status(run_ids, as_json, timeout, **params):
+    """Show runs' states, re-read from their spools now (no ID: every run
+    not over, host by host, saying which hosts could not be reached)."""
+    wait = parse_duration(timeout, "--timeout")
+
+    async def go(ch):
+        from ..errors import ChaperoneError, StartFailed
+
+        errors = []
+        if not run_ids:
+            recs = list(ch.records.all())
+            recs.reverse()
+            fresh, unreachable = await _current(ch, recs, wait, say=lambda line: click.echo(line, err=True))
+            infos = [ch.records.get(r.id).info() for r in recs]
+            if as_json:
+                print_json(infos)
+            else:
+                click.echo(table(_rows(infos, fresh | {i["id"] for i in infos if i["state"] != "running"}),
+                                 ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND")))
+            return 1 if unreachable else 0
+        infos, fresh = [], set()
+        for rec in _records(ch, run_ids, errors):
+            try:
+                await ch.status(rec.id)
+                fresh.add(rec.id)
+            except StartFailed:
+                fresh.add(rec.id)
+            except ChaperoneError as e:
+                click.echo("chaperone: run %s: %s" % (rec.id, e), err=True)
+                errors.append(e.exit_code)
+            infos.append(ch.records.get(rec.id).info() if ch.records.get(rec.id) else rec.info())
+        if as_json:
+            print_json(infos[0] if len(run_ids) == 1 and len(infos) == 1 else infos)
+        elif infos:
+            rows = [(i["id"], i["host"], i["state"], result(i), human_duration(i.get("duration")),
+                     str(i["stdout_bytes"]), str(i["stderr_bytes"])) for i in infos]
+            click.echo(table(rows, ("ID", "HOST", "STATE", "RESULT", "DURATION", "STDOUT", "STDERR"), flex=3))
+        return max(errors) if errors else 0
+
+    sys.exit(run_async(params, go))
+
+
+def _tail(data: bytes, n: int) -> bytes:
+    """The last ``n`` lines of ``data`` (a last line without a newline counts)."""
+    if n <= 0:
+        return b""
+    end = len(data) - 1 if data.endswith(b"\n") else len(data)
+    at = end
+    for _ in range(n):
+        at = data.rfind(b"\n", 0, at)
+        if at < 0:
+            return data
+    return data[at + 1:]
+
+
+@cli.command()
+@click.argument("run_id", metavar="ID")
+@click.option("-f", "--follow", is_flag=True, help="Keep printing output until the run ends.")
+@click.option("--stdout", "only_stdout", is_flag=True, help="Only stdout.")
+@click.option("--stderr", "only_stderr", is_flag=True, help="Only stderr.")
+@click.option("--tail", "tail", metavar="N", help="Only the last N lines of each stream ('all': everything).")
+@ssh_options
+def logs(run_id, follow, only_stdout, only_stderr, tail, **params):
+    """Print a run's output: the exact bytes it wrote.  By default both
+    streams, its stdout to stdout and its stderr to stderr, as they come;
+    --stdout or --stderr: that stream alone, on stdout."""
+    if only_stdout and only_stderr:
+        only_stdout = only_stderr = False
+    streams = ["stdout"] if only_stdout else ["stderr"] if only_stderr else ["stdout", "stderr"]
+    lines = None
+    if tail not in (None, "all"):
+        try:
+            lines = int(tail)
+        except ValueError:
+            fail("invalid --tail %r: a number of lines, or all (Try 'chaperone logs --help'.)" % tail, 2)
+    # Both streams: each to its own.  One asked for: to stdout, to be piped.
+    out = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer if len(streams) == 2 else sys.stdout.buffer}
+
+    async def go(ch):
+        from ..api import SKIP_OUTPUT
+        from ..protocol import OutputChunk
+
+        rec = ch.record(run_id)
+        offsets = {s: (0 if s in streams else SKIP_OUTPUT[s]) for s in ("stdout", "stderr")}
+        if lines is not None:
+            for stream in streams:
+                size = (await ch.status(rec.id)).model_dump()[stream + "_bytes"]
+                start = max(0, size - max(64 << 10, lines * 512))
+                while True:
+                    data = await ch.read(rec.id, stream, start, size - start)
+                    tail_bytes = _tail(data, lines)
+                    if start == 0 or len(tail_bytes) < len(data) - 1:
+                        break
+                    start = max(0, start - (size - start))
+                out[stream].write(tail_bytes)
+                out[stream].flush()
+                offsets[stream] = size
+            if not follow:
+                return 0
+        if not follow and not (rec.final and len(streams) == 2 and lines is None):
+            for stream in streams:
+                async for data in ch.output(rec.id, stream):
+                    out[stream].write(data)
+                out[stream].flush()
+            return 0
+        # Following, or both streams of a run that is over: one agent call
+        # (its frames come in the order they were seen).
+
+        def on_reconnect(error, delay):
+            click.echo("chaperone: %s; reconnecting" % error, err=True)
+
+        async for event in ch.events(rec.id, offsets, on_reconnect=on_reconnect):
+            if isinstance(event, OutputChunk) and event.stream in streams:
+                out[event.stream].write(event.data)
+                out[event.stream].flush()
+        return 0
+
+    sys.exit(run_async(params, go))
+
+
+@cli.command()
+@IDS
+@click.option("--timeout", metavar="DURATION", help="Give up after this long (exit 124).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (one run; a list for several).")
+@ssh_options
+def wait(run_ids, timeout, as_json, **params):
+    """Wait for runs to end; exit with the exit status of the run (of
+    several: the largest)."""
+    limit = parse_duration(timeout, "--timeout") if timeout else None
+
+    async def go(ch):
+        import asyncio
+
+        from ..errors import ChaperoneError
+
+        errors, infos, codes = [], [], []
+        recs = _records(ch, run_ids, errors)
+
+        def on_reconnect(error, delay):
+            click.echo("chaperone: %s; reconnecting" % error, err=True)
+
+        async def one(rec):
+            try:
+                st = await ch.wait(rec.id, timeout=limit, on_reconnect=on_reconnect)
+                return st.exit_code
+            except asyncio.TimeoutError:
+                click.echo("chaperone: run %s: still running after %s" % (rec.id, timeout), err=True)
+                return 124
+            except ChaperoneError as e:
+                click.echo("chaperone: run %s: %s" % (rec.id, e), err=True)
+                return e.exit_code
+
+        codes = await asyncio.gather(*(one(r) for r in recs))
+        for rec, code in zip(recs, codes):
+            info = ch.records.get(rec.id).info() if ch.records.get(rec.id) else rec.info()
+            infos.append(info)
+            if not as_json and info["state"] != "done" and code != 124:
+                pass  # its line was printed (the error), or below
+            if not as_json and len(recs) > 1:
+                click.echo("%s: %s" % (rec.id, result(info)))
+            elif not as_json and info["state"] not in ("done", "running"):
+                click.echo("chaperone: run %s: %s" % (rec.id, result(info)), err=True)
+        if as_json:
+            print_json(infos[0] if len(run_ids) == 1 and len(infos) == 1 else infos)
+        return max(list(codes) + errors) if (codes or errors) else 0
+
+    sys.exit(run_async(params, go))
+
+
+@cli.command()
+@IDS
+@click.option("-s", "--signal", "sig", default="TERM", show_default=True, help="Signal name or number.")
+@click.option("--grace", metavar="DURATION", help="Then SIGKILL after this long if still running.")
+@ssh_options
+def kill(run_ids, sig, grace, **params):
+    """Send a signal to runs' whole process trees (each process once); a
+    run that ended: to what it left running."""
+    from ..api import check_signal
+
+    name = check_signal(sig)
+    grace_s = parse_duration(grace, "--grace") if grace else None
+    if grace_s is not None and grace_s == float("inf"):
+        fail("invalid --grace inf: give a finite duration (or no --grace)", 2)
+
+    async def go(ch):
+        from ..errors import ChaperoneError
+
+        errors = []
+        for rec in _records(ch, run_ids, errors):
+            try:
+                st = await ch.signal(rec.id, name, grace_s)
+            except ChaperoneError as e:
+                click.echo("chaperone: run %s: %s" % (rec.id, e), err=True)
+                errors.append(e.exit_code)
+                continue
+            click.echo("sent %s to run %s (pid %s)" % (name, rec.id, st.pid))
+        return max(errors) if errors else 0
+
+    sys.exit(run_async(params, go))
+
+
+@cli.command()
+@IDS
+@click.option("-f", "--force", is_flag=True, help="Kill a run that is still running first.")
+@ssh_options
+def clean(run_ids, force, **params):
+    """Remove runs' spools on their hosts and their records (a run that
+    never started: only its record)."""
+    async def go(ch):
+        from ..errors import ChaperoneError
+
+        errors = []
+        for rec in _records(ch, run_ids, errors):
+            try:
+                await ch.clean(rec.id, force)
+            except ChaperoneError as e:
+                click.echo("chaperone: run %s: %s" % (rec.id, e), err=True)
+                errors.append(e.exit_code)
+                continue
+            click.echo("cleaned %s" % rec.id)
+        return max(errors) if errors else 0
+
+    sys.exit(run_async(params, go))
+
+
+@cli.command()
+@click.option("--older-than", "older", default="0s", show_default=True, metavar="DURATION",
+              help="Only runs that ended at least this long ago (e.g. 24h, 7d).")
+@click.option("--host", "hosts", multiple=True, metavar="HOST", help="Only runs on HOST (repeatable).")
+@click.option("-n", "--dry-run", is_flag=True, help="Only list what would be removed.")
+@ssh_options
+def prune(older, hosts, dry_run, **params):
+    """Remove every run that is over (spool and record), as docker prune."""
+    import time
+
+    age = parse_duration(older, "--older-than")
+
+    async def go(ch):
+        from ..errors import ChaperoneError
+        from ..models import FINAL_STATES
+
+        now = time.time()
+        chosen = []
+        for rec in ch.records.all():
+            if rec.state not in FINAL_STATES or (hosts and rec.host not in hosts):
+                continue
+            info = rec.info()
+            ended = parse_time(info.get("end_time")) or rec.seen or rec.created
+            if now - ended >= age:
+                chosen.append(rec)
+        removed, errors = 0, []
+        for rec in chosen:
+            if dry_run:
+                click.echo(rec.id)
+                continue
+            try:
+                await ch.clean(rec.id)
+                removed += 1
+            except ChaperoneError as e:
+                click.echo("chaperone: run %s: %s" % (rec.id, e), err=True)
+                errors.append(e.exit_code)
+        if not dry_run:
+            click.echo("removed %d run%s" % (removed, "" if removed == 1 else "s"))
+        return max(errors) if errors else 0
+
+    sys.exit(run_async(params, go))

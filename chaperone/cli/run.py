@@ -1,0 +1,196 @@
+"""``chaperone run``: as dependable as ``ssh`` in a person's hands.
+
+How the command line reads is in :mod:`chaperone.cli.options` (ssh's
+rule).  A foreground run streams the program's output live, and survives a
+dropped connection (it says so in one line, reconnects, and resumes at the
+byte it had reached).  Ctrl-C sends SIGINT to the program (its whole tree,
+each process once) and keeps streaming; a second Ctrl-C detaches.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+
+import click
+
+from .app import add_options, cli, fail, run_async
+from .options import ssh_settings
+from .display import parse_duration
+from .options import RUN, SSH, split_run
+
+#: Stdin is sent with program.json until it streams: at most this much.
+MAX_STDIN = 12 << 20
+
+
+class SSHStyleCommand(click.Command):
+    """A command whose arguments read as ssh's: options, HOST, options,
+    then the command (see :func:`chaperone.cli.options.split_run`)."""
+
+    def parse_args(self, ctx, args):
+        if any(a in ("-h", "--help") for a in args[:1]) or args == []:
+            return super().parse_args(ctx, args)
+        opts, host, words, exact = split_run(list(args), RUN + SSH)
+        ctx.meta["chaperone.command"] = (words, exact)
+        return super().parse_args(ctx, opts + ([host] if host is not None else []))
+
+
+def _stdin_bytes(params: dict):
+    """What the program gets on stdin: None (/dev/null) or bytes, bounded."""
+    from ..errors import UsageError
+
+    source = params.get("stdin_file")
+    if params.get("no_stdin") or (source is None and params.get("detach")):
+        return None
+    if source is None:
+        try:
+            mode = os.fstat(0).st_mode
+        except OSError:
+            return None
+        if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)):
+            return None  # a terminal or /dev/null: nothing piped in
+        source = "-"
+    try:
+        if source == "-":
+            f = os.fdopen(os.dup(0), "rb")
+        else:
+            f = open(source, "rb")
+    except OSError as e:
+        raise UsageError("cannot read --stdin %s: %s" % (source, e.strerror)) from None
+    with f:
+        data = f.read(MAX_STDIN + 1)
+    if len(data) > MAX_STDIN:
+        what = "stdin" if source == "-" else "--stdin %s" % source
+        raise UsageError("%s is larger than %d MiB, the most chaperone sends with a program for now: put the "
+                         "file on the host and redirect it there (run HOST 'prog < FILE')" % (what, MAX_STDIN >> 20))
+    return data
+
+
+@cli.command(cls=SSHStyleCommand, context_settings={"ignore_unknown_options": False})
+@click.argument("host", required=False)
+@add_options(RUN + SSH)
+def run(host, **params):
+    """Run a command on HOST (`local` for this machine), streaming its output.
+
+    \b
+      chaperone run gpu1 nvidia-smi -l 1         words after HOST: the command
+      chaperone run gpu1 'echo $HOME | wc -c'    one string: a shell command line
+      chaperone run gpu1 -- echo '$HOME'         after --: the exact argv
+      chaperone run -d --id train gpu1 -- ./job  detached: prints the id
+
+    As with ssh, options go before HOST or right after it; without --, the
+    command's words are joined and run by the login shell; after --, they
+    are the program's exact argv.  Ctrl-C sends SIGINT to the program; a
+    second Ctrl-C detaches (re-attach with `chaperone logs -f ID`).
+    """
+    ctx = click.get_current_context()
+    words, exact = ctx.meta.get("chaperone.command", ([], False))
+    if params.get("hosts"):
+        fail("run -H (many hosts) is not available yet", 2)
+    if host is None:
+        fail("run needs a HOST (local for this machine) and a command (Try 'chaperone run --help'.)", 2)
+    if not words:
+        fail("no command given: chaperone run %s CMD...%s (Try 'chaperone run --help'.)"
+             % (host, "" if host == "local" else " (for a shell there, use ssh %s)" % host), 2)
+    command = list(words) if exact else " ".join(words)
+    cwd = params.get("cwd")
+    if host == "local" and cwd is None:
+        cwd = os.getcwd()
+    timeout = parse_duration(params["timeout"], "--timeout") if params.get("timeout") else None
+    grace = parse_duration(params["kill_grace"], "--kill-grace") if params.get("kill_grace") else None
+
+    async def go(ch):
+        from ..api import new_run_id, parse_env
+
+        stdin = _stdin_bytes(params)
+        settings = ssh_settings(params)
+        target = ch.target(host, **settings)
+        if not target.local:
+            ch.preconnect(target)
+        run_id = params.get("run_id") or new_run_id()
+        kw = dict(id=run_id, cwd=cwd, env=parse_env(params.get("env") or ()), timeout=timeout, stdin=stdin,
+                  config={"kill_grace": grace} if grace is not None else None)
+        if params.get("detach"):
+            r = await ch.start(target, command, **kw)
+            if params.get("as_json"):
+                from .display import print_json
+
+                print_json(r.info().model_dump())
+            else:
+                click.echo(r.id)
+            if r.state is not None and r.state.state == "error":
+                click.echo("chaperone: %s" % r.state.error, err=True)
+                return r.state.exit_code
+            return 0
+        if not params.get("quiet") and not params.get("as_json") and sys.stderr.isatty():
+            # (on a terminal only: piped, stderr is exactly the program's)
+            click.echo("chaperone: run %s on %s" % (run_id, target.name), err=True)
+        return await _foreground(ch, target, command, kw, params)
+
+    sys.exit(run_async(params, go))
+
+
+async def _foreground(ch, target, command, kw, params) -> int:
+    import asyncio
+    import signal
+
+    from ..models import exit_code_for
+    from ..protocol import OutputChunk, StateUpdate
+
+    out = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}
+    as_json, quiet = params.get("as_json"), params.get("quiet")
+    state = {}
+    interrupts = []
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    run_id = kw["id"]
+
+    def on_sigint():
+        interrupts.append(1)
+        if len(interrupts) == 1:
+            click.echo("\nchaperone: sending SIGINT to run %s (Ctrl-C again to detach)" % run_id, err=True)
+            loop.create_task(_signal_quietly(ch, run_id, "SIGINT"))
+        else:
+            task.cancel()
+
+    def on_reconnect(error, delay):
+        if not quiet:
+            click.echo("chaperone: %s; reconnecting" % error, err=True)
+
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
+    try:
+        async for event in ch.run(target, command, on_reconnect=on_reconnect, **kw):
+            if isinstance(event, OutputChunk):
+                if not as_json:
+                    out[event.stream].write(event.data)
+                    out[event.stream].flush()
+            elif isinstance(event, StateUpdate):
+                state = event.state
+    except asyncio.CancelledError:
+        click.echo("\nchaperone: detached; run %s goes on. Re-attach: chaperone logs -f %s; "
+                   "result: chaperone wait %s" % (run_id, run_id, run_id), err=True)
+        return 130
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    if as_json:
+        from .display import print_json
+
+        print_json(ch.get(run_id).info().model_dump())
+        return exit_code_for(state)
+    if state.get("state") == "error":
+        click.echo("chaperone: %s" % state.get("error"), err=True)
+    elif state.get("state") == "lost":
+        click.echo("chaperone: run %s was lost: %s" % (run_id, state.get("error")), err=True)
+    elif state.get("timed_out"):
+        click.echo("chaperone: run %s timed out; killed by %s" % (run_id, state.get("signal")), err=True)
+    return exit_code_for(state)
+
+
+async def _signal_quietly(ch, run_id, sig):
+    from ..errors import ChaperoneError
+
+    try:
+        await ch.signal(run_id, sig)
+    except ChaperoneError as e:
+        click.echo("chaperone: could not send %s: %s" % (sig, e), err=True)
