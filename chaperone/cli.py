@@ -369,6 +369,10 @@ def clean(run_id, force):
     sys.exit(_run_async(go))
 
 
+from .serve.command import serve as _serve  # noqa: E402 (light: click only)
+cli.add_command(_serve)
+
+
 def main():
     cli.main(prog_name="chaperone")
 

@@ -39,7 +39,8 @@ class Scheduler:
     def __init__(self, home=None, *, on_update: Optional[Callable] = None, ssh_config: Sequence[str] = (),
                  check_host_keys: bool = True, callback_url: Optional[str] = None,
                  bind: str = "127.0.0.1", port: int = 0, config: Optional[dict] = None,
-                 heal_interval: float = 1.0, ssh_client: Optional[str] = None):
+                 heal_interval: float = 1.0, ssh_client: Optional[str] = None,
+                 heartbeat: Optional[float] = None):
         if ssh_client is None:  # (more than one config file: asyncssh, see Chaperone)
             from .sshmaster import default_client
 
@@ -52,6 +53,8 @@ class Scheduler:
         #: Defaults for each program.json's ``config`` (timeouts, batching ...).
         self.config = dict(config or {})
         self.heal_interval = heal_interval
+        #: Seconds between the agents' heartbeats (callback.heartbeat; None: the agent's default).
+        self.heartbeat = heartbeat
         # Room for the largest callback body an agent sends (output_buffer).
         self.server = CallbackServer(max_body=max(DEFAULT_MAX_BODY, int(self.config.get("output_buffer") or 0)))
         self._states: Dict[str, dict] = {}
@@ -193,6 +196,8 @@ class Scheduler:
         token = self._register(run_id)
         url = await self._callback_for(host, transport)
         callback = {"url": url, "token": token, "cert": self.server.cert_pem}
+        if self.heartbeat is not None:
+            callback["heartbeat"] = float(self.heartbeat)
         run = await self.ch.start(host, argv, run_id=run_id, env=env, cwd=cwd, timeout=timeout, ssh=ssh,
                                   callback=callback, config=config)
         await self._on_state(run_id, run.state)
