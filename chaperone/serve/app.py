@@ -88,6 +88,7 @@ class StartRequest(BaseModel):
     env: Dict[str, str] = Field(default_factory=dict)
     cwd: Optional[str] = Field(default=None, min_length=1)
     timeout: Optional[float] = Field(default=None, gt=0)
+    spool: Optional[str] = Field(default=None, min_length=1)
 
 
 class SignalRequest(BaseModel):
@@ -373,6 +374,8 @@ class Api:
         if (req.argv is None) == (req.command is None):
             raise Reject(400, "give either argv (a list of strings) or command (a shell command)")
         _check_host(req.host)
+        if req.spool is not None and req.host == "local":
+            raise Reject(400, "spool: local runs are spooled in $CHAPERONE_HOME/spool (spool is for remote hosts)")
         if req.id is not None:
             try:
                 check_run_id(req.id)
@@ -382,7 +385,8 @@ class Api:
         self.service.runs.validate(argv, run_id=req.id, env=req.env, cwd=req.cwd, timeout=req.timeout)
         try:
             view, new = await self.service.start(req.host, req.argv, command=req.command, run_id=req.id,
-                                                 env=req.env, cwd=req.cwd, timeout=req.timeout)
+                                                 env=req.env, cwd=req.cwd, timeout=req.timeout,
+                                                 spool=req.spool)
         except Conflict as e:
             raise Reject(409, str(e)) from None
         except UsageError as e:

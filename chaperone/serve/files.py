@@ -84,11 +84,14 @@ def ensure_token(directory: Path) -> str:
 
 def process_start(pid: int) -> Optional[float]:
     """When process ``pid`` started (seconds since the epoch), or None if
-    there is no such process."""
+    there is no such process (or only its exit status is left)."""
     try:
         import psutil
 
-        return psutil.Process(pid).create_time()
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return None  # (it exited; its parent has not looked yet)
+        return proc.create_time()
     except Exception:
         return None
 

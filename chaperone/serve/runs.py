@@ -200,7 +200,7 @@ class Runs:
 
     async def start(self, host: str, argv: Optional[Sequence[str]] = None, *, command: Optional[str] = None,
                     run_id: Optional[str] = None, env: Optional[dict] = None, cwd: Optional[str] = None,
-                    timeout: Optional[float] = None) -> Tuple[str, bool]:
+                    timeout: Optional[float] = None, spool: Optional[str] = None) -> Tuple[str, bool]:
         """Start a run; (its id, whether it is new).  The same id with the
         same host and command is the same run (not started again); with
         another one, :class:`UsageError`."""
@@ -221,7 +221,8 @@ class Runs:
         try:
             # (Scheduler.start on an existing id would give the running
             # agent's callbacks a token it does not know: never called so.)
-            await self._s.start(host, argv, command=command, run_id=run_id, env=env, cwd=cwd, timeout=timeout)
+            await self._s.start(host, argv, command=command, run_id=run_id, env=env, cwd=cwd, timeout=timeout,
+                                ssh={"root": spool} if spool else None)
         finally:
             self._starting.discard(run_id)
         return run_id, True

@@ -247,10 +247,10 @@ class Service:
     # Acting -----------------------------------------------------------------------------
 
     async def start(self, host: str, argv=None, *, command=None, run_id=None, env=None, cwd=None,
-                    timeout=None) -> Tuple[dict, bool]:
+                    timeout=None, spool=None) -> Tuple[dict, bool]:
         try:
             rid, new = await self.runs.start(host, argv, command=command, run_id=run_id, env=env, cwd=cwd,
-                                             timeout=timeout)
+                                             timeout=timeout, spool=spool)
         finally:
             self._sync()
         if new:
