@@ -56,7 +56,7 @@ class Server:
     def log_text(self):
         try:
             self.log.flush()
-            return Path(self.log.name).read_text(errors="replace")[-3000:]
+            return Path(self.log.name).read_text(errors="replace")
         except Exception:
             return ""
 

@@ -74,6 +74,7 @@ def _foreground(directory, ssh_config, bind, port, callback_port, heartbeat, qui
     logging.basicConfig(level=logging.INFO, format="%(asctime)s chaperone serve: %(message)s",
                         stream=sys.stderr)
     logging.getLogger("aiohttp").setLevel(logging.WARNING)
+    logging.getLogger("chaperone.callback").setLevel(logging.WARNING)  # (its access log: a line per callback)
 
     def ready(info, token):
         if not quiet:  # (a detached server's stdout is its log: the secret stays out of it)
