@@ -315,3 +315,28 @@ def test_a_stale_server_json_is_ignored(tmp_path):
         assert s.proc.wait(10) == 0 and not (d / "server.json").exists()
     finally:
         s.kill()
+
+
+def test_a_quiet_run_is_heard_by_its_heartbeat(server):
+    """No output for longer than silent_after: the agent's heartbeats (at
+    the server's interval, 1 s here) keep it heard, not silent."""
+    c = server.client
+    rid = c.start("local", ["sleep", "30"], run_id="quiet-%d" % os.getpid())["id"]
+    first = wait_for(lambda: c.run(rid)["last_heard"], 5, "a first callback")
+    silent_after = c.server()["silent_after"]
+    polls = _metric(server, 'chaperone_catch_ups_total{result="ok"}')
+    time.sleep(silent_after + 1)
+    v = c.run(rid)
+    assert v["state"] == "running" and v["stdout_bytes"] == 0
+    assert v["last_heard"] > first and not v["silent"], v
+    # Heard by its heartbeats, not by polls of its spool (due after poll_after without news).
+    assert _metric(server, 'chaperone_catch_ups_total{result="ok"}') == polls
+    c.signal(rid, "KILL")
+
+
+def _metric(server, name) -> float:
+    _, _, text = raw(server.port, "GET", "/metrics", auth(server))
+    for line in text.decode().splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    return 0.0
