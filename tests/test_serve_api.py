@@ -189,7 +189,8 @@ def test_who_gets_in(server):
     c.wait(rid, timeout=20)
     host = {"Host": "127.0.0.1:%d" % server.port}
     j = {"Content-Type": "application/json"}
-    body = b'{"host": "local", "argv": ["touch", "/tmp/chaperone-serve-must-not-exist"]}'
+    marker = server.home / ("must-not-exist-%d" % time.monotonic_ns())
+    body = json.dumps({"host": "local", "argv": ["touch", str(marker)]}).encode()
     cookie = {"Cookie": "chaperone_session=" + session_cookie(server.token)}
     routes = [("GET", "/api/server"), ("GET", "/api/runs"), ("GET", "/api/runs/" + rid),
               ("GET", "/api/runs/%s/output" % rid), ("GET", "/api/runs/%s/wait?timeout=0" % rid),
@@ -224,7 +225,8 @@ def test_who_gets_in(server):
                                dict(host, **cookie))
             assert status == 200, (method, path)
     assert _snapshot(server) == before
-    assert not os.path.exists("/tmp/chaperone-serve-must-not-exist")
+    time.sleep(0.5)
+    assert not marker.exists()
     # With the cookie and the CSRF header, the browser's POST goes through.
     status, _, answer = raw(server.port, "POST", "/api/runs", dict(host, **j, **cookie, **{"X-Chaperone-CSRF": "1"}),
                             b'{"host": "local", "argv": ["true"]}')
@@ -340,3 +342,23 @@ def _metric(server, name) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     return 0.0
+
+
+def test_detach_prints_the_url_and_returns(tmp_path):
+    home = tmp_path / "home"
+    s = Server(home)
+    res = subprocess.run(s.argv("--detach"), env=cli_env(home), capture_output=True, timeout=60)
+    try:
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.decode().splitlines()
+        assert "in the background" in lines[0] and lines[1].startswith(s.url + "?token=")
+        info = serve_client.discover(home)
+        assert info is not None and info["token"] == lines[1].split("?token=")[1]
+        assert serve_client.connect(home).server()["pid"] == info["pid"]
+        log = (home / "serve" / "log").read_bytes()
+        assert info["token"].encode() not in log and stat.S_IMODE((home / "serve" / "log").stat().st_mode) == 0o600
+        again = subprocess.run(s.argv("--detach"), env=cli_env(home), capture_output=True, timeout=60)
+        assert again.returncode == 1 and b"already running" in again.stderr
+    finally:
+        stop = subprocess.run(s.argv("--stop"), env=cli_env(home), capture_output=True, timeout=60)
+    assert stop.returncode == 0 and serve_client.discover(home) is None

@@ -248,13 +248,12 @@ class Service:
 
     async def start(self, host: str, argv=None, *, command=None, run_id=None, env=None, cwd=None,
                     timeout=None, spool=None) -> Tuple[dict, bool]:
-        try:
-            rid, new = await self.runs.start(host, argv, command=command, run_id=run_id, env=env, cwd=cwd,
-                                             timeout=timeout, spool=spool)
-        finally:
-            self._sync()
+        rid, new = await self.runs.start(host, argv, command=command, run_id=run_id, env=env, cwd=cwd,
+                                         timeout=timeout, spool=spool)
+        # (a start that failed is recorded "failed": the next sync shows it)
         if new:
             now = time.time()
+            self._known.setdefault(rid, "starting")
             self._open[rid] = host
             self._since[rid] = now
             self.heard[rid] = now
@@ -281,6 +280,9 @@ class Service:
             self._mark(rid)
 
     def _forget(self, rid: str) -> None:
+        task = self._finishers.pop(rid, None)
+        if task is not None:
+            task.cancel()
         for d in (self.heard, self._since, self._open, self._known, self._fetch_after):
             d.pop(rid, None)
         self.silent.discard(rid)
@@ -372,6 +374,8 @@ class Service:
             v = self.view(rid, now=now)
             if v is None or v["state"] in FINAL:
                 self._open.pop(rid, None)
+                if v is not None and v["state"] in ("lost", "failed") and rid in self._finishers:
+                    self._finishers.pop(rid).cancel()  # (marked here: the scheduler would wait on)
                 if rid in self.silent:
                     self.silent.discard(rid)
                 self._mark(rid)
