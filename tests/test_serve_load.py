@@ -1,7 +1,6 @@
 """300 runs at once through `chaperone serve` (local runs, real agents,
 real HTTPS callbacks): every byte of every run exact, once."""
 
-import hashlib
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest

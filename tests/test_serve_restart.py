@@ -5,7 +5,6 @@ tunnel).  A host whose link is cut (the netns test host) is shown silent
 within a bounded time, its run's state stays right, and polling reconciles
 when the link is back."""
 
-import hashlib
 import threading
 import time
 

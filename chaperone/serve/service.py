@@ -77,7 +77,7 @@ class Service:
         self.metrics.live(counts=self.runs.counts, silent=self._silent_counts, ssh=self.runs.ssh_connections,
                           clients=lambda: self.clients)
         await self.runs.open()
-        self._sync()
+        self._sync(initial=True)
         self._tasks = [asyncio.ensure_future(self._attach_all()), asyncio.ensure_future(self._flush_loop()),
                        asyncio.ensure_future(self._monitor_loop())]
 
@@ -314,14 +314,17 @@ class Service:
 
     # Loops ------------------------------------------------------------------------------
 
-    def _sync(self) -> None:
-        """Take in runs recorded or removed by other processes."""
+    def _sync(self, initial: bool = False) -> None:
+        """Take in runs recorded or removed by other processes (``initial``:
+        all of them, at start, without an event each: a client's snapshot
+        has them)."""
         ids = self.runs.ids()
         now = time.time()
         for rid, state in ids.items():
             if self._known.get(rid) != state:
                 self._known[rid] = state
-                self._mark(rid)
+                if not initial:
+                    self._mark(rid)
                 if state not in FINAL and rid not in self._open:
                     rec = self.runs.record(rid)
                     if rec is not None:
@@ -346,8 +349,8 @@ class Service:
         for rid in sorted(dirty):
             v = self.view(rid, now=now)
             if v is None:
-                if self._emitted.pop(rid, None) is not None:
-                    self.bus.publish("removed", {"id": rid})
+                self._emitted.pop(rid, None)
+                self.bus.publish("removed", {"id": rid})  # (also for a run only ever in snapshots)
                 continue
             key = dict(v, duration=None)
             if self._emitted.get(rid) != key:
