@@ -268,7 +268,7 @@ def test_events_resume_from_an_id(server):
     ids = [i for i, _ in seen]
     assert ids == sorted(set(ids))  # increasing, none twice
     mine = [v["state"] for _, v in seen if v["id"] == rid]
-    assert mine[-1] == "done" and len(mine) >= 2, mine  # from its start (missed while away) to its end
+    assert mine and mine[-1] == "done", mine  # published while no client listened, delivered on resume
     # An id this server never gave (e.g. from before a restart): a snapshot.
     _, kind, data = next(c.events(since="1"))
     assert kind == "snapshot" and rid in [v["id"] for v in data["runs"]]
