@@ -232,7 +232,7 @@ class Chaperone:
     remote port forward on the host's connection, which works behind NAT);
     ``config`` gives defaults for each run's ``program.json`` config;
     ``on_update(run_id, RunState)`` (sync or async) is called on each state
-    change.  ``transports``: transports to use for some host names (an
+    change; ``heartbeat``: seconds between each agent's heartbeats.  ``transports``: transports to use for some host names (an
     in-memory host in tests, as httpx's MockTransport).  ``overrides``: SSH
     settings (as for :meth:`target`) that win over the recorded ones when
     a recorded run's host is reached again (the CLI's ``-p``, ``-i`` ...
@@ -243,7 +243,7 @@ class Chaperone:
                  known_hosts: Optional[str] = None, python: Optional[str] = None,
                  connect_limit: Optional[int] = None, max_sessions: Optional[int] = None, push: bool = False, callback_url: Optional[str] = None,
                  bind: str = "127.0.0.1", port: int = 0, config: Optional[dict] = None,
-                 on_update: Optional[Callable] = None, heal_interval: float = 1.0,
+                 on_update: Optional[Callable] = None, heal_interval: float = 1.0, heartbeat: Optional[float] = None,
                  transports: Optional[Mapping[str, Transport]] = None, overrides: Optional[Mapping] = None):
         self.home = chaperone_home(home)
         self._records: Optional[Records] = None
@@ -266,7 +266,7 @@ class Chaperone:
 
             self.push = PushReceiver(
                 self, callback_url=callback_url, bind=bind, port=port, heal_interval=heal_interval,
-                on_update=on_update,
+                on_update=on_update, heartbeat=heartbeat,
                 # Room for the largest callback body an agent sends (output_buffer).
                 max_body=max(DEFAULT_MAX_BODY, int(self.config.get("output_buffer") or 0)))
 
@@ -435,7 +435,7 @@ class Chaperone:
             raise UsageError("run id %s is already used by another run" % run_id)
         return rec  # (the same run again: start is idempotent)
 
-    async def _prepare(self, host, command: Command, ssh, group, kw) -> "tuple[Target, Transport, dict]":
+    async def _prepare(self, host, command: Command, ssh, group, kw) -> "tuple[Target, Transport, dict, bool]":
         argv, shell, display = self._argv(command)
         target = self.target(host, **(ssh or {}))
         transport = self.transports.get(target)
@@ -443,15 +443,16 @@ class Chaperone:
         spec = self.program_spec(argv, run_id=run_id, **kw)
         if self.push is not None:
             self.push.check_config(spec["config"])
-        self._register(target, spec, shell, display, group)
-        if self.push is not None and kw.get("callback") is None:
+        rec = self._register(target, spec, shell, display, group)
+        existed = rec.last is not None
+        if self.push is not None and kw.get("callback") is None and not (existed and self.push.knows(run_id)):
             try:
                 spec["callback"] = await self.push.callback(run_id, transport, target.local)
             except ChaperoneError as e:
                 self._start_failed(run_id, e)
                 raise
             spec = self.program_spec(argv, run_id=run_id, **{**kw, "callback": spec["callback"]})
-        return target, transport, spec
+        return target, transport, spec, existed
 
     def _start_failed(self, run_id: str, error: ChaperoneError) -> None:
         """The start did not go through: ``failed`` if it never reached the
@@ -482,7 +483,7 @@ class Chaperone:
         run_id = id or kw.pop("run_id", None)
         if kw:
             raise TypeError("start() got unexpected keyword arguments: %s" % ", ".join(sorted(kw)))
-        target, transport, spec = await self._prepare(
+        target, transport, spec, existed = await self._prepare(
             host, command, ssh, group, dict(run_id=run_id, cwd=cwd, env=env, timeout=timeout, stdin=stdin,
                                             stdin_path=stdin_path, config=config, callback=callback))
         run_id = spec["id"]
@@ -492,8 +493,15 @@ class Chaperone:
             self._start_failed(run_id, e)
             raise
         self.records.update(run_id, state)
-        if self.push is not None:
+        if self.push is not None and self.push.knows(run_id):
             await self.push.on_state(run_id, state)
+            if existed and state.get("state") not in FINAL_STATES:
+                # Started before, by another process: its agent calls back
+                # with the token it was given then; give it ours.
+                try:
+                    await self.push.rewire(run_id)
+                except ChaperoneError:
+                    pass
         return self.get(run_id)
 
     def _batcher(self, transport: Transport) -> _StartBatcher:
@@ -515,7 +523,7 @@ class Chaperone:
             return
         ssh, group = kw.pop("ssh", None), kw.pop("group", None)
         kw.setdefault("run_id", kw.pop("id", None))
-        target, transport, spec = await self._prepare(host, command, ssh, group, kw)
+        target, transport, spec, _ = await self._prepare(host, command, ssh, group, kw)
         program = json.dumps(spec).encode()
         run_id = spec["id"]
         offsets = {s: 0 for s in STREAMS}

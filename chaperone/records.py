@@ -8,7 +8,7 @@ import shlex
 import sqlite3
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -211,6 +211,14 @@ class Records:
 
     def remove(self, run_id: str) -> None:
         self.db.execute("DELETE FROM runs WHERE id = ?", (run_id,))
+
+    def states(self) -> Dict[str, str]:
+        """Every recorded run's id and state (one query)."""
+        return dict(self.db.execute("SELECT id, state FROM runs"))
+
+    def counts(self) -> List[tuple]:
+        """``(host, state, number of runs)`` for every recorded run."""
+        return self.db.execute("SELECT host, state, count(*) FROM runs GROUP BY host, state").fetchall()
 
     def all(self) -> Iterator[Record]:
         for row in self.db.execute("SELECT %s FROM runs ORDER BY created" % _COLUMNS):

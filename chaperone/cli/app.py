@@ -155,5 +155,8 @@ def ssh_options(f):
 
 
 from . import manage, run  # noqa: E402,F401 - the commands register themselves
+from ..serve.command import serve as _serve  # noqa: E402 (light: click only)
+
+cli.add_command(_serve)
 
 __all__ = ["cli", "Opt"]

@@ -209,8 +209,12 @@ async def _append(mirror, stream: str, offset: int, data: bytes) -> int:
 class CallbackServer:
     """The HTTPS endpoint on the scheduler's side."""
 
-    def __init__(self, max_body: int = DEFAULT_MAX_BODY) -> None:
+    def __init__(self, max_body: int = DEFAULT_MAX_BODY,
+                 on_request: Optional[Callable[[Optional[str], str, int], None]] = None) -> None:
         self.max_body = max_body
+        #: Told ``(run_id, kind, status)`` of every request answered (kind:
+        #: output, state, completed, other): metrics, "last heard from".
+        self.on_request = on_request
         self.protocol = CallbackProtocol()
         self._runner = None
         self._host: Optional[str] = None
@@ -324,6 +328,18 @@ class CallbackServer:
 
     @web.middleware
     async def _middleware(self, request, handler):
+        response = await self._answer(request, handler)
+        if self.on_request is not None:
+            path = request.path
+            kind = ("state" if path.endswith("/state") else "completed" if path.endswith("/completed")
+                    else "output" if "/output/" in path else "other")
+            try:
+                self.on_request(request.match_info.get("id"), kind, response.status)
+            except Exception:  # (a hook must never fail a callback)
+                log.warning("on_request hook failed", exc_info=True)
+        return response
+
+    async def _answer(self, request, handler):
         try:
             return await handler(request)
         except Reject as r:

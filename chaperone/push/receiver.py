@@ -49,13 +49,19 @@ class PushReceiver:
 
     def __init__(self, ch: "Chaperone", *, callback_url: Optional[str] = None, bind: str = "127.0.0.1",
                  port: int = 0, max_body: int = DEFAULT_MAX_BODY, heal_interval: float = 1.0,
-                 on_update: Optional[Callable] = None):
+                 on_update: Optional[Callable] = None, heartbeat: Optional[float] = None):
         self.ch = ch
         self.callback_url = callback_url
         self.bind = bind
         self.port = port
         self.heal_interval = heal_interval
         self.on_update = on_update
+        #: Seconds between each agent's heartbeats (None: the agent's default).
+        self.heartbeat = heartbeat
+        #: Called with a run id after any new state or output of it.
+        self.on_change: List[Callable[[str], None]] = []
+        #: Called with ``(run_id, ok)`` after each catch-up from a spool.
+        self.on_catch_up: List[Callable[[str, bool], None]] = []
         self.server = CallbackServer(max_body=max_body)
         self.states: Dict[str, dict] = {}
         self._changed: Dict[str, asyncio.Event] = {}
@@ -86,6 +92,11 @@ class PushReceiver:
 
     def wake(self, run_id: str) -> None:
         self._event(run_id).set()
+        for hook in self.on_change:
+            try:
+                hook(run_id)
+            except Exception:  # (a hook must never fail a delivery)
+                log.warning("on_change hook failed", exc_info=True)
 
     async def on_state(self, run_id: str, state, final: bool = False) -> None:
         """A state arrived (a callback, a catch-up, an SSH call): record it,
@@ -121,7 +132,10 @@ class PushReceiver:
         self._runs[run_id] = transport
         token = self._register(run_id)
         url = await self._url_for(transport, local)
-        return {"url": url, "token": token, "cert": self.server.cert_pem}
+        callback = {"url": url, "token": token, "cert": self.server.cert_pem}
+        if self.heartbeat is not None:
+            callback["heartbeat"] = float(self.heartbeat)
+        return callback
 
     async def _url_for(self, transport: Transport, local: bool) -> str:
         if self.callback_url:
@@ -201,6 +215,22 @@ class PushReceiver:
     async def catch_up(self, run_id: str) -> dict:
         """Read the run's state and any output the mirror lacks from its spool
         over SSH (appended by offset: never twice)."""
+        try:
+            state = await self._catch_up(run_id)
+        except BaseException:
+            self._caught_up(run_id, False)
+            raise
+        self._caught_up(run_id, True)
+        return state
+
+    def _caught_up(self, run_id: str, ok: bool) -> None:
+        for hook in self.on_catch_up:
+            try:
+                hook(run_id, ok)
+            except Exception:
+                log.warning("on_catch_up hook failed", exc_info=True)
+
+    async def _catch_up(self, run_id: str) -> dict:
         client = self.ch.client(run_id)
         state = await client.status(run_id)
         mirror = self.mirror(run_id)
@@ -281,12 +311,21 @@ class PushReceiver:
         except ChaperoneError:
             pass  # not running any more, or unreachable: nothing to stop
 
-    def forget(self, run_id: str) -> None:
-        """Stop receiving for ``run_id`` and drop its mirror."""
+    def drop(self, run_id: str) -> None:
+        """Stop receiving for ``run_id`` (its mirror stays): a later
+        :meth:`adopt` starts from scratch."""
         self.server.unregister(run_id)
         self._runs.pop(run_id, None)
         self.states.pop(run_id, None)
+
+    def forget(self, run_id: str) -> None:
+        """Stop receiving for ``run_id`` and drop its mirror."""
+        self.drop(run_id)
         shutil.rmtree(self.ch.home / "mirror" / run_id, ignore_errors=True)
+
+    def tunnels_open(self) -> int:
+        """Callback tunnels open now."""
+        return sum(1 for t in self._tunnels.values() if not t["tunnel"].closed())
 
     def check_config(self, config: dict) -> None:
         if (config.get("output_buffer") or 0) > self.server.max_body:

@@ -58,6 +58,10 @@ class Transport(abc.ABC):
         """How the host was reached, for the run's record (reconnect later)."""
         return {"host": self.host}
 
+    def connections(self) -> int:
+        """Connections to the host open now (for metrics)."""
+        return 0
+
 
 async def spawn(argv: List[str]) -> asyncio.subprocess.Process:
     """``argv`` with pipes for stdin, stdout and stderr, in a session of its

@@ -86,6 +86,10 @@ class Transports:
         """The transport to the host a run's record describes."""
         return self.get(Target.from_description(dict(how)))
 
+    def connections(self) -> int:
+        """Connections open now, to every host."""
+        return sum(t.connections() for t in self._made.values())
+
     async def close(self) -> None:
         made, self._made = list(self._made.values()), {}
         for transport in made:

@@ -360,6 +360,9 @@ class SSHTransport(SSHTransportBase):
             shutil.rmtree(self._config_dir, ignore_errors=True)
             self._config_dir = None
 
+    def connections(self) -> int:
+        return sum(1 for c in self._conns if not c.closed)
+
     def drop_connections(self) -> None:
         """Forget every connection (after one broke): the next call reconnects."""
         for c in self._conns:

@@ -249,6 +249,9 @@ class OpenSSHTransport(SSHTransportBase):
             raise
         return _MasterTunnel(master, int(port))
 
+    def connections(self) -> int:
+        return int(self._master is not None and self._master.alive())
+
     def _stop_master(self) -> None:
         master, self._master = self._master, None
         if master is not None:
