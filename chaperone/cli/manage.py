@@ -156,9 +156,10 @@ def _records(ch, run_ids, errors):
     """The records of ``run_ids`` (each an id or a unique prefix); a line on
     stderr for each that is not a run."""
     from ..errors import ChaperoneError
+    from .fleet import expand_ids  # group ids and patterns: chaperone/cli/fleet.py
 
     out = []
-    for run_id in run_ids:
+    for run_id in expand_ids(ch, run_ids):
         try:
             out.append(ch.record(run_id))
         except ChaperoneError as e:

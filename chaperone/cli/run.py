@@ -87,7 +87,9 @@ def run(host, **params):
     ctx = click.get_current_context()
     words, exact = ctx.meta.get("chaperone.command", ([], False))
     if params.get("hosts"):
-        fail("run -H (many hosts) is not available yet", 2)
+        from .fleet import run_many  # many hosts: chaperone/cli/fleet.py
+
+        sys.exit(run_many(words, exact, params))
     if host is None:
         fail("run needs a HOST (local for this machine) and a command (Try 'chaperone run --help'.)", 2)
     if not words:
