@@ -105,8 +105,12 @@ def _seconds_between(start: Optional[str], end: Optional[str]) -> Optional[float
 
 def run_info(rec: "Record") -> dict:
     """A record as the one JSON object of a run (chaperone.models.RunInfo)."""
-    last = rec.last or {}
+    last = dict(rec.last or {})
     from .models import exit_code_for
+
+    for key in ("return_code", "signal"):  # (records of earlier versions kept them in columns only)
+        if last.get(key) is None and getattr(rec, key) is not None:
+            last[key] = getattr(rec, key)
 
     state = rec.state
     info = {
@@ -223,15 +227,3 @@ class Records:
     def all(self) -> Iterator[Record]:
         for row in self.db.execute("SELECT %s FROM runs ORDER BY created" % _COLUMNS):
             yield Record(row)
-
-    def table(self) -> List[tuple]:
-        """The rows ``ps`` shows, formatted by SQLite (fast for 10,000s)."""
-        return self.db.execute(
-            "SELECT id, host, state,"
-            " CASE WHEN state = 'done' AND signal IS NOT NULL THEN 'signal ' || signal"
-            "      WHEN state = 'done' THEN 'exit ' || return_code"
-            "      WHEN state IN ('error', 'lost', 'failed') THEN substr(coalesce(error, ''), 1, 40)"
-            "      ELSE 'pid ' || coalesce(json_extract(last, '$.pid'), '-') END,"
-            " strftime('%Y-%m-%d %H:%M:%S', created, 'unixepoch', 'localtime'),"
-            " substr(command, 1, 60)"
-            " FROM runs ORDER BY created").fetchall()

@@ -33,17 +33,17 @@ def test_a_database_from_before_the_command_column_is_upgraded(tmp_path):
     db.commit()
     db.close()
 
-    res = cli(tmp_path, "ps")
+    res = cli(tmp_path, "ps", "-a", "--cached")
     assert res.returncode == 0, res.stderr
     line = res.stdout.decode().splitlines()[1]
-    assert line.split()[:4] == ["old-1", "gpu1", "done", "exit"]
+    assert line.split()[:4] == ["old-1", "gpu1", "exited", "3"]
     assert line.endswith("python 'a b.py'")
 
     rec = Records(tmp_path / "runs.db")
     try:
         assert rec.get("old-1").command == "python 'a b.py'"
         rec.add("new-1", "local", {"host": "local"}, ["echo", "hi"])
-        assert [row[0] for row in rec.table()] == ["old-1", "new-1"]
+        assert [r.id for r in rec.all()] == ["old-1", "new-1"]
     finally:
         rec.close()
 

@@ -16,8 +16,10 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    # (module, not session: Playwright's sync API keeps an event loop running
+    # in this thread while it is open, and later tests call asyncio.run)
     sync_api = pytest.importorskip("playwright.sync_api")
     if not (os.path.exists(CHROMIUM) or shutil.which("chromium")):
         if os.environ.get("CHAPERONE_REQUIRE_SSHD") == "1":  # (CI installs chromium: .ci/run)
