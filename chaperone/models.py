@@ -330,6 +330,9 @@ class RunInfo(BaseModel):
     spool: Optional[str] = None
     #: When its state was last read from the host or pushed by its agent (ISO 8601, UTC).
     last_seen: Optional[str] = None
+    #: Its host has gone quiet (``chaperone serve``: no heartbeat or poll
+    #: for a while); a badge, never a state.
+    silent: bool = False
     #: The group of runs started together (``run -H``), if any.
     group: Optional[str] = None
 

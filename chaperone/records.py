@@ -127,7 +127,7 @@ def run_info(rec: "Record") -> dict:
         else None,
         "stdout_bytes": last.get("stdout_bytes", 0), "stderr_bytes": last.get("stderr_bytes", 0),
         "pid": last.get("pid"), "remote_host": last.get("host"), "spool": last.get("spool"),
-        "last_seen": _iso(rec.seen), "group": rec.group,
+        "last_seen": _iso(rec.seen), "silent": False, "group": rec.group,
     }
     return info
 

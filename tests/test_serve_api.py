@@ -49,7 +49,7 @@ def test_a_run_from_start_to_end_exact_bytes(server):
     end = c.wait(view["id"], timeout=30)
     assert end["state"] == "done" and end["exit_code"] == 3 and end["return_code"] == 3 and end["signal"] is None
     assert end["stdout_bytes"] == len(EXPECT_OUT) and end["stderr_bytes"] == len(EXPECT_ERR)
-    assert end["duration"] is not None and end["end_time"] and end["last_heard"] and end["silent"] is False
+    assert end["duration"] is not None and end["end_time"] and end["last_seen"] and end["silent"] is False
     # Raw bytes, whole and from an offset with a length.
     assert c.output(view["id"]) == (EXPECT_OUT, True)
     assert c.output(view["id"], "stderr") == (EXPECT_ERR, True)
@@ -63,10 +63,15 @@ def test_a_run_from_start_to_end_exact_bytes(server):
 
 
 def test_every_run_has_the_same_fields(server):
+    """The server's run is the CLI's --json run: chaperone.models.RunInfo."""
+    from chaperone.models import RunInfo
     from chaperone.serve.view import FIELDS
 
-    for v in server.client.runs():
-        assert tuple(v) == FIELDS
+    runs = server.client.runs()
+    assert runs
+    for v in runs:
+        assert tuple(v) == FIELDS == tuple(RunInfo.model_fields)
+        assert RunInfo.model_validate(v).model_dump() == v
 
 
 def test_kill_then_clean(server):
@@ -327,13 +332,13 @@ def test_a_quiet_run_is_heard_by_its_heartbeat(server):
     the server's interval, 1 s here) keep it heard, not silent."""
     c = server.client
     rid = c.start("local", ["sleep", "30"], run_id="quiet-%d" % os.getpid())["id"]
-    first = wait_for(lambda: c.run(rid)["last_heard"], 5, "a first callback")
+    first = wait_for(lambda: c.run(rid)["last_seen"], 5, "a first callback")
     silent_after = c.server()["silent_after"]
     polls = _metric(server, 'chaperone_catch_ups_total{result="ok"}')
     time.sleep(silent_after + 1)
     v = c.run(rid)
     assert v["state"] == "running" and v["stdout_bytes"] == 0
-    assert v["last_heard"] > first and not v["silent"], v
+    assert v["last_seen"] > first and not v["silent"], v
     # Heard by its heartbeats, not by polls of its spool (due after poll_after without news).
     assert _metric(server, 'chaperone_catch_ups_total{result="ok"}') == polls
     c.signal(rid, "KILL")

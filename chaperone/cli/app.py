@@ -88,6 +88,20 @@ def run_async(params: dict, coro_fn, **kw):
         fail("internal error: %s: %s (please report it)" % (type(e).__name__, e))
 
 
+def served_call(fn):
+    """``fn()`` (a command through ``chaperone serve``), its errors as one line."""
+    from ..errors import ChaperoneError
+
+    try:
+        return fn()
+    except ChaperoneError as e:
+        fail(str(e), e.exit_code)
+    except BrokenPipeError:
+        sys.exit(141)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
 def _os_error(e: OSError) -> str:
     import errno
 

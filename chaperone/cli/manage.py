@@ -9,7 +9,8 @@ import sys
 
 import click
 
-from .app import cli, fail, run_async, ssh_options
+from . import served
+from .app import cli, fail, run_async, served_call, ssh_options
 from .display import (ago, human_duration, parse_duration, parse_time, print_json, result, short_ago, table)
 
 IDS = click.argument("run_ids", nargs=-1, required=True, metavar="ID...")
@@ -121,33 +122,42 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params)
         fail("unknown state %r: one of %s (Try 'chaperone ps --help'.)" % (bad[0], ", ".join(STATES)), 2)
     wait = parse_duration(timeout, "--timeout")
 
-    async def go(ch):
+    def show(infos, fresh):
         from ..models import FINAL_STATES
 
-        recs = list(ch.records.all())
-        recs.reverse()  # newest first
+        infos = sorted(infos, key=lambda i: (parse_time(i["created"]) or 0, i["id"]), reverse=True)
         if hosts:
-            recs = [r for r in recs if r.host in hosts]
-        fresh = set()
-        if not cached:
-            fresh, _ = await _current(ch, recs, wait)
-            recs = [ch.records.get(r.id) or r for r in recs]
+            infos = [i for i in infos if i["host"] in hosts]
         if states:
-            recs = [r for r in recs if r.state in states]
+            infos = [i for i in infos if i["state"] in states]
         elif not show_all and last is None:
-            recs = [r for r in recs if r.state not in FINAL_STATES]
+            infos = [i for i in infos if i["state"] not in FINAL_STATES]
         if last is not None:
-            recs = recs[:max(0, last)]
-        infos = [r.info() for r in recs]
+            infos = infos[:max(0, last)]
         if as_json:
             print_json(infos)
         elif quiet:
             for info in infos:
                 click.echo(info["id"])
         else:
-            fresh |= {r.id for r in recs if r.state in FINAL_STATES}
+            fresh = set(fresh) | {i["id"] for i in infos if i["state"] in FINAL_STATES}
             click.echo(table(_rows(infos, fresh), ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND")))
         return 0
+
+    server = served.client(params, "cached")
+    if server is not None:  # its view is current: pushed by the agents
+        sys.exit(served_call(lambda: show(*(lambda v: (v, {i["id"] for i in v if not i["silent"]}))(
+            server.runs()))))
+
+    async def go(ch):
+        recs = list(ch.records.all())
+        if hosts:
+            recs = [r for r in recs if r.host in hosts]
+        fresh = set()
+        if not cached:
+            fresh, _ = await _current(ch, recs, wait)
+            recs = [ch.records.get(r.id) or r for r in recs]
+        return show([r.info() for r in recs], fresh)
 
     sys.exit(run_async(params, go))
 
@@ -168,6 +178,21 @@ def _records(ch, run_ids, errors):
     return out
 
 
+def _ids_or_errors(run_ids, errors):
+    """Run ids from ids and unique prefixes (this machine's records); a
+    line on stderr for each that is not a run."""
+    from ..errors import ChaperoneError
+
+    out = []
+    for run_id in run_ids:
+        try:
+            out.extend(served.resolve([run_id]))
+        except ChaperoneError as e:
+            click.echo("chaperone: %s" % e, err=True)
+            errors.append(e.exit_code)
+    return out
+
+
 @cli.command()
 @click.argument("run_ids", nargs=-1, metavar="[ID...]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one run; a list for several or none).")
@@ -178,6 +203,25 @@ def status(run_ids, as_json, timeout, **params):
     """Show runs' states, re-read from their spools now (no ID: every run
     not over, host by host, saying which hosts could not be reached)."""
     wait = parse_duration(timeout, "--timeout")
+
+    def show(infos, errors):
+        if as_json:
+            print_json(infos[0] if len(run_ids) == 1 and len(infos) == 1 else infos)
+        elif infos:
+            rows = [(i["id"], i["host"], i["state"], result(i), human_duration(i.get("duration")),
+                     str(i["stdout_bytes"]), str(i["stderr_bytes"])) for i in infos]
+            click.echo(table(rows, ("ID", "HOST", "STATE", "RESULT", "DURATION", "STDOUT", "STDERR"), flex=3))
+        return max(errors) if errors else 0
+
+    server = served.client(params)
+    if server is not None and run_ids:
+        def via():
+            errors, infos = [], []
+            for run_id in _ids_or_errors(run_ids, errors):
+                infos.append(server.run(run_id))
+            return show(infos, errors)
+
+        sys.exit(served_call(via))
 
     async def go(ch):
         from ..errors import ChaperoneError, StartFailed
@@ -205,13 +249,7 @@ def status(run_ids, as_json, timeout, **params):
                 click.echo("chaperone: run %s: %s" % (rec.id, e), err=True)
                 errors.append(e.exit_code)
             infos.append(ch.records.get(rec.id).info() if ch.records.get(rec.id) else rec.info())
-        if as_json:
-            print_json(infos[0] if len(run_ids) == 1 and len(infos) == 1 else infos)
-        elif infos:
-            rows = [(i["id"], i["host"], i["state"], result(i), human_duration(i.get("duration")),
-                     str(i["stdout_bytes"]), str(i["stderr_bytes"])) for i in infos]
-            click.echo(table(rows, ("ID", "HOST", "STATE", "RESULT", "DURATION", "STDOUT", "STDERR"), flex=3))
-        return max(errors) if errors else 0
+        return show(infos, errors)
 
     sys.exit(run_async(params, go))
 
@@ -251,6 +289,21 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, **params):
             fail("invalid --tail %r: a number of lines, or all (Try 'chaperone logs --help'.)" % tail, 2)
     # Both streams: each to its own.  One asked for: to stdout, to be piped.
     out = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer if len(streams) == 2 else sys.stdout.buffer}
+
+    server = served.client(params) if lines is None else None
+    if server is not None:
+        def via():
+            run_id_ = served.resolve([run_id])[0]
+            if follow:
+                served.follow_both(server, run_id_, streams, out=out)
+            else:
+                for stream in streams:
+                    data, _ = server.output(run_id_, stream)
+                    out[stream].write(data)
+                    out[stream].flush()
+            return 0
+
+        sys.exit(served_call(via))
 
     async def go(ch):
         from ..api import SKIP_OUTPUT
@@ -304,6 +357,33 @@ def wait(run_ids, timeout, as_json, **params):
     several: the largest)."""
     limit = parse_duration(timeout, "--timeout") if timeout else None
 
+    def report(ids, infos, codes, errors):
+        for run_id, info, code in zip(ids, infos, codes):
+            if not as_json and len(ids) > 1:
+                click.echo("%s: %s" % (run_id, result(info)))
+            elif not as_json and info["state"] not in ("done", "running"):
+                click.echo("chaperone: run %s: %s" % (run_id, result(info)), err=True)
+        if as_json:
+            print_json(infos[0] if len(run_ids) == 1 and len(infos) == 1 else infos)
+        return max(list(codes) + errors) if (codes or errors) else 0
+
+    server = served.client(params)
+    if server is not None:
+        def via():
+            errors = []
+            ids = _ids_or_errors(run_ids, errors)
+            infos = [server.wait(run_id, timeout=limit) for run_id in ids]
+            codes = []
+            for run_id, info in zip(ids, infos):
+                if info["state"] in ("starting", "running", "unknown"):
+                    click.echo("chaperone: run %s: still running after %s" % (run_id, timeout), err=True)
+                    codes.append(124)
+                else:
+                    codes.append(info["exit_code"])
+            return report(ids, infos, codes, errors)
+
+        sys.exit(served_call(via))
+
     async def go(ch):
         import asyncio
 
@@ -327,18 +407,9 @@ def wait(run_ids, timeout, as_json, **params):
                 return e.exit_code
 
         codes = await asyncio.gather(*(one(r) for r in recs))
-        for rec, code in zip(recs, codes):
-            info = ch.records.get(rec.id).info() if ch.records.get(rec.id) else rec.info()
-            infos.append(info)
-            if not as_json and info["state"] != "done" and code != 124:
-                pass  # its line was printed (the error), or below
-            if not as_json and len(recs) > 1:
-                click.echo("%s: %s" % (rec.id, result(info)))
-            elif not as_json and info["state"] not in ("done", "running"):
-                click.echo("chaperone: run %s: %s" % (rec.id, result(info)), err=True)
-        if as_json:
-            print_json(infos[0] if len(run_ids) == 1 and len(infos) == 1 else infos)
-        return max(list(codes) + errors) if (codes or errors) else 0
+        for rec in recs:
+            infos.append(ch.records.get(rec.id).info() if ch.records.get(rec.id) else rec.info())
+        return report([r.id for r in recs], infos, codes, errors)
 
     sys.exit(run_async(params, go))
 
@@ -357,6 +428,24 @@ def kill(run_ids, sig, grace, **params):
     grace_s = parse_duration(grace, "--grace") if grace else None
     if grace_s is not None and grace_s == float("inf"):
         fail("invalid --grace inf: give a finite duration (or no --grace)", 2)
+
+    server = served.client(params)
+    if server is not None:
+        def via():
+            from ..errors import ChaperoneError
+
+            errors = []
+            for run_id in _ids_or_errors(run_ids, errors):
+                try:
+                    view = server.signal(run_id, name, grace_s)
+                except ChaperoneError as e:
+                    click.echo("chaperone: run %s: %s" % (run_id, e), err=True)
+                    errors.append(e.exit_code)
+                    continue
+                click.echo("sent %s to run %s (pid %s)" % (name, run_id, view.get("pid")))
+            return max(errors) if errors else 0
+
+        sys.exit(served_call(via))
 
     async def go(ch):
         from ..errors import ChaperoneError
@@ -382,6 +471,24 @@ def kill(run_ids, sig, grace, **params):
 def clean(run_ids, force, **params):
     """Remove runs' spools on their hosts and their records (a run that
     never started: only its record)."""
+    server = served.client(params)
+    if server is not None:
+        def via():
+            from ..errors import ChaperoneError
+
+            errors = []
+            for run_id in _ids_or_errors(run_ids, errors):
+                try:
+                    server.clean(run_id, force)
+                except ChaperoneError as e:
+                    click.echo("chaperone: run %s: %s" % (run_id, e), err=True)
+                    errors.append(e.exit_code)
+                    continue
+                click.echo("cleaned %s" % run_id)
+            return max(errors) if errors else 0
+
+        sys.exit(served_call(via))
+
     async def go(ch):
         from ..errors import ChaperoneError
 

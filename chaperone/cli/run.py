@@ -15,7 +15,7 @@ import sys
 
 import click
 
-from .app import add_options, cli, fail, run_async
+from .app import add_options, cli, fail, run_async, served_call
 from .options import ssh_settings
 from .display import parse_duration
 from .options import RUN, SSH, split_run
@@ -101,6 +101,15 @@ def run(host, **params):
         cwd = os.getcwd()
     timeout = parse_duration(params["timeout"], "--timeout") if params.get("timeout") else None
     grace = parse_duration(params["kill_grace"], "--kill-grace") if params.get("kill_grace") else None
+
+    from . import served
+
+    server = served.client(params)
+    if server is not None:
+        from ..api import parse_env
+
+        sys.exit(served_call(lambda: served.run(server, host, command, params, parse_env(params.get("env") or ()),
+                                                 cwd, timeout)))
 
     async def go(ch):
         from ..api import new_run_id, parse_env

@@ -85,7 +85,7 @@
     td.appendChild(s);
     if (v.silent) {
       const b = el("span", "silent", "badge silent");
-      b.title = "not heard from since " + (v.last_heard ? fmtTime(v.last_heard) : "this server started");
+      b.title = "not heard from since " + (v.last_seen ? fmtTime(v.last_seen) : "this server started");
       td.appendChild(b);
     }
   }
@@ -401,7 +401,7 @@
       ["state", v.state + (v.silent ? " (host silent)" : "")], ["ended", FINAL.has(v.state) ? ending(v) : ""],
       ["host", v.host], ["command", v.command], ["argv", JSON.stringify(v.argv)], ["pid", v.pid],
       ["created", fmtTime(v.created)], ["started", fmtTime(v.start_time)], ["ended at", fmtTime(v.end_time)],
-      ["duration", fmtDuration(duration(v))], ["last heard", v.last_heard ? fmtTime(v.last_heard) : "—"],
+      ["duration", fmtDuration(duration(v))], ["last heard", v.last_seen ? fmtTime(v.last_seen) : "—"],
       ["output", fmtBytes(v.stdout_bytes) + " / " + fmtBytes(v.stderr_bytes)], ["error", v.error],
     ];
     for (const [k, val] of rows) {
