@@ -54,6 +54,13 @@ def sleeper(host, name="sleep", seconds=100.0, out=b"", code=0):
     return started
 
 
+async def drops_every(host, seconds, times):
+    """Drop every connection to ``host`` every ``seconds``, ``times`` times."""
+    for _ in range(times):
+        await asyncio.sleep(seconds)
+        host.disconnect()
+
+
 def typed(state):
     return RunState.model_validate(state)
 
@@ -321,12 +328,7 @@ def test_wait_across_breaks_and_dropped_connections(tmp_path):
             host.break_after(3, 30, 300, command="follow")
             told = []
 
-            async def drops():
-                for _ in range(7):
-                    await asyncio.sleep(500)
-                    host.disconnect()
-
-            task = asyncio.ensure_future(drops())
+            task = asyncio.ensure_future(drops_every(host, 500, 7))
             state = await ch.wait(run.id, on_reconnect=lambda e, d: told.append((type(e), d)))
             task.cancel()
             assert (state.state, state.return_code, state.exit_code) == ("done", 4, 4)
@@ -371,13 +373,27 @@ def test_refused_connections_are_retried_when_worth_it(tmp_path, kind, transient
 def test_reconnect_gives_up_after_reconnect_for(tmp_path):
     """A host that stays unreachable: the backoff doubles up to 10 s and
     gives up once the next try would pass ``reconnect_for`` seconds since
-    the last event; the error is the last refusal."""
+    the last event; the error is the last refusal.  A run that goes on
+    longer than that, with events between the breaks, is followed to its end."""
     host = MemoryHost("fake")
     sleeper(host, seconds=10000)
+
+    @host.program("ticks")
+    async def ticks(p):
+        for i in range(10):
+            await p.sleep(10)
+            p.write("stdout", b"%d" % i)
 
     async def main():
         loop = asyncio.get_running_loop()
         async with chaperone(tmp_path, host) as ch:
+            run = await ch.start("fake", ["ticks"])
+            task = asyncio.ensure_future(drops_every(host, 15, 6))
+            out = [e.data async for e in ch.events(run.id, reconnect_for=20) if isinstance(e, OutputChunk)]
+            assert b"".join(out) == b"0123456789" and loop.time() == 100
+            task.cancel()
+
+            began = loop.time()
             run = await ch.start("fake", ["sleep"])
             host.refuse(100, "refused")
             told = []
@@ -385,7 +401,7 @@ def test_reconnect_gives_up_after_reconnect_for(tmp_path):
                 async for _ in ch.events(run.id, on_reconnect=lambda e, d: told.append(d), reconnect_for=30):
                     pass
             assert told == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 10.0]
-            assert loop.time() == sum(told)
+            assert loop.time() - began == sum(told)
             assert len(host._refusals) == 100 - 8
 
     real = time.monotonic()
@@ -451,6 +467,15 @@ def test_a_start_that_never_reached_the_host_is_failed(tmp_path):
             with pytest.raises(StartFailed, match="its start never reached fake"):
                 await ch.wait("unsure")
             assert ch.records.get("unsure").state == "failed"
+
+            # (run: a start --follow whose answer never came is sent again: start is idempotent by id)
+            host.refuse(1, "lost")
+            seen = []
+            events = [e async for e in ch.run("fake", ["sleep"], id="retold", on_reconnect=lambda e, d: seen.append(
+                (type(e), d, ch.records.get("retold").state)))]
+            assert seen == [(ConnectionLost, 0.0, "unknown")]
+            assert events[-2].state["state"] == "done" and host.runs["retold"].state["state"] == "done"
+            assert ch.records.get("retold").state == "done"
 
             host.break_after(0, command="start")
             with pytest.raises(ConnectionLost):
