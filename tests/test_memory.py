@@ -698,3 +698,14 @@ def test_memory_transport_needs_no_ssh_stack():
     res = subprocess.run([sys.executable, "-S", "-c", code], cwd=str(REPO), capture_output=True,
                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert res.returncode == 0, res.stderr.decode()
+
+
+def test_the_documented_example_runs(tmp_path):
+    """docs/protocol.md's example of a user's own test runs as written."""
+    text = (REPO / "docs" / "protocol.md").read_text().split("## Testing without SSH")[1]
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    scope = {}
+    exec(compile(code, "docs/protocol.md", "exec"), scope)
+    tests = [f for name, f in scope.items() if name.startswith("test_")]
+    assert len(tests) == 1
+    tests[0](tmp_path)
