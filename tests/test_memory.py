@@ -119,6 +119,7 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
     script = "sleep 0.2; printf 'out\\377'; printf err >&2; exit 3"
     sh = {"id": "d1", "program": {"argv": ["/bin/sh", "-c", script]}}
     missing = {"id": "d3", "program": {"argv": ["/nonexistent/prog"]}}
+    no_stdin = {"id": "d4", "program": {"argv": ["/bin/sh"], "stdin": {"path": "/nonexistent/in"}}}
     calls = [
         (["start"], sh), (["--marker", "M", "follow", "d1"], None), (["--marker", "M", "status", "d1"], None),
         (["--marker", "M", "start", "--follow"], dict(sh, program={"argv": ["other"]})),
@@ -131,7 +132,7 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
         (["status", "../x"], None), (["follow", "nope"], None), (["frobnicate"], None), ([], None),
         (["start"], b""), (["start"], b"{"), (["start"], b"\xff"), (["start"], {"id": "d2"}),
         (["start"], b"[]"), (["start", "--follow"], b"[" + json.dumps(missing).encode() + b"]"),
-        (["--marker", "M", "start"], [missing, {"id": "bad id", "program": {"argv": ["x"]}}, 5]),
+        (["--marker", "M", "start"], [missing, {"id": "bad id", "program": {"argv": ["x"]}}, 5, no_stdin]),
         (["control", "d1"], b"nope"), (["control", "d1"], {"op": "x"}),
         (["--marker", "M", "control", "d1"], {"op": "release"}), (["--marker", "M", "list"], None),
         (["--marker", "M", "follow", "d3", "--stdout-offset", "5"], None),
@@ -177,8 +178,9 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
 def test_runs_on_a_memory_host_have_the_agents_states(tmp_path):
     """Each state a run goes through is a valid state.json (RunState):
     running, done (exit status, or a signal), error (not found, ENOENT,
-    exit status 127), lost; a program gets its argv, env, cwd and stdin."""
-    host = MemoryHost("fake")
+    exit status 127), lost; a program gets its argv, env, cwd and stdin
+    (data, or a file on the host)."""
+    host = MemoryHost("fake", files={"/data/in": b"from a file"})
     seen = {}
 
     @host.program("env")
@@ -200,6 +202,10 @@ def test_runs_on_a_memory_host_have_the_agents_states(tmp_path):
             assert host.runs[run.id].stdout == b"\x00\xff no newline" and state.stdout_bytes == 13
             assert seen == {"argv": ["env", "a b"], "cwd": "/w", "stdin": b"in\n",
                             "env": {"HOME": "/home/user", "PATH": "/usr/local/bin:/usr/bin:/bin", "X": "1"}}
+            await (await ch.start("fake", ["env"], stdin_path="/data/in")).wait()
+            assert seen["stdin"] == b"from a file"
+            nothing = await (await ch.start("fake", ["env"], stdin_path="/data/none")).wait()
+            assert (nothing.state, nothing.error) == ("error", "stdin /data/none: No such file or directory")
             missing = await (await ch.start("fake", ["/opt/missing", "x"])).wait()
             assert (missing.state, missing.errno, missing.exit_code) == ("error", 2, 127)
             assert missing.error == "/opt/missing: No such file or directory" and missing.pid is None
@@ -286,8 +292,9 @@ def test_output_exactly_once_across_broken_follows(steps, breaks, drops, chunk, 
 def test_output_and_read_by_offset_across_breaks(tmp_path):
     """``output(follow=True)`` of one stream, from an offset, across broken
     follows: exactly its bytes from there; ``read`` gives a range, never
-    past what the run wrote."""
-    host = MemoryHost("fake", chunk=5)
+    past what the run wrote.  (The host prints a login banner before each
+    agent call: the marker skips it.)"""
+    host = MemoryHost("fake", chunk=5, banner=b"Welcome!\n\n\x00\xff" * 10)
 
     @host.program("talk")
     async def talk(p):

@@ -31,32 +31,12 @@ they are scripted, as async functions registered by name::
 
     run_virtual(main())   # the loop's clock jumps over idle time: no real minute
 
-What the host models: each run's spool (``state``, exactly shaped like
-``state.json``; ``stdout``/``stderr`` bytes; the program.json with its
-defaults), idempotent starts by id, batch starts, ``start --follow``,
-``follow`` from offsets, ``output --offset/--length``, ``signal`` (with
-``--grace`` and the SIGTERM escalation after ``config.kill_grace``),
-``config.timeout``, ``list``, ``clean [--force]``, ``control`` (recorded in
-:attr:`MemoryRun.controls`).  A program that is not registered ends in
-state ``error`` with ``errno`` ENOENT, as a missing executable does; so
-does a ``stdin.path`` that is not in :attr:`MemoryHost.files`.  Faults:
-:meth:`MemoryHost.refuse` (connections refused, with the SSH transports'
-errors), :meth:`MemoryHost.break_after` (a connection that drops after N
-bytes of the agent's stdout), :meth:`MemoryHost.disconnect` (every open
-connection drops now), :attr:`MemoryHost.latency`, :meth:`MemoryHost.remove`
-(a spool removed on the host) and :meth:`MemoryHost.lose` (a supervisor
-killed: the run becomes ``lost``).
-
-Not modeled: files and directories (``cwd`` is handed to the program as
-is), HTTPS callbacks (``Chaperone(push=True)`` needs a real host),
-children a program leaves behind, damaged state files.  A host, its
-programs and the transport live in one event loop.
-
-Time: programs, latency, grace and timeouts use the event loop's clock.
-:func:`run_virtual` runs a coroutine on :class:`VirtualClockLoop`, whose
-clock jumps over idle time (as trio's autojump clock): a program's
-``sleep(3600)``, chaperone's reconnect backoff and ``asyncio.wait_for``
-timeouts then take no real time, and the order of events is deterministic.
+What the host models, its faults, its clock and what it leaves out:
+docs/protocol.md, "Testing without SSH".  Programs, latency, graces and
+timeouts use the event loop's clock; :func:`run_virtual` runs a coroutine
+on :class:`VirtualClockLoop`, whose clock jumps over idle time (as trio's
+autojump clock), so that hours of a program's time, reconnect backoff and
+timeouts take no real time, in a deterministic order.
 
 Stdlib and chaperone only (no asyncssh, aiohttp or pydantic is imported).
 """
@@ -286,6 +266,7 @@ class MemoryRun:
             task.cancel()
         for timer in self._timers.values():
             timer.cancel()
+        self._timers.clear()
         self.state.update(state="lost", error=why, end_time=self.host._now())
         self._touch()
 
@@ -502,7 +483,7 @@ class MemoryHost:
         returning the exit status or None for 0) as the program ``name``;
         without ``func``, a decorator."""
         if func is None:
-            return lambda f: self.program(name, f) or f
+            return lambda f: self.program(name, f)
         self.programs[name] = func
         return func
 
