@@ -24,8 +24,8 @@ from chaperone import Chaperone
 from chaperone.errors import AgentFailed, ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, UsageError
 from chaperone.models import RunState
 from chaperone.protocol import End, OutputChunk, StateUpdate, StreamDecoder
-from chaperone.transports.memory import MemoryHost, MemoryTransport, run_virtual
 from chaperone.transports.local import LocalTransport
+from chaperone.transports.memory import MemoryHost, MemoryTransport, run_virtual
 from helpers import REPO
 
 
@@ -40,13 +40,13 @@ async def chaperone(home, *hosts):
         yield ch
 
 
-def sleeper(host, name="sleep", seconds=100.0, out=b"", code=0):
-    """Register a program that writes ``out``, sleeps, exits ``code``; returns the start count."""
+def sleeper(host, name="sleep", seconds=100.0, code=0):
+    """Register a program that sleeps, then exits ``code``; returns the
+    list of the run ids it was started for."""
     started = []
 
     async def program(p):
         started.append(p.id)
-        p.write("stdout", out)
         await p.sleep(seconds)
         return code
 
