@@ -433,6 +433,9 @@ class Chaperone:
                                group=group)
         if rec.argv != argv or rec.host != target.name:
             raise UsageError("run id %s is already used by another run" % run_id)
+        if rec.state == "failed":  # it never started: this start is its first
+            self.records.restart(run_id)
+            rec = self.records.get(run_id)
         return rec  # (the same run again: start is idempotent)
 
     async def _prepare(self, host, command: Command, ssh, group, kw) -> "tuple[Target, Transport, dict, bool]":
@@ -691,8 +694,11 @@ class Chaperone:
         :class:`asyncio.TimeoutError`; reconnects meanwhile."""
         rec = self.record(run_id)
         self._never_started(rec)
-        if rec.final and rec.last and (self.push is None or not self.push.knows(rec.id)):
-            return self._typed(rec.last)
+        if rec.final and (self.push is None or not self.push.knows(rec.id)):
+            if rec.last and rec.last.get("state") in FINAL_STATES:
+                return self._typed(rec.last)
+            # marked final here (its spool is gone): its host cannot say more
+            raise NoSuchRun("run %s: %s" % (rec.id, rec.error or rec.state))
 
         async def until_end() -> dict:
             if self.push is not None and self.push.knows(rec.id):
@@ -717,7 +723,10 @@ class Chaperone:
             mirror = self.push.mirror(rec.id)
             if length is not None and mirror.held(stream) >= offset + length:
                 return mirror.read(stream, offset, length)
-        return await self.client(rec.id).output(rec.id, stream, offset, length)
+        try:
+            return await self.client(rec.id).output(rec.id, stream, offset, length)
+        except NoSuchRun:
+            raise self._gone(rec) from None
 
     async def output(self, run_id: str, stream: str = "stdout", offset: int = 0, *,
                      follow: bool = False) -> AsyncIterator[bytes]:

@@ -208,10 +208,10 @@ class Records:
         self.db.execute("UPDATE runs SET state = ?, error = ? WHERE id = ? AND state NOT IN %s" % _FINAL_SQL,
                         (state, error, run_id))
 
-    def seen(self, run_id: str, error: Optional[str] = None) -> None:
-        """Note that the host was (or, with ``error``, could not be) looked at."""
-        if error is None:
-            self.db.execute("UPDATE runs SET seen = ? WHERE id = ?", (time.time(), run_id))
+    def restart(self, run_id: str) -> None:
+        """A run whose start failed is started again: ``starting`` anew."""
+        self.db.execute("UPDATE runs SET state = 'starting', error = NULL WHERE id = ? AND state = 'failed'",
+                        (run_id,))
 
     def remove(self, run_id: str) -> None:
         self.db.execute("DELETE FROM runs WHERE id = ?", (run_id,))

@@ -493,11 +493,6 @@ def test_a_start_that_never_reached_the_host_is_failed(tmp_path):
     go(main())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "api.py (not this branch's to change): a start of an id whose earlier start failed starts the run on "
-    "the host, but Records.update never moves a 'failed' record (final) to 'running': the record stays "
-    "'failed', and wait()/status() raise StartFailed for a run that is running. Chaperone._register (or "
-    "start) should put a failed record back to 'starting' before it sends the start again."))
 def test_a_failed_start_started_again_is_recorded_running(tmp_path):
     host = MemoryHost("fake")
     sleeper(host, seconds=5, code=3)
@@ -542,11 +537,6 @@ def test_a_spool_gone_from_the_host(tmp_path):
     go(main())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "api.py (not this branch's to change): Chaperone.wait returns rec.last for a final record, but a record "
-    "chaperone itself marked final (lost: its spool is gone; Records.mark keeps 'last') holds the last state its "
-    "host reported, 'running': wait() returns a RunState with state 'running' (final False, exit_code None) "
-    "instead of raising NoSuchRun as the first wait() did (or returning a final state)."))
 def test_wait_of_a_run_found_lost_does_not_answer_running(tmp_path):
     host = MemoryHost("fake")
     sleeper(host, seconds=5)

@@ -75,6 +75,15 @@ class PushReceiver:
             self._open = True
 
     async def close(self) -> None:
+        # Runs that ended with everything held here: their agents may still
+        # be retrying a final callback whose answer was lost; tell them to stop
+        # (best effort, bounded) rather than leave them trying for a day.
+        ended = [r for r in self._runs if self._complete(r) is not None]
+        if ended:
+            try:
+                await asyncio.wait_for(asyncio.gather(*(self.release(r) for r in ended)), 10.0)
+            except asyncio.TimeoutError:
+                pass
         for tunnel in self._tunnels.values():
             tunnel["task"].cancel()
             tunnel["tunnel"].close()

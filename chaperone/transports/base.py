@@ -4,7 +4,7 @@ One small interface (like httpx's ``BaseTransport``): :meth:`Transport.open`
 runs ``agent.py ARGS`` on the host with ``stdin`` bytes and returns an
 :class:`AgentProcess` to read its stdout from.  The transports:
 ``local.LocalTransport`` (a local subprocess), ``memory.MemoryTransport`` (an
-in-memory host, for tests), ``ssh.via_asyncssh.AsyncSSHTransport`` and
+in-memory host, for tests), ``ssh.via_asyncssh.SSHTransport`` and
 ``ssh.via_openssh.OpenSSHTransport``; ``factory`` is the one place that
 decides which one reaches a host.  Everything above is the same for all.
 """
