@@ -124,3 +124,20 @@ def test_ps_through_the_server_is_current_without_ssh(tmp_path):
     finally:
         server.stop()
         kill_runs(home)
+
+
+def test_docs_cli_has_the_run_objects_schema_and_every_field():
+    """docs/cli.md shows the generated JSON Schema of the one run object and
+    describes each of its fields."""
+    import re
+    from pathlib import Path
+
+    from chaperone.models import RunInfo
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "cli.md").read_text()
+    blocks = re.findall(r"<!-- schema: run -->\s*```json\n(.*?)\n```", text, re.S)
+    assert len(blocks) == 1 and json.loads(blocks[0]) == RunInfo.model_json_schema(), (
+        "docs/cli.md: the run schema is stale")
+    prose = text.split("<!-- schema: run -->")[0]
+    missing = [f for f in RunInfo.model_fields if "`%s`" % f not in prose]
+    assert not missing, missing
