@@ -597,45 +597,8 @@ class Chaperone:
         rec = self.record(run_id)
         self._never_started(rec)
         if self.push is not None and self.push.knows(rec.id):
-            return self._pushed_events(rec.id, offsets)
+            return self.push.events(rec.id, offsets)
         return self._follow(rec.id, offsets, on_reconnect=on_reconnect, reconnect_for=reconnect_for)
-
-    async def _pushed_events(self, run_id: str, offsets: Optional[Dict[str, int]]) -> AsyncIterator[Event]:
-        offsets = dict(offsets or {s: 0 for s in STREAMS})
-        push = self.push
-        mirror = push.mirror(run_id)
-        last = None
-        while True:
-            event = push._event(run_id)
-            event.clear()
-            moved = False
-            for stream in STREAMS:
-                if offsets.get(stream, 0) >= SKIP_OUTPUT[stream]:
-                    continue
-                data = mirror.read(stream, offsets[stream], 1 << 20)
-                if data:
-                    yield OutputChunk(stream, offsets[stream], data)
-                    offsets[stream] += len(data)
-                    moved = True
-            st = push.states.get(run_id)
-            if st is not None and st != last:
-                last = st
-                yield StateUpdate(st)
-            complete = push._complete(run_id)
-            if complete is not None and not moved and all(
-                    offsets.get(s, 0) >= complete.get(s + "_bytes", 0) for s in STREAMS):
-                await push.release(run_id)
-                yield End()
-                return
-            if moved:
-                continue
-            try:
-                await asyncio.wait_for(event.wait(), 30.0)
-            except asyncio.TimeoutError:
-                try:
-                    await push.catch_up(run_id)
-                except ChaperoneError:
-                    pass
 
     async def _follow(self, run_id: str, offsets: Optional[Dict[str, int]] = None, *,
                       on_reconnect: Optional[Callable[[Exception, float], None]] = None,

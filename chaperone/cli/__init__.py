@@ -12,15 +12,22 @@ before anything heavy is loaded; the click application is :mod:`.app`.
 """
 
 
-def main() -> None:
+def application():
+    """The click group with every command on it."""
+    from ..serve.command import serve
+    from . import manage, run  # noqa: F401 - the commands register themselves on app.cli
     from .app import cli
 
-    cli.main(prog_name="chaperone")
+    if "serve" not in cli.commands:
+        cli.add_command(serve)
+    return cli
+
+
+def main() -> None:
+    application().main(prog_name="chaperone")
 
 
 def __getattr__(name):
     if name == "cli":
-        from .app import cli
-
-        return cli
+        return application()
     raise AttributeError(name)

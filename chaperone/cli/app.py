@@ -1,5 +1,6 @@
-"""The click application: the ``chaperone`` group, its shared helpers, and
-the commands (:mod:`.run`, :mod:`.manage`).
+"""The click application: the ``chaperone`` group and the helpers its
+commands share.  The commands (:mod:`.run`, :mod:`.manage`, ``serve``)
+register themselves on it; :func:`chaperone.cli.application` loads them.
 
 Every command and option is documented in docs/cli.md.  Exit status of
 ``run`` and ``wait``: the program's own; ``128+N`` when it was killed by
@@ -168,9 +169,5 @@ def ssh_options(f):
     return add_options(SSH)(f)
 
 
-from . import manage, run  # noqa: E402,F401 - the commands register themselves
-from ..serve.command import serve as _serve  # noqa: E402 (light: click only)
-
-cli.add_command(_serve)
 
 __all__ = ["cli", "Opt"]

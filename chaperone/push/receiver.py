@@ -22,16 +22,17 @@ import inspect
 import json
 import logging
 import shutil
-from typing import TYPE_CHECKING, AsyncIterator, Callable, Dict, List, Optional
+from typing import AsyncIterator, Callable, Dict, List, Optional
 
 from ..errors import ChaperoneError, UsageError
 from ..models import FINAL_STATES, STREAMS
+from ..protocol import End, Event, OutputChunk, StateUpdate
 from ..transports.base import Transport
 from .endpoint import DEFAULT_MAX_BODY, CallbackServer
 from .mirror import OutputMirror
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..api import Chaperone
+#: Offsets at or past this skip a stream (chaperone.api.SKIP_OUTPUT).
+SKIP = 1 << 62
 
 #: Catch-up reads the spool this much at a time.
 CATCH_UP_CHUNK = 8 << 20
@@ -45,9 +46,11 @@ def _changed(old: dict, new: dict) -> bool:
 
 class PushReceiver:
     """The callback endpoint, the tunnels to it, the mirror and the last
-    state of every run this process pushes for."""
+    state of every run this process pushes for.  ``ch``: the
+    :class:`chaperone.Chaperone` it belongs to (its records, home and agent
+    calls)."""
 
-    def __init__(self, ch: "Chaperone", *, callback_url: Optional[str] = None, bind: str = "127.0.0.1",
+    def __init__(self, ch, *, callback_url: Optional[str] = None, bind: str = "127.0.0.1",
                  port: int = 0, max_body: int = DEFAULT_MAX_BODY, heal_interval: float = 1.0,
                  on_update: Optional[Callable] = None, heartbeat: Optional[float] = None):
         self.ch = ch
@@ -282,6 +285,45 @@ class PushReceiver:
                 await asyncio.wait_for(event.wait(), 5.0)
             except asyncio.TimeoutError:
                 pass
+
+    async def events(self, run_id: str, offsets: Optional[Dict[str, int]] = None) -> AsyncIterator[Event]:
+        """Output and state events of a pushed run from ``offsets``, out of
+        the mirror as the callbacks fill it, until its end (then
+        :class:`~chaperone.protocol.End`); catch-up fills what they miss."""
+        offsets = dict(offsets or {s: 0 for s in STREAMS})
+        mirror = self.mirror(run_id)
+        last = None
+        while True:
+            event = self._event(run_id)
+            event.clear()
+            moved = False
+            for stream in STREAMS:
+                if offsets.get(stream, 0) >= SKIP:
+                    continue
+                data = mirror.read(stream, offsets.get(stream, 0), 1 << 20)
+                if data:
+                    yield OutputChunk(stream, offsets.get(stream, 0), data)
+                    offsets[stream] = offsets.get(stream, 0) + len(data)
+                    moved = True
+            st = self.states.get(run_id)
+            if st is not None and st != last:
+                last = st
+                yield StateUpdate(st)
+            complete = self._complete(run_id)
+            if complete is not None and not moved and all(
+                    offsets.get(s, 0) >= complete.get(s + "_bytes", 0) for s in STREAMS):
+                await self.release(run_id)
+                yield End()
+                return
+            if moved:
+                continue
+            try:
+                await asyncio.wait_for(event.wait(), 30.0)
+            except asyncio.TimeoutError:
+                try:
+                    await self.catch_up(run_id)
+                except ChaperoneError:
+                    pass
 
     async def wait(self, run_id: str, safety_net: float = 30.0) -> dict:
         """The run's final state, once the mirror holds all of its output.
