@@ -214,3 +214,43 @@ def read_rest(proc, timeout=30.0):
 def marker_number():
     """A unique decimal like ``300.123456789`` for ``sleep``: findable in ps."""
     return "300.%d" % (uuid.uuid4().int % 10 ** 9)
+
+
+def with_ssh_dir(ssh_dir, argv, env):
+    """``argv`` with ``ssh_dir`` as ~/.ssh, in a mount namespace of its own:
+    what the user's ssh config would be, changing nothing on this machine."""
+    home = os.path.expanduser("~")
+    if not os.path.isdir(os.path.join(home, ".ssh")):
+        os.makedirs(os.path.join(home, ".ssh"), mode=0o700)
+    script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
+    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(ssh_dir),
+                           os.path.join(home, ".ssh")] + argv, env=env, capture_output=True, timeout=90)
+
+
+def user_ssh_dir(tmp_path, sshd, aliases=("gpu1",)):
+    """A ~/.ssh of the user's own (for :func:`with_ssh_dir`): a config with
+    ``Host ALIAS`` for each alias, reaching ``sshd``, its key and known_hosts."""
+    import textwrap
+
+    ssh_dir = tmp_path / "dotssh"
+    ssh_dir.mkdir(mode=0o700)
+    key = ssh_dir / "id_test"
+    key.write_bytes(open(sshd.identity_file, "rb").read())
+    os.chmod(key, 0o600)
+    (ssh_dir / "known_hosts_test").write_bytes(open(sshd.known_hosts, "rb").read())
+    blocks = "".join(textwrap.dedent("""\
+        Host {alias}
+            HostName {addr}
+            Port {port}
+            User {user}
+            IdentityFile ~/.ssh/id_test
+            IdentitiesOnly yes
+            UserKnownHostsFile ~/.ssh/known_hosts_test
+            StrictHostKeyChecking yes
+            BatchMode yes
+            LogLevel ERROR
+        """).format(alias=a, addr=sshd.listen_address, port=sshd.port, user=sshd.user) for a in aliases)
+    (ssh_dir / "config").write_text(blocks)
+    os.chmod(ssh_dir / "config", 0o600)
+    os.chmod(ssh_dir / "known_hosts_test", 0o600)
+    return ssh_dir

@@ -13,6 +13,8 @@ import textwrap
 
 import pytest
 
+from helpers import with_ssh_dir
+
 from chaperone import Chaperone
 from chaperone.errors import ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, UsageError
 from chaperone.models import RunInfo, RunState
@@ -155,17 +157,6 @@ USER_CONFIG_CLIENT = textwrap.dedent("""
 """)
 
 
-def _with_ssh_dir(ssh_dir, argv, env):
-    """``argv`` with ``ssh_dir`` as ~/.ssh, in a mount namespace of its own:
-    what the user's ssh config would be, changing nothing on this machine."""
-    home = os.path.expanduser("~")
-    if not os.path.isdir(os.path.join(home, ".ssh")):
-        os.makedirs(os.path.join(home, ".ssh"), mode=0o700)
-    script = 'mount --bind "$1" "$2" && shift 2 && exec "$@"'
-    return subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", str(ssh_dir),
-                           os.path.join(home, ".ssh")] + argv, env=env, capture_output=True, timeout=90)
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("client", CLIENTS)
 def test_both_clients_read_the_users_ssh_config(sshd, tmp_path, client):
@@ -210,7 +201,7 @@ def test_both_clients_read_the_users_ssh_config(sshd, tmp_path, client):
         os.chmod(f, 0o700 if f.is_dir() else 0o600)
     home = tmp_path / "home"
     env = dict(os.environ, CHAPERONE_SSH_CLIENT=client)
-    res = _with_ssh_dir(ssh_dir, [sys.executable, "-c", USER_CONFIG_CLIENT, str(home), client, "gpu1", "jumped"],
+    res = with_ssh_dir(ssh_dir, [sys.executable, "-c", USER_CONFIG_CLIENT, str(home), client, "gpu1", "jumped"],
                         env)
     assert res.returncode == 0, res.stderr.decode()
     out = json.loads(res.stdout)
@@ -220,7 +211,7 @@ def test_both_clients_read_the_users_ssh_config(sshd, tmp_path, client):
         user, client_addr, client_port, server_addr, server_port = text.split()
         assert (user, server_addr, int(server_port)) == (sshd.user, sshd.listen_address, sshd.port)
     # The same config through the CLI (its own default client choice aside).
-    cli = _with_ssh_dir(ssh_dir, [sys.executable, "-m", "chaperone", "run", "--spool", str(home / "spool"),
+    cli = with_ssh_dir(ssh_dir, [sys.executable, "-m", "chaperone", "run", "--spool", str(home / "spool"),
                                   "gpu1", "--", "echo", "$HOME"], dict(env, CHAPERONE_HOME=str(home)))
     assert (cli.returncode, cli.stdout) == (0, b"$HOME\n"), cli.stderr.decode()
 
