@@ -29,7 +29,7 @@ from .agent_source import agent_bytes
 from .errors import ChaperoneError, ConnectionLost
 from . import sshmaster
 from .sshcommon import (SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel, agent_command, agent_file, no_python,
-                        ship_command, ship_failure, shipped_but_missing)
+                        report_ship_notes, ship_command, ship_failure, shipped_but_missing)
 from .transport import AgentProcess, AttachedProcess, Transport, feed_stdin, spawn
 
 __all__ = ["OpenSSHTransport"]
@@ -335,6 +335,7 @@ class OpenSSHTransport(SSHDescribed, Transport):
                 raise ssh_error(self.host, err, False)
             if code != 0:
                 raise ship_failure(code, err, self.python, self.host)
+            report_ship_notes(self.host, err)
             self._shipped += 1
 
     async def _adopt(self, command: str, stdin: bytes):

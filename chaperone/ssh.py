@@ -26,8 +26,8 @@ import asyncssh
 
 from .agent_source import agent_bytes
 from .errors import ChaperoneError, ConnectionLost
-from .sshcommon import (REMOTE_DIR, SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel,
-                        agent_command, agent_file, no_python, ship_command, ship_failure, shipped_but_missing)
+from .sshcommon import (REMOTE_DIR, SHIP_AGAIN, ConnectFailed, SSHDescribed, Tunnel, agent_command, agent_file,
+                        no_python, report_ship_notes, ship_command, ship_failure, shipped_but_missing)
 from .sshmaster import DEFAULT_CONNECT_TIMEOUT
 from .transport import AgentProcess, Transport
 
@@ -350,6 +350,7 @@ class SSHTransport(SSHDescribed, Transport):
             raise ConnectionLost("connection to %s lost while shipping the agent: %s" % (self.host, e)) from None
         if result.exit_status != 0:
             raise ship_failure(result.exit_status, result.stderr, self.python, self.host)
+        report_ship_notes(self.host, result.stderr)
 
     async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
         c = await self._channel_slot()

@@ -16,7 +16,7 @@ import signal
 import sys
 from typing import List, Optional
 
-from .agent_source import RUN_AGENT, agent_path
+from .agent_source import LOCAL_BOOTSTRAP, agent_path
 
 
 class AgentProcess(abc.ABC):
@@ -80,8 +80,8 @@ class _LocalProcess(AgentProcess):
         self.owner._finish(self.proc)
 
 
-#: Runs the agent file named by ``argv[1]`` (see agent_source.RUN_AGENT).
-_BOOTSTRAP = "import sys\nsys.argv=sys.argv[1:]\n" + RUN_AGENT
+#: Runs the agent file named by ``argv[1]`` (see agent_source.LOCAL_BOOTSTRAP).
+_BOOTSTRAP = LOCAL_BOOTSTRAP
 
 
 async def spawn(argv: List[str]) -> asyncio.subprocess.Process:

@@ -930,7 +930,7 @@ def path_problem(path, uid=None):
             todo = parts + todo
             continue
         if not stat.S_ISDIR(info.st_mode):
-            return "%s is %s, not a directory" % (nxt, _kind(info.st_mode))
+            return None  # (not a safety matter: nothing can be made below it, creating says so)
         current = nxt
 
 
@@ -948,7 +948,8 @@ class DamagedState(DamagedRun):
 
 def _kind(mode):
     """What a file of mode ``mode`` is, in words."""
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISLNK, "a symbolic link"),
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISLNK, "a symbolic link"),
                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
                        (stat.S_ISSOCK, "a socket")):
         if test(mode):
