@@ -2849,7 +2849,8 @@ def cmd_signal(args, marker):
         st = run.refresh()
         if st["state"] != "running":
             return signal_leftovers(run, st, sig, args.grace, marker)
-        raise AgentError("run %s is not running (%s)" % (run.id, st["state"]), 1)
+        raise AgentError("run %s is running, but its supervisor does not read its control FIFO (it is not the "
+                         "FIFO the agent made, or no longer there)" % run.id, 1)
     Output(marker).json(run.refresh())
     return 0
 
