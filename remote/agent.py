@@ -1285,9 +1285,19 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 
+#: inotify: IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF.  (Not IN_MOVED_FROM:
+#: every start renames a new run into the root, and a moved run is not
+#: a removed one.)
+DIR_EVENTS = 0x200 | 0x400 | 0x800
+
+
 def dir_watch(path, libc):
-    """An inotify descriptor that becomes readable when the directory
-    ``path`` is deleted (IN_DELETE_SELF), or None where there is none."""
+    """An inotify descriptor that becomes readable when an entry of the
+    directory ``path`` is deleted, or ``path`` itself is deleted or moved
+    (see entry_events); None where there is no inotify.  (A run's own
+    directory is watched from its parent, the spool root: the kernel tells
+    a directory's watch of its deletion only once nothing in it is open
+    any more, and the program holds its stdout there.)"""
     try:
         init, add = libc.inotify_init1, libc.inotify_add_watch
     except AttributeError:
@@ -1295,10 +1305,31 @@ def dir_watch(path, libc):
     fd = init(0o4000 | 0o2000000)  # IN_NONBLOCK | IN_CLOEXEC
     if fd < 0:
         return None
-    if add(fd, os.fsencode(path), 0x400) < 0:  # IN_DELETE_SELF
+    if add(fd, os.fsencode(path), DIR_EVENTS) < 0:
         os.close(fd)
         return None
     return fd
+
+
+def entry_events(fd, name):
+    """Read what the inotify descriptor ``fd`` (dir_watch) holds: whether
+    any of it may concern the entry ``name`` (bytes) or the directory
+    itself (an event of another entry does not)."""
+    hit = False
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # (EAGAIN: all read)
+            return hit
+        if not data:
+            return hit
+        at = 0
+        while at + 16 <= len(data):
+            mask, size = struct.unpack_from("=I4xI", data, at + 4)
+            entry = data[at + 16:at + 16 + size].rstrip(b"\0")
+            if entry == name or not size or mask & 0x4000:  # (IN_Q_OVERFLOW: cannot tell)
+                hit = True
+            at += 16 + size
 
 
 def descendants(root_pid, groups=None):
@@ -1589,7 +1620,7 @@ class Supervisor(object):
         self.unwritten = False  # a running state still to be written (spool full)
         self.held = {}  # pipe capture, spool full: pipe fd -> when to try again
         self.backlog = {}  # pipe capture without splice: name -> bytes read, not yet written
-        self.dir_fd = None  # the run's directory, to notice its removal
+        self.dir_key = None  # the run's directory (device, inode), to notice its removal
         self.spool_removed = False
 
     # The state record -------------------------------------------------------
@@ -1657,9 +1688,10 @@ class Supervisor(object):
         libc = _libc()
         self.exchange = renameat2_exchange()
         try:
-            self.dir_fd = os.open(self.run.dir, os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
-            self.dir_fd = None
+            info = os.lstat(self.run.dir)
+            self.dir_key = (info.st_dev, info.st_ino)
+        except OSError:  # pragma: no cover - made a moment ago
+            self.dir_key = None
         if libc is not None and sys.platform.startswith("linux"):
             # Orphaned grandchildren become ours, so a kill can find them.
             libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -1765,7 +1797,7 @@ class Supervisor(object):
         poller.register(ctl_fd, select.POLLIN)
         # The run's directory removed (rm -rf): inotify says so at once, at
         # no cost while nothing happens; without it, look once a second.
-        watch_fd = dir_watch(self.run.dir, _libc()) if self.dir_fd is not None else None
+        watch_fd = dir_watch(os.path.dirname(self.run.dir), _libc()) if self.dir_key is not None else None
         if watch_fd is not None:
             poller.register(watch_fd, select.POLLIN)
         next_dir_check = None
@@ -1809,7 +1841,7 @@ class Supervisor(object):
                 if self.next_size_check is None:
                     self.next_size_check = now + self.size_poll
                 waits.append(self.next_size_check - now)
-            if watch_fd is None and self.dir_fd is not None and not self.spool_removed:
+            if watch_fd is None and self.dir_key is not None and not self.spool_removed:
                 if next_dir_check is None:
                     next_dir_check = now + DIR_CHECK
                 waits.append(next_dir_check - now)
@@ -1837,12 +1869,8 @@ class Supervisor(object):
                 elif fd == ctl_fd:
                     ctl_buf = self.read_control(ctl_fd, ctl_buf)
                 elif fd == watch_fd:
-                    try:
-                        while os.read(watch_fd, 4096):
-                            pass
-                    except OSError:
-                        pass
-                    self.check_dir()
+                    if entry_events(watch_fd, os.fsencode(self.run.id)):
+                        self.check_dir()
             while pending:
                 sig = pending.pop(0)
                 if sig != _signal.SIGCHLD:
@@ -2148,11 +2176,16 @@ class Supervisor(object):
 
     def check_dir(self):
         """Notice that the run's directory was removed (``rm -rf`` of the
-        spool): its link count drops to 0 while this process holds it."""
-        if self.dir_fd is not None and not self.spool_removed:
+        spool): it is not there any more, or another one is in its place.
+        (No descriptor of it is held: while one is, the kernel tells
+        inotify of its deletion only when the last one is closed.)"""
+        if self.dir_key is not None and not self.spool_removed:
             try:
-                gone = os.fstat(self.dir_fd).st_nlink == 0
-            except OSError:  # pragma: no cover
+                info = os.lstat(self.run.dir)
+                gone = (info.st_dev, info.st_ino) != self.dir_key
+            except FileNotFoundError:
+                gone = True
+            except OSError:  # pragma: no cover - say EACCES: cannot tell
                 gone = False
             if gone:
                 self.spool_removed = True
