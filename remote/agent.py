@@ -2938,7 +2938,7 @@ def cmd_list(args, marker):
             continue  # (e.g. removed meanwhile)
         except AgentError as e:  # its state is damaged: say so, list the others
             if e.code != 4:  # (not a run: a directory without a state)
-                sys.stderr.write("chaperone-agent: %s\n" % e)
+                sys.stderr.write("chaperone-agent: %s\n" % one_line(e))
     Output(marker).json(states)
     return 0
 
@@ -3156,15 +3156,24 @@ def main(argv=None):
         sys.stdout.write(USAGE)
         return 0
     except AgentError as e:
-        sys.stderr.write("chaperone-agent: %s\n" % e)
+        sys.stderr.write("chaperone-agent: %s\n" % one_line(e))
         return e.code
     except BrokenPipeError:
         return 141
     except KeyboardInterrupt:
         return 130
     except OSError as e:
-        sys.stderr.write("chaperone-agent: %s\n" % e)
+        sys.stderr.write("chaperone-agent: %s\n" % one_line(e))
         return 3
+
+
+#: Control characters (a newline in an argument, say) as escapes: an
+#: error is one line whatever it quotes.
+_CONTROLS = dict((c, "\\x%02x" % c) for c in list(range(32)) + [127])
+
+
+def one_line(message):
+    return str(message).translate(_CONTROLS)
 
 
 def exit_now(code):
