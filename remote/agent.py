@@ -2417,17 +2417,20 @@ class CallbackSender(object):
     def send_stream(self, name, upto):
         if self.sent[name] >= upto:
             return
-        with open(self.sup.run.path(name), "rb") as f:
+        fd = open_regular(self.sup.run.path(name), self.sup.run.what(name))  # (never a FIFO to wait on)
+        try:
             while self.sent[name] < upto:
                 want = min(self.cfg["output_buffer"], upto - self.sent[name],
-                           os.fstat(f.fileno()).st_size - self.sent[name])
+                           os.fstat(fd).st_size - self.sent[name])
                 if want <= 0:
                     return  # (the file is shorter than counted: truncated by the program)
                 status, body = self.post_file(
-                    "output/%s?offset=%d" % (name, self.sent[name]), f.fileno(), self.sent[name], want,
+                    "output/%s?offset=%d" % (name, self.sent[name]), fd, self.sent[name], want,
                     accept=(200, 409),
                 )
-                self.sent[name] = int(loads(body.decode())["offset"])
+                self.sent[name] = int(parse_json(body, "the scheduler's answer")["offset"])
+        finally:
+            os.close(fd)
 
     # HTTP -------------------------------------------------------------------------
 
