@@ -577,12 +577,10 @@ def write_state_file(dirpath, st, durable, exchange=None):
         finally:
             os.close(fd)
         if data is not None:
-            if final or exchange is None:
+            if final or exchange is None or not exchange(spare, path):
                 os.rename(spare, path)
                 if not final:
                     make_reserve(dirpath, len(data))  # (best effort: it needs room)
-            else:
-                exchange(spare, path)
             if durable:
                 fsync_dir(dirpath)
             return
@@ -615,17 +613,27 @@ def make_reserve(dirpath, size):
 
 def renameat2_exchange():
     """``exchange(a, b)``: swap two paths atomically (Linux renameat2
-    RENAME_EXCHANGE, through libc), or None where it cannot."""
+    RENAME_EXCHANGE, through libc): True; False (and False from then on)
+    where the file system cannot (NFS: EINVAL), so the caller renames
+    instead; or None where there is no renameat2 at all."""
     lib = _libc()
     fn = getattr(lib, "renameat2", None) if lib is not None else None
     if fn is None:
         return None
     import ctypes
 
+    unable = []
+
     def exchange(a, b):
+        if unable:
+            return False
         if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) != 0:  # AT_FDCWD, RENAME_EXCHANGE
             code = ctypes.get_errno()
+            if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+                unable.append(code)
+                return False
             raise OSError(code, os.strerror(code), a)
+        return True
 
     return exchange
 

@@ -386,3 +386,34 @@ def test_another_pid_namespace_never_judges_nor_signals(root):
         wait_no_procs(m)
     finally:
         kill_marked(m)
+
+
+def test_state_writes_keep_their_reserve(tmp_path):
+    """In the agent's process: a run is made with state.json and its
+    reserve of one size; a running state swaps them (renameat2), or, where
+    the file system cannot swap (NFS: the exchange says so), is renamed and
+    the reserve made again; the final state uses the reserve up."""
+    sys.path.insert(0, str(AGENT.parent))
+    import agent as ag
+
+    spec = ag.validate_spec(program("res", ["true"]))
+    run, claimed = ag.claim(str(tmp_path), spec)
+    assert claimed
+    size = os.path.getsize(run.path("state.json"))
+    assert size % 4096 == 0 and os.path.getsize(run.path(ag.RESERVE)) == size
+    st = run.read_state()
+    swaps = []
+
+    def refusing(a, b):
+        swaps.append((a, b))
+        return False
+
+    for pid, exchange in ((4242, ag.renameat2_exchange()), (4343, refusing)):
+        st = dict(st, pid=pid, pgid=pid)
+        ag.write_state_file(run.dir, st, durable=False, exchange=exchange)
+        assert run.read_state()["pid"] == pid
+        assert os.path.getsize(run.path("state.json")) == size == os.path.getsize(run.path(ag.RESERVE))
+    assert swaps == [(run.path(ag.RESERVE), run.path("state.json"))]
+    ag.write_state_file(run.dir, dict(st, state="done"), durable=True, exchange=ag.renameat2_exchange())
+    assert run.read_state()["state"] == "done" and not os.path.exists(run.path(ag.RESERVE))
+    assert not [n for n in os.listdir(run.dir) if n.endswith(".tmp")]

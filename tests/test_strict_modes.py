@@ -372,3 +372,26 @@ def test_a_directory_in_place_of_the_agent_over_ssh(sshd, tmp_path):
     for name in os.listdir(os.path.dirname(real)):
         if name.startswith(os.path.basename(real) + ".damaged-"):
             shutil.rmtree(os.path.join(os.path.dirname(real), name))
+
+
+@pytest.mark.timeout(60)
+def test_the_bootstraps_on_python38(home, tmp_path):
+    """The loaders use _imp.source_hash and the frozen importlib's magic
+    number: there since 3.7; the oldest Python the agent supports is 3.8."""
+    from helpers import PY38
+
+    if not os.path.exists(PY38):
+        pytest.skip("no Python 3.8 here")
+    assert ship(home, python=PY38).returncode == 0
+    for _ in range(2):  # (compiles and writes the .pyc, then uses it)
+        res = remote(home, ["list"], python=PY38)
+        assert res.returncode == 0 and json.loads(res.stdout) == [], res
+    pyc = home / ".chaperone" / "__pycache__" / (os.path.basename(agent_file())[:-3] + ".cpython-38.pyc")
+    assert open(str(pyc), "rb").read()[4:8] == b"\x03\x00\x00\x00"
+    d = tmp_path / "pkg"
+    d.mkdir()
+    (d / "agent.py").write_bytes(agent_bytes())
+    for _ in range(2):
+        res = subprocess.run([PY38, "-I", "-S", "-c", LOCAL_BOOTSTRAP, str(d / "agent.py"), "--root",
+                              str(tmp_path / "spool"), "list"], capture_output=True, timeout=30)
+        assert res.returncode == 0 and res.stdout == b"[]\n", res
