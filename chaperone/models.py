@@ -259,9 +259,16 @@ class RunState(_Strict):
     agent_pid: Optional[int] = None
     agent_start: Optional[int] = None
     boot_id: Optional[str] = None
-    #: The program's pid and process group (its own session).
+    #: Who recorded the run: ``MACHINE-ID/HOSTNAME/PIDNS`` (the machine id,
+    #: the host name, the inode of the agent's pid namespace).  Only an
+    #: agent with the same host_id judges the run (finds it lost, signals it).
+    host_id: Optional[str] = None
+    #: The program's pid and process group (its own session), and its start
+    #: time in clock ticks since boot: nothing is signalled by these numbers
+    #: unless the process (or its group) is proven to be still the program's.
     pid: Optional[int] = None
     pgid: Optional[int] = None
+    pid_start: Optional[int] = None
     #: Exit status when it exited, or the signal name when killed.
     return_code: Optional[int] = None
     signal: Optional[str] = None
@@ -274,10 +281,17 @@ class RunState(_Strict):
     rusage: Optional[Rusage] = None
     start_time: str
     end_time: Optional[str] = None
+    #: When it became final, in clock ticks since boot (as ``pid_start``).
+    end_ticks: Optional[int] = None
     stdout_bytes: int = 0
     stderr_bytes: int = 0
     #: The run's spool directory on the agent's host.
     spool: str
+    #: A remark of the agent that reported this state, not recorded in the
+    #: spool: e.g. the run was recorded by another host (shown as recorded
+    #: there), the spool's file system is full, or a signal went to what an
+    #: ended run left behind.
+    note: Optional[str] = None
 
     @property
     def final(self) -> bool:

@@ -33,6 +33,7 @@ import math
 import os
 import select
 import struct
+import stat
 import sys
 import time
 
@@ -52,6 +53,11 @@ RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 _ID_FIRST = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789"
 _ID_CHARS = _ID_FIRST + "._-"
 MAX_PROGRAM_JSON = 16 << 20
+#: Most program.json documents one batch start takes (the library sends
+#: at most 256 at a time).
+MAX_BATCH = 4096
+#: Longest control message (one line of the FIFO, or `control`'s stdin).
+MAX_CONTROL = 1 << 16
 STREAMS = ("stdout", "stderr")
 FINAL_STATES = ("done", "error", "lost")
 RUSAGE_FIELDS = (
@@ -88,6 +94,11 @@ HOLD_CHECK = 0.05
 #: while they do not.
 SIZE_POLL_MIN = 0.01
 SIZE_POLL_MAX = 1.0
+#: How often the supervisor looks whether its run's directory is still
+#: there, where inotify cannot tell it.
+DIR_CHECK = 1.0
+#: How often a write that found the spool's file system full is tried again.
+FULL_RETRY = 1.0
 #: How long a final state waits for readers holding the run's lock (a
 #: reader holds it for a few system calls; this bounds a stopped one).
 LOCK_WAIT = 10.0
@@ -278,16 +289,50 @@ def check_id(run_id):
     return run_id
 
 
+_BOOT_ID = []
+
+
 def boot_id():
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return None
+    if not _BOOT_ID:
+        try:
+            with open("/proc/sys/kernel/random/boot_id") as f:
+                _BOOT_ID.append(f.read().strip() or None)
+        except OSError:
+            _BOOT_ID.append(None)
+    return _BOOT_ID[0]
+
+
+_HOST_ID = []
+
+
+def host_id():
+    """Who records and judges runs: ``MACHINE-ID/HOSTNAME/PIDNS``, the
+    machine id (/etc/machine-id, ``-`` if none), the host name and the
+    inode of this process's pid namespace (/proc/self/ns/pid, ``-`` if
+    unknown).  A run is judged (found lost, signalled) only by an agent
+    with the same host_id: two hosts sharing a home (NFS), or containers
+    sharing a spool, each judge only their own runs."""
+    if not _HOST_ID:
+        machine = None
+        for where in ("/etc/machine-id", "/var/lib/dbus/machine-id"):
+            try:
+                with open(where, "rb") as f:
+                    machine = f.read(256).decode("ascii", "replace").strip() or None
+            except OSError:
+                continue
+            if machine:
+                break
+        try:
+            ns = os.stat("/proc/self/ns/pid").st_ino
+        except OSError:
+            ns = None
+        _HOST_ID.append("%s/%s/%s" % (machine or "-", os.uname()[1], ns or "-"))
+    return _HOST_ID[0]
 
 
 def proc_stat(pid):
-    """(state letter, start time in clock ticks since boot) of ``pid``, or None."""
+    """(state letter, start time in clock ticks since boot, process group,
+    session) of ``pid``, or None."""
     try:
         with open("/proc/%d/stat" % pid, "rb") as f:
             data = f.read()
@@ -295,9 +340,129 @@ def proc_stat(pid):
         return None
     try:
         fields = data[data.rindex(b")") + 2:].split()
-        return fields[0].decode("ascii", "replace"), int(fields[19])
+        return fields[0].decode("ascii", "replace"), int(fields[19]), int(fields[2]), int(fields[3])
     except (ValueError, IndexError):
         return None
+
+
+#: Clock ticks per second (what /proc/PID/stat counts start times in).
+try:
+    CLK_TCK = os.sysconf("SC_CLK_TCK")
+except (ValueError, OSError, AttributeError):  # pragma: no cover
+    CLK_TCK = 100
+
+
+def ticks_now():
+    """Now, in clock ticks since boot, on the clock /proc/PID/stat's start
+    times use (/proc/uptime: both count from boot, suspend included); or None."""
+    try:
+        with open("/proc/uptime", "rb") as f:
+            return int(float(f.read(64).split()[0]) * CLK_TCK)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+#: Process ids are below this (/proc/sys/kernel/pid_max; Linux's ceiling
+#: is 2**22).
+PID_LIMIT = 1 << 22
+
+
+def pid_limit():
+    try:
+        with open("/proc/sys/kernel/pid_max", "rb") as f:
+            return min(int(f.read(32)), PID_LIMIT)
+    except (OSError, ValueError):
+        return PID_LIMIT
+
+
+def valid_pid(value):
+    """A number that can be another process's id (1 is init: never ours)."""
+    return _is_int(value) and 1 < value < PID_LIMIT
+
+
+def group_members(pgid):
+    """[(pid, start ticks, session)] of the live processes in process
+    group ``pgid`` (Linux /proc)."""
+    out = []
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return out
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        info = proc_stat(int(entry))
+        if info is not None and info[2] == pgid and info[0] not in ("Z", "X", "x"):
+            out.append((int(entry), info[1], info[3]))
+    return out
+
+
+def run_group(st):
+    """``(pgid, None)`` when the process group ``st`` records is proven to
+    be the run's and has a live member; else ``(None, why)``.  Nothing is
+    ever signalled by a recorded number without this proof (a damaged or
+    stale state.json must not name someone else's processes):
+
+    * ``pid``/``pgid`` are equal integers 1 < N < pid_max (the program
+      leads its own session), ``pid_start`` is recorded;
+    * the run was recorded in this boot (``boot_id``) by this host in this
+      pid namespace (``host_id``);
+    * either process N lives with the recorded start time (it is the
+      program: a number is never used twice at once, and the start time
+      tells a reused one), and it still leads group N;
+    * or process N is gone, but processes of group N live on: Linux never
+      gives out a number while it is some live process's group or session
+      id, so they have been group N since the program made it, unless the
+      run's whole group ended and a new session leader got the number
+      later.  So each member must be in session N and have started after
+      the program, and, once the run's end is known (``end_ticks``), one
+      of them must have started before that end (a later group N would
+      have only members started after the run's group was gone)."""
+    pgid = st.get("pgid")
+    if st.get("pid") is None and pgid is None:
+        return None, "its program never started"
+    limit = pid_limit()
+    if not (valid_pid(pgid) and pgid < limit and st.get("pid") == pgid):
+        return None, "its process group is not a process id of this host (%r)" % (pgid,)
+    start = st.get("pid_start")
+    if not _is_int(start) or isinstance(start, bool):
+        return None, "its program's start time was not recorded"
+    if not st.get("boot_id") or st.get("boot_id") != boot_id():
+        return None, "it was recorded before the host's last boot"
+    if st.get("host_id") != host_id():
+        return None, "it was recorded by another host or pid namespace (%s)" % (st.get("host_id"),)
+    info = proc_stat(pgid)
+    if info is not None:
+        if info[1] != start:
+            return None, "process %d is another program now" % pgid
+        if info[2] != pgid:
+            return None, "process %d left its process group" % pgid
+        return pgid, None
+    members = group_members(pgid)
+    if not members:
+        return None, "nothing of it runs any more"
+    end = st.get("end_ticks")
+    for _, started, session in members:
+        if session != pgid or started < start:
+            return None, "process group %d is not the program's session any more" % pgid
+    if _is_int(end) and not any(started <= end + 1 for _, started, _ in members):
+        return None, "process group %d started after the run ended" % pgid
+    return pgid, None
+
+
+def signal_group(st, sig):
+    """Send ``sig`` to the run's process group if run_group() proves it is
+    the run's: ``(pgid, None)`` when sent, else ``(None, why)``."""
+    pgid, why = run_group(st)
+    if pgid is None:
+        return None, why
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return None, "nothing of it runs any more"
+    except PermissionError:
+        return None, "process group %d is not this user's" % pgid
+    return pgid, None
 
 
 def proc_start_ticks(pid):
@@ -316,36 +481,207 @@ def pid_exists(pid):
     return True
 
 
-def write_json_atomic(path, obj, durable=True):
+def write_json_atomic(path, obj, durable=True, pad=0):
     """Replace ``path`` with ``obj`` as JSON (sorted keys), atomically: a
     temporary file renamed over it, so a reader sees the old document or
     the new one.  ``durable``: fsync it before the rename and its directory
     after (the rename itself is only durable then), so it survives a power
     loss too (a final state); without, an OS crash may leave the old
-    document, the new one, or a damaged file (see Run.read_state)."""
-    data = (dumps(obj, sort_keys=True) + "\n").encode()
+    document, the new one, or a damaged file (see Run.read_state).
+    ``pad``: fill the file with spaces up to that size (JSON allows
+    trailing white space).  A failed write leaves no temporary file."""
+    data = json_bytes(obj, pad)
     tmp = "%s.%d.tmp" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | SAFE_OPEN, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    if durable:
         try:
-            fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        except OSError:  # pragma: no cover - a directory we just wrote in
-            return
-        try:
-            os.fsync(fd)
-        except OSError:  # pragma: no cover - some filesystems refuse directories
-            pass
+            write_all(fd, data)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    if durable:
+        fsync_dir(os.path.dirname(path))
+
+
+def json_bytes(obj, pad=0):
+    """``obj`` as the agent stores JSON: sorted keys, a newline, then
+    spaces up to ``pad`` bytes."""
+    data = (dumps(obj, sort_keys=True) + "\n").encode()
+    return data + b" " * (pad - len(data)) if pad > len(data) else data
+
+
+def fsync_dir(path):
+    try:
+        fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:  # pragma: no cover - a directory we just wrote in
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover - some filesystems refuse directories
+        pass
+    finally:
+        os.close(fd)
+
+
+#: The space a run's next state is written into: a file of spaces as large
+#: as state.json, made with the run (see write_state_file).
+RESERVE = "state.json.next"
+
+
+def reserve_size(st):
+    """How large a run's state files are made: room for its final state
+    (a few hundred bytes more than a running one: rusage, end, error),
+    in whole 4 KiB blocks."""
+    return (len(dumps(st, sort_keys=True)) + 4096 + 4095) // 4096 * 4096
+
+
+def write_state_file(dirpath, st, durable, exchange=None):
+    """Write the state ``st`` as ``dirpath``/state.json without needing
+    any new room on the file system, when the run has its reserve (made
+    with the run: a file of spaces as large as state.json): the document
+    is written over the reserve's spaces in place, then the reserve is
+    renamed over state.json.  A running state with ``exchange``
+    (renameat2 RENAME_EXCHANGE) swaps the two instead, so the old
+    state.json, as large, becomes the reserve for the next state; a final
+    state uses the reserve up.  So a full file system (ENOSPC) cannot keep
+    the end of a run from being recorded.  Without a reserve (or on a
+    file system that must allocate to overwrite, such as btrfs): a
+    temporary file renamed over state.json (write_json_atomic)."""
+    path = os.path.join(dirpath, "state.json")
+    spare = os.path.join(dirpath, RESERVE)
+    final = st["state"] in FINAL_STATES
+    try:
+        fd = os.open(spare, os.O_WRONLY | SAFE_OPEN)
+    except OSError:
+        fd = None
+    if fd is not None:
+        try:
+            info = os.fstat(fd)
+            data = json_bytes(st, info.st_size)
+            if stat.S_ISREG(info.st_mode) and len(data) == info.st_size:
+                view, at = memoryview(data), 0
+                while at < len(data):
+                    at += os.pwrite(fd, view[at:], at)
+                if durable:
+                    os.fsync(fd)
+            else:
+                data = None
+        finally:
+            os.close(fd)
+        if data is not None:
+            if final or exchange is None or not exchange(spare, path):
+                os.rename(spare, path)
+                if not final:
+                    make_reserve(dirpath, len(data))  # (best effort: it needs room)
+            if durable:
+                fsync_dir(dirpath)
+            return
+    write_json_atomic(path, st, durable, pad=0 if final else reserve_size(st))
+
+
+def make_reserve(dirpath, size):
+    """Make the run's reserve (RESERVE), ``size`` bytes of spaces, written
+    (not sparse: the blocks are the file system's at once).  False when
+    there is no room for it."""
+    tmp = os.path.join(dirpath, RESERVE + ".%d.tmp" % os.getpid())
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | SAFE_OPEN, 0o600)
+    except OSError:
+        return False
+    try:
+        try:
+            write_all(fd, b" " * size)
+        finally:
+            os.close(fd)
+        os.rename(tmp, os.path.join(dirpath, RESERVE))
+        return True
+    except OSError:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        return False
+
+
+def renameat2_exchange():
+    """``exchange(a, b)``: swap two paths atomically (Linux renameat2
+    RENAME_EXCHANGE, through libc): True; False (and False from then on)
+    where the file system cannot (NFS: EINVAL), so the caller renames
+    instead; or None where there is no renameat2 at all."""
+    lib = _libc()
+    fn = getattr(lib, "renameat2", None) if lib is not None else None
+    if fn is None:
+        return None
+    import ctypes
+
+    unable = []
+
+    def exchange(a, b):
+        if unable:
+            return False
+        if fn(-100, os.fsencode(a), -100, os.fsencode(b), 2) != 0:  # AT_FDCWD, RENAME_EXCHANGE
+            code = ctypes.get_errno()
+            if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+                unable.append(code)
+                return False
+            raise OSError(code, os.strerror(code), a)
+        return True
+
+    return exchange
+
+
+#: JSON the agent reads (program.json, batch starts, control messages,
+#: state.json) is refused beyond this depth before it is parsed: the
+#: agent's own documents are 4 levels deep at most, and a parser's
+#: recursion must never be what stops a deep one.
+MAX_DEPTH = 32
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+def json_nesting_ok(data, limit=MAX_DEPTH):
+    """Whether the JSON text ``data`` (bytes) nests arrays and objects at
+    most ``limit`` deep, found without parsing it (at the speed of
+    bytes.count/replace/translate for any size).  Brackets inside strings
+    do not count: escaped backslashes and quotes are dropped, then every
+    other piece between quotes is a string.  For invalid JSON the answer
+    still bounds how deep a parser gets before it fails: up to there the
+    text is valid, and read alike."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return True
+    text = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = b"".join(text.split(b'"')[0::2]).translate(None, _NOT_BRACKETS)
+    if brackets.count(b"[") + brackets.count(b"{") <= limit:
+        return True
+    depth = 0
+    for c in brackets:
+        if c == 91 or c == 123:  # [ {
+            depth += 1
+            if depth > limit:
+                return False
+        else:
+            depth -= 1
+            if depth < 0:
+                return True  # a parser fails here (or before)
+    return True
+
+
+def parse_json(data, what, limit=MAX_DEPTH):
+    """The JSON document ``data`` (bytes, UTF-8), refused in one line
+    (AgentError) when it is not JSON or nests deeper than ``limit``."""
+    if not json_nesting_ok(data, limit):
+        raise AgentError("%s is nested too deep (over %d levels of arrays and objects)" % (what, limit))
+    try:
+        return loads(data.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise AgentError("%s is not valid JSON: %s" % (what, (str(e) or type(e).__name__).splitlines()[0]))
 
 
 def write_all(fd, data):
@@ -516,7 +852,9 @@ def default_root():
     )
 
 
-def ensure_root(root):
+def ensure_root(root, check=True):
+    if check:
+        check_root(root)
     try:
         old_umask = os.umask(0o077)  # missing parents (~/.chaperone) are private too
         try:
@@ -525,9 +863,200 @@ def ensure_root(root):
             os.umask(old_umask)
     except OSError as e:
         raise AgentError("cannot create spool directory %s: %s" % (root, e.strerror), 3)
+    if check:
+        check_root(root)
     if not os.access(root, os.W_OK | os.X_OK):
         raise AgentError("spool directory %s is not writable" % root, 3)
     return root
+
+
+def check_root(root):
+    """Refuse a spool root someone else could write in (AgentError, exit
+    3, one line saying what to fix): see path_problem.  A root that does
+    not exist yet is fine (start makes it, 0700)."""
+    why = path_problem(root)
+    if why:
+        raise AgentError("unsafe spool directory %s: %s" % (root, why), 3)
+
+
+def path_problem(path, uid=None):
+    """What makes the directory ``path`` unsafe to keep runs in, or None:
+    as OpenSSH's StrictModes, checked with lstat (never through a symbolic
+    link it has not checked), from / down: every directory must belong to
+    this user or root and be writable by no one else (a world-writable
+    sticky directory such as /tmp is fine above it: no one can move what
+    is not theirs there), and ``path`` itself must belong to this user.  A
+    symbolic link on the way must belong to this user or root, and what it
+    points to is checked the same way.  Anyone who could write in one of
+    them could replace the spool or plant a run whose state names a
+    process to signal."""
+    uid = os.getuid() if uid is None else uid
+    todo = [part for part in os.path.abspath(path).split("/") if part]
+    current, hops = "/", 0
+    try:
+        info = os.lstat("/")
+    except OSError:  # pragma: no cover
+        return None
+    while True:
+        last = not todo
+        if info.st_uid not in ((uid,) if last else (uid, 0)):
+            return "%s belongs to uid %d, not to this user (uid %d)%s" % (
+                current, info.st_uid, uid, "" if last else " or root")
+        if info.st_mode & 0o022 and (last or not info.st_mode & stat.S_ISVTX):
+            return "%s is writable by %s (mode %04o): run chmod go-w %s" % (
+                current, "group and others" if info.st_mode & 0o022 == 0o022 else
+                "its group" if info.st_mode & 0o020 else "others", stat.S_IMODE(info.st_mode), current)
+        if last:
+            return None
+        name = todo.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            current = os.path.dirname(current)
+            info = os.lstat(current)
+            continue
+        nxt = os.path.join(current, name)
+        try:
+            info = os.lstat(nxt)
+        except FileNotFoundError:
+            return None  # (made 0700 by start)
+        except OSError as e:
+            return "%s: %s" % (nxt, e.strerror)
+        if stat.S_ISLNK(info.st_mode):
+            if info.st_uid not in (uid, 0):
+                return "%s is a symbolic link of uid %d, not of this user or root" % (nxt, info.st_uid)
+            hops += 1
+            if hops > 40:
+                return "%s: too many levels of symbolic links" % nxt
+            target = os.readlink(nxt)
+            parts = [part for part in target.split("/") if part]
+            if target.startswith("/"):
+                current = "/"
+                info = os.lstat("/")
+            else:
+                info = os.lstat(current)
+            todo = parts + todo
+            continue
+        if not stat.S_ISDIR(info.st_mode):
+            return None  # (not a safety matter: nothing can be made below it, creating says so)
+        current = nxt
+
+
+class DamagedRun(AgentError):
+    """Something in a run's spool is not what the agent made there: one
+    error (exit 3) for that run, never a hang or a traceback."""
+
+    def __init__(self, message, code=3):
+        AgentError.__init__(self, message, code)
+
+
+class DamagedState(DamagedRun):
+    """A run's state.json is not a state (only an OS crash can do that)."""
+
+
+def _kind(mode):
+    """What a file of mode ``mode`` is, in words."""
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISLNK, "a symbolic link"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def short_repr(value, limit=40):
+    """repr(value), at most ``limit`` characters (a huge number has more
+    digits than str() will convert)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = "<a number too large to show>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+#: O_CLOEXEC is the default (PEP 446); these keep a spool file from being a
+#: trap: a symbolic link is refused (ELOOP), a FIFO opens without waiting.
+SAFE_OPEN = getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK
+
+
+def open_regular(path, what, flags=os.O_RDONLY):
+    """Open ``path`` (``what``: how errors name it) never following a
+    symbolic link nor waiting on a FIFO, and make sure it is a regular
+    file; else DamagedRun.  (FileNotFoundError as os.open raises it.)"""
+    try:
+        fd = os.open(path, flags | SAFE_OPEN)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DamagedRun("%s is a symbolic link, not the file the agent made" % what)
+        if e.errno in (errno.EISDIR, errno.ENXIO, errno.ENOTDIR):
+            raise DamagedRun("%s is not a regular file (%s)" % (what, e.strerror))
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+    except OSError:  # pragma: no cover
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise DamagedRun("%s is %s, not the file the agent made" % (what, _kind(mode)))
+    return fd
+
+
+def read_regular(path, what, limit):
+    """The bytes of the regular file ``path`` (see open_regular), at most
+    ``limit`` of them (DamagedRun if it holds more)."""
+    fd = open_regular(path, what)
+    try:
+        parts, size = [], 0
+        while size <= limit:
+            part = os.read(fd, min(1 << 20, limit + 1 - size))
+            if not part:
+                break
+            parts.append(part)
+            size += len(part)
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise DamagedRun("%s is larger than %d bytes: not what the agent wrote" % (what, limit))
+    return b"".join(parts)
+
+
+#: Largest state.json a reader takes (the agent writes a few KiB).
+MAX_STATE = 1 << 20
+#: Fields of a state that name processes, and clock tick counts.
+_PID_FIELDS = ("agent_pid", "pid", "pgid")
+_TICK_FIELDS = ("agent_start", "pid_start", "end_ticks")
+
+
+def state_damage(st):
+    """Why the state ``st`` cannot be the agent's, or None.  (Its numbers
+    are used to find and signal processes: they must be what they say.)"""
+    if not isinstance(st, dict) or st.get("state") not in ("running",) + FINAL_STATES:
+        return "not a run's state"
+    for key in _PID_FIELDS:
+        value = st.get(key)
+        if value is not None and not (_is_int(value) and 0 < value <= PID_LIMIT):
+            return "%s is not a process id: %s" % (key, short_repr(value))
+    for key in _TICK_FIELDS:
+        value = st.get(key)
+        if value is not None and not (_is_int(value) and 0 <= value < 1 << 63):
+            return "%s is not a clock tick count: %s" % (key, short_repr(value))
+    for key in ("boot_id", "host_id", "error", "note"):
+        if st.get(key) is not None and not isinstance(st[key], str):
+            return "%s is not a string: %s" % (key, short_repr(st[key]))
+    for key in ("stdout_bytes", "stderr_bytes"):
+        value = st.get(key, 0)
+        if not (_is_int(value) and 0 <= value < 1 << 63):
+            return "%s is not a byte count: %s" % (key, short_repr(value))
+    return None
+
+
+def judged_here(st):
+    """Whether this agent may judge the run (find it lost, signal it): it
+    was recorded on this host in this pid namespace (``host_id``; a state
+    without one was recorded by an older agent: as before, yes)."""
+    return st.get("host_id") in (None, host_id())
 
 
 class Run(object):
@@ -540,10 +1069,25 @@ class Run(object):
     def path(self, name):
         return os.path.join(self.dir, name)
 
+    def what(self, name):
+        return "run %s: its %s" % (self.id, name)
+
     def exists(self):
-        return os.path.isfile(self.path("state.json"))
+        return os.path.lexists(self.path("state.json"))
 
     def require(self):
+        """This run, if its spool holds one: else "no such run" (exit 4).
+        Its directory must be a real one of this user (DamagedRun)."""
+        try:
+            info = os.lstat(self.dir)
+        except (FileNotFoundError, NotADirectoryError):
+            raise AgentError("no such run: %s" % self.id, 4)
+        if not stat.S_ISDIR(info.st_mode):
+            raise DamagedRun("run %s: its spool entry %s is %s, not a directory; clean --force removes it"
+                             % (self.id, self.dir, _kind(info.st_mode)))
+        if info.st_uid != os.getuid():
+            raise DamagedRun("run %s: its spool directory %s belongs to uid %d, not to this user"
+                             % (self.id, self.dir, info.st_uid))
         if not self.exists():
             raise AgentError("no such run: %s" % self.id, 4)
         return self
@@ -552,36 +1096,44 @@ class Run(object):
         """state.json.  It is replaced by rename, so a read always sees a
         whole document; but only final states are fsynced, so after an OS
         crash (power loss) the state of a run that was running may be
-        damaged: that is a one-line AgentError (exit 3) for this run."""
-        with open(self.path("state.json"), "rb") as f:
-            data = f.read()
+        damaged: that is a one-line AgentError (exit 3) for this run.
+        Anything else in its place (a FIFO, a directory, a symbolic link, a
+        huge file) is one too (DamagedRun)."""
+        data = read_regular(self.path("state.json"), self.what("state.json"), MAX_STATE)
         try:
+            if not json_nesting_ok(data, MAX_DEPTH):
+                raise ValueError("nested too deep")
             st = loads(data.decode())
         except (ValueError, RecursionError) as e:  # (UnicodeDecodeError too)
             why = str(e).splitlines()[0] if str(e) else type(e).__name__
         else:
-            if isinstance(st, dict) and st.get("state") in ("running",) + FINAL_STATES:
+            why = state_damage(st)
+            if why is None:
                 return st
-            why = "not a run's state"
         raise DamagedState("run %s: state.json is damaged (%s), as an OS crash can leave the state of a run "
                            "that was running; clean --force removes the run" % (self.id, why), 3)
 
-    def write_state(self, st):
+    def write_state(self, st, exchange=None):
         # Only a final state must survive a power loss (it is the result):
         # a run that was running is lost after a reboot anyway (boot_id).
-        write_json_atomic(self.path("state.json"), st, durable=st["state"] in FINAL_STATES)
+        write_state_file(self.dir, st, durable=st["state"] in FINAL_STATES, exchange=exchange)
 
     def sizes(self, fds=None):
-        """The spool files' sizes (``fds``: open descriptors of them, by name)."""
+        """The spool files' sizes (``fds``: open descriptors of them, by
+        name).  A spool file that is not a regular file is DamagedRun."""
         out = {}
         for name in STREAMS:
             try:
                 if fds:
-                    out[name] = os.fstat(fds[name]).st_size
+                    info = os.fstat(fds[name])
                 else:
-                    out[name] = os.stat(self.path(name)).st_size
+                    info = os.lstat(self.path(name))
             except OSError:
                 out[name] = 0
+                continue
+            if not stat.S_ISREG(info.st_mode):
+                raise DamagedRun("%s is %s, not the file the agent made" % (self.what(name), _kind(info.st_mode)))
+            out[name] = info.st_size
         return out
 
     def lock(self, exclusive=False):
@@ -594,7 +1146,7 @@ class Run(object):
 
     def supervisor_alive(self, st):
         pid = st.get("agent_pid")
-        if not pid:
+        if not valid_pid(pid):
             return False
         if st.get("boot_id") and boot_id() and st["boot_id"] != boot_id():
             return False
@@ -611,16 +1163,27 @@ class Run(object):
         For a running run, ``stdout_bytes``/``stderr_bytes`` are the current
         sizes of the spool files, taken under the run's shared lock, so they
         never exceed the final counts; for a final run, the recorded counts.
-        Either way they bound what may be delivered of each stream."""
+        Either way they bound what may be delivered of each stream.
+
+        A running run recorded by another host (or pid namespace, see
+        host_id) is never judged here: it is shown as recorded, with a
+        ``note``."""
         st = self.read_state()
         if st["state"] != "running":
             return st
-        if self.supervisor_alive(st):
+        here = judged_here(st)
+        if not here or self.supervisor_alive(st):
             with self.lock():
                 sizes = self.sizes(fds)
                 st = self.read_state()  # after the sizes: it may have become final
             if st["state"] == "running":
                 st["stdout_bytes"], st["stderr_bytes"] = sizes["stdout"], sizes["stderr"]
+                if not here:
+                    st["note"] = ("recorded by another host or pid namespace (%s; this is %s): shown as "
+                                  "recorded there, never judged or signalled from here" % (st.get("host_id"), host_id()))
+                elif spool_full(self.dir):
+                    st["note"] = ("the spool's file system is full: output may be held back or cut, and the "
+                                  "end is recorded once there is room")
             return st
         with self.lock(exclusive=True):
             st = self.read_state()  # it may have finished in between
@@ -630,27 +1193,34 @@ class Run(object):
 
     def mark_lost(self, st):
         """Record a running run whose supervisor is gone as ``lost`` (under
-        the exclusive lock)."""
+        the exclusive lock), and SIGKILL what is left of its process group
+        if run_group() proves it is the run's."""
         reason = "the supervisor (pid %s) is gone without a result" % st.get("agent_pid")
-        killed = False
         if st.get("boot_id") and boot_id() and st["boot_id"] != boot_id():
             # The old pgid means nothing after a reboot: never kill by it.
             reason = "the host rebooted while the run was running"
         else:
-            killed = kill_leftovers(st.get("pgid"))
-        if killed:
-            reason += "; killed what was left of the program's process group"
+            killed, why = signal_group(st, _signal.SIGKILL)
+            if killed:
+                reason += "; killed what was left of the program's process group"
+            elif why not in ("nothing of it runs any more", "its program never started"):
+                reason += "; its process group was not signalled: %s" % why
         sizes = self.sizes()
         st.update(
-            state="lost", error=reason, end_time=now_iso(),
+            state="lost", error=reason, end_time=now_iso(), end_ticks=ticks_now(),
             stdout_bytes=sizes["stdout"], stderr_bytes=sizes["stderr"],
         )
         self.write_state(st)
         return st
 
 
-class DamagedState(AgentError):
-    """A run's state.json is not a state (only an OS crash can do that)."""
+def spool_full(path):
+    """Whether the file system of ``path`` has no room left for this user."""
+    try:
+        info = os.statvfs(path)
+    except OSError:
+        return False
+    return info.f_bavail == 0
 
 
 class RunLock(object):
@@ -668,7 +1238,7 @@ class RunLock(object):
         try:
             import fcntl
 
-            fd = os.open(self.path, os.O_RDONLY)
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY | SAFE_OPEN)
         except (ImportError, OSError):
             return self
         self.fd = fd
@@ -692,17 +1262,6 @@ class RunLock(object):
         if self.fd is not None:
             os.close(self.fd)  # releases the lock
             self.fd = None
-        return False
-
-
-def kill_leftovers(pgid):
-    """SIGKILL a process group left behind by a dead supervisor."""
-    if not pgid or pgid <= 1:
-        return False
-    try:
-        os.killpg(pgid, _signal.SIGKILL)
-        return True
-    except (ProcessLookupError, PermissionError):
         return False
 
 
@@ -734,8 +1293,56 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def descendants(root_pid):
-    """Pids of every process below ``root_pid`` (Linux /proc), deepest last."""
+#: inotify: IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF.  (Not IN_MOVED_FROM:
+#: every start renames a new run into the root, and a moved run is not
+#: a removed one.)
+DIR_EVENTS = 0x200 | 0x400 | 0x800
+
+
+def dir_watch(path, libc):
+    """An inotify descriptor that becomes readable when an entry of the
+    directory ``path`` is deleted, or ``path`` itself is deleted or moved
+    (see entry_events); None where there is no inotify.  (A run's own
+    directory is watched from its parent, the spool root: the kernel tells
+    a directory's watch of its deletion only once nothing in it is open
+    any more, and the program holds its stdout there.)"""
+    try:
+        init, add = libc.inotify_init1, libc.inotify_add_watch
+    except AttributeError:
+        return None
+    fd = init(0o4000 | 0o2000000)  # IN_NONBLOCK | IN_CLOEXEC
+    if fd < 0:
+        return None
+    if add(fd, os.fsencode(path), DIR_EVENTS) < 0:
+        os.close(fd)
+        return None
+    return fd
+
+
+def entry_events(fd, name):
+    """Read what the inotify descriptor ``fd`` (dir_watch) holds: whether
+    any of it may concern the entry ``name`` (bytes) or the directory
+    itself (an event of another entry does not)."""
+    hit = False
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # (EAGAIN: all read)
+            return hit
+        if not data:
+            return hit
+        at = 0
+        while at + 16 <= len(data):
+            mask, size = struct.unpack_from("=I4xI", data, at + 4)
+            entry = data[at + 16:at + 16 + size].rstrip(b"\0")
+            if entry == name or not size or mask & 0x4000:  # (IN_Q_OVERFLOW: cannot tell)
+                hit = True
+            at += 16 + size
+
+
+def descendants(root_pid, groups=None):
+    """Pids of every process below ``root_pid`` (Linux /proc), deepest last.
+    ``groups``: a dict to fill with each one's process group."""
     children = {}
     try:
         entries = os.listdir("/proc")
@@ -747,7 +1354,10 @@ def descendants(root_pid):
         try:
             with open("/proc/%s/stat" % entry, "rb") as f:
                 data = f.read()
-            ppid = int(data[data.rindex(b")") + 2:].split()[1])
+            fields = data[data.rindex(b")") + 2:].split()
+            ppid = int(fields[1])
+            if groups is not None:
+                groups[int(entry)] = int(fields[2])
         except (OSError, ValueError, IndexError):
             continue
         children.setdefault(ppid, []).append(int(entry))
@@ -918,6 +1528,60 @@ def _exec_child(executables, args, env, cwd, stdio, umask, libc, parent, fds, er
             os._exit(255)
 
 
+def copy_stdin(source, dest):
+    """Copy ``program.stdin.path`` into the spool (0600): only a regular
+    file, and only the bytes it held when opened (a file that grows is not
+    followed; a FIFO, a device such as /dev/zero or a directory is refused:
+    OSError(EINVAL, ..., source), never waited on nor copied without end).
+    A failed copy leaves no file."""
+    try:
+        src = os.open(source, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as e:
+        e.filename = source
+        raise
+    try:
+        mode = os.fstat(src).st_mode
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "%s, not a regular file (stdin.path is copied into the spool before "
+                                        "the program starts)" % _kind(mode), source)
+        size = os.fstat(src).st_size
+        dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | SAFE_OPEN, 0o600)
+        try:
+            done = 0
+            while done < size:
+                try:
+                    n = os.sendfile(dst, src, done, min(size - done, 1 << 30))
+                except OSError as e:
+                    if e.errno not in (errno.EINVAL, errno.ENOSYS) or done:
+                        raise
+                    n = None
+                if n is None:  # no sendfile to a file here: read and write
+                    while done < size:
+                        data = os.pread(src, min(size - done, CHUNK), done)
+                        if not data:
+                            break
+                        write_all(dst, data)
+                        done += len(data)
+                    break
+                if n == 0:
+                    break  # (shorter than it was: what is there)
+                done += n
+        except BaseException:
+            os.close(dst)
+            try:
+                os.unlink(dest)
+            except OSError:
+                pass
+            raise
+        os.close(dst)
+    except OSError as e:
+        if e.filename is None:
+            e.filename = source
+        raise
+    finally:
+        os.close(src)
+
+
 def build_env(prog):
     inherit = prog["env_inherit"]
     if inherit is True:
@@ -959,6 +1623,13 @@ class Supervisor(object):
         self.sender = None
         self.size_poll = SIZE_POLL_MIN
         self.next_size_check = None
+        self.ctl_skip = False  # dropping a control line that is too long
+        self.exchange = None  # renameat2 RENAME_EXCHANGE (see write_state_file)
+        self.unwritten = False  # a running state still to be written (spool full)
+        self.held = {}  # pipe capture, spool full: pipe fd -> when to try again
+        self.backlog = {}  # pipe capture without splice: name -> bytes read, not yet written
+        self.dir_key = None  # the run's directory (device, inode), to notice its removal
+        self.spool_removed = False
 
     # The state record -------------------------------------------------------
 
@@ -971,8 +1642,10 @@ class Supervisor(object):
             "agent_pid": os.getpid(),
             "agent_start": proc_start_ticks(os.getpid()),
             "boot_id": boot_id(),
+            "host_id": host_id(),
             "pid": None,
             "pgid": None,
+            "pid_start": None,
             "return_code": None,
             "signal": None,
             "timed_out": False,
@@ -981,17 +1654,29 @@ class Supervisor(object):
             "rusage": None,
             "start_time": now_iso(),
             "end_time": None,
+            "end_ticks": None,
             "stdout_bytes": 0,
             "stderr_bytes": 0,
             "spool": self.run.dir,
+            "note": None,
         }
 
     def set_state(self, **changes):
+        """Record a transition.  A running state that cannot be written
+        (the spool's file system is full and the run has no reserve left)
+        is kept and written again by the loop (``unwritten``); a final
+        state that cannot be written raises (record_end tries again)."""
         if self.capture == "file" and self.files and "stdout_bytes" not in changes:
             self.watch_sizes()
             changes.update(stdout_bytes=self.counts["stdout"], stderr_bytes=self.counts["stderr"])
         self.state.update(changes)
-        self.run.write_state(self.state)
+        try:
+            self.run.write_state(self.state, self.exchange)
+            self.unwritten = False
+        except OSError:
+            if self.state["state"] in FINAL_STATES:
+                raise
+            self.unwritten = True
         if self.sender:
             self.sender.state_changed(dict(self.state))
 
@@ -1009,6 +1694,12 @@ class Supervisor(object):
     def main(self):
         self.state = self.base_state()
         libc = _libc()
+        self.exchange = renameat2_exchange()
+        try:
+            info = os.lstat(self.run.dir)
+            self.dir_key = (info.st_dev, info.st_ino)
+        except OSError:  # pragma: no cover - made a moment ago
+            self.dir_key = None
         if libc is not None and sys.platform.startswith("linux"):
             # Orphaned grandchildren become ours, so a kill can find them.
             libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
@@ -1022,7 +1713,7 @@ class Supervisor(object):
             self.ready()
             self.finish_callbacks()
             return
-        self.set_state(pid=self.pid, pgid=self.pid)
+        self.set_state(pid=self.pid, pgid=self.pid, pid_start=proc_start_ticks(self.pid))
         self.ready()
         if self.sender:
             self.sender.start()
@@ -1038,7 +1729,7 @@ class Supervisor(object):
         elif filename is not None and prog["stdin"] and filename == prog["stdin"].get("path"):
             what = "stdin %s" % filename
         self.set_state(
-            state="error", errno=getattr(e, "errno", None), end_time=now_iso(),
+            state="error", errno=getattr(e, "errno", None), end_time=now_iso(), end_ticks=ticks_now(),
             error="%s: %s" % (what, getattr(e, "strerror", None) or e),
         )
 
@@ -1051,15 +1742,8 @@ class Supervisor(object):
             if "path" in stdin:
                 # Copied into the spool first: the spool keeps what the
                 # program was given, whatever happens to the original.
-                import shutil
-
-                try:
-                    shutil.copyfile(stdin["path"], self.run.path("stdin"))
-                except OSError as e:
-                    e.filename = stdin["path"]
-                    raise
-                os.chmod(self.run.path("stdin"), 0o600)
-            stdin_fd = os.open(self.run.path("stdin"), os.O_RDONLY)
+                copy_stdin(stdin["path"], self.run.path("stdin"))
+            stdin_fd = os.open(self.run.path("stdin"), os.O_RDONLY | SAFE_OPEN)
         child_fds = {}
         for name in STREAMS:
             if self.capture == "file":
@@ -1119,6 +1803,13 @@ class Supervisor(object):
             poller.register(fd, select.POLLIN)
         poller.register(wake_r, select.POLLIN)
         poller.register(ctl_fd, select.POLLIN)
+        # The run's directory removed (rm -rf): inotify says so at once, at
+        # no cost while nothing happens; without it, look once a second.
+        watch_fd = dir_watch(os.path.dirname(self.run.dir), _libc()) if self.dir_key is not None else None
+        if watch_fd is not None:
+            poller.register(watch_fd, select.POLLIN)
+        next_dir_check = None
+        next_retry = None  # (a running state to write again: spool full)
         use_splice = hasattr(os, "splice")
         timeout = self.cfg["timeout"]
         deadline = self.started + timeout if timeout else None
@@ -1131,6 +1822,7 @@ class Supervisor(object):
         watch = self.capture == "file" and self.sender is not None
 
         self.reap()
+        self.check_dir()
         while True:
             now = time.monotonic()
             if self.status is not None and exited_at is None:
@@ -1157,6 +1849,16 @@ class Supervisor(object):
                 if self.next_size_check is None:
                     self.next_size_check = now + self.size_poll
                 waits.append(self.next_size_check - now)
+            if watch_fd is None and self.dir_key is not None and not self.spool_removed:
+                if next_dir_check is None:
+                    next_dir_check = now + DIR_CHECK
+                waits.append(next_dir_check - now)
+            if self.unwritten:
+                if next_retry is None:
+                    next_retry = now + FULL_RETRY
+                waits.append(next_retry - now)
+            if self.held:
+                waits.append(min(self.held.values()) - now)
             # (capped: a huge but finite timeout or grace must not overflow)
             wait_ms = None if not waits else max(0, int(min(min(waits), 3600.0) * 1000) + 1)
             try:
@@ -1174,6 +1876,9 @@ class Supervisor(object):
                         pass
                 elif fd == ctl_fd:
                     ctl_buf = self.read_control(ctl_fd, ctl_buf)
+                elif fd == watch_fd:
+                    if entry_events(watch_fd, os.fsencode(self.run.id)):
+                        self.check_dir()
             while pending:
                 sig = pending.pop(0)
                 if sig != _signal.SIGCHLD:
@@ -1190,9 +1895,30 @@ class Supervisor(object):
                 self.kill_tree(_signal.SIGKILL)
             if watch and self.status is None and now >= self.next_size_check:
                 self.poll_sizes(now)
+            if next_dir_check is not None and now >= next_dir_check:
+                next_dir_check = None
+                self.check_dir()
+            if next_retry is not None and now >= next_retry:
+                next_retry = None
+                if self.unwritten and not self.spool_removed:
+                    self.set_state()
+            for fd, at in list(self.held.items()):
+                if now >= at and fd in self.pipes:
+                    del self.held[fd]
+                    poller.register(fd, select.POLLIN)
+                    self.pump(fd, poller, use_splice)
 
+        if watch_fd is not None:
+            os.close(watch_fd)
         for fd in list(self.pipes):
             self.pump(fd, poller, use_splice, final=True)
+        while self.pipes and not self.spool_removed:
+            # Spool full: what the pipes still hold is written once there
+            # is room (the end waits for it: nothing the program wrote is lost).
+            time.sleep(FULL_RETRY)
+            self.check_dir()
+            for fd in list(self.pipes):
+                self.pump(fd, poller, use_splice, final=True)
         # Keep reading requests while the final state waits for its callback:
         # a new callback address (the scheduler's tunnel came back) must get in.
         self.ctl_fd, self.ctl_buf = ctl_fd, ctl_buf
@@ -1208,6 +1934,11 @@ class Supervisor(object):
             _signal.signal(sig, _signal.SIG_DFL)
 
     def pump(self, fd, poller, use_splice, final=False):
+        """Move what the pipe ``fd`` holds into its spool file.  When the
+        spool's file system is full (ENOSPC, EDQUOT) the pipe is left
+        alone for FULL_RETRY seconds (``held``): the program blocks on a
+        full pipe instead of losing output; bytes already read (no splice)
+        wait in ``backlog``."""
         name = self.pipes[fd]
         out = self.files[name]
         total = 0
@@ -1216,19 +1947,42 @@ class Supervisor(object):
                 if use_splice:
                     n = os.splice(fd, out, CHUNK, flags=SPLICE_FLAGS)
                 else:
-                    data = os.read(fd, CHUNK)
+                    data = self.backlog.pop(fd, None) or os.read(fd, CHUNK)
                     n = len(data)
-                    if n:
-                        write_all(out, data)
+                    view = memoryview(data)
+                    while view:
+                        try:
+                            view = view[os.write(out, view):]
+                        except OSError:
+                            self.backlog[fd] = bytes(view)
+                            n -= len(view)
+                            self.counts[name] += n
+                            total += n
+                            raise
             except BlockingIOError:
                 if final:
                     n = 0  # a child still holds the pipe: stop reading it
                 else:
                     break
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                if not final:
+                    try:
+                        poller.unregister(fd)
+                    except KeyError:  # pragma: no cover
+                        pass
+                    self.held[fd] = time.monotonic() + FULL_RETRY
+                break
             if n == 0:
-                poller.unregister(fd)
+                try:
+                    poller.unregister(fd)
+                except KeyError:  # (held)
+                    pass
                 os.close(fd)
                 del self.pipes[fd]
+                self.held.pop(fd, None)
+                self.backlog.pop(fd, None)
                 break
             total += n
             self.counts[name] += n
@@ -1292,21 +2046,37 @@ class Supervisor(object):
 
     def read_control(self, fd, buf):
         """Read what the control FIFO holds, act on each whole line, and
-        return the partial line left over."""
+        return the partial line left over.  A line longer than MAX_CONTROL
+        is dropped (up to its newline) unread."""
         try:
             buf += os.read(fd, 65536)
         except BlockingIOError:
             pass
-        while b"\n" in buf:
-            line, buf = buf.split(b"\n", 1)
-            self.control(line)
-        return buf
+        while True:
+            line, nl, rest = buf.partition(b"\n")
+            if self.ctl_skip:
+                if nl:
+                    self.ctl_skip, buf = False, rest
+                    continue
+                return b""
+            if not nl:
+                if len(buf) > MAX_CONTROL:
+                    self.ctl_skip = True
+                    return b""
+                return buf
+            buf = rest
+            if len(line) <= MAX_CONTROL:
+                self.control(line)
 
     def control(self, line):
+        """One request from the FIFO.  Nothing in it can end the
+        supervisor: anything but a valid request is ignored."""
         try:
+            if not json_nesting_ok(line):
+                return
             msg = loads(line.decode())
             op = msg.get("op")
-        except (ValueError, AttributeError):
+        except Exception:  # (not JSON, not an object, too deep ...)
             return
         if op == "signal":
             sig = msg.get("signal")
@@ -1323,13 +2093,20 @@ class Supervisor(object):
             self.sender.release()
 
     def kill_tree(self, sig, grace=None):
-        """Signal the program's process group and every descendant."""
-        if self.status is None:
+        """Signal the program's process group and every other descendant:
+        each process once.  (The program is this process's unreaped child,
+        so its number, and its group's, cannot be anyone else's until it is
+        reaped; after that only descendants are signalled, one by one.)"""
+        grouped = self.status is None
+        if grouped:
             try:
                 os.killpg(self.pid, sig)
             except (ProcessLookupError, PermissionError):
-                pass
-        for pid in descendants(os.getpid()):
+                grouped = False
+        groups = {}
+        for pid in descendants(os.getpid(), groups):
+            if grouped and groups.get(pid) == self.pid:
+                continue  # (the group's signal reached it)
             try:
                 os.kill(pid, sig)
             except (ProcessLookupError, PermissionError):
@@ -1354,16 +2131,46 @@ class Supervisor(object):
                 self.rusage = rusage
 
     def record_end(self):
+        """Record the end.  If the spool's file system is full and the
+        write fails anyway (no reserve: see write_state_file), the end is
+        kept here and written again every second until there is room;
+        meanwhile readers see the run running (and a note that the spool
+        is full).  A final state found on disk (say a reader on another
+        host marked the run lost) is never overwritten: it stays."""
+        if self.spool_removed:
+            return self.record_removed()
+        while True:
+            try:
+                return self._record_end()
+            except OSError as e:
+                if e.errno not in (errno.ENOSPC, errno.EDQUOT) or self.spool_removed:
+                    raise
+            time.sleep(1.0)
+            self.check_dir()
+            if self.spool_removed:
+                return self.record_removed()
+
+    def _record_end(self):
         status = self.status
         # Under the run's exclusive lock: no reader sees "running" with
         # sizes larger than these counts (file capture: children left
         # behind may still append; what they append now is not the run's).
         with self.run.lock(exclusive=True):
+            try:
+                recorded = self.run.read_state()
+            except (OSError, AgentError):
+                recorded = None
+            if recorded is not None and recorded["state"] in FINAL_STATES:
+                self.state = recorded
+                if self.sender:
+                    self.sender.state_changed(dict(recorded))
+                return
             if self.capture == "file":
                 self.watch_sizes()
             changes = {
                 "state": "done",
                 "end_time": now_iso(),
+                "end_ticks": ticks_now(),
                 "timed_out": self.timed_out,
                 "stdout_bytes": self.counts["stdout"],
                 "stderr_bytes": self.counts["stderr"],
@@ -1374,6 +2181,57 @@ class Supervisor(object):
             else:
                 changes["return_code"] = os.WEXITSTATUS(status)
             self.set_state(**changes)
+
+    def check_dir(self):
+        """Notice that the run's directory was removed (``rm -rf`` of the
+        spool): it is not there any more, or another one is in its place.
+        (No descriptor of it is held: while one is, the kernel tells
+        inotify of its deletion only when the last one is closed.)"""
+        if self.dir_key is not None and not self.spool_removed:
+            try:
+                info = os.lstat(self.run.dir)
+                gone = (info.st_dev, info.st_ino) != self.dir_key
+            except FileNotFoundError:
+                gone = True
+            except OSError:  # pragma: no cover - say EACCES: cannot tell
+                gone = False
+            if gone:
+                self.spool_removed = True
+                if self.status is None:
+                    # Nothing could reach the program any more (its control
+                    # FIFO is gone): end it, as a timeout does.
+                    self.kill_tree(_signal.SIGTERM, grace=self.cfg["kill_grace"])
+        return self.spool_removed
+
+    def record_removed(self):
+        """The run's directory was removed while it ran: the program was
+        ended; make the directory again (in a private one, renamed into
+        place: never over a new run of the same id) with a final ``lost``
+        state saying so, and empty stdout and stderr (what they held went
+        with the directory)."""
+        self.state.update(
+            state="lost", end_time=now_iso(), end_ticks=ticks_now(), stdout_bytes=0, stderr_bytes=0,
+            error="the run's spool directory was removed while it was running; the program was ended "
+                  "(SIGTERM, then SIGKILL after kill_grace) and its output is gone",
+        )
+        root = os.path.dirname(self.run.dir)
+        try:
+            ensure_root(root, check=False)
+            tmp = private_dir(root, ".new-%s-" % self.run.id)
+        except (OSError, AgentError):
+            tmp = None
+        if tmp is not None:
+            try:
+                write_json_atomic(os.path.join(tmp, "program.json"), stored_spec(self.spec), durable=False)
+                for name in STREAMS:
+                    os.close(os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                write_json_atomic(os.path.join(tmp, "state.json"), self.state)
+                os.rename(tmp, self.run.dir)
+                fsync_dir(root)
+            except OSError:
+                remove_tree(tmp)  # (a new run of this id took its place: it stays)
+        if self.sender:
+            self.sender.state_changed(dict(self.state))
 
     def finish_callbacks(self):
         ctl_fd, self.ctl_fd = getattr(self, "ctl_fd", None), None
@@ -1567,17 +2425,20 @@ class CallbackSender(object):
     def send_stream(self, name, upto):
         if self.sent[name] >= upto:
             return
-        with open(self.sup.run.path(name), "rb") as f:
+        fd = open_regular(self.sup.run.path(name), self.sup.run.what(name))  # (never a FIFO to wait on)
+        try:
             while self.sent[name] < upto:
                 want = min(self.cfg["output_buffer"], upto - self.sent[name],
-                           os.fstat(f.fileno()).st_size - self.sent[name])
+                           os.fstat(fd).st_size - self.sent[name])
                 if want <= 0:
                     return  # (the file is shorter than counted: truncated by the program)
                 status, body = self.post_file(
-                    "output/%s?offset=%d" % (name, self.sent[name]), f.fileno(), self.sent[name], want,
+                    "output/%s?offset=%d" % (name, self.sent[name]), fd, self.sent[name], want,
                     accept=(200, 409),
                 )
-                self.sent[name] = int(loads(body.decode())["offset"])
+                self.sent[name] = int(parse_json(body, "the scheduler's answer")["offset"])
+        finally:
+            os.close(fd)
 
     # HTTP -------------------------------------------------------------------------
 
@@ -1670,7 +2531,9 @@ class Output(object):
         self.fd = sys.stdout.fileno()
         self._watch = None
         if marker:
-            write_all(self.fd, ("\n%s\n" % marker).encode())
+            # (os.fsencode: the bytes it had on the command line, even
+            # those that are not UTF-8)
+            write_all(self.fd, b"\n" + os.fsencode(marker) + b"\n")
 
     def json(self, obj):
         write_all(self.fd, (dumps(obj, sort_keys=True) + "\n").encode())
@@ -1703,10 +2566,9 @@ def read_program_json():
         raise AgentError("program.json is too large (over %d bytes)" % MAX_PROGRAM_JSON)
     if not data.strip():
         raise AgentError("program.json is empty")
-    try:
-        spec = loads(data.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise AgentError("program.json is not valid JSON: %s" % str(e).splitlines()[0])
+    spec = parse_json(data, "program.json")
+    if isinstance(spec, list) and len(spec) > MAX_BATCH:
+        raise AgentError("program.json: a batch of %d starts; at most %d at once" % (len(spec), MAX_BATCH))
     return spec
 
 
@@ -1718,6 +2580,17 @@ def wait_for_start(run, seconds=10.0):
         if st["pid"] or st["state"] != "running" or time.monotonic() > end:
             return st
         time.sleep(0.01)
+
+
+def stored_spec(spec):
+    """program.json as the spool keeps it: no secret, no stdin data."""
+    stored = loads(dumps(spec))
+    if stored.get("callback"):
+        stored["callback"]["token"] = "<redacted>"
+    stdin = stored["program"]["stdin"]
+    if stdin is not None and "data" in stdin:
+        stored["program"]["stdin"] = {"data": "<in the stdin file>"}
+    return stored
 
 
 def claim(root, spec):
@@ -1732,12 +2605,9 @@ def claim(root, spec):
         return run, False
     tmp = private_dir(root, ".new-%s-" % spec["id"])
     try:
-        stored = loads(dumps(spec))
-        if stored.get("callback"):
-            stored["callback"]["token"] = "<redacted>"
+        stored = stored_spec(spec)
         stdin = spec["program"]["stdin"]
         if stdin is not None and "data" in stdin:
-            stored["program"]["stdin"] = {"data": "<in the stdin file>"}
             import base64
 
             fd = os.open(os.path.join(tmp, "stdin"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -1749,7 +2619,12 @@ def claim(root, spec):
             os.close(os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.mkfifo(os.path.join(tmp, "control"), 0o600)
         placeholder = Supervisor(run, spec, None).base_state()
-        write_json_atomic(os.path.join(tmp, "state.json"), placeholder, durable=False)
+        # state.json and its reserve are as large as the final state can
+        # be: its end is recorded in room taken now (see write_state_file).
+        size = reserve_size(placeholder)
+        write_json_atomic(os.path.join(tmp, "state.json"), placeholder, durable=False, pad=size)
+        if not make_reserve(tmp, size):
+            raise OSError(errno.ENOSPC, "no room for the run's state on the spool's file system")
         try:
             os.rename(tmp, run.dir)
         except OSError as e:
@@ -1891,7 +2766,14 @@ def follow(run, out, offsets, last=None):
     its output was sent; then the final state frame and an end frame.
     Never past the state's counts (see Run.refresh): what children left
     behind append after the end is not the run's output."""
-    fds = dict((name, os.open(run.path(name), os.O_RDONLY)) for name in STREAMS)
+    fds = {}
+    try:
+        for name in STREAMS:
+            fds[name] = open_regular(run.path(name), run.what(name))
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
     kinds = {"stdout": b"1", "stderr": b"2"}
     shown = last and (last["state"], last["pid"])
     interval = 0.001
@@ -1951,32 +2833,46 @@ def cmd_output(args, marker):
     run = Run(args.root, args.id).require()
     if args.offset < 0 or (args.length is not None and args.length < 0):
         raise AgentError("offset and length must not be negative")
-    out = Output(marker)
-    with open(run.path(args.stream), "rb") as f:
+    fd = open_regular(run.path(args.stream), run.what(args.stream))
+    try:
         # Up to what the run holds now, never past its final count.
         upto = run.refresh()[args.stream + "_bytes"]
+        out = Output(marker)
         pos = args.offset
         left = max(0, upto - pos) if args.length is None else max(0, min(args.length, upto - pos))
         while left > 0:
-            data = os.pread(f.fileno(), min(CHUNK, left), pos)
+            data = os.pread(fd, min(CHUNK, left), pos)
             if not data:
                 break
             write_all(out.fd, data)
             pos += len(data)
             left -= len(data)
+    finally:
+        os.close(fd)
     return 0
 
 
 def send_control(run, msg):
-    """Write one request to the supervisor's FIFO; False when nobody reads it."""
+    """Write one request to the supervisor's FIFO; False when nobody reads
+    it.  Anything but a FIFO in its place is DamagedRun."""
     try:
-        fd = os.open(run.path("control"), os.O_WRONLY | os.O_NONBLOCK)
+        fd = os.open(run.path("control"), os.O_WRONLY | SAFE_OPEN)
     except OSError as e:
         if e.errno in (errno.ENXIO, errno.ENOENT):
             return False
+        if e.errno == errno.ELOOP:
+            raise DamagedRun("%s is a symbolic link, not the FIFO the agent made" % run.what("control"))
+        if e.errno in (errno.EISDIR, errno.ENOTDIR, errno.EACCES, errno.ETXTBSY):
+            raise DamagedRun("%s is not the FIFO the agent made (%s)" % (run.what("control"), e.strerror))
         raise
     try:
-        write_all(fd, (dumps(msg) + "\n").encode())
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISFIFO(mode):
+            raise DamagedRun("%s is %s, not the FIFO the agent made" % (run.what("control"), _kind(mode)))
+        try:
+            write_all(fd, (dumps(msg) + "\n").encode())
+        except BlockingIOError:
+            return False  # (the supervisor does not read: its FIFO is full)
     finally:
         os.close(fd)
     return True
@@ -1988,24 +2884,52 @@ def cmd_signal(args, marker):
         raise AgentError("--grace must be a finite number of seconds, not negative")
     run = Run(args.root, args.id).require()
     st = run.refresh()
+    if not judged_here(st):
+        raise AgentError("run %s was started by another host or pid namespace (%s; this is %s): signal it "
+                         "from there" % (run.id, st.get("host_id"), host_id()), 1)
     if st["state"] != "running":
-        raise AgentError("run %s is not running (%s)" % (run.id, st["state"]), 1)
+        return signal_leftovers(run, st, sig, args.grace, marker)
     if not send_control(run, {"op": "signal", "signal": sig, "grace": args.grace}):
         st = run.refresh()
-        raise AgentError("run %s is not running (%s)" % (run.id, st["state"]), 1)
+        if st["state"] != "running":
+            return signal_leftovers(run, st, sig, args.grace, marker)
+        raise AgentError("run %s is running, but its supervisor does not read its control FIFO (it is not the "
+                         "FIFO the agent made, or no longer there)" % run.id, 1)
     Output(marker).json(run.refresh())
+    return 0
+
+
+def signal_leftovers(run, st, sig, grace, marker):
+    """``signal`` of a run that ended: what it left behind in its process
+    group (say ``sh -c 'slow & exit 0'``) gets the signal, if run_group()
+    proves the group is the run's; with ``grace``, SIGKILL follows if the
+    group still has members after that many seconds (this command waits
+    for it).  Processes that left the group (setsid) are not found."""
+    pgid, why = signal_group(st, sig) if st["state"] in ("done", "lost") else (None, None)
+    if pgid is None:
+        raise AgentError("run %s is not running (%s)%s" % (
+            run.id, st["state"], "; its process group was not signalled: %s" % why if why else ""), 1)
+    if grace is not None and sig != _signal.SIGKILL:
+        end = time.monotonic() + min(grace, 3600.0)
+        while time.monotonic() < end and group_members(pgid):
+            time.sleep(min(0.05, max(0.0, end - time.monotonic())))
+        signal_group(st, _signal.SIGKILL)
+    st["note"] = ("the run had ended (%s): %s went to what it left behind in its process group %d"
+                  % (st["state"], signal_name(sig), pgid))
+    Output(marker).json(st)
     return 0
 
 
 def cmd_control(args, marker):
     run = Run(args.root, args.id).require()
-    data = sys.stdin.buffer.read(1 << 16)
-    try:
-        msg = loads(data.decode())
-    except (ValueError, UnicodeDecodeError):
-        raise AgentError("control message is not valid JSON")
+    data = sys.stdin.buffer.read(MAX_CONTROL + 1)
+    if len(data) > MAX_CONTROL:
+        raise AgentError("control message is too large (over %d bytes)" % MAX_CONTROL)
+    msg = parse_json(data, "control message")
     if not isinstance(msg, dict) or msg.get("op") not in ("callback", "release"):
         raise AgentError("control message: unknown op")
+    if msg["op"] == "callback" and not all(isinstance(msg.get(k), str) for k in ("url", "token", "cert") if k in msg):
+        raise AgentError("control message: url, token and cert must be strings")
     ok = send_control(run, msg)
     Output(marker).json({"delivered": ok})
     return 0
@@ -2020,35 +2944,48 @@ def cmd_list(args, marker):
             continue
         run = Run(root, name)
         try:
-            states.append(run.refresh())
+            states.append(run.require().refresh())
         except (OSError, ValueError):
             continue  # (e.g. removed meanwhile)
         except AgentError as e:  # its state is damaged: say so, list the others
-            sys.stderr.write("chaperone-agent: %s\n" % e)
+            if e.code != 4:  # (not a run: a directory without a state)
+                sys.stderr.write("chaperone-agent: %s\n" % one_line(e))
     Output(marker).json(states)
     return 0
 
 
 def cmd_clean(args, marker):
-    run = Run(args.root, args.id).require()
     try:
+        run = Run(args.root, args.id).require()
         st = run.refresh()
-    except DamagedState:
+    except DamagedRun:
         if not args.force:
             raise
+        run = Run(args.root, args.id)
         # Damaged by an OS crash while it was running: nothing of it is
         # left to stop (the crash ended it), and its state is unknown.
         st = {"state": None}
     if st["state"] == "running":
+        if not judged_here(st) and not args.force:
+            raise AgentError("run %s is running on another host or pid namespace (%s): clean it from there, "
+                             "or clean --force removes its spool without stopping it" % (run.id, st.get("host_id")), 1)
         if not args.force:
             raise AgentError("run %s is running: kill it first, or clean --force" % run.id, 1)
-        send_control(run, {"op": "signal", "signal": _signal.SIGKILL})
-        end = time.monotonic() + 10
-        while st["state"] == "running" and time.monotonic() < end:
-            time.sleep(0.02)
-            st = run.refresh()
-    trash = private_dir(args.root, ".trash-%s-" % run.id)
-    os.rename(run.dir, os.path.join(trash, run.id))
+        if judged_here(st):
+            try:
+                send_control(run, {"op": "signal", "signal": _signal.SIGKILL})
+            except DamagedRun:
+                pass
+            end = time.monotonic() + 10
+            while st["state"] == "running" and time.monotonic() < end:
+                time.sleep(0.02)
+                try:
+                    st = run.refresh()
+                except DamagedRun:
+                    break
+    # (one rename, no new directory: it works on a full file system too)
+    trash = os.path.join(args.root, ".trash-%s-%s" % (run.id, os.urandom(4).hex()))
+    os.rename(run.dir, trash)
     remove_tree(trash)
     Output(marker).json({"id": run.id, "cleaned": True, "state": st["state"]})
     return 0
@@ -2223,28 +3160,39 @@ def main(argv=None):
             with open(os.path.abspath(__file__), "rb") as f:
                 if hashlib.sha256(f.read()).hexdigest() != args.expect_hash:
                     return 97  # stale or damaged copy: the client ships it again
+        if args.command != "start":  # (start checks it, and makes it)
+            check_root(args.root)
         return COMMANDS[args.command](args, args.marker)
     except _Help:
         sys.stdout.write(USAGE)
         return 0
     except AgentError as e:
-        sys.stderr.write("chaperone-agent: %s\n" % e)
+        sys.stderr.write("chaperone-agent: %s\n" % one_line(e))
         return e.code
     except BrokenPipeError:
         return 141
     except KeyboardInterrupt:
         return 130
     except OSError as e:
-        sys.stderr.write("chaperone-agent: %s\n" % e)
+        sys.stderr.write("chaperone-agent: %s\n" % one_line(e))
         return 3
+
+
+#: Control characters (a newline in an argument, say) as escapes: an
+#: error is one line whatever it quotes.
+_CONTROLS = dict((c, "\\x%02x" % c) for c in list(range(32)) + [127])
+
+
+def one_line(message):
+    return str(message).translate(_CONTROLS)
 
 
 def exit_now(code):
     """End a command-line run with ``code`` without the interpreter's
     teardown (freeing every module costs ~8 ms at each agent call): flush
     sys.stdout and sys.stderr (a failed flush is status 120, as at a normal
-    exit), then ``os._exit``.  (The bootstraps in chaperone/sshcommon.py and
-    chaperone/transport.py do the same after ``main()``.)"""
+    exit), then ``os._exit``.  (The bootstraps in chaperone/transports/ssh/common.py and
+    chaperone/transports/local.py do the same after ``main()``.)"""
     try:
         sys.stdout.flush()
         sys.stderr.flush()

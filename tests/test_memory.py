@@ -68,7 +68,8 @@ def typed(state):
 # The memory host answers as the agent does -----------------------------------------------
 
 #: Fields that differ between two hosts by nature (pids, times, names).
-VOLATILE = ("agent_pid", "agent_start", "boot_id", "pid", "pgid", "host", "start_time", "end_time")
+VOLATILE = ("agent_pid", "agent_start", "boot_id", "host_id", "pid", "pgid", "pid_start", "host", "start_time",
+            "end_time", "end_ticks")
 
 
 def _normal(obj):

@@ -49,7 +49,49 @@ DEFAULT_MAX_BODY = 64 << 20
 #: Output bodies go to the mirror in pieces of this size as they arrive.
 APPEND_CHUNK = 1 << 20
 _OFFSET_RE = re.compile(r"^[0-9]{1,18}$")
-_BEARER_RE = re.compile(r"^Bearer +([A-Za-z0-9._~+/=-]+) *$", re.IGNORECASE)
+#: (re.ASCII: with IGNORECASE alone, [A-Za-z] also takes letters that
+#: case-fold to ASCII ones, such as "ſ" and the Kelvin sign)
+_BEARER_RE = re.compile(r"^Bearer +([A-Za-z0-9._~+/=-]+) *$", re.IGNORECASE | re.ASCII)
+#: JSON bodies nested deeper than this are refused before they are parsed
+#: (a state is 2 levels deep).
+MAX_JSON_DEPTH = 32
+_NOT_BRACKETS = bytes(c for c in range(256) if c not in b"[]{}")
+
+
+def json_nesting_ok(data: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text ``data`` nests at most ``limit`` deep, found
+    without parsing it (as the agent's function of the same name:
+    brackets in strings do not count)."""
+    if data.count(b"[") + data.count(b"{") <= limit:
+        return True
+    text = data.replace(b"\\\\", b"").replace(b'\\"', b"")
+    brackets = b"".join(text.split(b'"')[0::2]).translate(None, _NOT_BRACKETS)
+    depth = 0
+    for c in brackets:
+        if c in b"[{":
+            depth += 1
+            if depth > limit:
+                return False
+        else:
+            depth -= 1
+            if depth < 0:
+                return True
+    return True
+
+
+def _int_out_of_range(obj) -> bool:
+    """Whether ``obj`` (parsed JSON) holds an integer outside int64 (what
+    SQLite and the records can hold)."""
+    todo = [obj]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, dict):
+            todo.extend(item.values())
+        elif isinstance(item, list):
+            todo.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool) and not -(1 << 63) <= item < 1 << 63:
+            return True
+    return False
 
 OnState = Callable[[str, RunState, bool], Any]
 
@@ -161,12 +203,16 @@ class CallbackProtocol:
     @staticmethod
     def parse_state(body: bytes, path_id: str, final: bool) -> RunState:
         """A RunState body; ``final`` says whether it must be a final state."""
+        if not json_nesting_ok(body):
+            raise Reject(400, f"JSON nested deeper than {MAX_JSON_DEPTH} levels")
         try:
             obj = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):
             raise Reject(400, "invalid JSON") from None
         if not isinstance(obj, dict):
             raise Reject(400, "the body must be a JSON object")
+        if _int_out_of_range(obj):
+            raise Reject(400, "invalid state: a number is out of range")
         try:
             state = RunState.model_validate_json(body)
         except ValidationError as e:
@@ -204,6 +250,28 @@ async def _append(mirror, stream: str, offset: int, data: bytes) -> int:
         return mirror.append(stream, offset, data, blocking=False)
     except BlockingIOError:
         return await asyncio.get_running_loop().run_in_executor(None, mirror.append, stream, offset, data)
+
+
+class _ServerLog(logging.LoggerAdapter):
+    """aiohttp's server logger: a request it cannot parse (a bad request
+    line or method, a line or header too long, ...: noise any open port
+    gets) is one line at most at WARNING, never a traceback; anything else
+    is logged as aiohttp logs it."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        super().__init__(logger, {})
+
+    def log(self, level, msg, *args, **kw) -> None:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = kw.get("exc_info")
+        if isinstance(exc, HttpProcessingError):
+            why = " ".join(part.strip() for part in str(exc.message or "").splitlines() if part.strip())
+            kw.pop("exc_info")
+            msg = msg + ": %s: %s"
+            args = args + (type(exc).__name__, why[:200] or exc.code)
+            level = min(level, logging.WARNING)
+        super().log(level, msg, *args, **kw)
 
 
 class CallbackServer:
@@ -260,7 +328,7 @@ class CallbackServer:
         app.router.add_post(API_PREFIX + "{id}/output/{stream}", self._output)
         app.router.add_post(API_PREFIX + "{id}/state", self._state)
         app.router.add_post(API_PREFIX + "{id}/completed", self._completed)
-        runner = web.AppRunner(app, access_log=log, handle_signals=False)
+        runner = web.AppRunner(app, access_log=log, handle_signals=False, logger=_ServerLog(log))
         await runner.setup()
         site = web.TCPSite(runner, host, port, ssl_context=ctx, reuse_address=True)
         try:

@@ -8,7 +8,7 @@ import signal
 import sys
 from typing import List, Optional
 
-from ..agent_source import RUN_AGENT, agent_path
+from ..agent_source import LOCAL_BOOTSTRAP, agent_path
 from .base import AgentProcess, Transport, feed_stdin, spawn
 
 
@@ -32,8 +32,8 @@ class _LocalProcess(AgentProcess):
         self.owner._finish(self.proc)
 
 
-#: Runs the agent file named by ``argv[1]`` (see agent_source.RUN_AGENT).
-_BOOTSTRAP = "import sys\nsys.argv=sys.argv[1:]\n" + RUN_AGENT
+#: Runs the agent file named by ``argv[1]`` (see agent_source.LOCAL_BOOTSTRAP).
+_BOOTSTRAP = LOCAL_BOOTSTRAP
 
 
 

@@ -120,12 +120,14 @@ class MemoryRun:
         self._timed_out = False
         self._removed = False
         self._changed = asyncio.Event()
-        self.state = {
+        self.state = {  # (the agent's keys, in its order: Supervisor.base_state)
             "version": 1, "id": self.id, "host": host.name, "state": "running",
             "agent_pid": next(host._pids), "agent_start": next(host._ticks), "boot_id": host.boot_id,
-            "pid": None, "pgid": None, "return_code": None, "signal": None, "timed_out": False,
+            "host_id": "%s/%s/4026531836" % (host.boot_id.replace("-", ""), host.name),
+            "pid": None, "pgid": None, "pid_start": None, "return_code": None, "signal": None, "timed_out": False,
             "error": None, "errno": None, "rusage": None, "start_time": host._now(), "end_time": None,
-            "stdout_bytes": 0, "stderr_bytes": 0, "spool": root.rstrip("/") + "/" + self.id,
+            "end_ticks": None, "stdout_bytes": 0, "stderr_bytes": 0, "spool": root.rstrip("/") + "/" + self.id,
+            "note": None,
         }
 
     # What the host holds ---------------------------------------------------
@@ -216,7 +218,7 @@ class MemoryRun:
         if func is None:
             return self._failed(self.argv[0], _errno.ENOENT)
         pid = next(self.host._pids)
-        self.state.update(pid=pid, pgid=pid)
+        self.state.update(pid=pid, pgid=pid, pid_start=next(self.host._ticks))
         self._task = asyncio.ensure_future(self._main(func))
         timeout = self.spec["config"]["timeout"]
         if timeout is not None:
@@ -224,7 +226,7 @@ class MemoryRun:
 
     def _failed(self, what: str, code: int) -> None:
         self.state.update(state="error", errno=code, error="%s: %s" % (what, os.strerror(code)),
-                          end_time=self.host._now())
+                          end_time=self.host._now(), end_ticks=next(self.host._ticks))
 
     async def _main(self, func: Program) -> None:
         try:
@@ -251,7 +253,7 @@ class MemoryRun:
             timer.cancel()
         self._timers.clear()
         rusage = {f: (0.0 if f in ("ru_utime", "ru_stime") else 0) for f in _agent().RUSAGE_FIELDS}
-        self.state.update(state="done", end_time=self.host._now(), timed_out=self._timed_out, rusage=rusage,
+        self.state.update(state="done", end_time=self.host._now(), end_ticks=next(self.host._ticks), timed_out=self._timed_out, rusage=rusage,
                           **how)
         task, self._task = self._task, None
         if task is not None and task is not _current_task():
@@ -267,7 +269,7 @@ class MemoryRun:
         for timer in self._timers.values():
             timer.cancel()
         self._timers.clear()
-        self.state.update(state="lost", error=why, end_time=self.host._now())
+        self.state.update(state="lost", error=why, end_time=self.host._now(), end_ticks=next(self.host._ticks))
         self._touch()
 
     def _deliver(self, name: str) -> None:
@@ -673,7 +675,10 @@ class MemoryHost:
             raise agent.AgentError("--grace must be a finite number of seconds, not negative")
         run = self._run(args)
         if not run.running or run._task is None:
-            raise agent.AgentError("run %s is not running (%s)" % (run.id, run.state["state"]), 1)
+            # (as the agent: nothing a memory program leaves behind runs on)
+            why = "; its process group was not signalled: nothing of it runs any more" \
+                if run.state["state"] in ("done", "lost") else ""
+            raise agent.AgentError("run %s is not running (%s)%s" % (run.id, run.state["state"], why), 1)
         # Written to the FIFO now, acted on by the supervisor a moment later.
         asyncio.get_running_loop().call_soon(run._control, {"op": "signal", "signal": sig, "grace": args.grace})
         proc.marker(args.marker)
@@ -682,12 +687,14 @@ class MemoryHost:
     def _cmd_control(self, args, proc: _Process, stdin: bytes) -> None:
         agent = _agent()
         run = self._run(args)
-        try:
-            msg = agent.loads(stdin[:1 << 16].decode())
-        except (ValueError, UnicodeDecodeError):
-            raise agent.AgentError("control message is not valid JSON")
+        if len(stdin) > agent.MAX_CONTROL:
+            raise agent.AgentError("control message is too large (over %d bytes)" % agent.MAX_CONTROL)
+        msg = agent.parse_json(stdin, "control message")  # (the agent's own parser, bounds and errors)
         if not isinstance(msg, dict) or msg.get("op") not in ("callback", "release"):
             raise agent.AgentError("control message: unknown op")
+        if msg["op"] == "callback" and not all(isinstance(msg.get(k), str) for k in ("url", "token", "cert")
+                                               if k in msg):
+            raise agent.AgentError("control message: url, token and cert must be strings")
         delivered = run.running and run._task is not None
         if delivered:
             run._control(msg)

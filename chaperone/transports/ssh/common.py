@@ -19,7 +19,7 @@ import random
 import shlex
 from typing import List, Optional, Tuple
 
-from ...agent_source import RUN_AGENT, agent_hash
+from ...agent_source import PRELUDE, RUN_AGENT, agent_hash
 from ...errors import ChaperoneError, ConnectFailed
 from ..base import AgentProcess, Transport
 from ..target import Target
@@ -28,18 +28,96 @@ from ..target import Target
 SHIP_AGAIN = 97
 REMOTE_DIR = "~/.chaperone"
 
+#: ``_dir(path)``: 1 for a directory of this user that nobody else can
+#: write, 0 when there is none, -1 for something else than a directory;
+#: anything unsafe (a symbolic link, another owner, writable by group or
+#: others: someone else could plant code there that would run as this
+#: user) is refused: one line saying what to do, exit 3.
+SAFE_DIR = """\
+def _no(m):
+    sys.stderr.write('chaperone-agent: %s\\n'%m)
+    sys.exit(3)
+def _dir(d):
+    try:s=os.lstat(d)
+    except FileNotFoundError:return 0
+    except OSError as e:_no('%s: %s'%(d,e.strerror))
+    if stat.S_ISLNK(s.st_mode):_no('%s is a symbolic link; chaperone runs its agent only from a directory of its own: remove the link (chaperone makes the directory)'%d)
+    if not stat.S_ISDIR(s.st_mode):return -1
+    if s.st_uid!=os.getuid():_no('%s belongs to uid %d, not to this user: remove it (chaperone makes it again)'%(d,s.st_uid))
+    if s.st_mode&18:_no('%s is writable by group or others (mode %04o): run chmod go-w %s'%(d,stat.S_IMODE(s.st_mode),d))
+    return 1
+"""
+
 #: Run by ``python -c`` on the host: ``BOOT AGENT_FILE SHA256 ARGS...`` runs
-#: AGENT_FILE with ARGS if its content has that hash, else exits 97.
-BOOTSTRAP = (
-    "import sys,hashlib\n"
-    "try:\n"
-    "    _b=open(sys.argv[1],'rb').read()\n"
-    "except OSError:\n"
-    "    sys.exit(%d)\n"
-    "if hashlib.sha256(_b).hexdigest()!=sys.argv[2]:\n"
-    "    sys.exit(%d)\n"
-    "sys.argv=sys.argv[1:2]+sys.argv[3:]\n"
-) % (SHIP_AGAIN, SHIP_AGAIN) + RUN_AGENT
+#: AGENT_FILE with ARGS if its content has that hash, else exits 97 (ship it
+#: again): also when the file is not a regular file (a directory, a FIFO, a
+#: symbolic link), when ``__pycache__`` is not a directory, or when the
+#: cached bytecode of these very bytes is damaged (the ship script moves
+#: such entries aside and says so).  ``~/.chaperone`` and its
+#: ``__pycache__`` must be directories of this user that nobody else can
+#: write (else one line, exit 3); the code run is the checked bytes, or a
+#: checked-hash ``.pyc`` of them (see agent_source.RUN_AGENT).
+BOOTSTRAP = PRELUDE + SAFE_DIR + """\
+import hashlib
+_p=sys.argv[1]
+_d=os.path.dirname(_p) or '.'
+_x=_dir(_d)
+if _x<0:_no('%s is not a directory: move it away (chaperone makes it)'%_d)
+_c=os.path.join(_d,'__pycache__')
+if _x<1 or _dir(_c)<0:sys.exit(97)
+_b=_rd(_p)
+if _b is None or hashlib.sha256(_b).hexdigest()!=sys.argv[2]:sys.exit(97)
+sys.argv=sys.argv[1:2]+sys.argv[3:]
+_D=97
+""" + RUN_AGENT
+
+#: Run by ``python -c`` in the ship script: ``SHIP TMP SHA256 DEST`` checks
+#: the directory (as BOOTSTRAP; exit 3 when unsafe) and the upload (exit 4
+#: when its hash is not SHA256), moves aside what is in the way (anything
+#: but a regular file at DEST, anything but a directory at __pycache__),
+#: renames TMP to DEST, and writes its checked-hash bytecode (replacing a
+#: damaged one).  Each repair is a line ``chaperone-agent: note: ...`` on
+#: stderr (see ship_notes).
+SHIP = PRELUDE + SAFE_DIR + """\
+import hashlib,time,marshal,_imp,_frozen_importlib_external as _e
+_t,_s,_p=sys.argv[1:4]
+_d=os.path.dirname(_p) or '.'
+if _dir(_d)<1:_no('%s is not a directory: move it away (chaperone makes it)'%_d)
+_b=_rd(_t)
+if _b is None or hashlib.sha256(_b).hexdigest()!=_s:sys.exit(4)
+_c=os.path.join(_d,'__pycache__')
+_n=[]
+def _kind(m):
+    for t,w in ((stat.S_ISDIR,'a directory'),(stat.S_ISFIFO,'a FIFO'),(stat.S_ISLNK,'a symbolic link'),(stat.S_ISREG,'a file')):
+        if t(m):return w
+    return 'a special file'
+def _aside(p,want):
+    try:s=os.lstat(p)
+    except FileNotFoundError:return
+    if want(s.st_mode):return
+    a='%s.damaged-%d-%d'%(p,time.time(),os.getpid())
+    os.rename(p,a)
+    _n.append('moved aside %s (%s) to %s'%(p,_kind(s.st_mode),a))
+_aside(_p,stat.S_ISREG)
+_aside(_c,stat.S_ISDIR)
+if _dir(_c)==0:os.mkdir(_c,0o700)
+os.rename(_t,_p)
+_h=_e.MAGIC_NUMBER+b'\\3\\0\\0\\0'+_imp.source_hash(_e._RAW_MAGIC_NUMBER,_b)
+_q=os.path.join(_c,os.path.basename(_p).rpartition('.')[0]+'.'+sys.implementation.cache_tag+'.pyc')
+_y=_rd(_q)
+if _y and _y[:16]==_h:
+    try:marshal.loads(memoryview(_y)[16:])
+    except Exception:_n.append('replaced the damaged cached bytecode %s'%_q)
+_z=_h+marshal.dumps(compile(_b,_p,'exec',dont_inherit=True))
+_u=_q+'.%d.tmp'%os.getpid()
+_f=os.open(_u,os.O_WRONLY|os.O_CREAT|os.O_EXCL|os.O_NOFOLLOW,0o600)
+try:
+    _v=memoryview(_z)
+    while _v:_v=_v[os.write(_f,_v):]
+finally:os.close(_f)
+os.replace(_u,_q)
+for _x in _n:sys.stderr.write('chaperone-agent: note: %s\\n'%_x)
+"""
 
 
 def agent_file() -> str:
@@ -68,19 +146,36 @@ def agent_command(python: str, root: Optional[str], args: List[str]) -> str:
 
 def ship_command(python: str) -> str:
     """The remote command that installs the agent read from its stdin:
-    exit 0, 3 (cannot write), 4 (damaged upload) or 127 (no python)."""
+    exit 0, 3 (cannot write there, or the directory is unsafe: see
+    BOOTSTRAP), 4 (damaged upload) or 127 (no python).  No ``chmod`` of an
+    existing ``~/.chaperone``: one that others could write is refused, not
+    quietly made private (what they planted would stay)."""
     script = (
-        "umask 077; mkdir -p {dir} && chmod 700 {dir} || exit 3; t={dir}/.agent.$$.tmp; cat > \"$t\" || exit 3; "
-        "{py} -c 'import hashlib,sys; sys.exit(hashlib.sha256(open(sys.argv[1],\"rb\").read())"
-        ".hexdigest()!=sys.argv[2])' \"$t\" {hash}; s=$?; "
+        "umask 077; mkdir -p {dir} || exit 3; t={dir}/.agent.$$.tmp; "
+        "cat > \"$t\" || {{ rm -f \"$t\"; exit 3; }}; "
         # 127: no such python (not a damaged upload).
-        "if [ $s -ne 0 ]; then rm -f \"$t\"; [ $s -eq 127 ] && exit 127; exit 4; fi; "
-        "mv -f \"$t\" {dst} || exit 3; "
-        # Its bytecode, checked against the source's hash at each load.
-        "{py} -I -S -c 'import py_compile,sys; py_compile.compile(sys.argv[1], doraise=True, "
-        "invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH)' {dst} >/dev/null 2>&1; exit 0"
-    ).format(dir=REMOTE_DIR, py=shlex.quote(python), hash=agent_hash(), dst=agent_file())
+        "{py} -I -S -c {ship} \"$t\" {hash} {dst}; s=$?; rm -f \"$t\"; exit $s"
+    ).format(dir=REMOTE_DIR, py=shlex.quote(python), ship=shlex.quote(SHIP), hash=agent_hash(), dst=agent_file())
     return "sh -c %s" % shlex.quote(script)
+
+
+def ship_notes(stderr: bytes) -> List[str]:
+    """What a successful ship script says it repaired (moved aside, replaced)."""
+    prefix = "chaperone-agent: note: "
+    return [line[len(prefix):] for line in (stderr or b"").decode("utf-8", "replace").splitlines()
+            if line.startswith(prefix)]
+
+
+def report_ship_notes(host: str, stderr: bytes) -> None:
+    """Say what shipping the agent to ``host`` repaired (a warning: shown
+    on stderr unless logging is set up otherwise)."""
+    notes = ship_notes(stderr)
+    if notes:
+        import logging
+
+        log = logging.getLogger("chaperone.ssh")
+        for note in notes:
+            log.warning("chaperone: %s: %s", host, note)
 
 
 def _host_for_ssh(target: Target) -> str:
@@ -271,8 +366,9 @@ class SSHTransportBase(Transport):
         """Start ``command`` (for the login shell) with ``stdin`` on the host."""
 
     @abc.abstractmethod
-    async def _ship_once(self) -> None:
-        """Install the agent on the host (raise on failure)."""
+    async def _ship_once(self) -> bytes:
+        """Install the agent on the host (raise on failure); what the ship
+        script said on stderr (the repairs it made: :func:`ship_notes`)."""
 
     def _silent_exit(self, launch: Launch, code: Optional[int], err: bytes, relaunched: bool) -> bool:
         """A call ended without a byte of output, status ``code``: raise
@@ -318,5 +414,5 @@ class SSHTransportBase(Transport):
             self._ship_lock = asyncio.Lock()
         async with self._ship_lock:
             if self._shipped == shipped_before:
-                await self._ship_once()
+                report_ship_notes(self.host, await self._ship_once())
                 self._shipped += 1

@@ -371,7 +371,7 @@ class SSHTransport(SSHTransportBase):
 
     # Running the agent -----------------------------------------------------
 
-    async def _ship_once(self) -> None:
+    async def _ship_once(self) -> bytes:
         c, proc = await self._channel(ship_command(self.python))
         try:
             proc.stdin.write(agent_bytes())
@@ -383,6 +383,7 @@ class SSHTransport(SSHTransportBase):
             self._close_channel(c, proc)
         if result.exit_status != 0:
             raise ship_failure(result.exit_status, result.stderr, self.python, self.host)
+        return result.stderr or b""
 
     async def _launch(self, command: str, stdin: bytes) -> Launch:
         c, proc = await self._channel(command)

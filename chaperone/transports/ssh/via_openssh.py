@@ -297,7 +297,7 @@ class OpenSSHTransport(SSHTransportBase):
 
     # Running the agent -----------------------------------------------------
 
-    async def _ship_once(self) -> None:
+    async def _ship_once(self) -> bytes:
         launch = await self._launch(ship_command(self.python), agent_bytes())
         try:
             await launch.proc.stdout.read()
@@ -308,6 +308,7 @@ class OpenSSHTransport(SSHTransportBase):
             raise ssh_error(self.target, err, False)
         if code != 0:
             raise ship_failure(code, err, self.python, self.host)
+        return err
 
     async def _adopt(self, command: str, stdin: bytes) -> "Optional[_SSHLaunch]":
         """A call on the head start's standby session if there is one for
