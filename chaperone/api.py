@@ -43,6 +43,7 @@ from .records import Record, Records, chaperone_home
 from .transports.base import Transport
 from .transports.factory import Transports
 from .transports.target import Target
+from .watcher import HostWatcher
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import RunInfo, RunState
@@ -257,6 +258,7 @@ class Chaperone:
         self.transports = Transports(local_spool=self.home / "spool", client=ssh_client, overrides=transports,
                                      **tuning)
         self._batchers: Dict[int, _StartBatcher] = {}
+        self._watchers: Dict[int, HostWatcher] = {}
         #: Defaults for each program.json's ``config`` (timeouts, batching ...).
         self.config = dict(config or {})
         self.push = None
@@ -666,14 +668,22 @@ class Chaperone:
         async def until_end() -> dict:
             if self.push is not None and self.push.knows(rec.id):
                 return await self.push.wait(rec.id)
-            state = None
-            async for event in self._follow(rec.id, SKIP_OUTPUT, on_reconnect=on_reconnect):
-                if isinstance(event, StateUpdate):
-                    state = event.state
-            return state
+            try:
+                return await self._watcher(rec).wait(rec.id, on_reconnect=on_reconnect)
+            except NoSuchRun:
+                raise self._gone(self.records.get(rec.id)) from None
 
         state = await (until_end() if timeout is None else asyncio.wait_for(until_end(), timeout))
         return self._typed(state)
+
+    def _watcher(self, rec: Record) -> HostWatcher:
+        """The one watcher of the waits on ``rec``'s host."""
+        transport = self.transport_for(rec)
+        watcher = self._watchers.get(id(transport))
+        if watcher is None or watcher.client.transport is not transport:
+            watcher = self._watchers[id(transport)] = HostWatcher(
+                transport, on_final=lambda run_id, state: self.records.update(run_id, state))
+        return watcher
 
     async def read(self, run_id: str, stream: str = "stdout", offset: int = 0,
                    length: Optional[int] = None) -> bytes:

@@ -89,6 +89,12 @@ class AgentClient:
     async def control(self, run_id: str, message: bytes) -> dict:
         return await self._json(["control", run_id], message)
 
+    async def release(self, run_ids: List[str]) -> Dict[str, bool]:
+        """Tell the supervisors of these runs to stop calling back (one
+        call for all): whether each got it."""
+        answer = await self._json(["release"], " ".join(run_ids).encode())
+        return answer.get("delivered", {}) if isinstance(answer, dict) else {}
+
     async def output(self, run_id: str, stream: str, offset: int = 0, length: Optional[int] = None) -> bytes:
         args = ["output", run_id, "--stream", stream, "--offset", str(offset)]
         if length is not None:
@@ -162,6 +168,13 @@ class AgentClient:
             "--stderr-offset", str(offsets.get("stderr", 0)),
         ]
         return self._events(args, b"", json_line=False)
+
+    def watch(self, run_ids: List[str]) -> AsyncIterator[Event]:
+        """One call for many runs: each run's final state
+        (:class:`StateUpdate`) as it becomes final, or a
+        :class:`~chaperone.protocol.RunError` for a run that cannot be read,
+        then :class:`End` once every run was answered."""
+        return self._events(["watch"], " ".join(run_ids).encode(), json_line=False)
 
 
 __all__ = ["AgentClient", "StateUpdate"]

@@ -8,7 +8,9 @@ What the agent prints, after whatever a login script printed first:
   line;
 * for ``start --follow`` and ``follow``: the JSON state line (``start`` only),
   then frames: a header ``!cQI`` (kind, offset, length) and ``length`` bytes.
-  Kinds: ``1`` stdout, ``2`` stderr, ``S`` a state JSON, ``E`` the end.
+  Kinds: ``1`` stdout, ``2`` stderr, ``S`` a state JSON, ``E`` the end;
+  ``X`` a run ``watch`` cannot read, ``T`` when the next output was written
+  (``logs``).
 
 :class:`StreamDecoder` turns bytes into events; feed it whatever the transport
 read, in any split.
@@ -52,7 +54,26 @@ class End:
     pass
 
 
-Event = Union[OutputChunk, StateUpdate, End]
+@dataclass(frozen=True)
+class RunError:
+    """``watch``: one of the runs cannot be read (``code``: the agent's exit
+    status for it alone, 4 for "no such run")."""
+
+    run_id: str
+    error: str
+    code: int
+
+
+@dataclass(frozen=True)
+class Written:
+    """``logs``: the output frames that follow were written by ``time``
+    (seconds since the epoch), after the previous :class:`Written`'s;
+    ``None``: when is not known (a run without a timeline)."""
+
+    time: Optional[float]
+
+
+Event = Union[OutputChunk, StateUpdate, End, RunError, Written]
 
 
 class StreamDecoder:
@@ -118,6 +139,11 @@ class StreamDecoder:
                 return OutputChunk(KIND_STREAM[kind], offset, data)
             if kind == b"S":
                 return StateUpdate(json.loads(data))
+            if kind == b"T":
+                return Written(offset / 1e6 if offset else None)
+            if kind == b"X":
+                obj = json.loads(data)
+                return RunError(str(obj.get("id")), str(obj.get("error")), int(obj.get("code") or 3))
             if kind == b"E":
                 self._stage = "done"
                 self.ended = True

@@ -2820,6 +2820,227 @@ def cmd_status(args, marker):
     return 0
 
 
+# --- watching many runs ---------------------------------------------------------
+
+#: At most this many run ids in one ``watch``.
+MAX_WATCH = 1 << 16
+#: Without inotify: look at each watched state.json this often (seconds).
+WATCH_POLL = 0.05
+#: Look whether each watched run's supervisor still lives this often
+#: (a supervisor that dies writes no state: its run is then found lost).
+WATCH_SWEEP = 1.0
+#: inotify: IN_MOVED_TO | IN_CREATE (entries: state.json renamed into place,
+#: a run's directory made again) | IN_DELETE_SELF | IN_MOVE_SELF (the
+#: directory removed, or moved away by clean).
+WATCH_EVENTS = 0x80 | 0x100 | 0x400 | 0x800
+
+
+def read_watch_ids(data):
+    """The run ids of ``watch``'s stdin (separated by white space), each
+    checked, without repeats, in their order."""
+    if len(data) > MAX_WATCH * 130:
+        raise AgentError("watch: stdin is too large (at most %d run ids)" % MAX_WATCH)
+    ids, seen = [], set()
+    for word in data.split():
+        try:
+            run_id = word.decode("ascii")
+        except UnicodeDecodeError:
+            raise AgentError("invalid run id %r" % word.decode("utf-8", "replace"))
+        check_id(run_id)
+        if run_id not in seen:
+            seen.add(run_id)
+            ids.append(run_id)
+    if not ids:
+        raise AgentError("watch: no run ids on stdin")
+    if len(ids) > MAX_WATCH:
+        raise AgentError("watch: %d run ids; at most %d at once" % (len(ids), MAX_WATCH))
+    return ids
+
+
+class Watch(object):
+    """``watch``: one ``S`` frame with each run's final state as it becomes
+    final (an ``X`` frame for a run that cannot be read), then ``E``.
+
+    Nothing is polled while nothing happens, where inotify is there: a
+    state is replaced by a rename into the run's directory, which wakes
+    the watch at once; once a WATCH_SWEEP, each supervisor is looked at
+    (/proc), since one that dies writes no state.  Without inotify (or
+    for runs another host records, whose writes a network file system
+    does not tell), each state.json is looked at every WATCH_POLL."""
+
+    def __init__(self, root, ids, out):
+        self.root = root
+        self.out = out
+        self.pending = dict((run_id, Run(root, run_id)) for run_id in ids)
+        self.seen = {}  # run id -> (supervisor pid, its start) while running, judged here
+        self.keys = {}  # run id -> what stat said of its state.json (polling)
+        self.remote = set()  # runs recorded by another host: polled
+        self.fd = None
+        self.wds = {}  # watch descriptor -> run id (None: the root)
+
+    def run(self):
+        try:
+            self._inotify()
+            self.check(list(self.pending))
+            next_sweep = time.monotonic() + WATCH_SWEEP
+            while self.pending:
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self.check(self.dead())
+                    next_sweep = now + WATCH_SWEEP
+                    continue
+                polled = self.fd is None or self.remote
+                wait = min(next_sweep - now, WATCH_POLL) if polled else next_sweep - now
+                self.check(self.woken(wait))
+                if polled:
+                    self.check(self.changed())
+            self.out.frame(b"E", 0, b"")
+        finally:
+            if self.fd is not None:
+                os.close(self.fd)
+
+    def check(self, ids):
+        """Read these runs again; answer those that ended (or cannot be read)."""
+        for run_id in ids:
+            run = self.pending.get(run_id)
+            if run is None:
+                continue
+            # (watched, and its state.json's look taken, before it is read:
+            # a change in between is not missed)
+            self._add_watch(run_id)
+            self.keys[run_id] = self._key(run)
+            try:
+                st = run.require().refresh()
+            except AgentError as e:
+                self.answer(run_id, b"X", {"id": run_id, "error": one_line(e), "code": e.code})
+                continue
+            except OSError as e:  # (removed meanwhile: the next look says so)
+                st = None
+                if not os.path.lexists(run.dir):
+                    self.answer(run_id, b"X", {"id": run_id, "error": "no such run: %s" % run_id, "code": 4})
+                    continue
+            if st is None:
+                continue
+            if st["state"] in FINAL_STATES:
+                self.answer(run_id, b"S", st)
+                continue
+            if judged_here(st):
+                self.seen[run_id] = (st["agent_pid"], st["agent_start"])
+                self.remote.discard(run_id)
+            else:
+                self.remote.add(run_id)
+
+    def answer(self, run_id, kind, obj):
+        self.out.frame(kind, 0, dumps(obj, sort_keys=True).encode())
+        del self.pending[run_id]
+        self.seen.pop(run_id, None)
+        self.keys.pop(run_id, None)
+        self.remote.discard(run_id)
+
+    def dead(self):
+        """Runs whose supervisor is gone (or that this agent cannot judge)."""
+        out = list(self.remote)
+        for run_id, (pid, start) in self.seen.items():
+            info = proc_stat(pid) if valid_pid(pid) else None
+            if info is None or (start is not None and info[1] != start) or info[0] in ("Z", "X", "x"):
+                out.append(run_id)
+        return out
+
+    def changed(self):
+        """Polling: the runs whose state.json changed since the last look."""
+        out = []
+        for run_id, run in self.pending.items():
+            if self.fd is not None and run_id not in self.remote:
+                continue
+            key = self._key(run)
+            if self.keys.get(run_id, key) != key:
+                out.append(run_id)
+            self.keys[run_id] = key
+        return out
+
+    @staticmethod
+    def _key(run):
+        try:
+            info = os.lstat(run.path("state.json"))
+            return (info.st_ino, info.st_mtime_ns, info.st_size)
+        except OSError:
+            return None
+
+    # inotify ---------------------------------------------------------------
+
+    def _inotify(self):
+        libc = _libc()
+        fd = dir_watch(self.root, libc) if libc is not None else None
+        if fd is None:
+            return
+        # (dir_watch watched the root for deletions: add what a watch needs)
+        wd = libc.inotify_add_watch(fd, os.fsencode(self.root), WATCH_EVENTS | DIR_EVENTS)
+        if wd < 0:
+            os.close(fd)
+            return
+        self.fd, self.add = fd, libc.inotify_add_watch
+        self.wds[wd] = None
+
+    def _add_watch(self, run_id):
+        if self.fd is None or run_id in self.wds.values():
+            return
+        wd = self.add(self.fd, os.fsencode(self.pending[run_id].dir), WATCH_EVENTS)
+        if wd >= 0:
+            self.wds[wd] = run_id
+        else:  # (no watch left: look at it by polling)
+            self.remote.add(run_id)
+
+    def woken(self, seconds):
+        """Wait up to ``seconds`` for news; the runs it may concern.
+        BrokenPipeError when nobody reads this output any more."""
+        poller = select.poll()
+        poller.register(self.out.fd, 0)  # (POLLERR/POLLHUP: the reader is gone)
+        if self.fd is not None:
+            poller.register(self.fd, select.POLLIN)
+        ids = set()
+        for fd, ev in poller.poll(max(0, seconds) * 1000.0):
+            if fd == self.out.fd:
+                raise BrokenPipeError(errno.EPIPE, "the reader of this output is gone")
+            ids.update(self.events())
+        return ids
+
+    def events(self):
+        ids = set()
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except OSError:  # (EAGAIN: all read)
+                return ids
+            if not data:
+                return ids
+            at = 0
+            while at + 16 <= len(data):
+                wd, mask, size = struct.unpack_from("=iI4xI", data, at)
+                name = data[at + 16:at + 16 + size].rstrip(b"\0").decode("ascii", "replace")
+                at += 16 + size
+                if mask & 0x4000:  # IN_Q_OVERFLOW: cannot tell what changed
+                    ids.update(self.pending)
+                    continue
+                run_id = self.wds.get(wd, False)
+                if run_id is None:  # the root: an entry of that name
+                    if name in self.pending:
+                        ids.add(name)
+                        # (a directory made again: watch the new one)
+                        for old in [w for w, r in self.wds.items() if r == name]:
+                            del self.wds[old]
+                elif run_id is not False:
+                    ids.add(run_id)
+                    if mask & (0x400 | 0x800 | 0x8000):  # gone, moved, or the watch removed
+                        self.wds.pop(wd, None)
+
+
+def cmd_watch(args, marker):
+    data = sys.stdin.buffer.read(MAX_WATCH * 130 + 1)
+    ids = read_watch_ids(data)
+    Watch(args.root, ids, Output(marker)).run()
+    return 0
+
+
 def cmd_follow(args, marker):
     run = Run(args.root, args.id).require()
     offsets = {"stdout": args.stdout_offset, "stderr": args.stderr_offset}
@@ -2935,6 +3156,21 @@ def cmd_control(args, marker):
     return 0
 
 
+def cmd_release(args, marker):
+    """``release`` of many runs at once (their ids on stdin, as for
+    ``watch``): ``{"delivered": {ID: true|false}}``; a run that is not
+    there, or whose supervisor no longer reads its FIFO, is false."""
+    ids = read_watch_ids(sys.stdin.buffer.read(MAX_WATCH * 130 + 1))
+    delivered = {}
+    for run_id in ids:
+        try:
+            delivered[run_id] = send_control(Run(args.root, run_id).require(), {"op": "release"})
+        except (AgentError, OSError):
+            delivered[run_id] = False
+    Output(marker).json({"delivered": delivered})
+    return 0
+
+
 def cmd_list(args, marker):
     states = []
     root = args.root
@@ -3003,6 +3239,8 @@ commands:
   list
   clean ID [--force]
   control ID                             < message.json
+  watch                                  < run ids (white space between)
+  release                                < run ids (white space between)
 """
 #: The global options (before the command): option -> attribute.
 GLOBAL_OPTIONS = {"--root": "root", "--marker": "marker", "--expect-hash": "expect_hash"}
@@ -3019,6 +3257,8 @@ COMMAND_ARGS = {
     "list": ((), {}),
     "clean": (("id",), {"--force": ("force", None, False)}),
     "control": (("id",), {}),
+    "watch": ((), {}),
+    "release": ((), {}),
 }
 REQUIRED_OPTIONS = {"output": ("--stream",)}
 
@@ -3148,6 +3388,7 @@ def parse_args(argv):
 COMMANDS = {
     "start": cmd_start, "status": cmd_status, "follow": cmd_follow, "output": cmd_output,
     "signal": cmd_signal, "list": cmd_list, "clean": cmd_clean, "control": cmd_control,
+    "watch": cmd_watch, "release": cmd_release,
 }
 
 

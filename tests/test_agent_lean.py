@@ -307,6 +307,9 @@ def test_commands_import_no_heavy_module(tmp_path):
         assert heavy == [], (args, heavy)
     code, heavy = _imports(root, "control", run_id, stdin=b'{"op": "release"}')
     assert (code, heavy) == (0, [])
+    for args in (["watch"], ["release"]):
+        code, heavy = _imports(root, *args, stdin=(run_id + " nosuch").encode())
+        assert (code, heavy) == (0, []), args
     # (a directory the program made in its spool goes too, and a symbolic
     # link in it is removed, not followed)
     keep = tmp_path / "keep"

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from chaperone import Chaperone
 from chaperone.errors import AgentFailed, ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, UsageError
 from chaperone.models import RunState
-from chaperone.protocol import End, OutputChunk, StateUpdate, StreamDecoder
+from chaperone.protocol import End, OutputChunk, RunError, StateUpdate, StreamDecoder
 from chaperone.transports.local import LocalTransport
 from chaperone.transports.memory import MemoryHost, MemoryTransport, run_virtual
 from helpers import REPO
@@ -103,8 +103,8 @@ def _reply(code, out, err):
         states = [e.state for i, e in enumerate(events) if isinstance(e, StateUpdate)
                   and (i == 0 and json_line or e.final)]
         out = ([_normal(s) for s in states], data,
-               [type(e).__name__ for e in events if not isinstance(e, OutputChunk)
-                and not (isinstance(e, StateUpdate) and e.state not in states)])
+               [(e.run_id, e.error, e.code) if isinstance(e, RunError) else type(e).__name__ for e in events
+                if not isinstance(e, OutputChunk) and not (isinstance(e, StateUpdate) and e.state not in states)])
     elif out[:1] in (b"{", b"["):
         out = _normal(json.loads(out))
     return code, err.decode(), out
@@ -137,6 +137,8 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
         (["control", "d1"], b"nope"), (["control", "d1"], {"op": "x"}),
         (["--marker", "M", "control", "d1"], {"op": "release"}), (["--marker", "M", "list"], None),
         (["--marker", "M", "follow", "d3", "--stdout-offset", "5"], None),
+        (["--marker", "M", "watch"], b"d1 nope\nd3 d1"), (["watch"], b" \n"), (["watch"], b"d1 ../x"),
+        (["watch", "d1"], b"d1"),
         (["--marker", "M", "clean", "d1"], None), (["status", "d1"], None), (["-h"], None),
     ]
 
@@ -173,7 +175,7 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
     for (args, _), want, got in zip(calls, real, memory):
         assert got == want, args
     assert [code for code, _, _ in real] == [0, 0, 0, 0, 0, 0, 2, 2, 2, 1, 2, 2, 4, 2, 4, 2, 2, 2, 2, 2, 2, 2, 2,
-                                             0, 2, 2, 0, 0, 0, 0, 4, 0]
+                                             0, 2, 2, 0, 0, 0, 0, 2, 2, 2, 0, 4, 0]
 
 
 def test_runs_on_a_memory_host_have_the_agents_states(tmp_path):
@@ -333,7 +335,8 @@ def test_wait_across_breaks_and_dropped_connections(tmp_path):
         loop = asyncio.get_running_loop()
         async with chaperone(tmp_path, host) as ch:
             run = await ch.start("fake", ["sleep"])
-            host.break_after(3, 30, 300, command="follow")
+            # (wait() watches: its calls break within the marker, before any answer)
+            host.break_after(3, 10, 20, command="watch")
             told = []
 
             task = asyncio.ensure_future(drops_every(host, 500, 7))
@@ -341,8 +344,8 @@ def test_wait_across_breaks_and_dropped_connections(tmp_path):
             task.cancel()
             assert (state.state, state.return_code, state.exit_code) == ("done", 4, 4)
             assert loop.time() == 3600
-            # (no event between the first three breaks: the delay doubles;
-            # after each drop, the follow's first state resets it)
+            # (no answer between the first three breaks: the delay doubles;
+            # after each drop of a call that was up, it starts again)
             assert told == [(ConnectionLost, d) for d in (0.25, 0.5, 1.0)] + [(ConnectionLost, 0.25)] * 7
             assert ch.records.get(run.id).state == "done"
             with pytest.raises(asyncio.TimeoutError):

@@ -71,6 +71,9 @@ class PushReceiver:
         self._tunnels: Dict[int, dict] = {}  # id(transport) -> {"tunnel", "task", "transport"}
         self._runs: Dict[str, Transport] = {}  # runs pushing here -> their host's transport
         self._open = False
+        self._released: set = set()  # runs told to stop calling back
+        self._to_release: Dict[int, tuple] = {}  # id(transport) -> (transport, run ids)
+        self._releasing: Dict[int, asyncio.Task] = {}  # id(transport) -> its task, until done
 
     async def open(self) -> None:
         if not self._open:
@@ -81,12 +84,13 @@ class PushReceiver:
         # Runs that ended with everything held here: their agents may still
         # be retrying a final callback whose answer was lost; tell them to stop
         # (best effort, bounded) rather than leave them trying for a day.
-        ended = [r for r in self._runs if self._complete(r) is not None]
-        if ended:
-            try:
-                await asyncio.wait_for(asyncio.gather(*(self.release(r) for r in ended)), 10.0)
-            except asyncio.TimeoutError:
-                pass
+        for run_id in [r for r in self._runs if self._complete(r) is not None]:
+            self.release_soon(run_id)
+        pending = list(self._releasing.values())
+        if pending:
+            await asyncio.wait(pending, timeout=10.0)
+            for task in pending:
+                task.cancel()
         for tunnel in self._tunnels.values():
             tunnel["task"].cancel()
             tunnel["tunnel"].close()
@@ -312,7 +316,7 @@ class PushReceiver:
             complete = self._complete(run_id)
             if complete is not None and not moved and all(
                     offsets.get(s, 0) >= complete.get(s + "_bytes", 0) for s in STREAMS):
-                await self.release(run_id)
+                self.release_soon(run_id)
                 yield End()
                 return
             if moved:
@@ -334,8 +338,10 @@ class PushReceiver:
             if st is not None:
                 # Also when its final callback was acknowledged: the answer
                 # may still be on its way (and lost if this process closes
-                # now), and the agent would retry.
-                await self.release(run_id)
+                # now), and the agent would retry.  In the background: an
+                # SSH call, which the caller of wait() need not wait for
+                # (close() does).
+                self.release_soon(run_id)
                 return st
             event = self._event(run_id)
             event.clear()
@@ -354,9 +360,39 @@ class PushReceiver:
                 except ChaperoneError:
                     pass
 
+    def release_soon(self, run_id: str) -> None:
+        """:meth:`release` in the background, once per run: the runs of one
+        host released meanwhile go in one agent call (one SSH channel for
+        many, not one each); :meth:`close` waits for it."""
+        if run_id in self._released or run_id not in self._runs:
+            return
+        self._released.add(run_id)
+        transport = self._runs[run_id]
+        key = id(transport)
+        self._to_release.setdefault(key, (transport, set()))[1].add(run_id)
+        if key not in self._releasing:
+            self._releasing[key] = asyncio.ensure_future(self._release_batches(key))
+
+    async def _release_batches(self, key: int) -> None:
+        from ..client import AgentClient
+
+        try:
+            while True:
+                await asyncio.sleep(0)  # (those released in this turn join)
+                transport, ids = self._to_release.pop(key, (None, None))
+                if not ids:
+                    return
+                try:
+                    await AgentClient(transport).release(sorted(ids))
+                except ChaperoneError:
+                    pass  # not running any more, or unreachable: nothing to stop
+        finally:
+            self._releasing.pop(key, None)
+
     async def release(self, run_id: str) -> None:
         """Tell the agent we have everything: it stops calling back instead
         of trying for callback_timeout (a no-op for an agent that ended)."""
+        self._released.add(run_id)
         try:
             await self.ch.client(run_id).control(run_id, b'{"op": "release"}')
         except ChaperoneError:
@@ -368,6 +404,7 @@ class PushReceiver:
         self.server.unregister(run_id)
         self._runs.pop(run_id, None)
         self.states.pop(run_id, None)
+        self._released.discard(run_id)
 
     def forget(self, run_id: str) -> None:
         """Stop receiving for ``run_id`` and drop its mirror."""

@@ -659,6 +659,39 @@ class MemoryHost:
                 shown = (st["state"], st["pid"])
             await run._wait_change(since)
 
+    def _cmd_watch(self, args, proc: _Process, stdin: bytes) -> None:
+        ids = _agent().read_watch_ids(stdin)  # (the agent's own parser, bounds and errors)
+        proc.marker(args.marker)
+        proc.stream(lambda: self._watch(args.root, ids, proc))
+
+    async def _watch(self, root: str, ids: List[str], proc: _Process) -> None:
+        """The agent's ``watch``: each run's final state as it becomes final
+        (an ``X`` frame for a run that is not there), in the order given
+        for those final at once; then the end."""
+        agent = _agent()
+        pending = list(ids)
+        while pending:
+            changes = []
+            for run_id in list(pending):
+                run = self.spools.get(root, {}).get(run_id)
+                if run is None:
+                    error = {"id": run_id, "error": "no such run: %s" % run_id, "code": 4}
+                    proc.frame(b"X", 0, agent.dumps(error, sort_keys=True).encode())
+                elif run.state["state"] in agent.FINAL_STATES:
+                    proc.frame(b"S", 0, agent.dumps(run._status(), sort_keys=True).encode())
+                else:
+                    changes.append(run._changed)
+                    continue
+                pending.remove(run_id)
+            if changes:
+                waits = [asyncio.ensure_future(change.wait()) for change in changes]
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+        proc.frame(b"E", 0)
+
     def _cmd_output(self, args, proc: _Process, stdin: bytes) -> None:
         run = self._run(args)
         if args.offset < 0 or (args.length is not None and args.length < 0):
@@ -698,6 +731,16 @@ class MemoryHost:
         delivered = run.running and run._task is not None
         if delivered:
             run._control(msg)
+        proc.marker(args.marker)
+        proc.json({"delivered": delivered})
+
+    def _cmd_release(self, args, proc: _Process, stdin: bytes) -> None:
+        delivered = {}
+        for run_id in _agent().read_watch_ids(stdin):
+            run = self.spools.get(args.root, {}).get(run_id)
+            delivered[run_id] = run is not None and run.running and run._task is not None
+            if delivered[run_id]:
+                run._control({"op": "release"})
         proc.marker(args.marker)
         proc.json({"delivered": delivered})
 
