@@ -59,12 +59,12 @@ MODES = {
     "quick": dict(
         cli_reps=5, reps=3, io_reps=1, big=64 * MiB, launch_n=20, scale_n=[10], concurrency=8,
         nohup_n=20, ansible_n=(1, 3), ansible_reps=1, idle=5.0, records=1000,
-        delivery_sizes=[1 * MB, 64 * MiB],
+        delivery_sizes=[1 * MB, 64 * MiB], wait_n=30, wait_reps=1,
     ),
     "full": dict(
         cli_reps=20, reps=10, io_reps=3, big=1 * GiB, launch_n=200, scale_n=[10, 100, 1000],
         concurrency=8, nohup_n=200, ansible_n=(5, 25), ansible_reps=2, idle=60.0, records=10000,
-        delivery_sizes=[1 * MB, 100 * MB, 1 * GiB],
+        delivery_sizes=[1 * MB, 100 * MB, 1 * GiB], wait_n=300, wait_reps=5,
     ),
 }
 
@@ -1169,6 +1169,69 @@ def bench_delivery_callback(ctx: Context):
             ctx.drop_data_file(size)
 
 
+async def _wait_latency(ctx: Context, n: int, push: bool):
+    """``n`` runs that end together (staggered over a second, at a time
+    chosen so that every start and wait is in place first); for each, the
+    seconds from the end its supervisor recorded (state.json's end_time)
+    to its wait() returning.  A run that ended before its wait began
+    (the starts took longer than planned) is not counted: how many were
+    is returned too."""
+    import datetime as _dt
+
+    async with ctx.library(push=push) as ch:
+        await ch.start("testhost", ["true"], id=ctx.run_id("waitwarm"))  # connected, shipped (push: tunnel up)
+        margin = 2.0 + n * (0.04 if push else 0.02)
+        at = int(time.time() + margin) + 1
+        runs = await asyncio.gather(*(
+            ch.start("testhost", ["sh", "-c", "sleep $((%d - $(date +%%s))); sleep 0.%d" % (at, i % 10)],
+                     id=ctx.run_id("wait%d" % n)) for i in range(n)))
+        late: List[float] = []
+        early = [0]
+
+        async def one(run):
+            began = time.time()
+            state = await asyncio.wait_for(run.wait(), 120)
+            back = time.time()
+            ended = _dt.datetime.fromisoformat(state.end_time).timestamp()
+            if ended < began:
+                early[0] += 1
+            else:
+                late.append(back - ended)
+
+        await asyncio.gather(*(one(r) for r in runs))
+        for run in runs:
+            await run.clean()
+    return late, early[0]
+
+
+def bench_wait_latency(ctx: Context):
+    """Issue 11 item 4: a run's end reaches wait() within 0.2 s of its
+    supervisor recording it, for 1 and for many concurrent runs, by SSH
+    (the agent's watch) and by push (the final HTTPS callback)."""
+    ctx.require_ssh()
+    many = ctx.p["wait_n"]
+    for push in (False, True):
+        how = "push (HTTPS callbacks)" if push else "SSH (watch)"
+        for n in (1, many):
+            late, early = [], 0
+            for _ in range(ctx.p["wait_reps"] if n == 1 else 1):
+                got, skipped = asyncio.run(_wait_latency(ctx, n, push))
+                late += got
+                early += skipped
+            if not late:
+                raise BenchError("every run ended before its wait() began")
+            key = "wait_latency%s_%s" % ("_push" if push else "", 1 if n == 1 else "many")
+            what = "1 run" if n == 1 else "%d concurrent runs" % n
+            notes = ("from the end recorded in state.json (end_time) to wait() returning, %d runs%s; "
+                     "Chaperone(%s), default SSH client; ends staggered over 1 s"
+                     % (len(late), " (%d ended before their wait began: not counted)" % early if early else "",
+                        "push=True" if push else ""))
+            ctx.results.add(key, "wait() latency, %s, %s: median" % (what, how), median(late), "s",
+                            target="<= 0.2 s", samples=late, notes=notes)
+            ctx.results.add(key + "_max", "wait() latency, %s, %s: max" % (what, how), max(late), "s",
+                            target="<= 0.2 s", notes="the slowest of the above")
+
+
 def bench_reconnect(ctx: Context):
     ctx.require_ssh()
     run_id = getattr(ctx, "reconnect_run", None)
@@ -1198,6 +1261,9 @@ BENCHMARKS = [
     ("delivery", bench_delivery, ["delivery_logs", "delivery_stream"]),
     ("delivery_callback", bench_delivery_callback, ["delivery_callback"]),
     ("reconnect", bench_reconnect, ["reconnect_status"]),
+    ("wait_latency", bench_wait_latency, ["wait_latency_1", "wait_latency_1_max", "wait_latency_many",
+                                          "wait_latency_many_max", "wait_latency_push_1", "wait_latency_push_1_max",
+                                          "wait_latency_push_many", "wait_latency_push_many_max"]),
 ]
 
 NAMES = {
@@ -1233,7 +1299,7 @@ def run_all(mode: str, only: Optional[Sequence[str]], output: str, verbose: bool
     ctx = Context(mode, tmp, results, started + 3600, real_home=real_home, concurrency=concurrency)
     groups = [b for b in BENCHMARKS if not only or b[0] in only]
     needs_ssh = any(g[0] in ("cold_launch", "launch", "launch_ssh_nohup", "launch_ansible", "delivery",
-                             "delivery_callback", "reconnect") for g in groups)
+                             "delivery_callback", "reconnect", "wait_latency") for g in groups)
     meta = dict(machine_info_cache(), mode=mode, params=ctx.p, cli=ctx.cli, loadavg_start=os.getloadavg())
     try:
         if needs_ssh:
