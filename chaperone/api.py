@@ -196,6 +196,10 @@ class Run:
         """See :meth:`Chaperone.output`."""
         return self._ch.output(self.id, stream, offset, follow=follow)
 
+    def logs(self, streams: Sequence[str] = STREAMS, **kw) -> AsyncIterator[Event]:
+        """See :meth:`Chaperone.logs`."""
+        return self._ch.logs(self.id, streams, **kw)
+
     async def read(self, stream: str = "stdout", offset: int = 0, length: Optional[int] = None) -> bytes:
         """See :meth:`Chaperone.read`."""
         return await self._ch.read(self.id, stream, offset, length)
@@ -604,8 +608,12 @@ class Chaperone:
 
     async def _follow(self, run_id: str, offsets: Optional[Dict[str, int]] = None, *,
                       on_reconnect: Optional[Callable[[Exception, float], None]] = None,
-                      reconnect_for: float = 3600.0, restart: Optional[bytes] = None) -> AsyncIterator[Event]:
-        """:meth:`events` over SSH: the agent's ``follow``."""
+                      reconnect_for: float = 3600.0, restart: Optional[bytes] = None,
+                      via: Optional[Callable[[AgentClient, Dict[str, int]], AsyncIterator[Event]]] = None,
+                      skips: bool = False) -> AsyncIterator[Event]:
+        """:meth:`events` over SSH: the agent's ``follow`` (or ``via(client,
+        offsets)``: another call of frames, resumed at ``offsets``;
+        ``skips``: a stream may start past its offset, as ``logs --since``)."""
         offsets = dict(offsets or {s: 0 for s in STREAMS})
         delay = 0.25
         loop = asyncio.get_running_loop()
@@ -615,6 +623,8 @@ class Chaperone:
             try:
                 if restart is not None and not self.records.get(run_id).last:
                     events = client.start_follow(restart)  # it may never have started
+                elif via is not None:
+                    events = via(client, dict(offsets))
                 else:
                     events = client.follow(run_id, offsets)
                 try:
@@ -625,7 +635,9 @@ class Chaperone:
                             if end <= have:
                                 continue
                             if event.offset > have:
-                                raise ChaperoneError("output gap in %s at %d" % (event.stream, have))
+                                if not skips:
+                                    raise ChaperoneError("output gap in %s at %d" % (event.stream, have))
+                                have = event.offset
                             event = OutputChunk(event.stream, have, event.data[have - event.offset:])
                             offsets[event.stream] = end
                         elif isinstance(event, StateUpdate):
@@ -726,6 +738,43 @@ class Chaperone:
                 yield data
         except NoSuchRun:
             raise self._gone(rec) from None
+
+    async def output_to(self, run_id: str, stream: str, fd: int, offset: int = 0) -> int:
+        """What :meth:`output` yields without ``follow`` (the output held
+        now), written to the file descriptor ``fd`` (blocking writes), from
+        the SSH client's pipe straight to ``fd`` where it can: the plain
+        fast path of ``chaperone logs --stdout ID > file``.  The number of
+        bytes written."""
+        if stream not in STREAMS:
+            raise UsageError("unknown stream %r: stdout or stderr" % stream)
+        rec = self.record(run_id)
+        self._never_started(rec)
+        try:
+            return await self.client(rec.id).output_to(rec.id, stream, fd, offset)
+        except NoSuchRun:
+            raise self._gone(rec) from None
+
+    def logs(self, run_id: str, streams: Sequence[str] = STREAMS, *, offsets: Optional[Dict[str, int]] = None,
+             since: Optional[float] = None, follow: bool = False,
+             on_reconnect: Optional[Callable[[Exception, float], None]] = None) -> AsyncIterator[Event]:
+        """The run's output in the order it was written, from its spool (its
+        timeline: docs/protocol.md): :class:`~chaperone.protocol.Written`
+        (when the output after it was written; its ``time`` None for a run
+        an older agent started, whose streams come one after the other),
+        :class:`~chaperone.protocol.OutputChunk` of ``streams`` from
+        ``offsets``, the state, :class:`~chaperone.protocol.End`.
+        ``since``: only what was written from then on (seconds since the
+        epoch); ``follow``: until the run's end, reconnecting as
+        :meth:`events` does.  The same with push (the spool holds the
+        timeline)."""
+        for stream in streams:
+            if stream not in STREAMS:
+                raise UsageError("unknown stream %r: stdout or stderr" % stream)
+        rec = self.record(run_id)
+        self._never_started(rec)
+        start = {s: (offsets or {}).get(s, 0) if s in streams else SKIP_OUTPUT[s] for s in STREAMS}
+        return self._follow(rec.id, start, on_reconnect=on_reconnect, skips=since is not None,
+                            via=lambda client, at: client.logs(rec.id, at, since=since, follow=follow))
 
     async def refresh(self, run_ids: Optional[Sequence[str]] = None, *,
                       timeout: float = 20.0) -> Dict[str, Optional[str]]:

@@ -8,7 +8,7 @@ from typing import AsyncIterator, Dict, List, Optional
 
 from .errors import AgentFailed, ChaperoneError, ConnectionLost, NoSuchRun
 from .protocol import Event, ProtocolError, StateUpdate, StreamDecoder, payload_after_marker
-from .transports.base import AgentProcess, Transport
+from .transports.base import AgentProcess, Transport, write_all
 
 #: Exit status of the agent for "no such run" (see remote/agent.py).
 AGENT_NO_SUCH_RUN = 4
@@ -131,6 +131,38 @@ class AgentClient:
         finally:
             proc.close()
 
+    async def output_to(self, run_id: str, stream: str, fd: int, offset: int = 0) -> int:
+        """:meth:`output_stream` written to ``fd`` (blocking writes): once
+        past the marker, the rest goes from the transport's pipe straight
+        to ``fd`` where it can (:meth:`AgentProcess.copy_to`).  The number
+        of bytes written."""
+        marker = _marker()
+        needle = b"\n" + marker.encode() + b"\n"
+        proc = await self.transport.open(
+            ["--marker", marker, "output", run_id, "--stream", stream, "--offset", str(offset)])
+        try:
+            head, n = b"", None
+            while n is None:
+                chunk = await proc.read()
+                if not chunk:
+                    break
+                head += chunk
+                at = head.find(needle)
+                if at < 0:
+                    head = head[-(len(needle) - 1):]
+                    continue
+                rest = head[at + len(needle):]
+                write_all(fd, rest)
+                n = len(rest) + await proc.copy_to(fd)
+            code = await proc.wait()
+            if code != 0:
+                raise self._failure(code, await proc.stderr())
+            if n is None:
+                raise ChaperoneError("the agent's reply has no marker (is python3 working there?)")
+            return n
+        finally:
+            proc.close()
+
     async def _events(self, args: List[str], stdin: bytes, json_line: bool) -> AsyncIterator[Event]:
         marker = _marker()
         proc: AgentProcess = await self.transport.open(["--marker", marker, *args], stdin)
@@ -167,6 +199,21 @@ class AgentClient:
             "--stdout-offset", str(offsets.get("stdout", 0)),
             "--stderr-offset", str(offsets.get("stderr", 0)),
         ]
+        return self._events(args, b"", json_line=False)
+
+    def logs(self, run_id: str, offsets: Optional[Dict[str, int]] = None, *, since: Optional[float] = None,
+             follow: bool = False) -> AsyncIterator[Event]:
+        """Both streams from ``offsets`` in the order they were written (the
+        run's timeline): :class:`~chaperone.protocol.Written` before the
+        output written by then, the state, :class:`End`.  ``since``:
+        seconds since the epoch; ``follow``: until the run's end."""
+        offsets = offsets or {}
+        args = ["logs", run_id, "--stdout-offset", str(offsets.get("stdout", 0)),
+                "--stderr-offset", str(offsets.get("stderr", 0))]
+        if since is not None:
+            args += ["--since", repr(float(since))]
+        if follow:
+            args.append("--follow")
         return self._events(args, b"", json_line=False)
 
     def watch(self, run_ids: List[str]) -> AsyncIterator[Event]:

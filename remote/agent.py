@@ -1599,6 +1599,73 @@ def build_env(prog):
     return env
 
 
+#: A record of the spool's ``timeline``: when (microseconds since the
+#: epoch), which stream (``1`` stdout, ``2`` stderr, as in follow frames),
+#: and the size it had reached by then (see docs/protocol.md).
+TIMELINE = struct.Struct("!QcQ")
+#: Growth of a stream within this long of the last record is held back,
+#: and written as one record when this has passed (or another stream grows).
+TIMELINE_GRAIN = 0.01
+_KINDS = {"stdout": b"1", "stderr": b"2"}
+
+
+class TimelineWriter(object):
+    """The supervisor's side of the spool's ``timeline`` (append-only;
+    made empty by start: a run without one was started by an older agent).
+    Records never go back in time, and each one says a stream has reached
+    a size no record said before."""
+
+    def __init__(self, path):
+        try:
+            self.fd = open_regular(path, "the timeline", os.O_WRONLY | os.O_APPEND)
+        except (OSError, AgentError):  # (none, or not ours: no timeline; readers serve each stream in turn)
+            self.fd = None
+        self.ends = {"stdout": 0, "stderr": 0}  # what the records (and the held one) say
+        self.last_us = 0
+        self.last_at = -TIMELINE_GRAIN
+        self.held = None  # [us, name, end]: growth right after a record
+        self.held_until = None
+
+    def grew(self, name, end, us):
+        if end <= self.ends[name]:
+            return
+        self.ends[name] = end
+        us = max(us, self.last_us)
+        if self.held is not None and self.held[1] != name:
+            self.flush()  # (the order of the streams is what a timeline is for)
+        if self.held is not None:
+            self.held[0], self.held[2] = us, end
+        elif time.monotonic() - self.last_at >= TIMELINE_GRAIN:
+            self.write(us, name, end)
+        else:
+            self.held = [us, name, end]
+            self.held_until = self.last_at + TIMELINE_GRAIN
+
+    def due(self):
+        return self.held_until if self.held is not None else None
+
+    def flush(self):
+        if self.held is not None:
+            held, self.held, self.held_until = self.held, None, None
+            self.write(*held)
+
+    def write(self, us, name, end):
+        self.last_us, self.last_at = us, time.monotonic()
+        if self.fd is None:
+            return
+        record = TIMELINE.pack(us, _KINDS[name], end)
+        try:
+            n = os.write(self.fd, record)
+        except OSError:  # (the file system full: this growth goes with the next record)
+            return
+        if n != len(record):  # (a part of it: take it back, or write no more)
+            try:
+                os.ftruncate(self.fd, os.fstat(self.fd).st_size - n)
+            except OSError:
+                os.close(self.fd)
+                self.fd = None
+
+
 class Supervisor(object):
     """Runs in the detached process: starts the program, spools, reaps."""
 
@@ -1815,11 +1882,10 @@ class Supervisor(object):
         deadline = self.started + timeout if timeout else None
         exited_at = None
 
-        # File capture with a callback: nobody wakes us when the program
-        # writes, so look at the spool files' sizes, often right after they
-        # grew, rarely while they do not.  Without a callback nobody needs
-        # to know before the end: block without a timeout.
-        watch = self.capture == "file" and self.sender is not None
+        # File capture: nobody wakes us when the program writes, so look at
+        # the spool files' sizes (for the timeline, and the callbacks),
+        # often right after they grew, rarely while they do not: see
+        # size_check_at().
 
         self.reap()
         self.check_dir()
@@ -1845,10 +1911,9 @@ class Supervisor(object):
             if lingering:
                 # (a pipe's end wakes the poll; a file let go of does not)
                 waits.append(exited_at + LINGER - now if self.pipes else min(exited_at + LINGER - now, HOLD_CHECK))
-            if watch and self.status is None:
-                if self.next_size_check is None:
-                    self.next_size_check = now + self.size_poll
-                waits.append(self.next_size_check - now)
+            at = self.size_check_at(now)
+            if at is not None:
+                waits.append(at - now)
             if watch_fd is None and self.dir_key is not None and not self.spool_removed:
                 if next_dir_check is None:
                     next_dir_check = now + DIR_CHECK
@@ -1893,8 +1958,7 @@ class Supervisor(object):
                 # Also when the program itself already exited: what it left
                 # behind gets the SIGKILL (kill_tree skips the old group then).
                 self.kill_tree(_signal.SIGKILL)
-            if watch and self.status is None and now >= self.next_size_check:
-                self.poll_sizes(now)
+            self.size_check(now)
             if next_dir_check is not None and now >= next_dir_check:
                 next_dir_check = None
                 self.check_dir()
@@ -1988,27 +2052,91 @@ class Supervisor(object):
             self.counts[name] += n
             if not final and total >= 4 * CHUNK:
                 break  # give the other stream and signals a turn
+        if total:
+            self.grew(name, self.counts[name], time.time())
         if total and self.sender:
             self.sender.output_written()
 
     # File capture --------------------------------------------------------------
 
     def watch_sizes(self):
-        """File capture: counts := the spool files' sizes."""
+        """File capture: counts := the spool files' sizes (and ``mtimes``:
+        when each was last written, in microseconds since the epoch)."""
+        if self.mtimes is None:
+            self.mtimes = {}
         for name, fd in self.files.items():
-            self.counts[name] = os.fstat(fd).st_size
+            info = os.fstat(fd)
+            self.counts[name] = info.st_size
+            self.mtimes[name] = info.st_mtime_ns // 1000
 
     def poll_sizes(self, now):
-        """File capture with a callback: wake the sender when the spool
-        grew; look again soon if it did, later and later if not."""
+        """File capture: note in the timeline what grew, and wake the
+        sender; look again soon if it grew, later and later if not."""
         before = dict(self.counts)
         self.watch_sizes()
         if self.counts != before:
             self.size_poll = SIZE_POLL_MIN
-            self.sender.output_written()
+            self.sizes_grew()
+            if self.sender:
+                self.sender.output_written()
         else:
             self.size_poll = min(self.size_poll * 2, SIZE_POLL_MAX)
         self.next_size_check = now + self.size_poll
+
+    # The output timeline ---------------------------------------------------------
+
+    #: The spool's timeline (TimelineWriter), opened at the first growth.
+    timeline = None
+    #: File capture: when each spool file was last written (watch_sizes).
+    mtimes = None
+
+    def size_check_at(self, now):
+        """When the loop must next look at the sizes (file capture, while
+        the program runs) or write a timeline record it held back (pipe
+        capture: growth right after a record); None: no need."""
+        waits = []
+        if self.capture == "file" and self.files and self.status is None:
+            if self.next_size_check is None:
+                self.next_size_check = now + self.size_poll
+            waits.append(self.next_size_check)
+        due = self.timeline.due() if self.timeline is not None else None
+        if due is not None:
+            waits.append(due)
+        return min(waits) if waits else None
+
+    def size_check(self, now):
+        """What size_check_at() asked for, once it is due."""
+        if (self.capture == "file" and self.files and self.status is None and self.next_size_check is not None
+                and now >= self.next_size_check):
+            self.poll_sizes(now)
+        if self.timeline is not None:
+            due = self.timeline.due()
+            if due is not None and now >= due:
+                self.timeline.flush()
+
+    def grew(self, name, end, when):
+        """Stream ``name`` reached ``end`` bytes by ``when`` (seconds, or
+        microseconds as an int, since the epoch): a timeline record."""
+        if self.timeline is None:
+            self.timeline = TimelineWriter(self.run.path("timeline"))
+        self.timeline.grew(name, end, when if isinstance(when, int) else int(when * 1e6))
+
+    def sizes_grew(self):
+        """File capture: the streams whose size (counts) passed what the
+        timeline holds, the earlier written first (by each file's mtime:
+        the time of its last write, so of the last of these bytes)."""
+        held = self.timeline.ends if self.timeline is not None else {}
+        for name in sorted((n for n in STREAMS if self.counts[n] > held.get(n, 0)),
+                           key=lambda n: self.mtimes.get(n, 0)):
+            self.grew(name, self.counts[name], self.mtimes.get(name) or time.time())
+
+    def timeline_end(self):
+        """At the end (the final counts just taken): the last growth, and
+        what was held back, into the timeline."""
+        if self.capture == "file" and self.mtimes is not None:
+            self.sizes_grew()
+        if self.timeline is not None:
+            self.timeline.flush()
 
     def output_open(self):
         """After the program exited: may more output still come?  Pipe
@@ -2167,6 +2295,7 @@ class Supervisor(object):
                 return
             if self.capture == "file":
                 self.watch_sizes()
+            self.timeline_end()
             changes = {
                 "state": "done",
                 "end_time": now_iso(),
@@ -2617,6 +2746,7 @@ def claim(root, spec):
         write_json_atomic(os.path.join(tmp, "program.json"), stored, durable=False)
         for name in STREAMS:
             os.close(os.open(os.path.join(tmp, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        os.close(os.open(os.path.join(tmp, "timeline"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         os.mkfifo(os.path.join(tmp, "control"), 0o600)
         placeholder = Supervisor(run, spec, None).base_state()
         # state.json and its reserve are as large as the final state can
@@ -3050,6 +3180,192 @@ def cmd_follow(args, marker):
     return 0
 
 
+# --- logs: both streams in the order they were written -------------------------
+
+#: Records of the timeline read at a time.
+TIMELINE_BATCH = 1 << 16
+#: logs --follow: output not in the timeline yet (file capture: the
+#: supervisor looks at the sizes up to a second apart while they do not
+#: grow) is sent after this long anyway, with its file's mtime.
+TAIL_WAIT = 0.03
+
+
+def timeline_records(fd, index, count=TIMELINE_BATCH):
+    """Up to ``count`` whole records of the timeline from record ``index``:
+    a list of (microseconds, stream name, end)."""
+    data = os.pread(fd, count * TIMELINE.size, index * TIMELINE.size)
+    whole = len(data) - len(data) % TIMELINE.size
+    names = {b"1": "stdout", b"2": "stderr"}
+    return [(us, names.get(kind), end) for us, kind, end in TIMELINE.iter_unpack(data[:whole])
+            if kind in names]
+
+
+def timeline_since(fd, since_us):
+    """The index of the first record at or after ``since_us`` (records
+    never go back in time: a bisection), and where each stream was before
+    it (the end of its last earlier record)."""
+    lo, hi = 0, os.fstat(fd).st_size // TIMELINE.size
+    while lo < hi:
+        mid = (lo + hi) // 2
+        rec = timeline_records(fd, mid, 1)
+        if rec and rec[0][0] < since_us:
+            lo = mid + 1
+        else:
+            hi = mid
+    starts, at = {}, lo
+    while at > 0 and len(starts) < len(STREAMS):
+        first = max(0, at - TIMELINE_BATCH)
+        for _, name, end in reversed(timeline_records(fd, first, at - first)):
+            starts.setdefault(name, end)
+        at = first
+    return lo, dict((n, starts.get(n, 0)) for n in STREAMS)
+
+
+class Logs(object):
+    """``logs``: the run's output in the order it was written, by its
+    timeline: a ``T`` frame (when: microseconds since the epoch in the
+    offset field; 0 when not known), then the output frames written by
+    then; at the end the state (``S``) and ``E``.  Without ``follow``,
+    what the run holds now; with it, until its end (as ``follow``)."""
+
+    def __init__(self, run, out, offsets, since_us=None, follow_on=False):
+        self.run, self.out = run, out
+        self.sent = dict(offsets)
+        self.since = since_us
+        self.follow_on = follow_on
+        self.fds = {}
+        self.last_t = None
+        self.kinds = {"stdout": b"1", "stderr": b"2"}
+
+    def serve(self):
+        try:
+            for name in STREAMS:
+                self.fds[name] = open_regular(self.run.path(name), self.run.what(name))
+            try:
+                tl = open_regular(self.run.path("timeline"), self.run.what("timeline"))
+            except FileNotFoundError:  # started by an older agent
+                return self.without_timeline()
+            self.fds["timeline"] = tl
+            self.with_timeline(tl)
+        finally:
+            for fd in self.fds.values():
+                os.close(fd)
+
+    def when(self, us):
+        us = max(us, self.last_t or 0)
+        if us != self.last_t:
+            self.out.frame(b"T", us, b"")
+            self.last_t = us
+
+    def send(self, name, end):
+        """Send stream ``name`` up to ``end``; False if the file is shorter."""
+        while self.sent[name] < end:
+            data = os.pread(self.fds[name], min(CHUNK, end - self.sent[name]), self.sent[name])
+            if not data:
+                return False
+            self.out.frame(self.kinds[name], self.sent[name], data)
+            self.sent[name] += len(data)
+        return True
+
+    def rest(self, st):
+        """What no record covers yet, up to the state's counts: the file
+        written earlier first, each after its mtime (by then it was written)."""
+        mtimes = dict((n, os.fstat(self.fds[n]).st_mtime_ns // 1000) for n in STREAMS)
+        for name in sorted(STREAMS, key=lambda n: mtimes[n]):
+            if self.sent[name] >= st[name + "_bytes"]:
+                continue
+            if self.since is not None and mtimes[name] < self.since:
+                self.sent[name] = st[name + "_bytes"]  # (all written before --since)
+                continue
+            self.when(mtimes[name])
+            self.send(name, st[name + "_bytes"])
+
+    def end(self, st):
+        self.out.frame(b"S", 0, dumps(st, sort_keys=True).encode())
+        self.out.frame(b"E", 0, b"")
+
+    def without_timeline(self):
+        """A run of an older agent: each stream in turn; when is not known."""
+        self.out.frame(b"T", 0, b"")
+        if self.since is not None:
+            for name in STREAMS:
+                if os.fstat(self.fds[name]).st_mtime_ns // 1000 < self.since:
+                    self.sent[name] = 1 << 62  # (nothing of it after --since)
+        if self.follow_on:
+            return follow(self.run, self.out, self.sent)
+        st = self.run.refresh(self.fds)
+        for name in STREAMS:
+            self.send(name, st[name + "_bytes"])
+        self.end(st)
+
+    def with_timeline(self, tl):
+        index, queue = 0, []
+        if self.since is not None:
+            index, starts = timeline_since(tl, self.since)
+            for name in STREAMS:
+                self.sent[name] = max(self.sent[name], starts[name])
+        shown = None
+        interval, tail_seen = 0.001, None
+        while True:
+            st = self.run.refresh(self.fds)
+            final = st["state"] in FINAL_STATES
+            moved = False
+            while True:
+                if not queue:
+                    queue = timeline_records(tl, index)
+                    index += len(queue)
+                    queue.reverse()
+                    if not queue:
+                        break
+                us, name, end = queue[-1]
+                upto = min(end, st[name + "_bytes"])
+                if self.sent[name] < upto:
+                    self.when(us)
+                    self.send(name, upto)
+                    moved = True
+                if end > st[name + "_bytes"] and self.follow_on and not final:
+                    break  # (its bytes are not counted yet: the next look)
+                queue.pop()
+            if final or not self.follow_on:
+                if not queue:
+                    self.rest(st)
+                self.end(st)
+                return
+            # Following a running run: output the timeline has not caught
+            # up with (file capture, between the supervisor's looks).
+            behind = not queue and any(self.sent[n] < st[n + "_bytes"] for n in STREAMS)
+            now = time.monotonic()
+            if not behind:
+                tail_seen = None
+            elif tail_seen is None:
+                tail_seen = now
+            elif now - tail_seen >= TAIL_WAIT:
+                self.rest(st)
+                tail_seen, moved = None, True
+            if (st["state"], st["pid"]) != shown:
+                self.out.frame(b"S", 0, dumps(st, sort_keys=True).encode())
+                shown = (st["state"], st["pid"])
+            if moved:
+                interval = 0.001
+            else:
+                self.out.idle(interval)
+                interval = min(interval * 1.5, 0.05)
+
+
+def cmd_logs(args, marker):
+    run = Run(args.root, args.id).require()
+    offsets = {"stdout": args.stdout_offset, "stderr": args.stderr_offset}
+    if min(offsets.values()) < 0:
+        raise AgentError("offsets must not be negative")
+    since = None
+    if args.since is not None:
+        if not (_is_num(args.since) and args.since >= 0):
+            raise AgentError("--since must be a time in seconds since the epoch, not negative")
+        since = int(args.since * 1e6)
+    Logs(run, Output(marker), offsets, since, args.follow).serve()
+    return 0
+
+
 def cmd_output(args, marker):
     run = Run(args.root, args.id).require()
     if args.offset < 0 or (args.length is not None and args.length < 0):
@@ -3239,6 +3555,7 @@ commands:
   list
   clean ID [--force]
   control ID                             < message.json
+  logs ID [--follow] [--since SECONDS] [--stdout-offset N] [--stderr-offset N]
   watch                                  < run ids (white space between)
   release                                < run ids (white space between)
 """
@@ -3257,6 +3574,8 @@ COMMAND_ARGS = {
     "list": ((), {}),
     "clean": (("id",), {"--force": ("force", None, False)}),
     "control": (("id",), {}),
+    "logs": (("id",), {"--follow": ("follow", None, False), "--since": ("since", float, None),
+                       "--stdout-offset": ("stdout_offset", int, 0), "--stderr-offset": ("stderr_offset", int, 0)}),
     "watch": ((), {}),
     "release": ((), {}),
 }
@@ -3388,7 +3707,7 @@ def parse_args(argv):
 COMMANDS = {
     "start": cmd_start, "status": cmd_status, "follow": cmd_follow, "output": cmd_output,
     "signal": cmd_signal, "list": cmd_list, "clean": cmd_clean, "control": cmd_control,
-    "watch": cmd_watch, "release": cmd_release,
+    "watch": cmd_watch, "release": cmd_release, "logs": cmd_logs,
 }
 
 

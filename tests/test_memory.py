@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from chaperone import Chaperone
 from chaperone.errors import AgentFailed, ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, UsageError
 from chaperone.models import RunState
-from chaperone.protocol import End, OutputChunk, RunError, StateUpdate, StreamDecoder
+from chaperone.protocol import End, OutputChunk, RunError, StateUpdate, StreamDecoder, Written
 from chaperone.transports.local import LocalTransport
 from chaperone.transports.memory import MemoryHost, MemoryTransport, run_virtual
 from helpers import REPO
@@ -103,7 +103,8 @@ def _reply(code, out, err):
         states = [e.state for i, e in enumerate(events) if isinstance(e, StateUpdate)
                   and (i == 0 and json_line or e.final)]
         out = ([_normal(s) for s in states], data,
-               [(e.run_id, e.error, e.code) if isinstance(e, RunError) else type(e).__name__ for e in events
+               [(e.run_id, e.error, e.code) if isinstance(e, RunError) else
+                ("Written", type(e.time).__name__) if isinstance(e, Written) else type(e).__name__ for e in events
                 if not isinstance(e, OutputChunk) and not (isinstance(e, StateUpdate) and e.state not in states)])
     elif out[:1] in (b"{", b"["):
         out = _normal(json.loads(out))
@@ -137,6 +138,10 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
         (["control", "d1"], b"nope"), (["control", "d1"], {"op": "x"}),
         (["--marker", "M", "control", "d1"], {"op": "release"}), (["--marker", "M", "list"], None),
         (["--marker", "M", "follow", "d3", "--stdout-offset", "5"], None),
+        (["--marker", "M", "logs", "d1"], None), (["--marker", "M", "logs", "d1", "--follow", "--stdout-offset", "2"],
+                                                  None),
+        (["--marker", "M", "logs", "d1", "--since", "1e10"], None), (["logs", "d1", "--since", "-1"], None),
+        (["logs", "d1", "--stderr-offset", "-1"], None), (["logs", "nope"], None),
         (["--marker", "M", "watch"], b"d1 nope\nd3 d1"), (["watch"], b" \n"), (["watch"], b"d1 ../x"),
         (["watch", "d1"], b"d1"),
         (["--marker", "M", "clean", "d1"], None), (["status", "d1"], None), (["-h"], None),
@@ -175,7 +180,7 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
     for (args, _), want, got in zip(calls, real, memory):
         assert got == want, args
     assert [code for code, _, _ in real] == [0, 0, 0, 0, 0, 0, 2, 2, 2, 1, 2, 2, 4, 2, 4, 2, 2, 2, 2, 2, 2, 2, 2,
-                                             0, 2, 2, 0, 0, 0, 0, 2, 2, 2, 0, 4, 0]
+                                             0, 2, 2, 0, 0, 0, 0, 0, 0, 2, 2, 4, 0, 2, 2, 2, 0, 4, 0]
 
 
 def test_runs_on_a_memory_host_have_the_agents_states(tmp_path):

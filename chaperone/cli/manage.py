@@ -5,6 +5,7 @@ prefix of each; ``--json`` prints the one object of a run (docs/cli.md)."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -267,17 +268,111 @@ def _tail(data: bytes, n: int) -> bytes:
     return data[at + 1:]
 
 
+def _since(text: str) -> float:
+    """``--since``: seconds since the epoch from a duration back from now
+    (``10m``, ``90s``), a time (``2026-11-24T21:00:00Z``; the local time zone
+    without an offset, as docker), or seconds since the epoch."""
+    import datetime
+    import time
+
+    from ..errors import UsageError
+
+    try:
+        t = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        pass
+    else:
+        return t.timestamp()  # (naive: local time)
+    try:
+        value = float(text)
+    except ValueError:
+        pass
+    else:
+        if value >= 1e9:  # (a time, as docker takes it: 1732482000)
+            return value
+    try:
+        return time.time() - parse_duration(text, "--since")
+    except UsageError:
+        raise UsageError("invalid --since %r: a duration back from now (10m, 2h), a time "
+                         "(2026-11-24T21:00:00Z), or seconds since the epoch (Try 'chaperone logs --help'.)"
+                         % text) from None
+
+
+def rfc3339(t: float) -> bytes:
+    """A --timestamps prefix, as docker's: ``2026-11-24T21:00:00.123456000Z ``."""
+    import datetime
+
+    d = datetime.datetime.fromtimestamp(t, datetime.timezone.utc)
+    return ("%s.%06d000Z " % (d.strftime("%Y-%m-%dT%H:%M:%S"), d.microsecond)).encode()
+
+
+class _Printer:
+    """Writes each stream's chunks to its file as they come; with
+    ``timestamps``, each line starts with when it was written (the time
+    of the chunk its first byte came in).  The bytes are the run's, only
+    prefixes are added."""
+
+    def __init__(self, out: dict, timestamps: bool, run_id: str):
+        self.out = out
+        self.timestamps = timestamps
+        self.run_id = run_id
+        self.time = None
+        self.unknown_said = False
+        self.at_start = {s: True for s in out}
+
+    def written(self, t) -> None:
+        self.time = t
+        if t is None and self.timestamps and not self.unknown_said:
+            self.unknown_said = True
+            click.echo("chaperone: run %s has no timeline (an older agent started it): its output comes "
+                       "without timestamps, stdout then stderr" % self.run_id, err=True)
+
+    def chunk(self, stream: str, data: bytes) -> None:
+        f = self.out[stream]
+        if not self.timestamps or self.time is None:
+            f.write(data)
+            self.at_start[stream] = data.endswith(b"\n") if data else self.at_start[stream]
+        else:
+            prefix = rfc3339(self.time)
+            lines = data.split(b"\n")
+            parts = []
+            for i, line in enumerate(lines):
+                last = i == len(lines) - 1
+                if line or not last:
+                    if self.at_start[stream]:
+                        parts.append(prefix)
+                    parts.append(line)
+                    if not last:
+                        parts.append(b"\n")
+                self.at_start[stream] = not last or (not line and self.at_start[stream])
+            f.write(b"".join(parts))
+        f.flush()
+
+
+def _same_file(a, b) -> bool:
+    """Whether two open files are one (``2>&1``, one terminal)."""
+    try:
+        x, y = os.fstat(a.fileno()), os.fstat(b.fileno())
+    except (OSError, ValueError, AttributeError):
+        return True
+    return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
+
+
 @cli.command()
 @click.argument("run_id", metavar="ID")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing output until the run ends.")
 @click.option("--stdout", "only_stdout", is_flag=True, help="Only stdout.")
 @click.option("--stderr", "only_stderr", is_flag=True, help="Only stderr.")
 @click.option("--tail", "tail", metavar="N", help="Only the last N lines of each stream ('all': everything).")
+@click.option("--since", "since", metavar="DURATION|TIME",
+              help="Only output written since then: 10m (back from now), 2026-11-24T21:00:00Z, or epoch seconds.")
+@click.option("-t", "--timestamps", is_flag=True, help="Start each line with when it was written (RFC 3339, UTC).")
 @ssh_options
-def logs(run_id, follow, only_stdout, only_stderr, tail, **params):
-    """Print a run's output: the exact bytes it wrote.  By default both
-    streams, its stdout to stdout and its stderr to stderr, as they come;
-    --stdout or --stderr: that stream alone, on stdout."""
+def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **params):
+    """Print a run's output: the exact bytes it wrote, in the order it
+    wrote them.  By default both streams, interleaved as written, its
+    stdout to stdout and its stderr to stderr; --stdout or --stderr: that
+    stream alone, on stdout."""
     if only_stdout and only_stderr:
         only_stdout = only_stderr = False
     streams = ["stdout"] if only_stdout else ["stderr"] if only_stderr else ["stdout", "stderr"]
@@ -287,10 +382,19 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, **params):
             lines = int(tail)
         except ValueError:
             fail("invalid --tail %r: a number of lines, or all (Try 'chaperone logs --help'.)" % tail, 2)
+    from ..errors import UsageError
+
+    try:
+        since_t = _since(since) if since is not None else None
+    except UsageError as e:
+        fail(str(e), 2)
     # Both streams: each to its own.  One asked for: to stdout, to be piped.
     out = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer if len(streams) == 2 else sys.stdout.buffer}
 
-    server = served.client(params) if lines is None else None
+    # (the server's mirror holds each stream's bytes, not when they were
+    # written: one stream, as it is, through it; else directly)
+    plain = lines is None and since is None and not timestamps and len(streams) == 1
+    server = served.client(params) if plain else None
     if server is not None:
         def via():
             run_id_ = served.resolve([run_id])[0]
@@ -306,14 +410,14 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, **params):
         sys.exit(served_call(via))
 
     async def go(ch):
-        from ..api import SKIP_OUTPUT
-        from ..protocol import OutputChunk
+        from ..protocol import OutputChunk, Written
 
         rec = ch.record(run_id)
-        offsets = {s: (0 if s in streams else SKIP_OUTPUT[s]) for s in ("stdout", "stderr")}
+        offsets = {s: 0 for s in streams}
         if lines is not None:
+            state = (await ch.status(rec.id)).model_dump()
             for stream in streams:
-                size = (await ch.status(rec.id)).model_dump()[stream + "_bytes"]
+                size = state[stream + "_bytes"]
                 start = max(0, size - max(64 << 10, lines * 512))
                 while True:
                     data = await ch.read(rec.id, stream, start, size - start)
@@ -321,27 +425,27 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, **params):
                     if start == 0 or len(tail_bytes) < len(data) - 1:
                         break
                     start = max(0, start - (size - start))
-                out[stream].write(tail_bytes)
-                out[stream].flush()
-                offsets[stream] = size
-            if not follow:
-                return 0
-        if not follow and not (rec.final and len(streams) == 2 and lines is None):
+                offsets[stream] = size - len(tail_bytes)
+
+        if not follow and lines is None and since_t is None and not timestamps and \
+                (len(streams) == 1 or not _same_file(out["stdout"], out["stderr"])):
+            # The plain fast path: each stream as it is, in turn (in what
+            # order they were written shows only where both go to one file).
             for stream in streams:
-                async for data in ch.output(rec.id, stream):
-                    out[stream].write(data)
                 out[stream].flush()
+                await ch.output_to(rec.id, stream, out[stream].fileno())
             return 0
-        # Following, or both streams of a run that is over: one agent call
-        # (its frames come in the order they were seen).
 
         def on_reconnect(error, delay):
             click.echo("chaperone: %s; reconnecting" % error, err=True)
 
-        async for event in ch.events(rec.id, offsets, on_reconnect=on_reconnect):
-            if isinstance(event, OutputChunk) and event.stream in streams:
-                out[event.stream].write(event.data)
-                out[event.stream].flush()
+        printer = _Printer(out, timestamps, rec.id)
+        async for event in ch.logs(rec.id, streams, offsets=offsets, since=since_t, follow=follow,
+                                   on_reconnect=on_reconnect):
+            if isinstance(event, Written):
+                printer.written(event.time)
+            elif isinstance(event, OutputChunk) and event.stream in streams:
+                printer.chunk(event.stream, event.data)
         return 0
 
     sys.exit(run_async(params, go))

@@ -37,6 +37,79 @@ class AgentProcess(abc.ABC):
     def close(self) -> None:
         """Stop reading: kill the local process or close the SSH channel."""
 
+    async def copy_to(self, fd: int) -> int:
+        """Write the rest of the agent's stdout to ``fd`` (blocking writes),
+        to its end; the number of bytes.  Transports whose stdout is a
+        local pipe copy in the kernel (:func:`copy_pipe`)."""
+        n = 0
+        while True:
+            data = await self.read()
+            if not data:
+                return n
+            write_all(fd, data)
+            n += len(data)
+
+
+def write_all(fd: int, data) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+async def copy_pipe(reader: asyncio.StreamReader, fd: int) -> Optional[int]:
+    """Copy what is left of a subprocess pipe behind ``reader`` (what it
+    holds, then the pipe itself to its end) to ``fd``, in a thread, with
+    ``os.splice`` where it can (no copy through Python): ``logs ID > file``
+    of a GiB at the speed of ``ssh HOST cat``.  None (nothing taken) when
+    the reader is not a plain pipe's."""
+    transport = getattr(reader, "_transport", None)
+    pipe = transport.get_extra_info("pipe") if transport is not None else None
+    if pipe is None or reader.exception() is not None or transport.is_closing():
+        return None  # (is_closing: it has read the end, and closes the pipe)
+    transport.pause_reading()
+    try:
+        held = bytes(reader._buffer)  # (asyncio's: read from the pipe, not yet by us)
+        reader._buffer.clear()
+        write_all(fd, held)
+        # (a copy of the descriptor: were the transport closed meanwhile,
+        # its number could be another file's)
+        src = os.dup(pipe.fileno())
+        return len(held) + await asyncio.get_running_loop().run_in_executor(None, _copy_fd, src, fd)
+    finally:
+        transport.resume_reading()  # (it reads the end: wait() and close() as ever)
+
+
+def _copy_fd(src: int, dst: int) -> int:
+    """Copy ``src`` (a pipe; closed here) to its end into ``dst``."""
+    blocking = os.get_blocking(src)
+    os.set_blocking(src, True)
+    try:
+        import fcntl
+
+        fcntl.fcntl(src, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)  # (fewer, larger copies)
+    except (OSError, ImportError):
+        pass
+    n = 0
+    try:
+        splice = getattr(os, "splice", None)  # (Python 3.10+)
+        while True:
+            if splice is not None:
+                try:
+                    k = splice(src, dst, 1 << 20)
+                except OSError:  # (dst a terminal, or opened with O_APPEND: copy)
+                    splice = None
+                    continue
+            else:
+                data = os.read(src, 1 << 20)
+                write_all(dst, data)
+                k = len(data)
+            if not k:
+                return n
+            n += k
+    finally:
+        os.set_blocking(src, blocking)
+        os.close(src)
+
 
 class Transport(abc.ABC):
     #: Name of the host as records show it ("local" for this machine).

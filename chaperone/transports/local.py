@@ -9,7 +9,7 @@ import sys
 from typing import List, Optional
 
 from ..agent_source import LOCAL_BOOTSTRAP, agent_path
-from .base import AgentProcess, Transport, feed_stdin, spawn
+from .base import AgentProcess, Transport, copy_pipe, feed_stdin, spawn
 
 
 class _LocalProcess(AgentProcess):
@@ -20,6 +20,10 @@ class _LocalProcess(AgentProcess):
 
     async def read(self, n: int = 1 << 20) -> bytes:
         return await self.proc.stdout.read(n)
+
+    async def copy_to(self, fd: int) -> int:
+        copied = await copy_pipe(self.proc.stdout, fd)
+        return copied if copied is not None else await super().copy_to(fd)
 
     async def wait(self) -> int:
         return await self.proc.wait()

@@ -113,6 +113,8 @@ class MemoryRun:
         self.controls: List[dict] = []
         self.exception: Optional[BaseException] = None
         self._data = {"stdout": bytearray(), "stderr": bytearray()}
+        #: The spool's timeline: (microseconds since the epoch, stream, size reached), a record per write.
+        self.timeline: List[tuple] = []
         self._trapped: set = set()
         self._queue: Optional[asyncio.Queue] = None
         self._task: Optional[asyncio.Task] = None
@@ -168,6 +170,7 @@ class MemoryRun:
         self._data[stream] += data
         self.state[stream + "_bytes"] = len(self._data[stream])
         if data:
+            self.timeline.append((self.host._now_us(), stream, len(self._data[stream])))
             self._touch()
 
     async def sleep(self, seconds: float) -> None:
@@ -241,6 +244,7 @@ class MemoryRun:
             self.exception = e
             self._data["stderr"] += traceback.format_exc().encode()
             self.state["stderr_bytes"] = len(self._data["stderr"])
+            self.timeline.append((self.host._now_us(), "stderr", len(self._data["stderr"])))
             code = 1
         if self.running:
             self._end(return_code=int(code or 0) & 0xFF)
@@ -692,6 +696,60 @@ class MemoryHost:
                         w.cancel()
         proc.frame(b"E", 0)
 
+    def _cmd_logs(self, args, proc: _Process, stdin: bytes) -> None:
+        agent = _agent()
+        run = self._run(args)
+        offsets = {"stdout": args.stdout_offset, "stderr": args.stderr_offset}
+        if min(offsets.values()) < 0:
+            raise agent.AgentError("offsets must not be negative")
+        since = None
+        if args.since is not None:
+            if not (agent._is_num(args.since) and args.since >= 0):
+                raise agent.AgentError("--since must be a time in seconds since the epoch, not negative")
+            since = int(args.since * 1e6)
+        proc.marker(args.marker)
+        proc.stream(lambda: self._logs(run, proc, offsets, since, args.follow))
+
+    async def _logs(self, run: MemoryRun, proc: _Process, sent: Dict[str, int], since: Optional[int],
+                    follow: bool) -> None:
+        """The agent's ``logs``: by the run's timeline, a ``T`` frame (when)
+        before the output written by then; the state and the end; with
+        ``follow``, until the run's end."""
+        agent = _agent()
+        kinds = {"stdout": b"1", "stderr": b"2"}
+        at, last, shown = 0, [None], None
+        if since is not None:
+            while at < len(run.timeline) and run.timeline[at][0] < since:
+                _, name, end = run.timeline[at]
+                sent[name] = max(sent[name], end)
+                at += 1
+        while True:
+            if run._removed:
+                raise agent.AgentError("[Errno 2] No such file or directory: %r" % (run.state["spool"] + "/state.json"), 3)
+            changed = run._changed
+            st = run._status()
+            for us, name, end in run.timeline[at:]:
+                upto = min(end, st[name + "_bytes"])
+                if sent[name] < upto:
+                    us = max(us, last[0] or 0)
+                    if us != last[0]:
+                        proc.frame(b"T", us)
+                        last[0] = us
+                    while sent[name] < upto:
+                        data = run._data[name][sent[name]:min(upto, sent[name] + self.chunk)]
+                        proc.frame(kinds[name], sent[name], data)
+                        sent[name] += len(data)
+                        await proc.drain()
+                at += 1
+            if st["state"] in agent.FINAL_STATES or not follow:
+                proc.frame(b"S", 0, agent.dumps(st, sort_keys=True).encode())
+                proc.frame(b"E", 0)
+                return
+            if (st["state"], st["pid"]) != shown:
+                proc.frame(b"S", 0, agent.dumps(st, sort_keys=True).encode())
+                shown = (st["state"], st["pid"])
+            await run._wait_change(changed)
+
     def _cmd_output(self, args, proc: _Process, stdin: bytes) -> None:
         run = self._run(args)
         if args.offset < 0 or (args.length is not None and args.length < 0):
@@ -762,13 +820,20 @@ class MemoryHost:
 
     # The host's clock and environment ---------------------------------------------
 
-    def _now(self) -> str:
-        """ISO 8601 UTC as the agent writes it, on the event loop's clock
-        (so a virtual clock's hours show in start and end times)."""
+    def _time(self) -> float:
+        """Seconds since the epoch on the event loop's clock."""
         loop = asyncio.get_running_loop()
         if self._clock is None:
             self._clock = (time.time(), loop.time())
-        t = self._clock[0] + loop.time() - self._clock[1]
+        return self._clock[0] + loop.time() - self._clock[1]
+
+    def _now_us(self) -> int:
+        return int(self._time() * 1e6)
+
+    def _now(self) -> str:
+        """ISO 8601 UTC as the agent writes it, on the event loop's clock
+        (so a virtual clock's hours show in start and end times)."""
+        t = self._time()
         secs = int(t // 1)
         micros = int(round((t - secs) * 1e6))
         if micros >= 1000000:

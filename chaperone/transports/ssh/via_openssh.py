@@ -31,7 +31,7 @@ from . import master as masters
 from . import options as ssh_opts
 from .common import Launch, SSHTransportBase, Tunnel, connect_error, ship_command, ship_failure
 from ..target import Target
-from ..base import AgentProcess, AttachedProcess, feed_stdin, spawn
+from ..base import AgentProcess, AttachedProcess, copy_pipe, feed_stdin, spawn, write_all
 
 __all__ = ["OpenSSHTransport"]
 
@@ -91,6 +91,19 @@ class _Process(AgentProcess):
         if data:
             self._got_output = True
         return data
+
+    async def copy_to(self, fd: int) -> int:
+        n = 0
+        if self._first:
+            data, self._first = self._first, b""
+            write_all(fd, data)
+            n = len(data)
+        copied = await copy_pipe(self.proc.stdout, fd)
+        if copied is None:
+            return n + await super().copy_to(fd)
+        if copied:
+            self._got_output = True
+        return n + copied
 
     async def wait(self) -> int:
         code = await self.proc.wait()
