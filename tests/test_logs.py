@@ -257,3 +257,27 @@ def test_logs_in_order_exactly_once_across_broken_connections(tmp_path):
     assert order == b"".join(b"line %d\n" % i for i in range(30))
     assert by["stderr"] == b"".join(b"line %d\n" % i for i in range(0, 30, 3))
     assert times == sorted(times) and len(times) >= 30
+
+
+# Over SSH (a real sshd) --------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(90)
+def test_logs_over_ssh_in_order_and_each_stream_exact(sshd, tmp_path):
+    """Over OpenSSH: `logs ID 2>&1` is both streams in the order written;
+    to two files (the plain path: each stream from the ssh pipe as it is)
+    each holds its stream's exact bytes; `logs -f` of the finished run
+    prints it and exits."""
+    env = dict(cli_env(tmp_path), CHAPERONE_SSH_CLIENT="openssh")
+    ssh = CLI + ["-F", str(sshd.config_file)]
+    res = subprocess.run(ssh + ["run", "-d", "testhost", "--spool", str(tmp_path / "spool"), "--",
+                                "python3", "-c", TURNS], env=env, stdout=subprocess.PIPE, timeout=60)
+    run_id = res.stdout.decode().strip()
+    assert subprocess.run(ssh + ["wait", run_id], env=env, timeout=60).returncode == 0
+    for args in (["logs", run_id], ["logs", "-f", run_id]):
+        res = subprocess.run(ssh + args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
+        assert (res.returncode, res.stdout) == (0, IN_ORDER), args
+    with open(str(tmp_path / "out"), "wb") as out, open(str(tmp_path / "err"), "wb") as err:
+        res = subprocess.run(ssh + ["logs", run_id], env=env, stdout=out, stderr=err, timeout=60)
+    assert res.returncode == 0, (tmp_path / "err").read_bytes()
+    assert ((tmp_path / "out").read_bytes(), (tmp_path / "err").read_bytes()) == (OUT, ERR)

@@ -391,9 +391,12 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **pa
     # Both streams: each to its own.  One asked for: to stdout, to be piped.
     out = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer if len(streams) == 2 else sys.stdout.buffer}
 
-    # (the server's mirror holds each stream's bytes, not when they were
-    # written: one stream, as it is, through it; else directly)
-    plain = lines is None and since is None and not timestamps and len(streams) == 1
+    # Plain: each stream as it is, in turn, when the order they were
+    # written in cannot show (one stream, or the two to different files);
+    # the server's mirror (each stream's bytes, not when they were written)
+    # serves that, and without it the fast path below.
+    plain = lines is None and since is None and not timestamps and \
+        (len(streams) == 1 or not _same_file(out["stdout"], out["stderr"]))
     server = served.client(params) if plain else None
     if server is not None:
         def via():
@@ -427,10 +430,8 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **pa
                     start = max(0, start - (size - start))
                 offsets[stream] = size - len(tail_bytes)
 
-        if not follow and lines is None and since_t is None and not timestamps and \
-                (len(streams) == 1 or not _same_file(out["stdout"], out["stderr"])):
-            # The plain fast path: each stream as it is, in turn (in what
-            # order they were written shows only where both go to one file).
+        if plain and not follow:
+            # (from the SSH client's pipe straight to the file: as fast as ssh HOST cat FILE > file)
             for stream in streams:
                 out[stream].flush()
                 await ch.output_to(rec.id, stream, out[stream].fileno())
