@@ -179,6 +179,7 @@ def test_the_cli_s_arguments_fuzzed(tmp_path, monkeypatch):
     commands = st.sampled_from(["run", "ps", "status", "logs", "wait", "kill", "clean", "prune", "rm", "inspect"])
     budget = int(os.environ.get("CHAPERONE_FUZZ_EXAMPLES", "200"))
     seen_codes = set()
+    ran = []
 
     @settings(max_examples=budget, deadline=None, derandomize=True,
               suppress_health_check=list(HealthCheck))
@@ -187,6 +188,7 @@ def test_the_cli_s_arguments_fuzzed(tmp_path, monkeypatch):
         import contextlib
         import io
 
+        ran.append(argv)
         before = len(started)
         code = None
         # (with .buffer, and Python's own error handlers: strict stdout, backslashreplace stderr)
@@ -212,6 +214,9 @@ def test_the_cli_s_arguments_fuzzed(tmp_path, monkeypatch):
 
     one()
     assert seen_codes & {2} and len(seen_codes) > 2
+    print("cli fuzz: %d command lines, %d distinct, exit statuses %s"
+          % (len(ran), len({tuple(a) for a in ran}), sorted(seen_codes, key=str)))
+    assert len(ran) >= budget
 
 
 def test_arguments_that_are_not_utf8_pass_through(tmp_path):
