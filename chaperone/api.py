@@ -42,7 +42,7 @@ from .protocol import STREAMS, End, Event, OutputChunk, StateUpdate
 from .records import Record, Records, chaperone_home
 from .transports.base import Transport
 from .transports.factory import Transports
-from .transports.target import Target
+from .transports.target import Target, is_local
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import RunInfo, RunState
@@ -335,7 +335,7 @@ class Chaperone:
     def preconnect_run(self, run_id: str) -> None:
         """:meth:`preconnect` to the host of a recorded run (if any)."""
         rec = self.records.get(run_id)
-        if rec is not None and rec.host != "local":
+        if rec is not None and not is_local(rec.host):
             self.transport_for(rec).warm()
 
     # Records -------------------------------------------------------------------

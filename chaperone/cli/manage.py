@@ -54,7 +54,7 @@ async def _current(ch, recs, timeout: float, say=None):
     for rec in recs:
         if rec.state in FINAL_STATES:
             continue
-        (local if rec.host == "local" else remote).append(rec)
+        (local if is_local(rec.host) else remote).append(rec)
     fresh = set()
     if local:
         fresh |= _refresh_local(ch, local)
@@ -71,6 +71,12 @@ async def _current(ch, recs, timeout: float, say=None):
             for host, why in sorted(unreachable.items()):
                 say("chaperone: could not reach %s: %s" % (host, why))
     return fresh, unreachable
+
+
+def is_local(host: str) -> bool:
+    from ..transports.target import is_local as local
+
+    return local(host)
 
 
 def _refresh_local(ch, recs):

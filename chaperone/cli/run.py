@@ -18,6 +18,7 @@ import click
 from .app import add_options, cli, fail, run_async, served_call
 from .options import ssh_settings
 from .display import parse_duration
+from ..transports.target import is_local
 from .options import RUN, SSH, split_run
 
 #: Stdin is sent with program.json until it streams: at most this much.
@@ -94,10 +95,10 @@ def run(host, **params):
         fail("run needs a HOST (local for this machine) and a command (Try 'chaperone run --help'.)", 2)
     if not words:
         fail("no command given: chaperone run %s CMD...%s (Try 'chaperone run --help'.)"
-             % (host, "" if host == "local" else " (for a shell there, use ssh %s)" % host), 2)
+             % (host, "" if is_local(host) else " (for a shell there, use ssh %s)" % host), 2)
     command = list(words) if exact else " ".join(words)
     cwd = params.get("cwd")
-    if host == "local" and cwd is None:
+    if is_local(host) and cwd is None:
         cwd = os.getcwd()
     timeout = parse_duration(params["timeout"], "--timeout") if params.get("timeout") else None
     grace = parse_duration(params["kill_grace"], "--kill-grace") if params.get("kill_grace") else None
