@@ -86,10 +86,12 @@ def run(host, **params):
     """
     ctx = click.get_current_context()
     words, exact = ctx.meta.get("chaperone.command", ([], False))
-    if params.get("hosts"):
+    if params.get("hosts") or params.get("hostfiles"):
         from .fleet import run_many  # many hosts: chaperone/cli/fleet.py
 
         sys.exit(run_many(words, exact, params))
+    from .fleet import one_host_only
+    one_host_only(params)  # (-b, --pick ... without -H: an error)
     if host is None:
         fail("run needs a HOST (local for this machine) and a command (Try 'chaperone run --help'.)", 2)
     if not words:
