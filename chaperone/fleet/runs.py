@@ -478,16 +478,9 @@ class ManyRuns:
     def _target(self, job: _Job) -> "Target":
         if job.given is not None:
             return self.ch.target(job.given)
-        e = job.entry
-        settings = dict(self.ssh)
-        for key in ("user", "port", "python", "spool"):
-            value = getattr(e, key)
-            if value is not None and settings.get(key) is None:
-                settings[key] = value
-        t = self.ch.target(e.hostname, **settings)
-        if not t.local and t.name != e.name:
-            t = t.replace(name=e.name, hostname=t.destination)
-        return t
+        from .headstart import entry_ssh, named
+
+        return named(self.ch.target(job.entry.hostname, **entry_ssh(job.entry, self.ssh)), job.entry)
 
     def _kw(self, job: _Job) -> dict:
         env = dict(job.entry.env)
