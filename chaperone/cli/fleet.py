@@ -279,12 +279,44 @@ def expand_ids(ch, run_ids: Iterable[str]) -> List[str]:
     the hosts of PATTERN), or a glob over run ids.  Each run once."""
     out: List[str] = []
     seen = set()
+    many = False
     for word in run_ids:
-        for rid in _expand(ch, word):
+        ids = _expand(ch, word)
+        many = many or ids != [word]
+        for rid in ids:
             if rid not in seen:
                 seen.add(rid)
                 out.append(rid)
+    if many and len(out) > 1:
+        _warm(ch, out)
     return out
+
+
+def _warm(ch, run_ids: List[str]) -> None:
+    """Start connecting to the hosts of these runs now, all at once (at
+    most ``-f``'s default): the commands then go run by run without a
+    handshake each.  Only hosts the command will contact: not for runs
+    that never started, nor (``wait``) for runs already over."""
+    from ..fleet.limits import default_forks
+
+    command = _command()
+    if command not in ("status", "logs", "kill", "clean", "wait"):
+        return
+    hosts = set()
+    for rid in run_ids:
+        rec = ch.records.get(rid)
+        if rec is None or rec.state == "failed" or rec.host == "local" or (command == "wait" and rec.final):
+            continue
+        key = (rec.host, str(rec.transport))
+        if key in hosts:
+            continue
+        hosts.add(key)
+        if len(hosts) > default_forks():
+            break
+        try:
+            ch.preconnect_run(rid)
+        except Exception:  # (a guess: the command itself says what is wrong)
+            pass
 
 
 def _command() -> str:
@@ -401,8 +433,11 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
     then)."""
     if not _is_pattern(word) and (ch.records.exists(word) or _group_of(ch, word) is None):
         return None
+    import asyncio
+
     from ..api import SKIP_OUTPUT
     from ..errors import ChaperoneError
+    from ..fleet.limits import default_forks
     from ..fleet.output import LiveOutput
     from ..fleet.runs import follow_runs
     from .manage import _tail
@@ -414,30 +449,67 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
     live = LiveOutput(list(names.values()), out["stdout"], out["stderr"], color=color)
     errors: List[int] = []
     offsets: Dict[str, Dict[str, int]] = {}
-    for rec in recs:
-        name = names[rec.id]
-        if rec.state == "failed":
-            live.err.write(live.prefix(name) + ("chaperone: never started: %s\n" % (rec.error or "")).encode(
-                "utf-8", "replace"))
-            continue
-        offsets[rec.id] = {s: (0 if s in streams else SKIP_OUTPUT[s]) for s in ("stdout", "stderr")}
-        if follow and lines is None:
-            continue
-        try:
-            for stream in streams:
-                data = b"".join([chunk async for chunk in ch.output(rec.id, stream)])
-                if lines is not None:
-                    offsets[rec.id][stream] = len(data)
-                    data = _tail(data, lines)
-                live.feed(name, data, stream)
-        except ChaperoneError as e:
-            live.err.write(live.prefix(name) + ("chaperone: %s\n" % e).encode("utf-8", "replace"))
-            errors.append(e.exit_code)
-            offsets.pop(rec.id, None)
-        if not follow:
-            live.end(name)
+
+    def note(name: str, text: str) -> None:  # (on stderr, even when the output goes to stdout)
         live.out.flush()
-        live.err.flush()
+        sys.stderr.buffer.write(live.prefix(name) + ("chaperone: %s\n" % text).encode("utf-8", "replace"))
+        sys.stderr.buffer.flush()
+
+    limit = asyncio.Semaphore(default_forks())
+
+    async def fetch(rec):
+        """Its output so far (all hosts at once; printed in host order)."""
+        async with limit:
+            got = {}
+            sizes = (await ch.status(rec.id)).model_dump() if lines is not None else {}
+            for stream in streams:
+                if lines is None:
+                    got[stream] = (b"".join([chunk async for chunk in ch.output(rec.id, stream)]), None)
+                    continue
+                size = sizes[stream + "_bytes"]  # (the last lines only: read from the end, as logs ID does)
+                start = max(0, size - max(64 << 10, lines * 512))
+                while True:
+                    data = await ch.read(rec.id, stream, start, size - start)
+                    tail_bytes = _tail(data, lines)
+                    if start == 0 or len(tail_bytes) < len(data) - 1:
+                        break
+                    start = max(0, start - (size - start))
+                got[stream] = (tail_bytes, size)
+            return got
+
+    fetching = {}
+    for rec in recs:
+        if rec.state != "failed":
+            offsets[rec.id] = {s: (0 if s in streams else SKIP_OUTPUT[s]) for s in ("stdout", "stderr")}
+            if not (follow and lines is None):
+                fetching[rec.id] = asyncio.ensure_future(fetch(rec))
+    try:
+        for rec in recs:
+            name = names[rec.id]
+            if rec.state == "failed":
+                note(name, "never started: %s" % (rec.error or ""))
+                continue
+            if rec.id in fetching:
+                try:
+                    got = await fetching[rec.id]
+                except ChaperoneError as e:
+                    note(name, str(e))
+                    errors.append(e.exit_code)
+                    offsets.pop(rec.id, None)
+                    continue
+                for stream in streams:
+                    data, size = got[stream]
+                    if size is not None:
+                        offsets[rec.id][stream] = size
+                    live.feed(name, data, stream)
+            if not follow:
+                live.end(name)
+            live.out.flush()
+            live.err.flush()
+    finally:
+        for t in fetching.values():
+            t.cancel()
+        await asyncio.gather(*fetching.values(), return_exceptions=True)
     if follow and offsets:
         def on_output(name, stream, data):
             live.feed(name, data, stream)
@@ -446,8 +518,7 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
         async for r in follow_runs(ch, list(offsets), on_output=on_output, offsets=offsets, names=names):
             live.end(r.name)
             if r.state in ("unreachable", "lost", "failed"):
-                live.err.write(live.prefix(r.name) + ("chaperone: %s: %s\n" % (r.state, r.reason)).encode(
-                    "utf-8", "replace"))
+                note(r.name, "%s: %s" % (r.state, r.reason))
                 errors.append(255)
             live.out.flush()
             live.err.flush()

@@ -51,7 +51,9 @@ many seconds (state ``timeout``; the run goes on).
 
 **Results** (:class:`HostRun`, a :class:`~.output.HostOutcome`) come in
 order of completion with back-pressure: when ``buffer`` results wait for
-the consumer, no new run starts.  ``collect`` keeps each host's output in
+the consumer, no new run starts (runs being started finish starting, runs
+started go on; so at most ``buffer + forks + 1`` runs start beyond those
+the consumer took).  ``collect`` keeps each host's output in
 ``stdout``/``stderr`` (bytes, exact); ``on_output(name, stream, data)``
 is called with each piece as it arrives (live output).
 
@@ -421,46 +423,79 @@ class ManyRuns:
         return self._gen
 
     async def _iterate(self) -> AsyncIterator[HostRun]:
+        """Results from a pump task, through a queue of at most ``buffer``:
+        when it is full the pump stops taking started runs from the fan-out,
+        whose own buffer of one then stops it starting more."""
+        from collections import deque
+
+        # (buffer=1: the fan-out starts nothing new while a started run
+        # waits for the pump, which waits while the queue is full)
         fan = self._fan = Fanout(self._jobs, self._start, forks=self.forks, per_host=self.per_host,
-                                 timeout=self.start_timeout, buffer=self.buffer, on_interrupt=self._on_interrupt,
+                                 timeout=self.start_timeout, buffer=1, on_interrupt=self._on_interrupt,
                                  key=_Job.key)
-        fan_iter = fan.__aiter__()
-        next_fan: Optional[asyncio.Future] = None
-        fan_over = False
+        ready: deque = deque()
+        room, has = asyncio.Event(), asyncio.Event()
         followers: set = set()
+
+        async def pump() -> None:
+            fan_iter = fan.__aiter__()
+            next_fan: Optional[asyncio.Future] = None
+            fan_over = False
+            try:
+                while True:
+                    while len(ready) >= max(self.buffer, 1):
+                        room.clear()
+                        await room.wait()
+                    if next_fan is None and not fan_over:
+                        next_fan = asyncio.ensure_future(fan_iter.__anext__())
+                    waiting = set(followers)
+                    if next_fan is not None:
+                        waiting.add(next_fan)
+                    if not waiting:
+                        return
+                    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                    for t in done:
+                        if t is next_fan:
+                            next_fan = None
+                            try:
+                                r = t.result()
+                            except StopAsyncIteration:
+                                fan_over = True
+                                continue
+                            job = r.job
+                            if r.ok and job.follower is not None:
+                                followers.add(job.follower)
+                                if self._interrupts >= 2:  # (it started as the second Ctrl-C came)
+                                    job.detached = True
+                                    job.follower.cancel()
+                                continue
+                            ready.append(self._from_fan(r))
+                        else:
+                            followers.discard(t)
+                            ready.append(t.result())
+                        has.set()
+            finally:
+                if next_fan is not None and not next_fan.done():
+                    next_fan.cancel()
+                    await asyncio.gather(next_fan, return_exceptions=True)
+                has.set()
+
+        pumping = asyncio.ensure_future(pump())
         try:
             while True:
-                if next_fan is None and not fan_over:
-                    next_fan = asyncio.ensure_future(fan_iter.__anext__())
-                waiting = set(followers)
-                if next_fan is not None:
-                    waiting.add(next_fan)
-                if not waiting:
+                if ready:
+                    r = ready.popleft()
+                    room.set()
+                    yield self._count(r)
+                    continue
+                if pumping.done():
+                    pumping.result()  # (its error, if it failed)
                     break
-                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-                for t in done:
-                    if t is next_fan:
-                        next_fan = None
-                        try:
-                            r = t.result()
-                        except StopAsyncIteration:
-                            fan_over = True
-                            continue
-                        job = r.job
-                        if r.ok and job.follower is not None:
-                            followers.add(job.follower)
-                            if self._interrupts >= 2:  # (started as the second Ctrl-C came)
-                                job.detached = True
-                                job.follower.cancel()
-                            continue
-                        yield self._count(self._from_fan(r))
-                    else:
-                        followers.discard(t)
-                        yield self._count(t.result())
+                has.clear()
+                await has.wait()
         finally:
-            if next_fan is not None and not next_fan.done():
-                next_fan.cancel()
-                await asyncio.gather(next_fan, return_exceptions=True)
+            pumping.cancel()
+            await asyncio.gather(pumping, return_exceptions=True)
             await fan.aclose()
             for t in followers:
                 t.cancel()
