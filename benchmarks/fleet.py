@@ -534,6 +534,9 @@ def main(argv=None) -> int:
         os.execv(py, [py, os.path.abspath(__file__)] + list(sys.argv[1:] if argv is None else argv))
     if str(REPO) not in sys.path and not os.environ.get(harness.VENV_ENV):
         sys.path.insert(0, str(REPO))
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # (the hosts are stopped on the way out)
     tmp = tempfile.mkdtemp(prefix="chaperone-fleet-bench-")
     started = time.monotonic()
     load_start = os.getloadavg()

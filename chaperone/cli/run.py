@@ -78,6 +78,7 @@ def run(host, **params):
       chaperone run gpu1 'echo $HOME | wc -c'    one string: a shell command line
       chaperone run gpu1 -- echo '$HOME'         after --: the exact argv
       chaperone run -d --id train gpu1 -- ./job  detached: prints the id
+      chaperone run -H 'gpu[1-8]' -- nvidia-smi  many hosts (docs/hosts.md)
 
     As with ssh, options go before HOST or right after it; without --, the
     command's words are joined and run by the login shell; after --, they
