@@ -108,21 +108,6 @@ class _Screen:
         self.err.flush()
 
 
-class _Clearing:
-    """A binary stream that clears the progress line before each write."""
-
-    def __init__(self, f, screen: _Screen) -> None:
-        self.f = f
-        self.screen = screen
-
-    def write(self, data: bytes) -> int:
-        self.screen.clear()
-        return self.f.write(data)
-
-    def flush(self) -> None:
-        self.f.flush()
-
-
 def run_many(words, exact, params) -> int:
     """``chaperone run -H PATTERN ... CMD`` (see the module docstring)."""
     from .app import fail, run_async
@@ -145,12 +130,10 @@ def run_many(words, exact, params) -> int:
         from .options import ssh_settings
         from .run import _stdin_bytes
 
-        live = []  # the LiveOutput, once the hosts are known
+        live = []  # what writes a piece of output, once the hosts are known
 
         def on_output(name, stream, data):
-            out = live[0]
-            out.feed(name, data, stream)
-            (out.out if stream == "stdout" else out.err).flush()
+            live[0](name, stream, data)
 
         streaming = not (detach or as_json or gather)
         kw = dict(group=params.get("run_id"), ssh=ssh_settings(params), env=parse_env(params.get("env") or ()),
@@ -177,11 +160,21 @@ async def _drive(ch, many, params, live) -> int:
     detach, as_json, quiet = params.get("detach"), params.get("as_json"), params.get("quiet")
     tty = sys.stderr.isatty()
     screen = _Screen(many, enabled=tty and not quiet)
-    out = _Clearing(sys.stdout.buffer, screen)
-    err = _Clearing(sys.stderr.buffer, screen)
+    # Buffered (whatever PYTHONUNBUFFERED says), flushed after each piece:
+    # one write per line to LiveOutput, one system call per piece.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    out = open(sys.stdout.fileno(), "wb", buffering=1 << 16, closefd=False)
+    err = open(sys.stderr.fileno(), "wb", buffering=1 << 16, closefd=False)
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    names = [h.name for h in many.hosts]
-    live.append(LiveOutput(names, out, err, color=color))
+    lines = LiveOutput([h.name for h in many.hosts], out, err, color=color)
+
+    def feed(name, stream, data):
+        screen.clear()
+        lines.feed(name, data, stream)
+        (out if stream == "stdout" else err).flush()
+
+    live.append(feed)
     hint = "chaperone logs %s, wait %s, kill %s" % (many.group, many.group, many.group)
     if detach:
         if not as_json:
@@ -212,12 +205,15 @@ async def _drive(ch, many, params, live) -> int:
             async for r in many:
                 outcomes.append(r)
                 if as_json:
+                    screen.clear()
                     out.write(_json_line(r))
                     out.flush()
                 elif not detach and not params.get("gather"):
-                    live[0].end(r.name)
+                    screen.clear()
+                    lines.end(r.name)
                     if r.state in ("failed", "unreachable", "lost", "timeout", "error"):
-                        err.write(live[0].prefix(r.name) + ("chaperone: %s: %s\n" % (r.state, r.reason)).encode(
+                        out.flush()
+                        err.write(lines.prefix(r.name) + ("chaperone: %s: %s\n" % (r.state, r.reason)).encode(
                             "utf-8", "replace"))
                     out.flush()
                     err.flush()
@@ -229,6 +225,8 @@ async def _drive(ch, many, params, live) -> int:
             drawer.cancel()
             await asyncio.gather(drawer, return_exceptions=True)
         screen.clear()
+        out.flush()
+        err.flush()
     if params.get("gather"):
         gather(outcomes, sys.stdout.buffer, sys.stderr.buffer, color=color)
     if detach:
@@ -446,7 +444,13 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
     hosts = [r.host for r in recs]
     names = {r.id: (r.host if hosts.count(r.host) == 1 else r.id) for r in recs}
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-    live = LiveOutput(list(names.values()), out["stdout"], out["stderr"], color=color)
+    for f in set(out.values()):
+        f.flush()
+    buffered = {}  # (one system call per piece, not per line; whatever PYTHONUNBUFFERED says)
+    for f in out.values():
+        buffered.setdefault(f.fileno(), open(f.fileno(), "wb", buffering=1 << 16, closefd=False))
+    live = LiveOutput(list(names.values()), buffered[out["stdout"].fileno()], buffered[out["stderr"].fileno()],
+                      color=color)
     errors: List[int] = []
     offsets: Dict[str, Dict[str, int]] = {}
 

@@ -51,9 +51,8 @@ many seconds (state ``timeout``; the run goes on).
 
 **Results** (:class:`HostRun`, a :class:`~.output.HostOutcome`) come in
 order of completion with back-pressure: when ``buffer`` results wait for
-the consumer, no new run starts (runs being started finish starting, runs
-started go on; so at most ``buffer + forks + 1`` runs start beyond those
-the consumer took).  ``collect`` keeps each host's output in
+the consumer, no new run starts (runs being started finish starting; runs
+started go on, and their results wait too).  ``collect`` keeps each host's output in
 ``stdout``/``stderr`` (bytes, exact); ``on_output(name, stream, data)``
 is called with each piece as it arrives (live output).
 
