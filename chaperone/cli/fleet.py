@@ -123,6 +123,8 @@ def run_many(words, exact, params) -> int:
     detach, as_json, gather = params.get("detach"), params.get("as_json"), params.get("gather")
     if detach and gather:
         fail("-d and -b do not go together: a detached run has no output yet (Try 'chaperone run --help'.)", 2)
+    if as_json and gather:
+        fail("--json and -b do not go together: --json gives each host's output (Try 'chaperone run --help'.)", 2)
 
     async def go(ch) -> int:
         from ..api import parse_env
@@ -206,7 +208,7 @@ async def _drive(ch, many, params, live) -> int:
                 outcomes.append(r)
                 if as_json:
                     screen.clear()
-                    out.write(_json_line(r))
+                    out.write(_json_line(r, output=not detach))
                     out.flush()
                 elif not detach and not params.get("gather"):
                     screen.clear()
@@ -244,9 +246,9 @@ async def _drive(ch, many, params, live) -> int:
     return exit_status(outcomes)
 
 
-def _json_line(r) -> bytes:
+def _json_line(r, output: bool = True) -> bytes:
     """One host as one JSON line: the run's object (RunInfo, as ``run
-    --json`` prints it), ``reason``, and its output."""
+    --json`` prints it), ``reason``, and (unless detached) its output."""
     import base64
     import json
 
@@ -255,7 +257,7 @@ def _json_line(r) -> bytes:
     else:  # never recorded (not started: Ctrl-C, a bad host name)
         d = {"id": None, "host": r.name, "state": r.state, "exit_code": None, "error": r.reason}
     d["reason"] = r.reason
-    for key, data in (("stdout", r.stdout), ("stderr", r.stderr)):
+    for key, data in (("stdout", r.stdout), ("stderr", r.stderr)) if output else ():
         try:
             d[key] = data.decode("utf-8")
         except UnicodeDecodeError:
@@ -348,7 +350,10 @@ def _expand(ch, word: str) -> List[str]:
     from ..fleet.runs import group_run_ids
 
     if "/" in word:
-        return _group_pattern(ch, *word.split("/", 1))
+        group, _, pattern = word.partition("/")
+        group = _group_of(ch, group) if group else None
+        # (not a group's: the word is what it was before, an invalid run id)
+        return _group_pattern(ch, group, pattern, word) if group else [word]
     if any(c in word for c in "*?["):
         import fnmatch
 
@@ -389,17 +394,14 @@ class _GroupHosts:
         return self.inv.label_members(name) if self.inv is not None else None
 
 
-def _group_pattern(ch, group_word: str, pattern: str) -> List[str]:
+def _group_pattern(ch, group: str, pattern: str, word: str) -> List[str]:
     from ..errors import NoSuchRun, UsageError
     from ..fleet.nodeset import NodeSetError
     from ..fleet.patterns import select
     from ..fleet.runs import group_run_ids
 
-    group = _group_of(ch, group_word) if group_word else None
-    if group is None:
-        raise NoSuchRun("no such group: %s (GROUP/PATTERN: the runs of a group on some of its hosts)" % group_word)
     if not pattern:
-        raise UsageError("%s/: give a host pattern after the '/' (e.g. %s/h[01-05])" % (group_word, group_word))
+        raise UsageError("%s: give a host pattern after the '/' (e.g. %sh[01-05])" % (word, word))
     by_host: Dict[str, List[str]] = {}
     for rid in group_run_ids(ch, group):
         by_host.setdefault(ch.records.get(rid).host, []).append(rid)
@@ -440,7 +442,10 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
     from ..fleet.runs import follow_runs
     from .manage import _tail
 
-    recs = [ch.record(rid) for rid in expand_ids(ch, [word])]
+    ids = expand_ids(ch, [word])
+    if ids == [word]:  # (names no group: the usual logs says what is wrong with it)
+        return None
+    recs = [ch.record(rid) for rid in ids]
     hosts = [r.host for r in recs]
     names = {r.id: (r.host if hosts.count(r.host) == 1 else r.id) for r in recs}
     color = sys.stdout.isatty() and not os.environ.get("NO_COLOR")

@@ -220,8 +220,8 @@ def group_ids_like(ch: "Chaperone", prefix: str) -> List[str]:
 class _Job:
     """One host of a ManyRuns: how to reach it, its run id, how far it got."""
 
-    __slots__ = ("entry", "target", "given", "run_id", "started", "interrupted", "detached", "follower", "state",
-                 "out", "err", "reconnects", "lost_since", "last_error", "t0", "signal_error")
+    __slots__ = ("entry", "target", "given", "run_id", "started", "interrupted", "forwarded", "detached", "follower",
+                 "state", "out", "err", "reconnects", "lost_since", "last_error", "t0", "signal_error")
 
     def __init__(self, entry: HostEntry, run_id: str, given: Optional["Target"] = None) -> None:
         self.entry = entry
@@ -230,6 +230,7 @@ class _Job:
         self.run_id = run_id
         self.started = False
         self.interrupted = False
+        self.forwarded = False
         self.detached = False
         self.follower: Optional[asyncio.Task] = None
         self.state: Optional[dict] = None
@@ -382,6 +383,11 @@ class ManyRuns:
             self._forward(job)
 
     def _forward(self, job: _Job) -> None:
+        """SIGINT to the job's run, once (a run that has just started may be
+        both still in the fan-out and followed already)."""
+        if job.forwarded:
+            return
+        job.forwarded = True
         t = asyncio.ensure_future(self._signal(job))
         self._side.add(t)
         t.add_done_callback(self._side.discard)
@@ -651,6 +657,8 @@ class ManyRuns:
         if self.ch.records.get(job.run_id) is not None:
             run = self.ch.get(job.run_id)
         hostname = job.target.destination if job.target is not None else job.entry.hostname
+        if job.signal_error:  # (Ctrl-C's SIGINT could not be sent: say so, it explains a run that went on)
+            reason = "%sSIGINT not sent: %s" % (reason + "; " if reason else "", job.signal_error)
         return HostRun(job.name, state, exit_status, loop.time() - job.t0 if job.t0 is not None else None, reason,
                        bytes(job.out), bytes(job.err), job.run_id if run is not None else None, hostname,
                        job.state if job.state and job.state.get("state") in ("done", "error", "lost") else None,
