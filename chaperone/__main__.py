@@ -86,6 +86,10 @@ def _guess(argv):
 
 def _speculate(argv) -> None:
     try:
+        from .fleet.headstart import speculate_argv
+
+        if speculate_argv(argv):  # run -H: sessions to many hosts
+            return
         guess = _guess(argv)
         if guess is None:
             return

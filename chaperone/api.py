@@ -45,6 +45,7 @@ from .transports.factory import Transports
 from .transports.target import Target, is_local
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .fleet.runs import ManyRuns
     from .models import RunInfo, RunState
 
 __all__ = ["Chaperone", "Run", "new_run_id", "parse_env", "check_signal", "exit_code_for"]
@@ -796,6 +797,28 @@ class Chaperone:
                 continue
             ids.append(rec.id)
         return ids
+
+    # Many hosts: chaperone/fleet/runs.py ---------------------------------------
+
+    def run_many(self, hosts, command: Command, **kw) -> "ManyRuns":
+        """``command`` on many hosts (a pattern, an inventory, hosts or
+        Targets): one run per host, one group; ``async for`` gives a
+        HostRun per host as each ends.  See :mod:`chaperone.fleet.runs`."""
+        from .fleet.runs import ManyRuns
+
+        return ManyRuns(self, hosts, command, **kw)
+
+    def start_many(self, hosts, command: Command, **kw) -> "ManyRuns":
+        """:meth:`run_many`, detached: a HostRun per host once its run started."""
+        from .fleet.runs import ManyRuns
+
+        return ManyRuns(self, hosts, command, detach=True, **kw)
+
+    def group(self, group_id: str) -> List[Run]:
+        """The recorded runs of a group, in natural order of their hosts."""
+        from .fleet.runs import group_run_ids
+
+        return [self.get(r) for r in group_run_ids(self, group_id)]
 
 
 def _ssh_settings(ssh: Mapping) -> dict:

@@ -314,7 +314,11 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, **params):
     async def go(ch):
         from ..api import SKIP_OUTPUT
         from ..protocol import OutputChunk
+        from .fleet import logs_many  # a group, or a pattern: lines prefixed with their hosts
 
+        many = await logs_many(ch, run_id, streams, follow, lines, out)
+        if many is not None:
+            return many
         rec = ch.record(run_id)
         offsets = {s: (0 if s in streams else SKIP_OUTPUT[s]) for s in ("stdout", "stderr")}
         if lines is not None:

@@ -79,6 +79,7 @@ def run(host, **params):
       chaperone run gpu1 'echo $HOME | wc -c'    one string: a shell command line
       chaperone run gpu1 -- echo '$HOME'         after --: the exact argv
       chaperone run -d --id train gpu1 -- ./job  detached: prints the id
+      chaperone run -H 'gpu[1-8]' -- nvidia-smi  many hosts (docs/hosts.md)
 
     As with ssh, options go before HOST or right after it; without --, the
     command's words are joined and run by the login shell; after --, they
@@ -87,10 +88,12 @@ def run(host, **params):
     """
     ctx = click.get_current_context()
     words, exact = ctx.meta.get("chaperone.command", ([], False))
-    if params.get("hosts"):
+    if params.get("hosts") or params.get("hostfiles"):
         from .fleet import run_many  # many hosts: chaperone/cli/fleet.py
 
         sys.exit(run_many(words, exact, params))
+    from .fleet import one_host_only
+    one_host_only(params)  # (-b, --pick ... without -H: an error)
     if host is None:
         fail("run needs a HOST (local for this machine) and a command (Try 'chaperone run --help'.)", 2)
     if not words:
