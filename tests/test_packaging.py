@@ -28,7 +28,7 @@ def test_every_exception_is_defined_in_errors_py():
     except private control-flow ones (a leading underscore)."""
     import ast
 
-    root = Path(__file__).resolve().parent.parent / "chaperone"
+    root = pathlib.Path(__file__).resolve().parent.parent / "chaperone"
     defined = {}
     for path in sorted(root.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
