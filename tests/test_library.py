@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from helpers import with_ssh_dir
+from helpers import run_async, with_ssh_dir
 
 from chaperone import Chaperone
 from chaperone.errors import ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, UsageError
@@ -21,10 +21,6 @@ from chaperone.models import RunInfo, RunState
 from chaperone.transports.target import Target, parse_host
 
 CLIENTS = ["openssh", "asyncssh"]
-
-
-def run_async(coro, timeout=120):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 # Naming hosts -------------------------------------------------------------------
@@ -217,21 +213,6 @@ def test_both_clients_read_the_users_ssh_config(sshd, tmp_path, client):
 
 
 # Many starts at once on a stock sshd -------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def stock_sshd():
-    """An sshd with OpenSSH's default MaxStartups (10:30:100): past 10
-    connections that have not logged in yet, it drops new ones."""
-    from sshd import SSHD, require_sshd
-
-    require_sshd()
-    server = SSHD(max_startups=None, log_level="ERROR")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.timeout(150)

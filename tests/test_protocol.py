@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import base64
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -61,15 +60,8 @@ from chaperone.protocol import (
 REPO = Path(__file__).resolve().parent.parent
 AGENT = REPO / "remote" / "agent.py"
 DOC = REPO / "docs" / "protocol.md"
-PY38 = Path("/root/.pyenv/versions/3.8.18/bin/python3.8")
+from helpers import load_agent, require_python  # noqa: E402
 MARKER = "CHAPERONE-test-marker-7f3a9c"
-
-
-def load_agent():
-    spec = importlib.util.spec_from_file_location("chaperone_agent_under_test", AGENT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 agent = load_agent()
@@ -419,8 +411,8 @@ def test_follow_of_running_run_sends_running_state(tmp_path):
 # --- Python 3.8 and stdlib-only ----------------------------------------------------
 
 
-@pytest.mark.skipif(not PY38.exists(), reason="no Python 3.8 at %s" % PY38)
 def test_agent_runs_on_python38(tmp_path):
+    PY38 = require_python("3.8")
     root = tmp_path / "spool"
     first = start(root, spec("py38", ["sh", "-c", "echo hi"]), python=PY38)
     assert first.state in ("running", "done")

@@ -55,7 +55,7 @@ async def _current(ch, recs, timeout: float, say=None):
     for rec in recs:
         if rec.state in FINAL_STATES:
             continue
-        (local if rec.host == "local" else remote).append(rec)
+        (local if is_local(rec.host) else remote).append(rec)
     fresh = set()
     if local:
         fresh |= _refresh_local(ch, local)
@@ -72,6 +72,12 @@ async def _current(ch, recs, timeout: float, say=None):
             for host, why in sorted(unreachable.items()):
                 say("chaperone: could not reach %s: %s" % (host, why))
     return fresh, unreachable
+
+
+def is_local(host: str) -> bool:
+    from ..transports.target import is_local as local
+
+    return local(host)
 
 
 def _refresh_local(ch, recs):
@@ -142,7 +148,7 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params)
                 click.echo(info["id"])
         else:
             fresh = set(fresh) | {i["id"] for i in infos if i["state"] in FINAL_STATES}
-            click.echo(table(_rows(infos, fresh), ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND")))
+            click.echo(table(_rows(infos, fresh), ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND"), flex=(5, 2)))
         return 0
 
     server = served.client(params, "cached")
@@ -237,7 +243,7 @@ def status(run_ids, as_json, timeout, **params):
                 print_json(infos)
             else:
                 click.echo(table(_rows(infos, fresh | {i["id"] for i in infos if i["state"] != "running"}),
-                                 ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND")))
+                                 ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND"), flex=(5, 2)))
             return 1 if unreachable else 0
         infos, fresh = [], set()
         for rec in _records(ch, run_ids, errors):
@@ -414,7 +420,11 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **pa
 
     async def go(ch):
         from ..protocol import OutputChunk, Written
+        from .fleet import logs_many  # a group, or a pattern: lines prefixed with their hosts
 
+        many = await logs_many(ch, run_id, streams, follow, lines, out)
+        if many is not None:
+            return many
         rec = ch.record(run_id)
         offsets = {s: 0 for s in streams}
         if lines is not None:

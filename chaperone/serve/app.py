@@ -24,6 +24,7 @@ from typing import Callable, Dict, Optional
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..transports.target import is_local
 from ..api import check_signal
 from ..errors import ChaperoneError, NoSuchRun, UsageError
 from ..models import check_run_id
@@ -31,6 +32,7 @@ from .files import now_iso
 from .runs import Conflict
 from .service import STREAMS, Service
 from .view import FINAL, STATES
+from ..errors import Reject
 
 log = logging.getLogger("chaperone.serve")
 
@@ -52,14 +54,6 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 _BEARER_RE = re.compile(r"^Bearer +([A-Za-z0-9._~+/=-]+) *$", re.IGNORECASE)
-
-
-class Reject(Exception):
-    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
 
 
 def _error(status: int, message: str, headers: Optional[dict] = None) -> web.Response:
@@ -374,7 +368,7 @@ class Api:
         if (req.argv is None) == (req.command is None):
             raise Reject(400, "give either argv (a list of strings) or command (a shell command)")
         _check_host(req.host)
-        if req.spool is not None and req.host == "local":
+        if req.spool is not None and is_local(req.host):
             raise Reject(400, "spool: local runs are spooled in $CHAPERONE_HOME/spool (spool is for remote hosts)")
         if req.id is not None:
             try:
