@@ -755,6 +755,17 @@ class Chaperone:
         except NoSuchRun:
             raise self._gone(rec) from None
 
+    async def output_both_to(self, run_id: str, fds: Dict[str, int]) -> Dict[str, int]:
+        """:meth:`output_to` of both streams in one call to the host, each
+        to its file descriptor (``{"stdout": 1, "stderr": 2}``): the plain
+        path of ``chaperone logs ID > file``.  The bytes of each."""
+        rec = self.record(run_id)
+        self._never_started(rec)
+        try:
+            return await self.client(rec.id).output_both_to(rec.id, fds)
+        except NoSuchRun:
+            raise self._gone(rec) from None
+
     def logs(self, run_id: str, streams: Sequence[str] = STREAMS, *, offsets: Optional[Dict[str, int]] = None,
              since: Optional[float] = None, follow: bool = False,
              on_reconnect: Optional[Callable[[Exception, float], None]] = None) -> AsyncIterator[Event]:

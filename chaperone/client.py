@@ -163,6 +163,53 @@ class AgentClient:
         finally:
             proc.close()
 
+    async def output_both_to(self, run_id: str, fds: Dict[str, int]) -> Dict[str, int]:
+        """Both streams in one call (``output --stream both``), each to its
+        file descriptor in ``fds`` (blocking writes; from the transport's
+        pipe straight to it where it can); the bytes of each."""
+        marker = _marker()
+        needle = b"\n" + marker.encode() + b"\n"
+        proc = await self.transport.open(["--marker", marker, "output", run_id, "--stream", "both"])
+        try:
+            head, sizes = b"", None
+            while True:
+                chunk = await proc.read(1 << 16)
+                if not chunk:
+                    break
+                head += chunk
+                at = head.find(needle)
+                if at < 0:
+                    head = head[-(len(needle) - 1):]
+                    continue
+                line_end = head.find(b"\n", at + len(needle))
+                if line_end < 0:
+                    continue  # (the counts' line is not whole yet)
+                fields = head[at + len(needle):line_end].split()
+                if len(fields) != 2 or not all(f.isdigit() for f in fields):
+                    raise ChaperoneError("the agent's reply to output --stream both has no counts")
+                sizes = dict(zip(("stdout", "stderr"), map(int, fields)))
+                rest = head[line_end + 1:]
+                break
+            got = {}
+            if sizes is not None:
+                for name in ("stdout", "stderr"):
+                    first, rest = rest[:sizes[name]], rest[sizes[name]:]
+                    write_all(fds[name], first)
+                    got[name] = len(first)
+                    if got[name] < sizes[name]:
+                        got[name] += await proc.copy_to(fds[name], sizes[name] - got[name])
+            code = await proc.wait()
+            if code != 0:
+                raise self._failure(code, await proc.stderr())
+            if sizes is None:
+                raise ChaperoneError("the agent's reply has no marker (is python3 working there?)")
+            if got != sizes:
+                raise ConnectionLost("connection to %s lost: %d of %d bytes came"
+                                     % (self.transport.host, sum(got.values()), sum(sizes.values())))
+            return got
+        finally:
+            proc.close()
+
     async def _events(self, args: List[str], stdin: bytes, json_line: bool) -> AsyncIterator[Event]:
         marker = _marker()
         proc: AgentProcess = await self.transport.open(["--marker", marker, *args], stdin)

@@ -3370,6 +3370,8 @@ def cmd_output(args, marker):
     run = Run(args.root, args.id).require()
     if args.offset < 0 or (args.length is not None and args.length < 0):
         raise AgentError("offset and length must not be negative")
+    if args.stream == "both":
+        return output_both(run, args, marker)
     fd = open_regular(run.path(args.stream), run.what(args.stream))
     try:
         # Up to what the run holds now, never past its final count.
@@ -3386,6 +3388,35 @@ def cmd_output(args, marker):
             left -= len(data)
     finally:
         os.close(fd)
+    return 0
+
+
+def output_both(run, args, marker):
+    """``output ID --stream both``: one call for both streams as they are
+    (``logs ID > file``): a line ``N M``, then N bytes of stdout, then M of
+    stderr, all the run holds now (never past its counts)."""
+    if args.offset or args.length is not None:
+        raise AgentError("--stream both takes no --offset or --length")
+    fds = {}
+    try:
+        for name in STREAMS:
+            fds[name] = open_regular(run.path(name), run.what(name))
+        st = run.refresh()
+        # (a spool file shorter than its count: a leftover child truncated it; what is there)
+        sizes = [min(st[n + "_bytes"], os.fstat(fds[n]).st_size) for n in STREAMS]
+        out = Output(marker)
+        write_all(out.fd, ("%d %d\n" % tuple(sizes)).encode())
+        for name, size in zip(STREAMS, sizes):
+            pos = 0
+            while pos < size:
+                data = os.pread(fds[name], min(CHUNK, size - pos), pos)
+                if not data:
+                    raise AgentError("%s shrank while it was read" % run.what(name), 3)
+                write_all(out.fd, data)
+                pos += len(data)
+    finally:
+        for fd in fds.values():
+            os.close(fd)
     return 0
 
 
@@ -3550,7 +3581,7 @@ commands:
   start [--follow]                       < program.json (or a JSON array of them)
   status ID
   follow ID [--stdout-offset N] [--stderr-offset N]
-  output ID --stream {stdout,stderr} [--offset N] [--length L]
+  output ID --stream {stdout,stderr,both} [--offset N] [--length L]
   signal ID SIGNAL [--grace SECONDS]
   list
   clean ID [--force]
@@ -3568,7 +3599,7 @@ COMMAND_ARGS = {
     "status": (("id",), {}),
     "follow": (("id",), {"--stdout-offset": ("stdout_offset", int, 0),
                          "--stderr-offset": ("stderr_offset", int, 0)}),
-    "output": (("id",), {"--stream": ("stream", STREAMS, None), "--offset": ("offset", int, 0),
+    "output": (("id",), {"--stream": ("stream", STREAMS + ("both",), None), "--offset": ("offset", int, 0),
                          "--length": ("length", int, None)}),
     "signal": (("id", "signal"), {"--grace": ("grace", float, None)}),
     "list": ((), {}),

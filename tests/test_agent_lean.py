@@ -439,7 +439,8 @@ def test_a_failed_exec_leaves_no_process(tmp_path):
     time.sleep(0.2)
     left = [p for p in psutil.process_iter(["cmdline"]) if any(marker in a for a in (p.info["cmdline"] or []))]
     assert not left, left
-    assert sorted(os.listdir(str(root / "gone"))) == ["control", "program.json", "state.json", "stderr", "stdout"]
+    assert sorted(os.listdir(str(root / "gone"))) == ["control", "program.json", "state.json", "stderr", "stdout",
+                                                      "timeline"]
 
 
 # --- fsync only what must survive a crash -------------------------------------------
@@ -472,7 +473,7 @@ def test_only_final_states_are_fsynced(tmp_path, monkeypatch):
         del synced[:]
         assert run.read_state()["state"] == state
     assert sorted(os.listdir(os.path.join(root, "fs"))) == ["control", "program.json", "state.json", "stderr",
-                                                             "stdout"]
+                                                             "stdout", "timeline"]
 
 
 @pytest.mark.skipif(not os.path.exists("/usr/bin/strace"), reason="needs strace")

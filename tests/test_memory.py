@@ -142,6 +142,8 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
                                                   None),
         (["--marker", "M", "logs", "d1", "--since", "1e10"], None), (["logs", "d1", "--since", "-1"], None),
         (["logs", "d1", "--stderr-offset", "-1"], None), (["logs", "nope"], None),
+        (["--marker", "M", "output", "d1", "--stream", "both"], None),
+        (["output", "d1", "--stream", "both", "--offset", "1"], None),
         (["--marker", "M", "watch"], b"d1 nope\nd3 d1"), (["watch"], b" \n"), (["watch"], b"d1 ../x"),
         (["watch", "d1"], b"d1"),
         (["--marker", "M", "clean", "d1"], None), (["status", "d1"], None), (["-h"], None),
@@ -180,7 +182,7 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
     for (args, _), want, got in zip(calls, real, memory):
         assert got == want, args
     assert [code for code, _, _ in real] == [0, 0, 0, 0, 0, 0, 2, 2, 2, 1, 2, 2, 4, 2, 4, 2, 2, 2, 2, 2, 2, 2, 2,
-                                             0, 2, 2, 0, 0, 0, 0, 0, 0, 2, 2, 4, 0, 2, 2, 2, 0, 4, 0]
+                                             0, 2, 2, 0, 0, 0, 0, 0, 0, 2, 2, 4, 0, 2, 0, 2, 2, 2, 0, 4, 0]
 
 
 def test_runs_on_a_memory_host_have_the_agents_states(tmp_path):

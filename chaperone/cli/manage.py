@@ -441,10 +441,14 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **pa
                 offsets[stream] = size - len(tail_bytes)
 
         if plain and not follow:
-            # (from the SSH client's pipe straight to the file: as fast as ssh HOST cat FILE > file)
-            for stream in streams:
-                out[stream].flush()
-                await ch.output_to(rec.id, stream, out[stream].fileno())
+            # (from the SSH client's pipe straight to the file: as fast as
+            # ssh HOST cat FILE > file; one call to the host)
+            for f in out.values():
+                f.flush()
+            if len(streams) == 2:
+                await ch.output_both_to(rec.id, {s: out[s].fileno() for s in streams})
+            else:
+                await ch.output_to(rec.id, streams[0], out[streams[0]].fileno())
             return 0
 
         def on_reconnect(error, delay):

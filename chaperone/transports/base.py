@@ -37,17 +37,19 @@ class AgentProcess(abc.ABC):
     def close(self) -> None:
         """Stop reading: kill the local process or close the SSH channel."""
 
-    async def copy_to(self, fd: int) -> int:
-        """Write the rest of the agent's stdout to ``fd`` (blocking writes),
-        to its end; the number of bytes.  Transports whose stdout is a
-        local pipe copy in the kernel (:func:`copy_pipe`)."""
+    async def copy_to(self, fd: int, limit: Optional[int] = None) -> int:
+        """Write the rest of the agent's stdout (or its next ``limit``
+        bytes) to ``fd`` (blocking writes); the number of bytes (fewer than
+        ``limit`` only at the end).  Transports whose stdout is a local
+        pipe copy in the kernel (:func:`copy_pipe`)."""
         n = 0
-        while True:
-            data = await self.read()
+        while limit is None or n < limit:
+            data = await self.read() if limit is None else await self.read(min(1 << 20, limit - n))
             if not data:
-                return n
+                break
             write_all(fd, data)
             n += len(data)
+        return n
 
 
 def write_all(fd: int, data) -> None:
@@ -56,31 +58,38 @@ def write_all(fd: int, data) -> None:
         view = view[os.write(fd, view):]
 
 
-async def copy_pipe(reader: asyncio.StreamReader, fd: int) -> Optional[int]:
-    """Copy what is left of a subprocess pipe behind ``reader`` (what it
-    holds, then the pipe itself to its end) to ``fd``, in a thread, with
-    ``os.splice`` where it can (no copy through Python): ``logs ID > file``
-    of a GiB at the speed of ``ssh HOST cat``.  None (nothing taken) when
-    the reader is not a plain pipe's."""
+async def copy_pipe(reader: asyncio.StreamReader, fd: int, limit: Optional[int] = None) -> Optional[int]:
+    """Copy what is left of a subprocess pipe behind ``reader`` (or its
+    next ``limit`` bytes: what the reader holds, then the pipe itself) to
+    ``fd``, in a thread, with ``os.splice`` where it can (no copy through
+    Python): ``logs ID > file`` of a GiB at the speed of ``ssh HOST cat``.
+    The number of bytes (fewer than ``limit`` only at the end); None
+    (nothing taken) when the reader is not a plain pipe's."""
     transport = getattr(reader, "_transport", None)
     pipe = transport.get_extra_info("pipe") if transport is not None else None
-    if pipe is None or reader.exception() is not None or transport.is_closing():
+    buffer = getattr(reader, "_buffer", None)
+    if pipe is None or buffer is None or reader.exception() is not None or transport.is_closing():
         return None  # (is_closing: it has read the end, and closes the pipe)
     transport.pause_reading()
     try:
-        held = bytes(reader._buffer)  # (asyncio's: read from the pipe, not yet by us)
-        reader._buffer.clear()
+        take = len(buffer) if limit is None else min(limit, len(buffer))
+        held = bytes(buffer[:take])  # (asyncio's: read from the pipe, not yet by us)
+        del buffer[:take]
         write_all(fd, held)
+        left = None if limit is None else limit - take
+        if left == 0:
+            return take
         # (a copy of the descriptor: were the transport closed meanwhile,
         # its number could be another file's)
         src = os.dup(pipe.fileno())
-        return len(held) + await asyncio.get_running_loop().run_in_executor(None, _copy_fd, src, fd)
+        return take + await asyncio.get_running_loop().run_in_executor(None, _copy_fd, src, fd, left)
     finally:
         transport.resume_reading()  # (it reads the end: wait() and close() as ever)
 
 
-def _copy_fd(src: int, dst: int) -> int:
-    """Copy ``src`` (a pipe; closed here) to its end into ``dst``."""
+def _copy_fd(src: int, dst: int, limit: Optional[int] = None) -> int:
+    """Copy ``src`` (a pipe; closed here) to its end, or ``limit`` bytes,
+    into ``dst``."""
     blocking = os.get_blocking(src)
     os.set_blocking(src, True)
     try:
@@ -92,20 +101,22 @@ def _copy_fd(src: int, dst: int) -> int:
     n = 0
     try:
         splice = getattr(os, "splice", None)  # (Python 3.10+)
-        while True:
+        while limit is None or n < limit:
+            size = 1 << 20 if limit is None else min(1 << 20, limit - n)
             if splice is not None:
                 try:
-                    k = splice(src, dst, 1 << 20)
+                    k = splice(src, dst, size)
                 except OSError:  # (dst a terminal, or opened with O_APPEND: copy)
                     splice = None
                     continue
             else:
-                data = os.read(src, 1 << 20)
+                data = os.read(src, size)
                 write_all(dst, data)
                 k = len(data)
             if not k:
-                return n
+                break
             n += k
+        return n
     finally:
         os.set_blocking(src, blocking)
         os.close(src)

@@ -21,9 +21,9 @@ class _LocalProcess(AgentProcess):
     async def read(self, n: int = 1 << 20) -> bytes:
         return await self.proc.stdout.read(n)
 
-    async def copy_to(self, fd: int) -> int:
-        copied = await copy_pipe(self.proc.stdout, fd)
-        return copied if copied is not None else await super().copy_to(fd)
+    async def copy_to(self, fd: int, limit: Optional[int] = None) -> int:
+        copied = await copy_pipe(self.proc.stdout, fd, limit)
+        return copied if copied is not None else await super().copy_to(fd, limit)
 
     async def wait(self) -> int:
         return await self.proc.wait()

@@ -754,6 +754,14 @@ class MemoryHost:
         run = self._run(args)
         if args.offset < 0 or (args.length is not None and args.length < 0):
             raise _agent().AgentError("offset and length must not be negative")
+        if args.stream == "both":
+            if args.offset or args.length is not None:
+                raise _agent().AgentError("--stream both takes no --offset or --length")
+            proc.marker(args.marker)
+            st = run._status()
+            data = [bytes(run._data[n][:st[n + "_bytes"]]) for n in ("stdout", "stderr")]
+            proc.write(b"%d %d\n" % tuple(len(d) for d in data) + b"".join(data))
+            return
         proc.marker(args.marker)
         upto = run._status()[args.stream + "_bytes"]
         end = upto if args.length is None else min(upto, args.offset + args.length)

@@ -457,7 +457,8 @@ class _Replay:
 
     async def read(self, n: int = -1) -> bytes:
         if self._first:
-            data, self._first = self._first, b""
+            cut = len(self._first) if n < 0 else n
+            data, self._first = self._first[:cut], self._first[cut:]
             return data
         return await self._proc.stdout.read(n)
 

@@ -85,22 +85,27 @@ class _Process(AgentProcess):
 
     async def read(self, n: int = 1 << 20) -> bytes:
         if self._first:
-            data, self._first = self._first, b""
+            cut = len(self._first) if n < 0 else n
+            data, self._first = self._first[:cut], self._first[cut:]
             return data
         data = await self.proc.stdout.read(n)
         if data:
             self._got_output = True
         return data
 
-    async def copy_to(self, fd: int) -> int:
+    async def copy_to(self, fd: int, limit: Optional[int] = None) -> int:
         n = 0
         if self._first:
-            data, self._first = self._first, b""
+            data = self._first if limit is None else self._first[:limit]
+            self._first = self._first[len(data):]
             write_all(fd, data)
             n = len(data)
-        copied = await copy_pipe(self.proc.stdout, fd)
+            if limit is not None and n == limit:
+                return n
+        left = None if limit is None else limit - n
+        copied = await copy_pipe(self.proc.stdout, fd, left)
         if copied is None:
-            return n + await super().copy_to(fd)
+            return n + await super().copy_to(fd, left)
         if copied:
             self._got_output = True
         return n + copied
