@@ -112,7 +112,7 @@ def _seconds_between(start: Optional[str], end: Optional[str]) -> Optional[float
 def run_info(rec: "Record") -> dict:
     """A record as the one JSON object of a run (chaperone.models.RunInfo)."""
     last = dict(rec.last or {})
-    from .models import exit_code_for
+    from .states import exit_code_for
 
     for key in ("return_code", "signal"):  # (records of earlier versions kept them in columns only)
         if last.get(key) is None and getattr(rec, key) is not None:
@@ -229,6 +229,29 @@ class Records:
     def counts(self) -> List[tuple]:
         """``(host, state, number of runs)`` for every recorded run."""
         return self.db.execute("SELECT host, state, count(*) FROM runs GROUP BY host, state").fetchall()
+
+    def select(self, *, final: bool = True, hosts=(), ids=None, where=None, args=None) -> List[Record]:
+        """Records in one query: with ``final=False`` only those not over
+        (the final ones are never read nor parsed); ``hosts``: only runs on
+        these hosts; ``ids``: only these runs."""
+        if where is not None:  # (a part of a look-up by ids)
+            sql = "SELECT %s FROM runs WHERE %s" % (_COLUMNS, " AND ".join(where))
+            return [Record(row) for row in self.db.execute(sql, args)]
+        where, args = [], []
+        if not final:
+            where.append("state NOT IN %s" % _FINAL_SQL)
+        if hosts:
+            where.append("host IN (%s)" % ", ".join("?" * len(hosts)))
+            args += list(hosts)
+        if ids is not None:
+            ids, out = list(ids), []
+            for at in range(0, len(ids), 900):  # (SQLite's bound on parameters: 999 before 3.32)
+                part = ids[at:at + 900]
+                out += self.select(final=final, hosts=hosts, where=where + [
+                    "id IN (%s)" % ", ".join("?" * len(part))], args=args + part)
+            return sorted(out, key=lambda r: r.created)
+        sql = "SELECT %s FROM runs%s ORDER BY created" % (_COLUMNS, " WHERE " + " AND ".join(where) if where else "")
+        return [Record(row) for row in self.db.execute(sql, args)]
 
     def all(self) -> Iterator[Record]:
         for row in self.db.execute("SELECT %s FROM runs ORDER BY created" % _COLUMNS):

@@ -89,6 +89,27 @@ def run_async(params: dict, coro_fn, **kw):
         fail("internal error: %s: %s (please report it)" % (type(e).__name__, e))
 
 
+def guarded(fn):
+    """``fn()`` with run_async's rule for errors (one line, never a
+    traceback), for a command's part that needs no event loop."""
+    from ..errors import ChaperoneError
+
+    try:
+        return fn()
+    except ChaperoneError as e:
+        fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(141)
+    except OSError as e:
+        fail(_os_error(e))
+    except ValueError as e:
+        fail(str(e) or type(e).__name__)
+    except Exception as e:  # never a traceback: one line, and how to see more
+        fail("internal error: %s: %s (please report it)" % (type(e).__name__, e))
+
+
 def served_call(fn):
     """``fn()`` (a command through ``chaperone serve``), its errors as one line."""
     from ..errors import ChaperoneError
