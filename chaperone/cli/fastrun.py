@@ -108,7 +108,7 @@ def attempt(argv) -> None:
             return
         doc, shell, display, quiet = plan
         from ..agent_source import agent_module
-        from ..records import Records, chaperone_home
+        from ..records import Records, home_dir
         from ..transports.target import Target
 
         agent = agent_module()
@@ -116,16 +116,18 @@ def attempt(argv) -> None:
             spec = agent.validate_spec(doc)
         except agent.AgentError:
             return
-        home = chaperone_home()
-        if (home / "serve" / "server.json").exists():
+        home = home_dir()
+        if not os.path.isabs(home) or os.path.normpath(home) != home:
+            return  # (the normal path spells it as pathlib does)
+        if os.path.exists(os.path.join(home, "serve", "server.json")):
             return  # a server may run: the normal path decides
         target = Target.parse("local")
-        target = target.replace(spool=str(home / "spool"))
+        target = target.replace(spool=os.path.join(home, "spool"))
         root = agent.ensure_root(target.spool)
         before = agent.open_fds()
-        records = Records(home / "runs.db")
+        db = os.path.join(home, "runs.db")
+        records = Records(db)
         if records.exists(spec["id"]):  # (re-attaching: the normal path)
-            records.close()
             return
         records.add(spec["id"], target.name, target.describe(), spec["program"]["argv"], command=display,
                     shell=shell, group=None)
@@ -134,7 +136,7 @@ def attempt(argv) -> None:
         for fd in (after or ()):
             if before is not None and fd not in before:
                 try:
-                    if os.readlink("/proc/self/fd/%d" % fd).startswith(str(home / "runs.db")):
+                    if os.readlink("/proc/self/fd/%d" % fd).startswith(db):
                         db_fds.append(fd)
                 except OSError:
                     pass
@@ -261,69 +263,65 @@ class _Frames:
 
 
 def _finish(agent, records, root, spec, quiet, db_fds):
+    """Start the recorded run, stream it to its end, exit with its status.
+
+    The records are not closed at the end: closing the last connection
+    checkpoints SQLite's WAL into the database and deletes it (two fsyncs,
+    about 10 ms here), and the next process to write makes it again (as
+    much again).  What was committed is in the WAL, which SQLite reads as
+    part of the database, as after any process's exit."""
     import signal
 
     run_id = spec["id"]
-    code = 255
     try:
+        if not quiet and sys.stderr.isatty():
+            _say("chaperone: run %s on local" % run_id)
         try:
-            if not quiet and sys.stderr.isatty():
-                _say("chaperone: run %s on local" % run_id)
-            try:
-                run, claimed = agent.claim(root, spec)
-                if claimed:
-                    agent.prepare_fork()
-                    ready = agent.spawn(run, spec, close=db_fds)
-                    st = agent.started_state(run, ready)
-                else:
-                    st = agent.wait_for_start(run.require())
-            except (agent.AgentError, OSError) as e:
-                message = agent.one_line(e)
-                records.mark(run_id, "failed", message)
-                _say("chaperone: %s" % message)
-                _exit(255)
-            supervisor = st.get("agent_pid") if claimed and st.get("state") == "running" else None
-            records.update(run_id, _sorted(st))
-            frames = _Frames(agent, records, root, run, supervisor)
-            signal.signal(signal.SIGINT, frames.on_sigint)
-            try:
-                agent.follow(run, frames, {"stdout": 0, "stderr": 0}, st)
-            except _Detach:
-                _say("\nchaperone: detached; run %s goes on. Re-attach: chaperone logs -f %s; "
-                     "result: chaperone wait %s" % (run_id, run_id, run_id))
-                _exit(130)
-            finally:
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-            state = frames.state
-            from ..states import exit_code_for
+            run, claimed = agent.claim(root, spec)
+            if claimed:
+                agent.prepare_fork()
+                st = agent.started_state(run, agent.spawn(run, spec, close=db_fds))
+            else:
+                st = agent.wait_for_start(run.require())
+        except (agent.AgentError, OSError) as e:
+            # (as the normal path records and says a start the agent refused)
+            message = agent.one_line(e)
+            records.mark(run_id, "failed", message)
+            _say("chaperone: %s" % message)
+            _exit(255)
+        supervisor = st.get("agent_pid") if claimed and st.get("state") == "running" else None
+        records.update(run_id, _sorted(st))
+        frames = _Frames(agent, records, root, run, supervisor)
+        signal.signal(signal.SIGINT, frames.on_sigint)
+        try:
+            agent.follow(run, frames, {"stdout": 0, "stderr": 0}, st)
+        finally:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        state = frames.state
+        from ..states import exit_code_for
 
-            if state.get("state") == "error":
-                _say("chaperone: %s" % state.get("error"))
-            elif state.get("state") == "lost":
-                _say("chaperone: run %s was lost: %s" % (run_id, state.get("error")))
-            elif state.get("timed_out"):
-                _say("chaperone: run %s timed out; killed by %s" % (run_id, state.get("signal")))
-            code = exit_code_for(state)
-        except _Detach:
-            _say("\nchaperone: detached; run %s goes on. Re-attach: chaperone logs -f %s; "
-                 "result: chaperone wait %s" % (run_id, run_id, run_id))
-            code = 130
-        except KeyboardInterrupt:
-            code = 130
-        except BrokenPipeError:
-            code = 141
-        except agent.AgentError as e:
-            _say("chaperone: %s" % agent.one_line(e))
-            code = 255
-        except OSError as e:
-            _say("chaperone: %s%s" % (e.strerror or e, ": %s" % e.filename if e.filename else ""))
-            code = 255
-        except Exception as e:  # never a traceback
-            _say("chaperone: internal error: %s: %s (please report it)" % (type(e).__name__, e))
-            code = 255
-    finally:
-        try:
-            records.close()
-        except Exception:
-            pass
+        if state.get("state") == "error":
+            _say("chaperone: %s" % state.get("error"))
+        elif state.get("state") == "lost":
+            _say("chaperone: run %s was lost: %s" % (run_id, state.get("error")))
+        elif state.get("timed_out"):
+            _say("chaperone: run %s timed out; killed by %s" % (run_id, state.get("signal")))
+        code = exit_code_for(state)
+    except _Detach:
+        _say("\nchaperone: detached; run %s goes on. Re-attach: chaperone logs -f %s; "
+             "result: chaperone wait %s" % (run_id, run_id, run_id))
+        code = 130
+    except KeyboardInterrupt:
+        code = 130
+    except BrokenPipeError:
+        code = 141
+    except agent.AgentError as e:
+        _say("chaperone: %s" % agent.one_line(e))
+        code = 255
+    except OSError as e:
+        _say("chaperone: %s%s" % (e.strerror or e, ": %s" % e.filename if e.filename else ""))
+        code = 255
+    except Exception as e:  # never a traceback
+        _say("chaperone: internal error: %s: %s (please report it)" % (type(e).__name__, e))
+        code = 255
     _exit(code if code is not None else 255)
