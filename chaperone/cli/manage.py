@@ -10,7 +10,7 @@ import sys
 import click
 
 from . import served
-from .app import cli, fail, guarded, run_async, served_call, ssh_options
+from .app import cli, fail, guarded, leave_open, run_async, served_call, ssh_options
 from .display import (ago, human_duration, parse_duration, parse_time, print_json, result, short_ago, table)
 
 IDS = click.argument("run_ids", nargs=-1, required=True, metavar="ID...")
@@ -171,7 +171,7 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params)
         try:
             return listed(records, home)
         finally:
-            records.close()
+            leave_open(records)
 
     def listed(records, home):
         recs = records.select(final=bool(show_all or last is not None or states), hosts=hosts)
