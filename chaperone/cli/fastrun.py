@@ -270,7 +270,7 @@ def _finish(agent, records, root, spec, quiet, db_fds):
     about 10 ms here), and the next process to write makes it again (as
     much again).  What was committed is in the WAL, which SQLite reads as
     part of the database, as after any process's exit."""
-    import signal
+    import _signal as signal  # (the C module: `signal` builds its enums at import)
 
     run_id = spec["id"]
     try:
