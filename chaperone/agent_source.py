@@ -148,9 +148,12 @@ def agent_module():
     the library validates program.json with the agent's own validator, which
     tests prove equal to ``chaperone.models`` (and is much faster to import
     than pydantic)."""
-    import importlib.util
+    # (what importlib.util re-exports, without importing importlib.util and
+    # contextlib: the fast `run local` path loads the agent this way)
+    from importlib._bootstrap import module_from_spec
+    from importlib._bootstrap_external import spec_from_file_location
 
-    spec = importlib.util.spec_from_file_location("chaperone._agent", agent_file())
-    module = importlib.util.module_from_spec(spec)
+    spec = spec_from_file_location("chaperone._agent", agent_file())
+    module = module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
