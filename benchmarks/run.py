@@ -535,14 +535,28 @@ def bench_cold_launch(ctx: Context):
     # No SSH at all: the local transport (the head start's fast path,
     # chaperone/cli/fastrun.py), and for comparison the normal path
     # (click, asyncio, the agent as a subprocess).
+    import resource
+
+    def cpu() -> float:
+        r = resource.getrusage(resource.RUSAGE_CHILDREN)
+        return r.ru_utime + r.ru_stime
+
     local_reps = max(5, reps)
-    loc, py = Timed.pair(ctx.cli_argv("run", "local", "--", "true"), [sys.executable, "-c", "pass"],
-                         local_reps, env=ctx.env, warmup=2)
+    loc, py, loc_cpu, py_cpu = [], [], [], []
+    for i in range(2 + local_reps):  # (interleaved, 2 rounds of warm-up)
+        for argv, times, cpus in ((ctx.cli_argv("run", "local", "--", "true"), loc, loc_cpu),
+                                  ([sys.executable, "-c", "pass"], py, py_cpu)):
+            c0 = cpu()
+            dt = Timed.once(argv, env=ctx.env)
+            if i >= 2:
+                times.append(dt)
+                cpus.append(cpu() - c0)
     ctx.results.add(
         "cold_launch_local", "cold launch, local: chaperone run local -- true", median(loc), "s",
         baseline=median(py), target="<= 3x", samples=loc, baseline_samples=py,
-        notes="baseline: python -c pass; %d reps each, interleaved; the fast path of the head start"
-              % local_reps,
+        notes="baseline: python -c pass; %d reps each, interleaved; the fast path of the head start; CPU "
+              "(user+sys, the supervisor and the program included): %.4f s against %.4f s, %.2fx"
+              % (local_reps, median(loc_cpu), median(py_cpu), median(loc_cpu) / max(median(py_cpu), 1e-9)),
     )
     normal_env = dict(ctx.env, CHAPERONE_FAST_RUN="0")
     slow, py2 = Timed.pair(ctx.cli_argv("run", "local", "--", "true"), [sys.executable, "-c", "pass"],
