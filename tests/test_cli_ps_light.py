@@ -32,7 +32,10 @@ def test_ps_current_states_without_pydantic_or_asyncio(tmp_path):
     m = marker_number()
     try:
         assert cli(home, "run", "-d", "--id", "live", "local", "--", "sleep", m).returncode == 0
-        assert cli(home, "run", "-d", "--id", "ended", "local", "--", "sh", "-c", "exit 3").returncode == 0
+        gate = tmp_path / "gate"  # (it ends after run -d recorded it running)
+        assert cli(home, "run", "-d", "--id", "ended", "local", "--", "sh", "-c",
+                   "while [ ! -e %s ]; do sleep 0.02; done; exit 3" % gate).returncode == 0
+        gate.write_text("")
         wait_for(lambda: read_state(spool_root(home), "ended")["state"] == "done", 10, what="ended's end")
         records = Records(home / "runs.db")
         try:
