@@ -146,11 +146,17 @@ def test_stdin_file_reaches_program_exactly(home, tmp_path):
 
 
 GEN = r"""
-import hashlib, random, sys
+import hashlib, os, random, sys, time
 base = random.Random(7).randbytes(10 ** 6)
 h = hashlib.sha256()
 out = sys.stdout.buffer
+gate = sys.argv[1] if len(sys.argv) > 1 else None
 for i in range(200):
+    if i == 100 and gate:  # half way: wait until the test has looked (at most 60 s)
+        out.flush()
+        end = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < end:
+            time.sleep(0.01)
     block = i.to_bytes(8, "big") + base[8:]
     h.update(block)
     out.write(block)
@@ -169,7 +175,9 @@ def sha256_file(path):
 
 @pytest.mark.timeout(90)
 def test_200mb_detached_exact_and_supervisor_memory_flat(home, tmp_path):
-    res = cli(home, "run", "local", "-d", "--id", "big", "--", PY, "-c", GEN)
+    gate = tmp_path / "gate"  # (the program waits half way until the test has sampled: a loaded machine
+    #                            would otherwise see it all written before the first sample)
+    res = cli(home, "run", "local", "-d", "--id", "big", "--", PY, "-c", GEN, str(gate))
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == b"big"
     sup = psutil.Process(state_of(home, "big")["agent_pid"])
@@ -181,6 +189,8 @@ def test_200mb_detached_exact_and_supervisor_memory_flat(home, tmp_path):
             samples.append((sup.memory_info().rss, os.path.getsize(str(stdout_file))))
         except psutil.NoSuchProcess:
             break
+        if len([1 for _, size in samples if 0 < size < 200 * 10 ** 6]) >= 5:
+            gate.touch()
         time.sleep(0.01)
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 0, err

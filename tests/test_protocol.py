@@ -398,7 +398,7 @@ def test_start_follow_reassembles_output(tmp_path):
 
 def test_follow_of_running_run_sends_running_state(tmp_path):
     root = tmp_path / "spool"
-    start(root, spec("f2", ["sh", "-c", "echo a; sleep 0.5; echo b >&2"]))
+    start(root, spec("f2", ["sh", "-c", "echo a; sleep 2; echo b >&2"]))  # (2 s: the follow starts first, even on a loaded machine)
     proc = run_agent(root, "follow", "f2", marker=MARKER)
     events = _decode_follow(proc.stdout, json_line=False)
     states = _check_follow(events, root, "f2")
