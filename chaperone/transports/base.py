@@ -72,6 +72,13 @@ async def copy_pipe(reader: asyncio.StreamReader, fd: int, limit: Optional[int] 
         return None  # (is_closing: it has read the end, and closes the pipe)
     transport.pause_reading()
     try:
+        # What the transport read is handed to the reader by call_soon (a
+        # subprocess's pipes): let what is on its way arrive first (without
+        # this, 64 KiB read but not yet delivered went missing under load).
+        for _ in range(2):
+            await asyncio.sleep(0)
+        if reader.exception() is not None:
+            raise reader.exception()
         take = len(buffer) if limit is None else min(limit, len(buffer))
         held = bytes(buffer[:take])  # (asyncio's: read from the pipe, not yet by us)
         del buffer[:take]
