@@ -87,11 +87,6 @@ def check_signal(name: Union[str, int]) -> str:
     return text
 
 
-def shell_argv(command: str) -> List[str]:
-    """The argv that runs a shell command line, as ``ssh HOST 'CMD'`` does."""
-    return ["/bin/sh", "-c", command]
-
-
 class _StartBatcher:
     """Starts requested in the same turn of the event loop for one host go
     to the agent together: one channel and one Python start-up for all."""
@@ -388,9 +383,11 @@ class Chaperone:
     def program_spec(self, argv: Sequence[str], *, run_id: Optional[str] = None, cwd: Optional[str] = None,
                      env: Optional[Mapping[str, Optional[str]]] = None, timeout: Optional[float] = None,
                      stdin: Optional[bytes] = None, stdin_path: Optional[str] = None,
-                     callback: Optional[dict] = None, config: Optional[dict] = None) -> dict:
+                     callback: Optional[dict] = None, config: Optional[dict] = None,
+                     shell: bool = False) -> dict:
         """A validated program.json (``chaperone.models.ProgramSpec`` as a
-        dict, defaults filled in)."""
+        dict, defaults filled in).  ``shell``: ``argv`` is one shell command
+        line, for the login shell on the host."""
         if not argv:
             raise UsageError("no command given")
         stdin_spec = None
@@ -403,7 +400,8 @@ class Chaperone:
             cfg["timeout"] = float(timeout)
         doc = {
             "id": run_id or new_run_id(),
-            "program": {"argv": list(argv), "cwd": cwd, "env": dict(env or {}), "stdin": stdin_spec},
+            "program": {"argv": list(argv), "cwd": cwd, "env": dict(env or {}), "stdin": stdin_spec,
+                        "shell": bool(shell)},
             "callback": callback,
             "config": cfg,
         }
@@ -415,12 +413,14 @@ class Chaperone:
 
     @staticmethod
     def _argv(command: Command) -> "tuple[List[str], bool, str]":
-        """``(argv, shell, display)``: a string is a shell command line, a
-        sequence an exact argv (never interpreted by a shell)."""
+        """``(argv, shell, display)``: a string is a shell command line (the
+        argv is that one string, for the login shell on the host: see
+        ``program.shell``), a sequence an exact argv (never interpreted by a
+        shell)."""
         if isinstance(command, str):
             if not command.strip():
                 raise UsageError("no command given")
-            return shell_argv(command), True, command
+            return [command], True, command
         argv = list(command)
         if not argv or not all(isinstance(a, str) for a in argv):
             raise UsageError("the command must be a string (a shell command line) or a list of strings (argv)")
@@ -443,7 +443,7 @@ class Chaperone:
         target = self.target(host, **(ssh or {}))
         transport = self.transports.get(target)
         run_id = kw.pop("run_id", None) or kw.pop("id", None) or new_run_id()
-        spec = self.program_spec(argv, run_id=run_id, **kw)
+        spec = self.program_spec(argv, run_id=run_id, shell=shell, **kw)
         if self.push is not None:
             self.push.check_config(spec["config"])
         rec = self._register(target, spec, shell, display, group)
@@ -454,7 +454,7 @@ class Chaperone:
             except ChaperoneError as e:
                 self._start_failed(run_id, e)
                 raise
-            spec = self.program_spec(argv, run_id=run_id, **{**kw, "callback": spec["callback"]})
+            spec = self.program_spec(argv, run_id=run_id, shell=shell, **{**kw, "callback": spec["callback"]})
         return target, transport, spec, existed
 
     def _start_failed(self, run_id: str, error: ChaperoneError) -> None:
@@ -472,8 +472,9 @@ class Chaperone:
                     **kw) -> Run:
         """Start ``command`` on ``host`` and return at once (it runs detached).
 
-        ``command``: a string is a shell command line (as ``ssh HOST
-        'CMD'``); a list is an exact argv, never interpreted by a shell.
+        ``command``: a string is a shell command line, run by the user's
+        login shell on the host (as ``ssh HOST 'CMD'``: ``SHELL -c CMD``);
+        a list is an exact argv, never interpreted by a shell.
         ``id``: the run id (default: new); starting an id again is harmless
         (the same run).  ``cwd`` (default: the home directory on the host),
         ``env`` (set a string, unset None), ``timeout`` (seconds; then

@@ -18,7 +18,7 @@ import binascii
 import re
 from typing import Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .protocol import STREAMS  # noqa: F401 - part of the wire format, re-exported
 
@@ -72,6 +72,8 @@ def _no_nul(v: str, what: str) -> str:
 
 
 class Program(_Strict):
+    #: The program and its arguments, executed directly; with ``shell``,
+    #: exactly one string: the command line.
     argv: List[str] = Field(min_length=1)
     #: Working directory; ``null`` means the agent's home directory.
     cwd: Optional[str] = None
@@ -82,6 +84,10 @@ class Program(_Strict):
     env_inherit: Union[bool, List[str]] = True
     stdin: Union[None, StdinPath, StdinData] = None
     umask: Optional[int] = Field(default=None, ge=0, le=0o777)
+    #: ``argv`` is one shell command line, run as sshd runs a command: by
+    #: the login shell of the agent's user (its passwd entry's shell, else
+    #: ``/bin/sh``) as ``SHELL -c LINE``.
+    shell: bool = False
 
     @field_validator("argv")
     @classmethod
@@ -91,6 +97,12 @@ class Program(_Strict):
         for arg in v:
             _no_nul(arg, "argument")
         return v
+
+    @model_validator(mode="after")
+    def _shell_line(self) -> "Program":
+        if self.shell and len(self.argv) != 1:
+            raise ValueError("argv: a shell command (shell: true) is exactly one string, the command line")
+        return self
 
     @field_validator("cwd")
     @classmethod

@@ -767,7 +767,7 @@ def validate_spec(spec):
     check_id(spec["id"])
 
     prog = spec["program"]
-    _keys(prog, "program", ("argv",), ("cwd", "env", "env_inherit", "stdin", "umask"))
+    _keys(prog, "program", ("argv",), ("cwd", "env", "env_inherit", "stdin", "umask", "shell"))
     argv = prog["argv"]
     if not isinstance(argv, list) or not argv:
         raise AgentError("program.argv: expected a non-empty list of strings")
@@ -775,6 +775,11 @@ def validate_spec(spec):
         _no_nul(_str(arg, "program.argv[%d]" % i), "program.argv[%d]" % i)
     if argv[0] == "":
         raise AgentError("program.argv[0]: empty program name")
+    shell = prog.setdefault("shell", False)
+    if not isinstance(shell, bool):
+        raise AgentError("program.shell: expected a boolean")
+    if shell and len(argv) != 1:
+        raise AgentError("program.argv: a shell command (shell: true) is exactly one string, the command line")
     if prog.get("cwd") is not None:
         _no_nul(_str(prog["cwd"], "program.cwd"), "program.cwd")
     env = prog.setdefault("env", {})
@@ -1386,7 +1391,7 @@ def open_fds():
     return None
 
 
-def fork_exec(argv, cwd, env, stdio, umask, libc):
+def fork_exec(argv, cwd, env, stdio, umask, libc, executable=None):
     """Start a program; its pid.  What ``subprocess.Popen(argv, stdin=,
     stdout=, stderr=, cwd=cwd, env=env, start_new_session=True,
     restore_signals=True, close_fds=True, preexec_fn=...)`` did, with a
@@ -1398,16 +1403,17 @@ def fork_exec(argv, cwd, env, stdio, umask, libc):
     child puts them in place, changes to ``cwd``, restores the signals
     Python ignores, starts a session, applies the umask, asks for SIGKILL
     when its parent dies, closes every other descriptor and execs
-    ``argv[0]`` found as subprocess finds it (in the ``PATH`` of ``env``).
-    Failures come back as Popen raised them: OSError(errno, strerror,
-    argv[0]) for exec, OSError(errno, strerror, cwd) for chdir, reported by
+    ``executable`` (default ``argv[0]``) found as subprocess finds it (in
+    the ``PATH`` of ``env``).  Failures come back as Popen raised them:
+    OSError(errno, strerror, executable) for exec, OSError(errno, strerror, cwd) for chdir, reported by
     the child through a close-on-exec pipe; the child never runs anything
     else after a failure.  Anything that cannot be converted for exec
     (UnicodeEncodeError) raises here, in Popen's order, before the fork."""
     import gc
 
     env_bytes = dict((_fsencode_env_name(k), os.fsencode(v)) for k, v in env.items())
-    executable = os.fsencode(argv[0])
+    name = argv[0] if executable is None else executable
+    executable = os.fsencode(name)
     if os.path.dirname(executable):
         executables = (executable,)
     else:  # as subprocess and os.execvpe search: os.get_exec_path(env) (which imports warnings)
@@ -1458,7 +1464,7 @@ def fork_exec(argv, cwd, env, stdio, umask, libc):
     code = int(number or 0)
     message = os.strerror(code) if code else "the program's process failed before exec"
     if step == b"exec":
-        raise OSError(code, message, argv[0])
+        raise OSError(code, message, name)
     if step == b"chdir":
         raise OSError(code, message, cwd)
     raise OSError(code, message)
@@ -1580,6 +1586,27 @@ def copy_stdin(source, dest):
         raise
     finally:
         os.close(src)
+
+
+def login_shell():
+    """The login shell of this process's user, as sshd runs a command with
+    it: its passwd entry's shell, ``/bin/sh`` when that is empty."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
+    except (ImportError, KeyError):
+        return "/bin/sh"
+
+
+def program_argv(prog):
+    """``(argv, executable)`` to exec for ``program``: its argv as is, or,
+    for a shell command line (``shell``), what sshd execs for a command:
+    the login shell, named by its base name, with ``-c LINE``."""
+    if not prog.get("shell"):
+        return prog["argv"], None
+    shell = login_shell()
+    return [os.path.basename(shell) or shell, "-c", prog["argv"][0]], shell
 
 
 def build_env(prog):
@@ -1722,7 +1749,7 @@ class Supervisor(object):
 
     def exec_failed(self, e):
         prog = self.spec["program"]
-        what = prog["argv"][0]
+        what = getattr(self, "executable", None) or prog["argv"][0]
         filename = getattr(e, "filename", None)
         if filename is not None and filename == prog.get("cwd"):
             what = "cwd %s" % prog["cwd"]
@@ -1767,9 +1794,11 @@ class Supervisor(object):
             self.pipes[r] = name
             child_fds[name] = w
         cwd = prog["cwd"] or os.path.expanduser("~")
+        argv, self.executable = program_argv(prog)
         try:
-            self.pid = fork_exec(prog["argv"], cwd, build_env(prog),
-                                 (stdin_fd, child_fds["stdout"], child_fds["stderr"]), prog["umask"], libc)
+            self.pid = fork_exec(argv, cwd, build_env(prog),
+                                 (stdin_fd, child_fds["stdout"], child_fds["stderr"]), prog["umask"], libc,
+                                 executable=self.executable)
         except OSError as e:
             if e.filename is None and not os.path.isdir(cwd):
                 e.filename = cwd

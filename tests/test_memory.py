@@ -445,6 +445,34 @@ def test_start_is_idempotent_by_id(tmp_path):
     go(main())
 
 
+def test_a_command_line_runs_in_the_hosts_login_shell(tmp_path):
+    """A string is a shell command line: program.json carries it as one
+    string with ``shell``, the host runs its login shell with ``-c LINE``;
+    the record shows it as typed (no argv).  A list stays an exact argv."""
+    host = MemoryHost("fake", shell="/bin/zsh")
+    seen = []
+
+    @host.program("/bin/zsh")
+    async def zsh(p):
+        seen.append(p.argv)
+        return 0
+
+    async def main():
+        async with chaperone(tmp_path, host) as ch:
+            run = await ch.start("fake", "echo $HOME | wc -c", id="line")
+            assert (await run.wait()).exit_code == 0
+            assert seen == [["zsh", "-c", "echo $HOME | wc -c"]]
+            prog = host.runs["line"].spec["program"]
+            assert (prog["argv"], prog["shell"]) == (["echo $HOME | wc -c"], True)
+            assert (run.info().command, run.info().argv) == ("echo $HOME | wc -c", None)
+            exact = await ch.start("fake", ["/bin/zsh", "-c", "x"], id="exact")
+            assert (await exact.wait()).exit_code == 0 and seen[-1] == ["/bin/zsh", "-c", "x"]
+            assert host.runs["exact"].spec["program"]["shell"] is False
+            assert exact.info().argv == ["/bin/zsh", "-c", "x"]
+
+    go(main())
+
+
 def test_a_start_that_never_reached_the_host_is_failed(tmp_path):
     """Refused before anything ran: the start raises, the record says
     ``failed`` (never ``running``), and the host has nothing.  Dropped

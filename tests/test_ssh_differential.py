@@ -21,6 +21,8 @@ wrapping stays checked.
 
 import concurrent.futures
 import hashlib
+import os
+import pwd
 import shlex
 import subprocess
 import threading
@@ -53,6 +55,15 @@ CORPUS = {
     "literal-unicode-and-shell-syntax": ["printf", "[%s]\n", *LITERAL_ARGS],
 }
 
+#: Shell command lines (one string, no ``--``): run by the login shell on
+#: the host (root's is bash here), as ``ssh HOST LINE`` runs them: ``$0``
+#: names it, and bash-only syntax works.
+SHELL_LINES = {
+    "login-shell-and-bash-syntax": "echo $0; [[ a == a ]] && echo double-brackets; echo ${BASH_VERSION:+bash}; "
+                                   "a=(x y z); echo ${a[2]}",
+    "pipeline-and-home": "echo $HOME | tr a-z A-Z; echo $((6 * 7)) >&2; exit 3",
+}
+
 SIGNALS = {
     "signal-TERM": ["sh", "-c", "echo before; echo err >&2; kill -TERM $$; echo after"],
     "signal-KILL": ["python3", "-c", "import os,sys; sys.stdout.write('x'); sys.stdout.flush(); "
@@ -74,10 +85,13 @@ def _communicate(argv, env=None, cwd=None, out=None):
 
 
 def both(sshd, home, argv, ssh_command):
-    """Run chaperone and ssh at the same time; (chaperone, ssh) results."""
+    """Run chaperone and ssh at the same time; (chaperone, ssh) results.
+    ``argv``: an exact argv (after ``--``), or a string: one shell command
+    line (no ``--``)."""
     home.mkdir(exist_ok=True)
     mine, theirs = {}, {}
-    chaperone = CLI + ["-F", sshd.config_file, "run", "testhost", "--", *argv]
+    words = [argv] if isinstance(argv, str) else ["--", *argv]
+    chaperone = CLI + ["-F", sshd.config_file, "run", "testhost", *words]
     t = threading.Thread(target=_communicate, args=(chaperone, cli_env(home), str(home), mine))
     t.start()
     _communicate(sshd.ssh_argv(ssh_command), out=theirs)
@@ -96,6 +110,7 @@ def outcomes(sshd, tmp_path_factory):
     processes); each with its own CHAPERONE_HOME.  {name: (chaperone, ssh)}."""
     cases = {name: (argv, shlex.join(argv)) for name, argv in CORPUS.items()}
     cases.update({name: (argv, _signal_wrapped(argv)) for name, argv in SIGNALS.items()})
+    cases.update({name: (line, line) for name, line in SHELL_LINES.items()})
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         futures = {name: pool.submit(both, sshd, tmp_path_factory.mktemp("home"), argv, command)
                    for name, (argv, command) in cases.items()}
@@ -138,6 +153,22 @@ def test_the_corpus_does_what_it_says(outcomes):
     assert printed == "".join("[%s]\n" % a for a in LITERAL_ARGS)
     assert (out["signal-TERM"]["code"], out["signal-TERM"]["stdout"]) == (128 + 15, b"before\n")
     assert (out["signal-KILL"]["code"], out["signal-KILL"]["stdout"]) == (128 + 9, b"x")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", list(SHELL_LINES))
+def test_a_command_line_is_run_by_the_login_shell_as_by_ssh(outcomes, name):
+    mine, theirs = outcomes[name]
+    assert_same(mine, theirs)
+
+
+def test_the_login_shell_cases_do_what_they_say(outcomes):
+    out = {name: theirs for name, (_, theirs) in outcomes.items()}
+    shell = pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
+    assert shell.endswith("bash"), "these cases expect bash as the login shell (%s here)" % shell
+    assert out["login-shell-and-bash-syntax"]["stdout"] == b"bash\ndouble-brackets\nbash\nz\n"
+    assert out["pipeline-and-home"]["stdout"] == os.path.expanduser("~").upper().encode() + b"\n"
+    assert (out["pipeline-and-home"]["stderr"], out["pipeline-and-home"]["code"]) == (b"42\n", 3)
 
 
 @pytest.mark.timeout(120)

@@ -105,7 +105,12 @@ class MemoryRun:
         self.host = host
         self.id: str = spec["id"]
         self.spec = spec
-        self.argv: List[str] = list(spec["program"]["argv"])
+        prog = spec["program"]
+        #: What runs: the argv, or for a shell command line the host's
+        #: login shell, as the agent execs it (``[sh, "-c", LINE]``).
+        self.executable: str = host.shell if prog.get("shell") else prog["argv"][0]
+        self.argv: List[str] = ([os.path.basename(host.shell), "-c", prog["argv"][0]] if prog.get("shell")
+                                else list(prog["argv"]))
         self.cwd: str = spec["program"]["cwd"] or host.home
         self.env: Dict[str, str] = host._environment(spec["program"])
         self.stdin = b""
@@ -214,9 +219,9 @@ class MemoryRun:
             self.stdin = bytes(self.host.files[stdin["path"]])
         elif stdin is not None:
             self.stdin = base64.b64decode(stdin["data"])
-        func = self.host.programs.get(self.argv[0]) or self.host.programs.get(os.path.basename(self.argv[0]))
+        func = self.host.programs.get(self.executable) or self.host.programs.get(os.path.basename(self.executable))
         if func is None:
-            return self._failed(self.argv[0], _errno.ENOENT)
+            return self._failed(self.executable, _errno.ENOENT)
         pid = next(self.host._pids)
         self.state.update(pid=pid, pgid=pid, pid_start=next(self.host._ticks))
         self._task = asyncio.ensure_future(self._main(func))
@@ -447,13 +452,17 @@ class MemoryHost:
     output frame payload (the agent's 1 MiB; smaller splits output into
     more frames); ``latency``: seconds each agent call takes to connect;
     ``banner``: bytes every call prints before the agent runs (a login
-    script's noise: the marker skips it)."""
+    script's noise: the marker skips it); ``shell``: the login shell that
+    runs shell command lines (a string command runs the program
+    registered under this path or its base name, with ``argv`` ``[sh,
+    "-c", LINE]``)."""
 
     def __init__(self, name: str = "memory", *, home: str = "/home/user", environ: Optional[Dict[str, str]] = None,
                  files: Optional[Dict[str, bytes]] = None, chunk: int = 1 << 20, latency: float = 0.0,
-                 banner: bytes = b""):
+                 banner: bytes = b"", shell: str = "/bin/sh"):
         self.name = name
         self.home = home
+        self.shell = shell
         self.root = home.rstrip("/") + "/.chaperone/runs"
         self.environ = dict(environ if environ is not None else
                             {"HOME": home, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"})
