@@ -3,7 +3,7 @@
 
 One file, Python 3.8+, standard library only; shipped verbatim to each host.
 
-    agent.py [--root DIR] [--marker M] start [--follow]   < program.json
+    agent.py [--root DIR] [--marker M] [--login-env FD] start [--follow]   < program.json
     agent.py [--root DIR] [--marker M] status ID
     agent.py [--root DIR] [--marker M] follow ID [--stdout-offset N] [--stderr-offset N]
     agent.py [--root DIR] output ID --stream stdout|stderr --offset N [--length L]
@@ -1391,7 +1391,7 @@ def open_fds():
     return None
 
 
-def fork_exec(argv, cwd, env, stdio, umask, libc, executable=None):
+def fork_exec(argv, cwd, env, stdio, umask, libc, executable=None, underscore=False):
     """Start a program; its pid.  What ``subprocess.Popen(argv, stdin=,
     stdout=, stderr=, cwd=cwd, env=env, start_new_session=True,
     restore_signals=True, close_fds=True, preexec_fn=...)`` did, with a
@@ -1404,8 +1404,10 @@ def fork_exec(argv, cwd, env, stdio, umask, libc, executable=None):
     Python ignores, starts a session, applies the umask, asks for SIGKILL
     when its parent dies, closes every other descriptor and execs
     ``executable`` (default ``argv[0]``) found as subprocess finds it (in
-    the ``PATH`` of ``env``).  Failures come back as Popen raised them:
-    OSError(errno, strerror, executable) for exec, OSError(errno, strerror, cwd) for chdir, reported by
+    the ``PATH`` of ``env``); with ``underscore``, the variable ``_`` is
+    the path exec'd, as a shell sets it for a command.  Failures come back
+    as Popen raised them: OSError(errno, strerror, executable) for exec,
+    OSError(errno, strerror, cwd) for chdir, reported by
     the child through a close-on-exec pipe; the child never runs anything
     else after a failure.  Anything that cannot be converted for exec
     (UnicodeEncodeError) raises here, in Popen's order, before the fork."""
@@ -1436,7 +1438,8 @@ def fork_exec(argv, cwd, env, stdio, umask, libc, executable=None):
     try:
         pid = os.fork()
         if pid == 0:
-            _exec_child(executables, args, env_bytes, cwd_bytes, list(stdio), umask, libc, parent, fds, err_w)
+            _exec_child(executables, args, env_bytes, cwd_bytes, list(stdio), umask, libc, parent, fds, err_w,
+                        underscore)
     except BaseException:
         os.close(err_r)
         os.close(err_w)
@@ -1477,7 +1480,7 @@ def _fsencode_env_name(name):
     return name
 
 
-def _exec_child(executables, args, env, cwd, stdio, umask, libc, parent, fds, err_w):
+def _exec_child(executables, args, env, cwd, stdio, umask, libc, parent, fds, err_w, underscore=False):
     """fork_exec's child: becomes the program, or reports why not and
     exits.  Never returns."""
     step, code = b"noexec", 0
@@ -1516,6 +1519,8 @@ def _exec_child(executables, args, env, cwd, stdio, umask, libc, parent, fds, er
         step = b"exec"
         first = last = 0
         for path in executables:
+            if underscore:
+                env[b"_"] = path
             try:
                 os.execve(path, args, env)
             except OSError as e:
@@ -1609,21 +1614,116 @@ def program_argv(prog):
     return [os.path.basename(shell) or shell, "-c", prog["argv"][0]], shell
 
 
-def build_env(prog):
+#: The environments programs inherit (see login_environ), once known:
+#: [for an exact argv, for a shell command line].
+_LOGIN_ENV = []
+
+
+def parse_environ(data):
+    """An environment block (``NAME=VALUE`` entries, NUL-terminated, as
+    /proc/PID/environ holds them) as a dict of str (bytes that are not
+    text kept by surrogateescape, as os.environ keeps them); the first of
+    two entries of one name wins, as getenv() finds it."""
+    env = {}
+    for item in data.split(b"\0"):
+        name, eq, value = item.partition(b"=")
+        if name and eq:
+            env.setdefault(os.fsdecode(name), os.fsdecode(value))
+    return env
+
+
+def proc_environ(pid):
+    """The environment process ``pid`` was executed with, or None."""
+    try:
+        with open("/proc/%s/environ" % pid, "rb") as f:
+            return parse_environ(f.read())
+    except OSError:
+        return None
+
+
+def read_login_env(pid):
+    """``--login-env PID``: where the environments of the login shell are.
+    The remote bootstrap runs, for ``start``, ``SHELL -c 'sh -c "python3
+    ... --login-env $$; exit $?"; exit'``: neither shell execs the next
+    (see chaperone/transports/ssh/common.py), so this process's parent
+    ``PID`` is that ``sh``, whose environment is the one the login shell
+    gives the commands it runs (after its rc files: PATH as the user set
+    it), and its parent is the login shell itself, whose environment is
+    the one sshd gave it.  Both are what they were before ``python3`` ran
+    (a shim, as pyenv's, changes PATH and adds PYENV_* variables; Python
+    adds LC_CTYPE=C.UTF-8 in the C locale: PEP 538).  An exact argv starts
+    from the first (as under ``ssh HOST 'ARGV'``), a shell command line
+    from the second (the login shell then reads its rc files once, as
+    under ``ssh HOST LINE``).  Anything unexpected (PID is not the
+    parent, the grandparent is not the login shell, no /proc) leaves
+    login_environ() to its fallbacks."""
+    if pid < 2 or os.getppid() != pid:
+        return
+    commands = proc_environ(pid)
+    if commands is None:
+        return
+    shell_env = None
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+        parent = int(data[data.rindex(b")") + 2:].split()[1])
+        shell = os.stat(login_shell())
+        exe = os.stat("/proc/%d/exe" % parent) if parent > 1 else None
+    except (OSError, ValueError, IndexError):
+        exe = None
+    if exe is not None and (exe.st_dev, exe.st_ino) == (shell.st_dev, shell.st_ino):
+        shell_env = proc_environ(parent)
+    if shell_env is not None:
+        # The login shell raised SHLVL for the `sh` it ran: a command it
+        # execs (as bash does `ssh HOST 'prog args'`) gets the level back.
+        ours, given = commands.get("SHLVL", ""), shell_env.get("SHLVL", "0")
+        if ours.isdigit() and given.isdigit() and int(ours) == int(given) + 1:
+            commands = dict(commands, SHLVL=str(int(given)))
+    _LOGIN_ENV[:] = [commands, shell_env if shell_env is not None else commands]
+
+
+def login_environ(shell=False):
+    """The environment programs inherit (``env_inherit``): the login
+    shell's (read_login_env): for a shell command line (``shell``) the one
+    the login shell started with, else the one it gives commands; without
+    it, the one this interpreter was executed with (/proc/self/environ:
+    before Python changed its own, say PEP 538's ``LC_CTYPE=C.UTF-8``);
+    else os.environ."""
+    if not _LOGIN_ENV:
+        env = proc_environ("self")
+        env = dict(os.environ) if env is None else env
+        _LOGIN_ENV[:] = [env, env]
+    return _LOGIN_ENV[1 if shell else 0]
+
+
+def build_env(prog, cwd=None):
+    base = login_environ(prog.get("shell"))
     inherit = prog["env_inherit"]
     if inherit is True:
-        env = dict(os.environ)
+        env = dict(base)
     elif inherit is False:
         env = {}
     else:
-        env = dict((k, os.environ[k]) for k in inherit if k in os.environ)
+        env = dict((k, base[k]) for k in inherit if k in base)
     env.pop("CHAPERONE_SPOOL", None)
+    if cwd is not None and "PWD" in env and not same_dir(env["PWD"], cwd):
+        env["PWD"] = cwd  # (as a shell's cd: PWD names the program's directory)
     for k, v in prog["env"].items():
         if v is None:
             env.pop(k, None)
         else:
             env[k] = v
     return env
+
+
+def same_dir(a, b):
+    """Whether two paths name one directory (a shell keeps an inherited
+    PWD that names its working directory, even through a link)."""
+    try:
+        x, y = os.stat(a), os.stat(b)
+    except (OSError, ValueError):
+        return False
+    return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
 
 
 class Supervisor(object):
@@ -1795,10 +1895,12 @@ class Supervisor(object):
             child_fds[name] = w
         cwd = prog["cwd"] or os.path.expanduser("~")
         argv, self.executable = program_argv(prog)
+        env = build_env(prog, cwd)
         try:
-            self.pid = fork_exec(argv, cwd, build_env(prog),
-                                 (stdin_fd, child_fds["stdout"], child_fds["stderr"]), prog["umask"], libc,
-                                 executable=self.executable)
+            self.pid = fork_exec(argv, cwd, env, (stdin_fd, child_fds["stdout"], child_fds["stderr"]), prog["umask"],
+                                 libc, executable=self.executable,
+                                 # (as the login shell sets it for a command; a shell sets its own)
+                                 underscore=not prog["shell"] and "_" in env and "_" not in prog["env"])
         except OSError as e:
             if e.filename is None and not os.path.isdir(cwd):
                 e.filename = cwd
@@ -2772,6 +2874,8 @@ def start_many(root, docs):
 
 
 def cmd_start(args, out_marker):
+    if args.login_env is not None:
+        read_login_env(args.login_env)
     doc = read_program_json()
     root = ensure_root(args.root)
     if isinstance(doc, list):
@@ -3021,7 +3125,7 @@ def cmd_clean(args, marker):
 
 
 USAGE = """\
-usage: agent.py [--root DIR] [--marker M] [--expect-hash SHA256] COMMAND ...
+usage: agent.py [--root DIR] [--marker M] [--expect-hash SHA256] [--login-env FD] COMMAND ...
 
 commands:
   start [--follow]                       < program.json (or a JSON array of them)
@@ -3034,7 +3138,7 @@ commands:
   control ID                             < message.json
 """
 #: The global options (before the command): option -> attribute.
-GLOBAL_OPTIONS = {"--root": "root", "--marker": "marker", "--expect-hash": "expect_hash"}
+GLOBAL_OPTIONS = {"--root": "root", "--marker": "marker", "--expect-hash": "expect_hash", "--login-env": "login_env"}
 #: Each command: its positional arguments and its options, option ->
 #: (attribute, None for a flag / a type / a tuple of choices, default).
 COMMAND_ARGS = {
@@ -3169,6 +3273,11 @@ def parse_args(argv):
     for attr, text in zip(positional, given):
         setattr(args, attr, text)
     args.root = os.path.abspath(args.root or default_root())
+    if args.login_env is not None:
+        try:
+            args.login_env = int(args.login_env)
+        except ValueError:
+            raise AgentError("usage: argument --login-env: invalid int value: %r" % args.login_env)
     if getattr(args, "id", None) is not None:
         check_id(args.id)
     return args

@@ -63,10 +63,11 @@ class Transport(abc.ABC):
         return 0
 
 
-async def spawn(argv: List[str]) -> asyncio.subprocess.Process:
+async def spawn(argv: List[str], env: Optional[dict] = None) -> asyncio.subprocess.Process:
     """``argv`` with pipes for stdin, stdout and stderr, in a session of its
     own: out of the terminal's process group, so a Ctrl-C is for chaperone
-    to decide about, never delivered to the agent (or ssh) behind its back."""
+    to decide about, never delivered to the agent (or ssh) behind its back.
+    ``env``: its environment (default: this process's)."""
     return await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE,
@@ -74,6 +75,7 @@ async def spawn(argv: List[str]) -> asyncio.subprocess.Process:
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
         limit=1 << 20,
+        env=env,
     )
 
 

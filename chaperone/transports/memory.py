@@ -58,7 +58,7 @@ from typing import Awaitable, Callable, Deque, Dict, List, Optional, Union
 from ..agent_source import agent_module
 from ..errors import ConnectionLost
 from .base import AgentProcess, Transport
-from .ssh.common import connect_error
+from .ssh.common import command_of, connect_error
 from .target import Target
 
 __all__ = ["MemoryHost", "MemoryRun", "MemoryTransport", "VirtualClockLoop", "run_virtual"]
@@ -564,7 +564,7 @@ class MemoryHost:
             raise self._refusals.popleft()
         args = [str(a) for a in args]
         self.calls.append(args)
-        proc = _Process(self, self._break_for(_command_of(args)))
+        proc = _Process(self, self._break_for(command_of(args)))
         self._open.add(proc)
         if self.banner:
             proc.write(self.banner)
@@ -762,18 +762,6 @@ class MemoryHost:
 
     def __repr__(self) -> str:
         return "<MemoryHost %s: %d runs>" % (self.name, sum(len(r) for r in self.spools.values()))
-
-
-def _command_of(args: List[str]) -> Optional[str]:
-    """The agent command in an argv (after the global options)."""
-    i = 0
-    while i < len(args):
-        name = args[i].partition("=")[0]
-        if name in ("--root", "--marker", "--expect-hash"):
-            i += 1 if "=" in args[i] else 2
-            continue
-        return args[i]
-    return None
 
 
 def _program_json(data: bytes):

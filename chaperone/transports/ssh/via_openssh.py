@@ -327,7 +327,9 @@ class OpenSSHTransport(SSHTransportBase):
         # the processes on the host are those of a direct call (one shell
         # fewer); a follow whose client is gone ends by itself (the agent
         # watches its stdout).
-        feeder = asyncio.ensure_future(feed_stdin(proc, masters.standby_input("exec " + command) + stdin))
+        if not command.startswith("exec "):
+            command = "exec " + command
+        feeder = asyncio.ensure_future(feed_stdin(proc, masters.standby_input(command) + stdin))
         return _SSHLaunch(self, proc, stderr_task, feeder, master=None, muxed=False)
 
     async def _launch(self, command: str, stdin: bytes) -> Launch:
