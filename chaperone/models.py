@@ -65,6 +65,15 @@ class StdinData(_Strict):
         return v
 
 
+class StdinStream(_Strict):
+    """The program reads its input as it comes: the client appends it to
+    the spool (agent command ``stdin``), the supervisor feeds it to the
+    program's pipe as it grows, and closes the pipe once the client says
+    the input ended (one end of file)."""
+
+    stream: Literal[True]
+
+
 def _no_nul(v: str, what: str) -> str:
     if "\0" in v:
         raise ValueError("%s contains a NUL character" % what)
@@ -82,7 +91,7 @@ class Program(_Strict):
     #: Inherit the agent's environment: all of it (true), none (false),
     #: or only the named variables.
     env_inherit: Union[bool, List[str]] = True
-    stdin: Union[None, StdinPath, StdinData] = None
+    stdin: Union[None, StdinPath, StdinData, StdinStream] = None
     umask: Optional[int] = Field(default=None, ge=0, le=0o777)
     #: ``argv`` is one shell command line, run as sshd runs a command: by
     #: the login shell of the agent's user (its passwd entry's shell, else
@@ -363,6 +372,18 @@ class RunInfo(BaseModel):
     group: Optional[str] = None
 
 
+class StdinAck(_Strict):
+    """``agent.py stdin``'s answer, first and after each frame: the input
+    the spool holds."""
+
+    #: Bytes of the input held in the spool (a client resumes there).
+    held: int = Field(ge=0)
+    #: The input's end is recorded (the program gets end of file once it read all of it).
+    end: bool
+    #: The run is over: nothing reads the input any more (stop sending).
+    closed: bool
+
+
 class OutputAck(_Strict):
     """Answer to an output append: the number of bytes the scheduler holds."""
 
@@ -374,6 +395,7 @@ def json_schemas() -> dict:
         "program.json": ProgramSpec.model_json_schema(),
         "state.json": RunState.model_json_schema(),
         "output-ack": OutputAck.model_json_schema(),
+        "stdin-ack": StdinAck.model_json_schema(),
     }
 
 

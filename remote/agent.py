@@ -11,6 +11,7 @@ One file, Python 3.8+, standard library only; shipped verbatim to each host.
     agent.py [--root DIR] [--marker M] list
     agent.py [--root DIR] [--marker M] clean ID [--force]
     agent.py [--root DIR] [--marker M] control ID   < message.json
+    agent.py [--root DIR] [--marker M] stdin ID     < frames
 
 The wire format (program.json, state.json, the follow frames, the callback
 bodies) is documented in docs/protocol.md and defined in chaperone/models.py;
@@ -801,6 +802,10 @@ def validate_spec(spec):
         if isinstance(stdin, dict) and "path" in stdin:
             _keys(stdin, "program.stdin", ("path",), ())
             _str(stdin["path"], "program.stdin.path")
+        elif isinstance(stdin, dict) and "stream" in stdin:
+            _keys(stdin, "program.stdin", ("stream",), ())
+            if stdin["stream"] is not True:
+                raise AgentError("program.stdin.stream: expected true")
         elif isinstance(stdin, dict) and "data" in stdin:
             _keys(stdin, "program.stdin", ("data",), ())
             import base64
@@ -810,7 +815,7 @@ def validate_spec(spec):
             except ValueError:
                 raise AgentError("program.stdin.data: not valid base64")
         else:
-            raise AgentError('program.stdin: expected null, {"path": ...} or {"data": ...}')
+            raise AgentError('program.stdin: expected null, {"path": ...}, {"data": ...} or {"stream": true}')
     umask = prog.setdefault("umask", None)
     if umask is not None and (not _is_int(umask) or not 0 <= umask <= 0o777):
         raise AgentError("program.umask: expected an integer from 0 to 511")
@@ -1757,6 +1762,14 @@ class Supervisor(object):
         self.backlog = {}  # pipe capture without splice: name -> bytes read, not yet written
         self.dir_key = None  # the run's directory (device, inode), to notice its removal
         self.spool_removed = False
+        # stdin from a stream (see feed_stdin): the pipe (or terminal) the
+        # program reads, the spool's stdin file, how much of it was fed.
+        self.feed_fd = None
+        self.feed_src = None
+        self.fed = 0
+        self.feed_end = None
+        self.feed_polled = False
+        self.poller = None
 
     # The state record -------------------------------------------------------
 
@@ -1865,6 +1878,18 @@ class Supervisor(object):
         stdin = prog["stdin"]
         if stdin is None:
             stdin_fd = os.open(os.devnull, os.O_RDONLY)
+        elif "stream" in stdin:
+            # A pipe the supervisor fills from the spool's stdin file as it
+            # grows (feed_stdin), closed once the input ended: one EOF.
+            self.feed_src = open_regular(self.run.path("stdin"), self.run.what("stdin"))
+            stdin_fd, self.feed_fd = os.pipe()
+            try:
+                import fcntl
+
+                fcntl.fcntl(self.feed_fd, 1031, CHUNK)  # F_SETPIPE_SZ
+            except (ImportError, OSError):
+                pass
+            os.set_blocking(self.feed_fd, False)
         else:
             if "path" in stdin:
                 # Copied into the spool first: the spool keeps what the
@@ -1939,6 +1964,7 @@ class Supervisor(object):
         watch_fd = dir_watch(os.path.dirname(self.run.dir), _libc()) if self.dir_key is not None else None
         if watch_fd is not None:
             poller.register(watch_fd, select.POLLIN)
+        self.start_feeding(poller)
         next_dir_check = None
         next_retry = None  # (a running state to write again: spool full)
         use_splice = hasattr(os, "splice")
@@ -2007,6 +2033,8 @@ class Supervisor(object):
                         pass
                 elif fd == ctl_fd:
                     ctl_buf = self.read_control(ctl_fd, ctl_buf)
+                elif fd == self.feed_fd:
+                    self.feed_stdin()
                 elif fd == watch_fd:
                     if entry_events(watch_fd, os.fsencode(self.run.id)):
                         self.check_dir()
@@ -2041,6 +2069,7 @@ class Supervisor(object):
 
         if watch_fd is not None:
             os.close(watch_fd)
+        self.stop_feeding()
         for fd in list(self.pipes):
             self.pump(fd, poller, use_splice, final=True)
         while self.pipes and not self.spool_removed:
@@ -2121,6 +2150,68 @@ class Supervisor(object):
                 break  # give the other stream and signals a turn
         if total and self.sender:
             self.sender.output_written()
+
+    # stdin from a stream ---------------------------------------------------------
+
+    def start_feeding(self, poller):
+        """The loop began (``poller`` is its poll object): feed what the
+        input holds already."""
+        self.poller = poller
+        self.feed_stdin()
+
+    def feed_stdin(self):
+        """Give the program what the spool's stdin file holds beyond what it
+        got (``agent.py stdin`` appends to it, then says so on the control
+        FIFO: op ``stdin``): as much as its pipe takes now, the rest when
+        the pipe has room again (POLLOUT).  Once all of it was fed and the
+        input's end is recorded (``stdin.end``), the pipe is closed: the
+        program reads end of file, once.  A program that closed its stdin
+        (EPIPE) is fed no more."""
+        fd = self.feed_fd
+        if fd is None:
+            return
+        while True:
+            size = os.fstat(self.feed_src).st_size
+            if self.feed_end is not None:
+                size = min(size, self.feed_end)
+            if self.fed < size:
+                data = os.pread(self.feed_src, min(CHUNK, size - self.fed), self.fed)
+                if not data:  # pragma: no cover - shorter than its size a moment ago
+                    break
+                try:
+                    self.fed += os.write(fd, data)
+                except BlockingIOError:
+                    return self._feed_poll(True)
+                except OSError:  # EPIPE (SIGPIPE is ignored here), EIO: nobody reads it
+                    return self.stop_feeding()
+                continue
+            break
+        self._feed_poll(False)
+        if self.feed_end is None:
+            try:
+                self.feed_end = stdin_end(self.run)
+            except (AgentError, OSError):  # (damaged: the input goes on, as far as we know)
+                self.feed_end = None
+            if self.feed_end is not None:
+                return self.feed_stdin()
+        elif self.fed >= self.feed_end:
+            self.stop_feeding()
+
+    def _feed_poll(self, on):
+        if self.poller is not None and on != self.feed_polled:
+            if on:
+                self.poller.register(self.feed_fd, select.POLLOUT)
+            else:
+                self.poller.unregister(self.feed_fd)
+            self.feed_polled = on
+
+    def stop_feeding(self):
+        """No more input for the program: close its end of the stream."""
+        if self.feed_fd is not None:
+            self._feed_poll(False)
+            os.close(self.feed_fd)
+            os.close(self.feed_src)
+            self.feed_fd = self.feed_src = None
 
     # File capture --------------------------------------------------------------
 
@@ -2218,6 +2309,8 @@ class Supervisor(object):
             if grace is None and sig == _signal.SIGTERM:
                 grace = self.cfg["kill_grace"]  # like `docker stop`
             self.kill_tree(sig, grace=grace)
+        elif op == "stdin":
+            self.feed_stdin()
         elif op == "callback" and self.sender:
             self.sender.update(msg)
         elif op == "release" and self.sender:
@@ -2744,6 +2837,9 @@ def claim(root, spec):
             fd = os.open(os.path.join(tmp, "stdin"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             write_all(fd, base64.b64decode(stdin["data"]))
             os.close(fd)
+        elif stdin is not None and "stream" in stdin:
+            # (empty: `agent.py stdin` appends to it as the input comes)
+            os.close(os.open(os.path.join(tmp, "stdin"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         # (program.json and the placeholder state are not fsynced: see Run.write_state)
         write_json_atomic(os.path.join(tmp, "program.json"), stored, durable=False)
         for name in STREAMS:
@@ -3059,13 +3155,190 @@ def cmd_control(args, marker):
     if len(data) > MAX_CONTROL:
         raise AgentError("control message is too large (over %d bytes)" % MAX_CONTROL)
     msg = parse_json(data, "control message")
-    if not isinstance(msg, dict) or msg.get("op") not in ("callback", "release"):
+    if not isinstance(msg, dict) or msg.get("op") not in ("callback", "release", "winsize"):
         raise AgentError("control message: unknown op")
     if msg["op"] == "callback" and not all(isinstance(msg.get(k), str) for k in ("url", "token", "cert") if k in msg):
         raise AgentError("control message: url, token and cert must be strings")
+    if msg["op"] == "winsize":
+        msg = window_size(dumps(msg).encode())
     ok = send_control(run, msg)
     Output(marker).json({"delivered": ok})
     return 0
+
+
+#: ``agent.py stdin``'s frames: data at an offset, the end at an offset,
+#: the terminal's window size (JSON).  The largest payload it takes.
+STDIN_KINDS = (b"D", b"E", b"W")
+MAX_STDIN_FRAME = CHUNK
+#: How often ``agent.py stdin`` looks whether the run ended (seconds).
+STDIN_LOOK = 0.25
+
+
+def stdin_end(run):
+    """The length of a stream's input once the client said it ended
+    (``stdin.end``, a JSON integer), else None."""
+    try:
+        data = read_regular(run.path("stdin.end"), run.what("stdin.end"), 64)
+    except FileNotFoundError:
+        return None
+    try:
+        end = loads(data.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        end = None
+    if not _is_int(end) or end < 0:
+        raise DamagedRun("%s is damaged: %r" % (run.what("stdin.end"), data[:40]))
+    return end
+
+
+def read_exactly(fd, n):
+    """``n`` bytes from ``fd``; fewer only at its end."""
+    parts, got = [], 0
+    while got < n:
+        part = os.read(fd, n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+class StdinSpool(object):
+    """The spool's stdin file of a run whose stdin is a stream, as
+    ``agent.py stdin`` appends to it: idempotent by offset, under a lock
+    (two calls at once, say a reconnect while the old call has not seen
+    its connection drop, append each byte once)."""
+
+    def __init__(self, run):
+        import fcntl
+
+        self.run = run
+        self.flock = fcntl.flock
+        self.fd = open_regular(run.path("stdin"), run.what("stdin"), os.O_RDWR)
+        self.fifo = None  # the supervisor's control FIFO, to say the input grew
+        self.final = False
+        self.looked = None
+
+    def close(self):
+        os.close(self.fd)
+        if self.fifo is not None:
+            os.close(self.fifo)
+
+    def answer(self):
+        """What the spool holds: ``{"held": bytes, "end": whether the end is
+        recorded, "closed": whether the program ended}`` (StdinAck)."""
+        now = time.monotonic()
+        if not self.final and (self.looked is None or now - self.looked >= STDIN_LOOK):
+            self.looked = now
+            self.final = self.run.read_state()["state"] in FINAL_STATES
+        return {"held": os.fstat(self.fd).st_size, "end": stdin_end(self.run) is not None, "closed": self.final}
+
+    def append(self, offset, data):
+        """Bytes of the input from ``offset``: what the spool does not hold yet
+        is appended.  A gap (``offset`` past what it holds) or bytes past a
+        recorded end are refused (exit 1)."""
+        self.flock(self.fd, 2)  # LOCK_EX
+        try:
+            held = os.fstat(self.fd).st_size
+            if offset > held:
+                raise AgentError("stdin of run %s: a gap: it holds %d bytes, the data starts at %d"
+                                 % (self.run.id, held, offset), 1)
+            end = stdin_end(self.run)
+            if end is not None and offset + len(data) > end:
+                raise AgentError("stdin of run %s ended at %d bytes: no more is taken" % (self.run.id, end), 1)
+            view = memoryview(data)[held - offset:]
+            at = held
+            while view:
+                n = os.pwrite(self.fd, view, at)
+                view, at = view[n:], at + n
+        finally:
+            self.flock(self.fd, 8)  # LOCK_UN
+        if at > held:
+            self.poke()
+
+    def end(self, offset):
+        """The input ends at ``offset`` (recorded once; the same end again is harmless)."""
+        self.flock(self.fd, 2)
+        try:
+            held = os.fstat(self.fd).st_size
+            end = stdin_end(self.run)
+            if end is not None and end != offset:
+                raise AgentError("stdin of run %s ended at %d bytes, not %d" % (self.run.id, end, offset), 1)
+            if held != offset:
+                raise AgentError("stdin of run %s holds %d bytes: it cannot end at %d" % (self.run.id, held, offset), 1)
+            if end is None:
+                write_json_atomic(self.run.path("stdin.end"), offset, durable=False)
+        finally:
+            self.flock(self.fd, 8)
+        self.poke()
+
+    def poke(self, msg=None):
+        """Tell the supervisor (op ``stdin``, or ``msg``) on its control
+        FIFO, kept open; not read any more (the program ended): closed."""
+        line = (dumps(msg or {"op": "stdin"}) + "\n").encode()
+        try:
+            if self.fifo is None:
+                self.fifo = os.open(self.run.path("control"), os.O_WRONLY | SAFE_OPEN)
+                if not stat.S_ISFIFO(os.fstat(self.fifo).st_mode):
+                    raise DamagedRun("%s is not the FIFO the agent made" % self.run.what("control"))
+            os.write(self.fifo, line)
+        except BlockingIOError:
+            pass  # (its FIFO is full of requests: it will look at the input anyway)
+        except OSError as e:
+            if e.errno not in (errno.ENXIO, errno.ENOENT, errno.EPIPE):
+                raise
+            self.final = True  # nobody reads it: the supervisor is done
+
+
+def cmd_stdin(args, marker):
+    """Append to the input of a run whose stdin is a stream: frames on
+    stdin (``!cQI`` as follow's: ``D`` bytes at an offset, ``E`` the end
+    at an offset, ``W`` a window size), idempotent by offset; one answer
+    line (StdinAck) first and after each frame, so a client resumes at
+    what is held.  Ends at the end of this stdin, or at once when the run
+    is over (``closed``)."""
+    run = Run(args.root, args.id).require()
+    spec = loads(read_regular(run.path("program.json"), run.what("program.json"), MAX_PROGRAM_JSON).decode())
+    if not isinstance(spec, dict) or spec.get("program", {}).get("stdin") != {"stream": True}:
+        raise AgentError("run %s does not read its stdin from a stream (program.stdin is not {\"stream\": true})"
+                         % run.id)
+    spool = StdinSpool(run)
+    try:
+        out = Output(marker)
+        answer = spool.answer()
+        out.json(answer)
+        while not answer["closed"]:
+            head = read_exactly(0, FRAME.size)
+            if len(head) < FRAME.size:
+                break  # (the client is done, or gone: a frame cut short is not taken)
+            kind, offset, length = FRAME.unpack(head)
+            if kind not in STDIN_KINDS or length > MAX_STDIN_FRAME:
+                raise AgentError("stdin of run %s: not a frame (kind %r, %d bytes)" % (run.id, kind, length))
+            data = read_exactly(0, length)
+            if len(data) < length:
+                break
+            if kind == b"D":
+                spool.append(offset, data)
+            elif kind == b"E":
+                spool.end(offset)
+            else:
+                spool.poke(window_size(data))
+            answer = spool.answer()
+            out.json(answer)
+    finally:
+        spool.close()
+    return 0
+
+
+def window_size(data):
+    """A ``W`` frame's payload, ``{"rows": R, "cols": C}``, as a control op."""
+    try:
+        size = loads(data.decode())
+        rows, cols = size["rows"], size["cols"]
+    except (ValueError, UnicodeDecodeError, TypeError, KeyError):
+        rows = cols = None
+    if not (_is_int(rows) and _is_int(cols) and 0 <= rows < 65536 and 0 <= cols < 65536):
+        raise AgentError("a window size is {\"rows\": R, \"cols\": C}, integers from 0 to 65535")
+    return {"op": "winsize", "rows": rows, "cols": cols}
 
 
 def cmd_list(args, marker):
@@ -3136,6 +3409,7 @@ commands:
   list
   clean ID [--force]
   control ID                             < message.json
+  stdin ID                               < frames
 """
 #: The global options (before the command): option -> attribute.
 GLOBAL_OPTIONS = {"--root": "root", "--marker": "marker", "--expect-hash": "expect_hash", "--login-env": "login_env"}
@@ -3152,6 +3426,7 @@ COMMAND_ARGS = {
     "list": ((), {}),
     "clean": (("id",), {"--force": ("force", None, False)}),
     "control": (("id",), {}),
+    "stdin": (("id",), {}),
 }
 REQUIRED_OPTIONS = {"output": ("--stream",)}
 
@@ -3285,7 +3560,7 @@ def parse_args(argv):
 
 COMMANDS = {
     "start": cmd_start, "status": cmd_status, "follow": cmd_follow, "output": cmd_output,
-    "signal": cmd_signal, "list": cmd_list, "clean": cmd_clean, "control": cmd_control,
+    "signal": cmd_signal, "list": cmd_list, "clean": cmd_clean, "control": cmd_control, "stdin": cmd_stdin,
 }
 
 

@@ -9,15 +9,22 @@ import sys
 from typing import List, Optional
 
 from ..agent_source import LOCAL_BOOTSTRAP, agent_path
-from .base import AgentProcess, Transport, feed_stdin, spawn
+from .base import AgentProcess, PipeStdin, Transport, feed_stdin, spawn
 from .ssh.common import command_of
 
 
 class _LocalProcess(AgentProcess):
-    def __init__(self, proc: asyncio.subprocess.Process, owner: "LocalTransport"):
+    def __init__(self, proc: asyncio.subprocess.Process, owner: "LocalTransport", feeder=None):
         self.proc = proc
         self.owner = owner
         self._stderr = asyncio.ensure_future(proc.stderr.read())
+        self._stdin = PipeStdin(proc.stdin, feeder, "local")
+
+    async def write(self, data: bytes) -> None:
+        await self._stdin.write(data)
+
+    async def write_eof(self) -> None:
+        await self._stdin.write_eof()
 
     async def read(self, n: int = 1 << 20) -> bytes:
         return await self.proc.stdout.read(n)
@@ -112,12 +119,12 @@ class LocalTransport(Transport):
         if self._reaping:
             await asyncio.wait(list(self._reaping), timeout=5.0)
 
-    async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
+    async def open(self, args: List[str], stdin: bytes = b"", *, keep_stdin: bool = False) -> AgentProcess:
         argv = [self.python, "-I", "-S", "-c", _BOOTSTRAP, str(agent_path())]
         if self.root:
             argv += ["--root", self.root]
         proc = await spawn(argv + list(args), env=caller_environ() if command_of(list(args)) == "start" else None)
-        await feed_stdin(proc, stdin)
+        await feed_stdin(proc, stdin, close=not keep_stdin)
         return _LocalProcess(proc, self)
 
     def describe(self) -> dict:

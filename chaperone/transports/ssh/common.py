@@ -392,8 +392,9 @@ class SSHTransportBase(Transport):
     # Running the agent ------------------------------------------------------
 
     @abc.abstractmethod
-    async def _launch(self, command: str, stdin: bytes) -> Launch:
-        """Start ``command`` (for the login shell) with ``stdin`` on the host."""
+    async def _launch(self, command: str, stdin: bytes, keep_stdin: bool = False) -> Launch:
+        """Start ``command`` (for the login shell) with ``stdin`` on the host
+        (its stdin then closed, unless ``keep_stdin``)."""
 
     @abc.abstractmethod
     async def _ship_once(self) -> bytes:
@@ -406,12 +407,12 @@ class SSHTransportBase(Transport):
         (``relaunched``: this call was launched once more already)."""
         return False
 
-    async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
+    async def open(self, args: List[str], stdin: bytes = b"", *, keep_stdin: bool = False) -> AgentProcess:
         command = agent_command(self.python, self.root, args)
         shipped_again = relaunched = False
         while True:
             shipped = self._shipped
-            launch = await self._launch(command, stdin)
+            launch = await self._launch(command, stdin, keep_stdin)
             try:
                 # The agent always prints (a marker) unless the bootstrap
                 # refused it: no output and status 97 mean "ship it again".
