@@ -20,23 +20,44 @@ runs in benchmarks/.venv (``pip install '.[bench]'``, made once) unless
 How each tool is run (each with the same ssh_config; no tool's own tuning):
 
 * ``ssh_one``: ``ssh -F CFG h01 CMD``: one host, the baseline.
+* ``ssh_all``: N plain ``ssh -F CFG hNN CMD`` at once (a shell loop and
+  ``wait``): no tool at all, so the floor of any fan-out over OpenSSH on
+  this machine (every host's handshake, client and server, on its CPUs).
 * ``clush``: ``clush -w NODESET -o '-F CFG' -f N CMD`` (output to
   /dev/null, lines as they come).
 * ``parallel_ssh``: a Python process that imports ``pssh``, runs
   ``ParallelSSHClient(hosts, host_config=..., pool_size=N).run_command``
   and reads every output (what a script using it costs; the host, port,
   user and key of each host come from ``ssh -G``).  It is libssh2, not
-  OpenSSH: other key exchange defaults, and no known_hosts check.
+  OpenSSH: other key exchange defaults (no sntrup761x25519: it negotiates
+  curve25519-sha256), and no known_hosts check.
 * ``ansible``: ``ansible all -i INV -m command -a CMD -f N`` with the
   inventory's ``ansible_ssh_common_args=-F CFG``; Ansible's default
   ControlPersist is on and a warm-up run comes first (its best case).
-* ``chaperone``: :func:`run_chaperone` (the lead plugs the fan-out in).
+* ``chaperone``: ``chaperone -F CFG run -H NODESET -- sh -c CMD`` (live
+  prefixed output to /dev/null, the summary on stderr), as installed by pip.
+* ``chaperone_one``: ``chaperone -F CFG run h01 -- sh -c CMD``: chaperone
+  on one host (what its fan-out costs beyond one run).
+* ``*_ckex`` (``ssh_one_ckex``, ``ssh_all_ckex``, ``chaperone_ckex``): the
+  same with ``-o KexAlgorithms=curve25519-sha256``.  OpenSSH 9.0-9.8's
+  default key exchange, the post-quantum hybrid sntrup761x25519-sha512,
+  costs each side of a handshake about 130-150 ms of CPU here, curve25519
+  about 15 ms: with many hosts on few CPUs, that decides the wall time.
+  chaperone keeps the user's key exchange (see docs/hosts.md); these rows
+  show what choosing the faster one (``-o`` or ssh_config) gives.
 
 Rows: wall time of each tool, with ``ssh_one`` of the same command as
-baseline (chaperone's target: <= 1.3x); chaperone against each peer (peer
-time / chaperone time; targets >= 3x for clush and parallel-ssh, >= 20x for
-Ansible); the growth from 10 to 50 hosts (wall(50)/wall(10)); the CPU time
-of each tool's whole process tree per host.
+baseline (chaperone's target: <= 1.3x); chaperone against ``ssh_all`` (how
+far above the floor it is); chaperone against each peer (peer time /
+chaperone time; targets >= 3x for clush and parallel-ssh, >= 20x for
+Ansible); the growth from 10 to 50 hosts (wall(50)/wall(10)); CPU per
+host: of each tool's whole process tree (every descendant, also those it
+left to exit after it: measured under a subreaper), of the chaperone
+process alone, and of the servers (every fleet sshd's reaped children:
+sshd, the login shell, the agent's start; not the detached runs).  When
+the benchmark starts the hosts itself they share this machine's CPUs with
+the tools, so the server CPU is part of the wall time here, as it would
+not be on a real fleet.
 """
 
 from __future__ import annotations
@@ -44,7 +65,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import shutil
 import subprocess
@@ -60,8 +80,13 @@ sys.path.insert(0, str(HERE))
 import run as harness  # noqa: E402  (benchmarks/run.py: Results, tables, the venv)
 
 MiB = 1 << 20
-TOOLS = ("ssh_one", "clush", "parallel_ssh", "ansible", "chaperone")
+TOOLS = ("ssh_one", "ssh_all", "clush", "parallel_ssh", "ansible", "chaperone", "chaperone_one", "ssh_one_ckex",
+         "ssh_all_ckex", "chaperone_ckex")
+#: Measured on the smallest size only (one host).
+ONE_HOST = ("ssh_one", "ssh_one_ckex", "chaperone_one")
 PEER_TARGETS = {"clush": ">= 3x", "parallel_ssh": ">= 3x", "ansible": ">= 20x"}
+#: The cheap key exchange of the ``*_ckex`` rows.
+CKEX = "KexAlgorithms=curve25519-sha256"
 
 
 class Skip(Exception):
@@ -72,10 +97,13 @@ class Fleet:
     """The hosts measured: names in an ssh_config (and, for the libraries
     that cannot read one, what ``ssh -G`` resolves for each)."""
 
-    def __init__(self, config: str, names: Sequence[str], tmp: str) -> None:
+    def __init__(self, config: str, names: Sequence[str], tmp: str, server_pids: Sequence[int] = ()) -> None:
         self.config = config
         self.names = list(names)
         self.tmp = tmp
+        #: The sshd listeners (when this benchmark started them): their
+        #: reaped children's CPU is the servers' share.
+        self.server_pids = list(server_pids)
         self._resolved: Dict[str, Dict[str, str]] = {}
         self.big_file = os.path.join(tmp, "one-mib.txt")
         line = b"0123456789abcdef" * 4
@@ -96,26 +124,101 @@ class Fleet:
             self._resolved[name] = d
         return self._resolved[name]
 
+    def server_cpu(self) -> Optional[float]:
+        """CPU seconds of the servers so far (each sshd and what it reaped)."""
+        if not self.server_pids:
+            return None
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for pid in self.server_pids:
+            try:
+                with open("/proc/%d/stat" % pid) as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
+        return total / tick
+
     def commands(self) -> Dict[str, str]:
         return {"true": "true", "uname": "uname -a", "1mib": "cat %s" % self.big_file}
 
 
-def _timed(argv: List[str], env=None, cwd=None, timeout: float = 600.0) -> Tuple[float, float]:
-    """(wall seconds, CPU seconds of the whole process tree)."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
+#: Runs a tool as a subreaper (PR_SET_CHILD_SUBREAPER): every descendant it
+#: leaves behind is reparented here and reaped, so RUSAGE_CHILDREN counts its
+#: whole process tree.  Prints {"wall", "cpu", "self", "rc", "left"} as JSON;
+#: "self" is the CPU of the tool's process alone when it reports it on the
+#: fd in $FLEET_BENCH_SELF_FD (chaperone, through _SELF_CPU).
+_TREE = r"""
+import ctypes, json, os, resource, sys, time
+argv = sys.argv[1:]
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)
+r, w = os.pipe()
+os.set_inheritable(w, True)
+t0 = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.close(r)
+    null = os.open(os.devnull, os.O_RDWR)
+    os.dup2(null, 0)
+    os.dup2(null, 1)
+    os.environ["FLEET_BENCH_SELF_FD"] = str(w)
     try:
-        res = subprocess.run(argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, timeout=timeout)
+        os.execvpe(argv[0], argv, os.environ)
+    finally:
+        os._exit(127)
+os.close(w)
+_, status, _ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+rc = os.waitstatus_to_exitcode(status)
+mine = os.read(r, 4096).decode() or None
+deadline = time.monotonic() + 3.0
+left = 0
+while True:
+    try:
+        p, _ = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+        break
+    if p == 0:
+        if time.monotonic() > deadline:
+            left = 1
+            break
+        time.sleep(0.01)
+ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(json.dumps({"wall": wall, "cpu": ru.ru_utime + ru.ru_stime, "self": float(mine) if mine else None,
+                  "rc": rc, "left": left}))
+"""
+
+#: chaperone's process reports its own CPU at exit (its atexit runs before os._exit).
+_SELF_CPU = ("import atexit, os, resource\n"
+             "def _report():\n"
+             "    r = resource.getrusage(resource.RUSAGE_SELF)\n"
+             "    os.write(int(os.environ['FLEET_BENCH_SELF_FD']), str(r.ru_utime + r.ru_stime).encode())\n"
+             "atexit.register(_report)\n"
+             "import sys; sys.argv[0] = 'chaperone'\n"
+             "from chaperone.__main__ import main; main()\n")
+
+
+def _timed(argv: List[str], env=None, cwd=None, timeout: float = 600.0,
+           fleet: Optional["Fleet"] = None) -> Tuple[float, float, Optional[float], Optional[float]]:
+    """(wall s, CPU s of the whole process tree, CPU s of the tool's own
+    process if it reports it, CPU s of the servers meanwhile)."""
+    before = fleet.server_cpu() if fleet is not None else None
+    try:
+        res = subprocess.run([sys.executable, "-c", _TREE] + list(argv), env=env, cwd=cwd, stdin=subprocess.DEVNULL,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout)
     except subprocess.TimeoutExpired:
         raise harness.BenchError("%s timed out after %.0f s" % (shlex.join(argv[:6]), timeout)) from None
-    wall = time.perf_counter() - t0
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if res.returncode != 0:
-        raise harness.BenchError("%s exited %d: %s" % (shlex.join(argv[:8]), res.returncode,
-                                                        harness.tail(res.stderr)))
-    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    return wall, cpu
+    try:
+        m = json.loads(res.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise harness.BenchError("%s: no measurement: %s" % (shlex.join(argv[:8]), harness.tail(res.stderr))) from None
+    if m["rc"] != 0:
+        raise harness.BenchError("%s exited %d: %s" % (shlex.join(argv[:8]), m["rc"], harness.tail(res.stderr)))
+    server = None
+    if before is not None:
+        time.sleep(0.3)  # (sshd reaps its sessions' processes just after the client is gone)
+        server = fleet.server_cpu() - before
+    return m["wall"], m["cpu"], m["self"], server
 
 
 def _bin(name: str) -> Optional[str]:
@@ -128,8 +231,22 @@ def _bin(name: str) -> Optional[str]:
 # --- the tools ---------------------------------------------------------------------------------
 
 
-def run_ssh_one(fleet: Fleet, names: Sequence[str], cmd: str) -> Tuple[float, float]:
-    return _timed(["ssh", "-F", fleet.config, names[0], cmd])
+def run_ssh_one(fleet: Fleet, names: Sequence[str], cmd: str, opts: Sequence[str] = ()):
+    return _timed(["ssh", "-F", fleet.config] + list(opts) + [names[0], cmd], fleet=fleet)
+
+
+def run_ssh_all(fleet: Fleet, names: Sequence[str], cmd: str, opts: Sequence[str] = ()):
+    script = 'c=$1; shift; for h; do ssh -F "$c" %s "$h" %s </dev/null & done; wait' % (
+        " ".join(shlex.quote(o) for o in opts), shlex.quote(cmd))
+    return _timed(["sh", "-c", script, "sh", fleet.config] + list(names), fleet=fleet)
+
+
+def run_ssh_one_ckex(fleet: Fleet, names: Sequence[str], cmd: str):
+    return run_ssh_one(fleet, names, cmd, ("-o", CKEX))
+
+
+def run_ssh_all_ckex(fleet: Fleet, names: Sequence[str], cmd: str):
+    return run_ssh_all(fleet, names, cmd, ("-o", CKEX))
 
 
 def run_clush(fleet: Fleet, names: Sequence[str], cmd: str) -> Tuple[float, float]:
@@ -139,7 +256,8 @@ def run_clush(fleet: Fleet, names: Sequence[str], cmd: str) -> Tuple[float, floa
     from chaperone.fleet.nodeset import fold
 
     env = dict(os.environ, CLUSTERSHELL_CFGDIR=os.path.join(fleet.tmp, "no-clustershell-conf"))
-    return _timed([clush, "-w", fold(names), "-o", "-F %s" % fleet.config, "-f", str(len(names)), cmd], env=env)
+    return _timed([clush, "-w", fold(names), "-o", "-F %s" % fleet.config, "-f", str(len(names)), cmd], env=env,
+                  fleet=fleet)
 
 
 _PSSH_SCRIPT = r"""
@@ -177,7 +295,7 @@ def run_parallel_ssh(fleet: Fleet, names: Sequence[str], cmd: str) -> Tuple[floa
     script = os.path.join(fleet.tmp, "pssh_run.py")
     with open(script, "w") as f:
         f.write(_PSSH_SCRIPT)
-    return _timed(["sh", "-c", 'exec "$0" "$1" < "$2"', sys.executable, script, spec])
+    return _timed(["sh", "-c", 'exec "$0" "$1" < "$2"', sys.executable, script, spec], fleet=fleet)
 
 
 def _ansible_setup(fleet: Fleet, names: Sequence[str]) -> Tuple[str, Dict[str, str], str]:
@@ -204,30 +322,43 @@ def _ansible_setup(fleet: Fleet, names: Sequence[str]) -> Tuple[str, Dict[str, s
 def run_ansible(fleet: Fleet, names: Sequence[str], cmd: str) -> Tuple[float, float]:
     ansible, env, inv = _ansible_setup(fleet, names)
     return _timed([ansible, "all", "-i", inv, "-m", "ansible.builtin.command", "-a", cmd, "-f", str(len(names))],
-                  env=env, cwd=os.path.dirname(inv))
+                  env=env, cwd=os.path.dirname(inv), fleet=fleet)
 
 
-def run_chaperone(fleet: Fleet, names: Sequence[str], cmd: str) -> Tuple[float, float]:
-    """THE HOOK: chaperone's fan-out on ``names`` (hosts of ``fleet.config``)
-    running ``cmd``; returns (wall s, CPU s of chaperone's process tree),
-    e.g. with ``_timed(chaperone -F CFG run -H NODESET -- CMD)``.  Until
-    ``chaperone run -H`` exists it is skipped."""
+def run_chaperone(fleet: Fleet, names: Sequence[str], cmd: str, opts: Sequence[str] = ()):
+    """chaperone's fan-out on ``names`` (hosts of ``fleet.config``) running
+    ``cmd``: ``chaperone -F CFG run -H NODESET -- sh -c CMD``, as a user
+    runs it (the installed entry point, its head start included), with the
+    CPU of its own process reported at exit."""
     from chaperone.fleet.nodeset import fold
 
-    exe = _bin("chaperone")
-    argv = [exe] if exe else [sys.executable, "-m", "chaperone"]
-    probe = subprocess.run(argv + ["run", "--help"], capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if "-H" not in probe.stdout:
-        raise Skip("chaperone run -H (the fan-out) is not wired into the CLI yet")
     home = os.path.join(fleet.tmp, "chaperone-home")
     os.makedirs(home, exist_ok=True)
     env = dict(os.environ, CHAPERONE_HOME=home)
-    return _timed(argv + ["-F", fleet.config, "run", "-H", fold(names), "--", "sh", "-c", cmd], env=env)
+    env.pop("CHAPERONE_SSH_CLIENT", None)
+    return _timed([sys.executable, "-c", _SELF_CPU, "-F", fleet.config, "run"] + list(opts)
+                  + ["-H", fold(names), "--", "sh", "-c", cmd], env=env, fleet=fleet)
 
 
-RUNNERS: Dict[str, Callable[[Fleet, Sequence[str], str], Tuple[float, float]]] = {
-    "ssh_one": run_ssh_one, "clush": run_clush, "parallel_ssh": run_parallel_ssh, "ansible": run_ansible,
-    "chaperone": run_chaperone,
+def run_chaperone_one(fleet: Fleet, names: Sequence[str], cmd: str):
+    """One host, as ``ssh_one``: ``chaperone -F CFG run h01 -- sh -c CMD``."""
+    home = os.path.join(fleet.tmp, "chaperone-home")
+    os.makedirs(home, exist_ok=True)
+    env = dict(os.environ, CHAPERONE_HOME=home)
+    env.pop("CHAPERONE_SSH_CLIENT", None)
+    return _timed([sys.executable, "-c", _SELF_CPU, "-F", fleet.config, "run", names[0], "--", "sh", "-c",
+                   cmd], env=env, fleet=fleet)
+
+
+def run_chaperone_ckex(fleet: Fleet, names: Sequence[str], cmd: str):
+    return run_chaperone(fleet, names, cmd, ("-o", CKEX))
+
+
+RUNNERS: Dict[str, Callable[[Fleet, Sequence[str], str], tuple]] = {
+    "ssh_one": run_ssh_one, "ssh_all": run_ssh_all, "clush": run_clush, "parallel_ssh": run_parallel_ssh,
+    "ansible": run_ansible, "chaperone": run_chaperone, "chaperone_one": run_chaperone_one,
+    "ssh_one_ckex": run_ssh_one_ckex,
+    "ssh_all_ckex": run_ssh_all_ckex, "chaperone_ckex": run_chaperone_ckex,
 }
 
 
@@ -235,17 +366,18 @@ RUNNERS: Dict[str, Callable[[Fleet, Sequence[str], str], Tuple[float, float]]] =
 
 
 def measure(fleet: Fleet, sizes: Sequence[int], tools: Sequence[str], reps: int, verbose: bool) -> dict:
-    """{(tool, cmd, n): {"wall": [...], "cpu": [...]} or {"skip"/"error": reason}}."""
+    """{(tool, cmd, n): {"wall": [...], "cpu": [...], "self": [...], "server": [...]} or
+    {"skip"/"error": reason}}."""
     data: Dict[tuple, dict] = {}
     for n in sizes:
         names = fleet.names[:n]
         for cmd_id, cmd in fleet.commands().items():
-            alive = [t for t in tools if not (t == "ssh_one" and n != sizes[0])]
+            alive = [t for t in tools if not (t in ONE_HOST and n != sizes[0])]
             for tool in alive:  # warm-up (caches, Ansible's ControlPersist), and find who can run
                 key = (tool, cmd_id, n)
                 try:
                     RUNNERS[tool](fleet, names, cmd)
-                    data[key] = {"wall": [], "cpu": []}
+                    data[key] = {"wall": [], "cpu": [], "self": [], "server": []}
                 except Skip as e:
                     data[key] = {"skip": str(e)}
                 except harness.BenchError as e:
@@ -256,12 +388,16 @@ def measure(fleet: Fleet, sizes: Sequence[int], tools: Sequence[str], reps: int,
                     if "wall" not in data[key]:
                         continue
                     try:
-                        wall, cpu = RUNNERS[tool](fleet, names, cmd)
+                        wall, cpu, mine, server = RUNNERS[tool](fleet, names, cmd)
                     except (Skip, harness.BenchError) as e:
                         data[key] = {"error": str(e)}
                         continue
                     data[key]["wall"].append(wall)
                     data[key]["cpu"].append(cpu)
+                    if mine is not None:
+                        data[key]["self"].append(mine)
+                    if server is not None:
+                        data[key]["server"].append(server)
             if verbose:
                 print("[fleet] %d hosts, %s: %s" % (n, cmd_id, ", ".join(
                     "%s %s" % (t, "%.2f s" % harness.median(data[(t, cmd_id, n)]["wall"])
@@ -282,34 +418,61 @@ def report(data: dict, sizes: Sequence[int], tools: Sequence[str], results: "har
             return "skipped", "skipped: " + d["skip"]
         if "error" in d:
             return "error", "error: " + d["error"]
+        if not d:
+            return "skipped", "skipped: not measured"
         return None, ""
 
+    def versus(id_, name, mine_tool, other, cmd, n, target, note, other_n=None):
+        mine, theirs = wall(mine_tool, cmd, n), wall(other, cmd, other_n or n)
+        ratio = (theirs / mine) if (mine and theirs) else None
+        status = None if ratio is not None else (why(mine_tool, cmd, n)[0] or why(other, cmd, other_n or n)[0]
+                                                 or "skipped")
+        results.add(id_, name, mine, "s", baseline=theirs, baseline_unit="s", ratio=ratio, target=target,
+                    status=status, notes=note if ratio is not None else (
+                        why(mine_tool, cmd, n)[1] or why(other, cmd, other_n or n)[1]))
+
     cmds = ("true", "uname", "1mib")
+    mine_tools = [t for t in ("chaperone", "chaperone_ckex") if t in tools]
     for cmd in cmds:
         base = wall("ssh_one", cmd, sizes[0])
         for n in sizes:
             for tool in tools:
-                if tool == "ssh_one":
+                if tool in ONE_HOST:
                     continue
                 v = wall(tool, cmd, n)
                 status, note = why(tool, cmd, n)
                 d = data.get((tool, cmd, n)) or {}
                 results.add("fleet_%s_%s_%d" % (tool, cmd, n), "%s, %d hosts, %s" % (tool, n, cmd), v, "s",
-                            baseline=base, baseline_unit="s", target="<= 1.3x" if tool == "chaperone" else None,
+                            baseline=base, baseline_unit="s",
+                            target="<= 1.3x" if tool.startswith("chaperone") else None,
                             status=status, notes=note or "baseline: one ssh -F CFG h01 %s" % cmd,
                             samples=d.get("wall"), cpu_samples=d.get("cpu"))
-                mine = wall("chaperone", cmd, n)
-                if tool in PEER_TARGETS:
-                    ratio = (v / mine) if (v and mine) else None
-                    st = None if ratio is not None else ("skipped" if mine is None else status or "error")
-                    results.add("fleet_vs_%s_%s_%d" % (tool, cmd, n), "chaperone vs %s, %d hosts, %s" % (tool, n, cmd),
-                                mine, "s", baseline=v, baseline_unit="s", ratio=ratio, target=PEER_TARGETS[tool],
-                                status=st, notes=("ratio: %s time / chaperone time" % tool) if ratio is not None else
-                                ("skipped: no chaperone figure" if mine is None else note or "error: no peer figure"))
+            for mt in mine_tools:
+                floor = "ssh_all_ckex" if mt.endswith("_ckex") else "ssh_all"
+                versus("fleet_floor_%s_%s_%d" % (mt, cmd, n), "%s vs %s (no tool: the floor), %d hosts, %s"
+                       % (mt, floor, n, cmd), mt, floor, cmd, n, None,
+                       "ratio: %s time / %s time (1x: at the floor)" % (floor, mt))
+            if "chaperone_one" in tools:
+                versus("fleet_one_%s_%d" % (cmd, n), "chaperone vs chaperone_one (one host), %d hosts, %s" % (n, cmd),
+                       "chaperone", "chaperone_one", cmd, n, None,
+                       "ratio: chaperone on one host / its fan-out on %d" % n, other_n=sizes[0])
+            if "chaperone_ckex" in tools and "ssh_one_ckex" in tools:
+                versus("fleet_ckex_one_%s_%d" % (cmd, n), "chaperone_ckex vs ssh_one_ckex, %d hosts, %s" % (n, cmd),
+                       "chaperone_ckex", "ssh_one_ckex", cmd, n, None,
+                       "ratio: one ssh (curve25519) / chaperone's fan-out (curve25519)", other_n=sizes[0])
+            for tool in PEER_TARGETS:
+                if tool not in tools:
+                    continue
+                for mt in mine_tools:
+                    if mt == "chaperone_ckex" and tool != "parallel_ssh":
+                        continue  # (parallel-ssh negotiates curve25519: the like-for-like row)
+                    versus("fleet_vs_%s_%s_%s_%d" % (tool, mt, cmd, n), "%s vs %s, %d hosts, %s"
+                           % (mt, tool, n, cmd), mt, tool, cmd, n, PEER_TARGETS[tool],
+                           "ratio: %s time / %s time" % (tool, mt))
     if len(sizes) > 1:
         lo, hi = sizes[0], sizes[-1]
         for tool in tools:
-            if tool == "ssh_one":
+            if tool in ONE_HOST:
                 continue
             for cmd in cmds:
                 a, b = wall(tool, cmd, lo), wall(tool, cmd, hi)
@@ -321,12 +484,19 @@ def report(data: dict, sizes: Sequence[int], tools: Sequence[str], results: "har
     for tool in tools:
         for n in sizes:
             d = data.get((tool, "true", n)) or {}
-            if d.get("cpu"):
-                per = harness.median(d["cpu"]) / (1 if tool == "ssh_one" else n)
-                results.add("fleet_cpu_%s_%d" % (tool, n if tool != "ssh_one" else 1),
-                            "%s: CPU per host launched (its whole process tree), %d host%s, true"
-                            % (tool, 1 if tool == "ssh_one" else n, "" if tool == "ssh_one" else "s"), per * 1000, "ms",
-                            notes="user+sys of the tool and its children (ssh processes too), per host")
+            hosts = 1 if tool in ONE_HOST else n
+            if tool in ONE_HOST and n != sizes[0]:
+                continue
+            for what, key, label in (("cpu", "cpu", "CPU per host of its whole process tree"),
+                                     ("self", "self", "CPU per host of its own process"),
+                                     ("server", "server", "server CPU per host (sshd, shell, agent start)")):
+                if d.get(key):
+                    results.add("fleet_%s_%s_%d" % (what, tool, hosts), "%s: %s, %d host%s, true"
+                                % (tool, label, hosts, "" if hosts == 1 else "s"),
+                                harness.median(d[key]) / hosts * 1000, "ms",
+                                notes={"cpu": "user+sys of the tool and every descendant (ssh ...), per host",
+                                       "self": "user+sys of the chaperone process alone, per host",
+                                       "server": "user+sys of the fleet's sshd and what they reaped, per host"}[key])
 
 
 def main(argv=None) -> int:
@@ -350,6 +520,8 @@ def main(argv=None) -> int:
         ap.error("unknown tool(s): %s (known: %s)" % (", ".join(sorted(unknown)), ", ".join(TOOLS)))
     if "ssh_one" not in tools:
         tools.insert(0, "ssh_one")
+    if "chaperone_ckex" in tools and "ssh_one_ckex" not in tools:
+        tools.insert(1, "ssh_one_ckex")
     if not args.no_venv and not os.environ.get(harness.VENV_ENV):
         venv = Path(args.venv).resolve()
         try:
@@ -362,8 +534,12 @@ def main(argv=None) -> int:
         os.execv(py, [py, os.path.abspath(__file__)] + list(sys.argv[1:] if argv is None else argv))
     if str(REPO) not in sys.path and not os.environ.get(harness.VENV_ENV):
         sys.path.insert(0, str(REPO))
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # (the hosts are stopped on the way out)
     tmp = tempfile.mkdtemp(prefix="chaperone-fleet-bench-")
     started = time.monotonic()
+    load_start = os.getloadavg()
     hosts = None
     try:
         if args.ssh_config:
@@ -382,7 +558,7 @@ def main(argv=None) -> int:
             names, config = hosts.names, hosts.config_file
         if len(names) < max(sizes):
             ap.error("%d hosts given, %d needed" % (len(names), max(sizes)))
-        fleet = Fleet(config, names, tmp)
+        fleet = Fleet(config, names, tmp, [s.proc.pid for s in hosts.servers.values()] if hosts else ())
         data = measure(fleet, sizes, tools, reps, verbose=not args.quiet)
     finally:
         if hosts is not None:
@@ -391,7 +567,8 @@ def main(argv=None) -> int:
     results = harness.Results()
     report(data, sizes, tools, results)
     meta = dict(harness.machine_info_cache(), sizes=sizes, reps=reps, tools=tools,
-                duration_s=round(time.monotonic() - started, 1), loadavg_end=os.getloadavg())
+                duration_s=round(time.monotonic() - started, 1), loadavg_start=load_start,
+                loadavg_end=os.getloadavg())
     for mod, dist in (("clustershell", "ClusterShell"), ("parallel_ssh", "parallel-ssh")):
         try:
             from importlib.metadata import version
@@ -403,8 +580,9 @@ def main(argv=None) -> int:
     with open(args.output, "w") as f:
         json.dump({"meta": meta, "results": results.rows}, f, indent=2, default=str)
         f.write("\n")
-    print("chaperone fleet benchmark, %s; %s CPUs, %s; sizes %s, %d repetition(s); %.0f s" % (
-        meta["date"], meta["nproc"], meta.get("openssh"), sizes, reps, meta["duration_s"]))
+    print("chaperone fleet benchmark, %s; %s CPUs, %s; sizes %s, %d repetition(s); %.0f s; load average "
+          "%.1f at the start, %.1f at the end" % (meta["date"], meta["nproc"], meta.get("openssh"), sizes, reps,
+                                                 meta["duration_s"], load_start[0], meta["loadavg_end"][0]))
     print()
     harness.print_table(results.rows)
     print("\nJSON: %s" % args.output)

@@ -24,6 +24,7 @@ def _guess(argv):
     None.  It reads the command line with the CLI's own option table
     (chaperone.cli.options), and recorded runs with the records' own code."""
     from .cli import options as o
+    from .transports.target import is_local
 
     configs = []
     i = 0
@@ -36,7 +37,7 @@ def _guess(argv):
     if command == "run":
         opts, host, words, _ = o.split_run(rest, o.RUN + o.SSH)
         parsed = o.parse_options(opts, o.RUN + o.SSH)
-        if parsed is None or host is None or host == "local" or not words or "hosts" in parsed:
+        if parsed is None or host is None or is_local(host) or not words or "hosts" in parsed:
             return None
         from .transports.target import Target
 
@@ -69,7 +70,7 @@ def _guess(argv):
             rec = records.get(ids[0])
         finally:
             records.close()
-        if rec is None or rec.host == "local":
+        if rec is None or is_local(rec.host):
             return None
         target = Target.from_description(rec.transport)
         settings = o.ssh_settings(parsed)
@@ -85,6 +86,10 @@ def _guess(argv):
 
 def _speculate(argv) -> None:
     try:
+        from .fleet.headstart import speculate_argv
+
+        if speculate_argv(argv):  # run -H: sessions to many hosts
+            return
         guess = _guess(argv)
         if guess is None:
             return

@@ -43,9 +43,10 @@ from .protocol import STREAMS, End, Event, OutputChunk, StateUpdate
 from .records import Record, Records, chaperone_home
 from .transports.base import Transport
 from .transports.factory import Transports
-from .transports.target import Target
+from .transports.target import Target, is_local
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .fleet.runs import ManyRuns
     from .models import RunInfo, RunState
 
 __all__ = ["Chaperone", "Run", "new_run_id", "parse_env", "check_signal", "exit_code_for"]
@@ -348,7 +349,7 @@ class Chaperone:
     def preconnect_run(self, run_id: str) -> None:
         """:meth:`preconnect` to the host of a recorded run (if any)."""
         rec = self.records.get(run_id)
-        if rec is not None and rec.host != "local":
+        if rec is not None and not is_local(rec.host):
             self.transport_for(rec).warm()
 
     # Records -------------------------------------------------------------------
@@ -867,6 +868,28 @@ class Chaperone:
                 continue
             ids.append(rec.id)
         return ids
+
+    # Many hosts: chaperone/fleet/runs.py ---------------------------------------
+
+    def run_many(self, hosts, command: Command, **kw) -> "ManyRuns":
+        """``command`` on many hosts (a pattern, an inventory, hosts or
+        Targets): one run per host, one group; ``async for`` gives a
+        HostRun per host as each ends.  See :mod:`chaperone.fleet.runs`."""
+        from .fleet.runs import ManyRuns
+
+        return ManyRuns(self, hosts, command, **kw)
+
+    def start_many(self, hosts, command: Command, **kw) -> "ManyRuns":
+        """:meth:`run_many`, detached: a HostRun per host once its run started."""
+        from .fleet.runs import ManyRuns
+
+        return ManyRuns(self, hosts, command, detach=True, **kw)
+
+    def group(self, group_id: str) -> List[Run]:
+        """The recorded runs of a group, in natural order of their hosts."""
+        from .fleet.runs import group_run_ids
+
+        return [self.get(r) for r in group_run_ids(self, group_id)]
 
 
 def _input(stdin) -> "tuple[Optional[bytes], object]":

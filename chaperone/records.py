@@ -34,6 +34,12 @@ CREATE INDEX IF NOT EXISTS runs_created ON runs (created);
 _FINAL_SQL = "('done', 'error', 'lost', 'failed')"
 
 
+def printable(text: str) -> str:
+    """``text`` with the bytes that are not UTF-8 (surrogate escapes, as
+    argv holds them) written as ``\\xNN``: storable and printable anywhere."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def chaperone_home(home: Optional[os.PathLike] = None) -> Path:
     """``$CHAPERONE_HOME``, else ``$XDG_STATE_HOME/chaperone``, else
     ``~/.local/state/chaperone``; created 0700."""
@@ -173,7 +179,7 @@ class Records:
             "INSERT OR IGNORE INTO runs (id, host, transport, argv, created, state, command, shell, grp)"
             " VALUES (?, ?, ?, ?, ?, 'starting', ?, ?, ?)",
             (run_id, host, json.dumps(transport), json.dumps(argv), time.time(),
-             command if command is not None else shlex.join(argv), int(shell), group),
+             printable(command if command is not None else shlex.join(argv)), int(shell), group),
         )
         return self.get(run_id)
 

@@ -26,3 +26,17 @@ def sshd():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def stock_sshd():
+    """An sshd with OpenSSH's default MaxStartups (10:30:100): past 10
+    connections that have not logged in yet, it drops new ones, as a stock
+    host does."""
+    require_sshd()
+    server = SSHD(max_startups=None, log_level="ERROR")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

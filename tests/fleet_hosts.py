@@ -247,7 +247,10 @@ class FleetHosts:
 
 
 def _fixture():
-    import pytest
+    try:
+        import pytest
+    except ImportError:  # (benchmarks/fleet.py uses FleetHosts without pytest)
+        return None
 
     from sshd import require_sshd
 

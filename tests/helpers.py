@@ -19,7 +19,48 @@ REPO = Path(__file__).resolve().parent.parent
 AGENT = REPO / "remote" / "agent.py"
 #: The CLI, run with this Python (the package is installed editable).
 CLI = [sys.executable, "-c", "from chaperone.cli import main; main()"]
-PY38 = "/root/.pyenv/versions/3.8.18/bin/python3.8"
+
+
+def find_python(version):
+    """A Python ``version`` ("3.8") on this machine: on PATH as pythonX.Y,
+    under pyenv (``$PYENV_ROOT`` or ~/.pyenv), uv's or the system's; None
+    if there is none.  (CI must have them: see :func:`require_python`.)"""
+    import glob
+    import shutil
+
+    found = shutil.which("python%s" % version)
+    if found and "/shims/" not in found:  # (a pyenv shim may know no such version)
+        return found
+    roots = [os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv"),
+             os.path.expanduser("~/.local/share/uv/python")]
+    for root in roots:
+        for pattern in ("%s/versions/%s.*/bin/python%s" % (root, version, version),
+                        "%s/cpython-%s.*/bin/python%s" % (root, version, version)):
+            hits = sorted(glob.glob(pattern))
+            if hits:
+                return hits[-1]
+    for path in ("/usr/bin/python%s" % version, "/usr/local/bin/python%s" % version):
+        if os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def require_python(version):
+    """The path of Python ``version``; skipped when it is missing, but a
+    failure in CI (CHAPERONE_REQUIRE_SSHD=1), where the agent's oldest
+    Python must be checked, not silently skipped."""
+    import pytest
+
+    path = find_python(version)
+    if path is None:
+        if os.environ.get("CHAPERONE_REQUIRE_SSHD") == "1":
+            pytest.fail("no Python %s on this machine (CI checks the agent on it)" % version, pytrace=False)
+        pytest.skip("no Python %s on this machine" % version)
+    return path
+
+
+#: The oldest Python the agent supports, if this machine has it (else None).
+PY38 = find_python("3.8")
 
 
 def unique(prefix="m"):

@@ -208,6 +208,20 @@ class SSHD:
             self._stop_proc()
         raise RuntimeError(f"sshd did not start; its log:\n{last_error}")
 
+    def restart(self, timeout: float = 15.0) -> "SSHD":
+        """Start sshd again after ``stop(remove=False)``: the same port,
+        host key, user key and configs (a host coming back)."""
+        log = open(self.log_file, "ab")
+        try:
+            self.proc = subprocess.Popen(
+                self._netns_prefix() + [self.sshd_path, "-D", "-e", "-f", self.sshd_config],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+        finally:
+            log.close()
+        if not self._wait_ready(timeout):
+            raise RuntimeError("sshd did not start again; its log:\n%s" % self.log_tail())
+        return self
+
     def stop(self, remove: bool = True) -> None:
         """Stop sshd and its sessions; remove the temp dir unless ``remove=False``."""
         if self.proc is not None:

@@ -16,8 +16,9 @@ import time
 import psutil
 import pytest
 
+from helpers import require_python  # noqa: E402
 from helpers import (
-    AGENT, PY38, agent, agent_cmd, agent_start, kill_marked, pid_alive, procs_with, program,
+    AGENT, agent, agent_cmd, agent_start, kill_marked, pid_alive, procs_with, program,
     marker_number, one_line_error, read_state, unique, wait_for, wait_no_procs, wait_state,
 )
 
@@ -357,9 +358,9 @@ def test_list_and_clean(root):
     assert res.returncode == 4 and b"no such run" in res.stderr
 
 
-@pytest.mark.skipif(not os.path.exists(PY38), reason="python3.8 not installed")
 @pytest.mark.timeout(30)
 def test_agent_runs_on_python38(root):
+    PY38 = require_python("3.8")
     payload = b"\x00\x01binary\xff"
     spec = program("p38", [PY38, "-c", "import sys; sys.stdout.buffer.write(sys.stdin.buffer.read())"],
                    stdin={"data": base64.b64encode(payload).decode()}, config={"timeout": 20})

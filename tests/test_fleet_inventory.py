@@ -288,7 +288,7 @@ def test_exclusion_of_nothing_is_fine(inv):
 
 
 def test_unknown_group_without_inventory():
-    with pytest.raises(NodeSetError, match=r"no inventory: give one with -i FILE"):
+    with pytest.raises(NodeSetError, match=r"no inventory: give one with --inventory FILE"):
         select("@gpu")
 
 

@@ -33,6 +33,7 @@ import tempfile
 import time
 import uuid
 
+import psutil
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -604,9 +605,16 @@ def test_fuzz_spool_entries(tmp_path):
             if running and kind != "canary-state":
                 os.kill(st_["pid"], signal.SIGKILL) if pid_alive(st_["pid"]) else None
         report("spool entries replaced", count)
-        left = [p for p in procs_with(str(root), exact=False) if any(c.endswith("agent.py") for c in p.cmdline())]
-        for p in left:  # only supervisors, never a command stuck on an entry
-            assert p.cmdline()[-1] == "start", p.cmdline()
+        def command_line(p):  # (a process may end, and be a zombie, while we look)
+            try:
+                return p.cmdline()
+            except psutil.Error:
+                return []
+
+        left = [c for c in map(command_line, procs_with(str(root), exact=False))
+                if any(a.endswith("agent.py") for a in c)]
+        for c in left:  # only supervisors, never a command stuck on an entry
+            assert c[-1] == "start", c
     finally:
         kill_marked(m)
         canary.kill()

@@ -219,21 +219,6 @@ def test_both_clients_read_the_users_ssh_config(sshd, tmp_path, client):
 # Many starts at once on a stock sshd -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def stock_sshd():
-    """An sshd with OpenSSH's default MaxStartups (10:30:100): past 10
-    connections that have not logged in yet, it drops new ones."""
-    from sshd import SSHD, require_sshd
-
-    require_sshd()
-    server = SSHD(max_startups=None, log_level="ERROR")
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("client", CLIENTS)
 def test_twenty_pushed_starts_at_once_on_a_stock_sshd(stock_sshd, tmp_path, client, capfd):

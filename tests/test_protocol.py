@@ -61,7 +61,7 @@ from chaperone.protocol import (
 REPO = Path(__file__).resolve().parent.parent
 AGENT = REPO / "remote" / "agent.py"
 DOC = REPO / "docs" / "protocol.md"
-PY38 = Path("/root/.pyenv/versions/3.8.18/bin/python3.8")
+from helpers import require_python  # noqa: E402
 MARKER = "CHAPERONE-test-marker-7f3a9c"
 
 
@@ -419,8 +419,8 @@ def test_follow_of_running_run_sends_running_state(tmp_path):
 # --- Python 3.8 and stdlib-only ----------------------------------------------------
 
 
-@pytest.mark.skipif(not PY38.exists(), reason="no Python 3.8 at %s" % PY38)
 def test_agent_runs_on_python38(tmp_path):
+    PY38 = require_python("3.8")
     root = tmp_path / "spool"
     first = start(root, spec("py38", ["sh", "-c", "echo hi"]), python=PY38)
     assert first.state in ("running", "done")

@@ -378,10 +378,9 @@ def test_a_directory_in_place_of_the_agent_over_ssh(sshd, tmp_path):
 def test_the_bootstraps_on_python38(home, tmp_path):
     """The loaders use _imp.source_hash and the frozen importlib's magic
     number: there since 3.7; the oldest Python the agent supports is 3.8."""
-    from helpers import PY38
+    from helpers import require_python
 
-    if not os.path.exists(PY38):
-        pytest.skip("no Python 3.8 here")
+    PY38 = require_python("3.8")
     assert ship(home, python=PY38).returncode == 0
     for _ in range(2):  # (compiles and writes the .pyc, then uses it)
         res = remote(home, ["list"], python=PY38)

@@ -54,7 +54,7 @@ async def _current(ch, recs, timeout: float, say=None):
     for rec in recs:
         if rec.state in FINAL_STATES:
             continue
-        (local if rec.host == "local" else remote).append(rec)
+        (local if is_local(rec.host) else remote).append(rec)
     fresh = set()
     if local:
         fresh |= _refresh_local(ch, local)
@@ -71,6 +71,12 @@ async def _current(ch, recs, timeout: float, say=None):
             for host, why in sorted(unreachable.items()):
                 say("chaperone: could not reach %s: %s" % (host, why))
     return fresh, unreachable
+
+
+def is_local(host: str) -> bool:
+    from ..transports.target import is_local as local
+
+    return local(host)
 
 
 def _refresh_local(ch, recs):
@@ -308,7 +314,11 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, **params):
     async def go(ch):
         from ..api import SKIP_OUTPUT
         from ..protocol import OutputChunk
+        from .fleet import logs_many  # a group, or a pattern: lines prefixed with their hosts
 
+        many = await logs_many(ch, run_id, streams, follow, lines, out)
+        if many is not None:
+            return many
         rec = ch.record(run_id)
         offsets = {s: (0 if s in streams else SKIP_OUTPUT[s]) for s in ("stdout", "stderr")}
         if lines is not None:

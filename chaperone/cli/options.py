@@ -71,7 +71,19 @@ RUN = (
     Opt(("-q", "--quiet"), "quiet", value=False, help="Do not print the run id and reconnects on stderr."),
     Opt(("-H", "--hosts"), "hosts", multiple=True, metavar="PATTERN",
         help="Run on each host of PATTERN (node sets, @groups, inventory patterns); repeatable."),
+    # Many hosts (chaperone/cli/fleet.py, docs/hosts.md):
+    Opt(("--hostfile",), "hostfiles", multiple=True, metavar="FILE",
+        help="Run on each host of FILE ([user@]host[:port] a line); repeatable."),
+    Opt(("--inventory",), "inventory", multiple=True, metavar="FILE",
+        help="Inventory (Ansible INI/YAML, chaperone YAML) for -H (default: $CHAPERONE_INVENTORY)."),
+    Opt(("-x", "--exclude"), "exclude", multiple=True, metavar="PATTERN", help="With -H: without these hosts."),
+    Opt(("--pick",), "pick", metavar="N", help="With -H: N of the hosts, at random."),
+    Opt(("-f", "--forks"), "forks", metavar="N", help="With -H: at most N runs starting at once (default 16 a CPU, <= 64)."),
+    Opt(("-b", "--gather"), "gather", value=False,
+        help="With -H: at the end, each distinct output once under its hosts (as clush -b)."),
 )
+#: ``run``'s options that only mean something with many hosts.
+MANY_ONLY = ("inventory", "exclude", "pick", "forks", "gather")
 
 #: Options that end the command line's reading with a message (help, version).
 EAGER = ("-h", "--help", "--version")
@@ -83,12 +95,12 @@ def arity(options) -> Dict[str, bool]:
 
 
 #: With one of these, hosts come from the option: no HOST argument.
-HOSTS_FLAGS = ("-H", "--hosts")
+HOSTS_FLAGS = ("-H", "--hosts", "--hostfile")
 
 
 def _names_hosts(opts: List[str]) -> bool:
-    return any(o in HOSTS_FLAGS or o.startswith("--hosts=") or (o.startswith("-H") and not o.startswith("--"))
-               for o in opts)
+    return any(o in HOSTS_FLAGS or o.startswith(("--hosts=", "--hostfile="))
+               or (o.startswith("-H") and not o.startswith("--")) for o in opts)
 
 
 def split_run(args: List[str], options) -> Tuple[List[str], Optional[str], List[str], bool]:

@@ -18,6 +18,7 @@ import click
 from .app import add_options, cli, fail, run_async, served_call
 from .options import ssh_settings
 from .display import parse_duration
+from ..transports.target import is_local
 from .options import RUN, SSH, split_run
 
 
@@ -109,6 +110,7 @@ def run(host, **params):
       chaperone run gpu1 'echo $HOME | wc -c'    one string: a shell command line
       chaperone run gpu1 -- echo '$HOME'         after --: the exact argv
       chaperone run -d --id train gpu1 -- ./job  detached: prints the id
+      chaperone run -H 'gpu[1-8]' -- nvidia-smi  many hosts (docs/hosts.md)
 
     As with ssh, options go before HOST or right after it; without --, the
     command's words are joined and run by the login shell; after --, they
@@ -117,18 +119,20 @@ def run(host, **params):
     """
     ctx = click.get_current_context()
     words, exact = ctx.meta.get("chaperone.command", ([], False))
-    if params.get("hosts"):
+    if params.get("hosts") or params.get("hostfiles"):
         from .fleet import run_many  # many hosts: chaperone/cli/fleet.py
 
         sys.exit(run_many(words, exact, params))
+    from .fleet import one_host_only
+    one_host_only(params)  # (-b, --pick ... without -H: an error)
     if host is None:
         fail("run needs a HOST (local for this machine) and a command (Try 'chaperone run --help'.)", 2)
     if not words:
         fail("no command given: chaperone run %s CMD...%s (Try 'chaperone run --help'.)"
-             % (host, "" if host == "local" else " (for a shell there, use ssh %s)" % host), 2)
+             % (host, "" if is_local(host) else " (for a shell there, use ssh %s)" % host), 2)
     command = list(words) if exact else " ".join(words)
     cwd = params.get("cwd")
-    if host == "local" and cwd is None:
+    if is_local(host) and cwd is None:
         cwd = os.getcwd()
     timeout = parse_duration(params["timeout"], "--timeout") if params.get("timeout") else None
     grace = parse_duration(params["kill_grace"], "--kill-grace") if params.get("kill_grace") else None

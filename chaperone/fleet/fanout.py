@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -54,26 +53,9 @@ __all__ = ["Fanout", "HostResult", "fanout", "default_forks", "host_key", "DEFAU
            "HostFailure", "OK", "FAILED", "TIMEOUT", "CANCELLED"]
 
 OK, FAILED, TIMEOUT, CANCELLED = "ok", "failed", "timeout", "cancelled"
-DEFAULT_PER_HOST = 8
 DEFAULT_BUFFER = 16
-#: clush's default fanout.
-MAX_DEFAULT_FORKS = 64
-
-
-def default_forks(cpus: Optional[int] = None, nofile: Optional[int] = None) -> int:
-    """64 (clush), at most 16 a CPU, at most what the open-file limit takes
-    at 8 descriptors a task (and 32 kept for the process itself)."""
-    cpus = cpus or os.cpu_count() or 1
-    if nofile is None:
-        nofile = 1024
-        try:
-            import resource
-
-            soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-            nofile = 1 << 20 if soft == resource.RLIM_INFINITY else soft
-        except (ImportError, OSError, ValueError):
-            pass
-    return max(1, min(MAX_DEFAULT_FORKS, 16 * cpus, (nofile - 32) // 8))
+# (default_forks and the defaults live in .limits: light, for the CLI's head start)
+from .limits import DEFAULT_PER_HOST, MAX_DEFAULT_FORKS, default_forks  # noqa: E402,F401
 
 
 def host_key(job: Any) -> Hashable:

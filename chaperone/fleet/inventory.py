@@ -48,14 +48,15 @@ key in that order, ``labels`` add up.  A host's :attr:`HostEntry.groups`
 are every group it is in, directly or through children (not ``all``).
 Jinja expressions are not evaluated (the text is kept).
 
-Where the inventory comes from (:func:`inventory_paths`): each ``-i FILE``
-(several merge in order, later wins; ``-i 'a,b,'``, a value with a comma
+Where the inventory comes from (:func:`inventory_paths`): each
+``--inventory FILE`` (several merge in order, later wins; ``'a,b,'``, a value with a comma
 that is not a file, is a list of hosts, as in Ansible); else
 ``$CHAPERONE_INVENTORY`` (paths separated by ``:``); else the first of
 ``inventory.yaml``, ``inventory.yml``, ``inventory.ini``, ``inventory`` in
 ``$XDG_CONFIG_HOME/chaperone/`` (``~/.config/chaperone/``).  A missing
 default file is an empty inventory (plain host names still work); a missing
-file named by ``-i`` or ``$CHAPERONE_INVENTORY`` is an error.
+file named by ``--inventory`` or ``$CHAPERONE_INVENTORY`` is an error.  (The
+CLI's ``-i`` is ssh's identity file, as everywhere in chaperone.)
 
 Selection (:func:`select_hosts`): patterns (:mod:`.patterns`), plus
 ``--hostfile FILE`` (one ``[user@]nodeset[:port]`` a line, ``#``
@@ -638,7 +639,7 @@ def inventory_paths(explicit: Sequence[str] = (), env: Optional[Mapping[str, str
 
 
 def load_inventory(paths: Sequence[str] = (), *, env: Optional[Mapping[str, str]] = None) -> Inventory:
-    """Read the inventory: ``paths`` (``-i``), else ``$CHAPERONE_INVENTORY``,
+    """Read the inventory: ``paths`` (``--inventory``), else ``$CHAPERONE_INVENTORY``,
     else the default file if there is one (else an empty inventory)."""
     sources, required = inventory_paths(paths, env)
     raw = _Raw()

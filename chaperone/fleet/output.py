@@ -186,12 +186,18 @@ class LiveOutput:
         buf = self._partial.setdefault(key, bytearray())
         buf += data
         start = 0
-        while True:
-            nl = buf.find(b"\n", start)
-            if nl < 0:
-                break
-            self._line(f, key, bytes(buf[start:nl + 1]))
+        nl = buf.find(b"\n")
+        if nl >= 0 and self._continued.get(key):  # the end of a line cut before: '+'
+            self._line(f, key, bytes(buf[:nl + 1]))
             start = nl + 1
+            nl = buf.find(b"\n", start)
+        if nl >= 0:  # whole lines: one write each (the loop kept tight: 1 MiB of short lines is 16k of them)
+            write, p = f.write, self.prefix(name)
+            while nl >= 0:
+                write(p + buf[start:nl + 1])
+                start = nl + 1
+                nl = buf.find(b"\n", start)
+            self._continued[key] = False
         del buf[:start]
         while len(buf) > self.max_line:  # (exactly max_line may still end the output)
             piece = bytes(buf[:self.max_line])

@@ -234,7 +234,7 @@ def _groups(pattern: str, term: Term, inv: HostSource, limit: int) -> List[str]:
             what = {None: "group or label", "group": "group", "label": "label"}[source]
             raise NodeSetError(pattern, "@%s {at} is no %s %s" % (
                 (source + ":" if source else "") + name, what,
-                "(no inventory: give one with -i FILE or $CHAPERONE_INVENTORY)" if isinstance(inv, _Empty)
+                "(no inventory: give one with --inventory FILE or $CHAPERONE_INVENTORY)" if isinstance(inv, _Empty)
                 else "of the inventory"), term.pos)
         if len(out) > limit:
             raise NodeSetError(pattern, "%r {at} selects more than %d hosts" % (term.text, limit), term.pos)

@@ -98,7 +98,7 @@ def _generate(cert_path: Path, key_path: Path, hostnames: Iterable[str]) -> None
     )
     # Key first: a certificate without its key is never left behind as "existing".
     _write_private(key_path, key_pem, 0o600)
-    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    _write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o600)  # (public, but nothing under CHAPERONE_HOME is for others)
 
 
 def ensure_certificate(directory: Path, hostnames: Iterable[str] = ()) -> Tuple[Path, Path]:
@@ -113,6 +113,9 @@ def ensure_certificate(directory: Path, hostnames: Iterable[str] = ()) -> Tuple[
     cert_path = directory / CERT_NAME
     key_path = directory / KEY_NAME
     if cert_path.is_file() and key_path.is_file():
+        for path in (cert_path, key_path):  # (an earlier version wrote the certificate 0644)
+            if os.stat(path).st_mode & 0o077:
+                os.chmod(path, 0o600)
         return cert_path, key_path
     # Two processes starting at once must not each write half a pair.
     lock_fd = os.open(directory / ".cert.lock", os.O_RDWR | os.O_CREAT, 0o600)

@@ -28,6 +28,7 @@ from ..errors import ChaperoneError, UsageError
 from ..models import FINAL_STATES, STREAMS
 from ..protocol import End, Event, OutputChunk, StateUpdate
 from ..transports.base import Transport
+from ..transports.target import is_local
 from .endpoint import DEFAULT_MAX_BODY, CallbackServer
 from .mirror import OutputMirror
 
@@ -205,7 +206,7 @@ class PushReceiver:
         transport = self.ch.transport_for(rec)
         self._runs[run_id] = transport
         token = self._register(run_id)
-        url = await self._url_for(transport, rec.host == "local")
+        url = await self._url_for(transport, is_local(rec.host))
         message = json.dumps({"op": "callback", "url": url, "token": token, "cert": self.server.cert_pem})
         await self.ch.client(run_id).control(run_id, message.encode())
 

@@ -24,6 +24,7 @@ from typing import Callable, Dict, Optional
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..transports.target import is_local
 from ..api import check_signal
 from ..errors import ChaperoneError, NoSuchRun, UsageError
 from ..models import check_run_id
@@ -374,7 +375,7 @@ class Api:
         if (req.argv is None) == (req.command is None):
             raise Reject(400, "give either argv (a list of strings) or command (a shell command)")
         _check_host(req.host)
-        if req.spool is not None and req.host == "local":
+        if req.spool is not None and is_local(req.host):
             raise Reject(400, "spool: local runs are spooled in $CHAPERONE_HOME/spool (spool is for remote hosts)")
         if req.id is not None:
             try:

@@ -28,6 +28,12 @@ from ..errors import UsageError
 LOCAL = "local"
 
 
+def is_local(name: str) -> bool:
+    """Whether a host name (as the user wrote it, or a record keeps it) is
+    this machine: the one place that says what ``local`` means."""
+    return name == LOCAL
+
+
 class Target:
     """Where a run lives and how chaperone gets there.  Immutable; equal
     targets share one transport (one connection) in a process.
@@ -67,7 +73,7 @@ class Target:
     @property
     def local(self) -> bool:
         """This machine, reached without SSH."""
-        return self.name == LOCAL
+        return is_local(self.name)
 
     @property
     def destination(self) -> str:

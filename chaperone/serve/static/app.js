@@ -320,8 +320,11 @@
         this.add(this.decoder.decode(bytes, {stream: true}));
         this.showInfo();
       });
-      es.addEventListener("end", () => {
+      es.addEventListener("end", (e) => {
         es.close();
+        // (the end comes with the run as it ended: the page shows that state
+        // now, whichever of this stream and the events stream is first)
+        try { const d = JSON.parse(e.data); if (d.run && d.run.id) upsert(d.run); } catch (err) { /* no run */ }
         this.ended = true;
         this.add(this.decoder.decode(), true);
         this.pane.dataset.ended = "1";

@@ -301,7 +301,7 @@ class Tunnel:
 DEFAULT_CONNECT_LIMIT = 4
 #: A connection dropped before login (sshd's MaxStartups, a reset during
 #: key exchange) is tried again this many times, with backoff and jitter.
-CONNECT_RETRIES = 8
+CONNECT_RETRIES = 16
 RETRY_BASE = 0.1
 RETRY_CAP = 3.0
 

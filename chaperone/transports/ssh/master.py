@@ -22,7 +22,7 @@ import os
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (annotations are not evaluated: __future__)
-    from typing import List, Optional, Sequence
+    from typing import Dict, List, Optional, Sequence
 
 from ...errors import TimeoutExpired
 from .options import direct_argv
@@ -169,7 +169,7 @@ def speculate_session(options: Sequence[str], host: str, multiplex: bool) -> Non
 def standing_by(options: Sequence[str], host: str) -> bool:
     """Whether a standby session with these options to this host waits to
     be adopted."""
-    return _standby is not None and _standby.key[:2] == (tuple(options), host)
+    return (_standby is not None and _standby.key[:2] == (tuple(options), host)) or (tuple(options), host) in _more
 
 
 def adopt_session(options: Sequence[str], host: str, multiplex: bool) -> Optional[Standby]:
@@ -180,4 +180,27 @@ def adopt_session(options: Sequence[str], host: str, multiplex: bool) -> Optiona
     if standby is not None and standby.key == (tuple(options), host, multiplex):
         _standby = None
         return standby
+    more = _more.get((tuple(options), host))
+    if more is not None and more.key[2] == multiplex:
+        return _more.pop((tuple(options), host))
     return None
+
+
+#: The head start's sessions to many hosts (``run -H``: chaperone/fleet/headstart.py), by options and host.
+_more: Dict[tuple, Standby] = {}
+
+
+def speculate_more(options: Sequence[str], host: str, multiplex: bool) -> None:
+    """:func:`speculate_session` for one of many hosts (each kept until
+    adopted, all stopped at exit)."""
+    if not _more:
+        atexit.register(_stop_more)
+    old = _more.pop((tuple(options), host), None)
+    if old is not None:
+        old.stop()
+    _more[(tuple(options), host)] = Standby(options, host, multiplex)
+
+
+def _stop_more() -> None:
+    while _more:
+        _more.popitem()[1].stop()

@@ -343,7 +343,19 @@ class OpenSSHTransport(SSHTransportBase):
     async def _launch(self, command: str, stdin: bytes, keep_stdin: bool = False) -> Launch:
         adopted = await self._adopt(command, stdin, keep_stdin)
         if adopted is not None:
-            return adopted
+            try:
+                first = await adopted.first()
+            except BaseException:
+                adopted.discard()
+                raise
+            if first:
+                return adopted
+            code, err = await adopted.finish()
+            error = ssh_error(self.target, err, False) if code == SSH_FAILED else None
+            if not (isinstance(error, ConnectFailed) and error.retry_safe):
+                return adopted  # (its exit says the rest: open() reads it)
+            # sshd dropped the head start's session before login (its
+            # MaxStartups): nothing ran; a connection of our own, retried.
         await self._connected()
         # The server allows MaxSessions channels per connection: past
         # max_sessions calls at once, a call gets a connection of its own
