@@ -34,15 +34,17 @@ class SSHStyleCommand(click.Command):
         return super().parse_args(ctx, opts + ([host] if host is not None else []))
 
 
-def _stdin_source(params: dict):
-    """What the program gets on stdin: None (/dev/null), bytes (all of it,
-    small: sent with the start), or a stream (sent as it comes, while the
-    program runs; see chaperone.feed).  ``-n``: none; ``--stdin FILE``
-    (``-``: this process's stdin, a terminal too); else this process's
-    stdin when it is a pipe, a socket or a file (as ssh forwards it), not a
-    terminal nor /dev/null, and not with ``-d``."""
+#: ``run -H``: the input each host gets is read whole first, at most this much.
+MAX_STDIN = 12 << 20
+
+
+def _stdin_fd(params: dict):
+    """The file descriptor the program's input comes from, or None
+    (/dev/null).  ``-n``: none; ``--stdin FILE`` (``-``: this process's
+    stdin, a terminal too); else this process's stdin when it is a pipe, a
+    socket or a file (as ssh forwards it), not a terminal nor /dev/null,
+    and not with ``-d``."""
     from ..errors import UsageError
-    from ..feed import INLINE
 
     source = params.get("stdin_file")
     if params.get("no_stdin") or (source is None and params.get("detach")):
@@ -54,18 +56,45 @@ def _stdin_source(params: dict):
             return None
         if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)):
             return None  # a terminal or /dev/null: nothing piped in
-        fd = 0
-    elif source == "-":
-        fd = 0
-    else:
-        try:
-            fd = os.open(source, os.O_RDONLY)
-        except OSError as e:
-            raise UsageError("cannot read --stdin %s: %s" % (source, e.strerror)) from None
+        return 0
+    if source == "-":
+        return 0
+    try:
+        return os.open(source, os.O_RDONLY)
+    except OSError as e:
+        raise UsageError("cannot read --stdin %s: %s" % (source, e.strerror)) from None
+
+
+def _stdin_source(params: dict):
+    """What the program gets on stdin (see :func:`_stdin_fd`): None
+    (/dev/null), bytes (all of it, small: sent with the start), or a stream
+    (sent as it comes, while the program runs; see chaperone.feed)."""
+    from ..feed import INLINE
+
+    fd = _stdin_fd(params)
+    if fd is None:
+        return None
     head, ended = _read_ready(fd, INLINE)
     if ended:
         return head
     return _stream(fd, head)
+
+
+def _stdin_bytes(params: dict):
+    """``run -H``: the input every host gets, read whole (None: /dev/null);
+    at most :data:`MAX_STDIN` bytes."""
+    from ..errors import UsageError
+
+    fd = _stdin_fd(params)
+    if fd is None:
+        return None
+    with os.fdopen(fd if fd else os.dup(fd), "rb") as f:
+        data = f.read(MAX_STDIN + 1)
+    if len(data) > MAX_STDIN:
+        what = "stdin" if params.get("stdin_file") in (None, "-") else "--stdin %s" % params["stdin_file"]
+        raise UsageError("%s is larger than %d MiB, the most run -H sends to each host: put the file on the "
+                         "hosts and redirect it there (run -H ... 'prog < FILE')" % (what, MAX_STDIN >> 20))
+    return data
 
 
 def _read_ready(fd: int, limit: int):

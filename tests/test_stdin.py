@@ -1,0 +1,176 @@
+"""`chaperone run` forwards its stdin as ssh does (issue 10 item 3): piped
+input reaches the program as it comes, exact bytes of any size with
+bounded memory, across a cut connection (each byte once, one end of file);
+a detached run gets /dev/null unless told otherwise."""
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from helpers import cli_env
+
+#: Reads its stdin to its end, copies it to stdout, then says it saw the end.
+CAT_EOF = "cat; printf '|EOF'"
+
+
+def argv(sshd, host, spool, *args):
+    base = [sys.executable, "-m", "chaperone.cli"]
+    if host == "testhost":
+        base += ["-F", str(sshd.config_file)]
+    return base + ["run", "--spool", str(spool), host] + list(args)
+
+
+def popen(home, cmd, **kw):
+    return subprocess.Popen(cmd, env=cli_env(home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, cwd=str(home), **kw)
+
+
+def read_some(stream, want: bytes, timeout=30.0) -> bytes:
+    """Read ``stream`` (a pipe) until it holds ``want``."""
+    got = b""
+    end = time.monotonic() + timeout
+    while want not in got:
+        assert time.monotonic() < end, got
+        chunk = os.read(stream.fileno(), 65536)
+        assert chunk, got
+        got += chunk
+    return got
+
+
+@pytest.fixture
+def home(tmp_path):
+    h = tmp_path / "home"
+    h.mkdir()
+    return h
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("host", ["local", "testhost"])
+def test_piped_stdin_reaches_the_program_as_it_comes(sshd, home, tmp_path, host):
+    """`producer | chaperone run HOST -- sh -c 'cat; ...'`: the program gets
+    the first line while the producer is still writing (the program's
+    answer comes back before the rest is written), then binary, invalid
+    UTF-8 bytes without a trailing newline, exactly, and end of file once."""
+    p = popen(home, argv(sshd, host, tmp_path / "spool", "--id", "live", "--", "sh", "-c", CAT_EOF))
+    try:
+        p.stdin.write(b"hi\n")
+        p.stdin.flush()
+        assert read_some(p.stdout, b"hi\n") == b"hi\n"
+        rest = bytes(range(256)) * 64 + b"\xff\xfe\xc3(\x00no newline"
+        p.stdin.write(rest)
+        p.stdin.close()
+        out = p.stdout.read()
+        assert p.wait(30) == 0, p.stderr.read()
+    finally:
+        p.kill()
+        p.wait()
+    assert out == rest + b"|EOF"
+    assert (tmp_path / "spool" / "live" / "stdin").read_bytes() == b"hi\n" + rest
+
+
+def test_dash_stdin_and_echo(sshd, home, tmp_path):
+    """`echo hi | chaperone run h -- cat` and `--stdin -` over SSH."""
+    for extra in ([], ["--stdin", "-"]):
+        res = subprocess.run(argv(sshd, "testhost", tmp_path / "spool", *extra, "--", "cat"), input=b"hi\n",
+                             env=cli_env(home), capture_output=True, timeout=60, cwd=str(home))
+        assert (res.returncode, res.stdout) == (0, b"hi\n"), res.stderr
+
+
+#: Writes N MiB of bytes that are not text, deterministic.
+PRODUCER = ("import hashlib,sys\n"
+            "for i in range(int(sys.argv[1])):\n"
+            "    sys.stdout.buffer.write(hashlib.sha256(b'%d' % i).digest() * 32768)\n")
+MEASURED = ("import resource,subprocess,sys\n"
+            "code = subprocess.call(sys.argv[1:])\n"
+            "sys.stderr.write('\\nmaxrss=%d\\n' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+            "sys.exit(code)\n")
+
+
+@pytest.mark.timeout(120)
+def test_stdin_larger_than_12_mib_streams_with_bounded_memory(sshd, home, tmp_path):
+    """64 MiB piped in over SSH arrive exact (a hash on the host); the
+    client's largest resident size stays far below the input's size."""
+    mib = 64
+    expected = hashlib.sha256(b"".join(hashlib.sha256(b"%d" % i).digest() * 32768 for i in range(mib))).hexdigest()
+    cmd = [sys.executable, "-c", MEASURED] + argv(sshd, "testhost", tmp_path / "spool", "--id", "big", "--",
+                                                   "sha256sum")
+    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, str(mib)], stdout=subprocess.PIPE)
+    try:
+        res = subprocess.run(cmd, stdin=producer.stdout, env=cli_env(home), capture_output=True, timeout=110,
+                             cwd=str(home))
+    finally:
+        producer.stdout.close()
+        producer.wait()
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[0].decode() == expected
+    maxrss_kib = int(res.stderr.rsplit(b"maxrss=", 1)[1])
+    assert maxrss_kib < (mib << 10) * 3 // 4, "the client held %d KiB for %d MiB of input" % (maxrss_kib, mib)
+
+
+@pytest.mark.timeout(90)
+def test_a_cut_connection_mid_input_loses_and_repeats_nothing(sshd, home, tmp_path):
+    """Half of the input is on the host when every SSH session to it is
+    killed; the rest is written after: the program gets every byte once, in
+    order, and end of file once."""
+    spool = tmp_path / "spool"
+    p = popen(home, argv(sshd, "testhost", spool, "--id", "cut", "--", "sh", "-c", CAT_EOF))
+    first = hashlib.sha256(b"first").digest() * 40000  # 1.28 MB
+    second = hashlib.sha256(b"second").digest() * 40000
+    outs = {}
+    readers = [threading.Thread(target=lambda name: outs.__setitem__(name, getattr(p, name).read()), args=(name,))
+               for name in ("stdout", "stderr")]  # (cat's output flows while the input is written)
+    for r in readers:
+        r.start()
+    try:
+        p.stdin.write(first)
+        p.stdin.flush()
+        held = spool / "cut" / "stdin"
+        end = time.monotonic() + 30
+        while not (held.exists() and held.stat().st_size == len(first)):
+            assert time.monotonic() < end and p.poll() is None
+            time.sleep(0.05)
+        assert sshd.kill_sessions(), "no SSH session to kill"
+        p.stdin.write(second)
+        p.stdin.close()
+        code = p.wait(60)
+    finally:
+        p.kill()
+        p.wait()
+        for r in readers:
+            r.join()
+    out, err = outs["stdout"], outs["stderr"]
+    assert code == 0, err
+    assert b"reconnecting" in err, err
+    assert out == first + second + b"|EOF"
+    assert held.read_bytes() == first + second
+    assert (spool / "cut" / "stdin.end").read_text().strip() == str(len(first + second))
+
+
+@pytest.mark.timeout(60)
+def test_detached_gets_dev_null_unless_told(home, tmp_path):
+    """`echo hi | run -d`: the program reads /dev/null; `run -d --stdin FILE`
+    of more than 12 MiB: all of it (streamed; run -d returns once it is on
+    the host)."""
+    env = cli_env(home)
+    base = [sys.executable, "-m", "chaperone.cli"]
+    piped = subprocess.run(base + ["run", "-d", "--id", "null", "local", "--", "sh", "-c",
+                                   "readlink /proc/self/fd/0; cat"],
+                           input=b"hi\n", env=env, capture_output=True, timeout=30, cwd=str(home))
+    assert piped.returncode == 0, piped.stderr
+    big = tmp_path / "big.bin"
+    data = os.urandom(13 << 20)
+    big.write_bytes(data)
+    told = subprocess.run(base + ["run", "-d", "--id", "file", "--stdin", str(big), "local", "--", "sha256sum"],
+                          stdin=subprocess.DEVNULL, env=env, capture_output=True, timeout=30, cwd=str(home))
+    assert told.returncode == 0, told.stderr
+    for run_id in ("null", "file"):
+        assert subprocess.run(base + ["wait", run_id], env=env, capture_output=True, timeout=30).returncode == 0
+    logs = lambda run_id: subprocess.run(base + ["logs", run_id], env=env, capture_output=True,  # noqa: E731
+                                         timeout=30).stdout
+    assert logs("null") == b"/dev/null\n"
+    assert logs("file").split()[0].decode() == hashlib.sha256(data).hexdigest()
