@@ -3155,20 +3155,18 @@ def cmd_control(args, marker):
     if len(data) > MAX_CONTROL:
         raise AgentError("control message is too large (over %d bytes)" % MAX_CONTROL)
     msg = parse_json(data, "control message")
-    if not isinstance(msg, dict) or msg.get("op") not in ("callback", "release", "winsize"):
+    if not isinstance(msg, dict) or msg.get("op") not in ("callback", "release"):
         raise AgentError("control message: unknown op")
     if msg["op"] == "callback" and not all(isinstance(msg.get(k), str) for k in ("url", "token", "cert") if k in msg):
         raise AgentError("control message: url, token and cert must be strings")
-    if msg["op"] == "winsize":
-        msg = window_size(dumps(msg).encode())
     ok = send_control(run, msg)
     Output(marker).json({"delivered": ok})
     return 0
 
 
-#: ``agent.py stdin``'s frames: data at an offset, the end at an offset,
-#: the terminal's window size (JSON).  The largest payload it takes.
-STDIN_KINDS = (b"D", b"E", b"W")
+#: ``agent.py stdin``'s frames: data at an offset, the end at an offset.
+#: The largest payload it takes.
+STDIN_KINDS = (b"D", b"E")
 MAX_STDIN_FRAME = CHUNK
 #: How often ``agent.py stdin`` looks whether the run ended (seconds).
 STDIN_LOOK = 0.25
@@ -3292,7 +3290,7 @@ class StdinSpool(object):
 def cmd_stdin(args, marker):
     """Append to the input of a run whose stdin is a stream: frames on
     stdin (``!cQI`` as follow's: ``D`` bytes at an offset, ``E`` the end
-    at an offset, ``W`` a window size), idempotent by offset; one answer
+    at an offset), idempotent by offset; one answer
     line (StdinAck) first and after each frame, so a client resumes at
     what is held.  Ends at the end of this stdin, or at once when the run
     is over (``closed``)."""
@@ -3318,27 +3316,13 @@ def cmd_stdin(args, marker):
                 break
             if kind == b"D":
                 spool.append(offset, data)
-            elif kind == b"E":
-                spool.end(offset)
             else:
-                spool.poke(window_size(data))
+                spool.end(offset)
             answer = spool.answer()
             out.json(answer)
     finally:
         spool.close()
     return 0
-
-
-def window_size(data):
-    """A ``W`` frame's payload, ``{"rows": R, "cols": C}``, as a control op."""
-    try:
-        size = loads(data.decode())
-        rows, cols = size["rows"], size["cols"]
-    except (ValueError, UnicodeDecodeError, TypeError, KeyError):
-        rows = cols = None
-    if not (_is_int(rows) and _is_int(cols) and 0 <= rows < 65536 and 0 <= cols < 65536):
-        raise AgentError("a window size is {\"rows\": R, \"cols\": C}, integers from 0 to 65535")
-    return {"op": "winsize", "rows": rows, "cols": cols}
 
 
 def cmd_list(args, marker):

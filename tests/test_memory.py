@@ -145,13 +145,12 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
         (["--marker", "M", "clean", "d1"], None), (["status", "d1"], None), (["-h"], None),
         # a stdin stream: appended by offset (again: harmless; a gap: refused), its end once
         (["start"], stream), (["--marker", "M", "stdin", "d5"], frame(b"D", 0, b"abc") + frame(b"D", 1, b"bcd")
-                              + frame(b"W", 0, b'{"rows": 2, "cols": 3}') + frame(b"D", 4, b"")),
+                              + frame(b"D", 2, b"cd") + frame(b"D", 4, b"")),
         (["--marker", "M", "stdin", "d5"], frame(b"D", 9, b"x")), (["--marker", "M", "stdin", "d5"], frame(b"Z", 0)),
-        (["--marker", "M", "stdin", "d5"], frame(b"W", 0, b'{"rows": -1}')),
+        (["--marker", "M", "stdin", "d5"], frame(b"W", 0, b'{"rows": 2, "cols": 3}')),
         (["--marker", "M", "stdin", "d5"], frame(b"D", 0, b"abcd") + frame(b"E", 4) + frame(b"E", 4)),
         (["--marker", "M", "stdin", "d5"], frame(b"E", 3)), (["--marker", "M", "stdin", "nope"], b""),
-        (["stdin", "d3"], b""), (["--marker", "M", "control", "d5"], {"op": "winsize", "rows": 5, "cols": 7}),
-        (["control", "d5"], {"op": "winsize", "rows": "5", "cols": 7}),
+        (["stdin", "d3"], b""), (["control", "d5"], {"op": "winsize", "rows": 5, "cols": 7}),
     ]
 
     def encode(stdin):
@@ -201,7 +200,7 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
         assert got == want, args
     assert [code for code, _, _ in real] == [0, 0, 0, 0, 0, 0, 2, 2, 2, 1, 2, 2, 4, 2, 4, 2, 2, 2, 2, 2, 2, 2, 2,
                                              0, 2, 2, 0, 0, 0, 0, 4, 0,
-                                             0, 0, 1, 2, 2, 0, 0, 4, 2, 0, 2]
+                                             0, 0, 1, 2, 2, 0, 0, 4, 2, 2]
     assert real[33][2] == [{"closed": False, "end": False, "held": n} for n in (0, 3, 4, 4, 4)]
     assert real[37][2][-2:] == [{"closed": False, "end": True, "held": 4}] * 2
     assert real[38][2] == [{"closed": True, "end": True, "held": 4}]

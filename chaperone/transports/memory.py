@@ -766,13 +766,11 @@ class MemoryHost:
         if len(stdin) > agent.MAX_CONTROL:
             raise agent.AgentError("control message is too large (over %d bytes)" % agent.MAX_CONTROL)
         msg = agent.parse_json(stdin, "control message")  # (the agent's own parser, bounds and errors)
-        if not isinstance(msg, dict) or msg.get("op") not in ("callback", "release", "winsize"):
+        if not isinstance(msg, dict) or msg.get("op") not in ("callback", "release"):
             raise agent.AgentError("control message: unknown op")
         if msg["op"] == "callback" and not all(isinstance(msg.get(k), str) for k in ("url", "token", "cert")
                                                if k in msg):
             raise agent.AgentError("control message: url, token and cert must be strings")
-        if msg["op"] == "winsize":
-            msg = agent.window_size(agent.dumps(msg).encode())
         delivered = run.running and run._task is not None
         if delivered:
             run._control(msg)
@@ -810,10 +808,8 @@ class MemoryHost:
                 return
             if kind == b"D":
                 run._append_stdin(offset, data)
-            elif kind == b"E":
-                run._end_stdin(offset)
             else:
-                run.controls.append(agent.window_size(data))
+                run._end_stdin(offset)
             last = answer()
             proc.json(last)
 
