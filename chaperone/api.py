@@ -607,7 +607,7 @@ class Chaperone:
                         started = True
                         self.records.update(run_id, event.state)
                         if source is not None and not event.final:
-                            self._feed(run_id, source, on_reconnect)
+                            self._feed(run_id, source)  # (quiet: the follow tells of a lost connection)
                     elif isinstance(event, OutputChunk):
                         offsets[event.stream] = event.offset + len(event.data)
                     yield event
@@ -626,7 +626,7 @@ class Chaperone:
             raise
         async for event in self._follow(run_id, offsets, on_reconnect=on_reconnect, restart=program):
             if source is not None and isinstance(event, StateUpdate) and not event.final:
-                self._feed(run_id, source, on_reconnect)
+                self._feed(run_id, source)
             yield event
 
     # Watching ------------------------------------------------------------------

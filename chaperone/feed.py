@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import stat
 from typing import AsyncIterator, Callable, Optional, Union
 
@@ -86,6 +87,11 @@ async def read_fd(fd: int, size: int = FRAME) -> AsyncIterator[bytes]:
             if polled:
                 await ready.wait()
                 ready.clear()
+                # (the event may be stale: the loop saw it readable before the
+                # last read emptied it; a read of a blocking descriptor that
+                # is empty would stop the whole event loop)
+                if not select.select([fd], [], [], 0)[0]:
+                    continue
                 try:
                     data = os.read(fd, size)
                 except BlockingIOError:
@@ -225,7 +231,7 @@ class Feeder:
             return True
         except ChaperoneError:
             try:
-                await asyncio.wait_for(asyncio.shield(answers), 10.0)
+                await asyncio.wait_for(asyncio.shield(answers), 1.0)
             except Exception:
                 pass
             if answers.done() and not answers.cancelled() and answers.exception() is None:

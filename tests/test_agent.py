@@ -440,7 +440,7 @@ def _argparse_reference(ag):
     sub = p.add_subparsers(dest="command")
     s = sub.add_parser("start", allow_abbrev=False)
     s.add_argument("--follow", action="store_true")
-    for name in ("status", "list", "follow", "output", "signal", "clean", "control"):
+    for name in ("status", "list", "follow", "output", "signal", "clean", "control", "stdin"):
         s = sub.add_parser(name, allow_abbrev=False)
         if name != "list":
             s.add_argument("id")

@@ -25,8 +25,8 @@ def argv(sshd, host, spool, *args):
     return base + ["run", "--spool", str(spool), host] + list(args)
 
 
-def popen(home, cmd, **kw):
-    return subprocess.Popen(cmd, env=cli_env(home), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+def popen(home, cmd, env=None, **kw):
+    return subprocess.Popen(cmd, env=cli_env(home, **(env or {})), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, cwd=str(home), **kw)
 
 
@@ -108,12 +108,14 @@ def test_stdin_larger_than_12_mib_streams_with_bounded_memory(sshd, home, tmp_pa
 
 
 @pytest.mark.timeout(90)
-def test_a_cut_connection_mid_input_loses_and_repeats_nothing(sshd, home, tmp_path):
+@pytest.mark.parametrize("client", ["openssh", "asyncssh"])
+def test_a_cut_connection_mid_input_loses_and_repeats_nothing(sshd, home, tmp_path, client):
     """Half of the input is on the host when every SSH session to it is
     killed; the rest is written after: the program gets every byte once, in
-    order, and end of file once."""
+    order, and end of file once (OpenSSH's ssh and asyncssh)."""
     spool = tmp_path / "spool"
-    p = popen(home, argv(sshd, "testhost", spool, "--id", "cut", "--", "sh", "-c", CAT_EOF))
+    p = popen(home, argv(sshd, "testhost", spool, "--id", "cut", "--", "sh", "-c", CAT_EOF),
+              env={"CHAPERONE_SSH_CLIENT": client})
     first = hashlib.sha256(b"first").digest() * 40000  # 1.28 MB
     second = hashlib.sha256(b"second").digest() * 40000
     outs = {}
@@ -127,7 +129,7 @@ def test_a_cut_connection_mid_input_loses_and_repeats_nothing(sshd, home, tmp_pa
         held = spool / "cut" / "stdin"
         end = time.monotonic() + 30
         while not (held.exists() and held.stat().st_size == len(first)):
-            assert time.monotonic() < end and p.poll() is None
+            assert time.monotonic() < end and p.poll() is None, (held.exists() and held.stat().st_size, p.poll())
             time.sleep(0.05)
         assert sshd.kill_sessions(), "no SSH session to kill"
         p.stdin.write(second)
@@ -168,3 +170,88 @@ def test_detached_gets_dev_null_unless_told(home, tmp_path):
         wait_for(lambda: read_state(root, run_id)["state"] == "done", 20, what="run %s to end" % run_id)
     assert (root / "null" / "stdout").read_bytes() == b"/dev/null\n"
     assert (root / "file" / "stdout").read_bytes().split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+@pytest.mark.timeout(60)
+def test_on_a_terminal_a_hint_and_t_is_refused(home):
+    """From a terminal without -t, a program that reads its stdin (cat)
+    meets /dev/null: one line on stderr says so rather than silence; `-t`
+    is a clear usage error (not supported yet), not silently ignored."""
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "chaperone.cli", "run", "--id", "typed", "local", "--",
+                              "sh", "-c", "cat; echo done"],
+                             stdin=slave, stdout=slave, stderr=slave, env=cli_env(home), cwd=str(home))
+        os.close(slave)
+        slave = None
+        got = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the last writer closed it
+                break
+            if not chunk:
+                break
+            got += chunk
+        assert p.wait(30) == 0, got
+    finally:
+        os.close(master)
+        if slave is not None:
+            os.close(slave)
+    lines = got.decode().splitlines()
+    assert lines == ["chaperone: run typed on local (no terminal there: stdin is /dev/null; --stdin - sends "
+                     "what you type)", "done"], got
+    res = subprocess.run([sys.executable, "-m", "chaperone.cli", "run", "-t", "local", "--", "true"],
+                         env=cli_env(home), capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
+    assert res.returncode == 2 and res.stdout == b""
+    assert res.stderr.decode().startswith("chaperone: -t (a terminal on the host) is not supported yet")
+    assert len(res.stderr.splitlines()) == 1
+
+
+@pytest.mark.timeout(30)
+def test_reading_a_pipe_never_blocks_the_event_loop():
+    """chaperone.feed.read_fd on a blocking pipe (the CLI's stdin, whose
+    mode is left alone) that another thread fills: all of it, exact, and
+    once it is empty the event loop goes on (a stale readiness followed by
+    a read would stop it until more comes: seen as a stalled input)."""
+    import asyncio
+
+    from chaperone.feed import read_fd
+
+    data = os.urandom(1280000)
+    for _ in range(3):
+        r, w = os.pipe()
+        writer = threading.Thread(target=lambda: [os.write(w, data[at:at + 100000])
+                                                  for at in range(0, len(data), 100000)])
+        unblock = threading.Timer(3.0, os.write, (w, b"!"))  # (ends a read that blocks the loop)
+
+        async def main():
+            got = bytearray()
+            it = read_fd(r, 65536).__aiter__()
+            writer.start()
+            while len(got) < len(data):
+                got += await it.__anext__()
+            assert bytes(got) == data
+            unblock.start()
+            nxt = asyncio.ensure_future(it.__anext__())
+            t0 = time.monotonic()
+            await asyncio.sleep(0.3)
+            waited = time.monotonic() - t0
+            unblock.cancel()
+            os.close(w)
+            try:
+                extra = await nxt
+            except StopAsyncIteration:  # (the end of the pipe)
+                extra = b""
+            await it.aclose()
+            return waited, extra
+
+        try:
+            waited, extra = asyncio.run(main())
+            assert waited < 2.0 and extra == b"", "the event loop was blocked in a read"
+        finally:
+            writer.join()
+            unblock.cancel()
+            os.close(r)

@@ -65,6 +65,17 @@ def _stdin_fd(params: dict):
         raise UsageError("cannot read --stdin %s: %s" % (source, e.strerror)) from None
 
 
+def _typing(params: dict) -> bool:
+    """This process's stdin is a terminal the program does not get (no
+    ``-n``, ``-d`` nor ``--stdin``)."""
+    if params.get("no_stdin") or params.get("detach") or params.get("stdin_file") is not None:
+        return False
+    try:
+        return os.isatty(0)
+    except OSError:
+        return False
+
+
 def _stdin_source(params: dict):
     """What the program gets on stdin (see :func:`_stdin_fd`): None
     (/dev/null), bytes (all of it, small: sent with the start), or a stream
@@ -148,6 +159,9 @@ def run(host, **params):
     """
     ctx = click.get_current_context()
     words, exact = ctx.meta.get("chaperone.command", ([], False))
+    if params.get("tty"):
+        fail("-t (a terminal on the host) is not supported yet: programs run without one; --stdin - "
+             "sends what you type (Try 'chaperone run --help'.)", 2)
     if params.get("hosts") or params.get("hostfiles"):
         from .fleet import run_many  # many hosts: chaperone/cli/fleet.py
 
@@ -201,7 +215,10 @@ def run(host, **params):
             return 0
         if not params.get("quiet") and not params.get("as_json") and sys.stderr.isatty():
             # (on a terminal only: piped, stderr is exactly the program's)
-            click.echo("chaperone: run %s on %s" % (run_id, target.name), err=True)
+            hint = ""
+            if stdin is None and _typing(params):  # (top, a REPL ... would meet /dev/null in silence)
+                hint = " (no terminal there: stdin is /dev/null; --stdin - sends what you type)"
+            click.echo("chaperone: run %s on %s%s" % (run_id, target.name, hint), err=True)
         return await _foreground(ch, target, command, kw, params)
 
     sys.exit(run_async(params, go))
