@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from helpers import (
-    cli, cli_popen, kill_marked, marker_number, one_line_error, pid_alive, procs_with,
+    cli, cli_env, cli_popen, kill_marked, marker_number, one_line_error, pid_alive, procs_with,
     ps_ids, read_state, read_until, spool_dir, spool_root, unique, wait_for, wait_no_procs,
 )
 
@@ -485,3 +485,17 @@ def test_timeout_term_ignored_ends_with_sigkill_after_grace(slow_timeout_run):
     assert 10.9 <= took < 14, took
     assert time.monotonic() - t0 >= 10.9
     assert not procs_with(m)
+
+
+def test_ps_fits_80_columns_with_a_long_error(home):
+    """ps fits an 80-column terminal: a failed run's long error is cut at a
+    word boundary with an ellipsis, as the command is (issue 10 item 7)."""
+    r = cli(home, "-F", "/dev/null", "run", "nohost", "--", "sh", "-c", "echo a long command line here")
+    assert r.returncode == 255
+    out = subprocess.run([sys.executable, "-m", "chaperone", "ps", "-a"], env={**cli_env(home), "COLUMNS": "80"},
+                         capture_output=True, timeout=60, cwd=str(home))
+    lines = out.stdout.decode().splitlines()
+    assert out.returncode == 0 and len(lines) == 2, out
+    assert all(len(line) <= 80 for line in lines), lines
+    shown = lines[1].split("nohost", 1)[1].split("\u2026", 1)[0].strip()   # the status as cut
+    assert shown.startswith("failed:") and ("failed: unknown host nohost: " + "x").startswith(shown + " "), lines

@@ -147,7 +147,7 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params)
                 click.echo(info["id"])
         else:
             fresh = set(fresh) | {i["id"] for i in infos if i["state"] in FINAL_STATES}
-            click.echo(table(_rows(infos, fresh), ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND")))
+            click.echo(table(_rows(infos, fresh), ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND"), flex=(5, 2)))
         return 0
 
     server = served.client(params, "cached")
@@ -242,7 +242,7 @@ def status(run_ids, as_json, timeout, **params):
                 print_json(infos)
             else:
                 click.echo(table(_rows(infos, fresh | {i["id"] for i in infos if i["state"] != "running"}),
-                                 ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND")))
+                                 ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND"), flex=(5, 2)))
             return 1 if unreachable else 0
         infos, fresh = [], set()
         for rec in _records(ch, run_ids, errors):

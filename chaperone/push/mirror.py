@@ -18,20 +18,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..models import STREAMS
+from ..errors import OffsetGap  # noqa: F401 (defined there; exported here too)
 
 LOCK_NAME = ".lock"
-
-
-class OffsetGap(Exception):
-    """A chunk starts after the last byte held; resend from :attr:`held`."""
-
-    def __init__(self, held: int, offset: Optional[int] = None) -> None:
-        self.held = held
-        self.offset = offset
-        msg = f"offset gap: {held} bytes held"
-        if offset is not None:
-            msg += f", chunk starts at {offset}"
-        super().__init__(msg)
 
 
 def check_stream(stream: str) -> str:
