@@ -836,7 +836,7 @@ class MemoryHost:
             proc.marker(args.marker)
             st = run._status()
             data = [bytes(run._data[n][:st[n + "_bytes"]]) for n in ("stdout", "stderr")]
-            proc.write(b"%d %d\n" % tuple(len(d) for d in data) + b"".join(data))
+            proc.emit(b"%d %d\n" % tuple(len(d) for d in data) + b"".join(data))
             return
         proc.marker(args.marker)
         upto = run._status()[args.stream + "_bytes"]
