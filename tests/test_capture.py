@@ -269,7 +269,8 @@ def test_readers_look_at_a_running_runs_sizes_under_its_lock(root, command):
             time.sleep(1.0)
             # waiting for the lock: not a byte out yet (a follow would have
             # sent "abc" and the state at once)
-            assert proc.poll() is None, proc.communicate()
+            assert proc.poll() is None, "ended at once: %r; state.json: %s" % (
+                proc.communicate(), (root / "held" / "state.json").read_text())
             assert not select.select([proc.stdout], [], [], 0)[0]
         finally:
             os.close(fd)
