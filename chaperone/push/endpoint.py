@@ -439,10 +439,13 @@ class CallbackServer:
         return body
 
     async def _output(self, request):
-        """Appends the body to the mirror as it arrives (about 1 MiB at a
-        time: bodies as large as ``max_body`` cost no more memory than
-        that).  A body without Content-Length (chunked) is read whole
-        first, so that one found too large has stored nothing."""
+        """Appends the body to the mirror as it arrives: what is there, up
+        to 1 MiB at a time, before waiting for more (bodies as large as
+        ``max_body`` cost no more memory than that, and a request waiting
+        for the network holds nothing: many agents sending at once cost
+        only what is in flight).  A body without Content-Length (chunked)
+        is read whole first, so that one found too large has stored
+        nothing."""
         run = self._authorize(request)
         streamed = request.content_length is not None  # and <= max_body (checked)
         stream = self.protocol.parse_stream(request.match_info["stream"])
@@ -470,8 +473,8 @@ class CallbackServer:
             if data:
                 chunks.append(data)
                 pending += len(data)
-                if pending < APPEND_CHUNK or not streamed:
-                    continue
+                if not streamed or (pending < APPEND_CHUNK and request.content.total_bytes > received):
+                    continue  # (more is here already: stored with it)
             elif held is not None and not chunks:
                 break
             pieces, size = chunks, pending
