@@ -106,6 +106,13 @@ def _speculate(argv) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["run"]:
+        try:
+            from .cli.fastrun import attempt
+        except Exception:
+            pass
+        else:
+            attempt(sys.argv[1:])  # `run local CMD`: runs it and exits, or returns
     _speculate(sys.argv[1:])
     from .cli import main as cli_main
 

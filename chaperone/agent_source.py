@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import functools
-import hashlib
-from pathlib import Path
+import os
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (hashlib and pathlib load when used: the fast `run local` path loads this module)
+    from pathlib import Path
 
 #: The start of both bootstraps (``python -I -S -c``): ``_rd(path)``, the
 #: bytes of a regular file of this user (or root), opened without
@@ -103,15 +106,24 @@ _D=None
 @functools.lru_cache(maxsize=1)
 def agent_path() -> Path:
     """``remote/agent.py``: in the wheel it is ``chaperone/_remote/agent.py``."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "_remote" / "agent.py", here.parent / "remote" / "agent.py"):
-        if candidate.is_file():
+    from pathlib import Path
+
+    return Path(agent_file())
+
+
+@functools.lru_cache(maxsize=1)
+def agent_file() -> str:
+    """:func:`agent_path` as a string (without importing pathlib)."""
+    here = os.path.dirname(os.path.realpath(__file__))
+    for candidate in (os.path.join(here, "_remote", "agent.py"),
+                      os.path.join(os.path.dirname(here), "remote", "agent.py")):
+        if os.path.isfile(candidate):
             return candidate
     try:  # an installed wheel maps remote/ to the chaperone._remote package
         from importlib.resources import files
 
-        path = Path(str(files("chaperone._remote").joinpath("agent.py")))
-        if path.is_file():
+        path = str(files("chaperone._remote").joinpath("agent.py"))
+        if os.path.isfile(path):
             return path
     except (ImportError, ModuleNotFoundError, TypeError):
         pass
@@ -125,6 +137,8 @@ def agent_bytes() -> bytes:
 
 @functools.lru_cache(maxsize=1)
 def agent_hash() -> str:
+    import hashlib
+
     return hashlib.sha256(agent_bytes()).hexdigest()
 
 
@@ -134,9 +148,12 @@ def agent_module():
     the library validates program.json with the agent's own validator, which
     tests prove equal to ``chaperone.models`` (and is much faster to import
     than pydantic)."""
-    import importlib.util
+    # (what importlib.util re-exports, without importing importlib.util and
+    # contextlib: the fast `run local` path loads the agent this way)
+    from importlib._bootstrap import module_from_spec
+    from importlib._bootstrap_external import spec_from_file_location
 
-    spec = importlib.util.spec_from_file_location("chaperone._agent", agent_path())
-    module = importlib.util.module_from_spec(spec)
+    spec = spec_from_file_location("chaperone._agent", agent_file())
+    module = module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -37,7 +37,7 @@ from typing import (TYPE_CHECKING, AsyncIterator, Callable, Dict, List, Mapping,
 from .agent_source import agent_module
 from .client import AgentClient
 from .errors import ChaperoneError, ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, UsageError
-from .models import FINAL_STATES, exit_code_for
+from .states import FINAL_STATES, exit_code_for
 from .protocol import STREAMS, End, Event, OutputChunk, StateUpdate
 from .records import Record, Records, chaperone_home
 from .transports.base import Transport

@@ -20,15 +20,12 @@ import json
 import struct
 from dataclasses import dataclass
 from typing import List, Optional, Union
+from .errors import ProtocolError  # noqa: F401 (defined there; exported here too)
 
 FRAME = struct.Struct("!cQI")
 #: The output streams of a run (the agent mirrors this; tests check it).
 STREAMS = ("stdout", "stderr")
 KIND_STREAM = {b"1": STREAMS[0], b"2": STREAMS[1]}
-
-
-class ProtocolError(Exception):
-    pass
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,12 @@ import os
 import shlex
 import sqlite3
 import time
-from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (annotations are not evaluated: __future__; typing and
+    # pathlib are not imported at start: the fast `run local` path uses this module)
+    from pathlib import Path
+    from typing import Dict, Iterator, List, Optional
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -43,14 +47,35 @@ def printable(text: str) -> str:
 def chaperone_home(home: Optional[os.PathLike] = None) -> Path:
     """``$CHAPERONE_HOME``, else ``$XDG_STATE_HOME/chaperone``, else
     ``~/.local/state/chaperone``; created 0700."""
+    from pathlib import Path
+
+    return Path(home_dir(home))
+
+
+def home_dir(home: Optional[os.PathLike] = None) -> str:
+    """:func:`chaperone_home` as a string (without importing pathlib)."""
     if home is None:
         home = os.environ.get("CHAPERONE_HOME")
     if not home:
         base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
         home = os.path.join(base, "chaperone")
-    path = Path(home)
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = os.fspath(home)
+    _makedirs(path)
     return path
+
+
+def _makedirs(path: str) -> None:
+    """``Path.mkdir(mode=0o700, parents=True, exist_ok=True)``."""
+    if os.path.isdir(path):
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if parent != path and not os.path.isdir(parent):
+        os.makedirs(parent, exist_ok=True)  # (parents: the default mode, as Path.mkdir makes them)
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
 
 
 class Record:
@@ -112,7 +137,7 @@ def _seconds_between(start: Optional[str], end: Optional[str]) -> Optional[float
 def run_info(rec: "Record") -> dict:
     """A record as the one JSON object of a run (chaperone.models.RunInfo)."""
     last = dict(rec.last or {})
-    from .models import exit_code_for
+    from .states import exit_code_for
 
     for key in ("return_code", "signal"):  # (records of earlier versions kept them in columns only)
         if last.get(key) is None and getattr(rec, key) is not None:
@@ -140,20 +165,26 @@ def run_info(rec: "Record") -> dict:
 
 class Records:
     def __init__(self, path: os.PathLike):
-        self.path = Path(path)
-        if not self.path.exists():
+        self._path = os.fspath(path)
+        if not os.path.exists(self._path):
             # Create it 0600 before SQLite does.  Only when it does not exist:
             # closing a descriptor of a database this process has open would
             # drop SQLite's POSIX locks on it.
             try:
-                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+                os.close(os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
             except FileExistsError:
                 pass
-        self.db = sqlite3.connect(str(self.path), timeout=30, isolation_level=None)
+        self.db = sqlite3.connect(self._path, timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.executescript(SCHEMA)
         self._migrate()
+
+    @property
+    def path(self) -> Path:
+        from pathlib import Path
+
+        return Path(self._path)
 
     def _migrate(self) -> None:
         """Bring a database made by an earlier version up to this schema."""
@@ -229,6 +260,29 @@ class Records:
     def counts(self) -> List[tuple]:
         """``(host, state, number of runs)`` for every recorded run."""
         return self.db.execute("SELECT host, state, count(*) FROM runs GROUP BY host, state").fetchall()
+
+    def select(self, *, final: bool = True, hosts=(), ids=None, where=None, args=None) -> List[Record]:
+        """Records in one query: with ``final=False`` only those not over
+        (the final ones are never read nor parsed); ``hosts``: only runs on
+        these hosts; ``ids``: only these runs."""
+        if where is not None:  # (a part of a look-up by ids)
+            sql = "SELECT %s FROM runs WHERE %s" % (_COLUMNS, " AND ".join(where))
+            return [Record(row) for row in self.db.execute(sql, args)]
+        where, args = [], []
+        if not final:
+            where.append("state NOT IN %s" % _FINAL_SQL)
+        if hosts:
+            where.append("host IN (%s)" % ", ".join("?" * len(hosts)))
+            args += list(hosts)
+        if ids is not None:
+            ids, out = list(ids), []
+            for at in range(0, len(ids), 900):  # (SQLite's bound on parameters: 999 before 3.32)
+                part = ids[at:at + 900]
+                out += self.select(final=final, hosts=hosts, where=where + [
+                    "id IN (%s)" % ", ".join("?" * len(part))], args=args + part)
+            return sorted(out, key=lambda r: r.created)
+        sql = "SELECT %s FROM runs%s ORDER BY created" % (_COLUMNS, " WHERE " + " AND ".join(where) if where else "")
+        return [Record(row) for row in self.db.execute(sql, args)]
 
     def all(self) -> Iterator[Record]:
         for row in self.db.execute("SELECT %s FROM runs ORDER BY created" % _COLUMNS):

@@ -138,7 +138,25 @@ def read_state(root, run_id):
         return json.loads(f.read().decode())
 
 
-def wait_for(predicate, timeout=10.0, interval=0.02, what="condition"):
+def run_async(coro, timeout=150):
+    """Run a coroutine to its end in a new event loop, at most ``timeout`` s."""
+    import asyncio
+
+    return asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+def load_agent(name="chaperone_agent_under_test"):
+    """remote/agent.py loaded in this process as a fresh module ``name``
+    (its functions tested directly; what a host runs is the same file)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, str(AGENT))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def wait_for(predicate, timeout=10.0, what="condition", interval=0.02):
     """Poll ``predicate`` until it returns something truthy; returns it."""
     end = time.monotonic() + timeout
     while True:

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from helpers import cli_env
+from helpers import cli_env, wait_for  # noqa: F401 (the tests import it from here)
 
 from chaperone.serve.client import ServeClient
 
@@ -80,17 +80,6 @@ class Server:
 
     def stop(self):
         self.kill(signal.SIGTERM)
-
-
-def wait_for(predicate, timeout, what, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out after %s s waiting for %s" % (timeout, what))
-        time.sleep(interval)
 
 
 def raw(port, method, path, headers=None, body=None):

@@ -16,7 +16,7 @@ import time
 import psutil
 import pytest
 
-from helpers import require_python  # noqa: E402
+from helpers import load_agent, require_python  # noqa: E402
 from helpers import (
     AGENT, agent, agent_cmd, agent_start, kill_marked, pid_alive, procs_with, program,
     marker_number, one_line_error, read_state, unique, wait_for, wait_no_procs, wait_state,
@@ -416,12 +416,7 @@ def test_spool_root_parents_the_agent_creates_are_private(tmp_path):
 
 
 def _load_agent():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("chaperone_agent_parse_test", str(AGENT))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_agent("chaperone_agent_parse_test")
 
 
 def _argparse_reference(ag):

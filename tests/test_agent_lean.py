@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from helpers import AGENT, agent, agent_start, program, unique, wait_state
+from helpers import AGENT, agent, agent_start, load_agent, program, unique, wait_state
 
 from helpers import find_python, require_python  # noqa: E402
 
@@ -181,12 +181,7 @@ def test_several_pythons_were_checked():
 
 
 def _load_agent():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("chaperone_agent_lean_test", str(AGENT))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_agent("chaperone_agent_lean_test")
 
 
 ag = _load_agent()

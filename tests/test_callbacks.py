@@ -15,6 +15,8 @@ import uuid
 
 import pytest
 
+from helpers import run_async
+
 from chaperone.api import Chaperone
 from chaperone.push.certs import cert_pem, ensure_certificate
 
@@ -39,10 +41,6 @@ FAST = {"retry_frequency": 0.5, "output_latency": 0.05}
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-def run_async(coro, timeout=150):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 @pytest.mark.timeout(200)

@@ -23,7 +23,7 @@ import pytest
 from chaperone.protocol import End, OutputChunk, StateUpdate, StreamDecoder
 from helpers import (
     agent, agent_cmd, agent_start, kill_marked, marker_number, pid_alive, procs_with, program,
-    read_state, unique, wait_for, wait_no_procs, wait_state,
+    read_state, run_async, unique, wait_for, wait_no_procs, wait_state,
 )
 
 PY = sys.executable
@@ -383,10 +383,6 @@ def test_file_capture_without_callback_the_supervisor_sleeps(root):
 
 
 # --- callbacks ---------------------------------------------------------------------------
-
-
-def run_async(coro):
-    return asyncio.new_event_loop().run_until_complete(coro)
 
 
 @pytest.mark.timeout(60)

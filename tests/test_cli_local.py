@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from helpers import (
-    cli, cli_popen, kill_marked, marker_number, one_line_error, pid_alive, procs_with,
+    cli, cli_env, cli_popen, kill_marked, marker_number, one_line_error, pid_alive, procs_with,
     ps_ids, read_state, read_until, spool_dir, spool_root, unique, wait_for, wait_no_procs,
 )
 
@@ -146,11 +146,17 @@ def test_stdin_file_reaches_program_exactly(home, tmp_path):
 
 
 GEN = r"""
-import hashlib, random, sys
+import hashlib, os, random, sys, time
 base = random.Random(7).randbytes(10 ** 6)
 h = hashlib.sha256()
 out = sys.stdout.buffer
+gate = sys.argv[1] if len(sys.argv) > 1 else None
 for i in range(200):
+    if i == 100 and gate:  # half way: wait until the test has looked (at most 60 s)
+        out.flush()
+        end = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < end:
+            time.sleep(0.01)
     block = i.to_bytes(8, "big") + base[8:]
     h.update(block)
     out.write(block)
@@ -169,7 +175,9 @@ def sha256_file(path):
 
 @pytest.mark.timeout(90)
 def test_200mb_detached_exact_and_supervisor_memory_flat(home, tmp_path):
-    res = cli(home, "run", "local", "-d", "--id", "big", "--", PY, "-c", GEN)
+    gate = tmp_path / "gate"  # (the program waits half way until the test has sampled: a loaded machine
+    #                            would otherwise see it all written before the first sample)
+    res = cli(home, "run", "local", "-d", "--id", "big", "--", PY, "-c", GEN, str(gate))
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == b"big"
     sup = psutil.Process(state_of(home, "big")["agent_pid"])
@@ -181,6 +189,8 @@ def test_200mb_detached_exact_and_supervisor_memory_flat(home, tmp_path):
             samples.append((sup.memory_info().rss, os.path.getsize(str(stdout_file))))
         except psutil.NoSuchProcess:
             break
+        if len([1 for _, size in samples if 0 < size < 200 * 10 ** 6]) >= 5:
+            gate.touch()
         time.sleep(0.01)
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 0, err
@@ -485,3 +495,17 @@ def test_timeout_term_ignored_ends_with_sigkill_after_grace(slow_timeout_run):
     assert 10.9 <= took < 14, took
     assert time.monotonic() - t0 >= 10.9
     assert not procs_with(m)
+
+
+def test_ps_fits_80_columns_with_a_long_error(home):
+    """ps fits an 80-column terminal: a failed run's long error is cut at a
+    word boundary with an ellipsis, as the command is (issue 10 item 7)."""
+    r = cli(home, "-F", "/dev/null", "run", "nohost", "--", "sh", "-c", "echo a long command line here")
+    assert r.returncode == 255
+    out = subprocess.run([sys.executable, "-m", "chaperone", "ps", "-a"], env={**cli_env(home), "COLUMNS": "80"},
+                         capture_output=True, timeout=60, cwd=str(home))
+    lines = out.stdout.decode().splitlines()
+    assert out.returncode == 0 and len(lines) == 2, out
+    assert all(len(line) <= 80 for line in lines), lines
+    shown = lines[1].split("nohost", 1)[1].split("\u2026", 1)[0].strip()   # the status as cut
+    assert shown.startswith("failed:") and ("failed: unknown host nohost: " + "x").startswith(shown + " "), lines

@@ -188,3 +188,15 @@ def test_outcome_from_result():
 def test_progress_line():
     assert progress_line(12, 50, 1, 8) == "12/50 done, 1 failed, 8 running"
     assert progress_line(50, 50) == "50/50 done"
+
+
+def test_summary_fits_a_terminal_by_cutting_reasons():
+    """On a terminal each row stays one line: a reason too long for the
+    width is cut with an ellipsis (the RUN column after it stays whole)."""
+    long = "unknown host nodeX: Name or service not known (is it in ~/.ssh/config? check the spelling)"
+    outcomes = [_o("node01", run_id="g-node01"), _o("nodeX", "failed", 255, reason=long, run_id="g-nodeX")]
+    lines = summary_table(outcomes, width=80).splitlines()
+    assert all(len(line) <= 80 for line in lines), lines
+    assert lines[2].startswith("nodeX") and lines[2].endswith("g-nodeX") and "\u2026" in lines[2]
+    assert "unknown host nodeX: Name" in lines[2]
+    assert summary_table(outcomes, width=400).splitlines()[2].find(long) > 0   # wide enough: whole

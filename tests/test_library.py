@@ -13,7 +13,7 @@ import textwrap
 
 import pytest
 
-from helpers import with_ssh_dir
+from helpers import run_async, with_ssh_dir
 
 from chaperone import Chaperone
 from chaperone.errors import ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, UsageError
@@ -21,10 +21,6 @@ from chaperone.models import RunInfo, RunState
 from chaperone.transports.target import Target, parse_host
 
 CLIENTS = ["openssh", "asyncssh"]
-
-
-def run_async(coro, timeout=120):
-    return asyncio.run(asyncio.wait_for(coro, timeout))
 
 
 # Naming hosts -------------------------------------------------------------------

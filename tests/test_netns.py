@@ -24,15 +24,16 @@ import time
 
 import pytest
 
-from helpers import cli, cli_popen
+from helpers import cli, cli_popen, wait_for
 from sshd import REQUIRE_ENV, REQUIRE_SSHD, SSHD, require_sshd
 
 from chaperone.api import Chaperone
 
-HOST_ADDR = "10.231.77.1"  # the root namespace's end of the veth pair
-NS_ADDR = "10.231.77.2"  # the test host, inside its namespace
+# Each test host claims a /30 of 10.231.0.0/16 (10.231.N.0/30 for N in
+# OCTETS) by adding its guard route, which fails if another holds it: test
+# processes running at once (pytest-xdist) each get their own.
+OCTETS = range(77, 127)
 PREFIX = 30
-SUBNET = "10.231.77.0/30"  # used only on the veth pair (and its guard route)
 GUARD_METRIC = "4242"
 ALIAS = "nshost"
 
@@ -66,25 +67,32 @@ class NetnsHost:
     def setup(self):
         if shutil.which("ip") is None:
             _cannot("iproute2 (`ip`) is not installed")
+        # While the veth is down its connected route is gone: without this
+        # guard, traffic for the test host would follow the default route
+        # out of the machine.  Unreachable instead: it fails here, at once.
+        # (Adding it claims the subnet: it fails when the subnet is taken.)
         in_use = _ip("-4", "addr", "show", check=False).stdout + _ip("-4", "route", "show", check=False).stdout
-        if "10.231.77." in in_use:
-            _cannot("10.231.77.0/30 is already in use on this machine")
+        for n in OCTETS:
+            if "10.231.%d." % n in in_use:
+                continue
+            self.subnet = "10.231.%d.0/%d" % (n, PREFIX)
+            if _ip("route", "add", "unreachable", self.subnet, "metric", GUARD_METRIC, check=False).returncode == 0:
+                self.host_addr, self.ns_addr = "10.231.%d.1" % n, "10.231.%d.2" % n
+                self.guard = True
+                break
+        else:
+            _cannot("no /30 of 10.231.77.0-10.231.126.0 is free on this machine")
         res = _ip("netns", "add", self.ns, check=False)
         if res.returncode != 0:
             _cannot("cannot create a network namespace: %s" % res.stderr.strip())
         self.made_ns = True
-        # While the veth is down its connected route is gone: without this
-        # guard, traffic for the test host would follow the default route
-        # out of the machine.  Unreachable instead: it fails here, at once.
-        _ip("route", "add", "unreachable", SUBNET, "metric", GUARD_METRIC)
-        self.guard = True
         _ip("link", "add", self.veth, "type", "veth", "peer", "name", self.peer, "netns", self.ns)
-        _ip("addr", "add", "%s/%d" % (HOST_ADDR, PREFIX), "dev", self.veth)
+        _ip("addr", "add", "%s/%d" % (self.host_addr, PREFIX), "dev", self.veth)
         _ip("link", "set", self.veth, "up")
-        _ip("-n", self.ns, "addr", "add", "%s/%d" % (NS_ADDR, PREFIX), "dev", self.peer)
+        _ip("-n", self.ns, "addr", "add", "%s/%d" % (self.ns_addr, PREFIX), "dev", self.peer)
         _ip("-n", self.ns, "link", "set", self.peer, "up")
         _ip("-n", self.ns, "link", "set", "lo", "up")  # the callback tunnel listens there
-        self.sshd = SSHD(listen_address=NS_ADDR, netns=self.ns, host_alias=ALIAS)
+        self.sshd = SSHD(listen_address=self.ns_addr, netns=self.ns, host_alias=ALIAS)
         self.sshd.start()
         return self
 
@@ -97,7 +105,7 @@ class NetnsHost:
                 _ip("netns", "del", self.ns, check=False)
                 _ip("link", "del", self.veth, check=False)  # gone with the namespace, normally
             if self.guard:
-                _ip("route", "del", "unreachable", SUBNET, "metric", GUARD_METRIC, check=False)
+                _ip("route", "del", "unreachable", self.subnet, "metric", GUARD_METRIC, check=False)
 
     # -- helpers -------------------------------------------------------------
 
@@ -109,8 +117,8 @@ class NetnsHost:
         _ip("link", "set", self.veth, "up" if up else "down")
         if not up:
             # Nothing for the test host may leave the machine meanwhile.
-            route = _ip("route", "get", NS_ADDR, check=False)
-            assert route.returncode != 0, "during the outage %s is routed: %s" % (NS_ADDR, route.stdout)
+            route = _ip("route", "get", self.ns_addr, check=False)
+            assert route.returncode != 0, "during the outage %s is routed: %s" % (self.ns_addr, route.stdout)
 
     @contextlib.contextmanager
     def outage(self):
@@ -123,7 +131,7 @@ class NetnsHost:
 
     def reachable(self, timeout=1.0) -> bool:
         try:
-            with socket.create_connection((NS_ADDR, self.sshd.port), timeout=timeout) as s:
+            with socket.create_connection((self.ns_addr, self.sshd.port), timeout=timeout) as s:
                 s.settimeout(timeout)
                 return s.recv(8).startswith(b"SSH-")
         except OSError:
@@ -155,15 +163,6 @@ def spool(tmp_path):
     """The runs' spool root on the host (``--spool``): the namespace shares
     our filesystem, so the test reads it directly."""
     return tmp_path / "spool"
-
-
-def wait_for(predicate, timeout, what, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(interval)
-    raise AssertionError("timed out waiting for %s" % what)
 
 
 def read_bytes(path) -> bytes:

@@ -20,3 +20,35 @@ def test_every_package_is_listed_for_the_wheel():
     found = {".".join(p.parent.relative_to(REPO).parts) for p in (REPO / "chaperone").rglob("__init__.py")}
     assert found | {"chaperone._remote"} == listed
     assert (REPO / "chaperone" / "py.typed").exists()
+
+
+def test_every_exception_is_defined_in_errors_py():
+    """One module holds every exception chaperone raises (issue 11): a class
+    deriving from an exception anywhere else in the package is a defect,
+    except private control-flow ones (a leading underscore)."""
+    import ast
+
+    root = pathlib.Path(__file__).resolve().parent.parent / "chaperone"
+    defined = {}
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ClassDef):
+                defined.setdefault(node.name, []).append((path.relative_to(root).as_posix(), node))
+    exceptions = {"Exception", "BaseException", "ValueError"}
+    changed = True
+    while changed:  # classes deriving from exceptions, transitively
+        changed = False
+        for name, places in defined.items():
+            if name not in exceptions and any(
+                    (b.id if isinstance(b, ast.Name) else getattr(b, "attr", None)) in exceptions
+                    for _, node in places for b in node.bases):
+                exceptions.add(name)
+                changed = True
+    elsewhere = sorted("%s in %s" % (name, where) for name, places in defined.items() if name in exceptions
+                       and not name.startswith("_") for where, _ in places if where != "errors.py")
+    assert not elsewhere, elsewhere
+    import chaperone.errors as errors
+    from chaperone.fleet.nodeset import NodeSetError
+    from chaperone.push.endpoint import Reject
+    from chaperone.serve.client import ServeError
+    assert (NodeSetError, Reject, ServeError) == (errors.NodeSetError, errors.Reject, errors.ServeError)

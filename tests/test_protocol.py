@@ -15,7 +15,6 @@ from __future__ import annotations
 import ast
 import base64
 import copy
-import importlib.util
 import json
 import os
 import re
@@ -61,15 +60,8 @@ from chaperone.protocol import (
 REPO = Path(__file__).resolve().parent.parent
 AGENT = REPO / "remote" / "agent.py"
 DOC = REPO / "docs" / "protocol.md"
-from helpers import require_python  # noqa: E402
+from helpers import load_agent, require_python  # noqa: E402
 MARKER = "CHAPERONE-test-marker-7f3a9c"
-
-
-def load_agent():
-    spec = importlib.util.spec_from_file_location("chaperone_agent_under_test", AGENT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 agent = load_agent()
@@ -406,7 +398,7 @@ def test_start_follow_reassembles_output(tmp_path):
 
 def test_follow_of_running_run_sends_running_state(tmp_path):
     root = tmp_path / "spool"
-    start(root, spec("f2", ["sh", "-c", "echo a; sleep 0.5; echo b >&2"]))
+    start(root, spec("f2", ["sh", "-c", "echo a; sleep 2; echo b >&2"]))  # (2 s: the follow starts first, even on a loaded machine)
     proc = run_agent(root, "follow", "f2", marker=MARKER)
     events = _decode_follow(proc.stdout, json_line=False)
     states = _check_follow(events, root, "f2")

@@ -71,10 +71,49 @@ def run_async(params: dict, coro_fn, **kw):
         try:
             return await coro_fn(ch)
         finally:
+            records, ch._records = ch._records, None
+            if records is not None:
+                leave_open(records)
             await ch.close()
 
     try:
         return asyncio.run(main())
+    except ChaperoneError as e:
+        fail(str(e), e.exit_code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(141)
+    except OSError as e:
+        fail(_os_error(e))
+    except ValueError as e:
+        fail(str(e) or type(e).__name__)
+    except Exception as e:  # never a traceback: one line, and how to see more
+        fail("internal error: %s: %s (please report it)" % (type(e).__name__, e))
+
+
+#: Records left open until the process ends (see :func:`leave_open`).
+_OPEN: list = []
+
+
+def leave_open(records) -> None:
+    """Keep ``records`` open until the process ends instead of closing them
+    now.  Closing SQLite's last connection checkpoints the WAL into the
+    database and deletes it (fsyncs: about 10 ms here, at the end of every
+    command), and the next command to write makes it again; left open, the
+    ``chaperone`` entry point ends with ``os._exit`` (chaperone.__main__)
+    and the WAL stays, part of the database as after any exit.  SQLite
+    still checkpoints it as it grows (every 1,000 pages)."""
+    _OPEN.append(records)
+
+
+def guarded(fn):
+    """``fn()`` with run_async's rule for errors (one line, never a
+    traceback), for a command's part that needs no event loop."""
+    from ..errors import ChaperoneError
+
+    try:
+        return fn()
     except ChaperoneError as e:
         fail(str(e), e.exit_code)
     except KeyboardInterrupt:

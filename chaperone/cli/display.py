@@ -123,20 +123,28 @@ def cut(text: str, width: int) -> str:
     return head.rstrip() + "…"
 
 
-def table(rows: Sequence[Sequence[str]], headers: Sequence[str], *, flex: int = -1,
+def table(rows: Sequence[Sequence[str]], headers: Sequence[str], *, flex=-1,
           width: Optional[int] = None) -> str:
-    """Columns padded to their widest cell; column ``flex`` (the last by
-    default) takes what is left of the terminal and is cut to fit."""
+    """Columns padded to their widest cell; when the rows are wider than the
+    terminal, column ``flex`` (the last by default; or several, the first
+    given shrinking first, none below its header or 12 characters) is cut
+    to fit, at a word boundary with an ellipsis."""
     rows = [[str(c) for c in row] for row in rows]
     cols = len(headers)
-    flex = flex % cols
+    flexes = [f % cols for f in (flex if isinstance(flex, (list, tuple)) else (flex,))]
     widths = [max([len(headers[i])] + [len(r[i]) for r in rows]) for i in range(cols)]
     width = width or terminal_width()
-    fixed = sum(w for i, w in enumerate(widths) if i != flex) + 2 * (cols - 1)
-    widths[flex] = max(len(headers[flex]), min(widths[flex], width - fixed))
+    excess = sum(widths) + 2 * (cols - 1) - width
+    for i in flexes:
+        if excess <= 0:
+            break
+        floor = max(len(headers[i]), 12) if i != flexes[0] else len(headers[i])
+        take = max(0, min(excess, widths[i] - floor))
+        widths[i] -= take
+        excess -= take
     out = []
     for row in [list(headers)] + rows:
-        cells = [cut(c, widths[i]) if i == flex else c for i, c in enumerate(row)]
+        cells = [cut(c, widths[i]) if i in flexes else c for i, c in enumerate(row)]
         out.append("  ".join(c.ljust(widths[i]) for i, c in enumerate(cells)).rstrip())
     return "\n".join(out)
 

@@ -234,16 +234,23 @@ async def _drive(ch, many, params, live) -> int:
     if detach:
         bad = [o for o in outcomes if o.state not in ("running", "done") or o.status != 0]
         if bad and not quiet and not as_json:
-            sys.stderr.write(summary_table(bad))
+            sys.stderr.write(summary_table(bad, width=_columns()))
         return max((o.status or 255 for o in bad), default=0)
     if not quiet and (not as_json or tty):
-        sys.stderr.write(summary_table(outcomes))
+        sys.stderr.write(summary_table(outcomes, width=_columns()))
     if many.interrupts >= 2:
         sys.stderr.write("chaperone: detached from group %s; its runs go on (%s)\n" % (many.group, hint))
     elif outcomes and not quiet and not as_json and tty:
         sys.stderr.write("chaperone: group %s\n" % many.group)
     sys.stderr.flush()
     return exit_status(outcomes)
+
+
+def _columns() -> Optional[int]:
+    """The terminal's width when stderr is one (the summary fits it)."""
+    import shutil
+
+    return shutil.get_terminal_size((0, 0)).columns or None if sys.stderr.isatty() else None
 
 
 def _json_line(r, output: bool = True) -> bytes:

@@ -10,7 +10,7 @@ import sys
 import click
 
 from . import served
-from .app import cli, fail, run_async, served_call, ssh_options
+from .app import cli, fail, guarded, leave_open, run_async, served_call, ssh_options
 from .display import (ago, human_duration, parse_duration, parse_time, print_json, result, short_ago, table)
 
 IDS = click.argument("run_ids", nargs=-1, required=True, metavar="ID...")
@@ -48,7 +48,7 @@ async def _current(ch, recs, timeout: float, say=None):
     spools here, remote ones from their hosts, all hosts at once, each
     within ``timeout``.  Returns the ids made current, and ``{host: why}``
     for the hosts that could not be reached."""
-    from ..models import FINAL_STATES
+    from ..states import FINAL_STATES
 
     local, remote = [], []
     for rec in recs:
@@ -79,26 +79,29 @@ def is_local(host: str) -> bool:
     return local(host)
 
 
-def _refresh_local(ch, recs):
+def _refresh_local(ch, recs, records=None, home=None):
     """Local runs: their spools are on this machine; read them here with the
-    agent's own code (no process, no connection)."""
+    agent's own code (no process, no connection).  ``records``/``home``:
+    without a Chaperone (``ch`` None)."""
     from ..agent_source import agent_module
 
     agent = agent_module()
+    records = records if ch is None else ch.records
+    home = home if ch is None else ch.home
     fresh = set()
     for rec in recs:
-        root = (rec.transport or {}).get("root") or str(ch.home / "spool")
+        root = (rec.transport or {}).get("root") or str(home / "spool")
         try:
             state = agent.Run(root, rec.id).require().refresh()
         except agent.AgentError as e:
             if getattr(e, "code", None) == 4 and rec.state in ("starting", "unknown"):
-                ch.records.mark(rec.id, "failed", "its start never reached this machine's spool")
+                records.mark(rec.id, "failed", "its start never reached this machine's spool")
             elif getattr(e, "code", None) == 4:
-                ch.records.mark(rec.id, "lost", "its spool on local was removed")
+                records.mark(rec.id, "lost", "its spool on local was removed")
             continue
         except (OSError, ValueError):
             continue
-        ch.records.update(rec.id, state)
+        records.update(rec.id, state)
         fresh.add(rec.id)
     return fresh
 
@@ -121,7 +124,7 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params)
     Local runs are read from their spools; runs on hosts are refreshed
     from all hosts at once within --timeout, else shown as of when they
     were last seen ("running (seen 5m ago)")."""
-    from ..models import STATES
+    from ..states import STATES
 
     bad = [s for s in states if s not in STATES]
     if bad:
@@ -129,7 +132,7 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params)
     wait = parse_duration(timeout, "--timeout")
 
     def show(infos, fresh):
-        from ..models import FINAL_STATES
+        from ..states import FINAL_STATES
 
         infos = sorted(infos, key=lambda i: (parse_time(i["created"]) or 0, i["id"]), reverse=True)
         if hosts:
@@ -147,7 +150,7 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params)
                 click.echo(info["id"])
         else:
             fresh = set(fresh) | {i["id"] for i in infos if i["state"] in FINAL_STATES}
-            click.echo(table(_rows(infos, fresh), ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND")))
+            click.echo(table(_rows(infos, fresh), ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND"), flex=(5, 2)))
         return 0
 
     server = served.client(params, "cached")
@@ -155,17 +158,40 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params)
         sys.exit(served_call(lambda: show(*(lambda v: (v, {i["id"] for i in v if not i["silent"]}))(
             server.runs()))))
 
-    async def go(ch):
-        recs = list(ch.records.all())
-        if hosts:
-            recs = [r for r in recs if r.host in hosts]
+    # One query: without -a/-n/--state, only the runs not over are read (a
+    # final record never changes, and is not shown).  Local runs are made
+    # current from their spools here; only runs on hosts need asyncio and
+    # the library (all hosts at once, within --timeout).
+    from ..records import Records, chaperone_home
+    from ..states import FINAL_STATES
+
+    def direct():
+        home = chaperone_home()
+        records = Records(home / "runs.db")
+        try:
+            return listed(records, home)
+        finally:
+            leave_open(records)
+
+    def listed(records, home):
+        recs = records.select(final=bool(show_all or last is not None or states), hosts=hosts)
         fresh = set()
         if not cached:
-            fresh, _ = await _current(ch, recs, wait)
-            recs = [ch.records.get(r.id) or r for r in recs]
+            local = [r for r in recs if r.state not in FINAL_STATES and is_local(r.host)]
+            remote = [r for r in recs if r.state not in FINAL_STATES and not is_local(r.host)]
+            if local:
+                fresh |= _refresh_local(None, local, records, home)
+            if remote:
+                async def go(ch):
+                    return (await _current(ch, remote, wait))[0]
+
+                fresh |= run_async(params, go)
+            if local or remote:
+                now = {r.id: r for r in records.select(ids=[r.id for r in local + remote])}
+                recs = [now.get(r.id, r) for r in recs]
         return show([r.info() for r in recs], fresh)
 
-    sys.exit(run_async(params, go))
+    sys.exit(guarded(direct))
 
 
 def _records(ch, run_ids, errors):
@@ -242,7 +268,7 @@ def status(run_ids, as_json, timeout, **params):
                 print_json(infos)
             else:
                 click.echo(table(_rows(infos, fresh | {i["id"] for i in infos if i["state"] != "running"}),
-                                 ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND")))
+                                 ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND"), flex=(5, 2)))
             return 1 if unreachable else 0
         infos, fresh = [], set()
         for rec in _records(ch, run_ids, errors):
@@ -530,7 +556,7 @@ def prune(older, hosts, dry_run, **params):
 
     async def go(ch):
         from ..errors import ChaperoneError
-        from ..models import FINAL_STATES
+        from ..states import FINAL_STATES
 
         now = time.time()
         chosen = []

@@ -150,7 +150,7 @@ async def _foreground(ch, target, command, kw, params) -> int:
     import asyncio
     import signal
 
-    from ..models import exit_code_for
+    from ..states import exit_code_for
     from ..protocol import OutputChunk, StateUpdate
 
     out = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer}

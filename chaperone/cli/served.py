@@ -43,6 +43,10 @@ def client(params: dict, *also_direct: str) -> "Optional[ServeClient]":
     except RuntimeError:
         pass
     try:
+        from ..records import chaperone_home
+
+        if not (chaperone_home() / "serve" / "server.json").exists():
+            return None  # (no server: not even its client is loaded)
         from ..serve.client import connect
 
         return connect(timeout=30.0)

@@ -56,6 +56,7 @@ OK, FAILED, TIMEOUT, CANCELLED = "ok", "failed", "timeout", "cancelled"
 DEFAULT_BUFFER = 16
 # (default_forks and the defaults live in .limits: light, for the CLI's head start)
 from .limits import DEFAULT_PER_HOST, MAX_DEFAULT_FORKS, default_forks  # noqa: E402,F401
+from ..errors import HostFailure  # noqa: F401 (defined there; exported here too)
 
 
 def host_key(job: Any) -> Hashable:
@@ -67,17 +68,6 @@ def host_key(job: Any) -> Hashable:
     if isinstance(job, tuple) and job:
         return host_key(job[0])
     return job
-
-
-class HostFailure(Exception):
-    """Raise it from a task to fail its job with exactly this reason (no
-    exception type in front), e.g. ``HostFailure("ssh: connect to host
-    h03 port 22: Connection refused", exit_status=255)``."""
-
-    def __init__(self, reason: str, exit_status: Optional[int] = None) -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.exit_status = exit_status
 
 
 def _reason(exc: BaseException) -> str:

@@ -75,6 +75,8 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Optional, Sequence, Tupl
 
 from .nodeset import DEFAULT_LIMIT, NodeSetError, expand, expand_name, natural_key
 from .patterns import select
+from ..errors import InventoryError, SelectionError  # noqa: F401 (defined there; exported here too)
+
 
 __all__ = [
     "HostEntry", "Inventory", "InventoryError", "SelectionError", "load_inventory", "inventory_paths",
@@ -100,14 +102,6 @@ _NATIVE = {"hostname": "ansible_host", "port": "ansible_port", "user": "ansible_
 _NATIVE_HOST_KEYS = set(_NATIVE) | {"groups", "vars"}
 _NATIVE_GROUP_KEYS = (set(_NATIVE) - {"hostname"}) | {"hosts", "children", "vars"}
 _IMPLICIT = ("all", "ungrouped")
-
-
-class InventoryError(ValueError):
-    """A bad or missing inventory: one line, naming the file (and line)."""
-
-
-class SelectionError(ValueError):
-    """A selection that cannot be made (bad pattern, nothing selected ...)."""
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ import re
 import string
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from ..errors import NodeSetError  # noqa: F401 (defined there; exported here too)
 
 __all__ = [
     "DEFAULT_LIMIT", "NodeSetError", "Term", "Resolver", "tokenize", "expand_name", "count_name",
@@ -67,22 +68,6 @@ Resolver = Callable[[str, Optional[str]], Optional[Iterable[str]]]
 
 OPERATORS = ",!&^"
 _LETTERS = string.ascii_letters  # Ansible's order: a..z, A..Z
-
-
-class NodeSetError(ValueError):
-    """A bad node set or host pattern: one line, with the column (1-based)
-    of the offending character when there is one."""
-
-    def __init__(self, pattern: str, reason: str, position: Optional[int] = None,
-                 context: str = "host pattern") -> None:
-        self.pattern = pattern
-        self.reason = reason
-        self.position = position  # 0-based index into pattern, or None
-        where = "" if position is None else " at column %d" % (position + 1)
-        shown = pattern if len(pattern) <= 200 else pattern[:197] + "..."
-        #: The message without the pattern ("'[' at column 5 is never closed").
-        self.detail = reason.replace(" {at}", where) if " {at}" in reason else reason + where
-        super().__init__("%s %r: %s" % (context, shown, self.detail))
 
 
 @dataclass(frozen=True)

@@ -369,13 +369,19 @@ def summary_rows(outcomes: Iterable[HostOutcome], *, fold_rows: bool = True) -> 
     return rows
 
 
-def summary_table(outcomes: Iterable[HostOutcome], *, fold_rows: bool = True) -> str:
+def summary_table(outcomes: Iterable[HostOutcome], *, fold_rows: bool = True, width: Optional[int] = None) -> str:
     """The summary as aligned text (a header line, then rows), ending with
-    a newline."""
+    a newline.  ``width`` (a terminal's columns): reasons too long for it
+    are cut with an ellipsis, so that each row stays one line (the whole
+    reason is in the host's output block and in ``--json``)."""
     rows = summary_rows(outcomes, fold_rows=fold_rows)
     headers = ("HOST", "STATE", "EXIT", "DURATION", "REASON", "RUN")[:len(rows[0]) if rows else 5]
     table = [headers] + rows
     widths = [max(len(r[i]) for r in table) for i in range(len(headers))]
+    if width and sum(widths) + 2 * (len(widths) - 1) > width:
+        room = max(12, width - (sum(widths) - widths[4]) - 2 * (len(widths) - 1))
+        table = [r[:4] + ((r[4] if len(r[4]) <= room else r[4][:room - 1] + "\u2026"),) + r[5:] for r in table]
+        widths[4] = max(len(r[4]) for r in table)
     lines = []
     for r in table:
         cells = [c.ljust(w) if i != 2 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))]

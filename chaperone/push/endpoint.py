@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from . import certs
 from .mirror import OffsetGap, OutputMirror
 from ..models import AGENT_FINAL_STATES as FINAL_STATES, STREAMS, RunState, check_run_id
+from ..errors import Reject  # noqa: F401 (defined there; exported here too)
 
 log = logging.getLogger(__name__)
 
@@ -94,15 +95,6 @@ def _int_out_of_range(obj) -> bool:
     return False
 
 OnState = Callable[[str, RunState, bool], Any]
-
-
-class Reject(Exception):
-    """A request refused with ``status`` and ``{"error": message}``."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclass

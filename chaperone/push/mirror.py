@@ -18,22 +18,11 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 from ..models import STREAMS
+from ..errors import OffsetGap  # noqa: F401 (defined there; exported here too)
 
 LOCK_NAME = ".lock"
 #: The most pieces one writev takes (Linux, macOS: 1024).
 IOV_MAX = 1024
-
-
-class OffsetGap(Exception):
-    """A chunk starts after the last byte held; resend from :attr:`held`."""
-
-    def __init__(self, held: int, offset: Optional[int] = None) -> None:
-        self.held = held
-        self.offset = offset
-        msg = f"offset gap: {held} bytes held"
-        if offset is not None:
-            msg += f", chunk starts at {offset}"
-        super().__init__(msg)
 
 
 def check_stream(stream: str) -> str:

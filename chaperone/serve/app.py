@@ -32,6 +32,7 @@ from .files import now_iso
 from .runs import Conflict
 from .service import STREAMS, Service
 from .view import FINAL, STATES
+from ..errors import Reject
 
 log = logging.getLogger("chaperone.serve")
 
@@ -53,14 +54,6 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
 }
 _BEARER_RE = re.compile(r"^Bearer +([A-Za-z0-9._~+/=-]+) *$", re.IGNORECASE)
-
-
-class Reject(Exception):
-    def __init__(self, status: int, message: str, headers: Optional[dict] = None):
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.headers = headers
 
 
 def _error(status: int, message: str, headers: Optional[dict] = None) -> web.Response:

@@ -25,28 +25,12 @@ import time
 import urllib.parse
 from typing import Iterator, List, Optional, Sequence, Tuple
 
-from ..errors import ChaperoneError, NoSuchRun, UsageError
+from ..errors import (ChaperoneError, NoSuchRun, ServeError, ServeNoSuchRun, ServerGone,  # noqa: F401 (exported)
+                      ServeUsageError, UsageError)
 from . import files
 
+
 FINAL = ("done", "error", "lost", "failed")
-
-
-class ServeError(ChaperoneError):
-    def __init__(self, message: str, status: int = 0):
-        super().__init__(message)
-        self.status = status
-
-
-class ServeUsageError(ServeError, UsageError):
-    exit_code = 2
-
-
-class ServeNoSuchRun(ServeError, NoSuchRun):
-    exit_code = 4
-
-
-class ServerGone(ServeError):
-    """The server could not be reached (not running any more?)."""
 
 
 def discover(home=None) -> Optional[dict]:

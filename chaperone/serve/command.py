@@ -50,11 +50,11 @@ def serve(ctx, bind, port, callback_port, heartbeat, detach, print_url, stop, de
                 _fail("cannot read the token in %s" % (directory / "token"))
             click.echo("%s?token=%s" % (info["url"], token))
             return
-        from .server import ServeError, stop_server
+        from .server import CannotServe, stop_server
 
         try:
             pid = stop_server()
-        except (ServeError, OSError) as e:
+        except (CannotServe, OSError) as e:
             _fail(str(e))
         click.echo("stopped the server (pid %s)" % pid)
         return
@@ -69,7 +69,7 @@ def _foreground(directory, ssh_config, bind, port, callback_port, heartbeat, qui
     import asyncio
     import logging
 
-    from .server import ServeError, serve as run_server, sign_in_url
+    from .server import CannotServe, serve as run_server, sign_in_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s chaperone serve: %(message)s",
                         stream=sys.stderr)
@@ -85,7 +85,7 @@ def _foreground(directory, ssh_config, bind, port, callback_port, heartbeat, qui
     try:
         asyncio.run(run_server(bind=bind, port=port, ssh_config=ssh_config, heartbeat=heartbeat,
                                callback_port=callback_port, ready=ready))
-    except ServeError as e:
+    except CannotServe as e:
         _fail(str(e))
     except KeyboardInterrupt:
         sys.exit(130)

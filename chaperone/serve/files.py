@@ -26,6 +26,7 @@ import stat
 import time
 from pathlib import Path
 from typing import Optional
+from ..errors import AlreadyRunning  # noqa: F401 (defined there; exported here too)
 
 TOKEN_BYTES = 32  # 256 bits
 
@@ -123,10 +124,6 @@ def remove_server_info(directory: Path, pid: int) -> None:
             path.unlink()
     except (OSError, ValueError, TypeError, AttributeError):
         pass
-
-
-class AlreadyRunning(Exception):
-    pass
 
 
 class InstanceLock:

@@ -31,13 +31,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 from ..api import Chaperone
 from ..errors import ChaperoneError, NoSuchRun, UsageError
 from ..models import FINAL_STATES, STREAMS, check_run_id
+from ..errors import Conflict  # noqa: F401 (defined there; exported here too)
 
 
-class Conflict(UsageError):
-    """The run id is taken (by another run, or by a start in progress)."""
-
-
-#: Agent calls at once per host while re-attaching.
 ATTACH_CONCURRENCY = 8
 
 

@@ -14,14 +14,11 @@ from aiohttp import web
 from . import files
 from .app import Api
 from .service import Service
+from ..errors import CannotServe
 
 log = logging.getLogger("chaperone.serve")
 
 DEFAULT_PORT = 8474
-
-
-class ServeError(Exception):
-    """A reason not to serve, in one line."""
 
 
 def sign_in_url(url: str, token: str) -> str:
@@ -50,7 +47,7 @@ async def serve(home=None, *, bind: str = "127.0.0.1", port: int = DEFAULT_PORT,
     except files.AlreadyRunning:
         info = files.read_server_info(directory)
         where = " (pid %s, %s)" % (info["pid"], info["url"]) if info else ""
-        raise ServeError("a server is already running for this user%s" % where) from None
+        raise CannotServe("a server is already running for this user%s" % where) from None
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -69,7 +66,7 @@ async def serve(home=None, *, bind: str = "127.0.0.1", port: int = DEFAULT_PORT,
         try:
             await site.start()
         except OSError as e:
-            raise ServeError("cannot listen on %s port %d: %s (choose another with --port)"
+            raise CannotServe("cannot listen on %s port %d: %s (choose another with --port)"
                              % (bind, port, e.strerror or e)) from None
         await service.open()
         files.write_server_info(directory, info)
@@ -102,5 +99,5 @@ def stop_server(home=None, timeout: float = 30.0) -> Optional[int]:
     while time.monotonic() < deadline and files.process_start(pid) is not None:
         time.sleep(0.05)
     if files.process_start(pid) is not None:
-        raise ServeError("server pid %d did not stop within %.0f s" % (pid, timeout))
+        raise CannotServe("server pid %d did not stop within %.0f s" % (pid, timeout))
     return pid
