@@ -470,7 +470,9 @@ class _ScriptedServer:
             if "/output/stdout" in path:
                 offset = int(path.split("offset=")[1])
                 # Is the next request already here, before this one is answered?
-                ready = bool(buf) or conn.pending() > 0 or bool(select.select([conn], [], [], 3.0)[0])
+                # (nothing follows the output's last byte: no wait for it)
+                wait = 3.0 if offset + len(body) < len(PATTERN_BYTES) else 0
+                ready = bool(buf) or conn.pending() > 0 or bool(select.select([conn], [], [], wait)[0])
                 self.outputs.append((n, offset, len(body), ready))
                 if self.first_answer is not None and len(self.outputs) == 1:
                     status, answer = self.first_answer
@@ -495,6 +497,7 @@ class _ScriptedServer:
 
 
 PATTERN = "import sys, time; sys.stdout.buffer.write(bytes(range(256)) * 12); sys.stdout.flush(); time.sleep(1)"
+PATTERN_BYTES = bytes(range(256)) * 12
 
 
 def _start_scripted(tmp_path, server):
