@@ -659,11 +659,6 @@ def bench_records(ctx: Context):
     shutil.rmtree(home, ignore_errors=True)
 
 
-def _state_of(st) -> Optional[str]:
-    """The state name of a start's answer (a RunState; a dict before it)."""
-    return st.get("state") if isinstance(st, dict) else getattr(st, "state", None)
-
-
 async def _start_many(ch, n: int, concurrency: int, prefix: str, argv=("true",)):
     sem = asyncio.Semaphore(concurrency)
     states = []
@@ -735,12 +730,12 @@ def bench_launch(ctx: Context):
                 except asyncio.TimeoutError:
                     failures[n] = "%d programs did not all start within %.0f s" % (n, budget)
                     continue
-                bad = [s for s in states if _state_of(s) not in ("running", "done")]
+                bad = [s for s in states if s is None or s.state not in ("running", "done")]
                 if errors:
                     failures[n] = "%d of %d starts failed (the rate counts every attempt); the first: %s" % (
                         len(errors), n, errors[0])
                 elif bad:
-                    failures[n] = "%d of %d starts ended %s" % (len(bad), n, _state_of(bad[0]))
+                    failures[n] = "%d of %d starts ended %s" % (len(bad), n, bad[0] and bad[0].state)
                 rates[n] = n / dt
                 if ctx.sshd is not None:
                     conns[n] = len(ctx.sshd.session_pids())

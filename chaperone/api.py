@@ -34,6 +34,7 @@ import signal as _signal
 from typing import (TYPE_CHECKING, AsyncIterator, Callable, Dict, List, Mapping, Optional, Sequence,
                     Union)
 
+from . import feed
 from .agent_source import agent_module
 from .client import AgentClient
 from .errors import ChaperoneError, ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, UsageError
@@ -86,11 +87,6 @@ def check_signal(name: Union[str, int]) -> str:
     if text.startswith("SIG_") or text not in _signal.Signals.__members__:
         raise UsageError("unknown signal %r" % name)
     return text
-
-
-def shell_argv(command: str) -> List[str]:
-    """The argv that runs a shell command line, as ``ssh HOST 'CMD'`` does."""
-    return ["/bin/sh", "-c", command]
 
 
 class _StartBatcher:
@@ -200,6 +196,14 @@ class Run:
         """See :meth:`Chaperone.read`."""
         return await self._ch.read(self.id, stream, offset, length)
 
+    async def stdin_sent(self) -> Optional[int]:
+        """Until the input given as a stream to :meth:`Chaperone.start`
+        (``stdin=``) is all held on the host, with its end (or the run
+        ended first): the bytes the host holds; None when this process
+        sends it no input.  Raises what stopped the sending."""
+        task = self._ch._feeders.get(self.id)
+        return None if task is None else await asyncio.shield(task)
+
     async def signal(self, sig: Union[str, int] = "SIGTERM", grace: Optional[float] = None) -> "RunState":
         """See :meth:`Chaperone.signal`."""
         try:
@@ -258,6 +262,8 @@ class Chaperone:
         self.transports = Transports(local_spool=self.home / "spool", client=ssh_client, overrides=transports,
                                      **tuning)
         self._batchers: Dict[int, _StartBatcher] = {}
+        #: Runs whose input this process sends (start(stdin=a stream)): their senders.
+        self._feeders: Dict[str, asyncio.Task] = {}
         #: Defaults for each program.json's ``config`` (timeouts, batching ...).
         self.config = dict(config or {})
         self.push = None
@@ -291,7 +297,14 @@ class Chaperone:
             await self.push.open()
 
     async def close(self) -> None:
-        """Close connections, the callback endpoint and the records."""
+        """Close connections, the callback endpoint and the records.  Input
+        still being sent (``start(stdin=a stream)``) stops there: await
+        :meth:`Run.stdin_sent` first to deliver all of it."""
+        feeders, self._feeders = list(self._feeders.values()), {}
+        for task in feeders:
+            task.cancel()
+        if feeders:
+            await asyncio.gather(*feeders, return_exceptions=True)
         if self.push is not None:
             await self.push.close()
         await self.transports.close()
@@ -389,13 +402,18 @@ class Chaperone:
     def program_spec(self, argv: Sequence[str], *, run_id: Optional[str] = None, cwd: Optional[str] = None,
                      env: Optional[Mapping[str, Optional[str]]] = None, timeout: Optional[float] = None,
                      stdin: Optional[bytes] = None, stdin_path: Optional[str] = None,
-                     callback: Optional[dict] = None, config: Optional[dict] = None) -> dict:
+                     callback: Optional[dict] = None, config: Optional[dict] = None,
+                     shell: bool = False, stdin_stream: bool = False) -> dict:
         """A validated program.json (``chaperone.models.ProgramSpec`` as a
-        dict, defaults filled in)."""
+        dict, defaults filled in).  ``shell``: ``argv`` is one shell command
+        line, for the login shell on the host; ``stdin_stream``: the input
+        comes as the program runs (``agent.py stdin``)."""
         if not argv:
             raise UsageError("no command given")
         stdin_spec = None
-        if stdin is not None:
+        if stdin_stream:
+            stdin_spec = {"stream": True}
+        elif stdin is not None:
             stdin_spec = {"data": base64.b64encode(stdin).decode()}
         elif stdin_path is not None:
             stdin_spec = {"path": stdin_path}
@@ -404,7 +422,8 @@ class Chaperone:
             cfg["timeout"] = float(timeout)
         doc = {
             "id": run_id or new_run_id(),
-            "program": {"argv": list(argv), "cwd": cwd, "env": dict(env or {}), "stdin": stdin_spec},
+            "program": {"argv": list(argv), "cwd": cwd, "env": dict(env or {}), "stdin": stdin_spec,
+                        "shell": bool(shell)},
             "callback": callback,
             "config": cfg,
         }
@@ -416,12 +435,14 @@ class Chaperone:
 
     @staticmethod
     def _argv(command: Command) -> "tuple[List[str], bool, str]":
-        """``(argv, shell, display)``: a string is a shell command line, a
-        sequence an exact argv (never interpreted by a shell)."""
+        """``(argv, shell, display)``: a string is a shell command line (the
+        argv is that one string, for the login shell on the host: see
+        ``program.shell``), a sequence an exact argv (never interpreted by a
+        shell)."""
         if isinstance(command, str):
             if not command.strip():
                 raise UsageError("no command given")
-            return shell_argv(command), True, command
+            return [command], True, command
         argv = list(command)
         if not argv or not all(isinstance(a, str) for a in argv):
             raise UsageError("the command must be a string (a shell command line) or a list of strings (argv)")
@@ -444,7 +465,7 @@ class Chaperone:
         target = self.target(host, **(ssh or {}))
         transport = self.transports.get(target)
         run_id = kw.pop("run_id", None) or kw.pop("id", None) or new_run_id()
-        spec = self.program_spec(argv, run_id=run_id, **kw)
+        spec = self.program_spec(argv, run_id=run_id, shell=shell, **kw)
         if self.push is not None:
             self.push.check_config(spec["config"])
         rec = self._register(target, spec, shell, display, group)
@@ -455,7 +476,7 @@ class Chaperone:
             except ChaperoneError as e:
                 self._start_failed(run_id, e)
                 raise
-            spec = self.program_spec(argv, run_id=run_id, **{**kw, "callback": spec["callback"]})
+            spec = self.program_spec(argv, run_id=run_id, shell=shell, **{**kw, "callback": spec["callback"]})
         return target, transport, spec, existed
 
     def _start_failed(self, run_id: str, error: ChaperoneError) -> None:
@@ -467,29 +488,39 @@ class Chaperone:
 
     async def start(self, host: Union[str, Target], command: Command, *, id: Optional[str] = None,
                     cwd: Optional[str] = None, env: Optional[Mapping[str, Optional[str]]] = None,
-                    timeout: Optional[float] = None, stdin: Optional[bytes] = None,
+                    timeout: Optional[float] = None, stdin: "Optional[feed.Source]" = None,
                     stdin_path: Optional[str] = None, config: Optional[dict] = None,
                     ssh: Optional[dict] = None, group: Optional[str] = None, callback: Optional[dict] = None,
                     **kw) -> Run:
         """Start ``command`` on ``host`` and return at once (it runs detached).
 
-        ``command``: a string is a shell command line (as ``ssh HOST
-        'CMD'``); a list is an exact argv, never interpreted by a shell.
+        ``command``: a string is a shell command line, run by the user's
+        login shell on the host (as ``ssh HOST 'CMD'``: ``SHELL -c CMD``);
+        a list is an exact argv, never interpreted by a shell.
         ``id``: the run id (default: new); starting an id again is harmless
         (the same run).  ``cwd`` (default: the home directory on the host),
         ``env`` (set a string, unset None), ``timeout`` (seconds; then
-        SIGTERM, SIGKILL after ``config["kill_grace"]``), ``stdin`` (bytes)
-        or ``stdin_path`` (a file on the host), ``config`` (see
+        SIGTERM, SIGKILL after ``config["kill_grace"]``), ``stdin``: the
+        program's input (default none: /dev/null), as bytes (up to 1 MiB
+        they go with the start, more are streamed) or as a stream (an async
+        iterable of bytes, an asyncio.StreamReader: see
+        :mod:`chaperone.feed`), sent while the program runs, from this
+        process, across dropped connections (:meth:`Run.stdin_sent`
+        waits until it is all there); or ``stdin_path`` (a file on the
+        host), ``config`` (see
         ``chaperone.models.Config``), ``ssh`` (settings for this host: see
         :meth:`target`), ``callback`` (``program.json``'s callback, for an
         endpoint of your own; ``push=True`` makes one).  A start that never
         reached the host raises and is recorded ``failed``."""
         run_id = id or kw.pop("run_id", None)
+        on_reconnect = kw.pop("on_reconnect", None)
         if kw:
             raise TypeError("start() got unexpected keyword arguments: %s" % ", ".join(sorted(kw)))
+        stdin, source = _input(stdin)
         target, transport, spec, existed = await self._prepare(
             host, command, ssh, group, dict(run_id=run_id, cwd=cwd, env=env, timeout=timeout, stdin=stdin,
-                                            stdin_path=stdin_path, config=config, callback=callback))
+                                            stdin_path=stdin_path, config=config, callback=callback,
+                                            stdin_stream=source is not None))
         run_id = spec["id"]
         try:
             state = await self._batcher(transport).submit(json.dumps(spec).encode())
@@ -497,6 +528,8 @@ class Chaperone:
             self._start_failed(run_id, e)
             raise
         self.records.update(run_id, state)
+        if source is not None:
+            self._feed(run_id, source, on_reconnect)
         if self.push is not None and self.push.knows(run_id):
             await self.push.on_state(run_id, state)
             if existed and state.get("state") not in FINAL_STATES:
@@ -507,6 +540,25 @@ class Chaperone:
                 except ChaperoneError:
                     pass
         return self.get(run_id)
+
+    def _feed(self, run_id: str, source, on_reconnect=None) -> asyncio.Task:
+        """Send ``source`` as the input of ``run_id`` in the background
+        (:class:`chaperone.feed.Feeder`)."""
+        old = self._feeders.get(run_id)
+        if old is not None and not old.done():
+            return old
+        sender = feed.Feeder(lambda: self.client(run_id), run_id, source, on_reconnect=on_reconnect)
+        task = self._feeders[run_id] = asyncio.ensure_future(sender.run())
+
+        def done(task):
+            if not task.cancelled() and task.exception() is not None:
+                import logging
+
+                logging.getLogger("chaperone").warning("chaperone: the input of run %s: %s", run_id,
+                                                       task.exception())
+
+        task.add_done_callback(done)
+        return task
 
     def _batcher(self, transport: Transport) -> _StartBatcher:
         batcher = self._batchers.get(id(transport))
@@ -527,10 +579,25 @@ class Chaperone:
             return
         ssh, group = kw.pop("ssh", None), kw.pop("group", None)
         kw.setdefault("run_id", kw.pop("id", None))
+        kw["stdin"], source = _input(kw.get("stdin"))
+        kw["stdin_stream"] = source is not None
         target, transport, spec, _ = await self._prepare(host, command, ssh, group, kw)
         program = json.dumps(spec).encode()
         run_id = spec["id"]
         offsets = {s: 0 for s in STREAMS}
+        events = self._run_events(run_id, transport, program, offsets, on_reconnect, source)
+        try:
+            async for event in events:
+                yield event
+        finally:
+            await events.aclose()
+            feeder = self._feeders.get(run_id) if source is not None else None
+            if feeder is not None and not feeder.done():
+                feeder.cancel()  # (the run is over, or this process lets go of it)
+
+    async def _run_events(self, run_id, transport, program, offsets, on_reconnect, source) -> AsyncIterator[Event]:
+        """run()'s events: the start and its follow, then follows again
+        after a dropped connection; the input sent once it started."""
         started = False
         try:
             events = AgentClient(transport).start_follow(program)
@@ -539,6 +606,8 @@ class Chaperone:
                     if isinstance(event, StateUpdate):
                         started = True
                         self.records.update(run_id, event.state)
+                        if source is not None and not event.final:
+                            self._feed(run_id, source)  # (quiet: the follow tells of a lost connection)
                     elif isinstance(event, OutputChunk):
                         offsets[event.stream] = event.offset + len(event.data)
                     yield event
@@ -556,6 +625,8 @@ class Chaperone:
                 self._start_failed(run_id, e)
             raise
         async for event in self._follow(run_id, offsets, on_reconnect=on_reconnect, restart=program):
+            if source is not None and isinstance(event, StateUpdate) and not event.final:
+                self._feed(run_id, source)
             yield event
 
     # Watching ------------------------------------------------------------------
@@ -819,6 +890,18 @@ class Chaperone:
         from .fleet.runs import group_run_ids
 
         return [self.get(r) for r in group_run_ids(self, group_id)]
+
+
+def _input(stdin) -> "tuple[Optional[bytes], object]":
+    """``(bytes to send with program.json, or a stream to send as the
+    program runs)`` for start's ``stdin``."""
+    if stdin is None:
+        return None, None
+    data = feed.inline(stdin)
+    if data is not None:
+        return data, None
+    feed.check_source(stdin)
+    return None, stdin
 
 
 def _ssh_settings(ssh: Mapping) -> dict:

@@ -153,6 +153,13 @@ class AgentClient:
         """Start a run and stream its events: its state, output, final state."""
         return self._events(["start", "--follow"], program_json, json_line=True)
 
+    async def open_stdin(self, run_id: str) -> "StdinCall":
+        """An ``agent.py stdin`` call to append to the input of ``run_id``
+        (a run whose stdin is a stream), its stdin kept open for frames."""
+        marker = _marker()
+        proc = await self.transport.open(["--marker", marker, "stdin", run_id], b"", keep_stdin=True)
+        return StdinCall(self, proc, marker)
+
     def follow(self, run_id: str, offsets: Optional[Dict[str, int]] = None) -> AsyncIterator[Event]:
         """Stream a run's output from ``offsets`` until its final state."""
         offsets = offsets or {}
@@ -164,4 +171,56 @@ class AgentClient:
         return self._events(args, b"", json_line=False)
 
 
-__all__ = ["AgentClient", "StateUpdate"]
+class StdinCall:
+    """One ``agent.py stdin`` call: frames out (:meth:`send`), the answers
+    (StdinAck: ``held``, ``end``, ``closed``) in, first one and one per
+    frame (:meth:`answer`)."""
+
+    def __init__(self, client: AgentClient, proc: AgentProcess, marker: str):
+        self.client = client
+        self.proc = proc
+        self._needle = b"\n" + marker.encode() + b"\n"
+        self._buf = b""
+        self._found = False
+
+    async def answer(self) -> Optional[dict]:
+        """The next answer; None when the agent ended without error (it
+        does once the run is over, or its stdin closed)."""
+        while True:
+            if not self._found:
+                at = self._buf.find(self._needle)
+                if at >= 0:
+                    self._buf, self._found = self._buf[at + len(self._needle):], True
+                    continue
+            else:
+                line, nl, rest = self._buf.partition(b"\n")
+                if nl:
+                    self._buf = rest
+                    try:
+                        return json.loads(line)
+                    except ValueError as e:
+                        raise ChaperoneError("the agent sent invalid JSON: %s" % e) from None
+            chunk = await self.proc.read()
+            if not chunk:
+                code = await self.proc.wait()
+                if code != 0:
+                    raise self.client._failure(code, await self.proc.stderr())
+                if not self._found:
+                    raise ChaperoneError("the agent's reply has no marker (is python3 working there?)")
+                return None
+            self._buf += chunk
+
+    async def send(self, kind: bytes, offset: int, data: bytes = b"") -> None:
+        from .protocol import FRAME
+
+        await self.proc.write(FRAME.pack(kind, offset, len(data)) + bytes(data))
+
+    async def finish(self) -> None:
+        """No more frames: the agent ends once it answered them all."""
+        await self.proc.write_eof()
+
+    def close(self) -> None:
+        self.proc.close()
+
+
+__all__ = ["AgentClient", "StateUpdate", "StdinCall"]

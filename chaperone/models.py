@@ -18,7 +18,7 @@ import binascii
 import re
 from typing import Dict, List, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .protocol import STREAMS  # noqa: F401 - part of the wire format, re-exported
 
@@ -65,6 +65,15 @@ class StdinData(_Strict):
         return v
 
 
+class StdinStream(_Strict):
+    """The program reads its input as it comes: the client appends it to
+    the spool (agent command ``stdin``), the supervisor feeds it to the
+    program's pipe as it grows, and closes the pipe once the client says
+    the input ended (one end of file)."""
+
+    stream: Literal[True]
+
+
 def _no_nul(v: str, what: str) -> str:
     if "\0" in v:
         raise ValueError("%s contains a NUL character" % what)
@@ -72,6 +81,8 @@ def _no_nul(v: str, what: str) -> str:
 
 
 class Program(_Strict):
+    #: The program and its arguments, executed directly; with ``shell``,
+    #: exactly one string: the command line.
     argv: List[str] = Field(min_length=1)
     #: Working directory; ``null`` means the agent's home directory.
     cwd: Optional[str] = None
@@ -80,8 +91,12 @@ class Program(_Strict):
     #: Inherit the agent's environment: all of it (true), none (false),
     #: or only the named variables.
     env_inherit: Union[bool, List[str]] = True
-    stdin: Union[None, StdinPath, StdinData] = None
+    stdin: Union[None, StdinPath, StdinData, StdinStream] = None
     umask: Optional[int] = Field(default=None, ge=0, le=0o777)
+    #: ``argv`` is one shell command line, run as sshd runs a command: by
+    #: the login shell of the agent's user (its passwd entry's shell, else
+    #: ``/bin/sh``) as ``SHELL -c LINE``.
+    shell: bool = False
 
     @field_validator("argv")
     @classmethod
@@ -91,6 +106,12 @@ class Program(_Strict):
         for arg in v:
             _no_nul(arg, "argument")
         return v
+
+    @model_validator(mode="after")
+    def _shell_line(self) -> "Program":
+        if self.shell and len(self.argv) != 1:
+            raise ValueError("argv: a shell command (shell: true) is exactly one string, the command line")
+        return self
 
     @field_validator("cwd")
     @classmethod
@@ -315,6 +336,18 @@ class RunInfo(BaseModel):
     group: Optional[str] = None
 
 
+class StdinAck(_Strict):
+    """``agent.py stdin``'s answer, first and after each frame: the input
+    the spool holds."""
+
+    #: Bytes of the input held in the spool (a client resumes there).
+    held: int = Field(ge=0)
+    #: The input's end is recorded (the program gets end of file once it read all of it).
+    end: bool
+    #: The run is over: nothing reads the input any more (stop sending).
+    closed: bool
+
+
 class OutputAck(_Strict):
     """Answer to an output append: the number of bytes the scheduler holds."""
 
@@ -326,6 +359,7 @@ def json_schemas() -> dict:
         "program.json": ProgramSpec.model_json_schema(),
         "state.json": RunState.model_json_schema(),
         "output-ack": OutputAck.model_json_schema(),
+        "stdin-ack": StdinAck.model_json_schema(),
     }
 
 

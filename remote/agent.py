@@ -3,7 +3,7 @@
 
 One file, Python 3.8+, standard library only; shipped verbatim to each host.
 
-    agent.py [--root DIR] [--marker M] start [--follow]   < program.json
+    agent.py [--root DIR] [--marker M] [--login-env FD] start [--follow]   < program.json
     agent.py [--root DIR] [--marker M] status ID
     agent.py [--root DIR] [--marker M] follow ID [--stdout-offset N] [--stderr-offset N]
     agent.py [--root DIR] output ID --stream stdout|stderr --offset N [--length L]
@@ -11,6 +11,7 @@ One file, Python 3.8+, standard library only; shipped verbatim to each host.
     agent.py [--root DIR] [--marker M] list
     agent.py [--root DIR] [--marker M] clean ID [--force]
     agent.py [--root DIR] [--marker M] control ID   < message.json
+    agent.py [--root DIR] [--marker M] stdin ID     < frames
 
 The wire format (program.json, state.json, the follow frames, the callback
 bodies) is documented in docs/protocol.md and defined in chaperone/models.py;
@@ -767,7 +768,7 @@ def validate_spec(spec):
     check_id(spec["id"])
 
     prog = spec["program"]
-    _keys(prog, "program", ("argv",), ("cwd", "env", "env_inherit", "stdin", "umask"))
+    _keys(prog, "program", ("argv",), ("cwd", "env", "env_inherit", "stdin", "umask", "shell"))
     argv = prog["argv"]
     if not isinstance(argv, list) or not argv:
         raise AgentError("program.argv: expected a non-empty list of strings")
@@ -775,6 +776,11 @@ def validate_spec(spec):
         _no_nul(_str(arg, "program.argv[%d]" % i), "program.argv[%d]" % i)
     if argv[0] == "":
         raise AgentError("program.argv[0]: empty program name")
+    shell = prog.setdefault("shell", False)
+    if not isinstance(shell, bool):
+        raise AgentError("program.shell: expected a boolean")
+    if shell and len(argv) != 1:
+        raise AgentError("program.argv: a shell command (shell: true) is exactly one string, the command line")
     if prog.get("cwd") is not None:
         _no_nul(_str(prog["cwd"], "program.cwd"), "program.cwd")
     env = prog.setdefault("env", {})
@@ -796,6 +802,10 @@ def validate_spec(spec):
         if isinstance(stdin, dict) and "path" in stdin:
             _keys(stdin, "program.stdin", ("path",), ())
             _str(stdin["path"], "program.stdin.path")
+        elif isinstance(stdin, dict) and "stream" in stdin:
+            _keys(stdin, "program.stdin", ("stream",), ())
+            if stdin["stream"] is not True:
+                raise AgentError("program.stdin.stream: expected true")
         elif isinstance(stdin, dict) and "data" in stdin:
             _keys(stdin, "program.stdin", ("data",), ())
             import base64
@@ -805,7 +815,7 @@ def validate_spec(spec):
             except ValueError:
                 raise AgentError("program.stdin.data: not valid base64")
         else:
-            raise AgentError('program.stdin: expected null, {"path": ...} or {"data": ...}')
+            raise AgentError('program.stdin: expected null, {"path": ...}, {"data": ...} or {"stream": true}')
     umask = prog.setdefault("umask", None)
     if umask is not None and (not _is_int(umask) or not 0 <= umask <= 0o777):
         raise AgentError("program.umask: expected an integer from 0 to 511")
@@ -1386,7 +1396,7 @@ def open_fds():
     return None
 
 
-def fork_exec(argv, cwd, env, stdio, umask, libc):
+def fork_exec(argv, cwd, env, stdio, umask, libc, executable=None, underscore=False):
     """Start a program; its pid.  What ``subprocess.Popen(argv, stdin=,
     stdout=, stderr=, cwd=cwd, env=env, start_new_session=True,
     restore_signals=True, close_fds=True, preexec_fn=...)`` did, with a
@@ -1398,16 +1408,19 @@ def fork_exec(argv, cwd, env, stdio, umask, libc):
     child puts them in place, changes to ``cwd``, restores the signals
     Python ignores, starts a session, applies the umask, asks for SIGKILL
     when its parent dies, closes every other descriptor and execs
-    ``argv[0]`` found as subprocess finds it (in the ``PATH`` of ``env``).
-    Failures come back as Popen raised them: OSError(errno, strerror,
-    argv[0]) for exec, OSError(errno, strerror, cwd) for chdir, reported by
+    ``executable`` (default ``argv[0]``) found as subprocess finds it (in
+    the ``PATH`` of ``env``); with ``underscore``, the variable ``_`` is
+    the path exec'd, as a shell sets it for a command.  Failures come back
+    as Popen raised them: OSError(errno, strerror, executable) for exec,
+    OSError(errno, strerror, cwd) for chdir, reported by
     the child through a close-on-exec pipe; the child never runs anything
     else after a failure.  Anything that cannot be converted for exec
     (UnicodeEncodeError) raises here, in Popen's order, before the fork."""
     import gc
 
     env_bytes = dict((_fsencode_env_name(k), os.fsencode(v)) for k, v in env.items())
-    executable = os.fsencode(argv[0])
+    name = argv[0] if executable is None else executable
+    executable = os.fsencode(name)
     if os.path.dirname(executable):
         executables = (executable,)
     else:  # as subprocess and os.execvpe search: os.get_exec_path(env) (which imports warnings)
@@ -1430,7 +1443,8 @@ def fork_exec(argv, cwd, env, stdio, umask, libc):
     try:
         pid = os.fork()
         if pid == 0:
-            _exec_child(executables, args, env_bytes, cwd_bytes, list(stdio), umask, libc, parent, fds, err_w)
+            _exec_child(executables, args, env_bytes, cwd_bytes, list(stdio), umask, libc, parent, fds, err_w,
+                        underscore)
     except BaseException:
         os.close(err_r)
         os.close(err_w)
@@ -1458,7 +1472,7 @@ def fork_exec(argv, cwd, env, stdio, umask, libc):
     code = int(number or 0)
     message = os.strerror(code) if code else "the program's process failed before exec"
     if step == b"exec":
-        raise OSError(code, message, argv[0])
+        raise OSError(code, message, name)
     if step == b"chdir":
         raise OSError(code, message, cwd)
     raise OSError(code, message)
@@ -1471,7 +1485,7 @@ def _fsencode_env_name(name):
     return name
 
 
-def _exec_child(executables, args, env, cwd, stdio, umask, libc, parent, fds, err_w):
+def _exec_child(executables, args, env, cwd, stdio, umask, libc, parent, fds, err_w, underscore=False):
     """fork_exec's child: becomes the program, or reports why not and
     exits.  Never returns."""
     step, code = b"noexec", 0
@@ -1510,6 +1524,8 @@ def _exec_child(executables, args, env, cwd, stdio, umask, libc, parent, fds, er
         step = b"exec"
         first = last = 0
         for path in executables:
+            if underscore:
+                env[b"_"] = path
             try:
                 os.execve(path, args, env)
             except OSError as e:
@@ -1582,21 +1598,137 @@ def copy_stdin(source, dest):
         os.close(src)
 
 
-def build_env(prog):
+def login_shell():
+    """The login shell of this process's user, as sshd runs a command with
+    it: its passwd entry's shell, ``/bin/sh`` when that is empty."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
+    except (ImportError, KeyError):
+        return "/bin/sh"
+
+
+def program_argv(prog):
+    """``(argv, executable)`` to exec for ``program``: its argv as is, or,
+    for a shell command line (``shell``), what sshd execs for a command:
+    the login shell, named by its base name, with ``-c LINE``."""
+    if not prog.get("shell"):
+        return prog["argv"], None
+    shell = login_shell()
+    return [os.path.basename(shell) or shell, "-c", prog["argv"][0]], shell
+
+
+#: The environments programs inherit (see login_environ), once known:
+#: [for an exact argv, for a shell command line].
+_LOGIN_ENV = []
+
+
+def parse_environ(data):
+    """An environment block (``NAME=VALUE`` entries, NUL-terminated, as
+    /proc/PID/environ holds them) as a dict of str (bytes that are not
+    text kept by surrogateescape, as os.environ keeps them); the first of
+    two entries of one name wins, as getenv() finds it."""
+    env = {}
+    for item in data.split(b"\0"):
+        name, eq, value = item.partition(b"=")
+        if name and eq:
+            env.setdefault(os.fsdecode(name), os.fsdecode(value))
+    return env
+
+
+def proc_environ(pid):
+    """The environment process ``pid`` was executed with, or None."""
+    try:
+        with open("/proc/%s/environ" % pid, "rb") as f:
+            return parse_environ(f.read())
+    except OSError:
+        return None
+
+
+def read_login_env(pid):
+    """``--login-env PID``: where the environments of the login shell are.
+    The remote bootstrap runs, for ``start``, ``SHELL -c 'sh -c "python3
+    ... --login-env $$; exit $?"; exit'``: neither shell execs the next
+    (see chaperone/transports/ssh/common.py), so this process's parent
+    ``PID`` is that ``sh``, whose environment is the one the login shell
+    gives the commands it runs (after its rc files: PATH as the user set
+    it), and its parent is the login shell itself, whose environment is
+    the one sshd gave it.  Both are what they were before ``python3`` ran
+    (a shim, as pyenv's, changes PATH and adds PYENV_* variables; Python
+    adds LC_CTYPE=C.UTF-8 in the C locale: PEP 538).  An exact argv starts
+    from the first (as under ``ssh HOST 'ARGV'``), a shell command line
+    from the second (the login shell then reads its rc files once, as
+    under ``ssh HOST LINE``).  Anything unexpected (PID is not the
+    parent, the grandparent is not the login shell, no /proc) leaves
+    login_environ() to its fallbacks."""
+    if pid < 2 or os.getppid() != pid:
+        return
+    commands = proc_environ(pid)
+    if commands is None:
+        return
+    shell_env = None
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+        parent = int(data[data.rindex(b")") + 2:].split()[1])
+        shell = os.stat(login_shell())
+        exe = os.stat("/proc/%d/exe" % parent) if parent > 1 else None
+    except (OSError, ValueError, IndexError):
+        exe = None
+    if exe is not None and (exe.st_dev, exe.st_ino) == (shell.st_dev, shell.st_ino):
+        shell_env = proc_environ(parent)
+    if shell_env is not None:
+        # The login shell raised SHLVL for the `sh` it ran: a command it
+        # execs (as bash does `ssh HOST 'prog args'`) gets the level back.
+        ours, given = commands.get("SHLVL", ""), shell_env.get("SHLVL", "0")
+        if ours.isdigit() and given.isdigit() and int(ours) == int(given) + 1:
+            commands = dict(commands, SHLVL=str(int(given)))
+    _LOGIN_ENV[:] = [commands, shell_env if shell_env is not None else commands]
+
+
+def login_environ(shell=False):
+    """The environment programs inherit (``env_inherit``): the login
+    shell's (read_login_env): for a shell command line (``shell``) the one
+    the login shell started with, else the one it gives commands; without
+    it, the one this interpreter was executed with (/proc/self/environ:
+    before Python changed its own, say PEP 538's ``LC_CTYPE=C.UTF-8``);
+    else os.environ."""
+    if not _LOGIN_ENV:
+        env = proc_environ("self")
+        env = dict(os.environ) if env is None else env
+        _LOGIN_ENV[:] = [env, env]
+    return _LOGIN_ENV[1 if shell else 0]
+
+
+def build_env(prog, cwd=None):
+    base = login_environ(prog.get("shell"))
     inherit = prog["env_inherit"]
     if inherit is True:
-        env = dict(os.environ)
+        env = dict(base)
     elif inherit is False:
         env = {}
     else:
-        env = dict((k, os.environ[k]) for k in inherit if k in os.environ)
+        env = dict((k, base[k]) for k in inherit if k in base)
     env.pop("CHAPERONE_SPOOL", None)
+    if cwd is not None and "PWD" in env and not same_dir(env["PWD"], cwd):
+        env["PWD"] = cwd  # (as a shell's cd: PWD names the program's directory)
     for k, v in prog["env"].items():
         if v is None:
             env.pop(k, None)
         else:
             env[k] = v
     return env
+
+
+def same_dir(a, b):
+    """Whether two paths name one directory (a shell keeps an inherited
+    PWD that names its working directory, even through a link)."""
+    try:
+        x, y = os.stat(a), os.stat(b)
+    except (OSError, ValueError):
+        return False
+    return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
 
 
 class Supervisor(object):
@@ -1630,6 +1762,14 @@ class Supervisor(object):
         self.backlog = {}  # pipe capture without splice: name -> bytes read, not yet written
         self.dir_key = None  # the run's directory (device, inode), to notice its removal
         self.spool_removed = False
+        # stdin from a stream (see feed_stdin): the pipe (or terminal) the
+        # program reads, the spool's stdin file, how much of it was fed.
+        self.feed_fd = None
+        self.feed_src = None
+        self.fed = 0
+        self.feed_end = None
+        self.feed_polled = False
+        self.poller = None
 
     # The state record -------------------------------------------------------
 
@@ -1722,7 +1862,7 @@ class Supervisor(object):
 
     def exec_failed(self, e):
         prog = self.spec["program"]
-        what = prog["argv"][0]
+        what = getattr(self, "executable", None) or prog["argv"][0]
         filename = getattr(e, "filename", None)
         if filename is not None and filename == prog.get("cwd"):
             what = "cwd %s" % prog["cwd"]
@@ -1738,6 +1878,18 @@ class Supervisor(object):
         stdin = prog["stdin"]
         if stdin is None:
             stdin_fd = os.open(os.devnull, os.O_RDONLY)
+        elif "stream" in stdin:
+            # A pipe the supervisor fills from the spool's stdin file as it
+            # grows (feed_stdin), closed once the input ended: one EOF.
+            self.feed_src = open_regular(self.run.path("stdin"), self.run.what("stdin"))
+            stdin_fd, self.feed_fd = os.pipe()
+            try:
+                import fcntl
+
+                fcntl.fcntl(self.feed_fd, 1031, CHUNK)  # F_SETPIPE_SZ
+            except (ImportError, OSError):
+                pass
+            os.set_blocking(self.feed_fd, False)
         else:
             if "path" in stdin:
                 # Copied into the spool first: the spool keeps what the
@@ -1767,9 +1919,13 @@ class Supervisor(object):
             self.pipes[r] = name
             child_fds[name] = w
         cwd = prog["cwd"] or os.path.expanduser("~")
+        argv, self.executable = program_argv(prog)
+        env = build_env(prog, cwd)
         try:
-            self.pid = fork_exec(prog["argv"], cwd, build_env(prog),
-                                 (stdin_fd, child_fds["stdout"], child_fds["stderr"]), prog["umask"], libc)
+            self.pid = fork_exec(argv, cwd, env, (stdin_fd, child_fds["stdout"], child_fds["stderr"]), prog["umask"],
+                                 libc, executable=self.executable,
+                                 # (as the login shell sets it for a command; a shell sets its own)
+                                 underscore=not prog["shell"] and "_" in env and "_" not in prog["env"])
         except OSError as e:
             if e.filename is None and not os.path.isdir(cwd):
                 e.filename = cwd
@@ -1808,6 +1964,7 @@ class Supervisor(object):
         watch_fd = dir_watch(os.path.dirname(self.run.dir), _libc()) if self.dir_key is not None else None
         if watch_fd is not None:
             poller.register(watch_fd, select.POLLIN)
+        self.start_feeding(poller)
         next_dir_check = None
         next_retry = None  # (a running state to write again: spool full)
         use_splice = hasattr(os, "splice")
@@ -1876,6 +2033,8 @@ class Supervisor(object):
                         pass
                 elif fd == ctl_fd:
                     ctl_buf = self.read_control(ctl_fd, ctl_buf)
+                elif fd == self.feed_fd:
+                    self.feed_stdin()
                 elif fd == watch_fd:
                     if entry_events(watch_fd, os.fsencode(self.run.id)):
                         self.check_dir()
@@ -1910,6 +2069,7 @@ class Supervisor(object):
 
         if watch_fd is not None:
             os.close(watch_fd)
+        self.stop_feeding()
         for fd in list(self.pipes):
             self.pump(fd, poller, use_splice, final=True)
         while self.pipes and not self.spool_removed:
@@ -1990,6 +2150,68 @@ class Supervisor(object):
                 break  # give the other stream and signals a turn
         if total and self.sender:
             self.sender.output_written()
+
+    # stdin from a stream ---------------------------------------------------------
+
+    def start_feeding(self, poller):
+        """The loop began (``poller`` is its poll object): feed what the
+        input holds already."""
+        self.poller = poller
+        self.feed_stdin()
+
+    def feed_stdin(self):
+        """Give the program what the spool's stdin file holds beyond what it
+        got (``agent.py stdin`` appends to it, then says so on the control
+        FIFO: op ``stdin``): as much as its pipe takes now, the rest when
+        the pipe has room again (POLLOUT).  Once all of it was fed and the
+        input's end is recorded (``stdin.end``), the pipe is closed: the
+        program reads end of file, once.  A program that closed its stdin
+        (EPIPE) is fed no more."""
+        fd = self.feed_fd
+        if fd is None:
+            return
+        while True:
+            size = os.fstat(self.feed_src).st_size
+            if self.feed_end is not None:
+                size = min(size, self.feed_end)
+            if self.fed < size:
+                data = os.pread(self.feed_src, min(CHUNK, size - self.fed), self.fed)
+                if not data:  # pragma: no cover - shorter than its size a moment ago
+                    break
+                try:
+                    self.fed += os.write(fd, data)
+                except BlockingIOError:
+                    return self._feed_poll(True)
+                except OSError:  # EPIPE (SIGPIPE is ignored here), EIO: nobody reads it
+                    return self.stop_feeding()
+                continue
+            break
+        self._feed_poll(False)
+        if self.feed_end is None:
+            try:
+                self.feed_end = stdin_end(self.run)
+            except (AgentError, OSError):  # (damaged: the input goes on, as far as we know)
+                self.feed_end = None
+            if self.feed_end is not None:
+                return self.feed_stdin()
+        elif self.fed >= self.feed_end:
+            self.stop_feeding()
+
+    def _feed_poll(self, on):
+        if self.poller is not None and on != self.feed_polled:
+            if on:
+                self.poller.register(self.feed_fd, select.POLLOUT)
+            else:
+                self.poller.unregister(self.feed_fd)
+            self.feed_polled = on
+
+    def stop_feeding(self):
+        """No more input for the program: close its end of the stream."""
+        if self.feed_fd is not None:
+            self._feed_poll(False)
+            os.close(self.feed_fd)
+            os.close(self.feed_src)
+            self.feed_fd = self.feed_src = None
 
     # File capture --------------------------------------------------------------
 
@@ -2087,6 +2309,8 @@ class Supervisor(object):
             if grace is None and sig == _signal.SIGTERM:
                 grace = self.cfg["kill_grace"]  # like `docker stop`
             self.kill_tree(sig, grace=grace)
+        elif op == "stdin":
+            self.feed_stdin()
         elif op == "callback" and self.sender:
             self.sender.update(msg)
         elif op == "release" and self.sender:
@@ -2689,6 +2913,9 @@ def claim(root, spec):
             fd = os.open(os.path.join(tmp, "stdin"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             write_all(fd, base64.b64decode(stdin["data"]))
             os.close(fd)
+        elif stdin is not None and "stream" in stdin:
+            # (empty: `agent.py stdin` appends to it as the input comes)
+            os.close(os.open(os.path.join(tmp, "stdin"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
         # (program.json and the placeholder state are not fsynced: see Run.write_state)
         write_json_atomic(os.path.join(tmp, "program.json"), stored, durable=False)
         for name in STREAMS:
@@ -2819,6 +3046,8 @@ def start_many(root, docs):
 
 
 def cmd_start(args, out_marker):
+    if args.login_env is not None:
+        read_login_env(args.login_env)
     doc = read_program_json()
     root = ensure_root(args.root)
     if isinstance(doc, list):
@@ -3011,6 +3240,167 @@ def cmd_control(args, marker):
     return 0
 
 
+#: ``agent.py stdin``'s frames: data at an offset, the end at an offset.
+#: The largest payload it takes.
+STDIN_KINDS = (b"D", b"E")
+MAX_STDIN_FRAME = CHUNK
+#: How often ``agent.py stdin`` looks whether the run ended (seconds).
+STDIN_LOOK = 0.25
+
+
+def stdin_end(run):
+    """The length of a stream's input once the client said it ended
+    (``stdin.end``, a JSON integer), else None."""
+    try:
+        data = read_regular(run.path("stdin.end"), run.what("stdin.end"), 64)
+    except FileNotFoundError:
+        return None
+    try:
+        end = loads(data.decode("ascii"))
+    except (ValueError, UnicodeDecodeError):
+        end = None
+    if not _is_int(end) or end < 0:
+        raise DamagedRun("%s is damaged: %r" % (run.what("stdin.end"), data[:40]))
+    return end
+
+
+def read_exactly(fd, n):
+    """``n`` bytes from ``fd``; fewer only at its end."""
+    parts, got = [], 0
+    while got < n:
+        part = os.read(fd, n - got)
+        if not part:
+            break
+        parts.append(part)
+        got += len(part)
+    return b"".join(parts)
+
+
+class StdinSpool(object):
+    """The spool's stdin file of a run whose stdin is a stream, as
+    ``agent.py stdin`` appends to it: idempotent by offset, under a lock
+    (two calls at once, say a reconnect while the old call has not seen
+    its connection drop, append each byte once)."""
+
+    def __init__(self, run):
+        import fcntl
+
+        self.run = run
+        self.flock = fcntl.flock
+        self.fd = open_regular(run.path("stdin"), run.what("stdin"), os.O_RDWR)
+        self.fifo = None  # the supervisor's control FIFO, to say the input grew
+        self.final = False
+        self.looked = None
+
+    def close(self):
+        os.close(self.fd)
+        if self.fifo is not None:
+            os.close(self.fifo)
+
+    def answer(self):
+        """What the spool holds: ``{"held": bytes, "end": whether the end is
+        recorded, "closed": whether the program ended}`` (StdinAck)."""
+        now = time.monotonic()
+        if not self.final and (self.looked is None or now - self.looked >= STDIN_LOOK):
+            self.looked = now
+            self.final = self.run.read_state()["state"] in FINAL_STATES
+        return {"held": os.fstat(self.fd).st_size, "end": stdin_end(self.run) is not None, "closed": self.final}
+
+    def append(self, offset, data):
+        """Bytes of the input from ``offset``: what the spool does not hold yet
+        is appended.  A gap (``offset`` past what it holds) or bytes past a
+        recorded end are refused (exit 1)."""
+        self.flock(self.fd, 2)  # LOCK_EX
+        try:
+            held = os.fstat(self.fd).st_size
+            if offset > held:
+                raise AgentError("stdin of run %s: a gap: it holds %d bytes, the data starts at %d"
+                                 % (self.run.id, held, offset), 1)
+            end = stdin_end(self.run)
+            if end is not None and offset + len(data) > end:
+                raise AgentError("stdin of run %s ended at %d bytes: no more is taken" % (self.run.id, end), 1)
+            view = memoryview(data)[held - offset:]
+            at = held
+            while view:
+                n = os.pwrite(self.fd, view, at)
+                view, at = view[n:], at + n
+        finally:
+            self.flock(self.fd, 8)  # LOCK_UN
+        if at > held:
+            self.poke()
+
+    def end(self, offset):
+        """The input ends at ``offset`` (recorded once; the same end again is harmless)."""
+        self.flock(self.fd, 2)
+        try:
+            held = os.fstat(self.fd).st_size
+            end = stdin_end(self.run)
+            if end is not None and end != offset:
+                raise AgentError("stdin of run %s ended at %d bytes, not %d" % (self.run.id, end, offset), 1)
+            if held != offset:
+                raise AgentError("stdin of run %s holds %d bytes: it cannot end at %d" % (self.run.id, held, offset), 1)
+            if end is None:
+                write_json_atomic(self.run.path("stdin.end"), offset, durable=False)
+        finally:
+            self.flock(self.fd, 8)
+        self.poke()
+
+    def poke(self, msg=None):
+        """Tell the supervisor (op ``stdin``, or ``msg``) on its control
+        FIFO, kept open; not read any more (the program ended): closed."""
+        line = (dumps(msg or {"op": "stdin"}) + "\n").encode()
+        try:
+            if self.fifo is None:
+                self.fifo = os.open(self.run.path("control"), os.O_WRONLY | SAFE_OPEN)
+                if not stat.S_ISFIFO(os.fstat(self.fifo).st_mode):
+                    raise DamagedRun("%s is not the FIFO the agent made" % self.run.what("control"))
+            os.write(self.fifo, line)
+        except BlockingIOError:
+            pass  # (its FIFO is full of requests: it will look at the input anyway)
+        except OSError as e:
+            if e.errno not in (errno.ENXIO, errno.ENOENT, errno.EPIPE):
+                raise
+            self.final = True  # nobody reads it: the supervisor is done
+
+
+def cmd_stdin(args, marker):
+    """Append to the input of a run whose stdin is a stream: frames on
+    stdin (``!cQI`` as follow's: ``D`` bytes at an offset, ``E`` the end
+    at an offset), idempotent by offset; one answer
+    line (StdinAck) first and after each frame, so a client resumes at
+    what is held.  Ends at the end of this stdin, or at once when the run
+    is over (``closed``)."""
+    run = Run(args.root, args.id).require()
+    spec = loads(read_regular(run.path("program.json"), run.what("program.json"), MAX_PROGRAM_JSON).decode())
+    if not isinstance(spec, dict) or spec.get("program", {}).get("stdin") != {"stream": True}:
+        raise AgentError("run %s does not read its stdin from a stream (program.stdin is not {\"stream\": true})"
+                         % run.id)
+    spool = StdinSpool(run)
+    try:
+        out = Output(marker)
+        answer = spool.answer()
+        out.json(answer)
+        while not answer["closed"]:
+            head = read_exactly(0, FRAME.size)
+            if len(head) < FRAME.size:
+                break  # (the client is done, or gone: a frame cut short is not taken)
+            kind, offset, length = FRAME.unpack(head)
+            if kind not in STDIN_KINDS or length > MAX_STDIN_FRAME:
+                raise AgentError("stdin of run %s: not a frame (kind %r, %d bytes)" % (run.id, kind, length))
+            data = read_exactly(0, length)
+            if len(data) < length:
+                break
+            if kind == b"D":
+                spool.append(offset, data)
+            else:
+                spool.end(offset)
+            answer = spool.answer()
+            out.json(answer)
+    finally:
+        spool.close()
+    return 0
+
+
 def cmd_list(args, marker):
     states = []
     root = args.root
@@ -3068,7 +3458,7 @@ def cmd_clean(args, marker):
 
 
 USAGE = """\
-usage: agent.py [--root DIR] [--marker M] [--expect-hash SHA256] COMMAND ...
+usage: agent.py [--root DIR] [--marker M] [--expect-hash SHA256] [--login-env FD] COMMAND ...
 
 commands:
   start [--follow]                       < program.json (or a JSON array of them)
@@ -3079,9 +3469,10 @@ commands:
   list
   clean ID [--force]
   control ID                             < message.json
+  stdin ID                               < frames
 """
 #: The global options (before the command): option -> attribute.
-GLOBAL_OPTIONS = {"--root": "root", "--marker": "marker", "--expect-hash": "expect_hash"}
+GLOBAL_OPTIONS = {"--root": "root", "--marker": "marker", "--expect-hash": "expect_hash", "--login-env": "login_env"}
 #: Each command: its positional arguments and its options, option ->
 #: (attribute, None for a flag / a type / a tuple of choices, default).
 COMMAND_ARGS = {
@@ -3095,6 +3486,7 @@ COMMAND_ARGS = {
     "list": ((), {}),
     "clean": (("id",), {"--force": ("force", None, False)}),
     "control": (("id",), {}),
+    "stdin": (("id",), {}),
 }
 REQUIRED_OPTIONS = {"output": ("--stream",)}
 
@@ -3216,6 +3608,11 @@ def parse_args(argv):
     for attr, text in zip(positional, given):
         setattr(args, attr, text)
     args.root = os.path.abspath(args.root or default_root())
+    if args.login_env is not None:
+        try:
+            args.login_env = int(args.login_env)
+        except ValueError:
+            raise AgentError("usage: argument --login-env: invalid int value: %r" % args.login_env)
     if getattr(args, "id", None) is not None:
         check_id(args.id)
     return args
@@ -3223,7 +3620,7 @@ def parse_args(argv):
 
 COMMANDS = {
     "start": cmd_start, "status": cmd_status, "follow": cmd_follow, "output": cmd_output,
-    "signal": cmd_signal, "list": cmd_list, "clean": cmd_clean, "control": cmd_control,
+    "signal": cmd_signal, "list": cmd_list, "clean": cmd_clean, "control": cmd_control, "stdin": cmd_stdin,
 }
 
 

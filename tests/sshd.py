@@ -137,8 +137,11 @@ class SSHD:
 
     def __init__(self, max_sessions: int = 10, log_level: str = "INFO", *,
                  listen_address: str = "127.0.0.1", netns: Optional[str] = None,
-                 host_alias: Optional[str] = None, max_startups: Optional[str] = "100:30:200") -> None:
+                 host_alias: Optional[str] = None, max_startups: Optional[str] = "100:30:200",
+                 extra_config: str = "") -> None:
         self.max_sessions = max_sessions
+        #: More sshd_config lines (say ``SetEnv PATH=...``), appended as they are.
+        self.extra_config = extra_config
         #: sshd's MaxStartups; None: sshd's own default (10:30:100, as on a stock host).
         self.max_startups = max_startups
         self.log_level = log_level
@@ -305,6 +308,7 @@ class SSHD:
                 f"X11Forwarding no\n"
                 f"LogLevel {self.log_level}\n"
                 f"Subsystem sftp internal-sftp\n"
+                + self.extra_config
             )
         with open(self.host_key + ".pub") as f:
             keytype, key = f.read().split()[:2]

@@ -431,10 +431,11 @@ def _argparse_reference(ag):
     p = Parser(prog="agent.py", allow_abbrev=False)
     for opt in ("--root", "--marker", "--expect-hash"):
         p.add_argument(opt, default=None)
+    p.add_argument("--login-env", type=int, default=None)
     sub = p.add_subparsers(dest="command")
     s = sub.add_parser("start", allow_abbrev=False)
     s.add_argument("--follow", action="store_true")
-    for name in ("status", "list", "follow", "output", "signal", "clean", "control"):
+    for name in ("status", "list", "follow", "output", "signal", "clean", "control", "stdin"):
         s = sub.add_parser(name, allow_abbrev=False)
         if name != "list":
             s.add_argument("id")
@@ -479,7 +480,7 @@ def test_command_line_parses_as_argparse_did():
               "TERM", "-1", "-2.5", "--follow", "--force", "--root", "--root=/tmp/r", "/tmp/r", "--marker",
               "M", "--expect-hash", "abc", "--stdout-offset", "--stderr-offset", "5", "z", "--stream",
               "stdout", "stderr", "stdin", "--offset", "--length", "--grace", "1e308", "nan", "--", "-x",
-              "--bogus", "--grace=3", "--stream=stderr", "--force=1", "a b", "-", "../x"]
+              "--bogus", "--grace=3", "--stream=stderr", "--force=1", "a b", "-", "../x", "--login-env", "12"]
     cases = [["status", "x"], ["signal", "x", "TERM", "--grace", "-1"], ["list"], ["start", "--follow"],
              ["output", "x", "--stream", "stdout", "--offset", "3", "--length", "4"], ["clean", "x", "--force"],
              ["--root", "/tmp/q", "--marker", "MM", "follow", "r", "--stdout-offset", "7", "--stderr-offset", "-2"],

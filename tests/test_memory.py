@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from chaperone import Chaperone
 from chaperone.errors import AgentFailed, ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, UsageError
 from chaperone.models import RunState
-from chaperone.protocol import End, OutputChunk, StateUpdate, StreamDecoder
+from chaperone.protocol import FRAME, End, OutputChunk, StateUpdate, StreamDecoder
 from chaperone.transports.local import LocalTransport
 from chaperone.transports.memory import MemoryHost, MemoryTransport, run_virtual
 from helpers import REPO
@@ -88,11 +88,14 @@ def _normal(obj):
     return obj
 
 
-def _reply(code, out, err):
+def _reply(code, out, err, args=()):
     """(exit status, stderr, stdout), stdout decoded and normalized: after a
     marker, its events (states, the bytes of each stream, the other
-    events' kinds); else a JSON line, or the bytes."""
-    if b"\nM\n" in out:
+    events' kinds), or for ``stdin`` its answer lines; else a JSON line,
+    or the bytes."""
+    if b"\nM\n" in out and "stdin" in args:
+        out = [json.loads(line) for line in out.split(b"\nM\n", 1)[1].splitlines()]
+    elif b"\nM\n" in out:
         json_line = out.split(b"\nM\n", 1)[1][:1] in (b"{", b"[")
         events = StreamDecoder("M", json_line=json_line, framed=True).feed(out)
         data = {}
@@ -121,6 +124,8 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
     sh = {"id": "d1", "program": {"argv": ["/bin/sh", "-c", script]}}
     missing = {"id": "d3", "program": {"argv": ["/nonexistent/prog"]}}
     no_stdin = {"id": "d4", "program": {"argv": ["/bin/sh"], "stdin": {"path": "/nonexistent/in"}}}
+    stream = {"id": "d5", "program": {"argv": ["cat"], "stdin": {"stream": True}}}
+    frame = lambda kind, offset, data=b"": FRAME.pack(kind, offset, len(data)) + data  # noqa: E731
     calls = [
         (["start"], sh), (["--marker", "M", "follow", "d1"], None), (["--marker", "M", "status", "d1"], None),
         (["--marker", "M", "start", "--follow"], dict(sh, program={"argv": ["other"]})),
@@ -138,6 +143,14 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
         (["--marker", "M", "control", "d1"], {"op": "release"}), (["--marker", "M", "list"], None),
         (["--marker", "M", "follow", "d3", "--stdout-offset", "5"], None),
         (["--marker", "M", "clean", "d1"], None), (["status", "d1"], None), (["-h"], None),
+        # a stdin stream: appended by offset (again: harmless; a gap: refused), its end once
+        (["start"], stream), (["--marker", "M", "stdin", "d5"], frame(b"D", 0, b"abc") + frame(b"D", 1, b"bcd")
+                              + frame(b"D", 2, b"cd") + frame(b"D", 4, b"")),
+        (["--marker", "M", "stdin", "d5"], frame(b"D", 9, b"x")), (["--marker", "M", "stdin", "d5"], frame(b"Z", 0)),
+        (["--marker", "M", "stdin", "d5"], frame(b"W", 0, b'{"rows": 2, "cols": 3}')),
+        (["--marker", "M", "stdin", "d5"], frame(b"D", 0, b"abcd") + frame(b"E", 4) + frame(b"E", 4)),
+        (["--marker", "M", "stdin", "d5"], frame(b"E", 3)), (["--marker", "M", "stdin", "nope"], b""),
+        (["stdin", "d3"], b""), (["control", "d5"], {"op": "winsize", "rows": 5, "cols": 7}),
     ]
 
     def encode(stdin):
@@ -153,13 +166,26 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
                 if not chunk:
                     break
                 data += chunk
-            out.append(_reply(await proc.wait(), data, await proc.stderr()))
+            out.append(_reply(await proc.wait(), data, await proc.stderr(), args))
             proc.close()
+            if args == ["--marker", "M", "stdin", "d5"] and stdin.endswith(frame(b"E", 4)):
+                for _ in range(500):  # (until cat has read its end and ended)
+                    if json.loads((await _call(transport, root, ["status", "d5"]))[1])["state"] != "running":
+                        break
+                    await asyncio.sleep(0.01)
         await transport.close()
         return out
 
     real = asyncio.run(replies(LocalTransport()))
     host = MemoryHost("fake")
+
+    @host.program("cat")
+    async def cat(p):
+        while True:
+            data = await p.read()
+            if not data:
+                return 0
+            p.write("stdout", data)
 
     @host.program("/bin/sh")
     async def sh_program(p):
@@ -173,7 +199,24 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
     for (args, _), want, got in zip(calls, real, memory):
         assert got == want, args
     assert [code for code, _, _ in real] == [0, 0, 0, 0, 0, 0, 2, 2, 2, 1, 2, 2, 4, 2, 4, 2, 2, 2, 2, 2, 2, 2, 2,
-                                             0, 2, 2, 0, 0, 0, 0, 4, 0]
+                                             0, 2, 2, 0, 0, 0, 0, 4, 0,
+                                             0, 0, 1, 2, 2, 0, 0, 4, 2, 2]
+    assert real[33][2] == [{"closed": False, "end": False, "held": n} for n in (0, 3, 4, 4, 4)]
+    assert real[37][2][-2:] == [{"closed": False, "end": True, "held": 4}] * 2
+    assert real[38][2] == [{"closed": True, "end": True, "held": 4}]
+
+
+async def _call(transport, root, args, stdin=b""):
+    proc = await transport.open(["--root", root] + args, stdin)
+    data = b""
+    while True:
+        chunk = await proc.read()
+        if not chunk:
+            break
+        data += chunk
+    code = await proc.wait()
+    proc.close()
+    return code, data
 
 
 def test_runs_on_a_memory_host_have_the_agents_states(tmp_path):
@@ -445,6 +488,34 @@ def test_start_is_idempotent_by_id(tmp_path):
     go(main())
 
 
+def test_a_command_line_runs_in_the_hosts_login_shell(tmp_path):
+    """A string is a shell command line: program.json carries it as one
+    string with ``shell``, the host runs its login shell with ``-c LINE``;
+    the record shows it as typed (no argv).  A list stays an exact argv."""
+    host = MemoryHost("fake", shell="/bin/zsh")
+    seen = []
+
+    @host.program("/bin/zsh")
+    async def zsh(p):
+        seen.append(p.argv)
+        return 0
+
+    async def main():
+        async with chaperone(tmp_path, host) as ch:
+            run = await ch.start("fake", "echo $HOME | wc -c", id="line")
+            assert (await run.wait()).exit_code == 0
+            assert seen == [["zsh", "-c", "echo $HOME | wc -c"]]
+            prog = host.runs["line"].spec["program"]
+            assert (prog["argv"], prog["shell"]) == (["echo $HOME | wc -c"], True)
+            assert (run.info().command, run.info().argv) == ("echo $HOME | wc -c", None)
+            exact = await ch.start("fake", ["/bin/zsh", "-c", "x"], id="exact")
+            assert (await exact.wait()).exit_code == 0 and seen[-1] == ["/bin/zsh", "-c", "x"]
+            assert host.runs["exact"].spec["program"]["shell"] is False
+            assert exact.info().argv == ["/bin/zsh", "-c", "x"]
+
+    go(main())
+
+
 def test_a_start_that_never_reached_the_host_is_failed(tmp_path):
     """Refused before anything ran: the start raises, the record says
     ``failed`` (never ``running``), and the host has nothing.  Dropped
@@ -707,3 +778,99 @@ def test_the_documented_example_runs(tmp_path):
     tests = [f for name, f in scope.items() if name.startswith("test_")]
     assert len(tests) == 1
     tests[0](tmp_path)
+
+
+# stdin as it comes ----------------------------------------------------------------------
+
+
+def _cat(host):
+    """``cat``: copies its stdin to stdout, then writes how many ends of file it read."""
+    @host.program("cat")
+    async def cat(p):
+        while True:
+            data = await p.read()
+            if not data:
+                break
+            p.write("stdout", data)
+        p.write("stdout", b"|EOF")
+        return 0
+
+
+@pytest.mark.parametrize("fault", ["break", "disconnect"])
+def test_a_stdin_stream_arrives_once_across_dropped_connections(tmp_path, fault):
+    """Input given as an async iterable is sent as it comes (the program
+    runs meanwhile), every byte once and the end once, while the stdin
+    calls' connections drop: after N bytes of their answers, or all at
+    once every 0.3 s; each reconnect resumes at what the host holds."""
+    host = MemoryHost("fake")
+    _cat(host)
+    data = bytes(range(256)) * 3000
+
+    async def source():
+        for at in range(0, len(data), 7000):
+            await asyncio.sleep(0.05)
+            yield data[at:at + 7000]
+
+    async def main():
+        async with chaperone(tmp_path, host) as ch:
+            if fault == "break":
+                host.break_after(70, 500, 1, 2000, command="stdin")
+            run = await ch.start("fake", ["cat"], stdin=source(), id="in")
+            dropper = asyncio.ensure_future(drops_every(host, 0.3, 6)) if fault == "disconnect" else None
+            assert host.runs["in"].spec["program"]["stdin"] == {"stream": True}
+            assert await run.stdin_sent() == len(data)
+            state = await run.wait()
+            if dropper is not None:
+                dropper.cancel()
+            assert state.exit_code == 0
+            assert host.runs["in"].stdout == data + b"|EOF"
+            assert host.runs["in"].stdin == data and host.runs["in"].stdin_end == len(data)
+            assert sum(1 for c in host.calls if "stdin" in c) > 1  # (it did reconnect)
+
+    go(main())
+
+
+def test_stdin_as_bytes_goes_with_the_start_or_streams_when_large(tmp_path):
+    """Bytes up to 1 MiB go in program.json (one call); larger ones, a
+    StreamReader, and run() (the foreground) stream; a run that ends
+    before reading all of it stops the sending; a bad source is a usage
+    error before anything starts."""
+    host = MemoryHost("fake")
+    _cat(host)
+
+    @host.program("head")
+    async def head(p):
+        p.write("stdout", (await p.read())[:10])
+        return 0
+
+    async def main():
+        async with chaperone(tmp_path, host) as ch:
+            small = await ch.start("fake", ["cat"], stdin=b"hi\n", id="small")
+            assert host.runs["small"].spec["program"]["stdin"] == {"data": "aGkK"}
+            assert await small.stdin_sent() is None and (await small.wait()).exit_code == 0
+            assert host.runs["small"].stdout == b"hi\n|EOF"
+            big = b"x" * ((1 << 20) + 1)
+            large = await ch.start("fake", ["cat"], stdin=big, id="large")
+            assert await large.stdin_sent() == len(big)
+            await large.wait()
+            assert host.runs["large"].stdout == big + b"|EOF"
+            reader = asyncio.StreamReader()
+            reader.feed_data(b"from a reader")
+            reader.feed_eof()
+            events = [e async for e in ch.run("fake", ["cat"], stdin=reader, id="fg")]
+            assert b"".join(e.data for e in events if isinstance(e, OutputChunk)) == b"from a reader|EOF"
+
+            async def endless():
+                while True:
+                    yield b"y" * 1000
+                    await asyncio.sleep(0.01)
+
+            short = await ch.start("fake", ["head"], stdin=endless(), id="short")
+            held = await short.stdin_sent()  # (ends: the run is over)
+            assert (await short.wait()).exit_code == 0 and held >= 1000
+            assert host.runs["short"].stdout == b"y" * 10
+            with pytest.raises(UsageError, match="stdin must be bytes"):
+                await ch.start("fake", ["cat"], stdin="a str", id="bad")
+            assert "bad" not in host.runs
+
+    go(main())

@@ -507,12 +507,14 @@ VALID = {
     "output-buffer-1": with_("config.output_buffer", 1),
     "capture-file": with_("config.capture", "file"),
     "capture-pipe": with_("config.capture", "pipe"),
+    "shell-line": with_("program", {"argv": ["echo $HOME | tr a-z A-Z"], "shell": True}),
+    "shell-false": with_("program.shell", False),
 }
 
 INVALID = {
     # unknown fields at each level
     "unknown-top": with_("extra", 1),
-    "unknown-program": with_("program.shell", True),
+    "unknown-program": with_("program.login", True),
     "unknown-stdin": with_("program.stdin", {"path": "/x", "mode": "r"}),
     "stdin-both": with_("program.stdin", {"path": "/x", "data": "YQ=="}),
     "stdin-empty-object": with_("program.stdin", {}),
@@ -563,6 +565,11 @@ INVALID = {
     "capture-bool": with_("config.capture", True),
     "capture-int": with_("config.capture", 1),
     "capture-list": with_("config.capture", ["file"]),
+    # a shell command is one string
+    "shell-two-words": with_("program", {"argv": ["echo", "hi"], "shell": True}),
+    "shell-string": with_("program.shell", "yes"),
+    "shell-int": with_("program.shell", 1),
+    "shell-null": with_("program.shell", None),
     # out of range
     "timeout-negative": with_("config.timeout", -1),
     "timeout-zero": with_("config.timeout", 0),

@@ -21,8 +21,12 @@ wrapping stays checked.
 
 import concurrent.futures
 import hashlib
+import json
+import os
+import pwd
 import shlex
 import subprocess
+import sys
 import threading
 
 import pytest
@@ -53,6 +57,15 @@ CORPUS = {
     "literal-unicode-and-shell-syntax": ["printf", "[%s]\n", *LITERAL_ARGS],
 }
 
+#: Shell command lines (one string, no ``--``): run by the login shell on
+#: the host (root's is bash here), as ``ssh HOST LINE`` runs them: ``$0``
+#: names it, and bash-only syntax works.
+SHELL_LINES = {
+    "login-shell-and-bash-syntax": "echo $0; [[ a == a ]] && echo double-brackets; echo ${BASH_VERSION:+bash}; "
+                                   "a=(x y z); echo ${a[2]}",
+    "pipeline-and-home": "echo $HOME | tr a-z A-Z; echo $((6 * 7)) >&2; exit 3",
+}
+
 SIGNALS = {
     "signal-TERM": ["sh", "-c", "echo before; echo err >&2; kill -TERM $$; echo after"],
     "signal-KILL": ["python3", "-c", "import os,sys; sys.stdout.write('x'); sys.stdout.flush(); "
@@ -74,10 +87,13 @@ def _communicate(argv, env=None, cwd=None, out=None):
 
 
 def both(sshd, home, argv, ssh_command):
-    """Run chaperone and ssh at the same time; (chaperone, ssh) results."""
+    """Run chaperone and ssh at the same time; (chaperone, ssh) results.
+    ``argv``: an exact argv (after ``--``), or a string: one shell command
+    line (no ``--``)."""
     home.mkdir(exist_ok=True)
     mine, theirs = {}, {}
-    chaperone = CLI + ["-F", sshd.config_file, "run", "testhost", "--", *argv]
+    words = [argv] if isinstance(argv, str) else ["--", *argv]
+    chaperone = CLI + ["-F", sshd.config_file, "run", "testhost", *words]
     t = threading.Thread(target=_communicate, args=(chaperone, cli_env(home), str(home), mine))
     t.start()
     _communicate(sshd.ssh_argv(ssh_command), out=theirs)
@@ -96,6 +112,7 @@ def outcomes(sshd, tmp_path_factory):
     processes); each with its own CHAPERONE_HOME.  {name: (chaperone, ssh)}."""
     cases = {name: (argv, shlex.join(argv)) for name, argv in CORPUS.items()}
     cases.update({name: (argv, _signal_wrapped(argv)) for name, argv in SIGNALS.items()})
+    cases.update({name: (line, line) for name, line in SHELL_LINES.items()})
     with concurrent.futures.ThreadPoolExecutor(3) as pool:
         futures = {name: pool.submit(both, sshd, tmp_path_factory.mktemp("home"), argv, command)
                    for name, (argv, command) in cases.items()}
@@ -141,6 +158,22 @@ def test_the_corpus_does_what_it_says(outcomes):
 
 
 @pytest.mark.timeout(120)
+@pytest.mark.parametrize("name", list(SHELL_LINES))
+def test_a_command_line_is_run_by_the_login_shell_as_by_ssh(outcomes, name):
+    mine, theirs = outcomes[name]
+    assert_same(mine, theirs)
+
+
+def test_the_login_shell_cases_do_what_they_say(outcomes):
+    out = {name: theirs for name, (_, theirs) in outcomes.items()}
+    shell = pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
+    assert shell.endswith("bash"), "these cases expect bash as the login shell (%s here)" % shell
+    assert out["login-shell-and-bash-syntax"]["stdout"] == b"bash\ndouble-brackets\nbash\nz\n"
+    assert out["pipeline-and-home"]["stdout"] == os.path.expanduser("~").upper().encode() + b"\n"
+    assert (out["pipeline-and-home"]["stderr"], out["pipeline-and-home"]["code"]) == (b"42\n", 3)
+
+
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("name", list(SIGNALS))
 def test_killed_by_signal_same_as_a_shell_over_openssh(outcomes, name):
     mine, theirs = outcomes[name]
@@ -154,3 +187,108 @@ def test_ssh_reports_255_for_a_killed_command(sshd):
     res = subprocess.run(sshd.ssh_argv("exec sh -c 'kill -TERM $$'"), stdin=subprocess.DEVNULL,
                          capture_output=True, timeout=30)
     assert res.returncode == 255
+
+
+# --- the process world: the same as ssh's ----------------------------------------------
+
+#: Prints, as JSON, what a program's world is: its environment as it was
+#: exec'd (/proc/self/environ: not what Python changes itself), blocked and
+#: ignored signals, open descriptors, umask, resource limits, ids, cwd,
+#: niceness.  (The client port in SSH_CLIENT/SSH_CONNECTION differs by
+#: connection: masked.)
+PROBE = r"""
+import json, os, resource
+fds = []
+for fd in range(256):
+    try:
+        os.fstat(fd)
+        fds.append(fd)
+    except OSError:
+        pass
+status = {}
+with open("/proc/self/status") as f:
+    for line in f:
+        key, _, value = line.partition(":")
+        if key in ("SigBlk", "SigIgn", "NoNewPrivs", "CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            status[key] = value.strip()
+with open("/proc/self/environ", "rb") as f:
+    env = dict(item.decode("utf-8", "replace").split("=", 1) for item in f.read().split(b"\0") if b"=" in item)
+for key in ("SSH_CLIENT", "SSH_CONNECTION"):
+    if key in env:
+        parts = env[key].split()
+        parts[1] = "PORT"
+        env[key] = " ".join(parts)
+mask = os.umask(0)
+os.umask(mask)
+print(json.dumps({
+    "env": env, "status": status, "fds": fds, "umask": mask, "cwd": os.getcwd(), "nice": os.nice(0),
+    "limits": {name: resource.getrlimit(getattr(resource, name)) for name in dir(resource) if name.startswith("RLIMIT_")},
+    "ids": [os.getuid(), os.geteuid(), os.getgid(), os.getegid(), sorted(os.getgroups())],
+    "session_leader": os.getsid(0) == os.getpid(),
+}, sort_keys=True, indent=1))
+"""
+
+#: A ``python3`` shim as pyenv's: it changes PATH and sets PYENV_* before
+#: it runs the real interpreter.
+SHIM = """#!/bin/sh
+PATH="/opt/shimmed/versions/3.x/bin:/opt/shimmed/libexec:$PATH"
+PYENV_VERSION=3.x PYENV_ROOT=/opt/shimmed PYENV_DIR="$PWD"
+export PATH PYENV_VERSION PYENV_ROOT PYENV_DIR
+exec %s "$@"
+"""
+
+
+@pytest.fixture(scope="module")
+def shimmed_sshd(tmp_path_factory):
+    """A test sshd of its own whose sessions start with a ``python3`` shim
+    first on PATH (sshd's SetEnv).  (A login shell's rc files may put
+    another in front, as here: pyenv's own, which changes PATH too.)"""
+    from sshd import SSHD, require_sshd
+
+    require_sshd()
+    shims = tmp_path_factory.mktemp("shims")
+    real = os.path.realpath(sys.executable)
+    (shims / "python3").write_text(SHIM % shlex.quote(real))
+    (shims / "python3").chmod(0o755)
+    server = SSHD(extra_config="SetEnv PATH=%s:/usr/local/bin:/usr/bin:/bin\n" % shims)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def _ssh_out(sshd, command):
+    res = subprocess.run(sshd.ssh_argv(command), stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    return res.stdout
+
+
+@pytest.mark.timeout(180)
+def test_the_program_gets_the_process_world_of_ssh(shimmed_sshd, tmp_path):
+    """A program run by chaperone gets what ``ssh HOST CMD`` gives it:
+    the same environment (not the one the python3 shim and Python's locale
+    coercion made for the agent), signal mask and ignored signals, open
+    descriptors, umask, limits, ids, cwd and niceness; for a shell command
+    line and for an exact argv (``ssh HOST ARGV`` run as one command)."""
+    sshd = shimmed_sshd
+    # The host's python3 changes the environment it is given (else this
+    # test would prove nothing): the shim, or one a login rc put first.
+    path = _ssh_out(sshd, "echo \"$PATH\"").strip()
+    assert _ssh_out(sshd, "python3 -c 'import os; print(os.environ[\"PATH\"])'").strip() != path
+    python = os.path.realpath(sys.executable)
+    argv = [python, "-I", "-S", "-c", PROBE]
+    line = shlex.join(argv)
+    cases = {"line": ([line], line, "openssh"), "argv": (["--", *argv], line, "openssh"),
+             "argv-asyncssh": (["--", *argv], line, "asyncssh")}
+    want = json.loads(_ssh_out(sshd, line))
+    for name, (words, ssh_command, client) in cases.items():
+        home = tmp_path / name
+        home.mkdir()
+        res = subprocess.run(CLI + ["-F", sshd.config_file, "run", "testhost", *words],
+                             env=cli_env(home, CHAPERONE_SSH_CLIENT=client),
+                             cwd=str(home), stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        assert res.returncode == 0, res.stderr
+        got = json.loads(res.stdout)
+        for key in sorted(want):
+            assert got[key] == want[key], "%s: %s differs from ssh's" % (name, key)

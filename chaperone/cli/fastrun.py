@@ -67,7 +67,7 @@ def _plan(argv):
         display = " ".join(words)
         if not display.strip():
             return None
-        argv_, shell = ["/bin/sh", "-c", display], True
+        argv_, shell = [display], True  # (program.shell: the login shell runs it, as api._argv says)
     env = {}
     for pair in parsed.get("env", ()):
         name, sep, value = pair.partition("=")
@@ -94,7 +94,7 @@ def _plan(argv):
         import time
 
         run_id = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()  # (api.new_run_id)
-    doc = {"id": run_id, "program": {"argv": argv_, "cwd": cwd, "env": env, "stdin": None},
+    doc = {"id": run_id, "program": {"argv": argv_, "cwd": cwd, "env": env, "stdin": None, "shell": shell},
            "callback": None, "config": config}
     return doc, shell, display, bool(parsed.get("quiet"))
 

@@ -65,7 +65,7 @@ RUN = (
     Opt(("--stdin",), "stdin_file", metavar="FILE",
         help="Give the program this file as stdin ('-': this terminal's stdin)."),
     Opt(("-n", "--no-stdin"), "no_stdin", value=False, help="Give the program /dev/null as stdin (as ssh -n)."),
-    Opt(("-t",), "tty", value=False, help="Run the program on a terminal (as ssh -t)."),
+    Opt(("-t",), "tty", value=False, help="A terminal on the host (as ssh -t): not supported yet (a usage error)."),
     Opt(("-T",), "no_tty", value=False, help="No terminal (the default, as ssh -T)."),
     Opt(("--json",), "as_json", value=False, help="Print the run as JSON at the end instead of its output."),
     Opt(("-q", "--quiet"), "quiet", value=False, help="Do not print the run id and reconnects on stderr."),

@@ -21,9 +21,6 @@ from .display import parse_duration
 from ..transports.target import is_local
 from .options import RUN, SSH, split_run
 
-#: Stdin is sent with program.json until it streams: at most this much.
-MAX_STDIN = 12 << 20
-
 
 class SSHStyleCommand(click.Command):
     """A command whose arguments read as ssh's: options, HOST, options,
@@ -37,8 +34,16 @@ class SSHStyleCommand(click.Command):
         return super().parse_args(ctx, opts + ([host] if host is not None else []))
 
 
-def _stdin_bytes(params: dict):
-    """What the program gets on stdin: None (/dev/null) or bytes, bounded."""
+#: ``run -H``: the input each host gets is read whole first, at most this much.
+MAX_STDIN = 12 << 20
+
+
+def _stdin_fd(params: dict):
+    """The file descriptor the program's input comes from, or None
+    (/dev/null).  ``-n``: none; ``--stdin FILE`` (``-``: this process's
+    stdin, a terminal too); else this process's stdin when it is a pipe, a
+    socket or a file (as ssh forwards it), not a terminal nor /dev/null,
+    and not with ``-d``."""
     from ..errors import UsageError
 
     source = params.get("stdin_file")
@@ -51,21 +56,87 @@ def _stdin_bytes(params: dict):
             return None
         if not (stat.S_ISFIFO(mode) or stat.S_ISREG(mode) or stat.S_ISSOCK(mode)):
             return None  # a terminal or /dev/null: nothing piped in
-        source = "-"
+        return 0
+    if source == "-":
+        return 0
     try:
-        if source == "-":
-            f = os.fdopen(os.dup(0), "rb")
-        else:
-            f = open(source, "rb")
+        return os.open(source, os.O_RDONLY)
     except OSError as e:
         raise UsageError("cannot read --stdin %s: %s" % (source, e.strerror)) from None
-    with f:
+
+
+def _typing(params: dict) -> bool:
+    """This process's stdin is a terminal the program does not get (no
+    ``-n``, ``-d`` nor ``--stdin``)."""
+    if params.get("no_stdin") or params.get("detach") or params.get("stdin_file") is not None:
+        return False
+    try:
+        return os.isatty(0)
+    except OSError:
+        return False
+
+
+def _stdin_source(params: dict):
+    """What the program gets on stdin (see :func:`_stdin_fd`): None
+    (/dev/null), bytes (all of it, small: sent with the start), or a stream
+    (sent as it comes, while the program runs; see chaperone.feed)."""
+    from ..feed import INLINE
+
+    fd = _stdin_fd(params)
+    if fd is None:
+        return None
+    head, ended = _read_ready(fd, INLINE)
+    if ended:
+        return head
+    return _stream(fd, head)
+
+
+def _stdin_bytes(params: dict):
+    """``run -H``: the input every host gets, read whole (None: /dev/null);
+    at most :data:`MAX_STDIN` bytes."""
+    from ..errors import UsageError
+
+    fd = _stdin_fd(params)
+    if fd is None:
+        return None
+    with os.fdopen(fd if fd else os.dup(fd), "rb") as f:
         data = f.read(MAX_STDIN + 1)
     if len(data) > MAX_STDIN:
-        what = "stdin" if source == "-" else "--stdin %s" % source
-        raise UsageError("%s is larger than %d MiB, the most chaperone sends with a program for now: put the "
-                         "file on the host and redirect it there (run HOST 'prog < FILE')" % (what, MAX_STDIN >> 20))
+        what = "stdin" if params.get("stdin_file") in (None, "-") else "--stdin %s" % params["stdin_file"]
+        raise UsageError("%s is larger than %d MiB, the most run -H sends to each host: put the file on the "
+                         "hosts and redirect it there (run -H ... 'prog < FILE')" % (what, MAX_STDIN >> 20))
     return data
+
+
+def _read_ready(fd: int, limit: int):
+    """What ``fd`` holds now, up to ``limit`` bytes (and one more), without
+    waiting: ``(bytes, whether that is all of it)``.  (``echo hi | ...``:
+    all of it, so it goes with the start.)"""
+    import select
+
+    mode = os.fstat(fd).st_mode
+    regular = stat.S_ISREG(mode)
+    if not (regular or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)):
+        return b"", False  # a terminal, a device: as it comes
+    parts, size = [], 0
+    while size <= limit:
+        if not regular and not select.select([fd], [], [], 0)[0]:
+            return b"".join(parts), False
+        data = os.read(fd, min(1 << 16, limit + 1 - size))
+        if not data:
+            return b"".join(parts), True
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts), False
+
+
+async def _stream(fd: int, head: bytes):
+    from ..feed import read_fd
+
+    if head:
+        yield head
+    async for data in read_fd(fd):
+        yield data
 
 
 @cli.command(cls=SSHStyleCommand, context_settings={"ignore_unknown_options": False})
@@ -88,6 +159,9 @@ def run(host, **params):
     """
     ctx = click.get_current_context()
     words, exact = ctx.meta.get("chaperone.command", ([], False))
+    if params.get("tty"):
+        fail("-t (a terminal on the host) is not supported yet: programs run without one; --stdin - "
+             "sends what you type (Try 'chaperone run --help'.)", 2)
     if params.get("hosts") or params.get("hostfiles"):
         from .fleet import run_many  # many hosts: chaperone/cli/fleet.py
 
@@ -108,7 +182,8 @@ def run(host, **params):
 
     from . import served
 
-    server = served.client(params)
+    stdin = _stdin_source(params)
+    server = served.client(params) if stdin is None else None  # (the server takes no input)
     if server is not None:
         from ..api import parse_env
 
@@ -118,7 +193,6 @@ def run(host, **params):
     async def go(ch):
         from ..api import new_run_id, parse_env
 
-        stdin = _stdin_bytes(params)
         settings = ssh_settings(params)
         target = ch.target(host, **settings)
         if not target.local:
@@ -137,10 +211,14 @@ def run(host, **params):
             if r.state is not None and r.state.state == "error":
                 click.echo("chaperone: %s" % r.state.error, err=True)
                 return r.state.exit_code
+            await r.stdin_sent()  # (-d --stdin FILE: it is all on the host before this returns)
             return 0
         if not params.get("quiet") and not params.get("as_json") and sys.stderr.isatty():
             # (on a terminal only: piped, stderr is exactly the program's)
-            click.echo("chaperone: run %s on %s" % (run_id, target.name), err=True)
+            hint = ""
+            if stdin is None and _typing(params):  # (top, a REPL ... would meet /dev/null in silence)
+                hint = " (no terminal there: stdin is /dev/null; --stdin - sends what you type)"
+            click.echo("chaperone: run %s on %s%s" % (run_id, target.name, hint), err=True)
         return await _foreground(ch, target, command, kw, params)
 
     sys.exit(run_async(params, go))

@@ -2,7 +2,8 @@
 
 One small interface (like httpx's ``BaseTransport``): :meth:`Transport.open`
 runs ``agent.py ARGS`` on the host with ``stdin`` bytes and returns an
-:class:`AgentProcess` to read its stdout from.  The transports:
+:class:`AgentProcess` to read its stdout from (and, opened with
+``keep_stdin``, to go on writing its stdin: ``agent.py stdin``).  The transports:
 ``local.LocalTransport`` (a local subprocess), ``memory.MemoryTransport`` (an
 in-memory host, for tests), ``ssh.via_asyncssh.SSHTransport`` and
 ``ssh.via_openssh.OpenSSHTransport``; ``factory`` is the one place that
@@ -37,14 +38,27 @@ class AgentProcess(abc.ABC):
     def close(self) -> None:
         """Stop reading: kill the local process or close the SSH channel."""
 
+    async def write(self, data: bytes) -> None:
+        """More of the agent's stdin (opened with ``keep_stdin=True``);
+        waits while the pipe or channel is full.  :class:`ConnectionLost`
+        when it cannot be written any more (the agent or the connection is
+        gone)."""
+        raise NotImplementedError("%s does not keep an agent's stdin open" % type(self).__name__)
+
+    async def write_eof(self) -> None:
+        """The end of the agent's stdin (opened with ``keep_stdin=True``)."""
+        raise NotImplementedError("%s does not keep an agent's stdin open" % type(self).__name__)
+
 
 class Transport(abc.ABC):
     #: Name of the host as records show it ("local" for this machine).
     host: str = "local"
 
     @abc.abstractmethod
-    async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
-        """Run ``agent.py *args`` on the host."""
+    async def open(self, args: List[str], stdin: bytes = b"", *, keep_stdin: bool = False) -> AgentProcess:
+        """Run ``agent.py *args`` on the host, ``stdin`` on its stdin; then
+        its stdin is closed, or, with ``keep_stdin``, left open for
+        :meth:`AgentProcess.write` and :meth:`AgentProcess.write_eof`."""
 
     async def close(self) -> None:
         return None
@@ -63,10 +77,11 @@ class Transport(abc.ABC):
         return 0
 
 
-async def spawn(argv: List[str]) -> asyncio.subprocess.Process:
+async def spawn(argv: List[str], env: Optional[dict] = None) -> asyncio.subprocess.Process:
     """``argv`` with pipes for stdin, stdout and stderr, in a session of its
     own: out of the terminal's process group, so a Ctrl-C is for chaperone
-    to decide about, never delivered to the agent (or ssh) behind its back."""
+    to decide about, never delivered to the agent (or ssh) behind its back.
+    ``env``: its environment (default: this process's)."""
     return await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE,
@@ -74,6 +89,7 @@ async def spawn(argv: List[str]) -> asyncio.subprocess.Process:
         stderr=asyncio.subprocess.PIPE,
         start_new_session=True,
         limit=1 << 20,
+        env=env,
     )
 
 
@@ -132,15 +148,51 @@ class AttachedProcess:
             transport.close()
 
 
-async def feed_stdin(proc: asyncio.subprocess.Process, data: bytes) -> None:
-    """Write ``data`` to ``proc``'s stdin and close it (an early exit of
-    the process is not an error here: its status will say why)."""
+async def feed_stdin(proc: asyncio.subprocess.Process, data: bytes, close: bool = True) -> None:
+    """Write ``data`` to ``proc``'s stdin and close it unless not ``close``
+    (an early exit of the process is not an error here: its status will
+    say why)."""
     try:
         if data:
             proc.stdin.write(data)
             await proc.stdin.drain()
-        proc.stdin.close()
+        if close:
+            proc.stdin.close()
     except (BrokenPipeError, ConnectionResetError):
         pass
+
+
+class PipeStdin:
+    """:meth:`AgentProcess.write` and :meth:`AgentProcess.write_eof` over
+    a process's stdin pipe (an asyncio StreamWriter), after the bytes
+    ``feeder`` (a task) writes first."""
+
+    def __init__(self, writer, feeder: "Optional[asyncio.Future]", host: str):
+        self._writer = writer
+        self._feeder = feeder
+        self._host = host
+
+    async def _ready(self) -> None:
+        feeder, self._feeder = self._feeder, None
+        if feeder is not None:
+            await feeder
+
+    async def write(self, data: bytes) -> None:
+        from ..errors import ConnectionLost
+
+        await self._ready()
+        try:
+            self._writer.write(data)
+            await self._writer.drain()
+        except (BrokenPipeError, ConnectionResetError, RuntimeError) as e:
+            raise ConnectionLost("connection to %s lost: %s" % (self._host, str(e) or "the agent's stdin is closed")) \
+                from None
+
+    async def write_eof(self) -> None:
+        await self._ready()
+        try:
+            self._writer.close()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
 

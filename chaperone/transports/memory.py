@@ -58,7 +58,7 @@ from typing import Awaitable, Callable, Deque, Dict, List, Optional, Union
 from ..agent_source import agent_module
 from ..errors import ConnectionLost
 from .base import AgentProcess, Transport
-from .ssh.common import connect_error
+from .ssh.common import command_of, connect_error
 from .target import Target
 
 __all__ = ["MemoryHost", "MemoryRun", "MemoryTransport", "VirtualClockLoop", "run_virtual"]
@@ -105,10 +105,18 @@ class MemoryRun:
         self.host = host
         self.id: str = spec["id"]
         self.spec = spec
-        self.argv: List[str] = list(spec["program"]["argv"])
+        prog = spec["program"]
+        #: What runs: the argv, or for a shell command line the host's
+        #: login shell, as the agent execs it (``[sh, "-c", LINE]``).
+        self.executable: str = host.shell if prog.get("shell") else prog["argv"][0]
+        self.argv: List[str] = ([os.path.basename(host.shell), "-c", prog["argv"][0]] if prog.get("shell")
+                                else list(prog["argv"]))
         self.cwd: str = spec["program"]["cwd"] or host.home
         self.env: Dict[str, str] = host._environment(spec["program"])
         self.stdin = b""
+        #: With a stdin stream: where its input ends, once the client said so (else None).
+        self.stdin_end: Optional[int] = None
+        self._stdin_read = 0
         self.signals: List[str] = []
         self.controls: List[dict] = []
         self.exception: Optional[BaseException] = None
@@ -170,6 +178,18 @@ class MemoryRun:
         if data:
             self._touch()
 
+    async def read(self) -> bytes:
+        """The program reads its stdin: what came since its last read (a
+        stream's input as the client sends it, waiting for more), ``b""``
+        at its end."""
+        while True:
+            if self._stdin_read < len(self.stdin):
+                data, self._stdin_read = self.stdin[self._stdin_read:], len(self.stdin)
+                return data
+            if self.stdin_end is not None or self.spec["program"]["stdin"] != {"stream": True}:
+                return b""
+            await self._wait_change(self._changed)
+
     async def sleep(self, seconds: float) -> None:
         """Wait ``seconds`` on the event loop's clock."""
         await asyncio.sleep(seconds)
@@ -212,17 +232,41 @@ class MemoryRun:
             if stdin["path"] not in self.host.files:
                 return self._failed("stdin %s" % stdin["path"], _errno.ENOENT)
             self.stdin = bytes(self.host.files[stdin["path"]])
-        elif stdin is not None:
+        elif stdin is not None and "data" in stdin:
             self.stdin = base64.b64decode(stdin["data"])
-        func = self.host.programs.get(self.argv[0]) or self.host.programs.get(os.path.basename(self.argv[0]))
+        func = self.host.programs.get(self.executable) or self.host.programs.get(os.path.basename(self.executable))
         if func is None:
-            return self._failed(self.argv[0], _errno.ENOENT)
+            return self._failed(self.executable, _errno.ENOENT)
         pid = next(self.host._pids)
         self.state.update(pid=pid, pgid=pid, pid_start=next(self.host._ticks))
         self._task = asyncio.ensure_future(self._main(func))
         timeout = self.spec["config"]["timeout"]
         if timeout is not None:
             self._timers["timeout"] = asyncio.get_running_loop().call_later(timeout, self._time_out)
+
+    def _append_stdin(self, offset: int, data: bytes) -> None:
+        """``agent.py stdin``'s ``D`` frame: idempotent by offset (as StdinSpool.append)."""
+        agent = _agent()
+        held = len(self.stdin)
+        if offset > held:
+            raise agent.AgentError("stdin of run %s: a gap: it holds %d bytes, the data starts at %d"
+                                   % (self.id, held, offset), 1)
+        if self.stdin_end is not None and offset + len(data) > self.stdin_end:
+            raise agent.AgentError("stdin of run %s ended at %d bytes: no more is taken" % (self.id, self.stdin_end), 1)
+        if offset + len(data) > held:
+            self.stdin += bytes(data[held - offset:])
+            self._touch()
+
+    def _end_stdin(self, offset: int) -> None:
+        """``agent.py stdin``'s ``E`` frame (as StdinSpool.end)."""
+        agent = _agent()
+        held = len(self.stdin)
+        if self.stdin_end is not None and self.stdin_end != offset:
+            raise agent.AgentError("stdin of run %s ended at %d bytes, not %d" % (self.id, self.stdin_end, offset), 1)
+        if held != offset:
+            raise agent.AgentError("stdin of run %s holds %d bytes: it cannot end at %d" % (self.id, held, offset), 1)
+        self.stdin_end = offset
+        self._touch()
 
     def _failed(self, what: str, code: int) -> None:
         self.state.update(state="error", errno=code, error="%s: %s" % (what, os.strerror(code)),
@@ -338,22 +382,35 @@ class _Process(AgentProcess):
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._task: Optional[asyncio.Task] = None
+        self._in = bytearray()  # the agent's stdin, written by the client, not read yet
+        self._in_eof = True
+        self._in_more = asyncio.Event()
 
     # The agent's side --------------------------------------------------------
 
-    def write(self, data: bytes) -> None:
+    def emit(self, data: bytes) -> None:
         self._out += data
         self._wake.set()
 
     def marker(self, marker: Optional[str]) -> None:
         if marker:
-            self.write(("\n%s\n" % marker).encode())
+            self.emit(("\n%s\n" % marker).encode())
 
     def json(self, obj) -> None:
-        self.write((_agent().dumps(obj, sort_keys=True) + "\n").encode())
+        self.emit((_agent().dumps(obj, sort_keys=True) + "\n").encode())
 
     def frame(self, kind: bytes, offset: int, data: bytes = b"") -> None:
-        self.write(_agent().FRAME.pack(kind, offset, len(data)) + bytes(data))
+        self.emit(_agent().FRAME.pack(kind, offset, len(data)) + bytes(data))
+
+    async def take(self, n: int) -> bytes:
+        """``n`` bytes of what the client writes on the agent's stdin
+        (fewer only at its end)."""
+        while len(self._in) < n and not self._in_eof:
+            self._in_more.clear()
+            await self._in_more.wait()
+        data = bytes(self._in[:n])
+        del self._in[:n]
+        return data
 
     def finish(self, code: int, error: Optional[str] = None) -> None:
         if error is not None:
@@ -430,6 +487,19 @@ class _Process(AgentProcess):
     async def stderr(self) -> bytes:
         return bytes(self._err)
 
+    async def write(self, data: bytes) -> None:
+        if self._broken is not None:
+            raise self._broken
+        if self._in_eof or self.code is not None:
+            raise ConnectionLost("connection to %s lost: the agent's stdin is closed" % self.host.name)
+        self._in += data
+        self._in_more.set()
+        await asyncio.sleep(0)
+
+    async def write_eof(self) -> None:
+        self._in_eof = True
+        self._in_more.set()
+
     def close(self) -> None:
         self._stop()
         self.host._open.discard(self)
@@ -447,13 +517,17 @@ class MemoryHost:
     output frame payload (the agent's 1 MiB; smaller splits output into
     more frames); ``latency``: seconds each agent call takes to connect;
     ``banner``: bytes every call prints before the agent runs (a login
-    script's noise: the marker skips it)."""
+    script's noise: the marker skips it); ``shell``: the login shell that
+    runs shell command lines (a string command runs the program
+    registered under this path or its base name, with ``argv`` ``[sh,
+    "-c", LINE]``)."""
 
     def __init__(self, name: str = "memory", *, home: str = "/home/user", environ: Optional[Dict[str, str]] = None,
                  files: Optional[Dict[str, bytes]] = None, chunk: int = 1 << 20, latency: float = 0.0,
-                 banner: bytes = b""):
+                 banner: bytes = b"", shell: str = "/bin/sh"):
         self.name = name
         self.home = home
+        self.shell = shell
         self.root = home.rstrip("/") + "/.chaperone/runs"
         self.environ = dict(environ if environ is not None else
                             {"HOME": home, "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"})
@@ -547,7 +621,7 @@ class MemoryHost:
 
     # The agent's command line ---------------------------------------------------
 
-    async def open(self, args: List[str], stdin: bytes = b"") -> _Process:
+    async def open(self, args: List[str], stdin: bytes = b"", *, keep_stdin: bool = False) -> _Process:
         """Run ``agent.py ARGS`` here: what :class:`MemoryTransport` does."""
         if self.latency:
             await asyncio.sleep(self.latency)
@@ -555,16 +629,18 @@ class MemoryHost:
             raise self._refusals.popleft()
         args = [str(a) for a in args]
         self.calls.append(args)
-        proc = _Process(self, self._break_for(_command_of(args)))
+        proc = _Process(self, self._break_for(command_of(args)))
+        proc._in += stdin
+        proc._in_eof = not keep_stdin
         self._open.add(proc)
         if self.banner:
-            proc.write(self.banner)
+            proc.emit(self.banner)
         agent = _agent()
         try:
             parsed = agent.parse_args(["--root", self.root] + args)
             getattr(self, "_cmd_" + parsed.command)(parsed, proc, bytes(stdin))
         except agent._Help:
-            proc.write(agent.USAGE.encode())
+            proc.emit(agent.USAGE.encode())
             proc.finish(0)
         except agent.AgentError as e:
             proc.finish(e.code, str(e))
@@ -666,7 +742,7 @@ class MemoryHost:
         proc.marker(args.marker)
         upto = run._status()[args.stream + "_bytes"]
         end = upto if args.length is None else min(upto, args.offset + args.length)
-        proc.write(bytes(run._data[args.stream][args.offset:max(args.offset, end)]))
+        proc.emit(bytes(run._data[args.stream][args.offset:max(args.offset, end)]))
 
     def _cmd_signal(self, args, proc: _Process, stdin: bytes) -> None:
         agent = _agent()
@@ -700,6 +776,42 @@ class MemoryHost:
             run._control(msg)
         proc.marker(args.marker)
         proc.json({"delivered": delivered})
+
+    def _cmd_stdin(self, args, proc: _Process, stdin: bytes) -> None:
+        run = self._run(args)
+        if run.spec["program"]["stdin"] != {"stream": True}:
+            raise _agent().AgentError("run %s does not read its stdin from a stream (program.stdin is not "
+                                      "{\"stream\": true})" % run.id)
+        proc.marker(args.marker)
+        proc.stream(lambda: self._stdin(run, proc))
+
+    async def _stdin(self, run: MemoryRun, proc: _Process) -> None:
+        """The agent's ``stdin``: frames appended by offset, an answer
+        (StdinAck) first and after each."""
+        agent = _agent()
+
+        def answer():
+            return {"held": len(run.stdin), "end": run.stdin_end is not None,
+                    "closed": not run.running or run._task is None}
+
+        last = answer()
+        proc.json(last)
+        while not last["closed"]:
+            head = await proc.take(agent.FRAME.size)
+            if len(head) < agent.FRAME.size:
+                return
+            kind, offset, length = agent.FRAME.unpack(head)
+            if kind not in agent.STDIN_KINDS or length > agent.MAX_STDIN_FRAME:
+                raise agent.AgentError("stdin of run %s: not a frame (kind %r, %d bytes)" % (run.id, kind, length))
+            data = await proc.take(length)
+            if len(data) < length:
+                return
+            if kind == b"D":
+                run._append_stdin(offset, data)
+            else:
+                run._end_stdin(offset)
+            last = answer()
+            proc.json(last)
 
     def _cmd_list(self, args, proc: _Process, stdin: bytes) -> None:
         runs = self.spools.get(args.root, {})
@@ -755,18 +867,6 @@ class MemoryHost:
         return "<MemoryHost %s: %d runs>" % (self.name, sum(len(r) for r in self.spools.values()))
 
 
-def _command_of(args: List[str]) -> Optional[str]:
-    """The agent command in an argv (after the global options)."""
-    i = 0
-    while i < len(args):
-        name = args[i].partition("=")[0]
-        if name in ("--root", "--marker", "--expect-hash"):
-            i += 1 if "=" in args[i] else 2
-            continue
-        return args[i]
-    return None
-
-
 def _program_json(data: bytes):
     """What the agent's ``read_program_json`` makes of its stdin."""
     agent = _agent()
@@ -789,8 +889,8 @@ class MemoryTransport(Transport):
         self.memory = host
         self.host = host.name
 
-    async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
-        return await self.memory.open(args, stdin)
+    async def open(self, args: List[str], stdin: bytes = b"", *, keep_stdin: bool = False) -> AgentProcess:
+        return await self.memory.open(args, stdin, keep_stdin=keep_stdin)
 
     def describe(self) -> dict:
         return {"host": self.host, "memory": True}

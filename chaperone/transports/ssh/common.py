@@ -125,8 +125,34 @@ def agent_file() -> str:
     return "%s/agent-%s.py" % (REMOTE_DIR, agent_hash()[:16])
 
 
+#: The agent's global options that take a value (see command_of).
+_GLOBAL_VALUES = ("--root", "--marker", "--expect-hash", "--login-env")
+
+
+def command_of(args: List[str]) -> Optional[str]:
+    """The agent command in an agent argv (after its global options)."""
+    i = 0
+    while i < len(args):
+        name = args[i].partition("=")[0]
+        if name in _GLOBAL_VALUES:
+            i += 1 if "=" in args[i] else 2
+            continue
+        return args[i]
+    return None
+
+
 def agent_command(python: str, root: Optional[str], args: List[str]) -> str:
-    """The remote command that runs ``agent.py ARGS`` (for the login shell)."""
+    """The remote command that runs ``agent.py ARGS`` (for the login shell).
+
+    Most commands: ``exec sh -c 'exec python3 ...'``, one process all the
+    way.  ``start`` instead keeps the two shells (``sh -c 'python3 ...
+    --login-env $$; exit $?'; exit``: a fork each instead of an exec), so
+    that the agent reads, in /proc, the environment the login shell was
+    given by sshd and the one it gives the commands it runs, as they were
+    before ``python3`` ran (a shim, such as pyenv's, changes PATH and adds
+    variables; Python adds LC_CTYPE=C.UTF-8 in the C locale, PEP 538): the
+    bases of the program's environment (see the agent's read_login_env)."""
+    start = command_of(args) == "start"
     if root:
         args = ["--root", root, *args]
     # A small bootstrap reads the agent file, checks its sha256 and only
@@ -137,11 +163,15 @@ def agent_command(python: str, root: Optional[str], args: List[str]) -> str:
     # agent checks its own hash too (--expect-hash).
     # -I -S: stdlib only, nothing from the host's site-packages or PYTHON* vars.
     # A missing python makes `exec` fail with 127.
-    script = "exec %s -I -S -c %s %s %s --expect-hash %s %s" % (
+    run = "%s -I -S -c %s %s %s --expect-hash %s%s %s" % (
         shlex.quote(python), shlex.quote(BOOTSTRAP), agent_file(), agent_hash(), agent_hash(),
-        " ".join(shlex.quote(a) for a in args))
-    # The remote login shell runs `sh -c SCRIPT`: plain sh syntax only.
-    return "sh -c %s" % shlex.quote(script)
+        " --login-env $$" if start else "", " ".join(shlex.quote(a) for a in args))
+    # The login shell runs this: plain sh syntax only, and a bare `exit`
+    # (fish and csh have no `$?`) after a command it must not replace by
+    # an exec (a list: `;`).
+    if start:
+        return "sh -c %s; exit" % shlex.quote(run + "; exit $?")
+    return "exec sh -c %s" % shlex.quote("exec " + run)
 
 
 def ship_command(python: str) -> str:
@@ -362,8 +392,9 @@ class SSHTransportBase(Transport):
     # Running the agent ------------------------------------------------------
 
     @abc.abstractmethod
-    async def _launch(self, command: str, stdin: bytes) -> Launch:
-        """Start ``command`` (for the login shell) with ``stdin`` on the host."""
+    async def _launch(self, command: str, stdin: bytes, keep_stdin: bool = False) -> Launch:
+        """Start ``command`` (for the login shell) with ``stdin`` on the host
+        (its stdin then closed, unless ``keep_stdin``)."""
 
     @abc.abstractmethod
     async def _ship_once(self) -> bytes:
@@ -376,12 +407,12 @@ class SSHTransportBase(Transport):
         (``relaunched``: this call was launched once more already)."""
         return False
 
-    async def open(self, args: List[str], stdin: bytes = b"") -> AgentProcess:
+    async def open(self, args: List[str], stdin: bytes = b"", *, keep_stdin: bool = False) -> AgentProcess:
         command = agent_command(self.python, self.root, args)
         shipped_again = relaunched = False
         while True:
             shipped = self._shipped
-            launch = await self._launch(command, stdin)
+            launch = await self._launch(command, stdin, keep_stdin)
             try:
                 # The agent always prints (a marker) unless the bootstrap
                 # refused it: no output and status 97 mean "ship it again".

@@ -90,11 +90,13 @@ class Master:
 
 
 #: The remote command of a standby session (:class:`Standby`): the login
-#: shell runs ``sh``, which reads one line from stdin -- the real command,
+#: shell runs ``sh`` without being replaced by it (``; exit``: a ``start``
+#: finds the login shell's environment above it, see
+#: common.agent_command), which reads one line from stdin -- the real command,
 #: escaped by :func:`standby_input` -- and runs it; the rest of stdin is
 #: that command's.  (``read`` takes a pipe byte by byte: nothing past the
 #: line is consumed.)  An empty stdin ends it doing nothing.
-STANDBY_COMMAND = """sh -c 'IFS= read -r c || exit 0; eval "$(printf %b "$c")"'"""
+STANDBY_COMMAND = """sh -c 'IFS= read -r c || exit 0; eval "$(printf %b "$c")"'; exit"""
 
 
 def standby_input(command: str) -> bytes:

@@ -144,6 +144,19 @@ class _SSHProcess(AgentProcess):
         except (asyncssh.Error, OSError):
             return b""
 
+    async def write(self, data: bytes) -> None:
+        try:
+            self.proc.stdin.write(data)
+            await self.proc.stdin.drain()
+        except (asyncssh.Error, OSError) as e:
+            raise ConnectionLost("connection to %s lost: %s" % (self.transport.host, e)) from None
+
+    async def write_eof(self) -> None:
+        try:
+            self.proc.stdin.write_eof()
+        except (asyncssh.Error, OSError):
+            pass
+
     def close(self) -> None:
         if not self._released:
             self._released = True
@@ -385,12 +398,13 @@ class SSHTransport(SSHTransportBase):
             raise ship_failure(result.exit_status, result.stderr, self.python, self.host)
         return result.stderr or b""
 
-    async def _launch(self, command: str, stdin: bytes) -> Launch:
+    async def _launch(self, command: str, stdin: bytes, keep_stdin: bool = False) -> Launch:
         c, proc = await self._channel(command)
         try:
             if stdin:
                 proc.stdin.write(stdin)
-            proc.stdin.write_eof()
+            if not keep_stdin:
+                proc.stdin.write_eof()
         except (asyncssh.Error, OSError):
             pass
         return _ChannelLaunch(self, c, proc)

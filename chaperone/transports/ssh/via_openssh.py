@@ -31,7 +31,7 @@ from . import master as masters
 from . import options as ssh_opts
 from .common import Launch, SSHTransportBase, Tunnel, connect_error, ship_command, ship_failure
 from ..target import Target
-from ..base import AgentProcess, AttachedProcess, feed_stdin, spawn
+from ..base import AgentProcess, AttachedProcess, PipeStdin, feed_stdin, spawn
 
 __all__ = ["OpenSSHTransport"]
 
@@ -76,12 +76,19 @@ def ssh_error(target: Target, stderr: bytes, got_output: bool) -> ChaperoneError
 
 class _Process(AgentProcess):
     def __init__(self, transport: "OpenSSHTransport", proc: asyncio.subprocess.Process, first: bytes,
-                 stderr_task: "asyncio.Future[bytes]"):
+                 stderr_task: "asyncio.Future[bytes]", feeder=None):
         self.transport = transport
         self.proc = proc
         self._first = first
         self._got_output = bool(first)
         self._stderr = stderr_task
+        self._stdin = PipeStdin(proc.stdin, feeder, transport.host)
+
+    async def write(self, data: bytes) -> None:
+        await self._stdin.write(data)
+
+    async def write_eof(self) -> None:
+        await self._stdin.write_eof()
 
     async def read(self, n: int = 1 << 20) -> bytes:
         if self._first:
@@ -257,14 +264,14 @@ class OpenSSHTransport(SSHTransportBase):
         if master is not None:
             master.stop()
 
-    async def _spawn(self, command: str, stdin: bytes, muxed: bool):
+    async def _spawn(self, command: str, stdin: bytes, muxed: bool, keep_stdin: bool = False):
         try:
             proc = await spawn(self.argv(command, muxed))
         except FileNotFoundError:
             raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh) from None
         self._procs.add(proc)
         stderr_task = asyncio.ensure_future(proc.stderr.read())
-        feeder = asyncio.ensure_future(feed_stdin(proc, stdin))
+        feeder = asyncio.ensure_future(feed_stdin(proc, stdin, close=not keep_stdin))
         return proc, stderr_task, feeder
 
     def _forget(self, proc) -> None:
@@ -310,7 +317,7 @@ class OpenSSHTransport(SSHTransportBase):
             raise ship_failure(code, err, self.python, self.host)
         return err
 
-    async def _adopt(self, command: str, stdin: bytes) -> "Optional[_SSHLaunch]":
+    async def _adopt(self, command: str, stdin: bytes, keep_stdin: bool = False) -> "Optional[_SSHLaunch]":
         """A call on the head start's standby session if there is one for
         this host (already connecting, or connected), else None."""
         standby = masters.adopt_session(self.options(), self.destination, self.multiplex)
@@ -327,11 +334,14 @@ class OpenSSHTransport(SSHTransportBase):
         # the processes on the host are those of a direct call (one shell
         # fewer); a follow whose client is gone ends by itself (the agent
         # watches its stdout).
-        feeder = asyncio.ensure_future(feed_stdin(proc, masters.standby_input("exec " + command) + stdin))
+        if not command.startswith("exec "):
+            command = "exec " + command
+        feeder = asyncio.ensure_future(feed_stdin(proc, masters.standby_input(command) + stdin,
+                                                  close=not keep_stdin))
         return _SSHLaunch(self, proc, stderr_task, feeder, master=None, muxed=False)
 
-    async def _launch(self, command: str, stdin: bytes) -> Launch:
-        adopted = await self._adopt(command, stdin)
+    async def _launch(self, command: str, stdin: bytes, keep_stdin: bool = False) -> Launch:
+        adopted = await self._adopt(command, stdin, keep_stdin)
         if adopted is not None:
             try:
                 first = await adopted.first()
@@ -356,14 +366,14 @@ class OpenSSHTransport(SSHTransportBase):
         if muxed:
             self._muxed += 1
             try:
-                proc, stderr_task, feeder = await self._spawn(command, stdin, True)
+                proc, stderr_task, feeder = await self._spawn(command, stdin, True, keep_stdin)
             except BaseException:
                 self._muxed -= 1
                 raise
             return _SSHLaunch(self, proc, stderr_task, feeder, master=self._master, muxed=True)
 
         async def connect():
-            launch = _SSHLaunch(self, *await self._spawn(command, stdin, False), master=None, muxed=False)
+            launch = _SSHLaunch(self, *await self._spawn(command, stdin, False, keep_stdin), master=None, muxed=False)
             try:
                 first = await launch.first()
             except BaseException:
@@ -430,8 +440,8 @@ class _SSHLaunch(Launch):
         if self._result is not None:
             done = asyncio.get_running_loop().create_future()
             done.set_result(self._result[1])
-            return _Process(self.transport, self.proc, first, done)
-        return _Process(self.transport, self.proc, first, self.stderr_task)
+            return _Process(self.transport, self.proc, first, done, self.feeder)
+        return _Process(self.transport, self.proc, first, self.stderr_task, self.feeder)
 
     def discard(self) -> None:
         self.transport._forget(self.proc)
