@@ -2609,6 +2609,11 @@ class Supervisor(object):
 
 #: Output bodies are read from the spool and sent this much at a time.
 SEND_CHUNK = 1 << 20
+#: Output bodies on the wire at once: the next one goes out while the
+#: scheduler stores the last, so the bytes never wait for an answer.
+PIPELINE = 2
+#: The most of an answer's body the sender reads (they are small JSON).
+MAX_ANSWER = 1 << 16
 
 
 class CallbackSender(object):
@@ -2632,6 +2637,8 @@ class CallbackSender(object):
         self.final = None
         self.done = False
         self.conn = None
+        self.reader = None  # where the answers to pipelined requests are read (answer())
+        self.buf = None  # (send_file's)
         self.ctx = None
         self.first_pending = None
         self.next_heartbeat = time.monotonic() + self.cb["heartbeat"]
@@ -2776,32 +2783,51 @@ class CallbackSender(object):
         return False
 
     def send_stream(self, name, upto):
+        """Output of ``name`` up to ``upto`` in bodies of at most
+        output_buffer, PIPELINE of them on the wire at once (HTTP/1.1
+        pipelining: the flow does not stop at each answer).  Each answer
+        says what the scheduler holds; one that is not the end of its body
+        (a gap: 409, or a body cut short) voids the bodies behind it: the
+        connection is closed and sending goes on from what it holds."""
         if self.sent[name] >= upto:
             return
         fd = open_regular(self.sup.run.path(name), self.sup.run.what(name))  # (never a FIFO to wait on)
         try:
-            while self.sent[name] < upto:
-                want = min(self.cfg["output_buffer"], upto - self.sent[name],
-                           os.fstat(fd).st_size - self.sent[name])
-                if want <= 0:
-                    return  # (the file is shorter than counted: truncated by the program)
-                status, body = self.post_file(
-                    "output/%s?offset=%d" % (name, self.sent[name]), fd, self.sent[name], want,
-                    accept=(200, 409),
-                )
-                self.sent[name] = int(parse_json(body, "the scheduler's answer")["offset"])
+            ends, pos, short = [], self.sent[name], False
+            while True:
+                while not short and pos < upto and len(ends) < PIPELINE:
+                    want = min(self.cfg["output_buffer"], upto - pos, os.fstat(fd).st_size - pos)
+                    if want <= 0:
+                        short = True  # (the file is shorter than counted: truncated by the program)
+                        break
+                    self.send_file("output/%s?offset=%d" % (name, pos), fd, pos, want)
+                    pos += want
+                    ends.append(pos)
+                if not ends:
+                    return
+                _, body = self.answer("output", accept=(200, 409))
+                held = int(parse_json(body, "the scheduler's answer")["offset"])
+                self.sent[name] = held
+                if held != ends.pop(0) or self.conn is None:
+                    self.close()  # what was sent behind it is void (or the scheduler closed)
+                    ends, pos = [], held
         finally:
             os.close(fd)
 
     # HTTP -------------------------------------------------------------------------
 
     def close(self):
+        if self.reader is not None:
+            try:
+                self.reader.close()
+            except Exception:
+                pass
         if self.conn is not None:
             try:
                 self.conn.close()
             except Exception:
                 pass
-        self.conn = None
+        self.conn = self.reader = None
 
     def connection(self):
         if self.conn is None:
@@ -2821,6 +2847,7 @@ class CallbackSender(object):
                 self.ctx = ctx
                 self.pinned = ssl.PEM_cert_to_DER_cert(self.cb["cert"].strip() + "\n")
             self.prefix = url.path.rstrip("/") + "/" + self.sup.run.id + "/"
+            self.host_header = url.netloc.rpartition("@")[2]
             self.conn = http_client().HTTPSConnection(
                 url.hostname, url.port or 443, context=self.ctx, timeout=30
             )
@@ -2830,25 +2857,47 @@ class CallbackSender(object):
                 raise ssl.SSLError("the scheduler's certificate is not the pinned one")
         return self.conn
 
-    def post_file(self, route, fd, offset, length, accept=(200,)):
-        """POST ``length`` bytes of ``fd`` from ``offset``, read and sent
-        SEND_CHUNK at a time: a body as large as output_buffer costs no
-        more memory than that."""
+    def send_file(self, route, fd, offset, length):
+        """Send a POST of ``length`` bytes of ``fd`` from ``offset``, read
+        and sent SEND_CHUNK at a time (a body as large as output_buffer
+        costs no more memory than that), without waiting for its answer
+        (:meth:`answer`).  Written on the socket itself: http.client
+        allows one request in flight."""
         conn = self.connection()
-        conn.putrequest("POST", self.prefix + route, skip_accept_encoding=True)
-        conn.putheader("Authorization", "Bearer " + self.cb["token"])
-        conn.putheader("Content-Type", "application/octet-stream")
-        conn.putheader("Content-Length", str(length))
-        conn.endheaders()
+        sock = conn.sock
+        sock.sendall((
+            "POST %s%s HTTP/1.1\r\nHost: %s\r\nAuthorization: Bearer %s\r\n"
+            "Content-Type: application/octet-stream\r\nContent-Length: %d\r\n\r\n"
+            % (self.prefix, route, self.host_header, self.cb["token"], length)).encode("latin-1"))
+        if self.buf is None:
+            self.buf = bytearray(SEND_CHUNK)
+        buf = memoryview(self.buf)
         end = offset + length
         while offset < end:
-            data = os.pread(fd, min(SEND_CHUNK, end - offset), offset)
-            if not data:  # truncated meanwhile: this body cannot be completed
+            n = preadv(fd, buf[:min(SEND_CHUNK, end - offset)], offset)
+            if not n:  # truncated meanwhile: this body cannot be completed
                 self.close()
                 raise OSError("the spool file shrank while it was being sent")
-            conn.send(data)
-            offset += len(data)
-        return self._response(conn, route, accept)
+            sock.sendall(buf[:n])
+            offset += n
+
+    def answer(self, what, accept=(200,)):
+        """Read the answer to the oldest request sent by :meth:`send_file`."""
+        if self.reader is None:
+            self.reader = self.conn.sock.makefile("rb")
+        resp = http_client().HTTPResponse(_Shared(self.reader), method="POST")
+        try:
+            resp.begin()
+            data = resp.read(MAX_ANSWER + 1)
+        except Exception:
+            self.close()
+            raise
+        if resp.will_close or len(data) > MAX_ANSWER or not resp.isclosed():
+            self.close()  # (nothing more can be read from it in order)
+        if resp.status not in accept:
+            self.close()
+            raise OSError("callback %s answered %d" % (what, resp.status))
+        return resp.status, data
 
     def post(self, route, body, ctype, accept=(200,)):
         conn = self.connection()
@@ -2871,6 +2920,33 @@ def http_client():
     import http.client
 
     return http.client
+
+
+def preadv(fd, view, offset):
+    """Read into ``view`` at ``offset`` of ``fd``; the count read."""
+    if hasattr(os, "preadv"):
+        return os.preadv(fd, [view], offset)
+    data = os.pread(fd, len(view), offset)
+    view[:len(data)] = data
+    return len(data)
+
+
+class _Shared(object):
+    """The connection's one reader, as http.client.HTTPResponse takes a
+    socket: each answer to pipelined requests is read from where the last
+    ended (a reader of its own could swallow the start of the next)."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def makefile(self, mode):
+        return self
+
+    def close(self):
+        pass  # (the reader outlives each answer)
+
+    def __getattr__(self, name):
+        return getattr(self.reader, name)
 
 
 # --- commands -------------------------------------------------------------------

@@ -174,6 +174,48 @@ def test_output_waits_for_a_mirror_locked_elsewhere_without_stopping_the_loop(tm
     run(scenario())
 
 
+
+def test_a_body_waiting_for_the_network_holds_nothing(tmp_path):
+    """What arrived of a body is stored before the endpoint waits for more
+    (many agents half way through their bodies cost no memory each): two
+    agents each send part of a body (far below the 1 MiB appended at
+    most at once) and stop; both parts are stored before the bodies end;
+    the rest follows in order."""
+    size, first = 600 << 10, 200 << 10
+    bodies = {run: os.urandom(size) for run in ("r1", "r2")}
+
+    def send_half(h, run, token):
+        raw = ssl.create_default_context(cadata=h.server.cert_pem)
+        sock = raw.wrap_socket(__import__("socket").create_connection(("127.0.0.1", h.server.port)),
+                               server_hostname="127.0.0.1")
+        sock.sendall(("POST /api/v1/agent/%s/output/stdout?offset=0 HTTP/1.1\r\nHost: x\r\n"
+                      "Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n" % (run, token, size)).encode())
+        sock.sendall(bodies[run][:first])
+        return sock
+
+    def send_rest(sock, run):
+        sock.sendall(bodies[run][first:])
+        answer = sock.recv(4096)
+        sock.close()
+        return answer
+
+    async def scenario():
+        async with Harness(tmp_path) as h:
+            h.server.max_body = size
+            socks = [await asyncio.to_thread(send_half, h, run, tok) for run, tok in (("r1", h.t1), ("r2", h.t2))]
+            for _ in range(200):  # (a bound, not a timing: stored long before it)
+                if h.m1.held("stdout") and h.m2.held("stdout"):
+                    break
+                await asyncio.sleep(0.05)
+            early = h.m1.held("stdout"), h.m2.held("stdout")
+            answers = [await asyncio.to_thread(send_rest, sock, run) for sock, run in zip(socks, ("r1", "r2"))]
+            return early, answers, h.m1.read("stdout"), h.m2.read("stdout")
+
+    early, answers, out1, out2 = run(scenario())
+    assert all(0 < n <= first for n in early), early  # stored before the bodies ended
+    assert all(a.startswith(b"HTTP/1.1 200") and (b'"offset": %d' % size) in a for a in answers), answers
+    assert (out1, out2) == (bodies["r1"], bodies["r2"])
+
 def test_retried_chunk_stored_once(tmp_path):
     async def scenario():
         async with Harness(tmp_path) as h:

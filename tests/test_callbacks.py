@@ -5,6 +5,7 @@ processes."""
 
 import asyncio
 import hashlib
+import json
 import signal
 import subprocess
 import sys
@@ -389,3 +390,162 @@ def test_scheduler_is_chaperone_with_push(tmp_path):
 
     st, out = run_async(main(), timeout=60)
     assert (st.state, st.return_code, out) == ("done", 0, b"42\n")
+
+
+class _ScriptedServer:
+    """A bare HTTPS server (a thread, ssl and sockets: no aiohttp) that
+    records what the agent sends and when: which output requests were
+    already on the wire before the answer to the one before them went out.
+    Output is stored by offset, as the endpoint does; ``first_answer``
+    overrides the answer to the first output body."""
+
+    def __init__(self, tmp_path, first_answer=None):
+        import socket
+        import ssl
+        import threading
+
+        cert, key = ensure_certificate(tmp_path / "scripted-tls")
+        self.cert = cert_pem(cert)
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(cert, key)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = "https://127.0.0.1:%d/api/v1/agent/" % self.sock.getsockname()[1]
+        self.first_answer = first_answer
+        self.data = bytearray()
+        self.outputs = []  # (connection number, offset, length, pipelined: sent before the last answer)
+        self.completed = threading.Event()
+        self.thread = threading.Thread(target=self.serve, daemon=True)
+        self.thread.start()
+
+    def serve(self):
+        import select
+
+        n = 0
+        while not self.completed.is_set():
+            try:
+                raw, _ = self.sock.accept()
+            except OSError:
+                return
+            n += 1
+            try:
+                conn = self.ctx.wrap_socket(raw, server_side=True)
+                self.serve_connection(n, conn, select)
+            except (OSError, ValueError, EOFError):
+                pass  # the agent closed it: it comes back on a new one
+            finally:
+                raw.close()
+
+    def serve_connection(self, n, conn, select):
+        buf = bytearray()
+
+        def read_until(cut):
+            while cut not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    raise EOFError
+                buf.extend(data)
+            i = buf.index(cut) + len(cut)
+            out = bytes(buf[:i])
+            del buf[:i]
+            return out
+
+        def read(size):
+            while len(buf) < size:
+                data = conn.recv(65536)
+                if not data:
+                    raise EOFError
+                buf.extend(data)
+            out = bytes(buf[:size])
+            del buf[:size]
+            return out
+
+        while True:
+            try:
+                head = read_until(b"\r\n\r\n").decode().split("\r\n")
+            except EOFError:
+                return
+            path = head[0].split()[1]
+            headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
+            body = read(int(headers.get("content-length", 0)))
+            if "/output/stdout" in path:
+                offset = int(path.split("offset=")[1])
+                # Is the next request already here, before this one is answered?
+                # (nothing follows the output's last byte: no wait for it)
+                wait = 3.0 if offset + len(body) < len(PATTERN_BYTES) else 0
+                ready = bool(buf) or conn.pending() > 0 or bool(select.select([conn], [], [], wait)[0])
+                self.outputs.append((n, offset, len(body), ready))
+                if self.first_answer is not None and len(self.outputs) == 1:
+                    status, answer = self.first_answer
+                elif offset > len(self.data):
+                    status, answer = 409, {"offset": len(self.data)}
+                else:
+                    self.data += body[len(self.data) - offset:]
+                    status, answer = 200, {"offset": len(self.data)}
+            else:
+                status, answer = 200, {"ok": True}
+            text = json.dumps(answer).encode()
+            conn.sendall(b"HTTP/1.1 %d X\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                         % (status, len(text), text))
+            if path.endswith("/completed"):
+                self.completed.set()
+                return
+
+    def close(self):
+        self.completed.set()
+        self.sock.close()
+        self.thread.join(10)
+
+
+PATTERN = "import sys, time; sys.stdout.buffer.write(bytes(range(256)) * 12); sys.stdout.flush(); time.sleep(1)"
+PATTERN_BYTES = bytes(range(256)) * 12
+
+
+def _start_scripted(tmp_path, server):
+    async def main():
+        async with Chaperone(tmp_path / "home") as ch:
+            run = await ch.start(
+                "local", [sys.executable, "-c", PATTERN], run_id="pipe-1",
+                callback={"url": server.url, "token": "t" * 43, "cert": server.cert},
+                config={"output_buffer": 1000, "output_latency": 0.05, "retry_frequency": 0.2})
+            return await ch.wait(run.id)
+
+    st = run_async(main(), timeout=60)
+    assert server.completed.wait(30)
+    return st
+
+
+@pytest.mark.timeout(90)
+def test_agent_pipelines_output_bodies(tmp_path):
+    """The next output body is on the wire before the answer to the last
+    one (HTTP/1.1 pipelining: the bytes never stop at each answer), and
+    the scheduler gets every byte once, in order."""
+    server = _ScriptedServer(tmp_path)
+    try:
+        st = _start_scripted(tmp_path, server)
+    finally:
+        server.close()
+    assert st.state == "done" and st.stdout_bytes == 3072
+    assert bytes(server.data) == bytes(range(256)) * 12
+    assert [(o, n) for _, o, n, _ in server.outputs] == [(0, 1000), (1000, 1000), (2000, 1000), (3000, 72)]
+    # Each body but the last had the next one behind it.
+    assert [ready for *_, ready in server.outputs[:3]] == [True, True, True], server.outputs
+
+
+@pytest.mark.timeout(90)
+def test_a_short_answer_voids_the_pipelined_bodies_behind_it(tmp_path):
+    """The scheduler answers the first body with less than its end held
+    (here 500 of 1000): what the agent had pipelined behind it is dropped
+    with the connection, and it sends again from byte 500, on a new
+    connection: every byte once, in order."""
+    server = _ScriptedServer(tmp_path, first_answer=(200, {"offset": 500}))
+    server.data += (bytes(range(256)) * 12)[:500]  # what that answer says is held
+    try:
+        st = _start_scripted(tmp_path, server)
+    finally:
+        server.close()
+    assert st.state == "done"
+    assert bytes(server.data) == bytes(range(256)) * 12
+    first, *rest = server.outputs
+    assert first[:3] == (1, 0, 1000)
+    again = [(c, o) for c, o, _, _ in rest if c > 1]
+    assert again and again[0][1] == 500, server.outputs

@@ -51,6 +51,23 @@ def test_append_in_order_duplicate_overlap_gap(tmp_path):
     assert m.append("stderr", 3, b"") == 3
 
 
+
+def test_append_pieces_without_joining_them(tmp_path):
+    """A body stored as the pieces it arrived in (one writev): the same
+    offset decisions across the pieces' boundaries, nothing written twice,
+    a gap writes nothing, and more pieces than one writev takes."""
+    m = OutputMirror(tmp_path)
+    assert m.append("stdout", 0, [b"hel", bytearray(b"lo "), memoryview(b"wor")]) == 9
+    assert m.append("stdout", 0, [b"hel", b"lo "]) == 9  # duplicate
+    assert m.append("stdout", 4, [b"o", b" w", b"orld", b"!"]) == 12  # overlap: skips into the 3rd piece
+    with pytest.raises(OffsetGap):
+        m.append("stdout", 13, [b"x", b"y"])
+    assert m.read("stdout") == b"hello world!"
+    many = [bytes([i % 256]) * 3 for i in range(3000)]  # > IOV_MAX pieces
+    assert m.append("stdout", 12, many) == 12 + 9000
+    assert m.read("stdout", 12) == b"".join(many)
+    assert m.append("stderr", 0, []) == 0
+
 @pytest.mark.parametrize("stream", ["stdin", "../stdout", "", "STDOUT"])
 def test_unknown_stream(tmp_path, stream):
     m = OutputMirror(tmp_path)

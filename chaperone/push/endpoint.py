@@ -234,7 +234,7 @@ def _error(status: int, message: str, headers: Optional[dict] = None):
     return web.json_response({"error": message}, status=status, headers=headers)
 
 
-async def _append(mirror, stream: str, offset: int, data: bytes) -> int:
+async def _append(mirror, stream: str, offset: int, data) -> int:
     """``mirror.append`` here in the event loop (a write to the page cache:
     no thread hand-off per MiB), or in a thread when another process holds
     the mirror's lock (waiting for it must not stop the loop)."""
@@ -431,16 +431,19 @@ class CallbackServer:
         return body
 
     async def _output(self, request):
-        """Appends the body to the mirror as it arrives (about 1 MiB at a
-        time: bodies as large as ``max_body`` cost no more memory than
-        that).  A body without Content-Length (chunked) is read whole
-        first, so that one found too large has stored nothing."""
+        """Appends the body to the mirror as it arrives: what is there, up
+        to 1 MiB at a time, before waiting for more (bodies as large as
+        ``max_body`` cost no more memory than that, and a request waiting
+        for the network holds nothing: many agents sending at once cost
+        only what is in flight).  A body without Content-Length (chunked)
+        is read whole first, so that one found too large has stored
+        nothing."""
         run = self._authorize(request)
         streamed = request.content_length is not None  # and <= max_body (checked)
         stream = self.protocol.parse_stream(request.match_info["stream"])
         offset = self.protocol.parse_offset(request.query.getall("offset", []))
         pos, held, received = offset, None, 0
-        chunks: List[bytes] = []  # what arrived since the last append (joined once, when stored)
+        chunks: List[bytes] = []  # what arrived since the last append (stored with one writev)
         pending = 0
         while True:
             try:
@@ -452,7 +455,7 @@ class CallbackServer:
                 # (at its offset); the agent sends the rest again.
                 if chunks and streamed:
                     try:
-                        await _append(run.mirror, stream, pos, b"".join(chunks))
+                        await _append(run.mirror, stream, pos, chunks)
                     except (OffsetGap, OSError):
                         pass
                 raise Reject(400, "connection lost in the middle of the body") from None
@@ -462,20 +465,20 @@ class CallbackServer:
             if data:
                 chunks.append(data)
                 pending += len(data)
-                if pending < APPEND_CHUNK or not streamed:
-                    continue
+                if not streamed or (pending < APPEND_CHUNK and request.content.total_bytes > received):
+                    continue  # (more is here already: stored with it)
             elif held is not None and not chunks:
                 break
-            chunk = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            pieces, size = chunks, pending
             chunks, pending = [], 0
             try:
-                held = await _append(run.mirror, stream, pos, chunk)
+                held = await _append(run.mirror, stream, pos, pieces)  # (one writev: never joined)
             except OffsetGap as gap:
                 return web.json_response({"offset": gap.held}, status=409)
             except OSError:
                 log.exception("storing output of run %s failed", run.run_id)
                 return _error(503, "could not store output; retry later")
-            pos += len(chunk)
+            pos += size
             if not data:
                 break
         if run.on_output is not None:

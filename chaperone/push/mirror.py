@@ -15,12 +15,14 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from ..models import STREAMS
 from ..errors import OffsetGap  # noqa: F401 (defined there; exported here too)
 
 LOCK_NAME = ".lock"
+#: The most pieces one writev takes (Linux, macOS: 1024).
+IOV_MAX = 1024
 
 
 def check_stream(stream: str) -> str:
@@ -75,9 +77,12 @@ class OutputMirror:
             raise
         return fd
 
-    def append(self, stream: str, offset: int, data: bytes, blocking: bool = True) -> int:
+    def append(self, stream: str, offset: int, data: Union[bytes, Sequence[bytes]],
+               blocking: bool = True) -> int:
         """Store ``data`` found at ``offset`` of ``stream``; return the bytes held.
 
+        ``data``: bytes, or a list of bytes-like pieces that follow each
+        other (written with one ``writev``, never joined: no copy of them).
         Idempotent: a duplicate writes nothing, an overlap writes only the new
         tail; ``offset > held`` raises :class:`OffsetGap` and writes nothing.
         Not ``blocking``: :class:`BlockingIOError` (nothing written) when
@@ -86,19 +91,32 @@ class OutputMirror:
         path = self.path(stream)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValueError(f"invalid offset {offset!r}")
-        data = bytes(data)
+        pieces = [memoryview(p).cast("B") for p in (data if isinstance(data, (list, tuple)) else [data])]
+        length = sum(len(p) for p in pieces)
         lock_fd = self._lock(blocking)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
             try:
                 held = os.fstat(fd).st_size
-                skip = plan_append(held, offset, len(data))
-                view = memoryview(data)[skip:]
-                while view:
-                    n = os.write(fd, view)
+                skip = plan_append(held, offset, length)
+                todo = []
+                for p in pieces:  # (what is held already is skipped)
+                    if skip >= len(p):
+                        skip -= len(p)
+                    else:
+                        todo.append(p[skip:])
+                        skip = 0
+                wrote = False
+                while todo:
+                    n = os.writev(fd, todo[:IOV_MAX])
                     held += n
-                    view = view[n:]
-                if self.fsync and skip < len(data):
+                    wrote = True
+                    while n:
+                        if n >= len(todo[0]):
+                            n -= len(todo.pop(0))
+                        else:
+                            todo[0], n = todo[0][n:], 0
+                if self.fsync and wrote:
                     os.fsync(fd)
                 return held
             finally:
