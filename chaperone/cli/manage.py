@@ -132,10 +132,11 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params)
         fail("unknown state %r: one of %s (Try 'chaperone ps --help'.)" % (bad[0], ", ".join(STATES)), 2)
     wait = parse_duration(timeout, "--timeout")
 
-    def show(infos, fresh):
+    def show(infos, fresh, newest_first=False):
         from ..states import FINAL_STATES
 
-        infos = sorted(infos, key=lambda i: (parse_time(i["created"]) or 0, i["id"]), reverse=True)
+        if not newest_first:  # (the records' order is finer than "created", whole seconds)
+            infos = sorted(infos, key=lambda i: (parse_time(i["created"]) or 0, i["id"]), reverse=True)
         if hosts:
             infos = [i for i in infos if i["host"] in hosts]
         if states:
@@ -190,7 +191,7 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params)
             if local or remote:
                 now = {r.id: r for r in records.select(ids=[r.id for r in local + remote])}
                 recs = [now.get(r.id, r) for r in recs]
-        return show([r.info() for r in recs], fresh)
+        return show([r.info() for r in sorted(recs, key=lambda r: r.created, reverse=True)], fresh, True)
 
     sys.exit(guarded(direct))
 
