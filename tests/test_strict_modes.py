@@ -347,20 +347,35 @@ def test_agent_file_damage_is_repaired_and_said(home, how):
 
 
 @pytest.mark.timeout(120)
-def test_a_directory_in_place_of_the_agent_over_ssh(sshd, tmp_path):
-    """End to end through sshd (this user's real home: only this
-    version's own agent file is touched): the run works, and the CLI says
-    what was repaired."""
+def test_a_directory_in_place_of_the_agent_over_ssh(tmp_path):
+    """End to end through an sshd of its own whose sessions get a private
+    HOME (sshd's SetEnv), so that the directory planted where the agent
+    goes is seen by no other test running at once: the run works, and the
+    CLI says what was repaired."""
+    from sshd import SSHD
+
+    remote_home = tmp_path / "rhome"
+    remote_home.mkdir(mode=0o700)
+    sshd = SSHD(extra_config="SetEnv HOME=%s\n" % remote_home)
+    sshd.start()
     home = tmp_path / "chome"
     home.mkdir()
-    real = os.path.join(pwd.getpwuid(os.getuid()).pw_dir, ".chaperone", os.path.basename(agent_file()))
+    real = os.path.join(str(remote_home), ".chaperone", os.path.basename(agent_file()))
 
     def run():
         return subprocess.run(CLI + ["-F", sshd.config_file, "run", "--spool", str(tmp_path / "spool"), "testhost",
                                      "--", "echo", "hi"], env=cli_env(home), cwd=str(home),
                               stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
 
+    try:
+        _directory_in_place_of_the_agent(run, real)
+    finally:
+        sshd.stop()
+
+
+def _directory_in_place_of_the_agent(run, real):
     assert run().returncode == 0
+    assert os.path.isfile(real)  # (shipped into the private home)
     try:
         os.unlink(real)
     except FileNotFoundError:
