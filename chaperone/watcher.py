@@ -136,6 +136,10 @@ class HostWatcher:
                             run_id = event.state.get("id")
                             if run_id in remaining:
                                 remaining.discard(run_id)
+                                if not remaining:
+                                    # (the last answer: the channel is given
+                                    # back before wait() returns)
+                                    await events.aclose()
                                 self._answer(run_id, event.state)
                         elif isinstance(event, RunError):
                             remaining.discard(event.run_id)

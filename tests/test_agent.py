@@ -12,6 +12,7 @@ import stat
 import subprocess
 import sys
 import time
+import uuid
 
 import psutil
 import pytest
@@ -35,7 +36,10 @@ def run_seconds(st):
 
 @pytest.fixture
 def root(tmp_path):
-    return tmp_path / "spool"
+    # (a name of its own: pytest removes a passed test's tmp_path at once and
+    # may give the next test the same path, while a supervisor of the last
+    # run may still be writing its end there)
+    return tmp_path / ("spool-" + uuid.uuid4().hex[:8])
 
 
 # --- exec errors versus programs that fail ------------------------------------

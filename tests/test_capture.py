@@ -16,6 +16,7 @@ import select
 import subprocess
 import sys
 import time
+import uuid
 
 import psutil
 import pytest
@@ -33,7 +34,10 @@ CAPTURES = ("file", "pipe")
 
 @pytest.fixture
 def root(tmp_path):
-    return tmp_path / "spool"
+    # (a name of its own: pytest removes a passed test's tmp_path at once and
+    # may give the next test the same path, while a supervisor of the last
+    # run may still be writing its end there)
+    return tmp_path / ("spool-" + uuid.uuid4().hex[:8])
 
 
 def run_seconds(st):

@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 
 import pytest
 
@@ -28,7 +29,10 @@ from helpers import (
 
 @pytest.fixture
 def root(tmp_path):
-    return tmp_path / "spool"
+    # (a name of its own: pytest removes a passed test's tmp_path at once and
+    # may give the next test the same path, while a supervisor of the last
+    # run may still be writing its end there)
+    return tmp_path / ("spool-" + uuid.uuid4().hex[:8])
 
 
 def deep(depth, leaf="1"):

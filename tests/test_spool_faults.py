@@ -33,7 +33,10 @@ from helpers import (
 
 @pytest.fixture
 def root(tmp_path):
-    return tmp_path / "spool"
+    # (a name of its own: pytest removes a passed test's tmp_path at once and
+    # may give the next test the same path, while a supervisor of the last
+    # run may still be writing its end there)
+    return tmp_path / ("spool-" + uuid.uuid4().hex[:8])
 
 
 def run_files(root, run_id):
