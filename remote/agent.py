@@ -1798,6 +1798,92 @@ def same_dir(a, b):
     return (x.st_dev, x.st_ino) == (y.st_dev, y.st_ino)
 
 
+class Timers(object):
+    """The supervisor's timers as data: its one pure part.  What the loop
+    waits for and what is due are functions of these fields, ``now`` and
+    the facts the loop passes in: no clock is read and no I/O is done here
+    (tests drive it with a fake clock).  The loop carries out what it says.
+
+    ``deadline``: when --timeout ends the program (None: never);
+    ``exited_at``: when the program's exit was seen; ``next_dir_check``:
+    the next look at the run's directory where inotify is missing;
+    ``next_retry``: the next try at a running state the full spool refused."""
+
+    __slots__ = ("deadline", "exited_at", "next_dir_check", "next_retry")
+
+    def __init__(self, started, timeout):
+        self.deadline = started + timeout if timeout else None
+        self.exited_at = None
+        self.next_dir_check = None
+        self.next_retry = None
+
+    def exited(self, now):
+        """The program's exit is known (from ``now`` on, if not before)."""
+        if self.exited_at is None:
+            self.exited_at = now
+
+    def lingering(self, now, output_open):
+        """Output may still come from children the program left behind
+        (they hold the pipes or spool files open), for LINGER seconds."""
+        return self.exited_at is not None and now - self.exited_at <= LINGER and output_open
+
+    def over(self, now, output_open, kill_at, has_descendants):
+        """Whether the loop ends: the program exited, nothing lingers, and
+        no SIGKILL escalation is owed to something still alive (a kill with
+        a grace is not over while, e.g., a grandchild that escaped with
+        setsid and ignores SIGTERM lives).  ``has_descendants``: a callable
+        (asked only when it matters)."""
+        if self.exited_at is None or self.lingering(now, output_open):
+            return False
+        return kill_at is None or not has_descendants()
+
+    def wait(self, now, running, timed_out, kill_at, lingering, pipes, size_check_at, dir_poll, unwritten,
+             held_until):
+        """Milliseconds for poll() until the next timer (None: no timer;
+        capped at an hour, so that a huge timeout or grace cannot overflow).
+        Starts the directory and retry timers that are needed and not
+        running."""
+        waits = []
+        if self.deadline is not None and not timed_out and running:
+            waits.append(self.deadline - now)
+        if kill_at is not None:
+            waits.append(kill_at - now)
+        if lingering:
+            # (a pipe's end wakes the poll; a file let go of does not)
+            left = self.exited_at + LINGER - now
+            waits.append(left if pipes else min(left, HOLD_CHECK))
+        if size_check_at is not None:
+            waits.append(size_check_at - now)
+        if dir_poll:
+            if self.next_dir_check is None:
+                self.next_dir_check = now + DIR_CHECK
+            waits.append(self.next_dir_check - now)
+        if unwritten:
+            if self.next_retry is None:
+                self.next_retry = now + FULL_RETRY
+            waits.append(self.next_retry - now)
+        if held_until is not None:
+            waits.append(held_until - now)
+        return None if not waits else max(0, int(min(min(waits), 3600.0) * 1000) + 1)
+
+    def due(self, now, running, timed_out, kill_at):
+        """What is due at ``now``, in order: ``timeout`` (SIGTERM the tree,
+        then SIGKILL after the grace), ``kill`` (the SIGKILL escalation),
+        ``check_dir``, ``retry_state``.  The timers that fired are reset."""
+        actions = []
+        if self.deadline is not None and not timed_out and running and now >= self.deadline:
+            actions.append("timeout")
+        if kill_at is not None and now >= kill_at:
+            actions.append("kill")
+        if self.next_dir_check is not None and now >= self.next_dir_check:
+            self.next_dir_check = None
+            actions.append("check_dir")
+        if self.next_retry is not None and now >= self.next_retry:
+            self.next_retry = None
+            actions.append("retry_state")
+        return actions
+
+
 class Supervisor(object):
     """Runs in the detached process: starts the program, spools, reaps."""
 
@@ -2032,12 +2118,8 @@ class Supervisor(object):
         if watch_fd is not None:
             poller.register(watch_fd, select.POLLIN)
         self.start_feeding(poller)
-        next_dir_check = None
-        next_retry = None  # (a running state to write again: spool full)
         use_splice = hasattr(os, "splice")
-        timeout = self.cfg["timeout"]
-        deadline = self.started + timeout if timeout else None
-        exited_at = None
+        timers = Timers(self.started, self.cfg["timeout"])
 
         # File capture: nobody wakes us when the program writes, so look at
         # the spool files' sizes (for the timeline, and the callbacks),
@@ -2048,41 +2130,17 @@ class Supervisor(object):
         self.check_dir()
         while True:
             now = time.monotonic()
-            if self.status is not None and exited_at is None:
-                exited_at = now
-            lingering = False
-            if exited_at is not None:
-                # Output may still come from children the program left
-                # behind, while they hold the pipes / the spool files open.
-                lingering = now - exited_at <= LINGER and self.output_open()
-                # A kill with a grace is not over while something it was
-                # meant for (e.g. a grandchild that escaped with setsid and
-                # ignores SIGTERM) is still alive: wait for the SIGKILL.
-                if not lingering and (self.kill_at is None or not descendants(os.getpid())):
-                    break
-            waits = []
-            if deadline is not None and not self.timed_out and self.status is None:
-                waits.append(deadline - now)
-            if self.kill_at is not None:
-                waits.append(self.kill_at - now)
-            if lingering:
-                # (a pipe's end wakes the poll; a file let go of does not)
-                waits.append(exited_at + LINGER - now if self.pipes else min(exited_at + LINGER - now, HOLD_CHECK))
-            at = self.size_check_at(now)
-            if at is not None:
-                waits.append(at - now)
-            if watch_fd is None and self.dir_key is not None and not self.spool_removed:
-                if next_dir_check is None:
-                    next_dir_check = now + DIR_CHECK
-                waits.append(next_dir_check - now)
-            if self.unwritten:
-                if next_retry is None:
-                    next_retry = now + FULL_RETRY
-                waits.append(next_retry - now)
-            if self.held:
-                waits.append(min(self.held.values()) - now)
-            # (capped: a huge but finite timeout or grace must not overflow)
-            wait_ms = None if not waits else max(0, int(min(min(waits), 3600.0) * 1000) + 1)
+            if self.status is not None:
+                timers.exited(now)
+            output_open = timers.exited_at is not None and self.output_open()
+            if timers.over(now, output_open, self.kill_at, lambda: bool(descendants(os.getpid()))):
+                break
+            wait_ms = timers.wait(
+                now, running=self.status is None, timed_out=self.timed_out, kill_at=self.kill_at,
+                lingering=timers.lingering(now, output_open), pipes=bool(self.pipes),
+                size_check_at=self.size_check_at(now),
+                dir_poll=watch_fd is None and self.dir_key is not None and not self.spool_removed,
+                unwritten=self.unwritten, held_until=min(self.held.values()) if self.held else None)
             try:
                 events = poller.poll(wait_ms)
             except InterruptedError:  # pragma: no cover - PEP 475 retries
@@ -2109,22 +2167,10 @@ class Supervisor(object):
                     self.kill_tree(sig)
             self.reap()
             now = time.monotonic()
-            if deadline is not None and not self.timed_out and now >= deadline and self.status is None:
-                self.timed_out = True
-                self.kill_tree(_signal.SIGTERM, grace=self.cfg["kill_grace"])
-            if self.kill_at is not None and now >= self.kill_at:
-                self.kill_at = None
-                # Also when the program itself already exited: what it left
-                # behind gets the SIGKILL (kill_tree skips the old group then).
-                self.kill_tree(_signal.SIGKILL)
+            for action in timers.due(now, running=self.status is None, timed_out=self.timed_out,
+                                     kill_at=self.kill_at):
+                self.carry_out(action, now)
             self.size_check(now)
-            if next_dir_check is not None and now >= next_dir_check:
-                next_dir_check = None
-                self.check_dir()
-            if next_retry is not None and now >= next_retry:
-                next_retry = None
-                if self.unwritten and not self.spool_removed:
-                    self.set_state()
             for fd, at in list(self.held.items()):
                 if now >= at and fd in self.pipes:
                     del self.held[fd]
@@ -2156,6 +2202,22 @@ class Supervisor(object):
         _signal.set_wakeup_fd(-1)
         for sig in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
             _signal.signal(sig, _signal.SIG_DFL)
+
+    def carry_out(self, action, now):
+        """Do what Timers.due() said is due."""
+        if action == "timeout":
+            self.timed_out = True
+            self.kill_tree(_signal.SIGTERM, grace=self.cfg["kill_grace"])
+        elif action == "kill":
+            self.kill_at = None
+            # Also when the program itself already exited: what it left
+            # behind gets the SIGKILL (kill_tree skips the old group then).
+            self.kill_tree(_signal.SIGKILL)
+        elif action == "check_dir":
+            self.check_dir()
+        elif action == "retry_state":
+            if self.unwritten and not self.spool_removed:
+                self.set_state()
 
     def pump(self, fd, poller, use_splice, final=False):
         """Move what the pipe ``fd`` holds into its spool file.  When the
