@@ -2277,7 +2277,7 @@ class Supervisor(object):
         if total:
             self.grew(name, self.counts[name], time.time())
         if total and self.sender:
-            self.sender.output_written()
+            self.sender.output_written(self.counts)
 
     # stdin from a stream ---------------------------------------------------------
 
@@ -2362,7 +2362,7 @@ class Supervisor(object):
             self.size_poll = SIZE_POLL_MIN
             self.sizes_grew()
             if self.sender:
-                self.sender.output_written()
+                self.sender.output_written(self.counts)
         else:
             self.size_poll = min(self.size_poll * 2, SIZE_POLL_MAX)
         self.next_size_check = now + self.size_poll
@@ -2682,16 +2682,21 @@ class CallbackSender(object):
     """Pushes output and state to the scheduler, from a thread of its own;
     the spool stays the truth.
 
-    Never blocks the supervisor's loop: it reads the spool files on its own
-    and only takes the supervisor's lock to look at counters.
+    Never blocks the supervisor's loop: it reads the spool files on its own.
+    It never reads the supervisor's fields from its thread: the supervisor
+    hands it copies (state_changed, output_written), under its condition.
     """
 
     def __init__(self, sup):
         import threading  # only runs with a callback pay for it
 
         self.thread = threading.Thread(target=self.run, name="callback", daemon=True)
-        self.sup = sup
+        self.sup = sup  # (its run: the spool's paths, which never change)
         self.cfg = sup.cfg
+        #: Copies the supervisor handed over: the bytes it counted (pipe
+        #: capture) or the sizes it last saw (file capture), and its last state.
+        self.counts = dict(sup.counts)
+        self.latest = dict(sup.state) if getattr(sup, "state", None) else None
         self.cb = dict(sup.spec["callback"])
         self.cond = threading.Condition()
         self.sent = {"stdout": 0, "stderr": 0}
@@ -2712,14 +2717,16 @@ class CallbackSender(object):
 
     def state_changed(self, st):
         with self.cond:
+            self.latest = st
             if st["state"] in FINAL_STATES:
                 self.final = st
             else:
                 self.state_to_send = st
             self.cond.notify()
 
-    def output_written(self):
+    def output_written(self, counts):
         with self.cond:
+            self.counts = dict(counts)
             if self.first_pending is None:
                 self.first_pending = time.monotonic()
             self.cond.notify()
@@ -2762,7 +2769,8 @@ class CallbackSender(object):
     # The thread ----------------------------------------------------------------
 
     def written(self):
-        return dict(self.sup.counts)  # updated by the supervisor's thread only
+        with self.cond:
+            return dict(self.counts)
 
     def run(self):
         delay = 0.0
@@ -2834,8 +2842,10 @@ class CallbackSender(object):
         if final is not None:
             self.post("completed", dumps(final).encode(), "application/json")
             return True
-        if time.monotonic() >= self.next_heartbeat and self.sup.state["state"] == "running":
-            st = dict(self.sup.state)
+        with self.cond:
+            latest = self.latest
+        if time.monotonic() >= self.next_heartbeat and latest is not None and latest["state"] == "running":
+            st = dict(latest)
             # What the supervisor counted (file capture: the sizes it last
             # saw): never more than the final counts will be.
             sizes = self.written()

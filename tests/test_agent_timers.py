@@ -76,3 +76,20 @@ def test_the_earliest_timer_wins_and_all_due_come_in_order():
     assert wait(t, 0.0, size_check_at=-1.0) == 0          # overdue: poll without blocking
     assert t.due(11.0, running=True, timed_out=False, kill_at=5.0) == ["timeout", "kill", "check_dir",
                                                                           "retry_state"]
+
+
+def test_the_sender_reads_no_field_of_the_supervisor_from_its_thread():
+    """CallbackSender runs in a thread of its own: it works from the copies
+    the supervisor hands it (state_changed, output_written), never from the
+    supervisor's own fields, which only the supervisor's thread changes."""
+    import ast
+
+    from helpers import AGENT
+
+    tree = [n for n in ast.parse(AGENT.read_text()).body if isinstance(n, ast.ClassDef)
+            and n.name == "CallbackSender"][0]
+    reads = sorted({"%s.%s" % (node.value.attr, node.attr) for node in ast.walk(tree)
+                    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
+                    and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"
+                    and node.value.attr == "sup"})
+    assert reads == ["sup.run"], reads   # (the run: the spool's paths, which never change)
