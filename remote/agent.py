@@ -1971,7 +1971,7 @@ class Supervisor(object):
                 raise
             self.unwritten = True
         if self.sender:
-            self.sender.state_changed(dict(self.state))
+            self.sender.state_changed(dict(self.state), self.counts)
 
     def ready(self):
         if self.ready_fd is not None:
@@ -2577,7 +2577,7 @@ class Supervisor(object):
             if recorded is not None and recorded["state"] in FINAL_STATES:
                 self.state = recorded
                 if self.sender:
-                    self.sender.state_changed(dict(recorded))
+                    self.sender.state_changed(dict(recorded), self.counts)
                 return
             if self.capture == "file":
                 self.watch_sizes()
@@ -2646,7 +2646,7 @@ class Supervisor(object):
             except OSError:
                 remove_tree(tmp)  # (a new run of this id took its place: it stays)
         if self.sender:
-            self.sender.state_changed(dict(self.state))
+            self.sender.state_changed(dict(self.state), self.counts)
 
     def finish_callbacks(self):
         ctl_fd, self.ctl_fd = getattr(self, "ctl_fd", None), None
@@ -2715,9 +2715,11 @@ class CallbackSender(object):
 
     # Called from the supervisor ----------------------------------------------
 
-    def state_changed(self, st):
+    def state_changed(self, st, counts=None):
         with self.cond:
             self.latest = st
+            if counts is not None:
+                self.counts = dict(counts)
             if st["state"] in FINAL_STATES:
                 self.final = st
             else:

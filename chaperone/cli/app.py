@@ -64,8 +64,6 @@ def run_async(params: dict, coro_fn, **kw):
     """Run ``coro_fn(ch)`` with a Chaperone; every error is one line."""
     import asyncio
 
-    from ..errors import ChaperoneError
-
     async def main():
         ch = chaperone_for(params, **kw)
         try:
@@ -76,20 +74,7 @@ def run_async(params: dict, coro_fn, **kw):
                 leave_open(records)
             await ch.close()
 
-    try:
-        return asyncio.run(main())
-    except ChaperoneError as e:
-        fail(str(e), e.exit_code)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except BrokenPipeError:
-        sys.exit(141)
-    except OSError as e:
-        fail(_os_error(e))
-    except ValueError as e:
-        fail(str(e) or type(e).__name__)
-    except Exception as e:  # never a traceback: one line, and how to see more
-        fail("internal error: %s: %s (please report it)" % (type(e).__name__, e))
+    return guarded(lambda: asyncio.run(main()))
 
 
 #: Records left open until the process ends (see :func:`leave_open`).

@@ -169,3 +169,22 @@ def print_json(obj) -> None:
 
 def infos_json(infos: Iterable[dict]) -> list:
     return list(infos)
+
+
+class OutageNotice:
+    """``on_reconnect`` for a command that streams: one line on stderr per
+    outage (its first failed attempt), not one per attempt; the stream's
+    next event (``recovered()``) ends the outage."""
+
+    def __init__(self, quiet: bool = False) -> None:
+        self.quiet = quiet
+        self.said = False
+
+    def __call__(self, error, delay) -> None:
+        if not self.said and not self.quiet:
+            sys.stderr.write("chaperone: %s; reconnecting\n" % error)
+            sys.stderr.flush()
+        self.said = True
+
+    def recovered(self) -> None:
+        self.said = False

@@ -478,12 +478,13 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **pa
                 await ch.output_to(rec.id, streams[0], out[streams[0]].fileno())
             return 0
 
-        def on_reconnect(error, delay):
-            click.echo("chaperone: %s; reconnecting" % error, err=True)
+        from .display import OutageNotice
 
+        on_reconnect = OutageNotice()
         printer = _Printer(out, timestamps, rec.id)
         async for event in ch.logs(rec.id, streams, offsets=offsets, since=since_t, follow=follow,
                                    on_reconnect=on_reconnect):
+            on_reconnect.recovered()
             if isinstance(event, Written):
                 printer.written(event.time)
             elif isinstance(event, OutputChunk) and event.stream in streams:

@@ -247,13 +247,13 @@ async def _foreground(ch, target, command, kw, params) -> int:
         else:
             task.cancel()
 
-    def on_reconnect(error, delay):
-        if not quiet:
-            click.echo("chaperone: %s; reconnecting" % error, err=True)
+    from .display import OutageNotice
 
+    on_reconnect = OutageNotice(quiet)
     loop.add_signal_handler(signal.SIGINT, on_sigint)
     try:
         async for event in ch.run(target, command, on_reconnect=on_reconnect, **kw):
+            on_reconnect.recovered()
             if isinstance(event, OutputChunk):
                 if not as_json:
                     out[event.stream].write(event.data)
