@@ -114,17 +114,9 @@ def guarded(fn):
 
 
 def served_call(fn):
-    """``fn()`` (a command through ``chaperone serve``), its errors as one line."""
-    from ..errors import ChaperoneError
-
-    try:
-        return fn()
-    except ChaperoneError as e:
-        fail(str(e), e.exit_code)
-    except BrokenPipeError:
-        sys.exit(141)
-    except KeyboardInterrupt:
-        sys.exit(130)
+    """``fn()`` (a command through ``chaperone serve``), its errors as one
+    line: the same rule as every command (:func:`guarded`)."""
+    return guarded(fn)
 
 
 def _os_error(e: OSError) -> str:

@@ -447,7 +447,7 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
     from ..fleet.limits import default_forks
     from ..fleet.output import LiveOutput
     from ..fleet.runs import follow_runs
-    from .manage import _tail
+    from .manage import tail_of
 
     ids = expand_ids(ch, [word])
     if ids == [word]:  # (names no group: the usual logs says what is wrong with it)
@@ -483,14 +483,7 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
                     got[stream] = (b"".join([chunk async for chunk in ch.output(rec.id, stream)]), None)
                     continue
                 size = sizes[stream + "_bytes"]  # (the last lines only: read from the end, as logs ID does)
-                start = max(0, size - max(64 << 10, lines * 512))
-                while True:
-                    data = await ch.read(rec.id, stream, start, size - start)
-                    tail_bytes = _tail(data, lines)
-                    if start == 0 or len(tail_bytes) < len(data) - 1:
-                        break
-                    start = max(0, start - (size - start))
-                got[stream] = (tail_bytes, size)
+                got[stream] = (await tail_of(ch, rec.id, stream, size, lines), size)
             return got
 
     fetching = {}

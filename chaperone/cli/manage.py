@@ -288,6 +288,18 @@ def status(run_ids, as_json, timeout, **params):
     sys.exit(run_async(params, go))
 
 
+async def tail_of(ch, run_id: str, stream: str, size: int, lines: int) -> bytes:
+    """The last ``lines`` lines of the first ``size`` bytes of a run's
+    stream, read from the end (more and more of it, only as needed)."""
+    start = max(0, size - max(64 << 10, lines * 512))
+    while True:
+        data = await ch.read(run_id, stream, start, size - start)
+        tail_bytes = _tail(data, lines)
+        if start == 0 or len(tail_bytes) < len(data) - 1:
+            return tail_bytes
+        start = max(0, start - (size - start))
+
+
 def _tail(data: bytes, n: int) -> bytes:
     """The last ``n`` lines of ``data`` (a last line without a newline counts)."""
     if n <= 0:
@@ -458,14 +470,7 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **pa
             state = (await ch.status(rec.id)).model_dump()
             for stream in streams:
                 size = state[stream + "_bytes"]
-                start = max(0, size - max(64 << 10, lines * 512))
-                while True:
-                    data = await ch.read(rec.id, stream, start, size - start)
-                    tail_bytes = _tail(data, lines)
-                    if start == 0 or len(tail_bytes) < len(data) - 1:
-                        break
-                    start = max(0, start - (size - start))
-                offsets[stream] = size - len(tail_bytes)
+                offsets[stream] = size - len(await tail_of(ch, rec.id, stream, size, lines))
 
         if plain and not follow:
             # (from the SSH client's pipe straight to the file: as fast as
