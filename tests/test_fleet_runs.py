@@ -247,3 +247,39 @@ def test_library_back_pressure_and_a_host_that_never_answers(fleet_hosts, ssh_co
         asyncio.run(main())
     finally:
         mute.close()
+
+
+@pytest.mark.timeout(120)
+def test_group_logs_timestamps_and_since(fleet_hosts, ssh_config, tmp_path):
+    """`logs -t GROUP` starts each host's lines with when they were written
+    (after the host's prefix), `logs --since T GROUP` shows only what each
+    wrote from then on; `-f` with them too.  (Both were ignored for a
+    group: every line, no time.)"""
+    import datetime
+
+    home = tmp_path / "home"
+    home.mkdir()
+    res = cli(home, ssh_config, "run", "-d", "-q", "-H", "h[01-03]", "--", "sh", "-c",
+              "echo early; sleep 1.5; echo late")
+    assert res.returncode == 0, res.stderr
+    group = res.stdout.decode().strip()
+    assert cli(home, ssh_config, "wait", group).returncode == 0
+    stamped = cli(home, ssh_config, "logs", "-t", group)
+    assert stamped.returncode == 0, stamped.stderr
+    lines = stamped.stdout.decode().splitlines()
+    assert len(lines) == 6, lines
+    times = {}
+    for line in lines:
+        host, stamp, text = line.split(" ", 2)
+        when = datetime.datetime.strptime(stamp[:26] + "Z", "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=datetime.timezone.utc).timestamp()
+        times.setdefault(host, {})[text] = when
+    assert sorted(times) == ["h01:", "h02:", "h03:"]
+    for host, seen in times.items():
+        assert 1.2 < seen["late"] - seen["early"] < 5, (host, seen)
+    cut = max(seen["early"] for seen in times.values()) + 0.5
+    since = cli(home, ssh_config, "logs", "--since", "%.3f" % cut, group)
+    assert since.returncode == 0, since.stderr
+    assert since.stdout.decode().splitlines() == ["h01: late", "h02: late", "h03: late"]
+    follow = cli(home, ssh_config, "logs", "-f", "--since", "%.3f" % cut, group)
+    assert follow.stdout == since.stdout

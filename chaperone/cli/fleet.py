@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (annotations are not evaluated: __future__)
@@ -433,11 +434,14 @@ def _group_pattern(ch, group: str, pattern: str, word: str) -> List[str]:
 # --- logs of several runs -----------------------------------------------------------------------------------
 
 
-async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], out) -> Optional[int]:
+async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], out, since: Optional[float] = None,
+                    timestamps: bool = False) -> Optional[int]:
     """``chaperone logs GROUP`` (or a pattern): each run's output with each
     line prefixed by its host (one run after the other; with ``-f`` all at
-    once, as they come).  None when ``word`` is one run (the usual ``logs``
-    then)."""
+    once, as they come); ``since``: what each wrote since then;
+    ``timestamps``: each line then starts with when it was written (what
+    ``-f`` follows, when it arrives here).  None when ``word`` is one run
+    (the usual ``logs`` then)."""
     if not _is_pattern(word) and (ch.records.exists(word) or _group_of(ch, word) is None):
         return None
     import asyncio
@@ -447,7 +451,8 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
     from ..fleet.limits import default_forks
     from ..fleet.output import LiveOutput
     from ..fleet.runs import follow_runs
-    from .manage import tail_of
+    from ..protocol import OutputChunk, StateUpdate, Written
+    from .manage import _Printer, tail_of
 
     ids = expand_ids(ch, [word])
     if ids == [word]:  # (names no group: the usual logs says what is wrong with it)
@@ -472,11 +477,32 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
         sys.stderr.buffer.flush()
 
     limit = asyncio.Semaphore(default_forks())
+    stampers = {rec.id: _Printer(dict.fromkeys(streams), timestamps, rec.id) for rec in recs}
 
     async def fetch(rec):
         """Its output so far (all hosts at once; printed in host order)."""
         async with limit:
             got = {}
+            if since is not None or timestamps:  # (from its timeline: when each piece was written)
+                parts: Dict[str, list] = {s: [] for s in streams}
+                ends = {s: 0 for s in streams}
+                stamper = stampers[rec.id]
+                offs = {s: 0 for s in streams}
+                if lines is not None:
+                    sizes = (await ch.status(rec.id)).model_dump()
+                    for stream in streams:
+                        size = sizes[stream + "_bytes"]
+                        offs[stream] = size - len(await tail_of(ch, rec.id, stream, size, lines))
+                async for event in ch.logs(rec.id, streams, offsets=offs, since=since):
+                    if isinstance(event, Written):
+                        stamper.written(event.time)
+                    elif isinstance(event, OutputChunk) and event.stream in streams:
+                        parts[event.stream].append(stamper.stamped(event.stream, event.data))
+                        ends[event.stream] = event.offset + len(event.data)
+                    elif isinstance(event, StateUpdate):  # (the end of what it read: -f goes on from there)
+                        for stream in streams:
+                            ends[stream] = max(ends[stream], event.state.get(stream + "_bytes") or 0)
+                return {s: (b"".join(parts[s]), max(ends[s], offs[s])) for s in streams}
             sizes = (await ch.status(rec.id)).model_dump() if lines is not None else {}
             for stream in streams:
                 if lines is None:
@@ -490,7 +516,7 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
     for rec in recs:
         if rec.state != "failed":
             offsets[rec.id] = {s: (0 if s in streams else SKIP_OUTPUT[s]) for s in ("stdout", "stderr")}
-            if not (follow and lines is None):
+            if not (follow and lines is None and since is None and not timestamps):
                 fetching[rec.id] = asyncio.ensure_future(fetch(rec))
     try:
         for rec in recs:
@@ -520,7 +546,13 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
             t.cancel()
         await asyncio.gather(*fetching.values(), return_exceptions=True)
     if follow and offsets:
+        by_name = {name: rid for rid, name in names.items()}
+
         def on_output(name, stream, data):
+            if timestamps:
+                stamper = stampers[by_name[name]]
+                stamper.written(time.time())
+                data = stamper.stamped(stream, data)
             live.feed(name, data, stream)
             (live.out if stream == "stdout" else live.err).flush()
 
