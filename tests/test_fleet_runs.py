@@ -283,3 +283,49 @@ def test_group_logs_timestamps_and_since(fleet_hosts, ssh_config, tmp_path):
     assert since.stdout.decode().splitlines() == ["h01: late", "h02: late", "h03: late"]
     follow = cli(home, ssh_config, "logs", "-f", "--since", "%.3f" % cut, group)
     assert follow.stdout == since.stdout
+
+
+@pytest.mark.timeout(120)
+def test_run_many_hosts_stdin_of_any_size_as_it_comes(fleet_hosts, ssh_config, tmp_path):
+    """`producer | chaperone run -H` gives every host the same bytes, as
+    they come (a host answers the first line before the rest is written),
+    of any size (20 MiB that are not text: it was refused over 12 MiB);
+    `run -d --stdin - -H` returns once every host holds all of it."""
+    import hashlib
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, CHAPERONE_HOME=str(home))
+    env.pop("CHAPERONE_SSH_CLIENT", None)
+    p = subprocess.Popen(CHAPERONE + ["-F", ssh_config, "run", "-H", "h[01-02]", "--", "sh", "-c",
+                                      "head -n 1; sha256sum"],
+                         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        p.stdin.write(b"first\n")
+        p.stdin.flush()
+        got = b""
+        while got.count(b"first\n") < 2:  # (both hosts answer before the rest is written)
+            chunk = os.read(p.stdout.fileno(), 65536)
+            assert chunk, (got, p.stderr.read())
+            got += chunk
+        rest = bytes(range(256)) * (20 * 4096)  # 20 MiB
+        p.stdin.write(rest)
+        p.stdin.close()
+        got += p.stdout.read()
+        assert p.wait(90) == 0, p.stderr.read()
+    finally:
+        p.kill()
+        p.wait()
+    digest = hashlib.sha256(rest).hexdigest().encode()
+    lines = by_host(got)
+    assert lines["h01"] == lines["h02"] == [b"first\n", digest + b"  -\n"], lines
+    data = tmp_path / "in.bin"
+    data.write_bytes(rest)
+    with open(data, "rb") as f:
+        res = subprocess.run(CHAPERONE + ["-F", ssh_config, "run", "-d", "-q", "--stdin", "-", "-H", "h[01-02]",
+                                          "--", "sh", "-c", "sha256sum"],
+                             env=env, stdin=f, capture_output=True, timeout=90)
+    assert res.returncode == 0, res.stderr
+    group = res.stdout.decode().strip()
+    assert cli(home, ssh_config, "wait", group).returncode == 0
+    assert by_host(cli(home, ssh_config, "logs", group).stdout) == {h: [digest + b"  -\n"] for h in ("h01", "h02")}

@@ -131,7 +131,7 @@ def run_many(words, exact, params) -> int:
         from ..api import parse_env
         from ..errors import UsageError
         from .options import ssh_settings
-        from .run import _stdin_bytes
+        from .run import _stdin_source
 
         live = []  # what writes a piece of output, once the hosts are known
 
@@ -140,7 +140,7 @@ def run_many(words, exact, params) -> int:
 
         streaming = not (detach or as_json or gather)
         kw = dict(group=params.get("run_id"), ssh=ssh_settings(params), env=parse_env(params.get("env") or ()),
-                  cwd=params.get("cwd"), timeout=timeout, stdin=_stdin_bytes(params),
+                  cwd=params.get("cwd"), timeout=timeout, stdin=_stdin_source(params),
                   config={"kill_grace": grace} if grace is not None else None,
                   inventory=list(params.get("inventory") or ()), exclude=list(params.get("exclude") or ()),
                   hostfiles=list(params.get("hostfiles") or ()), pick=pick, forks=forks,
@@ -149,9 +149,34 @@ def run_many(words, exact, params) -> int:
             many = (ch.start_many if detach else ch.run_many)(list(params.get("hosts") or ()), command, **kw)
         except ValueError as e:  # a bad pattern, inventory, host file (one line each)
             raise UsageError(str(e)) from None
-        return await _drive(ch, many, params, live)
+        code = await _drive(ch, many, params, live)
+        if detach:
+            code = max(code, await _inputs_sent(ch, many))
+        return code
 
     return run_async(params, go)
+
+
+async def _inputs_sent(ch, many) -> int:
+    """``run -d -H`` with input: it is all on every host that started
+    before this returns (the hosts read it from this process); 255 when it
+    could not be sent to one (said on stderr)."""
+    import asyncio
+
+    import click
+
+    from ..errors import ChaperoneError
+
+    async def sent(run_id):
+        try:
+            await ch.get(run_id).stdin_sent()
+            return 0
+        except ChaperoneError as e:
+            click.echo("chaperone: %s: %s" % (run_id, e), err=True)
+            return 255
+
+    codes = await asyncio.gather(*(sent(rid) for rid in many.run_ids.values() if ch.records.exists(rid)))
+    return max(codes, default=0)
 
 
 async def _drive(ch, many, params, live) -> int:

@@ -37,9 +37,6 @@ class SSHStyleCommand(click.Command):
 #: ``run HOST`` without a command: the user's login shell there, as ``ssh HOST``.
 LOGIN_SHELL = 'exec "${SHELL:-/bin/sh}" -l'
 
-#: ``run -H``: the input each host gets is read whole first, at most this much.
-MAX_STDIN = 12 << 20
-
 
 def _stdin_fd(params: dict):
     """The file descriptor the program's input comes from, or None
@@ -111,23 +108,6 @@ def _stdin_source(params: dict):
     if ended:
         return head
     return _stream(fd, head)
-
-
-def _stdin_bytes(params: dict):
-    """``run -H``: the input every host gets, read whole (None: /dev/null);
-    at most :data:`MAX_STDIN` bytes."""
-    from ..errors import UsageError
-
-    fd = _stdin_fd(params)
-    if fd is None:
-        return None
-    with os.fdopen(fd if fd else os.dup(fd), "rb") as f:
-        data = f.read(MAX_STDIN + 1)
-    if len(data) > MAX_STDIN:
-        what = "stdin" if params.get("stdin_file") in (None, "-") else "--stdin %s" % params["stdin_file"]
-        raise UsageError("%s is larger than %d MiB, the most run -H sends to each host: put the file on the "
-                         "hosts and redirect it there (run -H ... 'prog < FILE')" % (what, MAX_STDIN >> 20))
-    return data
 
 
 def _read_ready(fd: int, limit: int):
