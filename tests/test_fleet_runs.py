@@ -283,6 +283,9 @@ def test_group_logs_timestamps_and_since(fleet_hosts, ssh_config, tmp_path):
     assert since.stdout.decode().splitlines() == ["h01: late", "h02: late", "h03: late"]
     follow = cli(home, ssh_config, "logs", "-f", "--since", "%.3f" % cut, group)
     assert follow.stdout == since.stdout
+    tail = cli(home, ssh_config, "logs", "--tail", "1", "-t", group)
+    assert [line.split(" ", 2)[::2] for line in tail.stdout.decode().splitlines()] == [
+        ["h01:", "late"], ["h02:", "late"], ["h03:", "late"]]
 
 
 @pytest.mark.timeout(120)

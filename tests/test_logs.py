@@ -191,6 +191,18 @@ def test_logs_interleaves_both_streams_as_written(home, capture):
     assert (res.returncode, res.stdout, res.stderr) == (0, OUT, ERR)
     res = cli(home, "logs", "--stderr", run_id)
     assert (res.returncode, res.stdout) == (0, ERR)
+    # --tail N: the last N lines of each stream (a last line without a
+    # newline counts), still in the order written; --tail all: everything.
+    res = merged(home, "logs", "--tail", "2", run_id)
+    assert (res.returncode, res.stdout) == (0, b"out 2 \xff\nout 3 \xff\nerr 3\nlast, no newline"), res.stdout
+    res = cli(home, "logs", "--stdout", "--tail", "1", run_id)
+    assert (res.returncode, res.stdout) == (0, b"out 3 \xff\n")
+    res = cli(home, "logs", "--tail", "0", run_id)
+    assert (res.returncode, res.stdout, res.stderr) == (0, b"", b"")
+    res = merged(home, "logs", "--tail", "all", run_id)
+    assert (res.returncode, res.stdout) == (0, IN_ORDER)
+    res = cli(home, "logs", "--tail", "x", run_id)
+    assert res.returncode == 2 and b"invalid --tail 'x'" in res.stderr
 
 
 @pytest.mark.timeout(60)

@@ -477,7 +477,7 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
     from ..fleet.output import LiveOutput
     from ..fleet.runs import follow_runs
     from ..protocol import OutputChunk, StateUpdate, Written
-    from .manage import _Printer, tail_of
+    from .manage import _Printer, tail_of, tail_offsets
 
     ids = expand_ids(ch, [word])
     if ids == [word]:  # (names no group: the usual logs says what is wrong with it)
@@ -512,12 +512,7 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
                 parts: Dict[str, list] = {s: [] for s in streams}
                 ends = {s: 0 for s in streams}
                 stamper = stampers[rec.id]
-                offs = {s: 0 for s in streams}
-                if lines is not None:
-                    sizes = (await ch.status(rec.id)).model_dump()
-                    for stream in streams:
-                        size = sizes[stream + "_bytes"]
-                        offs[stream] = size - len(await tail_of(ch, rec.id, stream, size, lines))
+                offs = await tail_offsets(ch, rec.id, streams, lines)
                 async for event in ch.logs(rec.id, streams, offsets=offs, since=since):
                     if isinstance(event, Written):
                         stamper.written(event.time)

@@ -300,6 +300,18 @@ async def tail_of(ch, run_id: str, stream: str, size: int, lines: int) -> bytes:
         start = max(0, start - (size - start))
 
 
+async def tail_offsets(ch, run_id: str, streams, lines: "Optional[int]") -> dict:
+    """Where each stream's last ``lines`` lines start (``--tail``); 0 for
+    each without ``lines``."""
+    offsets = {s: 0 for s in streams}
+    if lines is not None:
+        state = (await ch.status(run_id)).model_dump()
+        for stream in streams:
+            size = state[stream + "_bytes"]
+            offsets[stream] = size - len(await tail_of(ch, run_id, stream, size, lines))
+    return offsets
+
+
 def _tail(data: bytes, n: int) -> bytes:
     """The last ``n`` lines of ``data`` (a last line without a newline counts)."""
     if n <= 0:
@@ -468,12 +480,7 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **pa
         if many is not None:
             return many
         rec = ch.record(run_id)
-        offsets = {s: 0 for s in streams}
-        if lines is not None:
-            state = (await ch.status(rec.id)).model_dump()
-            for stream in streams:
-                size = state[stream + "_bytes"]
-                offsets[stream] = size - len(await tail_of(ch, rec.id, stream, size, lines))
+        offsets = await tail_offsets(ch, rec.id, streams, lines)
 
         if plain and not follow:
             # (from the SSH client's pipe straight to the file: as fast as
