@@ -376,3 +376,17 @@ def test_a_shell_on_a_terminal_survives_a_dropped_connection(sshd, home, tmp_pat
         assert t.settings() == t.before
     finally:
         t.close()
+
+
+def test_docker_s_it_is_a_terminal_not_an_identity_file():
+    """`chaperone run -it HOST CMD` (docker's habit) reads as -t; ssh's `-i
+    FILE` and `-iFILE` stay identity files."""
+    from chaperone.cli.options import RUN, SSH, parse_options, split_run
+
+    opts, host, words, _ = split_run(["-it", "gpu1", "bash"], RUN + SSH)
+    assert (opts, host, words) == (["-t"], "gpu1", ["bash"])
+    assert parse_options(opts, RUN + SSH) == {"tty": [True]}
+    opts, host, words, _ = split_run(["gpu1", "-ti", "top"], RUN + SSH)
+    assert (opts, host, words) == (["-t"], "gpu1", ["top"])
+    opts, host, _, _ = split_run(["-i", "key", "-ikey2", "gpu1", "true"], RUN + SSH)
+    assert parse_options(opts, RUN + SSH) == {"identity": ["key", "key2"]} and host == "gpu1"
