@@ -1332,7 +1332,20 @@ PR_SET_CHILD_SUBREAPER = 36
 DIR_EVENTS = 0x200 | 0x400 | 0x800
 
 
-def dir_watch(path, libc):
+#: inotify: IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO: a run's files were
+#: written, or its state replaced (a follow wakes at once: run_watch).
+RUN_EVENTS = 0x2 | 0x8 | 0x80
+
+
+def run_watch(path):
+    """An inotify descriptor that becomes readable when a file in the run's
+    directory ``path`` is written or replaced; None where there is none
+    (then the follow looks on its own, as often as before)."""
+    libc = _libc()
+    return dir_watch(path, libc, RUN_EVENTS) if libc is not None else None
+
+
+def dir_watch(path, libc, events=DIR_EVENTS):
     """An inotify descriptor that becomes readable when an entry of the
     directory ``path`` is deleted, or ``path`` itself is deleted or moved
     (see entry_events); None where there is no inotify.  (A run's own
@@ -1346,7 +1359,7 @@ def dir_watch(path, libc):
     fd = init(0o4000 | 0o2000000)  # IN_NONBLOCK | IN_CLOEXEC
     if fd < 0:
         return None
-    if add(fd, os.fsencode(path), DIR_EVENTS) < 0:
+    if add(fd, os.fsencode(path), events) < 0:
         os.close(fd)
         return None
     return fd
@@ -3127,6 +3140,7 @@ class Output(object):
     def __init__(self, marker):
         self.fd = sys.stdout.fileno()
         self._watch = None
+        self._wake = None  # (run_watch: what ends an idle wait early)
         if marker:
             # (os.fsencode: the bytes it had on the command line, even
             # those that are not UTF-8)
@@ -3147,8 +3161,28 @@ class Output(object):
         if self._watch is None:
             self._watch = select.poll()
             self._watch.register(self.fd, 0)  # (POLLERR/POLLHUP come anyway)
-        if self._watch.poll(seconds * 1000.0):
-            raise BrokenPipeError(errno.EPIPE, "the reader of this output is gone")
+            if self._wake is not None:
+                self._watch.register(self._wake, select.POLLIN)
+        for fd, _ in self._watch.poll(seconds * 1000.0):
+            if fd == self.fd:
+                raise BrokenPipeError(errno.EPIPE, "the reader of this output is gone")
+            try:
+                while os.read(fd, 65536):  # (what woke it: read, the follow looks now)
+                    pass
+            except OSError:
+                pass
+
+    def wake_on(self, run):
+        """An idle wait ends as soon as a file of ``run`` is written (the
+        program's output, its state): no polling delay for what comes.
+        Closed by :meth:`close`."""
+        if self._wake is None and self._watch is None:
+            self._wake = run_watch(run.dir)
+
+    def close(self):
+        if self._wake is not None:
+            os.close(self._wake)
+            self._wake = None
 
 
 def read_program_json():
@@ -3380,6 +3414,7 @@ def follow(run, out, offsets, last=None):
     kinds = {"stdout": b"1", "stderr": b"2"}
     shown = last and (last["state"], last["pid"])
     interval = 0.001
+    out.wake_on(run)
     try:
         while True:
             st = run.refresh(fds)
@@ -3413,6 +3448,7 @@ def follow(run, out, offsets, last=None):
                 out.idle(interval)
                 interval = min(interval * 1.5, 0.05)  # (a quick program's end is seen soon)
     finally:
+        out.close()
         for fd in fds.values():
             os.close(fd)
 
@@ -3719,8 +3755,11 @@ class Logs(object):
             except FileNotFoundError:  # started by an older agent
                 return self.without_timeline()
             self.fds["timeline"] = tl
+            if self.follow_on:
+                self.out.wake_on(self.run)
             self.with_timeline(tl)
         finally:
+            self.out.close()
             for fd in self.fds.values():
                 os.close(fd)
 
