@@ -2860,6 +2860,56 @@ PIPELINE = 2
 MAX_ANSWER = 1 << 16
 
 
+class SendTimers(object):
+    """The callback sender's timers as data (as Timers is the
+    supervisor's): the heartbeat (a running state sent again every
+    ``heartbeat`` seconds), the output latency (output waits up to
+    ``latency`` seconds from its first byte not sent, or until ``buffer``
+    bytes wait) and the retry backoff.  Pure: no clock read, no I/O; the
+    sender passes ``now`` (under its condition: the supervisor's thread
+    calls output_pending)."""
+
+    __slots__ = ("heartbeat", "latency", "buffer", "next_heartbeat", "first_pending")
+
+    def __init__(self, now, heartbeat, latency, buffer):
+        self.heartbeat, self.latency, self.buffer = heartbeat, latency, buffer
+        self.next_heartbeat = now + heartbeat
+        self.first_pending = None
+
+    def output_pending(self, now):
+        """Output was written: the latency runs from the first not sent."""
+        if self.first_pending is None:
+            self.first_pending = now
+
+    def output_sent(self):
+        self.first_pending = None
+
+    def sent_state(self, now):
+        """A state went out: the next heartbeat is one period later."""
+        self.next_heartbeat = now + self.heartbeat
+
+    def wait(self, now, urgent, pending):
+        """Seconds the sender may sleep (0: send now).  ``urgent``: a
+        state or the end waits to be sent; ``pending``: bytes written, not
+        sent."""
+        if urgent or pending >= self.buffer:
+            return 0
+        waits = [self.next_heartbeat - now]
+        if pending:
+            waits.append((self.first_pending or now) + self.latency - now)
+        return max(0, min(waits))
+
+    def heartbeat_due(self, now, latest):
+        """Whether the last state (``latest``) is due again: still running."""
+        return now >= self.next_heartbeat and latest is not None and latest["state"] == "running"
+
+    @staticmethod
+    def backoff(delay, most):
+        """The pause before the next try after a failed one: doubling from
+        0.1 s up to ``most`` (retry_frequency)."""
+        return min(max(delay * 2, 0.1), most)
+
+
 class CallbackSender(object):
     """Pushes output and state to the scheduler, from a thread of its own;
     the spool stays the truth.
@@ -2889,8 +2939,8 @@ class CallbackSender(object):
         self.reader = None  # where the answers to pipelined requests are read (answer())
         self.buf = None  # (send_file's)
         self.ctx = None
-        self.first_pending = None
-        self.next_heartbeat = time.monotonic() + self.cb["heartbeat"]
+        self.timers = SendTimers(time.monotonic(), self.cb["heartbeat"], self.cfg["output_latency"],
+                                 self.cfg["output_buffer"])
         self.finish_deadline = None
         self.updated = False
         self.reset = False
@@ -2911,8 +2961,7 @@ class CallbackSender(object):
     def output_written(self, counts):
         with self.cond:
             self.counts = dict(counts)
-            if self.first_pending is None:
-                self.first_pending = time.monotonic()
+            self.timers.output_pending(time.monotonic())
             self.cond.notify()
 
     def update(self, msg):
@@ -2987,21 +3036,13 @@ class CallbackSender(object):
                 delay = 0.0
             except Exception:  # network, TLS, HTTP, a bad answer: retry, never die
                 self.close()
-                delay = min(max(delay * 2, 0.1), self.cfg["retry_frequency"])
+                delay = SendTimers.backoff(delay, self.cfg["retry_frequency"])
 
     def _wait_time(self):
         now = time.monotonic()
         written = self.written()
-        if self.final is not None or self.state_to_send is not None:
-            return 0
         pending = sum(written[s] - self.sent[s] for s in STREAMS)
-        if pending >= self.cfg["output_buffer"]:
-            return 0
-        waits = [self.next_heartbeat - now]
-        if pending:
-            first = self.first_pending or now
-            waits.append(first + self.cfg["output_latency"] - now)
-        return max(0, min(waits))
+        return self.timers.wait(now, self.final is not None or self.state_to_send is not None, pending)
 
     def _step(self):
         """Send what is due; True when the final state was acknowledged."""
@@ -3015,12 +3056,12 @@ class CallbackSender(object):
                     if self.state_to_send is None:
                         self.state_to_send = st
                 raise
-            self.next_heartbeat = now + self.cb["heartbeat"]
+            self.timers.sent_state(now)
         final = self.final
         written = final and {"stdout": final["stdout_bytes"], "stderr": final["stderr_bytes"]}
         written = written or self.written()
         with self.cond:
-            self.first_pending = None
+            self.timers.output_sent()
         for name in STREAMS:
             self.send_stream(name, written[name])
         if final is not None:
@@ -3028,14 +3069,14 @@ class CallbackSender(object):
             return True
         with self.cond:
             latest = self.latest
-        if time.monotonic() >= self.next_heartbeat and latest is not None and latest["state"] == "running":
+        if self.timers.heartbeat_due(time.monotonic(), latest):
             st = dict(latest)
             # What the supervisor counted (file capture: the sizes it last
             # saw): never more than the final counts will be.
             sizes = self.written()
             st["stdout_bytes"], st["stderr_bytes"] = sizes["stdout"], sizes["stderr"]
             self.post("state", dumps(st).encode(), "application/json")
-            self.next_heartbeat = time.monotonic() + self.cb["heartbeat"]
+            self.timers.sent_state(time.monotonic())
         return False
 
     def send_stream(self, name, upto):

@@ -2,6 +2,7 @@
 by a fake clock: no process, no sleep.  What the loop waits for and what is
 due, as functions of (the timers, now, the facts the loop passes in)."""
 
+import pytest
 from helpers import load_agent
 
 ag = load_agent("chaperone_agent_timers_test")
@@ -110,6 +111,36 @@ def test_size_polling_looks_again_soon_after_growth_and_ever_later_while_nothing
     # a record held back in the timeline is due at its time
     assert t.due(5.0, running=False, timed_out=False, timeline_due=5.5) == []
     assert t.due(5.5, running=False, timed_out=False, timeline_due=5.5) == ["flush_timeline"]
+
+
+def test_the_callback_heartbeat_and_the_output_latency():
+    """The sender's timers (SendTimers) on a fake clock: a running state
+    again every heartbeat; output waits up to its latency from the first
+    byte not sent, or until the buffer is full; a state or the end at once."""
+    S = ag.SendTimers(100.0, heartbeat=30.0, latency=0.5, buffer=1000)
+    assert S.wait(100.0, urgent=False, pending=0) == 30.0
+    assert S.wait(100.0, urgent=True, pending=0) == 0
+    assert not S.heartbeat_due(129.9, {"state": "running"})
+    assert S.heartbeat_due(130.0, {"state": "running"})
+    assert not S.heartbeat_due(130.0, {"state": "done"}) and not S.heartbeat_due(130.0, None)
+    S.sent_state(130.0)
+    assert not S.heartbeat_due(159.9, {"state": "running"}) and S.wait(150.0, False, 0) == 10.0
+    S.output_pending(140.0)
+    S.output_pending(140.3)                               # the first byte not sent counts
+    assert S.wait(140.3, urgent=False, pending=10) == pytest.approx(0.2)
+    assert S.wait(140.6, urgent=False, pending=10) == 0    # overdue
+    assert S.wait(140.1, urgent=False, pending=1000) == 0  # the buffer is full
+    S.output_sent()
+    assert S.wait(141.0, urgent=False, pending=10) == 0.5  # (written since: from now)
+    assert S.wait(141.0, urgent=False, pending=0) == 19.0  # nothing waits: the heartbeat
+
+
+def test_the_callback_retries_back_off_to_the_retry_frequency():
+    delays, d = [], 0.0
+    for _ in range(8):
+        d = ag.SendTimers.backoff(d, 2.0)
+        delays.append(d)
+    assert delays == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0]
 
 
 def test_the_sender_reads_no_field_of_the_supervisor_from_its_thread():
