@@ -116,7 +116,12 @@ class Feeder:
     resume.  :meth:`run` returns the number of bytes the host holds."""
 
     def __init__(self, client: Callable, run_id: str, source, *,
-                 on_reconnect: Optional[Callable[[Exception, float], None]] = None, reconnect_for: float = 3600.0):
+                 on_reconnect: Optional[Callable[[Exception, float], None]] = None, reconnect_for: float = 3600.0,
+                 append: bool = False):
+        #: ``append``: ``source`` comes after what the host holds already
+        #: (another process sent the first part: ``Chaperone.send_input``),
+        #: not from the input's first byte.
+        self.append = append
         self.client = client
         self.run_id = run_id
         self.source = source
@@ -170,6 +175,9 @@ class Feeder:
 
     def _ack(self, answer: dict) -> None:
         held = answer.get("held")
+        if self.append and isinstance(held, int) and held >= 0:
+            self.append = False  # (the first answer: this input starts there)
+            self.base = self.acked = held
         if not isinstance(held, int) or held < self.acked:
             if isinstance(held, int) and held < self.acked:
                 raise ChaperoneError("run %s: the host holds %d bytes of its input, fewer than the %d it acknowledged"
