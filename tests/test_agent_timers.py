@@ -1,5 +1,6 @@
-"""The supervisor's timers (remote/agent.py's Timers), as pure data driven
-by a fake clock: no process, no sleep.  What the loop waits for and what is
+"""The supervisor's timers (remote/agent.py's Timers) and the callback
+sender's (SendTimers), as pure data driven by a fake clock: no process, no
+sleep.  What the loop waits for and what is
 due, as functions of (the timers, now, the facts the loop passes in)."""
 
 import pytest
