@@ -2143,7 +2143,10 @@ class Supervisor(object):
         is kept and written again by the loop (``unwritten``); a final
         state that cannot be written raises (record_end tries again)."""
         if self.capture == "file" and self.files and "stdout_bytes" not in changes:
+            before = dict(self.counts)
             self.watch_sizes()
+            if self.counts != before:
+                self.sizes_grew()  # (what it wrote before this state is in the timeline, at its own time)
             changes.update(stdout_bytes=self.counts["stdout"], stderr_bytes=self.counts["stderr"])
         self.state.update(changes)
         try:

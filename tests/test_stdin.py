@@ -258,3 +258,54 @@ def test_reading_a_pipe_never_blocks_the_event_loop():
             writer.join()
             unblock.cancel()
             os.close(r)
+
+
+def test_shared_input_each_reader_at_its_own_pace():
+    """feed.SharedInput: the source read once; each reader gets every byte
+    from the first, in order, as it comes: a fast one, a slow one, and one
+    that starts after the source ended; a source that fails says so to
+    every reader."""
+    import asyncio
+
+    from chaperone.errors import ChaperoneError
+    from chaperone.feed import SharedInput
+
+    parts = [bytes([i]) * 100_000 for i in range(30)]
+    whole = b"".join(parts)
+
+    async def source():
+        for part in parts:
+            yield part
+            await asyncio.sleep(0)
+
+    async def read(it, pause=0.0):
+        got = []
+        async for data in it:
+            got.append(data)
+            if pause:
+                await asyncio.sleep(pause)
+        return b"".join(got)
+
+    async def main():
+        shared = SharedInput(source())
+        fast, slow = await asyncio.gather(read(shared.reader()), read(shared.reader(), 0.001))
+        late = await read(shared.reader())
+        shared.close()
+
+        async def broken():
+            yield b"abc"
+            raise OSError(5, "Input/output error")
+
+        bad = SharedInput(broken())
+        try:
+            await read(bad.reader())
+        except ChaperoneError as e:
+            failed = str(e)
+        else:
+            failed = None
+        bad.close()
+        return fast, slow, late, failed
+
+    fast, slow, late, failed = asyncio.run(main())
+    assert fast == slow == late == whole
+    assert failed is not None and "after 3 bytes" in failed and "Input/output error" in failed

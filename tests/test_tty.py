@@ -8,6 +8,7 @@ restored whatever happens.  The library's `tty=` and `resize()` too."""
 import asyncio
 import fcntl
 import os
+import re
 import select
 import signal
 import struct
@@ -87,6 +88,17 @@ class Terminal:
                 except OSError:  # EIO: nobody has the terminal open any more
                     assert want in self.screen, "waited for %r; the screen: %r" % (want, self.screen)
         return self.screen
+
+    def read_match(self, pattern: bytes, timeout=30.0):
+        """Read until ``pattern`` (a regular expression) matches the screen."""
+        end = time.monotonic() + timeout
+        while True:
+            found = re.search(pattern, self.screen)
+            if found:
+                return found
+            assert time.monotonic() < end, "waited for %r; the screen: %r" % (pattern, self.screen)
+            if select.select([self.master], [], [], 0.2)[0]:
+                self.screen += os.read(self.master, 65536)
 
     def type(self, data: bytes):
         os.write(self.master, data)
@@ -317,3 +329,64 @@ def test_the_agent_checks_program_tty():
                 {"rows": 2, "cols": 70000}, {"rows": 2, "cols": 3, "term": 5}, []):
         with pytest.raises(agent.AgentError, match="program.tty"):
             agent.validate_spec({"id": "a", "program": {"argv": ["x"], "tty": bad}})
+
+
+@pytest.mark.timeout(60)
+def test_no_command_is_the_login_shell_as_ssh_host(sshd, home, tmp_path):
+    """`chaperone run HOST` with no command, as `ssh HOST`: the login shell,
+    on a terminal when this one is one (its exit status is the CLI's);
+    with piped input, the shell reads its commands from it, no terminal.
+    `run -d HOST` without a command needs -t (a usage error says so)."""
+    t = Terminal(cli(sshd, "run", "--spool", tmp_path / "spool", "testhost"), cli_env(home))
+    try:
+        t.read_until(b"(a terminal there: ~. detaches)")
+        t.type(b"test -t 0 && echo on-a-tty; exit 5\r")
+        t.read_until(b"on-a-tty")
+        assert t.wait() == 5, t.screen
+        assert t.settings() == t.before
+    finally:
+        t.close()
+    env = cli_env(home)
+    piped = subprocess.run(cli(sshd, "run", "--spool", tmp_path / "spool", "testhost"), env=env,
+                           input=b"test -t 0 || echo no-tty; echo from-stdin\n", capture_output=True, timeout=60)
+    assert piped.returncode == 0, piped
+    assert piped.stdout.endswith(b"no-tty\nfrom-stdin\n"), piped.stdout  # (after what the login scripts print)
+    detached = subprocess.run(cli(sshd, "run", "-d", "testhost"), env=env, capture_output=True, timeout=60)
+    assert detached.returncode == 2 and b"needs a terminal: chaperone run -d -t testhost" in detached.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_shell_on_a_terminal_survives_a_dropped_connection(sshd, home, tmp_path):
+    """The connection's sshd sessions killed while a shell runs on a
+    terminal there: the CLI says so in one line, reconnects, and the same
+    shell (same pid, its variables) takes what is typed next; nothing it
+    printed is shown twice."""
+    t = Terminal(cli(sshd, "run", "--spool", tmp_path / "spool", "testhost"), cli_env(home))
+    try:
+        t.read_until(b"(a terminal there: ~. detaches)")
+        t.type(b"X=kept; echo pid=$$.\r")
+        pid = t.read_match(rb"pid=(\d+)\.").group(1)
+        assert sshd.kill_sessions(), "no session to kill"
+        t.read_until(b"reconnecting")
+        t.type(b"echo again=$X:$$.\r")
+        t.read_until(b"again=kept:" + pid + b".")
+        t.type(b"exit 6\r")
+        assert t.wait() == 6, t.screen
+        assert t.screen.count(b"pid=" + pid + b".") == 1, t.screen
+        assert t.settings() == t.before
+    finally:
+        t.close()
+
+
+def test_docker_s_it_is_a_terminal_not_an_identity_file():
+    """`chaperone run -it HOST CMD` (docker's habit) reads as -t; ssh's `-i
+    FILE` and `-iFILE` stay identity files."""
+    from chaperone.cli.options import RUN, SSH, parse_options, split_run
+
+    opts, host, words, _ = split_run(["-it", "gpu1", "bash"], RUN + SSH)
+    assert (opts, host, words) == (["-t"], "gpu1", ["bash"])
+    assert parse_options(opts, RUN + SSH) == {"tty": [True]}
+    opts, host, words, _ = split_run(["gpu1", "-ti", "top"], RUN + SSH)
+    assert (opts, host, words) == (["-t"], "gpu1", ["top"])
+    opts, host, _, _ = split_run(["-i", "key", "-ikey2", "gpu1", "true"], RUN + SSH)
+    assert parse_options(opts, RUN + SSH) == {"identity": ["key", "key2"]} and host == "gpu1"

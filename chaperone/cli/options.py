@@ -129,6 +129,10 @@ def split_run(args: List[str], options) -> Tuple[List[str], Optional[str], List[
                 return opts, host, list(rest[1:]), True
             return opts, host, list(rest), False
         if arg.startswith("-") and arg != "-":
+            if arg in ("-it", "-ti"):
+                # docker's -it, not ssh's identity file "t": a terminal (the
+                # input is the program's anyway)
+                arg = "-t"
             opts.append(arg)
             name, eq, _ = arg.partition("=")
             if not eq and takes.get(name):

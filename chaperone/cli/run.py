@@ -34,8 +34,8 @@ class SSHStyleCommand(click.Command):
         return super().parse_args(ctx, opts + ([host] if host is not None else []))
 
 
-#: ``run -H``: the input each host gets is read whole first, at most this much.
-MAX_STDIN = 12 << 20
+#: ``run HOST`` without a command: the user's login shell there, as ``ssh HOST``.
+LOGIN_SHELL = 'exec "${SHELL:-/bin/sh}" -l'
 
 
 def _stdin_fd(params: dict):
@@ -110,23 +110,6 @@ def _stdin_source(params: dict):
     return _stream(fd, head)
 
 
-def _stdin_bytes(params: dict):
-    """``run -H``: the input every host gets, read whole (None: /dev/null);
-    at most :data:`MAX_STDIN` bytes."""
-    from ..errors import UsageError
-
-    fd = _stdin_fd(params)
-    if fd is None:
-        return None
-    with os.fdopen(fd if fd else os.dup(fd), "rb") as f:
-        data = f.read(MAX_STDIN + 1)
-    if len(data) > MAX_STDIN:
-        what = "stdin" if params.get("stdin_file") in (None, "-") else "--stdin %s" % params["stdin_file"]
-        raise UsageError("%s is larger than %d MiB, the most run -H sends to each host: put the file on the "
-                         "hosts and redirect it there (run -H ... 'prog < FILE')" % (what, MAX_STDIN >> 20))
-    return data
-
-
 def _read_ready(fd: int, limit: int):
     """What ``fd`` holds now, up to ``limit`` bytes (and one more), without
     waiting: ``(bytes, whether that is all of it)``.  (``echo hi | ...``:
@@ -170,6 +153,9 @@ def run(host, **params):
       chaperone run gpu1 -- echo '$HOME'         after --: the exact argv
       chaperone run -d --id train gpu1 -- ./job  detached: prints the id
       chaperone run -H 'gpu[1-8]' -- nvidia-smi  many hosts (docs/hosts.md)
+      chaperone run -t gpu1 htop                 a terminal there (as ssh -t); ~. detaches
+      chaperone run gpu1                         a login shell there that survives a dropped
+                                                 connection (chaperone attach ID comes back)
 
     As with ssh, options go before HOST or right after it; without --, the
     command's words are joined and run by the login shell; after --, they
@@ -189,10 +175,19 @@ def run(host, **params):
     tty = _tty(params)
     if host is None:
         fail("run needs a HOST (local for this machine) and a command (Try 'chaperone run --help'.)", 2)
-    if not words:
-        fail("no command given: chaperone run %s CMD...%s (Try 'chaperone run --help'.)"
-             % (host, "" if is_local(host) else " (for a shell there, use ssh %s)" % host), 2)
-    command = list(words) if exact else " ".join(words)
+    if words:
+        command = list(words) if exact else " ".join(words)
+    else:
+        # As `ssh HOST`: the login shell, on a terminal when this one is one
+        # (reading commands from stdin otherwise); a run like any other, so
+        # it survives a dropped connection (~. detaches, attach comes back).
+        if params.get("detach") and not tty:
+            fail("no command given: chaperone run -d %s CMD... (a shell that runs detached needs a terminal: "
+                 "chaperone run -d -t %s, then chaperone attach ID) (Try 'chaperone run --help'.)"
+                 % (host, host), 2)
+        if not tty and not params.get("no_tty") and not params.get("detach") and _typing(params):
+            tty = True
+        command = LOGIN_SHELL
     cwd = params.get("cwd")
     if is_local(host) and cwd is None:
         cwd = os.getcwd()
