@@ -126,6 +126,7 @@ def test_the_supervisors_of_a_shared_batch_do_not_hold_it_open(tmp_path):
 # Over SSH: the library's batches -------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("client", CLIENTS)
 def test_two_hundred_starts_at_once_are_one_batch_with_exact_output(sshd, tmp_path, client, monkeypatch):
@@ -209,6 +210,7 @@ def test_a_bad_program_in_a_batch_fails_its_run_only(sshd, tmp_path, monkeypatch
     assert damaged.state == "failed"
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("when", ["sending", "starting"])
 def test_a_batch_cut_by_a_killed_connection_records_no_run_running_that_never_started(sshd, tmp_path, when):
