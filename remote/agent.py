@@ -3585,10 +3585,11 @@ def start_one(root, spec, close=()):
     return run, wait_for_start(run.require())
 
 
-def start_many(root, docs):
+def start_many(root, docs, close=()):
     """Start a list of program.json documents with one agent process: every
     supervisor is forked first, then each one's start is awaited.  Each
-    answer is the run's state, or ``{"id", "rejected"}``."""
+    answer is the run's state, or ``{"id", "rejected"}``.  ``close``: fds
+    of this process the supervisors must not keep (see spawn)."""
     answers = [None] * len(docs)
     waiting = []
     prepare_fork(callbacks=any(isinstance(doc, dict) and doc.get("callback") for doc in docs))
@@ -3600,13 +3601,93 @@ def start_many(root, docs):
         except AgentError as e:
             answers[i] = {"id": run_id, "rejected": str(e)}
             continue
-        ready = spawn(run, spec, close=[r for _, _, r in waiting if r is not None]) if claimed else None
+        ready = spawn(run, spec, close=list(close) + [r for _, _, r in waiting if r is not None]) if claimed else None
         waiting.append((i, run, ready))
     for i, run, ready in waiting:
         try:
             answers[i] = started_state(run, ready) if ready is not None else wait_for_start(run.require())
         except AgentError as e:  # (an existing run whose state is damaged)
             answers[i] = {"id": run.id, "rejected": str(e)}
+    return answers
+
+
+#: A batch start is shared among processes (see start_shared) from this
+#: many documents per process on.
+BATCH_SHARE = 16
+#: At most this many processes share one batch.
+BATCH_WORKERS = 8
+
+
+def batch_workers(count):
+    """How many processes share a batch of ``count`` starts: one per CPU
+    this process may run on, each with at least BATCH_SHARE documents."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, BATCH_WORKERS, count // BATCH_SHARE))
+
+
+def start_shared(root, docs, workers=None):
+    """start_many, the documents shared among ``workers`` processes: this
+    one and others forked from it, each a slice of the list in its order,
+    so that the claims and the forks of the supervisors run on every CPU
+    at once (one channel and one Python start-up still).  Each helper
+    writes its slice's answers (JSON) to a pipe of its own.  A slice whose
+    helper did not answer it all (it died) is started again here: a start
+    is idempotent by id, so a run it did start is answered, not started
+    twice."""
+    workers = batch_workers(len(docs)) if workers is None else workers
+    if workers <= 1:
+        return start_many(root, docs)
+    # What each supervisor would load on its own after the fork (an
+    # extension module's dlopen every time): the run lock's fcntl,
+    # fork_exec's gc, and resource (os.wait4 builds its rusage with it).
+    for name in ("fcntl", "gc", "resource"):
+        try:
+            __import__(name)
+        except ImportError:  # pragma: no cover
+            pass
+    size = -(-len(docs) // workers)
+    slices = [docs[i:i + size] for i in range(0, len(docs), size)]
+    helpers = []  # (slice, pid, read end)
+    for part in slices[1:]:
+        r, w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # a helper: its slice, its answers, and out
+            code = 1
+            try:
+                os.close(r)
+                for _, _, fd in helpers:
+                    os.close(fd)
+                write_all(w, dumps(start_many(root, part, close=[w])).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        helpers.append((part, pid, r))
+    answers = start_many(root, slices[0], close=[fd for _, _, fd in helpers])
+    for part, pid, r in helpers:
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(r, 1 << 16)
+            except InterruptedError:  # pragma: no cover
+                continue
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(r)
+        os.waitpid(pid, 0)
+        try:
+            got = loads(b"".join(chunks).decode())
+        except ValueError:
+            got = None
+        if not isinstance(got, list) or len(got) != len(part):
+            got = start_many(root, part)
+        answers.extend(got)
     return answers
 
 
@@ -3620,7 +3701,7 @@ def cmd_start(args, out_marker):
             raise AgentError("program.json: expected a JSON object, or a non-empty list of them")
         if args.follow:
             raise AgentError("start --follow takes one program.json, not a list")
-        answers = start_many(root, doc)
+        answers = start_shared(root, doc)
         Output(out_marker).json(answers)
         return 0
     run, st = start_one(root, validate_spec(doc))
