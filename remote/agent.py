@@ -1399,6 +1399,57 @@ def dir_watch(path, libc, events=DIR_EVENTS):
     return fd
 
 
+#: inotify: IN_MODIFY: a spool file written (file capture: spool_watch).
+SPOOL_EVENTS = 0x2
+
+
+def spool_watch(paths, libc):
+    """File capture: an inotify descriptor that becomes readable each time
+    the program writes one of the files ``paths`` ({stream: path}), and
+    {watch descriptor: stream}; (None, None) where there is no inotify (no
+    libc, inotify_init fails, no watch left): then the supervisor looks at
+    the files' sizes on a timer, as Timers says."""
+    try:
+        init, add = libc.inotify_init1, libc.inotify_add_watch
+    except AttributeError:
+        return None, None
+    fd = init(0o4000 | 0o2000000)  # IN_NONBLOCK | IN_CLOEXEC
+    if fd < 0:
+        return None, None
+    names = {}
+    for name, path in sorted(paths.items()):
+        wd = add(fd, os.fsencode(path), SPOOL_EVENTS)
+        if wd < 0:
+            os.close(fd)
+            return None, None
+        names[wd] = name
+    return fd, names
+
+
+def spool_events(fd, names):
+    """Read what the inotify descriptor ``fd`` (spool_watch) holds: the
+    streams written, in the order of the writes, a stream written several
+    times in a row once (the kernel merges an event with the one before it
+    while it is not read: so does this).  None: the queue overflowed (the
+    order is not known)."""
+    order, lost = [], False
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # (EAGAIN: all read)
+            data = b""
+        if not data:
+            return None if lost else order
+        at = 0
+        while at + 16 <= len(data):
+            wd, mask, size = struct.unpack_from("=iI4xI", data, at)
+            name = names.get(wd)
+            lost = lost or bool(mask & 0x4000)  # IN_Q_OVERFLOW
+            if name is not None and (not order or order[-1] != name):
+                order.append(name)
+            at += 16 + size
+
+
 def entry_events(fd, name):
     """Read what the inotify descriptor ``fd`` (dir_watch) holds: whether
     any of it may concern the entry ``name`` (bytes) or the directory
@@ -1914,10 +1965,13 @@ class Timers(object):
     capture, the next look at the spool files' sizes (nobody wakes the
     loop when the program writes them) and the pause before it: short
     right after they grew, doubling up to SIZE_POLL_MAX while they do
-    not."""
+    not: only where no inotify watch tells the loop of each write
+    (``size_watch``; then the sizes are looked at once more at the end,
+    by the final state); ``watch_pause``: until when that watch is not
+    read (see spool_written)."""
 
     __slots__ = ("deadline", "kill_at", "exited_at", "next_dir_check", "next_retry", "next_size_check",
-                 "size_poll")
+                 "size_poll", "size_watch", "watch_pause")
 
     def __init__(self, started, timeout):
         self.deadline = started + timeout if timeout else None
@@ -1927,6 +1981,8 @@ class Timers(object):
         self.next_retry = None
         self.next_size_check = None
         self.size_poll = SIZE_POLL_MIN
+        self.size_watch = False
+        self.watch_pause = None
 
     def exited(self, now):
         """The program's exit is known (from ``now`` on, if not before)."""
@@ -1943,6 +1999,18 @@ class Timers(object):
         if they ``grew``, later and later if not."""
         self.size_poll = SIZE_POLL_MIN if grew else min(self.size_poll * 2, SIZE_POLL_MAX)
         self.next_size_check = now + self.size_poll
+
+    def spool_written(self, switched, held_until):
+        """File capture with an inotify watch: it said the program wrote.
+        While one stream alone is written (not ``switched`` from the one
+        written last) and the timeline holds its growth back (until
+        ``held_until``), the watch is not read until then: a chatty
+        program costs the loop a wake-up per TIMELINE_GRAIN, not one per
+        write, and the queue still holds the order of the streams' turns
+        (exact unless they took turns twice within the pause).  Once the
+        streams take turns, each write wakes the loop.  Whether to pause."""
+        self.watch_pause = None if switched else held_until
+        return self.watch_pause is not None
 
     def lingering(self, now, output_open):
         """Output may still come from children the program left behind
@@ -1975,7 +2043,9 @@ class Timers(object):
             # (a pipe's end wakes the poll; a file let go of does not)
             left = self.exited_at + LINGER - now
             waits.append(left if pipes else min(left, HOLD_CHECK))
-        if poll_sizes:
+        if self.watch_pause is not None:
+            waits.append(self.watch_pause - now)
+        if poll_sizes and not self.size_watch:
             if self.next_size_check is None:
                 self.next_size_check = now + self.size_poll
             waits.append(self.next_size_check - now)
@@ -1994,7 +2064,8 @@ class Timers(object):
         """What is due at ``now``, in order: ``timeout`` (SIGTERM the tree,
         then SIGKILL after the grace), ``kill`` (the SIGKILL escalation),
         ``check_dir``, ``retry_state``, ``check_sizes`` (then sizes_seen()),
-        ``flush_timeline``.  The timers that fired are reset."""
+        ``flush_timeline``, ``read_watch`` (the pause of spool_written
+        over).  The timers that fired are reset."""
         actions = []
         if self.deadline is not None and not timed_out and running and now >= self.deadline:
             actions.append("timeout")
@@ -2007,10 +2078,14 @@ class Timers(object):
         if self.next_retry is not None and now >= self.next_retry:
             self.next_retry = None
             actions.append("retry_state")
+        poll_sizes = poll_sizes and not self.size_watch
         if poll_sizes and self.next_size_check is not None and now >= self.next_size_check:
             actions.append("check_sizes")
         if timeline_due is not None and now >= timeline_due:
             actions.append("flush_timeline")
+        if self.watch_pause is not None and now >= self.watch_pause:
+            self.watch_pause = None
+            actions.append("read_watch")
         return actions
 
 
@@ -2050,7 +2125,8 @@ class Life(object):
 #: (nothing more to wait for), ``recorded``.  An event a phase has no entry
 #: for changes nothing and does nothing (say a timeout after the exit).
 #: The timers' housekeeping (``check_dir``, ``retry_state``,
-#: ``check_sizes``, ``flush_timeline``) is carried out in any phase.
+#: ``check_sizes``, ``flush_timeline``, ``read_watch``) is carried out in
+#: any phase.
 TRANSITIONS = {
     ("starting", "started"): ("running", (), ("record_start", "ready", "start_sender")),
     ("starting", "exec_failed"): ("error", (), ("record_error", "ready")),
@@ -2070,7 +2146,7 @@ TRANSITIONS = {
     ("exited", "over"): ("ending", (), ("drain", "record_end")),
     ("ending", "recorded"): (None, (), ("close_spool", "restore_signals")),
 }
-HOUSEKEEPING = ("check_dir", "retry_state", "check_sizes", "flush_timeline")
+HOUSEKEEPING = ("check_dir", "retry_state", "check_sizes", "flush_timeline", "read_watch")
 
 
 def step(life, event, recorded=None):
@@ -2131,6 +2207,10 @@ class Supervisor(object):
         self.ctl_fd = None
         self.ctl_buf = b""
         self.watch_fd = None
+        self.spool_fd = None  # file capture: the inotify watch of the spool files (spool_watch)
+        self.spool_names = {}
+        self.spool_last = None  # the stream it said was written last
+        self.spool_polled = False  # in the poller (not while Timers.spool_written pauses it)
         self.use_splice = hasattr(os, "splice")
 
     @property
@@ -2368,6 +2448,7 @@ class Supervisor(object):
         if self.watch_fd is not None:
             poller.register(self.watch_fd, select.POLLIN)
         self.start_feeding(poller)
+        self.watch_spool()
         self.reap()
         self.check_dir()
         while True:
@@ -2428,6 +2509,8 @@ class Supervisor(object):
             elif fd == self.watch_fd:
                 if entry_events(self.watch_fd, os.fsencode(self.run.id)):
                     self.check_dir()
+            elif fd == self.spool_fd:
+                self.spool_written()
 
     def after_poll(self):
         """After each wake-up: the signals got, the exit, the timers due,
@@ -2454,6 +2537,10 @@ class Supervisor(object):
         if self.watch_fd is not None:
             os.close(self.watch_fd)
             self.watch_fd = None
+        if self.spool_fd is not None:
+            self.spool_written()  # (the last turns, in order, before the final look)
+            os.close(self.spool_fd)
+            self.spool_fd = None
         self.stop_feeding()
         for fd in list(self.pipes):
             self.pump(fd, self.poller, self.use_splice, final=True)
@@ -2534,6 +2621,10 @@ class Supervisor(object):
             due = self.timeline_due()
             if due is not None and now >= due:
                 self.timeline.flush()
+        elif action == "read_watch" and self.spool_fd is not None:
+            self.poller.register(self.spool_fd, select.POLLIN)
+            self.spool_polled = True
+            self.spool_written()
 
     def pump(self, fd, poller, use_splice, final=False):
         """Move what the pipe ``fd`` holds into its spool file.  When the
@@ -2696,6 +2787,44 @@ class Supervisor(object):
             self.sender.output_written(self.counts)
         return True
 
+    def watch_spool(self):
+        """File capture: an inotify watch of the spool files in the loop's
+        poller, so that each write wakes it (spool_written); else (no
+        inotify) the timers' size polling.  Then one look at the sizes,
+        for what was written before the watch."""
+        if self.capture == "file" and self.files:
+            paths = dict((name, self.run.path(name)) for name in self.files)
+            self.spool_fd, self.spool_names = spool_watch(paths, _libc())
+            if self.spool_fd is not None:
+                self.poller.register(self.spool_fd, select.POLLIN)
+                self.timers.size_watch = self.spool_polled = True
+            self.poll_sizes()
+
+    def spool_written(self):
+        """File capture, the watch said the program wrote: each stream
+        written gets its size now as a timeline record, in the order of
+        the writes (the last write of each: the size a stream has now is
+        what it had after its last turn), and the sender wakes.  The
+        watch may pause (Timers.spool_written)."""
+        order = spool_events(self.spool_fd, self.spool_names)
+        if order is None:  # (the queue overflowed: the files' mtimes say the order)
+            self.poll_sizes()
+            return
+        if not order:
+            return
+        before = dict(self.counts)
+        self.watch_sizes()
+        last = dict((name, i) for i, name in enumerate(order))
+        switched = len(last) > 1 or order[0] != self.spool_last
+        self.spool_last = order[-1]
+        if self.counts != before:
+            self.sizes_grew(key=lambda n: last.get(n, -1))
+            if self.sender:
+                self.sender.output_written(self.counts)
+        if self.timers.spool_written(switched, self.timeline_due()) and self.spool_polled:
+            self.poller.unregister(self.spool_fd)
+            self.spool_polled = False
+
     # The output timeline ---------------------------------------------------------
 
     #: The spool's timeline (TimelineWriter), opened at the first growth.
@@ -2721,13 +2850,14 @@ class Supervisor(object):
             self.timeline = TimelineWriter(self.run.path("timeline"))
         self.timeline.grew(name, end, when if isinstance(when, int) else int(when * 1e6))
 
-    def sizes_grew(self):
+    def sizes_grew(self, key=None):
         """File capture: the streams whose size (counts) passed what the
-        timeline holds, the earlier written first (by each file's mtime:
-        the time of its last write, so of the last of these bytes)."""
+        timeline holds, the earlier written first (by ``key``; by default
+        each file's mtime: the time of its last write, so of the last of
+        these bytes)."""
         held = self.timeline.ends if self.timeline is not None else {}
         for name in sorted((n for n in STREAMS if self.counts[n] > held.get(n, 0)),
-                           key=lambda n: self.mtimes.get(n, 0)):
+                           key=key or (lambda n: self.mtimes.get(n, 0))):
             self.grew(name, self.counts[name], self.mtimes.get(name) or time.time())
 
     def timeline_end(self):

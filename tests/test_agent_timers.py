@@ -159,3 +159,24 @@ def test_the_sender_reads_no_field_of_the_supervisor_from_its_thread():
                     and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"
                     and node.value.attr == "sup"})
     assert reads == ["sup.run"], reads   # (the run: the spool's paths, which never change)
+
+
+def test_an_inotify_watch_of_the_spool_files_replaces_the_size_polling():
+    """File capture with an inotify watch: no look at the sizes on a
+    timer; while one stream alone is written and the timeline holds its
+    growth back, the watch is not read until that record is due; once the
+    streams take turns, every write is read at once."""
+    t = T(started=0.0, timeout=None)
+    t.size_watch = True
+    assert wait(t, 0.0, poll_sizes=True) is None
+    assert t.due(5.0, running=True, timed_out=False, poll_sizes=True) == []
+    assert t.spool_written(switched=False, held_until=1.5) is True
+    assert wait(t, 1.0, poll_sizes=True) == 501
+    assert t.due(1.4, running=True, timed_out=False, poll_sizes=True, timeline_due=1.5) == []
+    assert t.due(1.5, running=True, timed_out=False, poll_sizes=True, timeline_due=1.5) == [
+        "flush_timeline", "read_watch"]
+    assert t.watch_pause is None and wait(t, 1.5, poll_sizes=True) is None
+    assert t.spool_written(switched=True, held_until=2.0) is False and wait(t, 1.6) is None
+    assert t.spool_written(switched=False, held_until=None) is False
+    t.size_watch = False  # (no watch: the sizes polled, as before)
+    assert 10 <= wait(t, 3.0, poll_sizes=True) <= 11  # SIZE_POLL_MIN

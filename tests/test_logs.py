@@ -3,10 +3,12 @@ spool's timeline), --timestamps, --since; exact bytes (issue 10, item 8)."""
 
 import asyncio
 import datetime
+import json
 import os
 import re
 import struct
 import subprocess
+import sys
 import time
 
 import pytest
@@ -132,6 +134,82 @@ def test_a_chatty_program_gets_a_record_per_10_ms_not_per_write(tmp_path):
     assert recs[-1][1:] == ("1", st["stdout_bytes"])
     duration = (recs[-1][0] - recs[0][0]) / 1e6
     assert len(recs) <= duration / 0.01 + 3, (len(recs), duration)
+
+
+#: ``agent.py --root ROOT start`` with module constants or functions of the
+#: agent replaced first (argv[1]: Python code run with the module as ``ag``);
+#: the supervisor forks from this process, so it runs with them.
+PATCHED_START = ("import importlib.util, sys\n"
+                 "spec = importlib.util.spec_from_file_location('agent', sys.argv[2])\n"
+                 "ag = importlib.util.module_from_spec(spec)\n"
+                 "spec.loader.exec_module(ag)\n"
+                 "exec(sys.argv[1], {'ag': ag})\n"
+                 "sys.exit(ag.main(sys.argv[3:]))\n")
+
+
+def main_thread_wakeups(pid):
+    """Voluntary context switches of the supervisor's main thread."""
+    with open("/proc/%d/task/%d/status" % (pid, pid)) as f:
+        return int(next(line for line in f if line.startswith("voluntary_ctxt_switches:")).split()[1])
+
+
+def patched_start(root, spec, patch):
+    from helpers import AGENT
+
+    res = subprocess.run([sys.executable, "-c", PATCHED_START, patch, str(AGENT), "--root", str(root), "start"],
+                         input=json.dumps(spec).encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         timeout=60)
+    assert res.returncode == 0, res.stderr.decode()
+
+
+#: 20 turns of each stream, 20 ms apart (5 bytes a write).
+QUICK_TURNS = ("import os, time\n"
+               "for i in range(20):\n"
+               "    os.write(1, b'o%03d\\n' % i); time.sleep(0.02)\n"
+               "    os.write(2, b'e%03d\\n' % i); time.sleep(0.02)\n")
+
+
+@pytest.mark.timeout(60)
+def test_file_capture_timeline_is_each_write_in_order_however_late_the_size_looks_come(tmp_path):
+    """File capture: an inotify watch of the spool files wakes the
+    supervisor at each write, so the timeline has a record per turn, in
+    order, with the exact size each stream reached, even when its looks
+    at the sizes come late (here: made slow on purpose; on a busy machine
+    they came late and the files' mtimes guessed the order)."""
+    root = tmp_path / "spool"
+    run_id = unique("tq")
+    patched_start(root, program(run_id, [PY, "-c", QUICK_TURNS]), "ag.SIZE_POLL_MIN = ag.SIZE_POLL_MAX = 0.5")
+    st = wait_state(root, run_id)
+    assert (st["stdout_bytes"], st["stderr_bytes"]) == (100, 100)
+    recs = records(root / run_id / "timeline")
+    assert [(kind, end) for _, kind, end in recs] == [(k, 5 * (i + 1)) for i in range(20) for k in "12"]
+
+
+@pytest.mark.timeout(60)
+def test_file_capture_without_inotify_looks_at_the_sizes_as_before(tmp_path):
+    """Where there is no inotify watch of the spool files (no libc,
+    inotify_init failing, no watch left), the supervisor looks at the
+    files' sizes on its timer: 10 ms after they grew, then twice as late
+    each time (while nothing is written: about once a second); the
+    timeline still follows the program's turns, 80 ms apart, and `logs`
+    serves them in order."""
+    root = tmp_path / "spool"
+    run_id = unique("tn")
+    code = TURNS + "time.sleep(3)\n"
+    patched_start(root, program(run_id, [PY, "-c", code]), "ag.spool_watch = lambda paths, libc: (None, None)")
+    pid = json.loads((root / run_id / "state.json").read_bytes())["agent_pid"]
+    time.sleep(2.0)
+    before = main_thread_wakeups(pid)
+    time.sleep(1.5)
+    assert 1 <= main_thread_wakeups(pid) - before <= 4  # (once a second, not every 10 ms)
+    st = wait_state(root, run_id)
+    assert (st["stdout_bytes"], st["stderr_bytes"]) == (len(OUT), len(ERR))
+    recs = records(root / run_id / "timeline")
+    kinds = [k for i, (_, k, _) in enumerate(recs) if i == 0 or recs[i - 1][1] != k]
+    assert kinds == ["1", "2"] * 4
+    res = agent(root, "--marker", "M", "logs", run_id)
+    events = StreamDecoder("M", json_line=False, framed=True).feed(res.stdout)
+    assert b"".join(e.data for e in events if isinstance(e, OutputChunk)) == IN_ORDER
 
 
 @pytest.mark.timeout(60)
