@@ -1419,35 +1419,42 @@ def spool_watch(paths, libc):
     names = {}
     for name, path in sorted(paths.items()):
         wd = add(fd, os.fsencode(path), SPOOL_EVENTS)
-        if wd < 0:
+        if not 0 <= wd < 255:  # (see spool_events)
             os.close(fd)
             return None, None
         names[wd] = name
     return fd, names
 
 
+#: Where in an inotify event (struct inotify_event: int wd, then mask,
+#: cookie, len, each 4 bytes, native order) the low byte of its watch is.
+_WD_LOW = 0 if sys.byteorder == "little" else 3
+
+
 def spool_events(fd, names):
     """Read what the inotify descriptor ``fd`` (spool_watch) holds: the
-    streams written, in the order of the writes, a stream written several
-    times in a row once (the kernel merges an event with the one before it
-    while it is not read: so does this).  None: the queue overflowed (the
-    order is not known)."""
-    order, lost = [], False
+    streams written (by the time of each one's last write, the last one
+    last), the first one written, and how many times the writes went from
+    one stream to the other; None: the queue overflowed (the order is not
+    known).  (A file's own watch names no entry: each
+    event is 16 bytes, and spool_watch's few watches are numbered below
+    255: the low bytes of the watches are the order of the writes, read in
+    C however many events a chatty program left.)"""
+    key = b""
     while True:
         try:
             data = os.read(fd, 65536)
         except OSError:  # (EAGAIN: all read)
             data = b""
         if not data:
-            return None if lost else order
-        at = 0
-        while at + 16 <= len(data):
-            wd, mask, size = struct.unpack_from("=iI4xI", data, at)
-            name = names.get(wd)
-            lost = lost or bool(mask & 0x4000)  # IN_Q_OVERFLOW
-            if name is not None and (not order or order[-1] != name):
-                order.append(name)
-            at += 16 + size
+            break
+        key += data[_WD_LOW::16]
+    if not key or b"\xff" in key:  # (IN_Q_OVERFLOW: watch -1)
+        return None if key else ([], None, 0)
+    marks = dict((bytes((wd,)), name) for wd, name in names.items())
+    last = sorted((key.rfind(mark), name) for mark, name in marks.items() if mark in key)
+    changes = sum(key.count(a + b) for a in marks for b in marks if a != b)
+    return [name for _, name in last], marks.get(key[:1]), changes
 
 
 def entry_events(fd, name):
@@ -2000,7 +2007,7 @@ class Timers(object):
         self.size_poll = SIZE_POLL_MIN if grew else min(self.size_poll * 2, SIZE_POLL_MAX)
         self.next_size_check = now + self.size_poll
 
-    def spool_written(self, switched, held_until):
+    def spool_written(self, switched, exact, held_until):
         """File capture with an inotify watch: it said the program wrote.
         While one stream alone is written (not ``switched`` from the one
         written last) and the timeline holds its growth back (until
@@ -2008,8 +2015,11 @@ class Timers(object):
         program costs the loop a wake-up per TIMELINE_GRAIN, not one per
         write, and the queue still holds the order of the streams' turns
         (exact unless they took turns twice within the pause).  Once the
-        streams take turns, each write wakes the loop.  Whether to pause."""
-        self.watch_pause = None if switched else held_until
+        streams take turns, each write wakes the loop, as long as it keeps
+        up with them (``exact``: the watch told no more than one change of
+        stream since its last read; else the turns come faster than the
+        loop can record each: it reads once per grain).  Whether to pause."""
+        self.watch_pause = held_until if not switched or not exact else None
         return self.watch_pause is not None
 
     def lingering(self, now, output_open):
@@ -2806,22 +2816,23 @@ class Supervisor(object):
         the writes (the last write of each: the size a stream has now is
         what it had after its last turn), and the sender wakes.  The
         watch may pause (Timers.spool_written)."""
-        order = spool_events(self.spool_fd, self.spool_names)
-        if order is None:  # (the queue overflowed: the files' mtimes say the order)
+        events = spool_events(self.spool_fd, self.spool_names)
+        if events is None:  # (the queue overflowed: the files' mtimes say the order)
             self.poll_sizes()
             return
+        order, first, changes = events
         if not order:
             return
         before = dict(self.counts)
         self.watch_sizes()
         last = dict((name, i) for i, name in enumerate(order))
-        switched = len(last) > 1 or order[0] != self.spool_last
+        switched = changes > 0 or first != self.spool_last
         self.spool_last = order[-1]
         if self.counts != before:
             self.sizes_grew(key=lambda n: last.get(n, -1))
             if self.sender:
                 self.sender.output_written(self.counts)
-        if self.timers.spool_written(switched, self.timeline_due()) and self.spool_polled:
+        if self.timers.spool_written(switched, changes <= 1, self.timeline_due()) and self.spool_polled:
             self.poller.unregister(self.spool_fd)
             self.spool_polled = False
 
