@@ -90,9 +90,9 @@ LINGER = 1.0
 #: File capture, while something is left behind after the program exited:
 #: how often to look whether it still holds a spool file.
 HOLD_CHECK = 0.05
-#: File capture with a callback: the supervisor looks at the spool files'
-#: sizes this soon after they grew, backing off (doubling) to SIZE_POLL_MAX
-#: while they do not.
+#: File capture where no inotify watch of the spool files wakes it at each
+#: write (spool_watch): the supervisor looks at their sizes this soon after
+#: they grew, backing off (doubling) to SIZE_POLL_MAX while they do not.
 SIZE_POLL_MIN = 0.01
 SIZE_POLL_MAX = 1.0
 #: How often the supervisor looks whether its run's directory is still

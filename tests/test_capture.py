@@ -372,10 +372,11 @@ def main_thread_wakeups(pid):
 
 @pytest.mark.timeout(30)
 def test_file_capture_without_callback_the_supervisor_sleeps(root):
-    """While the program writes nothing, the supervisor looks at the spool
-    files' sizes (for the timeline) once a second: no more (it looked
-    10 ms after the output grew, then twice as late each time), and at no
-    measurable CPU cost."""
+    """While the program writes nothing, the supervisor sleeps: an inotify
+    watch of the spool files wakes it at a write (without one it looks at
+    their sizes once a second, 10 ms after the output grew, then twice as
+    late each time: test_logs.py's test_file_capture_without_inotify...),
+    at no measurable CPU cost."""
     m = marker_number()
     try:
         st = agent_start(root, program("idle", ["sh", "-c", "printf x; sleep %s" % m]))
