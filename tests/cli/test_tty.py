@@ -390,3 +390,41 @@ def test_docker_s_it_is_a_terminal_not_an_identity_file():
     assert (opts, host, words) == (["-t"], "gpu1", ["top"])
     opts, host, _, _ = split_run(["-i", "key", "-ikey2", "gpu1", "true"], RUN + SSH)
     assert parse_options(opts, RUN + SSH) == {"identity": ["key", "key2"]} and host == "gpu1"
+
+
+def test_a_terminal_s_end_is_no_sighup_for_the_program(tmp_path):
+    """The terminal's master side is read to its end (EIO: its last user
+    closed it) before the program is reaped; closing it then hung the
+    terminal up, and a program still on its way out got a SIGHUP: about 2
+    runs in 100 of `cat` given `typed\\n^D` ended "killed by SIGHUP".  80
+    such runs (one batched start) all exit 0; and the supervisor keeps the
+    master open until close_spool."""
+    import base64
+    import json
+
+    from support.helpers import AGENT, load_agent, wait_state
+
+    root = tmp_path / "spool"
+    docs = [{"id": "h%d" % i, "program": {"argv": ["test -t 0 && echo TTY; cat"], "shell": True,
+                                          "tty": {"rows": 24, "cols": 80},
+                                          "stdin": {"data": base64.b64encode(b"typed\n\x04").decode()}}}
+            for i in range(80)]
+    res = subprocess.run([sys.executable, str(AGENT), "start"], input=json.dumps(docs).encode(),
+                         env=dict(os.environ, CHAPERONE_SPOOL=str(root)), capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    ends = [wait_state(root, d["id"], timeout=30) for d in docs]
+    assert [(st["state"], st["return_code"], st["signal"]) for st in ends] == [("done", 0, None)] * 80
+
+    ag = load_agent()
+    sup = ag.Supervisor(ag.Run(str(root), "x"), {"id": "x", "config": {}}, None)
+    master, slave = os.openpty()
+    os.close(slave)
+    sup.tty_fd, sup.pipes = master, {master: "stdout"}
+    poller = select.poll()
+    poller.register(master, select.POLLIN)
+    sup.close_pipe(master, poller)
+    assert sup.pipes == {} and sup.tty_fd is None
+    os.fstat(master)  # (still open)
+    sup.close_spool()
+    with pytest.raises(OSError):
+        os.fstat(master)
