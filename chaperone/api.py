@@ -48,7 +48,7 @@ from .watcher import HostWatcher
 
 if TYPE_CHECKING:  # pragma: no cover
     from .fleet.runs import ManyRuns
-    from .models import RunInfo, RunState
+    from .models import RunInfo, RunState, StdinAck
 
 __all__ = ["Chaperone", "Run", "new_run_id", "parse_env", "check_signal", "exit_code_for"]
 
@@ -215,6 +215,14 @@ class Run:
             return await self._ch.signal(self.id, sig, grace)
         finally:
             self._refresh()
+
+    def send_input(self, source: "feed.Source", **kw) -> asyncio.Task:
+        """See :meth:`Chaperone.send_input`."""
+        return self._ch.send_input(self.id, source, **kw)
+
+    async def resize(self, rows: int, cols: int) -> bool:
+        """See :meth:`Chaperone.resize`."""
+        return await self._ch.resize(self.id, rows, cols)
 
     async def clean(self, force: bool = False) -> None:
         """See :meth:`Chaperone.clean`."""
@@ -409,15 +417,19 @@ class Chaperone:
                      env: Optional[Mapping[str, Optional[str]]] = None, timeout: Optional[float] = None,
                      stdin: Optional[bytes] = None, stdin_path: Optional[str] = None,
                      callback: Optional[dict] = None, config: Optional[dict] = None,
-                     shell: bool = False, stdin_stream: bool = False) -> dict:
+                     shell: bool = False, stdin_stream: bool = False,
+                     tty: "Union[bool, Mapping, None]" = None) -> dict:
         """A validated program.json (``chaperone.models.ProgramSpec`` as a
         dict, defaults filled in).  ``shell``: ``argv`` is one shell command
         line, for the login shell on the host; ``stdin_stream``: the input
-        comes as the program runs (``agent.py stdin``)."""
+        comes as the program runs (``agent.py stdin``); ``tty``: see
+        :meth:`start`."""
         if not argv:
             raise UsageError("no command given")
         stdin_spec = None
-        if stdin_stream:
+        if stdin_stream or (tty and stdin is None and stdin_path is None):
+            # (a terminal's input stays open: what is typed later, by this
+            # process or by another one attached, goes there: send_input)
             stdin_spec = {"stream": True}
         elif stdin is not None:
             stdin_spec = {"data": base64.b64encode(stdin).decode()}
@@ -429,7 +441,7 @@ class Chaperone:
         doc = {
             "id": run_id or new_run_id(),
             "program": {"argv": list(argv), "cwd": cwd, "env": dict(env or {}), "stdin": stdin_spec,
-                        "shell": bool(shell)},
+                        "shell": bool(shell), "tty": terminal(tty)},
             "callback": callback,
             "config": cfg,
         }
@@ -497,7 +509,7 @@ class Chaperone:
                     timeout: Optional[float] = None, stdin: "Optional[feed.Source]" = None,
                     stdin_path: Optional[str] = None, config: Optional[dict] = None,
                     ssh: Optional[dict] = None, group: Optional[str] = None, callback: Optional[dict] = None,
-                    **kw) -> Run:
+                    tty: "Union[bool, Mapping, None]" = None, **kw) -> Run:
         """Start ``command`` on ``host`` and return at once (it runs detached).
 
         ``command``: a string is a shell command line, run by the user's
@@ -516,8 +528,12 @@ class Chaperone:
         host), ``config`` (see
         ``chaperone.models.Config``), ``ssh`` (settings for this host: see
         :meth:`target`), ``callback`` (``program.json``'s callback, for an
-        endpoint of your own; ``push=True`` makes one).  A start that never
-        reached the host raises and is recorded ``failed``."""
+        endpoint of your own; ``push=True`` makes one), ``tty``: run it on
+        a pseudo-terminal on the host, as ``ssh -t`` does (True: the size of
+        this process's terminal, else 24x80, and its TERM; or
+        ``{"rows", "cols", "term"}``): what it writes is spooled as stdout,
+        ``stdin`` is what is typed, :meth:`resize` changes the window.  A
+        start that never reached the host raises and is recorded ``failed``."""
         run_id = id or kw.pop("run_id", None)
         on_reconnect = kw.pop("on_reconnect", None)
         if kw:
@@ -526,7 +542,7 @@ class Chaperone:
         target, transport, spec, existed = await self._prepare(
             host, command, ssh, group, dict(run_id=run_id, cwd=cwd, env=env, timeout=timeout, stdin=stdin,
                                             stdin_path=stdin_path, config=config, callback=callback,
-                                            stdin_stream=source is not None))
+                                            stdin_stream=source is not None, tty=tty))
         run_id = spec["id"]
         try:
             state = await self._batcher(transport).submit(json.dumps(spec).encode())
@@ -547,13 +563,52 @@ class Chaperone:
                     pass
         return self.get(run_id)
 
-    def _feed(self, run_id: str, source, on_reconnect=None) -> asyncio.Task:
+    async def input_status(self, run_id: str) -> "Optional[StdinAck]":
+        """What the host holds of a run's input, when it reads a stream
+        (:class:`~chaperone.models.StdinAck`: bytes held, whether it ended,
+        whether the run is over, whether it is a terminal's); None when its
+        input is not a stream (/dev/null, a file, bytes given at the start)."""
+        from .errors import AgentFailed
+        from .models import StdinAck
+
+        rec = self.record(run_id)
+        self._never_started(rec)
+        try:
+            call = await self.client(rec.id).open_stdin(rec.id)
+        except NoSuchRun:
+            raise self._gone(rec) from None
+        try:
+            answer = await call.answer()
+        except AgentFailed as e:
+            if "does not read its stdin from a stream" in str(e):
+                return None
+            raise
+        finally:
+            call.close()
+        if answer is None:
+            raise ConnectionLost("the stdin call to run %s ended early" % rec.id)
+        return StdinAck.model_validate(answer)
+
+    def send_input(self, run_id: str, source: "feed.Source", *,
+                   on_reconnect: Optional[Callable[[Exception, float], None]] = None) -> asyncio.Task:
+        """Send ``source`` to a running program's input, after what it was
+        given so far (a run whose stdin is a stream: started with a stream
+        as ``stdin``, or on a terminal: ``tty``), as :meth:`start` sends
+        it: across dropped connections, each byte once; its end, if it
+        ends, is the input's end.  For a run another process started (say
+        ``chaperone attach``).  A task: the bytes the host holds in the end."""
+        rec = self.record(run_id)
+        self._never_started(rec)
+        feed.check_source(source)
+        return self._feed(rec.id, source, on_reconnect, append=True)
+
+    def _feed(self, run_id: str, source, on_reconnect=None, append: bool = False) -> asyncio.Task:
         """Send ``source`` as the input of ``run_id`` in the background
         (:class:`chaperone.feed.Feeder`)."""
         old = self._feeders.get(run_id)
         if old is not None and not old.done():
             return old
-        sender = feed.Feeder(lambda: self.client(run_id), run_id, source, on_reconnect=on_reconnect)
+        sender = feed.Feeder(lambda: self.client(run_id), run_id, source, on_reconnect=on_reconnect, append=append)
         task = self._feeders[run_id] = asyncio.ensure_future(sender.run())
 
         def done(task):
@@ -906,6 +961,22 @@ class Chaperone:
         self.records.update(rec.id, state)
         return self._typed(state)
 
+    async def resize(self, run_id: str, rows: int, cols: int) -> bool:
+        """A new window size for the terminal of a run started with ``tty``
+        (its program gets SIGWINCH); False when the run no longer reads it
+        (it ended)."""
+        for n in (rows, cols):
+            if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 65535:
+                raise UsageError("a window size is two integers from 1 to 65535, not %r x %r" % (rows, cols))
+        rec = self.record(run_id)
+        self._never_started(rec)
+        msg = json.dumps({"op": "resize", "rows": rows, "cols": cols}).encode()
+        try:
+            answer = await self.client(rec.id).control(rec.id, msg)
+        except NoSuchRun:
+            raise self._gone(rec) from None
+        return bool(answer.get("delivered"))
+
     async def clean(self, run_id: str, force: bool = False) -> None:
         """Remove the run's spool on its host and its record here (a run
         that never started has nothing on a host: only the record)."""
@@ -960,6 +1031,27 @@ class Chaperone:
         from .fleet.runs import group_run_ids
 
         return [self.get(r) for r in group_run_ids(self, group_id)]
+
+
+def terminal(tty: "Union[bool, Mapping, None]") -> Optional[dict]:
+    """program.tty for start's ``tty``: None (no terminal); True: the
+    size of this process's terminal (stdout's, else stdin's; 24x80 when it
+    has none) and its TERM; a mapping as :class:`chaperone.models.Tty`."""
+    if tty is None or tty is False:
+        return None
+    if tty is True:
+        size = None
+        for fd in (1, 0, 2):
+            try:
+                size = os.get_terminal_size(fd)
+                break
+            except OSError:
+                continue
+        rows, cols = (size.lines, size.columns) if size is not None and size.lines and size.columns else (24, 80)
+        return {"rows": rows, "cols": cols, "term": os.environ.get("TERM") or None}
+    if isinstance(tty, Mapping):
+        return {"term": None, **dict(tty)}
+    raise UsageError("tty must be True, False, None or {'rows': R, 'cols': C, 'term': T}, not %r" % (tty,))
 
 
 def _input(stdin) -> "tuple[Optional[bytes], object]":

@@ -116,7 +116,12 @@ class Feeder:
     resume.  :meth:`run` returns the number of bytes the host holds."""
 
     def __init__(self, client: Callable, run_id: str, source, *,
-                 on_reconnect: Optional[Callable[[Exception, float], None]] = None, reconnect_for: float = 3600.0):
+                 on_reconnect: Optional[Callable[[Exception, float], None]] = None, reconnect_for: float = 3600.0,
+                 append: bool = False):
+        #: ``append``: ``source`` comes after what the host holds already
+        #: (another process sent the first part: ``Chaperone.send_input``),
+        #: not from the input's first byte.
+        self.append = append
         self.client = client
         self.run_id = run_id
         self.source = source
@@ -170,6 +175,9 @@ class Feeder:
 
     def _ack(self, answer: dict) -> None:
         held = answer.get("held")
+        if self.append and isinstance(held, int) and held >= 0:
+            self.append = False  # (the first answer: this input starts there)
+            self.base = self.acked = held
         if not isinstance(held, int) or held < self.acked:
             if isinstance(held, int) and held < self.acked:
                 raise ChaperoneError("run %s: the host holds %d bytes of its input, fewer than the %d it acknowledged"
@@ -278,3 +286,75 @@ class Feeder:
                 except Exception as e:  # (the input could not be read: it ends here)
                     self.failure = e
                     self.total = self.base + len(self.pending)
+
+
+class SharedInput:
+    """One input for many runs (``run -H``, ``run_many(stdin=a stream)``):
+    the source is read once, as it comes, into a private temporary file
+    here, and each run reads that file at its own pace (:meth:`reader`),
+    waiting for it to grow until the source ends.  Memory stays bounded
+    whatever the input's size and however slow a host is, and a host that
+    starts late still gets every byte from the first; the file is removed
+    by :meth:`close`."""
+
+    def __init__(self, source) -> None:
+        import tempfile
+
+        check_source(source)
+        self.source = source
+        fd, path = tempfile.mkstemp(prefix="chaperone-input-")  # (0600)
+        os.unlink(path)  # (nothing to leave behind, whatever happens to this process)
+        self.fd = fd
+        self.size = 0
+        self.ended = False
+        self.failure: Optional[BaseException] = None
+        self._grew = asyncio.Event()
+        self._task: Optional[asyncio.Task] = None
+
+    def _start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.ensure_future(self._read())
+
+    async def _read(self) -> None:
+        try:
+            async for data in chunks(self.source):
+                view = memoryview(data)
+                while view:
+                    view = view[os.pwrite(self.fd, view, self.size + len(data) - len(view)):]
+                self.size += len(data)
+                self._grew.set()
+        except Exception as e:  # (the input could not be read: it ends here, and says why)
+            self.failure = e
+        finally:
+            self.ended = True
+            self._grew.set()
+
+    async def reader(self) -> AsyncIterator[bytes]:
+        """Every byte of the input, from the first, as it comes."""
+        self._start()
+        offset = 0
+        while True:
+            if offset < self.size:
+                data = os.pread(self.fd, min(FRAME, self.size - offset), offset)
+                offset += len(data)
+                yield data
+                continue
+            if self.ended:
+                if self.failure is not None:
+                    raise ChaperoneError("reading the input failed after %d bytes: %s"
+                                         % (self.size, self.failure)) from self.failure
+                return
+            self._grew.clear()
+            await self._grew.wait()
+
+    def close(self) -> None:
+        """Stop reading the source; readers still reading fail."""
+        if self._task is not None:
+            self._task.cancel()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)

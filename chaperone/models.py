@@ -74,6 +74,19 @@ class StdinStream(_Strict):
     stream: Literal[True]
 
 
+class Tty(_Strict):
+    """The program runs on a pseudo-terminal on the host (as under ``ssh
+    -t``): its stdin, stdout and stderr are that terminal, its controlling
+    terminal; what it writes is spooled as stdout (stderr stays empty);
+    its input (``stdin``) is what is typed into the terminal."""
+
+    #: The window's size (the agent's ``control`` op ``resize`` changes it).
+    rows: int = Field(ge=1, le=65535)
+    cols: int = Field(ge=1, le=65535)
+    #: TERM for the program (unless ``env`` sets one), as ssh passes the client's.
+    term: Optional[str] = None
+
+
 def _no_nul(v: str, what: str) -> str:
     if "\0" in v:
         raise ValueError("%s contains a NUL character" % what)
@@ -97,6 +110,8 @@ class Program(_Strict):
     #: the login shell of the agent's user (its passwd entry's shell, else
     #: ``/bin/sh``) as ``SHELL -c LINE``.
     shell: bool = False
+    #: A terminal on the host (:class:`Tty`); null: none (pipes or files).
+    tty: Optional[Tty] = None
 
     @field_validator("argv")
     @classmethod
@@ -346,6 +361,8 @@ class StdinAck(_Strict):
     end: bool
     #: The run is over: nothing reads the input any more (stop sending).
     closed: bool
+    #: The program reads it on a terminal (``program.tty``): it is what is typed.
+    tty: bool = False
 
 
 class OutputAck(_Strict):

@@ -768,7 +768,7 @@ def validate_spec(spec):
     check_id(spec["id"])
 
     prog = spec["program"]
-    _keys(prog, "program", ("argv",), ("cwd", "env", "env_inherit", "stdin", "umask", "shell"))
+    _keys(prog, "program", ("argv",), ("cwd", "env", "env_inherit", "stdin", "umask", "shell", "tty"))
     argv = prog["argv"]
     if not isinstance(argv, list) or not argv:
         raise AgentError("program.argv: expected a non-empty list of strings")
@@ -816,6 +816,7 @@ def validate_spec(spec):
                 raise AgentError("program.stdin.data: not valid base64")
         else:
             raise AgentError('program.stdin: expected null, {"path": ...}, {"data": ...} or {"stream": true}')
+    check_tty(prog.setdefault("tty", None))
     umask = prog.setdefault("umask", None)
     if umask is not None and (not _is_int(umask) or not 0 <= umask <= 0o777):
         raise AgentError("program.umask: expected an integer from 0 to 511")
@@ -854,6 +855,28 @@ def validate_spec(spec):
 
 
 # --- the spool --------------------------------------------------------------
+
+
+def check_tty(tty):
+    """``program.tty``: null (no terminal), or ``{"rows", "cols"[, "term"]}``:
+    the program runs on a pseudo-terminal of that size (TERM: ``term``)."""
+    if tty is None:
+        return
+    _keys(tty, "program.tty", ("rows", "cols"), ("term",))
+    for key in ("rows", "cols"):
+        if not _is_int(tty[key]) or not 1 <= tty[key] <= 0xFFFF:
+            raise AgentError("program.tty.%s: expected an integer from 1 to 65535" % key)
+    term = tty.setdefault("term", None)
+    if term is not None:
+        _no_nul(_str(term, "program.tty.term"), "program.tty.term")
+
+
+def set_winsize(fd, rows, cols):
+    """The terminal's window size (its foreground process group gets SIGWINCH)."""
+    import fcntl
+    import termios
+
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
 
 
 def default_root():
@@ -1396,7 +1419,7 @@ def open_fds():
     return None
 
 
-def fork_exec(argv, cwd, env, stdio, umask, libc, executable=None, underscore=False):
+def fork_exec(argv, cwd, env, stdio, umask, libc, executable=None, underscore=False, ctty=False):
     """Start a program; its pid.  What ``subprocess.Popen(argv, stdin=,
     stdout=, stderr=, cwd=cwd, env=env, start_new_session=True,
     restore_signals=True, close_fds=True, preexec_fn=...)`` did, with a
@@ -1410,7 +1433,8 @@ def fork_exec(argv, cwd, env, stdio, umask, libc, executable=None, underscore=Fa
     when its parent dies, closes every other descriptor and execs
     ``executable`` (default ``argv[0]``) found as subprocess finds it (in
     the ``PATH`` of ``env``); with ``underscore``, the variable ``_`` is
-    the path exec'd, as a shell sets it for a command.  Failures come back
+    the path exec'd, as a shell sets it for a command; with ``ctty``, its
+    stdin (a terminal) becomes the new session's controlling terminal.  Failures come back
     as Popen raised them: OSError(errno, strerror, executable) for exec,
     OSError(errno, strerror, cwd) for chdir, reported by
     the child through a close-on-exec pipe; the child never runs anything
@@ -1438,13 +1462,18 @@ def fork_exec(argv, cwd, env, stdio, umask, libc, executable=None, underscore=Fa
         os.close(fd)
     fds = open_fds()
     parent = os.getpid()
+    if ctty:
+        import fcntl
+        import termios
+
+        ctty = (fcntl.ioctl, termios.TIOCSCTTY)  # (imported here: not in the child)
     gc_enabled = gc.isenabled()
     gc.disable()  # (as subprocess with a preexec_fn: no collection in the child)
     try:
         pid = os.fork()
         if pid == 0:
             _exec_child(executables, args, env_bytes, cwd_bytes, list(stdio), umask, libc, parent, fds, err_w,
-                        underscore)
+                        underscore, ctty)
     except BaseException:
         os.close(err_r)
         os.close(err_w)
@@ -1485,7 +1514,8 @@ def _fsencode_env_name(name):
     return name
 
 
-def _exec_child(executables, args, env, cwd, stdio, umask, libc, parent, fds, err_w, underscore=False):
+def _exec_child(executables, args, env, cwd, stdio, umask, libc, parent, fds, err_w, underscore=False,
+                ctty=None):
     """fork_exec's child: becomes the program, or reports why not and
     exits.  Never returns."""
     step, code = b"noexec", 0
@@ -1504,6 +1534,8 @@ def _exec_child(executables, args, env, cwd, stdio, umask, libc, parent, fds, er
         for sig in RESTORE_SIGNALS:
             _signal.signal(sig, _signal.SIG_DFL)
         os.setsid()
+        if ctty:
+            ctty[0](0, ctty[1], 0)  # TIOCSCTTY: the terminal is the session's
         if umask is not None:
             os.umask(umask)
         if libc is not None and sys.platform.startswith("linux"):
@@ -1923,6 +1955,7 @@ class Supervisor(object):
         self.feed_end = None
         self.feed_polled = False
         self.poller = None
+        self.tty_fd = None  # program.tty: the terminal's master side (read by pump, sized by resize)
 
     # The state record -------------------------------------------------------
 
@@ -1960,7 +1993,10 @@ class Supervisor(object):
         is kept and written again by the loop (``unwritten``); a final
         state that cannot be written raises (record_end tries again)."""
         if self.capture == "file" and self.files and "stdout_bytes" not in changes:
+            before = dict(self.counts)
             self.watch_sizes()
+            if self.counts != before:
+                self.sizes_grew()  # (what it wrote before this state is in the timeline, at its own time)
             changes.update(stdout_bytes=self.counts["stdout"], stderr_bytes=self.counts["stderr"])
         self.state.update(changes)
         try:
@@ -2028,6 +2064,33 @@ class Supervisor(object):
 
     def start_program(self, libc):
         prog = self.spec["program"]
+        if prog.get("tty") is not None:
+            stdio = self.open_terminal(prog)
+        else:
+            stdio = self.open_stdio(prog)
+        cwd = prog["cwd"] or os.path.expanduser("~")
+        argv, self.executable = program_argv(prog)
+        env = build_env(prog, cwd)
+        if prog.get("tty") is not None and prog["tty"]["term"] and "TERM" not in prog["env"]:
+            env["TERM"] = prog["tty"]["term"]  # (as sshd sets it for a session with a terminal)
+        try:
+            self.pid = fork_exec(argv, cwd, env, stdio, prog["umask"], libc, executable=self.executable,
+                                 # (as the login shell sets it for a command; a shell sets its own)
+                                 underscore=not prog["shell"] and "_" in env and "_" not in prog["env"],
+                                 ctty=self.tty_fd is not None)
+        except OSError as e:
+            if e.filename is None and not os.path.isdir(cwd):
+                e.filename = cwd
+            raise
+        finally:
+            for fd in set(stdio):
+                os.close(fd)
+        self.started = time.monotonic()
+
+    def open_stdio(self, prog):
+        """The program's 0, 1 and 2 without a terminal (closed here once it
+        started): its input, and its spool files (file capture) or pipes
+        the loop empties into them (pipe capture)."""
         stdin = prog["stdin"]
         if stdin is None:
             stdin_fd = os.open(os.devnull, os.O_RDONLY)
@@ -2071,23 +2134,41 @@ class Supervisor(object):
             os.set_blocking(r, False)
             self.pipes[r] = name
             child_fds[name] = w
-        cwd = prog["cwd"] or os.path.expanduser("~")
-        argv, self.executable = program_argv(prog)
-        env = build_env(prog, cwd)
+        return (stdin_fd, child_fds["stdout"], child_fds["stderr"])
+
+    def open_terminal(self, prog):
+        """``program.tty``: the program's 0, 1 and 2 are one pseudo-terminal
+        (its controlling terminal), as under ``ssh -t``.  The loop empties
+        the terminal's master side into the spool's stdout (stderr stays
+        empty: a terminal has one output); its input, if any, is fed to the
+        master from the spool's stdin file as it grows (feed_stdin).  The
+        input's end closes only that copy of the master: as under ``ssh
+        -t``, the program reads no end of file from a terminal (^D does
+        that, in canonical mode)."""
+        tty = prog["tty"]
+        master, slave = os.openpty()
         try:
-            self.pid = fork_exec(argv, cwd, env, (stdin_fd, child_fds["stdout"], child_fds["stderr"]), prog["umask"],
-                                 libc, executable=self.executable,
-                                 # (as the login shell sets it for a command; a shell sets its own)
-                                 underscore=not prog["shell"] and "_" in env and "_" not in prog["env"])
-        except OSError as e:
-            if e.filename is None and not os.path.isdir(cwd):
-                e.filename = cwd
+            set_winsize(master, tty["rows"], tty["cols"])
+            os.set_blocking(master, False)
+            stdin = prog["stdin"]
+            if stdin is not None:
+                if "path" in stdin:
+                    copy_stdin(stdin["path"], self.run.path("stdin"))
+                self.feed_src = open_regular(self.run.path("stdin"), self.run.what("stdin"))
+                if "stream" not in stdin:
+                    self.feed_end = os.fstat(self.feed_src).st_size
+                self.feed_fd = os.dup(master)
+                os.set_blocking(self.feed_fd, False)
+            for name in STREAMS:
+                self.files[name] = os.open(self.run.path(name), os.O_WRONLY)
+        except BaseException:
+            os.close(master)
+            os.close(slave)
             raise
-        finally:
-            os.close(stdin_fd)
-            for w in child_fds.values():
-                os.close(w)
-        self.started = time.monotonic()
+        self.capture = "pipe"  # (what the loop reads: the master)
+        self.pipes[master] = "stdout"
+        self.tty_fd = master
+        return (slave, slave, slave)
 
     # The loop ------------------------------------------------------------------
 
@@ -2228,6 +2309,7 @@ class Supervisor(object):
         name = self.pipes[fd]
         out = self.files[name]
         total = 0
+        use_splice = use_splice and fd != self.tty_fd  # (splice needs a pipe)
         while True:
             try:
                 if use_splice:
@@ -2251,15 +2333,18 @@ class Supervisor(object):
                 else:
                     break
             except OSError as e:
-                if e.errno not in (errno.ENOSPC, errno.EDQUOT):
-                    raise
-                if not final:
-                    try:
-                        poller.unregister(fd)
-                    except KeyError:  # pragma: no cover
-                        pass
-                    self.held[fd] = time.monotonic() + FULL_RETRY
-                break
+                if e.errno == errno.EIO and fd == self.tty_fd:
+                    n = 0  # (the terminal's last user closed it: its end)
+                else:
+                    if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    if not final:
+                        try:
+                            poller.unregister(fd)
+                        except KeyError:  # pragma: no cover
+                            pass
+                        self.held[fd] = time.monotonic() + FULL_RETRY
+                    break
             if n == 0:
                 try:
                     poller.unregister(fd)
@@ -2269,6 +2354,8 @@ class Supervisor(object):
                 del self.pipes[fd]
                 self.held.pop(fd, None)
                 self.backlog.pop(fd, None)
+                if fd == self.tty_fd:
+                    self.tty_fd = None
                 break
             total += n
             self.counts[name] += n
@@ -2505,6 +2592,13 @@ class Supervisor(object):
             self.sender.update(msg)
         elif op == "release" and self.sender:
             self.sender.release()
+        elif op == "resize" and self.tty_fd is not None:
+            rows, cols = msg.get("rows"), msg.get("cols")
+            if _is_int(rows) and _is_int(cols) and 1 <= rows <= 0xFFFF and 1 <= cols <= 0xFFFF:
+                try:
+                    set_winsize(self.tty_fd, rows, cols)
+                except OSError:
+                    pass
 
     def kill_tree(self, sig, grace=None):
         """Signal the program's process group and every other descendant:
@@ -3873,8 +3967,10 @@ def cmd_control(args, marker):
     if len(data) > MAX_CONTROL:
         raise AgentError("control message is too large (over %d bytes)" % MAX_CONTROL)
     msg = parse_json(data, "control message")
-    if not isinstance(msg, dict) or msg.get("op") not in ("callback", "release"):
+    if not isinstance(msg, dict) or msg.get("op") not in ("callback", "release", "resize"):
         raise AgentError("control message: unknown op")
+    if msg["op"] == "resize" and not all(_is_int(msg.get(k)) and 1 <= msg[k] <= 0xFFFF for k in ("rows", "cols")):
+        raise AgentError("control message: rows and cols must be integers from 1 to 65535")
     if msg["op"] == "callback" and not all(isinstance(msg.get(k), str) for k in ("url", "token", "cert") if k in msg):
         raise AgentError("control message: url, token and cert must be strings")
     ok = send_control(run, msg)
@@ -3939,10 +4035,11 @@ class StdinSpool(object):
     (two calls at once, say a reconnect while the old call has not seen
     its connection drop, append each byte once)."""
 
-    def __init__(self, run):
+    def __init__(self, run, tty=False):
         import fcntl
 
         self.run = run
+        self.tty = tty  # (the program reads it on a terminal: program.tty)
         self.flock = fcntl.flock
         self.fd = open_regular(run.path("stdin"), run.what("stdin"), os.O_RDWR)
         self.fifo = None  # the supervisor's control FIFO, to say the input grew
@@ -3956,12 +4053,14 @@ class StdinSpool(object):
 
     def answer(self):
         """What the spool holds: ``{"held": bytes, "end": whether the end is
-        recorded, "closed": whether the program ended}`` (StdinAck)."""
+        recorded, "closed": whether the program ended, "tty": whether it
+        reads a terminal}`` (StdinAck)."""
         now = time.monotonic()
         if not self.final and (self.looked is None or now - self.looked >= STDIN_LOOK):
             self.looked = now
             self.final = self.run.read_state()["state"] in FINAL_STATES
-        return {"held": os.fstat(self.fd).st_size, "end": stdin_end(self.run) is not None, "closed": self.final}
+        return {"held": os.fstat(self.fd).st_size, "end": stdin_end(self.run) is not None, "closed": self.final,
+                "tty": self.tty}
 
     def append(self, offset, data):
         """Bytes of the input from ``offset``: what the spool does not hold yet
@@ -4032,7 +4131,7 @@ def cmd_stdin(args, marker):
     if not isinstance(spec, dict) or spec.get("program", {}).get("stdin") != {"stream": True}:
         raise AgentError("run %s does not read its stdin from a stream (program.stdin is not {\"stream\": true})"
                          % run.id)
-    spool = StdinSpool(run)
+    spool = StdinSpool(run, tty=spec["program"].get("tty") is not None)
     try:
         out = Output(marker)
         answer = spool.answer()

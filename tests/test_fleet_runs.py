@@ -247,3 +247,88 @@ def test_library_back_pressure_and_a_host_that_never_answers(fleet_hosts, ssh_co
         asyncio.run(main())
     finally:
         mute.close()
+
+
+@pytest.mark.timeout(120)
+def test_group_logs_timestamps_and_since(fleet_hosts, ssh_config, tmp_path):
+    """`logs -t GROUP` starts each host's lines with when they were written
+    (after the host's prefix), `logs --since T GROUP` shows only what each
+    wrote from then on; `-f` with them too.  (Both were ignored for a
+    group: every line, no time.)"""
+    import datetime
+
+    home = tmp_path / "home"
+    home.mkdir()
+    res = cli(home, ssh_config, "run", "-d", "-q", "-H", "h[01-03]", "--", "sh", "-c",
+              "echo early; sleep 1.5; echo late")
+    assert res.returncode == 0, res.stderr
+    group = res.stdout.decode().strip()
+    assert cli(home, ssh_config, "wait", group).returncode == 0
+    stamped = cli(home, ssh_config, "logs", "-t", group)
+    assert stamped.returncode == 0, stamped.stderr
+    lines = stamped.stdout.decode().splitlines()
+    assert len(lines) == 6, lines
+    times = {}
+    for line in lines:
+        host, stamp, text = line.split(" ", 2)
+        when = datetime.datetime.strptime(stamp[:26] + "Z", "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+            tzinfo=datetime.timezone.utc).timestamp()
+        times.setdefault(host, {})[text] = when
+    assert sorted(times) == ["h01:", "h02:", "h03:"]
+    for host, seen in times.items():
+        assert 1.2 < seen["late"] - seen["early"] < 5, (host, seen)
+    cut = max(seen["early"] for seen in times.values()) + 0.5
+    since = cli(home, ssh_config, "logs", "--since", "%.3f" % cut, group)
+    assert since.returncode == 0, since.stderr
+    assert since.stdout.decode().splitlines() == ["h01: late", "h02: late", "h03: late"]
+    follow = cli(home, ssh_config, "logs", "-f", "--since", "%.3f" % cut, group)
+    assert follow.stdout == since.stdout
+    tail = cli(home, ssh_config, "logs", "--tail", "1", "-t", group)
+    assert [line.split(" ", 2)[::2] for line in tail.stdout.decode().splitlines()] == [
+        ["h01:", "late"], ["h02:", "late"], ["h03:", "late"]]
+
+
+@pytest.mark.timeout(120)
+def test_run_many_hosts_stdin_of_any_size_as_it_comes(fleet_hosts, ssh_config, tmp_path):
+    """`producer | chaperone run -H` gives every host the same bytes, as
+    they come (a host answers the first line before the rest is written),
+    of any size (20 MiB that are not text: it was refused over 12 MiB);
+    `run -d --stdin - -H` returns once every host holds all of it."""
+    import hashlib
+
+    home = tmp_path / "home"
+    home.mkdir()
+    env = dict(os.environ, CHAPERONE_HOME=str(home))
+    env.pop("CHAPERONE_SSH_CLIENT", None)
+    p = subprocess.Popen(CHAPERONE + ["-F", ssh_config, "run", "-H", "h[01-02]", "--", "sh", "-c",
+                                      "head -n 1; sha256sum"],
+                         env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        p.stdin.write(b"first\n")
+        p.stdin.flush()
+        got = b""
+        while got.count(b"first\n") < 2:  # (both hosts answer before the rest is written)
+            chunk = os.read(p.stdout.fileno(), 65536)
+            assert chunk, (got, p.stderr.read())
+            got += chunk
+        rest = bytes(range(256)) * (20 * 4096)  # 20 MiB
+        p.stdin.write(rest)
+        p.stdin.close()
+        got += p.stdout.read()
+        assert p.wait(90) == 0, p.stderr.read()
+    finally:
+        p.kill()
+        p.wait()
+    digest = hashlib.sha256(rest).hexdigest().encode()
+    lines = by_host(got)
+    assert lines["h01"] == lines["h02"] == [b"first\n", digest + b"  -\n"], lines
+    data = tmp_path / "in.bin"
+    data.write_bytes(rest)
+    with open(data, "rb") as f:
+        res = subprocess.run(CHAPERONE + ["-F", ssh_config, "run", "-d", "-q", "--stdin", "-", "-H", "h[01-02]",
+                                          "--", "sh", "-c", "sha256sum"],
+                             env=env, stdin=f, capture_output=True, timeout=90)
+    assert res.returncode == 0, res.stderr
+    group = res.stdout.decode().strip()
+    assert cli(home, ssh_config, "wait", group).returncode == 0
+    assert by_host(cli(home, ssh_config, "logs", group).stdout) == {h: [digest + b"  -\n"] for h in ("h01", "h02")}

@@ -85,6 +85,39 @@ def test_the_timeline_records_when_each_stream_grew(tmp_path, capture):
     assert isinstance(events[-1], End)
 
 
+def test_output_written_before_a_state_gets_its_own_record(tmp_path):
+    """File capture: a state written by the supervisor takes the spool
+    files' sizes; growth it finds there gets its timeline record then, at
+    the time it was written (the file's mtime).  (A program that wrote at
+    once, before the first state, got none: its first line was stamped
+    with the time of the next growth, so `logs -t` and `--since` were
+    wrong for it.)"""
+    from helpers import load_agent
+
+    ag = load_agent()
+    root = tmp_path / ("spool-" + unique("s"))
+    run_id = unique("te")
+    d = root / run_id
+    d.mkdir(parents=True)
+    for name in ("stdout", "stderr", "timeline"):
+        (d / name).write_bytes(b"")
+    sup = ag.Supervisor(ag.Run(str(root), run_id), {"id": run_id, "config": {"capture": "file"}}, None)
+    sup.state = sup.base_state()
+    sup.files = {name: os.open(str(d / name), os.O_RDONLY) for name in ("stdout", "stderr")}
+    try:
+        (d / "stdout").write_bytes(b"early\n")
+        written = os.stat(str(d / "stdout")).st_mtime_ns // 1000
+        time.sleep(0.05)
+        sup.set_state(pid=1)
+        assert sup.state["stdout_bytes"] == 6
+        assert sup.timeline is not None, "no timeline record for what was written before the state"
+        sup.timeline.flush()
+        assert records(d / "timeline") == [(written, "1", 6)]
+    finally:
+        for fd in sup.files.values():
+            os.close(fd)
+
+
 @pytest.mark.timeout(60)
 def test_a_chatty_program_gets_a_record_per_10_ms_not_per_write(tmp_path):
     """Growth of one stream within 10 ms of its last record is held back
@@ -158,6 +191,18 @@ def test_logs_interleaves_both_streams_as_written(home, capture):
     assert (res.returncode, res.stdout, res.stderr) == (0, OUT, ERR)
     res = cli(home, "logs", "--stderr", run_id)
     assert (res.returncode, res.stdout) == (0, ERR)
+    # --tail N: the last N lines of each stream (a last line without a
+    # newline counts), still in the order written; --tail all: everything.
+    res = merged(home, "logs", "--tail", "2", run_id)
+    assert (res.returncode, res.stdout) == (0, b"out 2 \xff\nout 3 \xff\nerr 3\nlast, no newline"), res.stdout
+    res = cli(home, "logs", "--stdout", "--tail", "1", run_id)
+    assert (res.returncode, res.stdout) == (0, b"out 3 \xff\n")
+    res = cli(home, "logs", "--tail", "0", run_id)
+    assert (res.returncode, res.stdout, res.stderr) == (0, b"", b"")
+    res = merged(home, "logs", "--tail", "all", run_id)
+    assert (res.returncode, res.stdout) == (0, IN_ORDER)
+    res = cli(home, "logs", "--tail", "x", run_id)
+    assert res.returncode == 2 and b"invalid --tail 'x'" in res.stderr
 
 
 @pytest.mark.timeout(60)

@@ -173,10 +173,12 @@ def test_detached_gets_dev_null_unless_told(home, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_on_a_terminal_a_hint_and_t_is_refused(home):
+def test_on_a_terminal_a_hint_and_t_without_one_warns(home):
     """From a terminal without -t, a program that reads its stdin (cat)
-    meets /dev/null: one line on stderr says so rather than silence; `-t`
-    is a clear usage error (not supported yet), not silently ignored."""
+    meets /dev/null: one line on stderr says so rather than silence.  `-t`
+    without a terminal on stdin is ssh's warning, and the program runs
+    without one (tests/test_tty.py has -t itself; it was a usage error
+    before it existed)."""
     import pty
 
     master, slave = pty.openpty()
@@ -201,13 +203,14 @@ def test_on_a_terminal_a_hint_and_t_is_refused(home):
         if slave is not None:
             os.close(slave)
     lines = got.decode().splitlines()
-    assert lines == ["chaperone: run typed on local (no terminal there: stdin is /dev/null; --stdin - sends "
-                     "what you type)", "done"], got
-    res = subprocess.run([sys.executable, "-m", "chaperone.cli", "run", "-t", "local", "--", "true"],
+    assert lines == ["chaperone: run typed on local (no terminal there: stdin is /dev/null; -t gives it this "
+                     "terminal, --stdin - what you type)", "done"], got
+    res = subprocess.run([sys.executable, "-m", "chaperone.cli", "run", "-t", "local", "--", "sh", "-c",
+                          "test -t 0 || echo no terminal"],
                          env=cli_env(home), capture_output=True, timeout=30, stdin=subprocess.DEVNULL)
-    assert res.returncode == 2 and res.stdout == b""
-    assert res.stderr.decode().startswith("chaperone: -t (a terminal on the host) is not supported yet")
-    assert len(res.stderr.splitlines()) == 1
+    assert res.returncode == 0 and res.stdout == b"no terminal\n"
+    assert res.stderr.decode() == ("chaperone: Pseudo-terminal will not be allocated because stdin is not a "
+                                   "terminal (-tt forces one).\n")
 
 
 @pytest.mark.timeout(30)
@@ -255,3 +258,54 @@ def test_reading_a_pipe_never_blocks_the_event_loop():
             writer.join()
             unblock.cancel()
             os.close(r)
+
+
+def test_shared_input_each_reader_at_its_own_pace():
+    """feed.SharedInput: the source read once; each reader gets every byte
+    from the first, in order, as it comes: a fast one, a slow one, and one
+    that starts after the source ended; a source that fails says so to
+    every reader."""
+    import asyncio
+
+    from chaperone.errors import ChaperoneError
+    from chaperone.feed import SharedInput
+
+    parts = [bytes([i]) * 100_000 for i in range(30)]
+    whole = b"".join(parts)
+
+    async def source():
+        for part in parts:
+            yield part
+            await asyncio.sleep(0)
+
+    async def read(it, pause=0.0):
+        got = []
+        async for data in it:
+            got.append(data)
+            if pause:
+                await asyncio.sleep(pause)
+        return b"".join(got)
+
+    async def main():
+        shared = SharedInput(source())
+        fast, slow = await asyncio.gather(read(shared.reader()), read(shared.reader(), 0.001))
+        late = await read(shared.reader())
+        shared.close()
+
+        async def broken():
+            yield b"abc"
+            raise OSError(5, "Input/output error")
+
+        bad = SharedInput(broken())
+        try:
+            await read(bad.reader())
+        except ChaperoneError as e:
+            failed = str(e)
+        else:
+            failed = None
+        bad.close()
+        return fast, slow, late, failed
+
+    fast, slow, late, failed = asyncio.run(main())
+    assert fast == slow == late == whole
+    assert failed is not None and "after 3 bytes" in failed and "Input/output error" in failed

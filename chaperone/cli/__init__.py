@@ -15,7 +15,7 @@ before anything heavy is loaded; the click application is :mod:`.app`.
 def application():
     """The click group with every command on it."""
     from ..serve.command import serve
-    from . import manage, run  # noqa: F401 - the commands register themselves on app.cli
+    from . import attach, manage, run  # noqa: F401 - the commands register themselves on app.cli
     from .app import cli
 
     if "serve" not in cli.commands:

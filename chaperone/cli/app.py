@@ -37,6 +37,8 @@ def add_options(table):
             if opt.value:
                 f = click.option(*opt.flags, opt.dest, multiple=opt.multiple, metavar=opt.metavar,
                                  help=opt.help)(f)
+            elif opt.count:
+                f = click.option(*opt.flags, opt.dest, count=True, help=opt.help)(f)
             else:
                 f = click.option(*opt.flags, opt.dest, is_flag=True, help=opt.help)(f)
         return f

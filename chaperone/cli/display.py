@@ -176,15 +176,38 @@ class OutageNotice:
     outage (its first failed attempt), not one per attempt; the stream's
     next event (``recovered()``) ends the outage."""
 
-    def __init__(self, quiet: bool = False) -> None:
+    def __init__(self, quiet: bool = False, write=None) -> None:
         self.quiet = quiet
         self.said = False
+        self.write = write  # (a terminal in raw mode writes its lines its way)
 
     def __call__(self, error, delay) -> None:
         if not self.said and not self.quiet:
-            sys.stderr.write("chaperone: %s; reconnecting\n" % error)
-            sys.stderr.flush()
+            line = "chaperone: %s; reconnecting\n" % error
+            if self.write is not None:
+                self.write(line)
+            else:
+                sys.stderr.write(line)
+                sys.stderr.flush()
         self.said = True
 
     def recovered(self) -> None:
         self.said = False
+
+
+def detached_note(run_id: str) -> str:
+    """What a foreground run says when it lets go of a run that goes on."""
+    return ("chaperone: detached; run %s goes on. Re-attach: chaperone attach %s (its output alone: chaperone "
+            "logs -f %s); result: chaperone wait %s" % (run_id, run_id, run_id, run_id))
+
+
+def end_note(run_id: str, state: dict) -> "Optional[str]":
+    """How a run ended, when its exit status does not say it all (a start
+    that failed, a lost run, a timeout): one line for stderr, or None."""
+    if state.get("state") == "error":
+        return "chaperone: %s" % state.get("error")
+    if state.get("state") == "lost":
+        return "chaperone: run %s was lost: %s" % (run_id, state.get("error"))
+    if state.get("timed_out"):
+        return "chaperone: run %s timed out; killed by %s" % (run_id, state.get("signal"))
+    return None

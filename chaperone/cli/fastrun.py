@@ -300,16 +300,16 @@ def _finish(agent, records, root, spec, quiet, db_fds):
         state = frames.state
         from ..states import exit_code_for
 
-        if state.get("state") == "error":
-            _say("chaperone: %s" % state.get("error"))
-        elif state.get("state") == "lost":
-            _say("chaperone: run %s was lost: %s" % (run_id, state.get("error")))
-        elif state.get("timed_out"):
-            _say("chaperone: run %s timed out; killed by %s" % (run_id, state.get("signal")))
+        from .display import end_note
+
+        note = end_note(run_id, state)
+        if note:
+            _say(note)
         code = exit_code_for(state)
     except _Detach:
-        _say("\nchaperone: detached; run %s goes on. Re-attach: chaperone logs -f %s; "
-             "result: chaperone wait %s" % (run_id, run_id, run_id))
+        from .display import detached_note
+
+        _say("\n" + detached_note(run_id))
         code = 130
     except KeyboardInterrupt:
         code = 130

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:  # (annotations are not evaluated: __future__)
@@ -130,7 +131,7 @@ def run_many(words, exact, params) -> int:
         from ..api import parse_env
         from ..errors import UsageError
         from .options import ssh_settings
-        from .run import _stdin_bytes
+        from .run import _stdin_source
 
         live = []  # what writes a piece of output, once the hosts are known
 
@@ -139,7 +140,7 @@ def run_many(words, exact, params) -> int:
 
         streaming = not (detach or as_json or gather)
         kw = dict(group=params.get("run_id"), ssh=ssh_settings(params), env=parse_env(params.get("env") or ()),
-                  cwd=params.get("cwd"), timeout=timeout, stdin=_stdin_bytes(params),
+                  cwd=params.get("cwd"), timeout=timeout, stdin=_stdin_source(params),
                   config={"kill_grace": grace} if grace is not None else None,
                   inventory=list(params.get("inventory") or ()), exclude=list(params.get("exclude") or ()),
                   hostfiles=list(params.get("hostfiles") or ()), pick=pick, forks=forks,
@@ -148,9 +149,34 @@ def run_many(words, exact, params) -> int:
             many = (ch.start_many if detach else ch.run_many)(list(params.get("hosts") or ()), command, **kw)
         except ValueError as e:  # a bad pattern, inventory, host file (one line each)
             raise UsageError(str(e)) from None
-        return await _drive(ch, many, params, live)
+        code = await _drive(ch, many, params, live)
+        if detach:
+            code = max(code, await _inputs_sent(ch, many))
+        return code
 
     return run_async(params, go)
+
+
+async def _inputs_sent(ch, many) -> int:
+    """``run -d -H`` with input: it is all on every host that started
+    before this returns (the hosts read it from this process); 255 when it
+    could not be sent to one (said on stderr)."""
+    import asyncio
+
+    import click
+
+    from ..errors import ChaperoneError
+
+    async def sent(run_id):
+        try:
+            await ch.get(run_id).stdin_sent()
+            return 0
+        except ChaperoneError as e:
+            click.echo("chaperone: %s: %s" % (run_id, e), err=True)
+            return 255
+
+    codes = await asyncio.gather(*(sent(rid) for rid in many.run_ids.values() if ch.records.exists(rid)))
+    return max(codes, default=0)
 
 
 async def _drive(ch, many, params, live) -> int:
@@ -433,11 +459,14 @@ def _group_pattern(ch, group: str, pattern: str, word: str) -> List[str]:
 # --- logs of several runs -----------------------------------------------------------------------------------
 
 
-async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], out) -> Optional[int]:
+async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], out, since: Optional[float] = None,
+                    timestamps: bool = False) -> Optional[int]:
     """``chaperone logs GROUP`` (or a pattern): each run's output with each
     line prefixed by its host (one run after the other; with ``-f`` all at
-    once, as they come).  None when ``word`` is one run (the usual ``logs``
-    then)."""
+    once, as they come); ``since``: what each wrote since then;
+    ``timestamps``: each line then starts with when it was written (what
+    ``-f`` follows, when it arrives here).  None when ``word`` is one run
+    (the usual ``logs`` then)."""
     if not _is_pattern(word) and (ch.records.exists(word) or _group_of(ch, word) is None):
         return None
     import asyncio
@@ -447,7 +476,8 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
     from ..fleet.limits import default_forks
     from ..fleet.output import LiveOutput
     from ..fleet.runs import follow_runs
-    from .manage import tail_of
+    from ..protocol import OutputChunk, StateUpdate, Written
+    from .manage import _Printer, tail_of, tail_offsets
 
     ids = expand_ids(ch, [word])
     if ids == [word]:  # (names no group: the usual logs says what is wrong with it)
@@ -472,11 +502,27 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
         sys.stderr.buffer.flush()
 
     limit = asyncio.Semaphore(default_forks())
+    stampers = {rec.id: _Printer(dict.fromkeys(streams), timestamps, rec.id) for rec in recs}
 
     async def fetch(rec):
         """Its output so far (all hosts at once; printed in host order)."""
         async with limit:
             got = {}
+            if since is not None or timestamps:  # (from its timeline: when each piece was written)
+                parts: Dict[str, list] = {s: [] for s in streams}
+                ends = {s: 0 for s in streams}
+                stamper = stampers[rec.id]
+                offs = await tail_offsets(ch, rec.id, streams, lines)
+                async for event in ch.logs(rec.id, streams, offsets=offs, since=since):
+                    if isinstance(event, Written):
+                        stamper.written(event.time)
+                    elif isinstance(event, OutputChunk) and event.stream in streams:
+                        parts[event.stream].append(stamper.stamped(event.stream, event.data))
+                        ends[event.stream] = event.offset + len(event.data)
+                    elif isinstance(event, StateUpdate):  # (the end of what it read: -f goes on from there)
+                        for stream in streams:
+                            ends[stream] = max(ends[stream], event.state.get(stream + "_bytes") or 0)
+                return {s: (b"".join(parts[s]), max(ends[s], offs[s])) for s in streams}
             sizes = (await ch.status(rec.id)).model_dump() if lines is not None else {}
             for stream in streams:
                 if lines is None:
@@ -490,7 +536,7 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
     for rec in recs:
         if rec.state != "failed":
             offsets[rec.id] = {s: (0 if s in streams else SKIP_OUTPUT[s]) for s in ("stdout", "stderr")}
-            if not (follow and lines is None):
+            if not (follow and lines is None and since is None and not timestamps):
                 fetching[rec.id] = asyncio.ensure_future(fetch(rec))
     try:
         for rec in recs:
@@ -520,7 +566,13 @@ async def logs_many(ch, word: str, streams, follow: bool, lines: Optional[int], 
             t.cancel()
         await asyncio.gather(*fetching.values(), return_exceptions=True)
     if follow and offsets:
+        by_name = {name: rid for rid, name in names.items()}
+
         def on_output(name, stream, data):
+            if timestamps:
+                stamper = stampers[by_name[name]]
+                stamper.written(time.time())
+                data = stamper.stamped(stream, data)
             live.feed(name, data, stream)
             (live.out if stream == "stdout" else live.err).flush()
 

@@ -300,6 +300,18 @@ async def tail_of(ch, run_id: str, stream: str, size: int, lines: int) -> bytes:
         start = max(0, start - (size - start))
 
 
+async def tail_offsets(ch, run_id: str, streams, lines: "Optional[int]") -> dict:
+    """Where each stream's last ``lines`` lines start (``--tail``); 0 for
+    each without ``lines``."""
+    offsets = {s: 0 for s in streams}
+    if lines is not None:
+        state = (await ch.status(run_id)).model_dump()
+        for stream in streams:
+            size = state[stream + "_bytes"]
+            offsets[stream] = size - len(await tail_of(ch, run_id, stream, size, lines))
+    return offsets
+
+
 def _tail(data: bytes, n: int) -> bytes:
     """The last ``n`` lines of ``data`` (a last line without a newline counts)."""
     if n <= 0:
@@ -374,24 +386,27 @@ class _Printer:
 
     def chunk(self, stream: str, data: bytes) -> None:
         f = self.out[stream]
-        if not self.timestamps or self.time is None:
-            f.write(data)
-            self.at_start[stream] = data.endswith(b"\n") if data else self.at_start[stream]
-        else:
-            prefix = rfc3339(self.time)
-            lines = data.split(b"\n")
-            parts = []
-            for i, line in enumerate(lines):
-                last = i == len(lines) - 1
-                if line or not last:
-                    if self.at_start[stream]:
-                        parts.append(prefix)
-                    parts.append(line)
-                    if not last:
-                        parts.append(b"\n")
-                self.at_start[stream] = not last or (not line and self.at_start[stream])
-            f.write(b"".join(parts))
+        f.write(self.stamped(stream, data))
         f.flush()
+
+    def stamped(self, stream: str, data: bytes) -> bytes:
+        """``data`` of ``stream`` with its prefixes (none without timestamps)."""
+        if not self.timestamps or self.time is None:
+            self.at_start[stream] = data.endswith(b"\n") if data else self.at_start[stream]
+            return data
+        prefix = rfc3339(self.time)
+        lines = data.split(b"\n")
+        parts = []
+        for i, line in enumerate(lines):
+            last = i == len(lines) - 1
+            if line or not last:
+                if self.at_start[stream]:
+                    parts.append(prefix)
+                parts.append(line)
+                if not last:
+                    parts.append(b"\n")
+            self.at_start[stream] = not last or (not line and self.at_start[stream])
+        return b"".join(parts)
 
 
 def _same_file(a, b) -> bool:
@@ -461,16 +476,11 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **pa
         from ..protocol import OutputChunk, Written
         from .fleet import logs_many  # a group, or a pattern: lines prefixed with their hosts
 
-        many = await logs_many(ch, run_id, streams, follow, lines, out)
+        many = await logs_many(ch, run_id, streams, follow, lines, out, since=since_t, timestamps=timestamps)
         if many is not None:
             return many
         rec = ch.record(run_id)
-        offsets = {s: 0 for s in streams}
-        if lines is not None:
-            state = (await ch.status(rec.id)).model_dump()
-            for stream in streams:
-                size = state[stream + "_bytes"]
-                offsets[stream] = size - len(await tail_of(ch, rec.id, stream, size, lines))
+        offsets = await tail_offsets(ch, rec.id, streams, lines)
 
         if plain and not follow:
             # (from the SSH client's pipe straight to the file: as fast as

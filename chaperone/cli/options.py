@@ -28,15 +28,16 @@ class Opt:
     """One option: its spellings, where click puts it (``dest``), whether it
     takes a value, may be repeated, and its help."""
 
-    __slots__ = ("flags", "dest", "value", "multiple", "help", "metavar")
+    __slots__ = ("flags", "dest", "value", "multiple", "help", "metavar", "count")
 
-    def __init__(self, flags, dest, value=True, multiple=False, help="", metavar=None):
+    def __init__(self, flags, dest, value=True, multiple=False, help="", metavar=None, count=False):
         self.flags = tuple(flags)
         self.dest = dest
         self.value = value
         self.multiple = multiple
         self.help = help
         self.metavar = metavar
+        self.count = count  # a flag that may be repeated (-tt): how many times
 
 
 #: How to reach a host: on every command that connects (as ssh takes them).
@@ -65,7 +66,8 @@ RUN = (
     Opt(("--stdin",), "stdin_file", metavar="FILE",
         help="Give the program this file as stdin ('-': this terminal's stdin)."),
     Opt(("-n", "--no-stdin"), "no_stdin", value=False, help="Give the program /dev/null as stdin (as ssh -n)."),
-    Opt(("-t",), "tty", value=False, help="A terminal on the host (as ssh -t): not supported yet (a usage error)."),
+    Opt(("-t", "--tty"), "tty", value=False, count=True,
+        help="A terminal on the host, attached to this one (as ssh -t; -tt: even when stdin is not a terminal)."),
     Opt(("-T",), "no_tty", value=False, help="No terminal (the default, as ssh -T)."),
     Opt(("--json",), "as_json", value=False, help="Print the run as JSON at the end instead of its output."),
     Opt(("-q", "--quiet"), "quiet", value=False, help="Do not print the run id and reconnects on stderr."),
@@ -127,6 +129,10 @@ def split_run(args: List[str], options) -> Tuple[List[str], Optional[str], List[
                 return opts, host, list(rest[1:]), True
             return opts, host, list(rest), False
         if arg.startswith("-") and arg != "-":
+            if arg in ("-it", "-ti"):
+                # docker's -it, not ssh's identity file "t": a terminal (the
+                # input is the program's anyway)
+                arg = "-t"
             opts.append(arg)
             name, eq, _ = arg.partition("=")
             if not eq and takes.get(name):

@@ -34,8 +34,8 @@ class SSHStyleCommand(click.Command):
         return super().parse_args(ctx, opts + ([host] if host is not None else []))
 
 
-#: ``run -H``: the input each host gets is read whole first, at most this much.
-MAX_STDIN = 12 << 20
+#: ``run HOST`` without a command: the user's login shell there, as ``ssh HOST``.
+LOGIN_SHELL = 'exec "${SHELL:-/bin/sh}" -l'
 
 
 def _stdin_fd(params: dict):
@@ -70,8 +70,27 @@ def _typing(params: dict) -> bool:
     ``-n``, ``-d`` nor ``--stdin``)."""
     if params.get("no_stdin") or params.get("detach") or params.get("stdin_file") is not None:
         return False
+    return _is_terminal(0)
+
+
+def _tty(params: dict) -> bool:
+    """Whether the program runs on a terminal on the host, as ssh decides:
+    ``-t`` when this process's stdin is a terminal (or with ``-d``: it has
+    one there, nobody attached), ``-tt`` always, ``-T`` never (the default)."""
+    count = params.get("tty") or 0
+    if params.get("no_tty") or not count:
+        return False
+    if count == 1 and not params.get("detach") and not _is_terminal(0):
+        if not params.get("quiet"):
+            click.echo("chaperone: Pseudo-terminal will not be allocated because stdin is not a terminal "
+                       "(-tt forces one).", err=True)
+        return False
+    return True
+
+
+def _is_terminal(fd: int) -> bool:
     try:
-        return os.isatty(0)
+        return os.isatty(fd)
     except OSError:
         return False
 
@@ -89,23 +108,6 @@ def _stdin_source(params: dict):
     if ended:
         return head
     return _stream(fd, head)
-
-
-def _stdin_bytes(params: dict):
-    """``run -H``: the input every host gets, read whole (None: /dev/null);
-    at most :data:`MAX_STDIN` bytes."""
-    from ..errors import UsageError
-
-    fd = _stdin_fd(params)
-    if fd is None:
-        return None
-    with os.fdopen(fd if fd else os.dup(fd), "rb") as f:
-        data = f.read(MAX_STDIN + 1)
-    if len(data) > MAX_STDIN:
-        what = "stdin" if params.get("stdin_file") in (None, "-") else "--stdin %s" % params["stdin_file"]
-        raise UsageError("%s is larger than %d MiB, the most run -H sends to each host: put the file on the "
-                         "hosts and redirect it there (run -H ... 'prog < FILE')" % (what, MAX_STDIN >> 20))
-    return data
 
 
 def _read_ready(fd: int, limit: int):
@@ -151,6 +153,9 @@ def run(host, **params):
       chaperone run gpu1 -- echo '$HOME'         after --: the exact argv
       chaperone run -d --id train gpu1 -- ./job  detached: prints the id
       chaperone run -H 'gpu[1-8]' -- nvidia-smi  many hosts (docs/hosts.md)
+      chaperone run -t gpu1 htop                 a terminal there (as ssh -t); ~. detaches
+      chaperone run gpu1                         a login shell there that survives a dropped
+                                                 connection (chaperone attach ID comes back)
 
     As with ssh, options go before HOST or right after it; without --, the
     command's words are joined and run by the login shell; after --, they
@@ -159,21 +164,30 @@ def run(host, **params):
     """
     ctx = click.get_current_context()
     words, exact = ctx.meta.get("chaperone.command", ([], False))
-    if params.get("tty"):
-        fail("-t (a terminal on the host) is not supported yet: programs run without one; --stdin - "
-             "sends what you type (Try 'chaperone run --help'.)", 2)
     if params.get("hosts") or params.get("hostfiles"):
+        if params.get("tty") and not params.get("no_tty"):
+            fail("-t goes with one host: many hosts have no terminal to share (Try 'chaperone run --help'.)", 2)
         from .fleet import run_many  # many hosts: chaperone/cli/fleet.py
 
         sys.exit(run_many(words, exact, params))
     from .fleet import one_host_only
     one_host_only(params)  # (-b, --pick ... without -H: an error)
+    tty = _tty(params)
     if host is None:
         fail("run needs a HOST (local for this machine) and a command (Try 'chaperone run --help'.)", 2)
-    if not words:
-        fail("no command given: chaperone run %s CMD...%s (Try 'chaperone run --help'.)"
-             % (host, "" if is_local(host) else " (for a shell there, use ssh %s)" % host), 2)
-    command = list(words) if exact else " ".join(words)
+    if words:
+        command = list(words) if exact else " ".join(words)
+    else:
+        # As `ssh HOST`: the login shell, on a terminal when this one is one
+        # (reading commands from stdin otherwise); a run like any other, so
+        # it survives a dropped connection (~. detaches, attach comes back).
+        if params.get("detach") and not tty:
+            fail("no command given: chaperone run -d %s CMD... (a shell that runs detached needs a terminal: "
+                 "chaperone run -d -t %s, then chaperone attach ID) (Try 'chaperone run --help'.)"
+                 % (host, host), 2)
+        if not tty and not params.get("no_tty") and not params.get("detach") and _typing(params):
+            tty = True
+        command = LOGIN_SHELL
     cwd = params.get("cwd")
     if is_local(host) and cwd is None:
         cwd = os.getcwd()
@@ -182,8 +196,9 @@ def run(host, **params):
 
     from . import served
 
-    stdin = _stdin_source(params)
-    server = served.client(params) if stdin is None else None  # (the server takes no input)
+    attached = tty and _typing(params)  # (this terminal becomes the program's)
+    stdin = None if attached else _stdin_source(params)
+    server = served.client(params) if stdin is None and not tty else None  # (the server takes no input)
     if server is not None:
         from ..api import parse_env
 
@@ -199,7 +214,7 @@ def run(host, **params):
             ch.preconnect(target)
         run_id = params.get("run_id") or new_run_id()
         kw = dict(id=run_id, cwd=cwd, env=parse_env(params.get("env") or ()), timeout=timeout, stdin=stdin,
-                  config={"kill_grace": grace} if grace is not None else None)
+                  config={"kill_grace": grace} if grace is not None else None, tty=bool(tty) or None)
         if params.get("detach"):
             r = await ch.start(target, command, **kw)
             if params.get("as_json"):
@@ -216,9 +231,13 @@ def run(host, **params):
         if not params.get("quiet") and not params.get("as_json") and sys.stderr.isatty():
             # (on a terminal only: piped, stderr is exactly the program's)
             hint = ""
-            if stdin is None and _typing(params):  # (top, a REPL ... would meet /dev/null in silence)
-                hint = " (no terminal there: stdin is /dev/null; --stdin - sends what you type)"
+            if attached:
+                hint = " (a terminal there: ~. detaches)"
+            elif stdin is None and _typing(params):  # (top, a REPL ... would meet /dev/null in silence)
+                hint = " (no terminal there: stdin is /dev/null; -t gives it this terminal, --stdin - what you type)"
             click.echo("chaperone: run %s on %s%s" % (run_id, target.name, hint), err=True)
+        if attached:
+            return await _attached(ch, target, command, kw, params)
         return await _foreground(ch, target, command, kw, params)
 
     sys.exit(run_async(params, go))
@@ -261,8 +280,9 @@ async def _foreground(ch, target, command, kw, params) -> int:
             elif isinstance(event, StateUpdate):
                 state = event.state
     except asyncio.CancelledError:
-        click.echo("\nchaperone: detached; run %s goes on. Re-attach: chaperone logs -f %s; "
-                   "result: chaperone wait %s" % (run_id, run_id, run_id), err=True)
+        from .display import detached_note
+
+        click.echo("\n" + detached_note(run_id), err=True)
         return 130
     finally:
         loop.remove_signal_handler(signal.SIGINT)
@@ -271,13 +291,7 @@ async def _foreground(ch, target, command, kw, params) -> int:
 
         print_json(ch.get(run_id).info().model_dump())
         return exit_code_for(state)
-    if state.get("state") == "error":
-        click.echo("chaperone: %s" % state.get("error"), err=True)
-    elif state.get("state") == "lost":
-        click.echo("chaperone: run %s was lost: %s" % (run_id, state.get("error")), err=True)
-    elif state.get("timed_out"):
-        click.echo("chaperone: run %s timed out; killed by %s" % (run_id, state.get("signal")), err=True)
-    return exit_code_for(state)
+    return _said_end(run_id, state, exit_code_for(state))
 
 
 async def _signal_quietly(ch, run_id, sig):
@@ -287,3 +301,30 @@ async def _signal_quietly(ch, run_id, sig):
         await ch.signal(run_id, sig)
     except ChaperoneError as e:
         click.echo("chaperone: could not send %s: %s" % (sig, e), err=True)
+
+
+async def _attached(ch, target, command, kw, params) -> int:
+    """``run -t`` with this terminal: raw mode, what is typed to the
+    program, the window's size followed, the terminal restored at the end
+    whatever happens (see :mod:`chaperone.cli.terminal`)."""
+    from ..states import exit_code_for
+    from .terminal import Attached
+
+    run_id = kw["id"]
+    att = Attached(ch, run_id, raw=True, quiet=params.get("quiet"))
+    events = ch.run(target, command, on_reconnect=att.notice, stdin=att.keys(),
+                    **{k: v for k, v in kw.items() if k != "stdin"})
+    state, detached = await att.drive(events)
+    if detached is not None:
+        return detached
+    return _said_end(run_id, state, exit_code_for(state))
+
+
+def _said_end(run_id: str, state: dict, code: int) -> int:
+    """How a run ended, on stderr when it is not its exit status alone."""
+    from .display import end_note
+
+    note = end_note(run_id, state)
+    if note:
+        click.echo(note, err=True)
+    return code

@@ -143,8 +143,9 @@ def run(server: "ServeClient", host: str, command, params: dict, env: "Dict[str,
             follow_both(server, run_id)
             end = server.wait(run_id)
     except KeyboardInterrupt:
-        click.echo("\nchaperone: detached; run %s goes on. Re-attach: chaperone logs -f %s; "
-                   "result: chaperone wait %s" % (run_id, run_id, run_id), err=True)
+        from .display import detached_note
+
+        click.echo("\n" + detached_note(run_id), err=True)
         return 130
     finally:
         signal.signal(signal.SIGINT, old)

@@ -263,6 +263,17 @@ class _GaveUp(Exception):
     pass
 
 
+def _stdin_spec(stdin) -> dict:
+    """program_spec's input arguments for ``stdin`` of every run."""
+    if stdin is None:
+        return {}
+    from ..feed import inline
+
+    if inline(stdin) is not None:
+        return {"stdin": inline(stdin)}
+    return {"stdin_stream": True}
+
+
 class ManyRuns:
     """A command on many hosts (see the module docstring).  Made by
     :meth:`chaperone.Chaperone.run_many` / :meth:`~chaperone.Chaperone.start_many`;
@@ -332,10 +343,17 @@ class ManyRuns:
         self.buffer = buffer
         self.ssh = dict(ssh or {})
         self.env = dict(env or {})
+        from .. import feed
+
+        stdin = start_kw.get("stdin")
+        if stdin is not None and not isinstance(stdin, (bytes, bytearray, memoryview)):
+            # A stream: read once, here, and given to each run at its own pace.
+            start_kw["stdin"] = stdin if isinstance(stdin, feed.SharedInput) else feed.SharedInput(stdin)
         self.start_kw = start_kw
         # One check of the program for all hosts (bad env names, timeout ...).
         ch.program_spec(ch._argv(command)[0], run_id=self._jobs[0].run_id, env=self.env, **{
-            k: v for k, v in start_kw.items() if k in ("cwd", "timeout", "stdin", "stdin_path", "config")})
+            k: v for k, v in start_kw.items() if k in ("cwd", "timeout", "stdin_path", "config")},
+            **_stdin_spec(start_kw.get("stdin")))
         self._fan: Optional[Fanout] = None
         self._iterated = False
         self._interrupts = 0
@@ -523,9 +541,22 @@ class ManyRuns:
         return named(self.ch.target(job.entry.hostname, **entry_ssh(job.entry, self.ssh)), job.entry)
 
     def _kw(self, job: _Job) -> dict:
+        from ..feed import SharedInput
+
         env = dict(job.entry.env)
         env.update(self.env)
-        return dict(self.start_kw, id=job.run_id, group=self.group, env=env)
+        kw = dict(self.start_kw, id=job.run_id, group=self.group, env=env)
+        if isinstance(kw.get("stdin"), SharedInput):
+            kw["stdin"] = kw["stdin"].reader()  # (each run its own reader of the one input)
+        return kw
+
+    @property
+    def shared_input(self):
+        """The input every run reads (a stream given as ``stdin``), or None."""
+        from ..feed import SharedInput
+
+        stdin = self.start_kw.get("stdin")
+        return stdin if isinstance(stdin, SharedInput) else None
 
     async def _start(self, job: _Job) -> _Job:
         """The fan-out's task: start the run; once its host answered, hand

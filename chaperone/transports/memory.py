@@ -901,7 +901,7 @@ class MemoryHost:
 
         def answer():
             return {"held": len(run.stdin), "end": run.stdin_end is not None,
-                    "closed": not run.running or run._task is None}
+                    "closed": not run.running or run._task is None, "tty": run.spec["program"].get("tty") is not None}
 
         last = answer()
         proc.json(last)

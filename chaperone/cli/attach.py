@@ -1,0 +1,65 @@
+"""``chaperone attach ID``: this terminal attached to a running run again, as
+``docker attach`` does: its output from now on, what is typed to its input
+(a run on a terminal, ``run -t``: raw, as ``ssh -t``; ``~.`` detaches
+again), and its exit status at its end."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .app import cli, fail, run_async, ssh_options
+
+
+@cli.command()
+@click.argument("run_id", metavar="ID")
+@click.option("--no-stdin", "no_stdin", is_flag=True, help="Only watch: send nothing typed here to the run.")
+@click.option("-q", "--quiet", is_flag=True, help="Do not print reconnects on stderr.")
+@ssh_options
+def attach(run_id, no_stdin, quiet, **params):
+    """Attach to a running run: its output as it comes, what you type to it.
+
+    \b
+    A run on a terminal (run -t, or run -d -t): this terminal becomes its
+    terminal again (raw mode, its window size follows; ~. detaches, and
+    the run goes on). A run that reads a stream (run with piped input):
+    what you type, or pipe, is appended to its input; the end of it
+    (Ctrl-D, or the pipe's end) is its end of file. Other runs: their
+    output only. Exit status: the run's, at its end (as wait).
+    """
+    async def go(ch):
+        from ..states import FINAL_STATES, exit_code_for
+        from .run import _is_terminal, _said_end
+        from .terminal import Attached, window_size
+
+        rec = ch.record(run_id)
+        state = await ch.status(rec.id)
+        if state.state in FINAL_STATES:
+            fail("run %s has ended (%s): there is nothing to attach to; its output: chaperone logs %s"
+                 % (rec.id, state.state, rec.id), 1)
+        info = None if no_stdin else await ch.input_status(rec.id)
+        typing = info is not None and not info.end and not info.closed
+        here = _is_terminal(0)
+        att = Attached(ch, rec.id, raw=bool(info is not None and info.tty and here), quiet=quiet)
+        if typing:
+            from ..feed import read_fd
+
+            ch.send_input(rec.id, att.keys() if here else read_fd(0), on_reconnect=att.notice)
+        if att.raw is not None:
+            size = window_size()
+            if size is not None:  # (a redraw: a full-screen program repaints at SIGWINCH)
+                await ch.resize(rec.id, max(1, size[0] - 1), size[1])
+                await ch.resize(rec.id, *size)
+        if not quiet and sys.stderr.isatty():
+            how = "~. detaches" if att.raw is not None else "Ctrl-C detaches"
+            what = "" if typing else "; its input is not open: output only"
+            att.say("chaperone: attached to run %s on %s (%s%s)\n" % (rec.id, rec.host, how, what))
+        offsets = {"stdout": state.stdout_bytes, "stderr": state.stderr_bytes}
+        events = ch.logs(rec.id, offsets=offsets, follow=True, on_reconnect=att.notice)
+        end, detached = await att.drive(events)
+        if detached is not None:
+            return detached
+        return _said_end(rec.id, end, exit_code_for(end))
+
+    sys.exit(run_async(params, go))
