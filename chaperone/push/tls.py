@@ -104,7 +104,9 @@ class LeanTLSSite(web.BaseSite):
 
     @property
     def name(self) -> str:
-        return "https://%s:%d" % (self._lean_host, self._lean_port)
+        sockets = self._server.sockets if self._server is not None else None
+        port = sockets[0].getsockname()[1] if sockets else self._lean_port
+        return "https://%s:%d" % (self._lean_host, port)
 
     async def start(self) -> None:
         await super().start()
