@@ -133,25 +133,11 @@ def _lean_json():
     missing or its interface differs (the caller then uses json)."""
     import _json
 
-    constants = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}
-
-    class Context(object):
-        """What json.decoder.JSONDecoder() gives make_scanner."""
-        strict = True
-        object_hook = None
-        object_pairs_hook = None
-        parse_float = float
-        parse_int = int
-        parse_constant = constants.__getitem__
-
-    scan_once = _json.make_scanner(Context())
+    scan_once = _json_scanner(_json)
     make_encoder = _json.make_encoder
     encode_str = _json.encode_basestring_ascii
     space = " \t\n\r"  # json.decoder.WHITESPACE
-
-    def default(o):
-        # (json.JSONEncoder.default)
-        raise TypeError("Object of type %s is not JSON serializable" % o.__class__.__name__)
+    default = _json_default
 
     def loads(text):
         if isinstance(text, str) and not text.startswith("\ufeff"):
@@ -175,14 +161,39 @@ def _lean_json():
         except Exception:  # json raises it too, or does it another way
             return _stdlib_json().dumps(obj, sort_keys=sort_keys)
 
-    # The interface check, on the very pieces (no fallback): an error or a
-    # difference here and the agent uses json.
+    _check_lean_json(scan_once, make_encoder, encode_str)
+    return loads, dumps
+
+
+def _json_scanner(_json):
+    """_json's scanner, as json.decoder.JSONDecoder() makes it."""
+    constants = {"-Infinity": float("-inf"), "Infinity": float("inf"), "NaN": float("nan")}
+
+    class Context(object):
+        """What json.decoder.JSONDecoder() gives make_scanner."""
+        strict = True
+        object_hook = None
+        object_pairs_hook = None
+        parse_float = float
+        parse_int = int
+        parse_constant = constants.__getitem__
+
+    return _json.make_scanner(Context())
+
+
+def _json_default(o):
+    # (json.JSONEncoder.default)
+    raise TypeError("Object of type %s is not JSON serializable" % o.__class__.__name__)
+
+
+def _check_lean_json(scan_once, make_encoder, encode_str):
+    """The interface check, on the very pieces (no fallback): an error or
+    a difference here and the agent uses json."""
     doc = '{"b": [1, -2.5e-07, "\\u00e9\\ud83d\\ude00", null, true, NaN], "a": {}}'
     obj, end = scan_once(doc, 0)
-    text = "".join(make_encoder({}, default, encode_str, None, ": ", ", ", True, False, True)(obj, 0))
+    text = "".join(make_encoder({}, _json_default, encode_str, None, ": ", ", ", True, False, True)(obj, 0))
     if end != len(doc) or text != '{"a": {}, "b": [1, -2.5e-07, "\\u00e9\\ud83d\\ude00", null, true, NaN]}':
         raise ValueError("_json is not what json uses")
-    return loads, dumps
 
 
 try:
@@ -766,8 +777,17 @@ def validate_spec(spec):
         raise AgentError("program.json: unsupported version %r" % (spec.get("version"),))
     spec["version"] = PROTOCOL_VERSION
     check_id(spec["id"])
+    _check_program(spec["program"])
+    cb = spec.setdefault("callback", None)
+    if cb is not None:
+        _check_callback(cb)
+    _check_config(spec.setdefault("config", {}))
+    return spec
 
-    prog = spec["program"]
+
+
+def _check_program(prog):
+    """program.json's ``program`` (see validate_spec)."""
     _keys(prog, "program", ("argv",), ("cwd", "env", "env_inherit", "stdin", "umask", "shell", "tty"))
     argv = prog["argv"]
     if not isinstance(argv, list) or not argv:
@@ -797,7 +817,16 @@ def validate_spec(spec):
             raise AgentError("program.env_inherit: expected a boolean or a list of names")
         for i, name in enumerate(inherit):
             _str(name, "program.env_inherit[%d]" % i)
-    stdin = prog.setdefault("stdin", None)
+    _check_stdin(prog.setdefault("stdin", None))
+    check_tty(prog.setdefault("tty", None))
+    umask = prog.setdefault("umask", None)
+    if umask is not None and (not _is_int(umask) or not 0 <= umask <= 0o777):
+        raise AgentError("program.umask: expected an integer from 0 to 511")
+    prog.setdefault("cwd", None)
+
+
+def _check_stdin(stdin):
+    """``program.stdin``: null, a path, data or a stream."""
     if stdin is not None:
         if isinstance(stdin, dict) and "path" in stdin:
             _keys(stdin, "program.stdin", ("path",), ())
@@ -816,26 +845,24 @@ def validate_spec(spec):
                 raise AgentError("program.stdin.data: not valid base64")
         else:
             raise AgentError('program.stdin: expected null, {"path": ...}, {"data": ...} or {"stream": true}')
-    check_tty(prog.setdefault("tty", None))
-    umask = prog.setdefault("umask", None)
-    if umask is not None and (not _is_int(umask) or not 0 <= umask <= 0o777):
-        raise AgentError("program.umask: expected an integer from 0 to 511")
-    prog.setdefault("cwd", None)
 
-    cb = spec.setdefault("callback", None)
-    if cb is not None:
-        _keys(cb, "callback", ("url", "token", "cert"), ("heartbeat",))
-        _str(cb["url"], "callback.url")
-        if not cb["url"].startswith("https://"):
-            raise AgentError("callback.url: must be an https:// URL")
-        if len(_str(cb["token"], "callback.token")) < 32:
-            raise AgentError("callback.token: too short (at least 32 characters)")
-        _str(cb["cert"], "callback.cert")
-        hb = cb.setdefault("heartbeat", 30.0)
-        if not _is_num(hb) or hb <= 0:
-            raise AgentError("callback.heartbeat: expected a positive number")
 
-    cfg = spec.setdefault("config", {})
+def _check_callback(cb):
+    """program.json's ``callback`` (when not null)."""
+    _keys(cb, "callback", ("url", "token", "cert"), ("heartbeat",))
+    _str(cb["url"], "callback.url")
+    if not cb["url"].startswith("https://"):
+        raise AgentError("callback.url: must be an https:// URL")
+    if len(_str(cb["token"], "callback.token")) < 32:
+        raise AgentError("callback.token: too short (at least 32 characters)")
+    _str(cb["cert"], "callback.cert")
+    hb = cb.setdefault("heartbeat", 30.0)
+    if not _is_num(hb) or hb <= 0:
+        raise AgentError("callback.heartbeat: expected a positive number")
+
+
+def _check_config(cfg):
+    """program.json's ``config``, its defaults filled in."""
     _keys(cfg, "config", (), tuple(CONFIG_DEFAULTS))
     for key, default in CONFIG_DEFAULTS.items():
         value = cfg.setdefault(key, default)
@@ -851,7 +878,6 @@ def validate_spec(spec):
             ok = _is_num(value) and value > 0
         if not ok:
             raise AgentError("config.%s: invalid value %r" % (key, value))
-    return spec
 
 
 # --- the spool --------------------------------------------------------------
@@ -932,15 +958,9 @@ def path_problem(path, uid=None):
         return None
     while True:
         last = not todo
-        if info.st_uid not in ((uid,) if last else (uid, 0)):
-            return "%s belongs to uid %d, not to this user (uid %d)%s" % (
-                current, info.st_uid, uid, "" if last else " or root")
-        if info.st_mode & 0o022 and (last or not info.st_mode & stat.S_ISVTX):
-            return "%s is writable by %s (mode %04o): run chmod go-w %s" % (
-                current, "group and others" if info.st_mode & 0o022 == 0o022 else
-                "its group" if info.st_mode & 0o020 else "others", stat.S_IMODE(info.st_mode), current)
-        if last:
-            return None
+        why = _owner_problem(current, info, uid, last)
+        if why or last:
+            return why
         name = todo.pop(0)
         if name == ".":
             continue
@@ -973,6 +993,20 @@ def path_problem(path, uid=None):
         if not stat.S_ISDIR(info.st_mode):
             return None  # (not a safety matter: nothing can be made below it, creating says so)
         current = nxt
+
+
+def _owner_problem(current, info, uid, last):
+    """What is wrong with the directory ``current`` (its lstat ``info``)
+    on the way to a spool root, or None (see path_problem): ``last``, the
+    root itself."""
+    if info.st_uid not in ((uid,) if last else (uid, 0)):
+        return "%s belongs to uid %d, not to this user (uid %d)%s" % (
+            current, info.st_uid, uid, "" if last else " or root")
+    if info.st_mode & 0o022 and (last or not info.st_mode & stat.S_ISVTX):
+        return "%s is writable by %s (mode %04o): run chmod go-w %s" % (
+            current, "group and others" if info.st_mode & 0o022 == 0o022 else
+            "its group" if info.st_mode & 0o020 else "others", stat.S_IMODE(info.st_mode), current)
+    return None
 
 
 class DamagedRun(AgentError):
@@ -1332,7 +1366,20 @@ PR_SET_CHILD_SUBREAPER = 36
 DIR_EVENTS = 0x200 | 0x400 | 0x800
 
 
-def dir_watch(path, libc):
+#: inotify: IN_MODIFY | IN_CLOSE_WRITE | IN_MOVED_TO: a run's files were
+#: written, or its state replaced (a follow wakes at once: run_watch).
+RUN_EVENTS = 0x2 | 0x8 | 0x80
+
+
+def run_watch(path):
+    """An inotify descriptor that becomes readable when a file in the run's
+    directory ``path`` is written or replaced; None where there is none
+    (then the follow looks on its own, as often as before)."""
+    libc = _libc()
+    return dir_watch(path, libc, RUN_EVENTS) if libc is not None else None
+
+
+def dir_watch(path, libc, events=DIR_EVENTS):
     """An inotify descriptor that becomes readable when an entry of the
     directory ``path`` is deleted, or ``path`` itself is deleted or moved
     (see entry_events); None where there is no inotify.  (A run's own
@@ -1346,7 +1393,7 @@ def dir_watch(path, libc):
     fd = init(0o4000 | 0o2000000)  # IN_NONBLOCK | IN_CLOEXEC
     if fd < 0:
         return None
-    if add(fd, os.fsencode(path), DIR_EVENTS) < 0:
+    if add(fd, os.fsencode(path), events) < 0:
         os.close(fd)
         return None
     return fd
@@ -1831,35 +1878,57 @@ def same_dir(a, b):
 
 
 class Timers(object):
-    """The supervisor's timers as data: its one pure part.  What the loop
-    waits for and what is due are functions of these fields, ``now`` and
-    the facts the loop passes in: no clock is read and no I/O is done here
-    (tests drive it with a fake clock).  The loop carries out what it says.
+    """The supervisor's timers as data: with ``step`` (below), its pure
+    part.  What the loop waits for and what is due are functions of these
+    fields, ``now`` and the facts the loop passes in: no clock is read and
+    no I/O is done here (tests drive it with a fake clock).  The loop
+    carries out what it says.
 
     ``deadline``: when --timeout ends the program (None: never);
-    ``exited_at``: when the program's exit was seen; ``next_dir_check``:
-    the next look at the run's directory where inotify is missing;
-    ``next_retry``: the next try at a running state the full spool refused."""
+    ``kill_at``: when a SIGKILL escalation is owed (a signal's grace
+    ends); ``exited_at``: when the program's exit was seen;
+    ``next_dir_check``: the next look at the run's directory where
+    inotify is missing; ``next_retry``: the next try at a running state
+    the full spool refused; ``next_size_check``, ``size_poll``: file
+    capture, the next look at the spool files' sizes (nobody wakes the
+    loop when the program writes them) and the pause before it: short
+    right after they grew, doubling up to SIZE_POLL_MAX while they do
+    not."""
 
-    __slots__ = ("deadline", "exited_at", "next_dir_check", "next_retry")
+    __slots__ = ("deadline", "kill_at", "exited_at", "next_dir_check", "next_retry", "next_size_check",
+                 "size_poll")
 
     def __init__(self, started, timeout):
         self.deadline = started + timeout if timeout else None
+        self.kill_at = None
         self.exited_at = None
         self.next_dir_check = None
         self.next_retry = None
+        self.next_size_check = None
+        self.size_poll = SIZE_POLL_MIN
 
     def exited(self, now):
         """The program's exit is known (from ``now`` on, if not before)."""
         if self.exited_at is None:
             self.exited_at = now
 
+    def arm_kill(self, at):
+        """A SIGKILL is owed at ``at`` (the earliest owed wins)."""
+        if self.kill_at is None or at < self.kill_at:
+            self.kill_at = at
+
+    def sizes_seen(self, now, grew):
+        """File capture: the sizes were looked at ``now``; look again soon
+        if they ``grew``, later and later if not."""
+        self.size_poll = SIZE_POLL_MIN if grew else min(self.size_poll * 2, SIZE_POLL_MAX)
+        self.next_size_check = now + self.size_poll
+
     def lingering(self, now, output_open):
         """Output may still come from children the program left behind
         (they hold the pipes or spool files open), for LINGER seconds."""
         return self.exited_at is not None and now - self.exited_at <= LINGER and output_open
 
-    def over(self, now, output_open, kill_at, has_descendants):
+    def over(self, now, output_open, has_descendants):
         """Whether the loop ends: the program exited, nothing lingers, and
         no SIGKILL escalation is owed to something still alive (a kill with
         a grace is not over while, e.g., a grandchild that escaped with
@@ -1867,25 +1936,28 @@ class Timers(object):
         (asked only when it matters)."""
         if self.exited_at is None or self.lingering(now, output_open):
             return False
-        return kill_at is None or not has_descendants()
+        return self.kill_at is None or not has_descendants()
 
-    def wait(self, now, running, timed_out, kill_at, lingering, pipes, size_check_at, dir_poll, unwritten,
+    def wait(self, now, running, timed_out, lingering, pipes, poll_sizes, timeline_due, dir_poll, unwritten,
              held_until):
         """Milliseconds for poll() until the next timer (None: no timer;
         capped at an hour, so that a huge timeout or grace cannot overflow).
-        Starts the directory and retry timers that are needed and not
-        running."""
+        Starts the size, directory and retry timers that are needed and not
+        running.  ``poll_sizes``: file capture while the program runs;
+        ``timeline_due``: when a timeline record held back is due."""
         waits = []
         if self.deadline is not None and not timed_out and running:
             waits.append(self.deadline - now)
-        if kill_at is not None:
-            waits.append(kill_at - now)
+        if self.kill_at is not None:
+            waits.append(self.kill_at - now)
         if lingering:
             # (a pipe's end wakes the poll; a file let go of does not)
             left = self.exited_at + LINGER - now
             waits.append(left if pipes else min(left, HOLD_CHECK))
-        if size_check_at is not None:
-            waits.append(size_check_at - now)
+        if poll_sizes:
+            if self.next_size_check is None:
+                self.next_size_check = now + self.size_poll
+            waits.append(self.next_size_check - now)
         if dir_poll:
             if self.next_dir_check is None:
                 self.next_dir_check = now + DIR_CHECK
@@ -1894,18 +1966,19 @@ class Timers(object):
             if self.next_retry is None:
                 self.next_retry = now + FULL_RETRY
             waits.append(self.next_retry - now)
-        if held_until is not None:
-            waits.append(held_until - now)
+        waits.extend(at - now for at in (timeline_due, held_until) if at is not None)
         return None if not waits else max(0, int(min(min(waits), 3600.0) * 1000) + 1)
 
-    def due(self, now, running, timed_out, kill_at):
+    def due(self, now, running, timed_out, poll_sizes=False, timeline_due=None):
         """What is due at ``now``, in order: ``timeout`` (SIGTERM the tree,
         then SIGKILL after the grace), ``kill`` (the SIGKILL escalation),
-        ``check_dir``, ``retry_state``.  The timers that fired are reset."""
+        ``check_dir``, ``retry_state``, ``check_sizes`` (then sizes_seen()),
+        ``flush_timeline``.  The timers that fired are reset."""
         actions = []
         if self.deadline is not None and not timed_out and running and now >= self.deadline:
             actions.append("timeout")
-        if kill_at is not None and now >= kill_at:
+        if self.kill_at is not None and now >= self.kill_at:
+            self.kill_at = None
             actions.append("kill")
         if self.next_dir_check is not None and now >= self.next_dir_check:
             self.next_dir_check = None
@@ -1913,7 +1986,86 @@ class Timers(object):
         if self.next_retry is not None and now >= self.next_retry:
             self.next_retry = None
             actions.append("retry_state")
+        if poll_sizes and self.next_size_check is not None and now >= self.next_size_check:
+            actions.append("check_sizes")
+        if timeline_due is not None and now >= timeline_due:
+            actions.append("flush_timeline")
         return actions
+
+
+class Life(object):
+    """Where the supervisor is in a run's life (see TRANSITIONS): its
+    ``phase``, and whether it ended the program for a timeout
+    (``timed_out``) or because the run's directory was removed
+    (``spool_removed``).  Never changed in place: step() makes the next."""
+
+    __slots__ = ("phase", "timed_out", "spool_removed")
+
+    def __init__(self, phase="starting", timed_out=False, spool_removed=False):
+        self.phase, self.timed_out, self.spool_removed = phase, timed_out, spool_removed
+
+    def __eq__(self, other):
+        return isinstance(other, Life) and self.key() == other.key()
+
+    __hash__ = None
+
+    def __repr__(self):
+        return "Life%r" % (self.key(),)
+
+    def key(self):
+        return (self.phase, self.timed_out, self.spool_removed)
+
+
+#: The supervisor's transitions, as h11 keeps its own: (phase, event) ->
+#: (next phase, flags set, actions).  Phases: ``starting`` (the spool made,
+#: the program not started), ``running``, ``exited`` (its exit seen: output
+#: may still come from what it left behind), ``ending`` (recording the
+#: end), then the state recorded (``done``, ``error``, ``lost``; or a final
+#: state someone else recorded first).  A phase of None: the same phase,
+#: or (``recorded``) the state that was recorded.  Events: ``started``,
+#: ``exec_failed``, ``exited`` (reaped), ``timeout`` and ``kill`` (the
+#: timers), ``signal`` (one the supervisor got: forwarded),
+#: ``signal_request`` (the control FIFO's), ``spool_removed``, ``over``
+#: (nothing more to wait for), ``recorded``.  An event a phase has no entry
+#: for changes nothing and does nothing (say a timeout after the exit).
+#: The timers' housekeeping (``check_dir``, ``retry_state``,
+#: ``check_sizes``, ``flush_timeline``) is carried out in any phase.
+TRANSITIONS = {
+    ("starting", "started"): ("running", (), ("record_start", "ready", "start_sender")),
+    ("starting", "exec_failed"): ("error", (), ("record_error", "ready")),
+    ("running", "exited"): ("exited", (), ("linger",)),
+    ("running", "timeout"): (None, ("timed_out",), ("terminate",)),
+    ("running", "spool_removed"): (None, ("spool_removed",), ("terminate",)),
+    ("exited", "spool_removed"): (None, ("spool_removed",), ()),
+    ("ending", "spool_removed"): (None, ("spool_removed",), ()),
+    ("running", "kill"): (None, (), ("kill",)),
+    ("exited", "kill"): (None, (), ("kill",)),
+    ("running", "signal"): (None, (), ("forward",)),
+    ("exited", "signal"): (None, (), ("forward",)),
+    ("running", "signal_request"): (None, (), ("forward",)),
+    ("exited", "signal_request"): (None, (), ("forward",)),
+    ("done", "signal_request"): (None, (), ("forward",)),
+    ("lost", "signal_request"): (None, (), ("forward",)),
+    ("exited", "over"): ("ending", (), ("drain", "record_end")),
+    ("ending", "recorded"): (None, (), ("close_spool", "restore_signals")),
+}
+HOUSEKEEPING = ("check_dir", "retry_state", "check_sizes", "flush_timeline")
+
+
+def step(life, event, recorded=None):
+    """The supervisor's next Life and what it does, for ``event`` in
+    ``life`` (pure: TRANSITIONS as a function).  ``recorded``: for the
+    ``recorded`` event, the state the spool now holds."""
+    if event in HOUSEKEEPING:
+        return life, (event,)
+    entry = TRANSITIONS.get((life.phase, event))
+    if entry is None:
+        return life, ()
+    phase, flags, actions = entry
+    if phase is None:
+        phase = recorded if event == "recorded" else life.phase
+    return Life(phase, life.timed_out or "timed_out" in flags, life.spool_removed or "spool_removed" in flags), \
+        actions
 
 
 class Supervisor(object):
@@ -1935,18 +2087,15 @@ class Supervisor(object):
         self.files = {}  # name -> fd: written by pump() (pipe), or watched (file, read-only)
         self.pipes = {}  # read end -> name (pipe capture)
         self.has_children = True  # until wait4 says ECHILD
-        self.timed_out = False
-        self.kill_at = None  # monotonic time for the next SIGKILL escalation
+        self.life = Life()  # where the run's life is (step() moves it on)
+        self.timers = None  # its timers (Timers), from the program's start
         self.sender = None
-        self.size_poll = SIZE_POLL_MIN
-        self.next_size_check = None
         self.ctl_skip = False  # dropping a control line that is too long
         self.exchange = None  # renameat2 RENAME_EXCHANGE (see write_state_file)
         self.unwritten = False  # a running state still to be written (spool full)
         self.held = {}  # pipe capture, spool full: pipe fd -> when to try again
         self.backlog = {}  # pipe capture without splice: name -> bytes read, not yet written
         self.dir_key = None  # the run's directory (device, inode), to notice its removal
-        self.spool_removed = False
         # stdin from a stream (see feed_stdin): the pipe (or terminal) the
         # program reads, the spool's stdin file, how much of it was fed.
         self.feed_fd = None
@@ -1956,6 +2105,20 @@ class Supervisor(object):
         self.feed_polled = False
         self.poller = None
         self.tty_fd = None  # program.tty: the terminal's master side (read by pump, sized by resize)
+        # The loop's: signals it got, the control FIFO, the inotify watch.
+        self.pending = []
+        self.ctl_fd = None
+        self.ctl_buf = b""
+        self.watch_fd = None
+        self.use_splice = hasattr(os, "splice")
+
+    @property
+    def timed_out(self):
+        return self.life.timed_out
+
+    @property
+    def spool_removed(self):
+        return self.life.spool_removed
 
     # The state record -------------------------------------------------------
 
@@ -2038,14 +2201,11 @@ class Supervisor(object):
             self.start_program(libc)
         except (OSError, ValueError) as e:
             # ValueError: e.g. a NUL byte in argv, env or cwd (valid JSON)
-            self.exec_failed(e)
-            self.ready()
+            self.handle("exec_failed", e)
             self.finish_callbacks()
             return
-        self.set_state(pid=self.pid, pgid=self.pid, pid_start=proc_start_ticks(self.pid))
-        self.ready()
-        if self.sender:
-            self.sender.start()
+        self.timers = Timers(self.started, self.cfg["timeout"])
+        self.handle("started")
         self.loop()
         self.finish_callbacks()
 
@@ -2173,132 +2333,186 @@ class Supervisor(object):
     # The loop ------------------------------------------------------------------
 
     def loop(self):
-        wake_r, wake_w = os.pipe()
-        os.set_blocking(wake_r, False)
-        os.set_blocking(wake_w, False)
-        _signal.set_wakeup_fd(wake_w)
-        pending = []
-
-        def on_signal(signum, frame):
-            pending.append(signum)
-
-        for sig in (_signal.SIGCHLD, _signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
-            _signal.signal(sig, on_signal)
-        _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
-
-        ctl_fd = os.open(self.run.path("control"), os.O_RDWR | os.O_NONBLOCK)
-        ctl_buf = b""
-        poller = select.poll()
-        for fd in self.pipes:
+        """Supervise the running program: spool its output, act on signals,
+        control requests and timers, until it and what it left behind are
+        done; then record the end (the ``over`` event: see TRANSITIONS)."""
+        wake_r = self.catch_signals()
+        self.ctl_fd = os.open(self.run.path("control"), os.O_RDWR | os.O_NONBLOCK)
+        self.poller = poller = select.poll()
+        for fd in list(self.pipes) + [wake_r, self.ctl_fd]:
             poller.register(fd, select.POLLIN)
-        poller.register(wake_r, select.POLLIN)
-        poller.register(ctl_fd, select.POLLIN)
         # The run's directory removed (rm -rf): inotify says so at once, at
         # no cost while nothing happens; without it, look once a second.
-        watch_fd = dir_watch(os.path.dirname(self.run.dir), _libc()) if self.dir_key is not None else None
-        if watch_fd is not None:
-            poller.register(watch_fd, select.POLLIN)
+        self.watch_fd = dir_watch(os.path.dirname(self.run.dir), _libc()) if self.dir_key is not None else None
+        if self.watch_fd is not None:
+            poller.register(self.watch_fd, select.POLLIN)
         self.start_feeding(poller)
-        use_splice = hasattr(os, "splice")
-        timers = Timers(self.started, self.cfg["timeout"])
-
-        # File capture: nobody wakes us when the program writes, so look at
-        # the spool files' sizes (for the timeline, and the callbacks),
-        # often right after they grew, rarely while they do not: see
-        # size_check_at().
-
         self.reap()
         self.check_dir()
         while True:
             now = time.monotonic()
-            if self.status is not None:
-                timers.exited(now)
-            output_open = timers.exited_at is not None and self.output_open()
-            if timers.over(now, output_open, self.kill_at, lambda: bool(descendants(os.getpid()))):
+            output_open = self.timers.exited_at is not None and self.output_open()
+            if self.timers.over(now, output_open, lambda: bool(descendants(os.getpid()))):
                 break
-            wait_ms = timers.wait(
-                now, running=self.status is None, timed_out=self.timed_out, kill_at=self.kill_at,
-                lingering=timers.lingering(now, output_open), pipes=bool(self.pipes),
-                size_check_at=self.size_check_at(now),
-                dir_poll=watch_fd is None and self.dir_key is not None and not self.spool_removed,
-                unwritten=self.unwritten, held_until=min(self.held.values()) if self.held else None)
-            try:
-                events = poller.poll(wait_ms)
-            except InterruptedError:  # pragma: no cover - PEP 475 retries
-                events = []
-            for fd, ev in events:
-                if fd in self.pipes:
-                    self.pump(fd, poller, use_splice)
-                elif fd == wake_r:
-                    try:
-                        while os.read(wake_r, 4096):
-                            pass
-                    except BlockingIOError:
-                        pass
-                elif fd == ctl_fd:
-                    ctl_buf = self.read_control(ctl_fd, ctl_buf)
-                elif fd == self.feed_fd:
-                    self.feed_stdin()
-                elif fd == watch_fd:
-                    if entry_events(watch_fd, os.fsencode(self.run.id)):
-                        self.check_dir()
-            while pending:
-                sig = pending.pop(0)
-                if sig != _signal.SIGCHLD:
-                    self.kill_tree(sig)
-            self.reap()
-            now = time.monotonic()
-            for action in timers.due(now, running=self.status is None, timed_out=self.timed_out,
-                                     kill_at=self.kill_at):
-                self.carry_out(action, now)
-            self.size_check(now)
-            for fd, at in list(self.held.items()):
-                if now >= at and fd in self.pipes:
-                    del self.held[fd]
-                    poller.register(fd, select.POLLIN)
-                    self.pump(fd, poller, use_splice)
+            self.poll_once(self.wait_ms(now, output_open), wake_r)
+            self.after_poll()
+        self.handle("over")
 
-        if watch_fd is not None:
-            os.close(watch_fd)
+    def catch_signals(self):
+        """SIGCHLD, SIGTERM, SIGINT, SIGHUP wake the loop (through the
+        returned pipe's read end) and wait in ``pending``; SIGPIPE is
+        ignored."""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        _signal.set_wakeup_fd(wake_w)
+
+        def on_signal(signum, frame):
+            self.pending.append(signum)
+
+        for sig in (_signal.SIGCHLD, _signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
+            _signal.signal(sig, on_signal)
+        _signal.signal(_signal.SIGPIPE, _signal.SIG_IGN)
+        return wake_r
+
+    def wait_ms(self, now, output_open):
+        """How long the loop's poll() may block (Timers.wait)."""
+        return self.timers.wait(
+            now, running=self.life.phase == "running", timed_out=self.timed_out,
+            lingering=self.timers.lingering(now, output_open), pipes=bool(self.pipes),
+            poll_sizes=self.polls_sizes(), timeline_due=self.timeline_due(),
+            dir_poll=self.watch_fd is None and self.dir_key is not None and not self.spool_removed,
+            unwritten=self.unwritten, held_until=min(self.held.values()) if self.held else None)
+
+    def poll_once(self, wait_ms, wake_r):
+        """Wait up to ``wait_ms`` for the pipes, signals, the control FIFO,
+        the stdin feed or the run's directory, and serve what is ready."""
+        try:
+            events = self.poller.poll(wait_ms)
+        except InterruptedError:  # pragma: no cover - PEP 475 retries
+            events = []
+        for fd, ev in events:
+            if fd in self.pipes:
+                self.pump(fd, self.poller, self.use_splice)
+            elif fd == wake_r:
+                try:
+                    while os.read(wake_r, 4096):
+                        pass
+                except BlockingIOError:
+                    pass
+            elif fd == self.ctl_fd:
+                self.ctl_buf = self.read_control(self.ctl_fd, self.ctl_buf)
+            elif fd == self.feed_fd:
+                self.feed_stdin()
+            elif fd == self.watch_fd:
+                if entry_events(self.watch_fd, os.fsencode(self.run.id)):
+                    self.check_dir()
+
+    def after_poll(self):
+        """After each wake-up: the signals got, the exit, the timers due,
+        the pipes held back by a full spool whose pause is over."""
+        while self.pending:
+            sig = self.pending.pop(0)
+            if sig != _signal.SIGCHLD:
+                self.handle("signal", (sig, None))
+        self.reap()
+        now = time.monotonic()
+        for event in self.timers.due(now, running=self.life.phase == "running", timed_out=self.timed_out,
+                                     poll_sizes=self.polls_sizes(), timeline_due=self.timeline_due()):
+            self.handle(event, now)
+        for fd, at in list(self.held.items()):
+            if now >= at and fd in self.pipes:
+                del self.held[fd]
+                self.poller.register(fd, select.POLLIN)
+                self.pump(fd, self.poller, self.use_splice)
+
+    def drain(self):
+        """The loop is over: the last of the pipes into the spool (when the
+        spool is full, once there is room: the end waits for it, nothing
+        the program wrote is lost)."""
+        if self.watch_fd is not None:
+            os.close(self.watch_fd)
+            self.watch_fd = None
         self.stop_feeding()
         for fd in list(self.pipes):
-            self.pump(fd, poller, use_splice, final=True)
+            self.pump(fd, self.poller, self.use_splice, final=True)
         while self.pipes and not self.spool_removed:
-            # Spool full: what the pipes still hold is written once there
-            # is room (the end waits for it: nothing the program wrote is lost).
             time.sleep(FULL_RETRY)
             self.check_dir()
             for fd in list(self.pipes):
-                self.pump(fd, poller, use_splice, final=True)
-        # Keep reading requests while the final state waits for its callback:
-        # a new callback address (the scheduler's tunnel came back) must get in.
-        self.ctl_fd, self.ctl_buf = ctl_fd, ctl_buf
-        self.record_end()
+                self.pump(fd, self.poller, self.use_splice, final=True)
+
+    def close_spool(self):
         for fd in self.files.values():
             os.close(fd)
         self.files = {}
-        # The program is gone and its final state is on disk: from here a
-        # SIGTERM/SIGINT/SIGHUP ends the supervisor (and any callbacks it
-        # still owes) instead of being forwarded to nobody.
+
+    @staticmethod
+    def restore_signals():
+        """The program is gone and its final state is on disk: from here a
+        SIGTERM/SIGINT/SIGHUP ends the supervisor (and any callbacks it
+        still owes) instead of being forwarded to nobody.  (Requests on
+        the control FIFO are still read while the final state waits for
+        its callback: a new callback address must get in.)"""
         _signal.set_wakeup_fd(-1)
         for sig in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
             _signal.signal(sig, _signal.SIG_DFL)
 
-    def carry_out(self, action, now):
-        """Do what Timers.due() said is due."""
-        if action == "timeout":
-            self.timed_out = True
+    def handle(self, event, arg=None):
+        """An event of the run's life: step() says what the supervisor
+        becomes and does; this does it.  ``arg``: the exec error
+        (``exec_failed``), ``(signal, grace)`` (``signal``,
+        ``signal_request``), the state recorded (``recorded``), ``now``
+        (the timers' events)."""
+        self.life, actions = step(self.life, event, arg if event == "recorded" else None)
+        for action in actions:
+            self.carry_out(action, arg)
+
+    def carry_out(self, action, arg):
+        """Do one action that step() decided (see TRANSITIONS)."""
+        if action == "record_start":
+            self.set_state(pid=self.pid, pgid=self.pid, pid_start=proc_start_ticks(self.pid))
+        elif action == "record_error":
+            self.exec_failed(arg)
+        elif action == "ready":
+            self.ready()
+        elif action == "start_sender" and self.sender:
+            self.sender.start()
+        elif action == "linger":
+            self.timers.exited(time.monotonic())
+        elif action == "terminate":
             self.kill_tree(_signal.SIGTERM, grace=self.cfg["kill_grace"])
         elif action == "kill":
-            self.kill_at = None
             # Also when the program itself already exited: what it left
             # behind gets the SIGKILL (kill_tree skips the old group then).
             self.kill_tree(_signal.SIGKILL)
-        elif action == "check_dir":
+        elif action == "forward":
+            self.kill_tree(arg[0], grace=arg[1])
+        elif action == "drain":
+            self.drain()
+        elif action == "record_end":
+            self.record_end()
+            self.handle("recorded", self.state["state"])
+        elif action == "close_spool":
+            self.close_spool()
+        elif action == "restore_signals":
+            self.restore_signals()
+        else:
+            self.housekeeping(action, arg)
+
+    def housekeeping(self, action, now):
+        """The timers' chores (Timers.due), in any phase."""
+        if action == "check_dir":
             self.check_dir()
         elif action == "retry_state":
             if self.unwritten and not self.spool_removed:
                 self.set_state()
+        elif action == "check_sizes":
+            self.timers.sizes_seen(now, self.poll_sizes())
+        elif action == "flush_timeline":
+            due = self.timeline_due()
+            if due is not None and now >= due:
+                self.timeline.flush()
 
     def pump(self, fd, poller, use_splice, final=False):
         """Move what the pipe ``fd`` holds into its spool file.  When the
@@ -2339,23 +2553,10 @@ class Supervisor(object):
                     if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                         raise
                     if not final:
-                        try:
-                            poller.unregister(fd)
-                        except KeyError:  # pragma: no cover
-                            pass
-                        self.held[fd] = time.monotonic() + FULL_RETRY
+                        self.hold_pipe(fd, poller)
                     break
             if n == 0:
-                try:
-                    poller.unregister(fd)
-                except KeyError:  # (held)
-                    pass
-                os.close(fd)
-                del self.pipes[fd]
-                self.held.pop(fd, None)
-                self.backlog.pop(fd, None)
-                if fd == self.tty_fd:
-                    self.tty_fd = None
+                self.close_pipe(fd, poller)
                 break
             total += n
             self.counts[name] += n
@@ -2365,6 +2566,28 @@ class Supervisor(object):
             self.grew(name, self.counts[name], time.time())
         if total and self.sender:
             self.sender.output_written(self.counts)
+
+    def hold_pipe(self, fd, poller):
+        """The spool is full: the pipe ``fd`` is left alone for FULL_RETRY
+        seconds (the loop takes it back: ``held``)."""
+        try:
+            poller.unregister(fd)
+        except KeyError:  # pragma: no cover
+            pass
+        self.held[fd] = time.monotonic() + FULL_RETRY
+
+    def close_pipe(self, fd, poller):
+        """The pipe ``fd`` (or the terminal) ended: it is read no more."""
+        try:
+            poller.unregister(fd)
+        except KeyError:  # (held)
+            pass
+        os.close(fd)
+        del self.pipes[fd]
+        self.held.pop(fd, None)
+        self.backlog.pop(fd, None)
+        if fd == self.tty_fd:
+            self.tty_fd = None
 
     # stdin from a stream ---------------------------------------------------------
 
@@ -2440,19 +2663,17 @@ class Supervisor(object):
             self.counts[name] = info.st_size
             self.mtimes[name] = info.st_mtime_ns // 1000
 
-    def poll_sizes(self, now):
+    def poll_sizes(self):
         """File capture: note in the timeline what grew, and wake the
-        sender; look again soon if it grew, later and later if not."""
+        sender.  Whether the sizes grew (the timers' size_poll follows)."""
         before = dict(self.counts)
         self.watch_sizes()
-        if self.counts != before:
-            self.size_poll = SIZE_POLL_MIN
-            self.sizes_grew()
-            if self.sender:
-                self.sender.output_written(self.counts)
-        else:
-            self.size_poll = min(self.size_poll * 2, SIZE_POLL_MAX)
-        self.next_size_check = now + self.size_poll
+        if self.counts == before:
+            return False
+        self.sizes_grew()
+        if self.sender:
+            self.sender.output_written(self.counts)
+        return True
 
     # The output timeline ---------------------------------------------------------
 
@@ -2461,29 +2682,16 @@ class Supervisor(object):
     #: File capture: when each spool file was last written (watch_sizes).
     mtimes = None
 
-    def size_check_at(self, now):
-        """When the loop must next look at the sizes (file capture, while
-        the program runs) or write a timeline record it held back (pipe
-        capture: growth right after a record); None: no need."""
-        waits = []
-        if self.capture == "file" and self.files and self.status is None:
-            if self.next_size_check is None:
-                self.next_size_check = now + self.size_poll
-            waits.append(self.next_size_check)
-        due = self.timeline.due() if self.timeline is not None else None
-        if due is not None:
-            waits.append(due)
-        return min(waits) if waits else None
+    def polls_sizes(self):
+        """File capture, while the program runs: nobody wakes the loop when
+        it writes, so the loop looks at the spool files' sizes (for the
+        timeline and the callbacks) on the timers' ``check_sizes``."""
+        return self.capture == "file" and bool(self.files) and self.status is None
 
-    def size_check(self, now):
-        """What size_check_at() asked for, once it is due."""
-        if (self.capture == "file" and self.files and self.status is None and self.next_size_check is not None
-                and now >= self.next_size_check):
-            self.poll_sizes(now)
-        if self.timeline is not None:
-            due = self.timeline.due()
-            if due is not None and now >= due:
-                self.timeline.flush()
+    def timeline_due(self):
+        """When a timeline record held back (growth right after a record)
+        is due; None: none is."""
+        return self.timeline.due() if self.timeline is not None else None
 
     def grew(self, name, end, when):
         """Stream ``name`` reached ``end`` bytes by ``when`` (seconds, or
@@ -2585,7 +2793,7 @@ class Supervisor(object):
             grace = grace if _is_num(grace) and grace >= 0 else None
             if grace is None and sig == _signal.SIGTERM:
                 grace = self.cfg["kill_grace"]  # like `docker stop`
-            self.kill_tree(sig, grace=grace)
+            self.handle("signal_request", (sig, grace))
         elif op == "stdin":
             self.feed_stdin()
         elif op == "callback" and self.sender:
@@ -2620,9 +2828,7 @@ class Supervisor(object):
             except (ProcessLookupError, PermissionError):
                 pass
         if grace is not None and sig != _signal.SIGKILL:
-            at = time.monotonic() + grace
-            if self.kill_at is None or at < self.kill_at:
-                self.kill_at = at
+            self.timers.arm_kill(time.monotonic() + grace)
 
     def reap(self):
         while True:
@@ -2637,6 +2843,7 @@ class Supervisor(object):
             if pid == self.pid:
                 self.status = status
                 self.rusage = rusage
+                self.handle("exited")
 
     def record_end(self):
         """Record the end.  If the spool's file system is full and the
@@ -2705,11 +2912,9 @@ class Supervisor(object):
             except OSError:  # pragma: no cover - say EACCES: cannot tell
                 gone = False
             if gone:
-                self.spool_removed = True
-                if self.status is None:
-                    # Nothing could reach the program any more (its control
-                    # FIFO is gone): end it, as a timeout does.
-                    self.kill_tree(_signal.SIGTERM, grace=self.cfg["kill_grace"])
+                # While it runs, nothing could reach the program any more
+                # (its control FIFO is gone): it is ended, as a timeout does.
+                self.handle("spool_removed")
         return self.spool_removed
 
     def record_removed(self):
@@ -2772,6 +2977,56 @@ PIPELINE = 2
 MAX_ANSWER = 1 << 16
 
 
+class SendTimers(object):
+    """The callback sender's timers as data (as Timers is the
+    supervisor's): the heartbeat (a running state sent again every
+    ``heartbeat`` seconds), the output latency (output waits up to
+    ``latency`` seconds from its first byte not sent, or until ``buffer``
+    bytes wait) and the retry backoff.  Pure: no clock read, no I/O; the
+    sender passes ``now`` (under its condition: the supervisor's thread
+    calls output_pending)."""
+
+    __slots__ = ("heartbeat", "latency", "buffer", "next_heartbeat", "first_pending")
+
+    def __init__(self, now, heartbeat, latency, buffer):
+        self.heartbeat, self.latency, self.buffer = heartbeat, latency, buffer
+        self.next_heartbeat = now + heartbeat
+        self.first_pending = None
+
+    def output_pending(self, now):
+        """Output was written: the latency runs from the first not sent."""
+        if self.first_pending is None:
+            self.first_pending = now
+
+    def output_sent(self):
+        self.first_pending = None
+
+    def sent_state(self, now):
+        """A state went out: the next heartbeat is one period later."""
+        self.next_heartbeat = now + self.heartbeat
+
+    def wait(self, now, urgent, pending):
+        """Seconds the sender may sleep (0: send now).  ``urgent``: a
+        state or the end waits to be sent; ``pending``: bytes written, not
+        sent."""
+        if urgent or pending >= self.buffer:
+            return 0
+        waits = [self.next_heartbeat - now]
+        if pending:
+            waits.append((self.first_pending or now) + self.latency - now)
+        return max(0, min(waits))
+
+    def heartbeat_due(self, now, latest):
+        """Whether the last state (``latest``) is due again: still running."""
+        return now >= self.next_heartbeat and latest is not None and latest["state"] == "running"
+
+    @staticmethod
+    def backoff(delay, most):
+        """The pause before the next try after a failed one: doubling from
+        0.1 s up to ``most`` (retry_frequency)."""
+        return min(max(delay * 2, 0.1), most)
+
+
 class CallbackSender(object):
     """Pushes output and state to the scheduler, from a thread of its own;
     the spool stays the truth.
@@ -2801,8 +3056,8 @@ class CallbackSender(object):
         self.reader = None  # where the answers to pipelined requests are read (answer())
         self.buf = None  # (send_file's)
         self.ctx = None
-        self.first_pending = None
-        self.next_heartbeat = time.monotonic() + self.cb["heartbeat"]
+        self.timers = SendTimers(time.monotonic(), self.cb["heartbeat"], self.cfg["output_latency"],
+                                 self.cfg["output_buffer"])
         self.finish_deadline = None
         self.updated = False
         self.reset = False
@@ -2823,8 +3078,7 @@ class CallbackSender(object):
     def output_written(self, counts):
         with self.cond:
             self.counts = dict(counts)
-            if self.first_pending is None:
-                self.first_pending = time.monotonic()
+            self.timers.output_pending(time.monotonic())
             self.cond.notify()
 
     def update(self, msg):
@@ -2899,21 +3153,13 @@ class CallbackSender(object):
                 delay = 0.0
             except Exception:  # network, TLS, HTTP, a bad answer: retry, never die
                 self.close()
-                delay = min(max(delay * 2, 0.1), self.cfg["retry_frequency"])
+                delay = SendTimers.backoff(delay, self.cfg["retry_frequency"])
 
     def _wait_time(self):
         now = time.monotonic()
         written = self.written()
-        if self.final is not None or self.state_to_send is not None:
-            return 0
         pending = sum(written[s] - self.sent[s] for s in STREAMS)
-        if pending >= self.cfg["output_buffer"]:
-            return 0
-        waits = [self.next_heartbeat - now]
-        if pending:
-            first = self.first_pending or now
-            waits.append(first + self.cfg["output_latency"] - now)
-        return max(0, min(waits))
+        return self.timers.wait(now, self.final is not None or self.state_to_send is not None, pending)
 
     def _step(self):
         """Send what is due; True when the final state was acknowledged."""
@@ -2927,12 +3173,12 @@ class CallbackSender(object):
                     if self.state_to_send is None:
                         self.state_to_send = st
                 raise
-            self.next_heartbeat = now + self.cb["heartbeat"]
+            self.timers.sent_state(now)
         final = self.final
         written = final and {"stdout": final["stdout_bytes"], "stderr": final["stderr_bytes"]}
         written = written or self.written()
         with self.cond:
-            self.first_pending = None
+            self.timers.output_sent()
         for name in STREAMS:
             self.send_stream(name, written[name])
         if final is not None:
@@ -2940,14 +3186,14 @@ class CallbackSender(object):
             return True
         with self.cond:
             latest = self.latest
-        if time.monotonic() >= self.next_heartbeat and latest is not None and latest["state"] == "running":
+        if self.timers.heartbeat_due(time.monotonic(), latest):
             st = dict(latest)
             # What the supervisor counted (file capture: the sizes it last
             # saw): never more than the final counts will be.
             sizes = self.written()
             st["stdout_bytes"], st["stderr_bytes"] = sizes["stdout"], sizes["stderr"]
             self.post("state", dumps(st).encode(), "application/json")
-            self.next_heartbeat = time.monotonic() + self.cb["heartbeat"]
+            self.timers.sent_state(time.monotonic())
         return False
 
     def send_stream(self, name, upto):
@@ -3127,6 +3373,7 @@ class Output(object):
     def __init__(self, marker):
         self.fd = sys.stdout.fileno()
         self._watch = None
+        self._wake = None  # (run_watch: what ends an idle wait early)
         if marker:
             # (os.fsencode: the bytes it had on the command line, even
             # those that are not UTF-8)
@@ -3147,8 +3394,28 @@ class Output(object):
         if self._watch is None:
             self._watch = select.poll()
             self._watch.register(self.fd, 0)  # (POLLERR/POLLHUP come anyway)
-        if self._watch.poll(seconds * 1000.0):
-            raise BrokenPipeError(errno.EPIPE, "the reader of this output is gone")
+            if self._wake is not None:
+                self._watch.register(self._wake, select.POLLIN)
+        for fd, _ in self._watch.poll(seconds * 1000.0):
+            if fd == self.fd:
+                raise BrokenPipeError(errno.EPIPE, "the reader of this output is gone")
+            try:
+                while os.read(fd, 65536):  # (what woke it: read, the follow looks now)
+                    pass
+            except OSError:
+                pass
+
+    def wake_on(self, run):
+        """An idle wait ends as soon as a file of ``run`` is written (the
+        program's output, its state): no polling delay for what comes.
+        Closed by :meth:`close`."""
+        if self._wake is None and self._watch is None:
+            self._wake = run_watch(run.dir)
+
+    def close(self):
+        if self._wake is not None:
+            os.close(self._wake)
+            self._wake = None
 
 
 def read_program_json():
@@ -3318,10 +3585,11 @@ def start_one(root, spec, close=()):
     return run, wait_for_start(run.require())
 
 
-def start_many(root, docs):
+def start_many(root, docs, close=()):
     """Start a list of program.json documents with one agent process: every
     supervisor is forked first, then each one's start is awaited.  Each
-    answer is the run's state, or ``{"id", "rejected"}``."""
+    answer is the run's state, or ``{"id", "rejected"}``.  ``close``: fds
+    of this process the supervisors must not keep (see spawn)."""
     answers = [None] * len(docs)
     waiting = []
     prepare_fork(callbacks=any(isinstance(doc, dict) and doc.get("callback") for doc in docs))
@@ -3333,13 +3601,93 @@ def start_many(root, docs):
         except AgentError as e:
             answers[i] = {"id": run_id, "rejected": str(e)}
             continue
-        ready = spawn(run, spec, close=[r for _, _, r in waiting if r is not None]) if claimed else None
+        ready = spawn(run, spec, close=list(close) + [r for _, _, r in waiting if r is not None]) if claimed else None
         waiting.append((i, run, ready))
     for i, run, ready in waiting:
         try:
             answers[i] = started_state(run, ready) if ready is not None else wait_for_start(run.require())
         except AgentError as e:  # (an existing run whose state is damaged)
             answers[i] = {"id": run.id, "rejected": str(e)}
+    return answers
+
+
+#: A batch start is shared among processes (see start_shared) from this
+#: many documents per process on.
+BATCH_SHARE = 16
+#: At most this many processes share one batch.
+BATCH_WORKERS = 8
+
+
+def batch_workers(count):
+    """How many processes share a batch of ``count`` starts: one per CPU
+    this process may run on, each with at least BATCH_SHARE documents."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, BATCH_WORKERS, count // BATCH_SHARE))
+
+
+def start_shared(root, docs, workers=None):
+    """start_many, the documents shared among ``workers`` processes: this
+    one and others forked from it, each a slice of the list in its order,
+    so that the claims and the forks of the supervisors run on every CPU
+    at once (one channel and one Python start-up still).  Each helper
+    writes its slice's answers (JSON) to a pipe of its own.  A slice whose
+    helper did not answer it all (it died) is started again here: a start
+    is idempotent by id, so a run it did start is answered, not started
+    twice."""
+    workers = batch_workers(len(docs)) if workers is None else workers
+    if workers <= 1:
+        return start_many(root, docs)
+    # What each supervisor would load on its own after the fork (an
+    # extension module's dlopen every time): the run lock's fcntl,
+    # fork_exec's gc, and resource (os.wait4 builds its rusage with it).
+    for name in ("fcntl", "gc", "resource"):
+        try:
+            __import__(name)
+        except ImportError:  # pragma: no cover
+            pass
+    size = -(-len(docs) // workers)
+    slices = [docs[i:i + size] for i in range(0, len(docs), size)]
+    helpers = []  # (slice, pid, read end)
+    for part in slices[1:]:
+        r, w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # a helper: its slice, its answers, and out
+            code = 1
+            try:
+                os.close(r)
+                for _, _, fd in helpers:
+                    os.close(fd)
+                write_all(w, dumps(start_many(root, part, close=[w])).encode())
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        helpers.append((part, pid, r))
+    answers = start_many(root, slices[0], close=[fd for _, _, fd in helpers])
+    for part, pid, r in helpers:
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(r, 1 << 16)
+            except InterruptedError:  # pragma: no cover
+                continue
+            if not chunk:
+                break
+            chunks.append(chunk)
+        os.close(r)
+        os.waitpid(pid, 0)
+        try:
+            got = loads(b"".join(chunks).decode())
+        except ValueError:
+            got = None
+        if not isinstance(got, list) or len(got) != len(part):
+            got = start_many(root, part)
+        answers.extend(got)
     return answers
 
 
@@ -3353,7 +3701,7 @@ def cmd_start(args, out_marker):
             raise AgentError("program.json: expected a JSON object, or a non-empty list of them")
         if args.follow:
             raise AgentError("start --follow takes one program.json, not a list")
-        answers = start_many(root, doc)
+        answers = start_shared(root, doc)
         Output(out_marker).json(answers)
         return 0
     run, st = start_one(root, validate_spec(doc))
@@ -3380,6 +3728,7 @@ def follow(run, out, offsets, last=None):
     kinds = {"stdout": b"1", "stderr": b"2"}
     shown = last and (last["state"], last["pid"])
     interval = 0.001
+    out.wake_on(run)
     try:
         while True:
             st = run.refresh(fds)
@@ -3413,6 +3762,7 @@ def follow(run, out, offsets, last=None):
                 out.idle(interval)
                 interval = min(interval * 1.5, 0.05)  # (a quick program's end is seen soon)
     finally:
+        out.close()
         for fd in fds.values():
             os.close(fd)
 
@@ -3719,8 +4069,11 @@ class Logs(object):
             except FileNotFoundError:  # started by an older agent
                 return self.without_timeline()
             self.fds["timeline"] = tl
+            if self.follow_on:
+                self.out.wake_on(self.run)
             self.with_timeline(tl)
         finally:
+            self.out.close()
             for fd in self.fds.values():
                 os.close(fd)
 
@@ -4287,35 +4640,14 @@ def _is_option(arg):
 def parse_args(argv):
     """The agent's command line (argparse's behaviour for these commands,
     without the 10+ ms that importing and building argparse costs at every
-    agent call).  Bad usage raises AgentError (exit 2)."""
+    agent call): the global options, the command (COMMAND_ARGS: its
+    positional arguments and options), then its arguments.  Bad usage
+    raises AgentError (exit 2)."""
     args = Args()
     for attr in GLOBAL_OPTIONS.values():
         setattr(args, attr, None)
     argv = list(argv)
-    i, command = 0, None
-
-    def value(opt, arg, inline):
-        if inline is not None:
-            return inline, 1
-        if i + 1 >= len(argv) or _is_option(argv[i + 1]):
-            raise AgentError("usage: argument %s: expected one argument" % opt)
-        return argv[i + 1], 2
-
-    while i < len(argv):
-        arg = argv[i]
-        if arg in ("-h", "--help"):
-            raise _Help()
-        name, eq, inline = arg.partition("=")
-        if name in GLOBAL_OPTIONS:
-            text, used = value(name, arg, inline if eq else None)
-            setattr(args, GLOBAL_OPTIONS[name], text)
-            i += used
-            continue
-        if _is_option(arg):
-            raise AgentError("usage: unrecognized arguments: %s" % arg)
-        command = arg
-        i += 1
-        break
+    command, i = _parse_global_options(argv, args)
     if command is None:
         raise AgentError("usage: agent.py [--root DIR] {%s} ..." % ",".join(COMMAND_ARGS))
     if command not in COMMAND_ARGS:
@@ -4325,6 +4657,58 @@ def parse_args(argv):
     positional, options = COMMAND_ARGS[command]
     for attr, kind, default in options.values():
         setattr(args, attr, default)
+    given, seen = _parse_command_args(argv, i, args, positional, options)
+    if len(given) > len(positional):
+        raise AgentError("usage: unrecognized arguments: %s" % " ".join(given[len(positional):]))
+    missing = list(positional[len(given):]) + [o for o in REQUIRED_OPTIONS.get(command, ()) if o not in seen]
+    if missing:
+        raise AgentError("usage: the following arguments are required: %s" % ", ".join(missing))
+    for attr, text in zip(positional, given):
+        setattr(args, attr, text)
+    args.root = os.path.abspath(args.root or default_root())
+    if args.login_env is not None:
+        try:
+            args.login_env = int(args.login_env)
+        except ValueError:
+            raise AgentError("usage: argument --login-env: invalid int value: %r" % args.login_env)
+    if getattr(args, "id", None) is not None:
+        check_id(args.id)
+    return args
+
+
+def _option_text(argv, i, opt, inline):
+    """The value of the option ``opt`` at ``argv[i]`` (``--opt=X``:
+    ``inline``, or ``--opt X``) and how many arguments it took."""
+    if inline is not None:
+        return inline, 1
+    if i + 1 >= len(argv) or _is_option(argv[i + 1]):
+        raise AgentError("usage: argument %s: expected one argument" % opt)
+    return argv[i + 1], 2
+
+
+def _parse_global_options(argv, args):
+    """The global options (set on ``args``) up to the command: the command
+    (None: none) and the index after it."""
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("-h", "--help"):
+            raise _Help()
+        name, eq, inline = arg.partition("=")
+        if name in GLOBAL_OPTIONS:
+            text, used = _option_text(argv, i, name, inline if eq else None)
+            setattr(args, GLOBAL_OPTIONS[name], text)
+            i += used
+            continue
+        if _is_option(arg):
+            raise AgentError("usage: unrecognized arguments: %s" % arg)
+        return arg, i + 1
+    return None, i
+
+
+def _parse_command_args(argv, i, args, positional, options):
+    """The command's options from ``argv[i]`` on (set on ``args``): the
+    positional arguments given, and the options seen."""
     given, seen, only_values = [], set(), False
     while i < len(argv):
         arg = argv[i]
@@ -4351,34 +4735,24 @@ def parse_args(argv):
             setattr(args, attr, True)
             i += 1
             continue
-        text, used = value(name, arg, inline if eq else None)
+        text, used = _option_text(argv, i, name, inline if eq else None)
         i += used
-        if isinstance(kind, tuple):
-            if text not in kind:
-                raise AgentError("usage: argument %s: invalid choice: %r (choose from %s)"
-                                 % (name, text, ", ".join(repr(c) for c in kind)))
-            setattr(args, attr, text)
-            continue
-        try:
-            setattr(args, attr, kind(text))
-        except ValueError:
-            raise AgentError("usage: argument %s: invalid %s value: %r" % (name, kind.__name__, text))
-    if len(given) > len(positional):
-        raise AgentError("usage: unrecognized arguments: %s" % " ".join(given[len(positional):]))
-    missing = list(positional[len(given):]) + [o for o in REQUIRED_OPTIONS.get(command, ()) if o not in seen]
-    if missing:
-        raise AgentError("usage: the following arguments are required: %s" % ", ".join(missing))
-    for attr, text in zip(positional, given):
-        setattr(args, attr, text)
-    args.root = os.path.abspath(args.root or default_root())
-    if args.login_env is not None:
-        try:
-            args.login_env = int(args.login_env)
-        except ValueError:
-            raise AgentError("usage: argument --login-env: invalid int value: %r" % args.login_env)
-    if getattr(args, "id", None) is not None:
-        check_id(args.id)
-    return args
+        setattr(args, attr, _option_value(name, kind, text))
+    return given, seen
+
+
+def _option_value(name, kind, text):
+    """An option's ``text`` as its ``kind`` says: one of a tuple of
+    choices, or a type (int, float ...)."""
+    if isinstance(kind, tuple):
+        if text not in kind:
+            raise AgentError("usage: argument %s: invalid choice: %r (choose from %s)"
+                             % (name, text, ", ".join(repr(c) for c in kind)))
+        return text
+    try:
+        return kind(text)
+    except ValueError:
+        raise AgentError("usage: argument %s: invalid %s value: %r" % (name, kind.__name__, text))
 
 
 COMMANDS = {
