@@ -292,6 +292,46 @@ def test_many_connections_at_once_cost_little_memory_each(tmp_path):
     assert grown / n < 256 << 10, "%d KiB per connection" % (grown / n / 1024)
 
 
+def test_a_body_held_up_by_the_mirrors_lock_lands_whole_once_it_is_free(tmp_path):
+    """A body of 8 MiB arrives while another process holds the mirror's
+    lock: the endpoint waits for the lock (aiohttp stops reading, the TLS
+    layer's BIO fills to its bound and the socket is paused), and once the
+    lock is free the reading resumes and every byte lands, once."""
+    import fcntl
+    import socket
+
+    from chaperone.push.mirror import LOCK_NAME
+
+    data = os.urandom(8 << 20)
+
+    def send(port, token, pem):
+        ctx = ssl.create_default_context(cadata=pem)
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1") as tls:
+            tls.sendall(("POST /api/v1/agent/r1/output/stdout?offset=0 HTTP/1.1\r\nHost: x\r\n"
+                         "Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n" % (token, len(data))).encode())
+            tls.sendall(data)
+            return tls.recv(4096)
+
+    async def scenario():
+        async with Harness(tmp_path) as h:
+            h.server.max_body = len(data)
+            fd = os.open(str(tmp_path / "r1" / LOCK_NAME), os.O_RDWR | os.O_CREAT)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                sender = asyncio.ensure_future(asyncio.to_thread(send, h.server.port, h.t1, h.server.cert_pem))
+                await asyncio.sleep(1.0)
+                waiting = not sender.done() and h.m1.held("stdout") == 0
+            finally:
+                os.close(fd)  # releases the flock
+            answer = await asyncio.wait_for(sender, 60)
+            return waiting, answer, h.m1.read("stdout")
+
+    waiting, answer, stored = run(scenario())
+    assert waiting  # (nothing stored, no answer, while the lock was held)
+    assert answer.startswith(b"HTTP/1.1 200") and (b'"offset": %d' % len(data)) in answer, answer
+    assert stored == data
+
+
 def test_retried_chunk_stored_once(tmp_path):
     async def scenario():
         async with Harness(tmp_path) as h:
