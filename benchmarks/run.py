@@ -8,7 +8,7 @@ in the same run (medians over several repetitions), on this machine only.
     python benchmarks/run.py --list
 
 It sets up what it needs itself: a throw-away OpenSSH server on 127.0.0.1
-(``tests/sshd.py``, imported by path) with ``Host testhost`` in its
+(``tests/support/sshd.py``, imported by path) with ``Host testhost`` in its
 ssh_config, and its own ``CHAPERONE_HOME`` in a temporary directory.
 Nothing leaves the loopback interface.  A benchmark whose prerequisite is
 missing (no sshd, no SSH transport yet, no Ansible) is reported as
@@ -390,11 +390,11 @@ class Context:
 
     def start_sshd(self) -> None:
         try:
-            spec = importlib.util.spec_from_file_location("chaperone_bench_sshd", REPO / "tests" / "sshd.py")
+            spec = importlib.util.spec_from_file_location("chaperone_bench_sshd", REPO / "tests" / "support" / "sshd.py")
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
         except Exception as e:
-            self.sshd_reason = "cannot load tests/sshd.py: %s" % e
+            self.sshd_reason = "cannot load tests/support/sshd.py: %s" % e
             return
         reason = mod.sshd_unavailable_reason()
         if reason:
@@ -403,7 +403,7 @@ class Context:
         clean_home = not self.real_home
 
         class BenchSSHD(mod.SSHD):
-            """tests/sshd.py's server; unless --real-home, its sessions get
+            """tests/support/sshd.py's server; unless --real-home, its sessions get
             HOME=<a fresh empty dir> (sshd_config SetEnv), so the login shell
             reads no ~/.bashrc and the agent and its spools live in the
             temporary directory."""

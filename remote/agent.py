@@ -1491,22 +1491,10 @@ def fork_exec(argv, cwd, env, stdio, umask, libc, executable=None, underscore=Fa
 
     env_bytes = dict((_fsencode_env_name(k), os.fsencode(v)) for k, v in env.items())
     name = argv[0] if executable is None else executable
-    executable = os.fsencode(name)
-    if os.path.dirname(executable):
-        executables = (executable,)
-    else:  # as subprocess and os.execvpe search: os.get_exec_path(env) (which imports warnings)
-        path = env.get("PATH")
-        executables = tuple(os.path.join(os.fsencode(d), executable)
-                            for d in (os.defpath if path is None else path).split(os.pathsep))
+    executables = _exec_candidates(os.fsencode(name), env)
     args = [os.fsencode(a) for a in argv]
     cwd_bytes = os.fsencode(cwd)
-    err_r, err_w = os.pipe()  # both close-on-exec (PEP 446)
-    low = []
-    while err_w < 3:  # (never on one of the program's 0, 1, 2)
-        low.append(err_w)
-        err_w = os.dup(err_w)
-    for fd in low:
-        os.close(fd)
+    err_r, err_w = _report_pipe()
     fds = open_fds()
     parent = os.getpid()
     if ctty:
@@ -1529,6 +1517,39 @@ def fork_exec(argv, cwd, env, stdio, umask, libc, executable=None, underscore=Fa
         if gc_enabled:
             gc.enable()
     os.close(err_w)
+    _child_report(pid, err_r, name, cwd)
+    return pid
+
+
+def _exec_candidates(executable, env):
+    """The paths to try exec'ing, as subprocess and os.execvpe search: the
+    name itself when it has a directory, else each of the ``PATH`` of
+    ``env`` (os.get_exec_path(env), which imports warnings)."""
+    if os.path.dirname(executable):
+        return (executable,)
+    path = env.get("PATH")
+    return tuple(os.path.join(os.fsencode(d), executable)
+                 for d in (os.defpath if path is None else path).split(os.pathsep))
+
+
+def _report_pipe():
+    """fork_exec's pipe for the child's report (both ends close-on-exec:
+    PEP 446), its write end never one of the program's 0, 1, 2."""
+    err_r, err_w = os.pipe()
+    low = []
+    while err_w < 3:
+        low.append(err_w)
+        err_w = os.dup(err_w)
+    for fd in low:
+        os.close(fd)
+    return err_r, err_w
+
+
+def _child_report(pid, err_r, name, cwd):
+    """Read the child's report on ``err_r`` (closed here): nothing, exec
+    closed the pipe and the program runs; else the child is reaped and its
+    failure raised as Popen raises it (OSError naming ``name`` for exec,
+    ``cwd`` for chdir)."""
     report = b""
     try:
         while True:
@@ -1539,7 +1560,7 @@ def fork_exec(argv, cwd, env, stdio, umask, libc, executable=None, underscore=Fa
     finally:
         os.close(err_r)
     if not report:
-        return pid  # exec closed the pipe: the program runs
+        return
     try:
         os.waitpid(pid, 0)  # (the failed child: reaped, as subprocess does)
     except ChildProcessError:  # pragma: no cover
@@ -3670,25 +3691,31 @@ def start_shared(root, docs, workers=None):
         helpers.append((part, pid, r))
     answers = start_many(root, slices[0], close=[fd for _, _, fd in helpers])
     for part, pid, r in helpers:
-        chunks = []
-        while True:
-            try:
-                chunk = os.read(r, 1 << 16)
-            except InterruptedError:  # pragma: no cover
-                continue
-            if not chunk:
-                break
-            chunks.append(chunk)
-        os.close(r)
-        os.waitpid(pid, 0)
-        try:
-            got = loads(b"".join(chunks).decode())
-        except ValueError:
-            got = None
+        got = _helper_answers(pid, r)
         if not isinstance(got, list) or len(got) != len(part):
-            got = start_many(root, part)
+            got = start_many(root, part)  # (it died: what it started is answered, the rest started)
         answers.extend(got)
     return answers
+
+
+def _helper_answers(pid, r):
+    """What start_shared's helper ``pid`` wrote to its pipe ``r`` (closed
+    here, the helper reaped), as JSON; None if that is not JSON."""
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(r, 1 << 16)
+        except InterruptedError:  # pragma: no cover
+            continue
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(r)
+    os.waitpid(pid, 0)
+    try:
+        return loads(b"".join(chunks).decode())
+    except ValueError:
+        return None
 
 
 def cmd_start(args, out_marker):
