@@ -143,3 +143,41 @@ def test_two_processes_same_chunks(tmp_path):
         p.join(60)
         assert p.exitcode == 0
     assert OutputMirror(tmp_path).read("stderr") == DATA
+
+
+def test_appending_opens_the_files_once_and_keeps_the_lock(tmp_path, monkeypatch):
+    """Within ``appending()`` (an output body as it arrives), the event
+    loop's appends share one pair of open files instead of opening two at
+    every append; they still take the lock each time: while another open
+    file holds it, a non-blocking append writes nothing, and a blocking one
+    (a thread's) waits with files of its own; on leaving, the files close."""
+    import fcntl
+    import threading
+
+    from chaperone.push import mirror as mirror_module
+
+    m = OutputMirror(tmp_path / "run")
+    opened = []
+    real_open = os.open
+    monkeypatch.setattr(mirror_module.os, "open", lambda path, *a: opened.append(path) or real_open(path, *a))
+    fds_before = len(os.listdir("/proc/self/fd"))
+    with m.appending("stdout"):
+        for i in range(20):
+            assert m.append("stdout", i, b"x", blocking=False) == i + 1
+        assert len(opened) == 2  # (the lock file, the stream's file: once)
+        other = real_open(str(tmp_path / "run" / ".lock"), os.O_RDWR)
+        fcntl.flock(other, fcntl.LOCK_EX)  # another process's lock, as far as flock knows
+        with pytest.raises(BlockingIOError):
+            m.append("stdout", 20, b"y", blocking=False)
+        waiting = threading.Thread(target=m.append, args=("stdout", 20, b"y"))
+        waiting.start()
+        waiting.join(0.3)
+        assert waiting.is_alive() and m.held("stdout") == 20  # (it waits for the lock)
+        fcntl.flock(other, fcntl.LOCK_UN)
+        os.close(other)
+        waiting.join(10)
+        assert m.append("stdout", 20, b"y", blocking=False) == 21  # (a duplicate: stored once)
+    assert len(os.listdir("/proc/self/fd")) == fds_before
+    assert m.read("stdout") == b"x" * 20 + b"y"
+    m.append("stdout", 21, b"z")
+    assert len(opened) == 6  # (the thread opened its own pair; outside appending(): a pair per append)
