@@ -115,7 +115,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from playwright.sync_api import sync_playwright
-    from servehelpers import Server, kill_runs
+    from support.servehelpers import Server, kill_runs
 
     with tempfile.TemporaryDirectory(prefix="chaperone-bench-dashboard-") as tmp:
         server = Server(Path(tmp) / "home", heartbeat=10.0).start()

@@ -4,7 +4,7 @@ ClusterShell's ``clush``, parallel-ssh, Ansible ad-hoc (``ansible -m
 command``), and chaperone's own fan-out (a hook: :func:`run_chaperone`),
 on 10 and 50 hosts, for ``true``, ``uname -a`` and a 1 MiB output.
 
-    python benchmarks/fleet.py                      # starts 50 real sshd itself (tests/fleet_hosts.py)
+    python benchmarks/fleet.py                      # starts 50 real sshd itself (tests/support/fleet_hosts.py)
     python benchmarks/fleet.py --quick              # 10 hosts, one repetition
     python benchmarks/fleet.py --ssh-config CFG --hosts-file FILE   # hosts you already have
     python benchmarks/fleet.py --only clush,ansible --sizes 10
@@ -550,7 +550,7 @@ def main(argv=None) -> int:
             config = args.ssh_config
         else:
             sys.path.insert(0, str(REPO / "tests"))
-            from fleet_hosts import FleetHosts
+            from support.fleet_hosts import FleetHosts
 
             hosts = FleetHosts(max(sizes)).start()
             if not args.quiet:

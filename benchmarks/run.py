@@ -8,7 +8,7 @@ in the same run (medians over several repetitions), on this machine only.
     python benchmarks/run.py --list
 
 It sets up what it needs itself: a throw-away OpenSSH server on 127.0.0.1
-(``tests/sshd.py``, imported by path) with ``Host testhost`` in its
+(``tests/support/sshd.py``, imported by path) with ``Host testhost`` in its
 ssh_config, and its own ``CHAPERONE_HOME`` in a temporary directory.
 Nothing leaves the loopback interface.  A benchmark whose prerequisite is
 missing (no sshd, no SSH transport yet, no Ansible) is reported as
@@ -390,11 +390,11 @@ class Context:
 
     def start_sshd(self) -> None:
         try:
-            spec = importlib.util.spec_from_file_location("chaperone_bench_sshd", REPO / "tests" / "sshd.py")
+            spec = importlib.util.spec_from_file_location("chaperone_bench_sshd", REPO / "tests" / "support" / "sshd.py")
             mod = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(mod)
         except Exception as e:
-            self.sshd_reason = "cannot load tests/sshd.py: %s" % e
+            self.sshd_reason = "cannot load tests/support/sshd.py: %s" % e
             return
         reason = mod.sshd_unavailable_reason()
         if reason:
@@ -403,7 +403,7 @@ class Context:
         clean_home = not self.real_home
 
         class BenchSSHD(mod.SSHD):
-            """tests/sshd.py's server; unless --real-home, its sessions get
+            """tests/support/sshd.py's server; unless --real-home, its sessions get
             HOME=<a fresh empty dir> (sshd_config SetEnv), so the login shell
             reads no ~/.bashrc and the agent and its spools live in the
             temporary directory."""
@@ -1445,6 +1445,62 @@ def bench_reconnect(ctx: Context):
     )
 
 
+def _echo_latency(argv, env, keys: int) -> List[float]:
+    """Seconds from a key written to this terminal (a pty made here, the
+    client's controlling terminal) to its echo coming back from the
+    program's terminal there (``cat`` on it), ``keys`` times, one at a time."""
+    import fcntl
+    import select
+    import termios
+
+    master, slave = os.openpty()
+    proc = subprocess.Popen(argv, env=env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+                            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))
+    screen, lat = b"", []
+    try:
+        end = time.monotonic() + 30
+        while b"READY" not in screen:
+            if time.monotonic() > end:
+                raise BenchError("the program on a terminal did not start: %r" % screen[-200:])
+            if select.select([master], [], [], 0.5)[0]:
+                screen += os.read(master, 65536)
+        for i in range(keys):
+            key = bytes([ord("a") + i % 26])
+            t0 = time.perf_counter()
+            os.write(master, key)
+            got = b""
+            while key not in got:
+                if not select.select([master], [], [], 5)[0]:
+                    raise BenchError("no echo of a key within 5 s")
+                got += os.read(master, 65536)
+            lat.append(time.perf_counter() - t0)
+            time.sleep(0.05)
+        os.write(master, b"\x03")
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+        os.close(slave)
+    return lat
+
+
+def bench_tty_echo(ctx: Context):
+    """`run -t`: a key typed here, echoed by the program's terminal there,
+    against `ssh -tt` on the same host (issue 10 item 4)."""
+    ctx.require_ssh()
+    keys = 10 if ctx.mode == "quick" else 40
+    prog = "echo READY; exec cat"
+    chap = _echo_latency(ctx.cli_argv("run", "-t", "--id", ctx.run_id("tty"), "testhost", prog, ssh=True),
+                         ctx.env, keys)
+    base = _echo_latency(["ssh", "-tt"] + ctx.sshd.ssh_argv(prog)[1:], ctx.env, keys)
+    ctx.results.add(
+        "tty_echo", "run -t: a key's echo from the program's terminal: median", median(chap), "s",
+        baseline=median(base), samples=chap, baseline_samples=base,
+        notes="baseline: ssh -tt testhost cat; %d keys each, 50 ms apart, from a pty made here" % keys)
+
+
 #: (group, function, row ids it produces, needs).
 BENCHMARKS = [
     ("cli_startup", bench_cli_startup, ["cli_startup", "cli_startup_vs_click"]),
@@ -1459,6 +1515,7 @@ BENCHMARKS = [
     ("delivery_callback", bench_delivery_callback, ["delivery_callback"]),
     ("many_outputs", bench_many_outputs, ["many_outputs_memory"]),
     ("reconnect", bench_reconnect, ["reconnect_status"]),
+    ("tty_echo", bench_tty_echo, ["tty_echo"]),
     ("wait_latency", bench_wait_latency, ["wait_latency_1", "wait_latency_1_max", "wait_latency_many",
                                           "wait_latency_many_max", "wait_latency_push_1", "wait_latency_push_1_max",
                                           "wait_latency_push_many", "wait_latency_push_many_max"]),
@@ -1482,6 +1539,7 @@ NAMES = {
     "delivery_stream": "delivery: follow stream (library)",
     "delivery_callback": "delivery: HTTPS callbacks to the scheduler",
     "reconnect_status": "reconnect: chaperone status ID",
+    "tty_echo": "run -t: a key's echo from the program's terminal",
     "many_outputs_memory": "scheduler memory: many programs at once on one host, 1 MiB each",
 }
 TARGETS = {
@@ -1502,7 +1560,7 @@ def run_all(mode: str, only: Optional[Sequence[str]], output: str, verbose: bool
     ctx = Context(mode, tmp, results, started + 3600, real_home=real_home, concurrency=concurrency)
     groups = [b for b in BENCHMARKS if not only or b[0] in only]
     needs_ssh = any(g[0] in ("cold_launch", "launch", "launch_ssh_nohup", "launch_ansible", "delivery",
-                             "delivery_callback", "many_outputs", "reconnect", "wait_latency") for g in groups)
+                             "delivery_callback", "many_outputs", "reconnect", "wait_latency", "tty_echo") for g in groups)
     meta = dict(machine_info_cache(), mode=mode, params=ctx.p, cli=ctx.cli, loadavg_start=os.getloadavg())
     try:
         if needs_ssh:

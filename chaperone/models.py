@@ -6,7 +6,7 @@
 * :class:`OutputAck` is the scheduler's answer to an output callback.
 
 ``remote/agent.py`` mirrors these in plain dicts (it is stdlib-only);
-``tests/test_protocol.py`` proves that the two agree, and
+``tests/library/test_protocol.py`` proves that the two agree, and
 ``docs/protocol.md`` documents them with their JSON Schema
 (``python -m chaperone.models`` prints it).
 """

@@ -2212,6 +2212,7 @@ class Supervisor(object):
         self.feed_polled = False
         self.poller = None
         self.tty_fd = None  # program.tty: the terminal's master side (read by pump, sized by resize)
+        self.tty_done = None  # ... once read to its end: closed with the spool files (close_spool)
         # The loop's: signals it got, the control FIFO, the inotify watch.
         self.pending = []
         self.ctl_fd = None
@@ -2564,6 +2565,9 @@ class Supervisor(object):
         for fd in self.files.values():
             os.close(fd)
         self.files = {}
+        if self.tty_done is not None:
+            os.close(self.tty_done)  # (the program was reaped: what it left gets its SIGHUP now, as after ssh -t)
+            self.tty_done = None
 
     @staticmethod
     def restore_signals():
@@ -2699,17 +2703,23 @@ class Supervisor(object):
         self.held[fd] = time.monotonic() + FULL_RETRY
 
     def close_pipe(self, fd, poller):
-        """The pipe ``fd`` (or the terminal) ended: it is read no more."""
+        """The pipe ``fd`` (or the terminal) ended: it is read no more.  The
+        terminal's master side stays open until the program was reaped
+        (close_spool): closing it hangs the terminal up, and a program
+        still on its way out, or a process it left, would get a SIGHUP
+        for it (a run that exited 0 was recorded killed by SIGHUP)."""
         try:
             poller.unregister(fd)
         except KeyError:  # (held)
             pass
-        os.close(fd)
+        if fd == self.tty_fd:
+            self.tty_done = fd
+            self.tty_fd = None
+        else:
+            os.close(fd)
         del self.pipes[fd]
         self.held.pop(fd, None)
         self.backlog.pop(fd, None)
-        if fd == self.tty_fd:
-            self.tty_fd = None
 
     # stdin from a stream ---------------------------------------------------------
 

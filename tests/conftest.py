@@ -1,4 +1,4 @@
-"""Shared fixtures.  ``tests/`` is put on ``sys.path`` so ``from sshd import SSHD`` works."""
+"""Shared fixtures.  ``tests/`` is put on ``sys.path`` so ``from support.sshd import SSHD`` works (tests/support: what the tests share)."""
 
 import os
 import sys
@@ -9,7 +9,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
-from sshd import SSHD, require_sshd  # noqa: E402
+from support.sshd import SSHD, require_sshd  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -172,6 +172,8 @@ def cli(ssh_config):
     \b
       chaperone run HOST CMD...        run it there (HOST: local, or as for ssh)
       chaperone run -d HOST -- ARGV... start it detached; print its id
+      chaperone run -t HOST htop       on a terminal there (as ssh -t); ~. detaches
+      chaperone attach ID              back to it (its terminal, its input)
       chaperone ps                     the runs that are running (-a: all)
       chaperone logs -f ID             its output, to the end
       chaperone wait ID                exit with its exit status

@@ -7,7 +7,7 @@ current with no SSH round trip.  When it does not, or when the command
 line asks for what the server does not do (SSH options, ``--stdin``,
 ``--kill-grace``, ``--cached`` ...), the CLI works directly, as always.
 Either way the output, the ``--json`` objects and the exit statuses are
-the same (tests/test_cli_served.py runs the same commands both ways).
+the same (tests/cli/test_cli_served.py runs the same commands both ways).
 ``CHAPERONE_SERVER=off`` never uses it.
 """
 

@@ -38,7 +38,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from aiohttp import web
 from pydantic import ValidationError
 
-from . import certs
+from . import certs, tls
 from .mirror import OffsetGap, OutputMirror
 from ..models import AGENT_FINAL_STATES as FINAL_STATES, STREAMS, RunState, check_run_id
 from ..errors import Reject  # noqa: F401 (defined there; exported here too)
@@ -322,7 +322,7 @@ class CallbackServer:
         app.router.add_post(API_PREFIX + "{id}/completed", self._completed)
         runner = web.AppRunner(app, access_log=log, handle_signals=False, logger=_ServerLog(log))
         await runner.setup()
-        site = web.TCPSite(runner, host, port, ssl_context=ctx, reuse_address=True)
+        site = tls.site(runner, host, port, ctx)
         try:
             await site.start()
         except BaseException:
@@ -442,12 +442,27 @@ class CallbackServer:
         streamed = request.content_length is not None  # and <= max_body (checked)
         stream = self.protocol.parse_stream(request.match_info["stream"])
         offset = self.protocol.parse_offset(request.query.getall("offset", []))
+        with run.mirror.appending(stream):  # (its files opened once per body, not per append)
+            held = await self._store(request, run, stream, streamed, offset)
+        if not isinstance(held, int):
+            return held  # (an answer: a gap, or an error)
+        if run.on_output is not None:
+            run.on_output(run.run_id, stream, held)
+        return web.json_response({"offset": held})
+
+    async def _store(self, request, run: Run, stream: str, streamed: bool, offset: int):
+        """The body of an output request to the mirror as it arrives:
+        the bytes held after it, or the answer when it was not stored."""
         pos, held, received = offset, None, 0
         chunks: List[bytes] = []  # what arrived since the last append (stored with one writev)
         pending = 0
+        content = request.content
         while True:
             try:
-                data = await request.content.readany()  # (as it came: no joining of small reads)
+                if streamed:
+                    data, _ = await content.readchunk()  # (each piece as it came: never joined)
+                else:
+                    data = await content.readany()
             except web.HTTPRequestEntityTooLarge:
                 raise Reject(413, f"body larger than {self.max_body} bytes") from None
             except ConnectionError:
@@ -465,7 +480,7 @@ class CallbackServer:
             if data:
                 chunks.append(data)
                 pending += len(data)
-                if not streamed or (pending < APPEND_CHUNK and request.content.total_bytes > received):
+                if not streamed or (pending < APPEND_CHUNK and content.total_bytes > received):
                     continue  # (more is here already: stored with it)
             elif held is not None and not chunks:
                 break
@@ -481,9 +496,7 @@ class CallbackServer:
             pos += size
             if not data:
                 break
-        if run.on_output is not None:
-            run.on_output(run.run_id, stream, held)
-        return web.json_response({"offset": held})
+        return held
 
     async def _state(self, request):
         run = self._authorize(request)

@@ -1,0 +1,511 @@
+"""``chaperone`` on this machine (host ``local``), as a user runs it.
+
+Each test has its own CHAPERONE_HOME; real processes, real signals.
+"""
+
+import datetime
+import errno
+import hashlib
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+from support.helpers import (
+    cli, cli_env, cli_popen, kill_marked, marker_number, one_line_error, pid_alive, procs_with,
+    ps_ids, read_state, read_until, spool_dir, spool_root, unique, wait_for, wait_no_procs,
+)
+
+from chaperone.models import RunInfo
+
+PY = sys.executable
+
+
+@pytest.fixture
+def home(tmp_path):
+    h = tmp_path / "home"
+    h.mkdir()
+    return h
+
+
+def state_of(home, run_id):
+    return read_state(spool_root(home), run_id)
+
+
+# --- exit codes -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("script,code", [
+    ("exit 7", 7),
+    ("kill -TERM $$", 143),
+    ("kill -9 $$", 137),
+])
+def test_run_exit_code(home, script, code):
+    run_id = unique("ec")
+    res = cli(home, "run", "local", "--id", run_id, "--", "sh", "-c", script)
+    assert res.returncode == code, res.stderr
+    st = state_of(home, run_id)
+    assert st["state"] == "done"
+    if code >= 128 and script.startswith("kill"):
+        assert st["signal"] == signal.Signals(code - 128).name and st["return_code"] is None
+    else:
+        assert st["return_code"] == code and st["signal"] is None
+
+
+@pytest.mark.timeout(30)
+def test_false_is_done_not_error(home):
+    res = cli(home, "run", "local", "--id", "f", "--", "false")
+    assert res.returncode == 1
+    assert res.stderr == b""  # a program failing is not chaperone failing
+    st = state_of(home, "f")
+    assert (st["state"], st["return_code"], st["errno"], st["error"]) == ("done", 1, None, None)
+
+
+@pytest.mark.timeout(30)
+def test_exec_errors(home, tmp_path):
+    noexec = tmp_path / "script.sh"
+    noexec.write_text("#!/bin/sh\necho never\n")
+    os.chmod(str(noexec), 0o644)
+    missing = "no-such-program-%s" % unique()
+
+    res = cli(home, "run", "local", "--id", "nf", "--", missing, "arg")
+    assert res.returncode == 127
+    line = one_line_error(res.stderr)
+    assert missing in line and "No such file or directory" in line
+    assert res.stdout == b""
+    st = state_of(home, "nf")
+    assert st["state"] == "error" and st["errno"] == errno.ENOENT and missing in st["error"]
+
+    res = cli(home, "run", "local", "--id", "nx", "--", str(noexec))
+    assert res.returncode == 126
+    assert "Permission denied" in one_line_error(res.stderr)
+    st = state_of(home, "nx")
+    assert st["state"] == "error" and st["errno"] == errno.EACCES
+
+    bad = str(tmp_path / "no-such-dir")
+    res = cli(home, "run", "local", "--id", "cw", "--cwd", bad, "--", "true")
+    assert res.returncode not in (0, None)
+    assert bad in one_line_error(res.stderr)
+    st = state_of(home, "cw")
+    assert st["state"] == "error" and st["errno"] == errno.ENOENT and "cwd" in st["error"]
+
+    # detached: the same error, found at once
+    res = cli(home, "run", "local", "-d", "--id", "nf2", "--", missing)
+    assert res.returncode == 127 and res.stdout.strip() == b"nf2"
+    assert missing in one_line_error(res.stderr)
+    # and `wait` reports it the same way
+    res = cli(home, "wait", "nf2")
+    assert res.returncode == 127 and missing in one_line_error(res.stderr)
+
+
+# --- output is bytes -----------------------------------------------------------------
+
+
+OUT = b"\x00\x01\xff\xfe bin\x00ary \xc3\x28 not utf-8\nlast line, no newline"
+ERR = b"err\x00\x80\xffside"
+
+
+@pytest.mark.timeout(30)
+def test_binary_stdout_and_stderr_exact(home):
+    code = ("import sys, time; o, e = sys.stdout.buffer, sys.stderr.buffer\n"
+            "o.write(%r); o.flush(); e.write(%r); e.flush()" % (OUT, ERR))
+    res = cli(home, "run", "local", "--id", "b", "--", PY, "-c", code)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == OUT
+    assert res.stderr == ERR
+    res = cli(home, "logs", "b")
+    assert (res.returncode, res.stdout) == (0, OUT)
+    res = cli(home, "logs", "b", "--stderr")
+    assert (res.returncode, res.stdout) == (0, ERR)
+    assert (spool_dir(home, "b") / "stdout").read_bytes() == OUT
+
+
+@pytest.mark.timeout(30)
+def test_stdin_file_reaches_program_exactly(home, tmp_path):
+    data = bytes(range(256)) * 1000 + b"\x00tail without newline"
+    src = tmp_path / "in.bin"
+    src.write_bytes(data)
+    res = cli(home, "run", "local", "--id", "in", "--stdin", str(src), "--", "cat")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout == data
+    run_dir = spool_dir(home, "in")
+    assert (run_dir / "stdin").read_bytes() == data
+    assert stat.S_IMODE(os.stat(str(run_dir)).st_mode) == 0o700
+    for name in os.listdir(str(run_dir)):
+        assert stat.S_IMODE(os.lstat(str(run_dir / name)).st_mode) == 0o600, name
+
+
+# --- 200 MB ----------------------------------------------------------------------------
+
+
+GEN = r"""
+import hashlib, os, random, sys, time
+base = random.Random(7).randbytes(10 ** 6)
+h = hashlib.sha256()
+out = sys.stdout.buffer
+gate = sys.argv[1] if len(sys.argv) > 1 else None
+for i in range(200):
+    if i == 100 and gate:  # half way: wait until the test has looked (at most 60 s)
+        out.flush()
+        end = time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < end:
+            time.sleep(0.01)
+    block = i.to_bytes(8, "big") + base[8:]
+    h.update(block)
+    out.write(block)
+out.flush()
+sys.stderr.write(h.hexdigest())
+"""
+
+
+def sha256_file(path):
+    h = hashlib.sha256()
+    with open(str(path), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@pytest.mark.timeout(90)
+def test_200mb_detached_exact_and_supervisor_memory_flat(home, tmp_path):
+    gate = tmp_path / "gate"  # (the program waits half way until the test has sampled: a loaded machine
+    #                            would otherwise see it all written before the first sample)
+    res = cli(home, "run", "local", "-d", "--id", "big", "--", PY, "-c", GEN, str(gate))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == b"big"
+    sup = psutil.Process(state_of(home, "big")["agent_pid"])
+    stdout_file = spool_dir(home, "big") / "stdout"
+    waiter = cli_popen(home, "wait", "big")
+    samples = []  # (supervisor RSS, bytes spooled so far)
+    while waiter.poll() is None:
+        try:
+            samples.append((sup.memory_info().rss, os.path.getsize(str(stdout_file))))
+        except psutil.NoSuchProcess:
+            break
+        if len([1 for _, size in samples if 0 < size < 200 * 10 ** 6]) >= 5:
+            gate.touch()
+        time.sleep(0.01)
+    out, err = waiter.communicate(timeout=60)
+    assert waiter.returncode == 0, err
+    during = [rss for rss, size in samples if 0 < size < 200 * 10 ** 6]
+    assert during, "the supervisor was never sampled while the output flowed: %r" % samples[:5]
+    peak = max(rss for rss, size in samples)
+    assert peak < 40 << 20, "supervisor RSS peaked at %d bytes" % peak
+
+    st = state_of(home, "big")
+    assert st["state"] == "done" and st["return_code"] == 0
+    assert st["stdout_bytes"] == 200 * 10 ** 6
+    spool = spool_dir(home, "big")
+    want = (spool / "stderr").read_text()
+    assert len(want) == 64
+    assert os.path.getsize(str(spool / "stdout")) == 200 * 10 ** 6
+    assert sha256_file(spool / "stdout") == want
+
+    copy = tmp_path / "logs.out"
+    with open(str(copy), "wb") as f:
+        res = subprocess.run(
+            [PY, "-c", "from chaperone.cli import main; main()", "logs", "big"],
+            stdout=f, stderr=subprocess.PIPE, env=dict(os.environ, CHAPERONE_HOME=str(home)),
+            timeout=60,
+        )
+    assert res.returncode == 0, res.stderr
+    assert sha256_file(copy) == want
+    os.unlink(str(copy))
+
+
+# --- timeout -------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_timeout_polite_program_gets_sigterm(home):
+    t0 = time.monotonic()
+    res = cli(home, "run", "local", "--id", "tp", "--timeout", "1", "--", "sleep", "30")
+    assert res.returncode == 143
+    assert time.monotonic() - t0 < 8
+    assert "timed out" in one_line_error(res.stderr)
+    st = state_of(home, "tp")
+    assert st["timed_out"] is True and st["signal"] == "SIGTERM"
+
+
+# --- kill a process tree -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("how", ["term", "kill", "grace"])
+def test_kill_whole_tree_including_setsid_grandchild(home, how):
+    m = marker_number()
+    trap = 'trap "" TERM; ' if how == "grace" else ""
+    script = trap + "sleep %s & sleep %s & (setsid sleep %s &) ; wait" % (m, m, m)
+    run_id = "kt-" + how
+    res = cli(home, "run", "local", "-d", "--id", run_id, "--", "sh", "-c", script)
+    assert res.returncode == 0, res.stderr
+    try:
+        sleeps = wait_for(lambda: len(procs_with(m)) == 3 and procs_with(m), 10, what="3 sleeps")
+        escaped = [p for p in sleeps if os.getsid(p.pid) != os.getsid(state_of(home, run_id)["pid"])]
+        assert len(escaped) == 1  # one of them is in a session of its own
+        args = {"term": [], "kill": ["-s", "KILL"], "grace": ["--grace", "0.5"]}[how]
+        t0 = time.monotonic()
+        res = cli(home, "kill", run_id, *args)
+        assert res.returncode == 0, res.stderr
+        assert ("sent %s to run %s" % ("SIGKILL" if how == "kill" else "SIGTERM", run_id)).encode() in res.stdout
+        res = cli(home, "wait", run_id)
+        assert res.returncode == (143 if how == "term" else 137)
+        if how == "grace":
+            assert time.monotonic() - t0 >= 0.5
+        wait_no_procs(m, timeout=3)
+    finally:
+        kill_marked(m)
+
+
+# --- losing the supervisor, losing the CLI ---------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_supervisor_sigkilled_reads_lost_and_program_dies(home):
+    m = marker_number()
+    res = cli(home, "run", "local", "-d", "--id", "lost", "--", "sh", "-c", "sleep %s & sleep %s; wait" % (m, m))
+    assert res.returncode == 0, res.stderr
+    try:
+        wait_for(lambda: len(procs_with(m)) == 2, 10, what="2 sleeps")
+        st = state_of(home, "lost")
+        os.kill(st["agent_pid"], signal.SIGKILL)
+        wait_for(lambda: not pid_alive(st["pid"]), 5, what="the program to die with its supervisor")
+        res = cli(home, "status", "lost", "--json")
+        assert res.returncode == 0, res.stderr
+        now = json.loads(res.stdout)
+        assert now["state"] == "lost"
+        assert "supervisor" in now["error"]
+        RunInfo.model_validate_json(res.stdout)
+        wait_no_procs(m, timeout=3)
+        res = cli(home, "wait", "lost")
+        assert res.returncode == 255
+        assert "lost" in one_line_error(res.stderr)
+        res = cli(home, "status", "lost")
+        assert b"lost" in res.stdout
+    finally:
+        kill_marked(m)
+
+
+LINES = b"".join(b"line %d\n" % i for i in range(1, 31))
+LOOP = "for i in $(seq 1 30); do echo line $i; sleep 0.1; done"
+
+
+@pytest.mark.timeout(30)
+def test_cli_sigkilled_during_run_program_carries_on(home):
+    proc = cli_popen(home, "run", "local", "--id", "X", "--", "sh", "-c", LOOP)
+    try:
+        read_until(proc.stdout, b"line 2\n", timeout=10)
+        proc.kill()
+        proc.wait(timeout=5)
+        st = state_of(home, "X")
+        assert st["state"] == "running" and pid_alive(st["pid"])
+        res = cli(home, "wait", "X")
+        assert res.returncode == 0, res.stderr
+        res = cli(home, "logs", "X")
+        assert res.stdout == LINES
+        res = cli(home, "status", "X", "--json")
+        st = RunInfo.model_validate_json(res.stdout)
+        assert st.state == "done" and st.return_code == 0
+    finally:
+        proc.stdout.close()
+        proc.stderr.close()
+
+
+# --- status, ps, logs -f, clean, kill -s ----------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_status_ps_logs_follow_clean(home, tmp_path):
+    gate = tmp_path / "gate"
+    # 10 lines, then it waits for the gate (so it is surely running while
+    # we look), then 20 more lines
+    script = ("for i in $(seq 1 10); do echo line $i; echo err $i >&2; done; "
+              "while [ ! -e %s ]; do sleep 0.05; done; "
+              "for i in $(seq 11 30); do echo line $i; echo err $i >&2; sleep 0.01; done" % gate)
+    res = cli(home, "run", "local", "-d", "--id", "F", "--", "sh", "-c", script)
+    assert res.returncode == 0, res.stderr
+    follower = cli_popen(home, "logs", "-f", "F")
+    try:
+        assert read_until(follower.stdout, b"line 10\n") == b"".join(b"line %d\n" % i for i in range(1, 11))
+        res = cli(home, "status", "F", "--json")
+        assert res.returncode == 0
+        st = RunInfo.model_validate_json(res.stdout)
+        assert st.id == "F" and st.state == "running" and st.pid
+        res = cli(home, "status", "F")
+        assert b"running" in res.stdout and b"F" in res.stdout
+
+        res = cli(home, "clean", "F")
+        assert res.returncode != 0
+        assert "running" in one_line_error(res.stderr)
+        assert spool_dir(home, "F").is_dir()
+
+        res = cli(home, "kill", "F", "-s", "BOGUS")
+        assert res.returncode != 0
+        assert "BOGUS" in one_line_error(res.stderr)
+
+        res = cli(home, "ps")
+        assert res.returncode == 0
+        row = [l for l in res.stdout.decode().splitlines() if l.startswith("F ")]
+        assert len(row) == 1 and "local" in row[0]
+
+        assert follower.poll() is None  # still following the running run
+        gate.write_text("go")
+        out, err = follower.communicate(timeout=20)
+        assert follower.returncode == 0, err
+        assert out == b"".join(b"line %d\n" % i for i in range(11, 31))  # stdout only, once
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.communicate()
+    res = cli(home, "status", "F", "--json")
+    st = RunInfo.model_validate_json(res.stdout)
+    assert st.state == "done" and st.return_code == 0 and st.stdout_bytes == len(LINES)
+    res = cli(home, "ps", "-a", "--json")
+    rows = dict((r["id"], r) for r in json.loads(res.stdout))
+    assert rows["F"]["state"] == "done" and rows["F"]["argv"][0] == "sh"
+
+    res = cli(home, "clean", "F")
+    assert res.returncode == 0, res.stderr
+    assert not spool_dir(home, "F").exists()
+    assert "F" not in ps_ids(home)
+    res = cli(home, "status", "F")
+    assert res.returncode != 0 and "no such run" in one_line_error(res.stderr)
+
+
+@pytest.mark.timeout(30)
+def test_clean_force_kills_running_run(home):
+    m = marker_number()
+    res = cli(home, "run", "local", "-d", "--id", "G", "--", "sleep", m)
+    assert res.returncode == 0
+    try:
+        wait_for(lambda: procs_with(m), 5, what="the sleep")
+        res = cli(home, "clean", "G", "--force")
+        assert res.returncode == 0, res.stderr
+        assert not spool_dir(home, "G").exists()
+        assert ps_ids(home) == []
+        wait_no_procs(m, timeout=3)
+    finally:
+        kill_marked(m)
+
+
+@pytest.mark.timeout(30)
+def test_huge_timeout_and_infinite_grace(home):
+    m = marker_number()
+    res = cli(home, "run", "local", "-d", "--id", "H", "--timeout", "1e308", "--", "sleep", m)
+    assert res.returncode == 0, res.stderr
+    try:
+        res = cli(home, "kill", "H", "--grace", "inf")
+        assert res.returncode != 0
+        assert "grace" in one_line_error(res.stderr)
+        st = json.loads(cli(home, "status", "H", "--json").stdout)
+        assert st["state"] == "running" and pid_alive(st["pid"])  # not lost
+        assert cli(home, "kill", "H", "--grace", "0.2").returncode == 0
+        assert cli(home, "wait", "H").returncode == 143
+    finally:
+        kill_marked(m)
+
+
+# --- Ctrl-C -------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+def test_ctrl_c_goes_to_the_program(home):
+    m = marker_number()
+    script = 'trap "echo got INT; exit 5" INT; echo ready; sleep %s & wait' % m
+    proc = cli_popen(home, "run", "local", "--id", "I", "--", "sh", "-c", script)
+    try:
+        read_until(proc.stdout, b"ready\n")
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+        assert proc.returncode == 5, err
+        assert out == b"got INT\n"
+        assert b"sending SIGINT" in err
+        st = state_of(home, "I")
+        assert st["state"] == "done" and st["return_code"] == 5
+    finally:
+        kill_marked(m)  # the background sleep ignores SIGINT (sh -c)
+
+
+@pytest.mark.timeout(30)
+def test_ctrl_c_twice_detaches(home):
+    m = marker_number()
+    script = 'trap "" INT; echo ready; sleep %s' % m
+    proc = cli_popen(home, "run", "local", "--id", "J", "--", "sh", "-c", script)
+    try:
+        read_until(proc.stdout, b"ready\n")
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+        assert proc.returncode != 0
+        assert b"detached" in err and b"chaperone logs -f J" in err
+        res = cli(home, "status", "J", "--json")
+        st = json.loads(res.stdout)
+        assert st["state"] == "running" and pid_alive(st["pid"])
+        res = cli(home, "kill", "J", "-s", "KILL")
+        assert res.returncode == 0
+        assert cli(home, "wait", "J").returncode == 137
+        wait_no_procs(m, timeout=3)
+    finally:
+        kill_marked(m)
+
+
+# --- a timeout that needs the SIGKILL (runs in the background meanwhile) ---------
+
+
+@pytest.fixture(scope="module")
+def slow_timeout_run(tmp_path_factory):
+    """The CLI has no --kill-grace, so the default kill_grace (10 s) applies:
+    started with this module's first test, checked by its last one."""
+    home = tmp_path_factory.mktemp("timeout-home")
+    m = marker_number()
+    t0 = time.monotonic()
+    proc = cli_popen(home, "run", "local", "--id", "ti", "--timeout", "1", "--",
+                     "sh", "-c", 'trap "" TERM; sleep %s' % m)
+    yield home, proc, t0, m
+    if proc.poll() is None:
+        proc.kill()
+    proc.communicate()
+    kill_marked(m)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _start_slow_timeout_early(slow_timeout_run):
+    yield
+
+
+@pytest.mark.timeout(40)
+def test_timeout_term_ignored_ends_with_sigkill_after_grace(slow_timeout_run):
+    home, proc, t0, m = slow_timeout_run
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 137, err
+    assert "timed out; killed by SIGKILL" in one_line_error(err)
+    st = state_of(home, "ti")
+    assert st["timed_out"] is True and st["signal"] == "SIGKILL"
+    # timeout (1 s) + kill_grace (10 s), give or take scheduling
+    took = (datetime.datetime.fromisoformat(st["end_time"])
+            - datetime.datetime.fromisoformat(st["start_time"])).total_seconds()
+    assert 10.9 <= took < 14, took
+    assert time.monotonic() - t0 >= 10.9
+    assert not procs_with(m)
+
+
+def test_ps_fits_80_columns_with_a_long_error(home):
+    """ps fits an 80-column terminal: a failed run's long error is cut at a
+    word boundary with an ellipsis, as the command is (issue 10 item 7)."""
+    r = cli(home, "-F", "/dev/null", "run", "nohost", "--", "sh", "-c", "echo a long command line here")
+    assert r.returncode == 255
+    out = subprocess.run([sys.executable, "-m", "chaperone", "ps", "-a"], env={**cli_env(home), "COLUMNS": "80"},
+                         capture_output=True, timeout=60, cwd=str(home))
+    lines = out.stdout.decode().splitlines()
+    assert out.returncode == 0 and len(lines) == 2, out
+    assert all(len(line) <= 80 for line in lines), lines
+    shown = lines[1].split("nohost", 1)[1].split("\u2026", 1)[0].strip()   # the status as cut
+    assert shown.startswith("failed:") and ("failed: unknown host nohost: " + "x").startswith(shown + " "), lines

@@ -1,0 +1,172 @@
+"""`chaperone run HOST -- CMD` when the host cannot be used.
+
+Each failure: exit status 255, exactly one line on stderr that says what is
+wrong (no traceback), nothing on stdout, and no run left recorded as
+``running`` (``chaperone ps --json``).  All against the real sshd fixture or
+loopback addresses: no network is needed.
+"""
+
+import json
+import socket
+import subprocess
+import time
+
+import pytest
+
+from support.helpers import CLI, cli_env
+from support.sshd import free_port
+
+
+@pytest.fixture(params=["openssh", "asyncssh"], autouse=True)
+def ssh_client(request, monkeypatch):
+    """Every case with both SSH clients: the same failure, the same line."""
+    monkeypatch.setenv("CHAPERONE_SSH_CLIENT", request.param)
+    return request.param
+
+
+def write_config(path, sshd, alias, hostname="127.0.0.1", port=None, known_hosts=None, identity=None, **extra):
+    """An ssh_config with one Host block like the fixture's ``testhost``."""
+    lines = [
+        "Host %s" % alias,
+        "    HostName %s" % hostname,
+        "    Port %d" % (port or sshd.port),
+        "    User %s" % sshd.user,
+        '    IdentityFile "%s"' % (identity or sshd.identity_file),
+        "    IdentitiesOnly yes",
+        '    UserKnownHostsFile "%s"' % (known_hosts or sshd.known_hosts),
+        "    GlobalKnownHostsFile /dev/null",
+        "    StrictHostKeyChecking yes",
+        "    BatchMode yes",
+    ] + ["    %s %s" % kv for kv in extra.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def chaperone(home, *args, timeout=60):
+    start = time.monotonic()
+    res = subprocess.run(CLI + [str(a) for a in args], env=cli_env(home), cwd=str(home),
+                         stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    res.elapsed = time.monotonic() - start
+    return res
+
+
+def assert_fails_cleanly(home, res, *words):
+    """255, one clear line on stderr mentioning ``words``, no running run."""
+    err = res.stderr.decode("utf-8", "replace")
+    assert res.returncode == 255, err
+    assert res.stdout == b""
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith("chaperone: "), line
+    assert "Traceback" not in err
+    for word in words:
+        assert word in line, line
+    ps = chaperone(home, "ps", "-a", "--json")
+    assert ps.returncode == 0, ps.stderr
+    runs = json.loads(ps.stdout)
+    assert [r["state"] for r in runs if r["state"] in ("running", "starting")] == []
+    return line
+
+
+def keygen(path):
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True,
+                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    return str(path)
+
+
+@pytest.mark.timeout(30)
+def test_unknown_host(sshd, tmp_path):
+    # A .invalid name never resolves (RFC 6761); no DNS server is needed for
+    # it to fail, and it must fail fast.
+    cfg = write_config(tmp_path / "cfg", sshd, "nohost", hostname="nonexistent.invalid", port=22)
+    res = chaperone(tmp_path, "-F", cfg, "run", "nohost", "--", "true")
+    assert_fails_cleanly(tmp_path, res, "unknown host nohost")
+    assert res.elapsed < 15
+
+
+@pytest.mark.timeout(30)
+def test_connection_refused(sshd, tmp_path):
+    cfg = write_config(tmp_path / "cfg", sshd, "closed", port=free_port())
+    res = chaperone(tmp_path, "-F", cfg, "run", "closed", "--", "true")
+    assert_fails_cleanly(tmp_path, res, "connection to closed refused")
+
+
+@pytest.mark.timeout(40)
+def test_connection_timed_out_honours_connect_timeout(sshd, tmp_path):
+    # A listener that completes TCP handshakes (the kernel does, from the
+    # backlog) but never says a word: the SSH handshake hangs.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        cfg = write_config(tmp_path / "cfg", sshd, "mute", port=listener.getsockname()[1],
+                           ConnectTimeout=2)
+        res = chaperone(tmp_path, "-F", cfg, "run", "mute", "--", "true")
+    assert_fails_cleanly(tmp_path, res, "connection to mute timed out")
+    # ConnectTimeout 2 from the config, not chaperone's 15 s default.
+    assert 2 <= res.elapsed < 12, res.elapsed
+
+
+@pytest.mark.timeout(30)
+def test_authentication_failed(sshd, tmp_path):
+    other = keygen(tmp_path / "not_authorized")
+    cfg = write_config(tmp_path / "cfg", sshd, "testhost", identity=other)
+    res = chaperone(tmp_path, "-F", cfg, "run", "testhost", "--", "true")
+    assert_fails_cleanly(tmp_path, res, "authentication failed for testhost")
+
+
+@pytest.mark.timeout(30)
+def test_identity_option_logs_in_where_the_config_key_cannot(sshd, tmp_path):
+    # -i adds a key the config does not have (OpenSSH tries it first; the
+    # asyncssh client uses only the keys given), so the login succeeds.
+    other = keygen(tmp_path / "not_authorized")
+    cfg = write_config(tmp_path / "cfg", sshd, "testhost", identity=other)
+    res = chaperone(tmp_path, "-F", cfg, "run", "-i", sshd.identity_file, "--spool", tmp_path / "spool",
+                    "testhost", "--", "echo", "in")
+    assert (res.returncode, res.stdout, res.stderr) == (0, b"in\n", b"")
+
+
+@pytest.mark.timeout(30)
+def test_host_key_unknown(sshd, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    cfg = write_config(tmp_path / "cfg", sshd, "testhost", known_hosts=empty)
+    res = chaperone(tmp_path, "-F", cfg, "run", "testhost", "--", "true")
+    assert_fails_cleanly(tmp_path, res, "host key verification failed for testhost")
+    assert empty.read_text() == "", "nothing may be learnt"
+
+
+@pytest.mark.timeout(30)
+def test_host_key_changed(sshd, tmp_path):
+    other = keygen(tmp_path / "other_host_key")
+    keytype, key = open(other + ".pub").read().split()[:2]
+    wrong = tmp_path / "known_hosts"
+    wrong.write_text("[127.0.0.1]:%d %s %s\n" % (sshd.port, keytype, key))
+    cfg = write_config(tmp_path / "cfg", sshd, "testhost", known_hosts=wrong)
+    res = chaperone(tmp_path, "-F", cfg, "run", "testhost", "--", "true")
+    assert_fails_cleanly(tmp_path, res, "host key verification failed for testhost")
+
+
+@pytest.mark.timeout(30)
+def test_no_host_key_check_lets_an_unknown_host_key_through(sshd, tmp_path):
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    cfg = write_config(tmp_path / "cfg", sshd, "testhost", known_hosts=empty)
+    res = chaperone(tmp_path, "-F", cfg, "run", "--no-host-key-check", "testhost", "--",
+                    "echo", "through")
+    assert (res.returncode, res.stdout, res.stderr) == (0, b"through\n", b"")
+
+
+@pytest.mark.timeout(30)
+def test_no_python_on_the_host(sshd, tmp_path):
+    res = chaperone(tmp_path, "-F", sshd.config_file, "run", "--python", "/nonexistent/python3",
+                    "testhost", "--", "true")
+    assert_fails_cleanly(tmp_path, res, "/nonexistent/python3", "testhost")
+
+
+@pytest.mark.timeout(30)
+def test_spool_not_writable(sshd, tmp_path):
+    # /etc/hostname is a regular file: nothing can be created under it.
+    res = chaperone(tmp_path, "-F", sshd.config_file, "run", "--spool", "/etc/hostname/x",
+                    "testhost", "--", "true")
+    assert_fails_cleanly(tmp_path, res, "/etc/hostname/x", "Not a directory")
