@@ -154,7 +154,7 @@ def main_thread_wakeups(pid):
 
 
 def patched_start(root, spec, patch):
-    from helpers import AGENT
+    from support.helpers import AGENT
 
     res = subprocess.run([sys.executable, "-c", PATCHED_START, patch, str(AGENT), "--root", str(root), "start"],
                          input=json.dumps(spec).encode(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
