@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from helpers import load_agent
+from support.helpers import load_agent
 
 agent = load_agent()
 DATA = bytes(range(256)) * 4096 + b"\x00tail, no newline"  # (1 MiB and some: more than one pass)
