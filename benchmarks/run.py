@@ -58,8 +58,8 @@ MB = 1000 * 1000
 MODES = {
     "quick": dict(
         cli_reps=5, reps=3, io_reps=1, big=64 * MiB, launch_n=20, scale_n=[10], concurrency=8, launch_pairs=2,
-        nohup_n=20, ansible_n=(1, 3), ansible_reps=1, idle=5.0, records=1000,
-        delivery_sizes=[1 * MB, 64 * MiB], wait_n=30, wait_reps=1, many_n=30,
+        nohup_n=20, ansible_n=(1, 3), ansible_reps=1, idle=3.0, records=1000,
+        delivery_sizes=[1 * MB, 64 * MiB], wait_n=10, wait_reps=1, many_n=30,
     ),
     "full": dict(
         cli_reps=20, reps=10, io_reps=3, big=1 * GiB, launch_n=200, scale_n=[10, 100, 1000], launch_pairs=5,
