@@ -110,13 +110,6 @@ def test_agent_unknown_and_invalid_ids(tmp_path):
     assert os.listdir(str(root)) == []
 
 
-@pytest.fixture
-def home(tmp_path):
-    h = tmp_path / "home"
-    h.mkdir()
-    return h
-
-
 @pytest.mark.timeout(60)
 def test_cli_rejects_bad_runs_without_leaving_anything(home, tmp_path):
     cases = [

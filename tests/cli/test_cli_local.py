@@ -27,13 +27,6 @@ from chaperone.models import RunInfo
 PY = sys.executable
 
 
-@pytest.fixture
-def home(tmp_path):
-    h = tmp_path / "home"
-    h.mkdir()
-    return h
-
-
 def state_of(home, run_id):
     return read_state(spool_root(home), run_id)
 

@@ -17,13 +17,6 @@ from support.helpers import CLI, cli, spool_dir, unique
 LOGIN_SHELL = pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
 
 
-@pytest.fixture
-def home(tmp_path):
-    h = tmp_path / "home"
-    h.mkdir()
-    return h
-
-
 @pytest.mark.timeout(60)
 def test_a_command_line_is_run_by_the_login_shell(home):
     line = "echo $0; [[ a == a ]] && echo double-brackets; printf '%s\\n' \"${BASH_VERSION:+bash}\""

@@ -46,12 +46,6 @@ def merged(home, *args):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=60)
 
 
-@pytest.fixture
-def home(tmp_path):
-    (tmp_path / "home").mkdir()
-    return tmp_path / "home"
-
-
 # The spool's timeline ----------------------------------------------------------------------------
 
 

@@ -42,13 +42,6 @@ def read_some(stream, want: bytes, timeout=30.0) -> bytes:
     return got
 
 
-@pytest.fixture
-def home(tmp_path):
-    h = tmp_path / "home"
-    h.mkdir()
-    return h
-
-
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("host", ["local", "testhost"])
 def test_piped_stdin_reaches_the_program_as_it_comes(sshd, home, tmp_path, host):

@@ -51,13 +51,6 @@ sys.exit(3)
 
 
 @pytest.fixture
-def home(tmp_path):
-    h = tmp_path / "home"
-    h.mkdir()
-    return h
-
-
-@pytest.fixture
 def prog(tmp_path):
     p = tmp_path / "prog.py"
     p.write_text(PROG)
