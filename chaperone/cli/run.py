@@ -197,6 +197,9 @@ def run(host, **params):
     from . import served
 
     attached = tty and _typing(params)  # (this terminal becomes the program's)
+    if attached and params.get("as_json"):
+        fail("-t and --json do not go together: a terminal shows the program's screen (-d -t --json starts "
+             "it with a terminal and prints the run) (Try 'chaperone run --help'.)", 2)
     stdin = None if attached else _stdin_source(params)
     server = served.client(params) if stdin is None and not tty else None  # (the server takes no input)
     if server is not None:

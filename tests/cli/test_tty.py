@@ -421,3 +421,17 @@ def test_a_terminal_s_end_is_no_sighup_for_the_program(tmp_path):
     sup.close_spool()
     with pytest.raises(OSError):
         os.fstat(master)
+
+
+@pytest.mark.timeout(60)
+def test_t_with_json_on_a_terminal_is_a_usage_error(home):
+    """`run -t --json` from a terminal: the screen and a JSON object cannot
+    share stdout; a one-line usage error saying what works (-d -t --json)."""
+    t = Terminal([sys.executable, "-m", "chaperone.cli", "run", "-t", "--json", "local", "--", "true"],
+                 cli_env(home))
+    try:
+        assert t.wait() == 2, t.screen
+        assert b"-t and --json do not go together" in t.screen and b"Traceback" not in t.screen
+        assert t.settings() == t.before
+    finally:
+        t.close()
