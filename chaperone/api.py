@@ -1033,6 +1033,19 @@ class Chaperone:
         return [self.get(r) for r in group_run_ids(self, group_id)]
 
 
+def window_size() -> "Optional[tuple[int, int]]":
+    """(rows, cols) of this process's terminal (stdout's, else stdin's or
+    stderr's), or None when it has none."""
+    for fd in (1, 0, 2):
+        try:
+            size = os.get_terminal_size(fd)
+        except OSError:
+            continue
+        if size.lines and size.columns:
+            return size.lines, size.columns
+    return None
+
+
 def terminal(tty: "Union[bool, Mapping, None]") -> Optional[dict]:
     """program.tty for start's ``tty``: None (no terminal); True: the
     size of this process's terminal (stdout's, else stdin's; 24x80 when it
@@ -1040,14 +1053,7 @@ def terminal(tty: "Union[bool, Mapping, None]") -> Optional[dict]:
     if tty is None or tty is False:
         return None
     if tty is True:
-        size = None
-        for fd in (1, 0, 2):
-            try:
-                size = os.get_terminal_size(fd)
-                break
-            except OSError:
-                continue
-        rows, cols = (size.lines, size.columns) if size is not None and size.lines and size.columns else (24, 80)
+        rows, cols = window_size() or (24, 80)
         return {"rows": rows, "cols": cols, "term": os.environ.get("TERM") or None}
     if isinstance(tty, Mapping):
         return {"term": None, **dict(tty)}

@@ -31,7 +31,8 @@ def attach(run_id, no_stdin, quiet, **params):
     async def go(ch):
         from ..states import FINAL_STATES, exit_code_for
         from .run import _is_terminal, _said_end
-        from .terminal import Attached, window_size
+        from ..api import window_size
+        from .terminal import Attached
 
         rec = ch.record(run_id)
         state = await ch.status(rec.id)

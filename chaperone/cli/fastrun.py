@@ -184,7 +184,6 @@ class _Frames:
         self.interrupts = 0
         self.pending = False
         self._pidfd = None
-        self._wake = None
 
     def frame(self, kind, offset, data):
         if kind == b"1":
@@ -200,56 +199,44 @@ class _Frames:
             self.send_sigint()
 
     def wake_on(self, run):
-        """As the agent's Output, an idle wait could end when a file of the
-        run is written; not here: its inotify descriptor comes through
-        ctypes, whose loading made `run local -- true` slower (0.154 s
-        against 0.086 s median), and the supervisor's pidfd already ends
-        the wait at the end.  Output waits for the follow's next look."""
-        self._wake = None
+        """The agent's follow asks its output to wake when a file of the run
+        is written (an inotify descriptor, through ctypes); not here: loading
+        ctypes made `run local -- true` slower (0.154 s against 0.086 s
+        median), and the supervisor's pidfd already ends the wait at the end.
+        Output waits for the follow's next look."""
 
     def close(self):
-        for fd in (self._wake, self._pidfd):
-            if fd is not None and fd >= 0:
-                os.close(fd)
-        self._wake = self._pidfd = None
+        if self._pidfd is not None and self._pidfd >= 0:
+            os.close(self._pidfd)
+        self._pidfd = None
 
     def idle(self, seconds):
-        """Wait ``seconds``, or less: the supervisor (our child) exiting, or a
-        file of the run written, ends it."""
+        """Wait ``seconds``, or less: the supervisor (our child) exiting ends it."""
         if self.pending:
             self.send_sigint()
-        if self.supervisor is not None and self._pidfd is None:
-            try:
-                self._pidfd = os.pidfd_open(self.supervisor)
-            except (AttributeError, OSError):
-                self._pidfd = -1
-        fds = [fd for fd in ((self._pidfd if self.supervisor is not None else None), self._wake)
-               if fd is not None and fd >= 0]
-        if not fds:
-            import time
-
-            time.sleep(seconds)
-            return
-        import select
-
-        poll = select.poll()
-        for fd in fds:
-            poll.register(fd, select.POLLIN)
-        for fd, _ in poll.poll(seconds * 1000.0):
-            if fd == self._wake:
+        if self.supervisor is not None:
+            if self._pidfd is None:
                 try:
-                    while os.read(fd, 65536):
+                    self._pidfd = os.pidfd_open(self.supervisor)
+                except (AttributeError, OSError):
+                    self._pidfd = -1
+            if self._pidfd >= 0:
+                import select
+
+                poll = select.poll()
+                poll.register(self._pidfd, select.POLLIN)
+                if poll.poll(seconds * 1000.0):
+                    try:
+                        os.waitpid(self.supervisor, os.WNOHANG)  # (no zombie left)
+                    except ChildProcessError:
                         pass
-                except OSError:
-                    pass
-            elif fd == self._pidfd:
-                try:
-                    os.waitpid(self.supervisor, os.WNOHANG)  # (no zombie left)
-                except ChildProcessError:
-                    pass
-                os.close(self._pidfd)
-                self._pidfd = -1
-                self.supervisor = None
+                    os.close(self._pidfd)
+                    self._pidfd = -1
+                    self.supervisor = None
+                return
+        import time
+
+        time.sleep(seconds)
 
     def on_sigint(self, signum, frame):
         self.interrupts += 1

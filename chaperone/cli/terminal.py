@@ -6,8 +6,8 @@ program byte for byte: Ctrl-C is the program's interrupt, Ctrl-Z its
 suspend, Ctrl-D its end of file), its window size follows this one
 (SIGWINCH), and it is restored when the run ends, is detached, or this
 process is stopped by a signal, whatever happens.  ssh's escapes, after a
-newline: ``~.`` detaches (the program goes on; ``chaperone logs -f ID``
-shows it again), ``~~`` types one ``~``, ``~?`` lists them.
+newline: ``~.`` detaches (the program goes on; ``chaperone attach ID``
+comes back to it), ``~~`` types one ``~``, ``~?`` lists them.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import AsyncIterator, Callable, Optional
 #: ssh's escape character, and what follows it.
 ESCAPE = b"~"
 HELP = ("Supported escape sequences:\r\n"
-        " ~.   - detach (the program goes on: chaperone logs -f ID)\r\n"
+        " ~.   - detach (the program goes on: chaperone attach ID)\r\n"
         " ~?   - this message\r\n"
         " ~~   - send the escape character by typing it twice\r\n"
         "(Note that escapes are only recognized immediately after newline.)\r\n")
@@ -28,7 +28,8 @@ HELP = ("Supported escape sequences:\r\n"
 
 class RawMode:
     """This terminal (``fd``) in raw mode as ssh puts it, until
-    :meth:`restore` (idempotent; also at exit)."""
+    :meth:`restore` (idempotent; called on every way out: the CLI ends with
+    os._exit, so an atexit hook would never run)."""
 
     def __init__(self, fd: int = 0) -> None:
         import termios
@@ -40,9 +41,6 @@ class RawMode:
         import termios
         import tty
 
-        import atexit
-
-        atexit.register(self.restore)
         tty.setraw(self.fd, termios.TCSADRAIN)
         return self
 
@@ -110,18 +108,6 @@ async def keystrokes(fd: int, escapes: Escapes) -> AsyncIterator[bytes]:
             yield data
 
 
-def window_size(fd: int = 1) -> "Optional[tuple[int, int]]":
-    """(rows, cols) of the terminal on ``fd`` (else stdin's), or None."""
-    for f in (fd, 0):
-        try:
-            size = os.get_terminal_size(f)
-        except OSError:
-            continue
-        if size.lines and size.columns:
-            return size.lines, size.columns
-    return None
-
-
 class Resizer:
     """Sends this window's size to the run's terminal at each SIGWINCH, the
     latest only (one resize call in flight at a time)."""
@@ -139,6 +125,7 @@ class Resizer:
         self.task = asyncio.ensure_future(self._send())
 
     async def _send(self) -> None:
+        from ..api import window_size
         from ..errors import ChaperoneError
 
         while True:

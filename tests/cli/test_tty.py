@@ -435,3 +435,17 @@ def test_t_with_json_on_a_terminal_is_a_usage_error(home):
         assert t.settings() == t.before
     finally:
         t.close()
+
+
+@pytest.mark.timeout(60)
+def test_capital_t_wins_over_t(home):
+    """`run -t -T` on a terminal: no terminal there (as ssh, -T wins), the
+    program reads /dev/null, and this terminal is never put in raw mode."""
+    t = Terminal([sys.executable, "-m", "chaperone.cli", "run", "-t", "-T", "local", "--", "sh", "-c",
+                  "test -t 0 || echo no-tty-there"], cli_env(home))
+    try:
+        assert t.wait() == 0, t.screen
+        assert b"no-tty-there" in t.screen and b"~. detaches" not in t.screen
+        assert t.settings() == t.before
+    finally:
+        t.close()
