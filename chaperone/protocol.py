@@ -88,10 +88,30 @@ class StreamDecoder:
         self._stage = "marker"
         self.noise = 0  # bytes skipped before the marker
         self.ended = False
+        # A frame's data longer than what came so far: its header, and its
+        # data's pieces as they come, joined once whole (one copy of each
+        # byte, not one per read).
+        self._head: Optional[tuple] = None
+        self._parts: List[bytes] = []
+        self._have = 0
 
     def feed(self, data: bytes) -> List[Event]:
-        self._buf += data
         events: List[Event] = []
+        if self._head is not None:
+            kind, offset, length = self._head
+            need = length - self._have
+            if len(data) < need:
+                self._parts.append(data)
+                self._have += len(data)
+                return events
+            self._parts.append(data[:need])
+            body = b"".join(self._parts)
+            self._head, self._parts, self._have = None, [], 0
+            events.append(self._frame(kind, offset, body))
+            data = data[need:]
+            if self.ended:
+                return events
+        self._buf += data
         while True:
             event = self._next()
             if event is None:
@@ -129,24 +149,33 @@ class StreamDecoder:
                 return None
             kind, offset, length = FRAME.unpack_from(buf)
             if len(buf) < FRAME.size + length:
+                # (the rest of its data comes in feed's later calls)
+                self._head = (kind, offset, length)
+                self._parts = [bytes(buf[FRAME.size:])]
+                self._have = len(self._parts[0])
+                del buf[:]
                 return None
-            data = bytes(buf[FRAME.size: FRAME.size + length])
+            with memoryview(buf) as view:
+                data = view[FRAME.size: FRAME.size + length].tobytes()
             del buf[: FRAME.size + length]
-            if kind in KIND_STREAM:
-                return OutputChunk(KIND_STREAM[kind], offset, data)
-            if kind == b"S":
-                return StateUpdate(json.loads(data))
-            if kind == b"T":
-                return Written(offset / 1e6 if offset else None)
-            if kind == b"X":
-                obj = json.loads(data)
-                return RunError(str(obj.get("id")), str(obj.get("error")), int(obj.get("code") or 3))
-            if kind == b"E":
-                self._stage = "done"
-                self.ended = True
-                return End()
-            raise ProtocolError("the agent sent an unknown frame kind %r" % kind)
+            return self._frame(kind, offset, data)
         return None
+
+    def _frame(self, kind: bytes, offset: int, data: bytes) -> Event:
+        if kind in KIND_STREAM:
+            return OutputChunk(KIND_STREAM[kind], offset, data)
+        if kind == b"S":
+            return StateUpdate(json.loads(data))
+        if kind == b"T":
+            return Written(offset / 1e6 if offset else None)
+        if kind == b"X":
+            obj = json.loads(data)
+            return RunError(str(obj.get("id")), str(obj.get("error")), int(obj.get("code") or 3))
+        if kind == b"E":
+            self._stage = "done"
+            self.ended = True
+            return End()
+        raise ProtocolError("the agent sent an unknown frame kind %r" % kind)
 
 
 def payload_after_marker(data: bytes, marker: str) -> bytes:

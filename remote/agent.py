@@ -2248,6 +2248,7 @@ class Supervisor(object):
         self.ctl_buf = b""
         self.watch_fd = None
         self.spool_fd = None  # file capture: the inotify watch of the spool files (spool_watch)
+        self.unwatched = []  # inotify descriptors done with, closed after the end (unwatch)
         self.spool_names = {}
         self.spool_last = None  # the stream it said was written last
         self.spool_polled = False  # in the poller (not while Timers.spool_written pauses it)
@@ -2574,12 +2575,15 @@ class Supervisor(object):
         """The loop is over: the last of the pipes into the spool (when the
         spool is full, once there is room: the end waits for it, nothing
         the program wrote is lost)."""
+        # (The inotify descriptors are closed once the end is on disk, by
+        # close_spool: closing one waits for the kernel's SRCU grace period,
+        # 5-8 ms each here, which the end of a short run should not wait for.)
         if self.watch_fd is not None:
-            os.close(self.watch_fd)
+            self.unwatch(self.watch_fd)
             self.watch_fd = None
         if self.spool_fd is not None:
             self.spool_written()  # (the last turns, in order, before the final look)
-            os.close(self.spool_fd)
+            self.unwatch(self.spool_fd)
             self.spool_fd = None
         self.stop_feeding()
         for fd in list(self.pipes):
@@ -2590,10 +2594,19 @@ class Supervisor(object):
             for fd in list(self.pipes):
                 self.pump(fd, self.poller, self.use_splice, final=True)
 
+    def unwatch(self, fd):
+        """No more wake-ups from the inotify descriptor ``fd``: closed by
+        close_spool."""
+        try:
+            self.poller.unregister(fd)
+        except KeyError:
+            pass
+        self.unwatched.append(fd)
+
     def close_spool(self):
-        for fd in self.files.values():
+        for fd in list(self.files.values()) + self.unwatched:
             os.close(fd)
-        self.files = {}
+        self.files, self.unwatched = {}, []
         if self.tty_done is not None:
             os.close(self.tty_done)  # (the program was reaped: what it left gets its SIGHUP now, as after ssh -t)
             self.tty_done = None
@@ -3586,6 +3599,14 @@ class Output(object):
     def frame(self, kind, offset, data):
         write_all(self.fd, FRAME.pack(kind, offset, len(data)) + bytes(data))
 
+    def frame_range(self, kind, offset, fd, length):
+        """A frame of ``length`` bytes of the file ``fd`` from ``offset``
+        (which holds them: the caller checked its size)."""
+        write_all(self.fd, FRAME.pack(kind, offset, length))
+        sent = send_range(self.fd, fd, offset, length)
+        if sent < length:  # (truncated meanwhile: the frame cannot be whole)
+            raise DamagedRun("a spool file shrank while it was sent (%d of %d bytes)" % (sent, length))
+
     def idle(self, seconds):
         """Wait ``seconds`` with nothing to send; :class:`BrokenPipeError`
         as soon as nobody reads this output any more (the client, or its
@@ -3919,6 +3940,22 @@ def cmd_start(args, out_marker):
     return 0
 
 
+def send_frame(out, kind, fd, offset, most):
+    """One output frame of the file ``fd`` from ``offset``: at most
+    ``most`` bytes (and CHUNK), never past the file's end; its length (0:
+    the file ends there).  To a sink with ``frame_range`` (the agent's
+    stdout) the data goes by sendfile, with no copy through Python."""
+    if not hasattr(out, "frame_range"):
+        data = os.pread(fd, min(CHUNK, most), offset)
+        if data:
+            out.frame(kind, offset, data)
+        return len(data)
+    n = max(0, min(CHUNK, most, os.fstat(fd).st_size - offset))
+    if n:
+        out.frame_range(kind, offset, fd, n)
+    return n
+
+
 def follow(run, out, offsets, last=None):
     """Stream output frames from ``offsets`` until the run is final and all
     its output was sent; then the final state frame and an end frame.
@@ -3935,7 +3972,6 @@ def follow(run, out, offsets, last=None):
     kinds = {"stdout": b"1", "stderr": b"2"}
     shown = last and (last["state"], last["pid"])
     interval = 0.001
-    out.wake_on(run)
     try:
         while True:
             st = run.refresh(fds)
@@ -3945,16 +3981,15 @@ def follow(run, out, offsets, last=None):
             for name in STREAMS:
                 size = st[name + "_bytes"]
                 while offsets[name] < size:
-                    data = os.pread(fds[name], min(CHUNK, size - offsets[name]), offsets[name])
-                    if not data:
+                    n = send_frame(out, kinds[name], fds[name], offsets[name], size - offsets[name])
+                    if not n:
                         # The file is shorter than its count: truncated
                         # after the end (say a child left behind reopened
                         # /dev/stdout).  Those bytes are gone: once the run
                         # is final, end rather than wait for them forever.
                         short = final
                         break
-                    out.frame(kinds[name], offsets[name], data)
-                    offsets[name] += len(data)
+                    offsets[name] += n
                     moved = True
             if final and (short or all(offsets[n] >= st[n + "_bytes"] for n in STREAMS)):
                 out.frame(b"S", 0, dumps(st, sort_keys=True).encode())
@@ -3966,6 +4001,10 @@ def follow(run, out, offsets, last=None):
             if moved:
                 interval = 0.001
             else:
+                # (the watch only once there is something to wait for: a
+                # run already over needs none, and an inotify descriptor
+                # costs milliseconds to close, at this command's exit)
+                out.wake_on(run)
                 out.idle(interval)
                 interval = min(interval * 1.5, 0.05)  # (a quick program's end is seen soon)
     finally:
@@ -4293,11 +4332,10 @@ class Logs(object):
     def send(self, name, end):
         """Send stream ``name`` up to ``end``; False if the file is shorter."""
         while self.sent[name] < end:
-            data = os.pread(self.fds[name], min(CHUNK, end - self.sent[name]), self.sent[name])
-            if not data:
+            n = send_frame(self.out, self.kinds[name], self.fds[name], self.sent[name], end - self.sent[name])
+            if not n:
                 return False
-            self.out.frame(self.kinds[name], self.sent[name], data)
-            self.sent[name] += len(data)
+            self.sent[name] += n
         return True
 
     def rest(self, st):

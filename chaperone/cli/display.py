@@ -10,7 +10,6 @@ import datetime
 import json
 import os
 import re
-import shutil
 import sys
 import time
 
@@ -107,6 +106,8 @@ def short_ago(epoch: Optional[float], now: Optional[float] = None) -> str:
 def terminal_width(default: int = 80) -> int:
     if not sys.stdout.isatty():
         return int(os.environ.get("COLUMNS") or 0) or 10 ** 6
+    import shutil  # (here: not on the fast run's path)
+
     return shutil.get_terminal_size((default, 24)).columns
 
 

@@ -173,7 +173,7 @@ async def spawn(argv: List[str], env: Optional[dict] = None) -> asyncio.subproce
     own: out of the terminal's process group, so a Ctrl-C is for chaperone
     to decide about, never delivered to the agent (or ssh) behind its back.
     ``env``: its environment (default: this process's)."""
-    return await asyncio.create_subprocess_exec(
+    proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
@@ -182,6 +182,13 @@ async def spawn(argv: List[str], env: Optional[dict] = None) -> asyncio.subproce
         limit=1 << 20,
         env=env,
     )
+    pipe = proc.stdout._transport.get_extra_info("pipe")
+    try:
+        import fcntl
+        fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except (OSError, ImportError, AttributeError):
+        pass
+    return proc
 
 
 class AttachedProcess:
