@@ -568,6 +568,7 @@ class Chaperone:
         (:class:`~chaperone.models.StdinAck`: bytes held, whether it ended,
         whether the run is over, whether it is a terminal's); None when its
         input is not a stream (/dev/null, a file, bytes given at the start)."""
+        from .client import AGENT_NOT_A_STREAM
         from .errors import AgentFailed
         from .models import StdinAck
 
@@ -580,7 +581,7 @@ class Chaperone:
         try:
             answer = await call.answer()
         except AgentFailed as e:
-            if "does not read its stdin from a stream" in str(e):
+            if e.agent_code == AGENT_NOT_A_STREAM:
                 return None
             raise
         finally:

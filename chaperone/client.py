@@ -7,11 +7,13 @@ import secrets
 from typing import AsyncIterator, Dict, List, Optional
 
 from .errors import AgentFailed, ChaperoneError, ConnectionLost, NoSuchRun
-from .protocol import Event, ProtocolError, StateUpdate, StreamDecoder, payload_after_marker
+from .protocol import NO_MARKER, AfterMarker, Event, ProtocolError, StateUpdate, StreamDecoder, payload_after_marker
 from .transports.base import AgentProcess, Transport, write_all
 
 #: Exit status of the agent for "no such run" (see remote/agent.py).
 AGENT_NO_SUCH_RUN = 4
+#: ... for ``stdin ID`` of a run whose input is not a stream.
+AGENT_NOT_A_STREAM = 5
 
 
 def _marker() -> str:
@@ -105,29 +107,18 @@ class AgentClient:
         """The bytes of a spool file from ``offset`` to its current end, as
         they arrive (one agent call, nothing held in memory)."""
         marker = _marker()
-        needle = b"\n" + marker.encode() + b"\n"
+        after = AfterMarker(marker)
         proc = await self.transport.open(
             ["--marker", marker, "output", run_id, "--stream", stream, "--offset", str(offset)])
         try:
-            head = b""
             while True:
                 chunk = await proc.read()
                 if not chunk:
                     break
-                if head is not None:
-                    head += chunk
-                    at = head.find(needle)
-                    if at < 0:
-                        head = head[-(len(needle) - 1):]
-                        continue
-                    chunk, head = head[at + len(needle):], None
+                chunk = after.feed(chunk)
                 if chunk:
                     yield chunk
-            code = await proc.wait()
-            if code != 0:
-                raise self._failure(code, await proc.stderr())
-            if head is not None:
-                raise ChaperoneError("the agent's reply has no marker (is python3 working there?)")
+            await self._ended(proc, after)
         finally:
             proc.close()
 
@@ -137,28 +128,20 @@ class AgentClient:
         to ``fd`` where it can (:meth:`AgentProcess.copy_to`).  The number
         of bytes written."""
         marker = _marker()
-        needle = b"\n" + marker.encode() + b"\n"
+        after = AfterMarker(marker)
         proc = await self.transport.open(
             ["--marker", marker, "output", run_id, "--stream", stream, "--offset", str(offset)])
         try:
-            head, n = b"", None
-            while n is None:
+            n = 0
+            while not after.found:
                 chunk = await proc.read()
                 if not chunk:
                     break
-                head += chunk
-                at = head.find(needle)
-                if at < 0:
-                    head = head[-(len(needle) - 1):]
-                    continue
-                rest = head[at + len(needle):]
-                write_all(fd, rest)
-                n = len(rest) + await proc.copy_to(fd)
-            code = await proc.wait()
-            if code != 0:
-                raise self._failure(code, await proc.stderr())
-            if n is None:
-                raise ChaperoneError("the agent's reply has no marker (is python3 working there?)")
+                rest = after.feed(chunk)
+                if after.found:
+                    write_all(fd, rest)
+                    n = len(rest) + await proc.copy_to(fd)
+            await self._ended(proc, after)
             return n
         finally:
             proc.close()
@@ -168,27 +151,22 @@ class AgentClient:
         file descriptor in ``fds`` (blocking writes; from the transport's
         pipe straight to it where it can); the bytes of each."""
         marker = _marker()
-        needle = b"\n" + marker.encode() + b"\n"
+        after = AfterMarker(marker)
         proc = await self.transport.open(["--marker", marker, "output", run_id, "--stream", "both"])
         try:
             head, sizes = b"", None
-            while True:
+            while True:  # (the marker, then a line of counts)
                 chunk = await proc.read(1 << 16)
                 if not chunk:
                     break
-                head += chunk
-                at = head.find(needle)
-                if at < 0:
-                    head = head[-(len(needle) - 1):]
+                head += after.feed(chunk)
+                line, nl, rest = head.partition(b"\n")
+                if not nl:
                     continue
-                line_end = head.find(b"\n", at + len(needle))
-                if line_end < 0:
-                    continue  # (the counts' line is not whole yet)
-                fields = head[at + len(needle):line_end].split()
+                fields = line.split()
                 if len(fields) != 2 or not all(f.isdigit() for f in fields):
                     raise ChaperoneError("the agent's reply to output --stream both has no counts")
                 sizes = dict(zip(("stdout", "stderr"), map(int, fields)))
-                rest = head[line_end + 1:]
                 break
             got = {}
             if sizes is not None:
@@ -198,17 +176,24 @@ class AgentClient:
                     got[name] = len(first)
                     if got[name] < sizes[name]:
                         got[name] += await proc.copy_to(fds[name], sizes[name] - got[name])
-            code = await proc.wait()
-            if code != 0:
-                raise self._failure(code, await proc.stderr())
+            await self._ended(proc, after)
             if sizes is None:
-                raise ChaperoneError("the agent's reply has no marker (is python3 working there?)")
+                raise ChaperoneError("the agent's reply to output --stream both has no counts")
             if got != sizes:
                 raise ConnectionLost("connection to %s lost: %d of %d bytes came"
                                      % (self.transport.host, sum(got.values()), sum(sizes.values())))
             return got
         finally:
             proc.close()
+
+    async def _ended(self, proc: AgentProcess, after: AfterMarker) -> None:
+        """The end of a reply read to its end: the agent's failure, or a
+        reply that never had its marker, as errors."""
+        code = await proc.wait()
+        if code != 0:
+            raise self._failure(code, await proc.stderr())
+        if not after.found:
+            raise ChaperoneError(NO_MARKER)
 
     async def _events(self, args: List[str], stdin: bytes, json_line: bool) -> AsyncIterator[Event]:
         marker = _marker()
@@ -286,36 +271,25 @@ class StdinCall:
     def __init__(self, client: AgentClient, proc: AgentProcess, marker: str):
         self.client = client
         self.proc = proc
-        self._needle = b"\n" + marker.encode() + b"\n"
+        self._after = AfterMarker(marker)
         self._buf = b""
-        self._found = False
 
     async def answer(self) -> Optional[dict]:
         """The next answer; None when the agent ended without error (it
         does once the run is over, or its stdin closed)."""
         while True:
-            if not self._found:
-                at = self._buf.find(self._needle)
-                if at >= 0:
-                    self._buf, self._found = self._buf[at + len(self._needle):], True
-                    continue
-            else:
-                line, nl, rest = self._buf.partition(b"\n")
-                if nl:
-                    self._buf = rest
-                    try:
-                        return json.loads(line)
-                    except ValueError as e:
-                        raise ChaperoneError("the agent sent invalid JSON: %s" % e) from None
+            line, nl, rest = self._buf.partition(b"\n")
+            if nl:
+                self._buf = rest
+                try:
+                    return json.loads(line)
+                except ValueError as e:
+                    raise ChaperoneError("the agent sent invalid JSON: %s" % e) from None
             chunk = await self.proc.read()
             if not chunk:
-                code = await self.proc.wait()
-                if code != 0:
-                    raise self.client._failure(code, await self.proc.stderr())
-                if not self._found:
-                    raise ChaperoneError("the agent's reply has no marker (is python3 working there?)")
+                await self.client._ended(self.proc, self._after)
                 return None
-            self._buf += chunk
+            self._buf += self._after.feed(chunk)
 
     async def send(self, kind: bytes, offset: int, data: bytes = b"") -> None:
         from .protocol import FRAME

@@ -73,6 +73,39 @@ class Written:
 Event = Union[OutputChunk, StateUpdate, End, RunError, Written]
 
 
+#: What a reply without its marker line means.
+NO_MARKER = "the agent's reply has no marker (is python3 working there?)"
+
+
+class AfterMarker:
+    """What follows the marker line in the agent's stdout, whatever the
+    splits of the bytes fed (sans-IO): the login scripts' output before it
+    is skipped and counted (``noise``)."""
+
+    def __init__(self, marker: str):
+        self._needle = b"\n" + marker.encode() + b"\n"
+        self._head = b""
+        self.found = False
+        self.noise = 0  # bytes skipped before the marker
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes of ``data`` after the marker (b"" until it came)."""
+        if self.found:
+            return data
+        head = self._head + data
+        at = head.find(self._needle)
+        if at < 0:
+            keep = len(self._needle) - 1
+            if len(head) > keep:
+                self.noise += len(head) - keep
+                head = head[-keep:]
+            self._head = head
+            return b""
+        self.found, self._head = True, b""
+        self.noise += at
+        return head[at + len(self._needle):]
+
+
 class StreamDecoder:
     """Decode the agent's stdout into events.
 
@@ -81,12 +114,11 @@ class StreamDecoder:
     """
 
     def __init__(self, marker: str, json_line: bool = True, framed: bool = False):
-        self._needle = b"\n" + marker.encode() + b"\n"
+        self._after = AfterMarker(marker)
         self._json_line = json_line
         self._framed = framed
         self._buf = bytearray()
         self._stage = "marker"
-        self.noise = 0  # bytes skipped before the marker
         self.ended = False
         # A frame's data longer than what came so far: its header, and its
         # data's pieces as they come, joined once whole (one copy of each
@@ -95,8 +127,18 @@ class StreamDecoder:
         self._parts: List[bytes] = []
         self._have = 0
 
+    @property
+    def noise(self) -> int:
+        """Bytes skipped before the marker."""
+        return self._after.noise
+
     def feed(self, data: bytes) -> List[Event]:
         events: List[Event] = []
+        if self._stage == "marker":
+            data = self._after.feed(data)
+            if not self._after.found:
+                return events
+            self._stage = "json" if self._json_line else "frames"
         if self._head is not None:
             kind, offset, length = self._head
             need = length - self._have
@@ -120,18 +162,6 @@ class StreamDecoder:
 
     def _next(self) -> Optional[Event]:
         buf = self._buf
-        if self._stage == "marker":
-            at = buf.find(self._needle)
-            if at < 0:
-                keep = len(self._needle) - 1
-                if len(buf) > keep:
-                    self.noise += len(buf) - keep
-                    del buf[: len(buf) - keep]
-                return None
-            self.noise += at
-            del buf[: at + len(self._needle)]
-            self._stage = "json" if self._json_line else "frames"
-            return self._next()
         if self._stage == "json":
             at = buf.find(b"\n")
             if at < 0:
@@ -179,8 +209,8 @@ class StreamDecoder:
 
 
 def payload_after_marker(data: bytes, marker: str) -> bytes:
-    needle = b"\n" + marker.encode() + b"\n"
-    at = data.find(needle)
-    if at < 0:
-        raise ProtocolError("the agent's reply has no marker (is python3 working there?)")
-    return data[at + len(needle):]
+    after = AfterMarker(marker)
+    payload = after.feed(data)
+    if not after.found:
+        raise ProtocolError(NO_MARKER)
+    return payload

@@ -82,6 +82,9 @@ CAPTURES = ("file", "pipe")
 #: b"E" end), offset, length; then ``length`` bytes.
 FRAME = struct.Struct("!cQI")
 CHUNK = 1 << 20
+
+#: Exit status of ``stdin ID`` for a run whose input is not a stream.
+NOT_A_STREAM = 5
 SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 0) | getattr(os, "SPLICE_F_NONBLOCK", 0)
 #: Seconds to keep reading the pipes (pipe capture) or to wait for the
 #: spool files to be let go of (file capture) after the program exited, for
@@ -4717,7 +4720,7 @@ def cmd_stdin(args, marker):
     spec = loads(read_regular(run.path("program.json"), run.what("program.json"), MAX_PROGRAM_JSON).decode())
     if not isinstance(spec, dict) or spec.get("program", {}).get("stdin") != {"stream": True}:
         raise AgentError("run %s does not read its stdin from a stream (program.stdin is not {\"stream\": true})"
-                         % run.id)
+                         % run.id, NOT_A_STREAM)
     spool = StdinSpool(run, tty=spec["program"].get("tty") is not None)
     try:
         out = Output(marker)

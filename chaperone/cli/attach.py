@@ -29,8 +29,8 @@ def attach(run_id, no_stdin, quiet, **params):
     output only. Exit status: the run's, at its end (as wait).
     """
     async def go(ch):
-        from ..states import FINAL_STATES, exit_code_for
-        from .run import _is_terminal, _said_end
+        from ..states import FINAL_STATES
+        from .display import is_terminal, say_end
         from ..api import window_size
         from .terminal import Attached
 
@@ -41,7 +41,7 @@ def attach(run_id, no_stdin, quiet, **params):
                  % (rec.id, state.state, rec.id), 1)
         info = None if no_stdin else await ch.input_status(rec.id)
         typing = info is not None and not info.end and not info.closed
-        here = _is_terminal(0)
+        here = is_terminal(0)
         att = Attached(ch, rec.id, raw=bool(info is not None and info.tty and here), quiet=quiet)
         if typing:
             from ..feed import read_fd
@@ -61,6 +61,6 @@ def attach(run_id, no_stdin, quiet, **params):
         end, detached = await att.drive(events)
         if detached is not None:
             return detached
-        return _said_end(rec.id, end, exit_code_for(end))
+        return say_end(rec.id, end)
 
     sys.exit(run_async(params, go))

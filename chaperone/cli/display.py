@@ -212,3 +212,29 @@ def end_note(run_id: str, state: dict) -> "Optional[str]":
     if state.get("timed_out"):
         return "chaperone: run %s timed out; killed by %s" % (run_id, state.get("signal"))
     return None
+
+
+def say_end(run_id: str, state: dict) -> int:
+    """The end of a run watched in the foreground (run, attach, the fast
+    run): :func:`end_note` on stderr when there is one; the exit status
+    to give (the run's: see ``chaperone.states.exit_code_for``)."""
+    from ..states import exit_code_for
+
+    note = end_note(run_id, state)
+    if note:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            sys.stderr.buffer.write((note + "\n").encode("utf-8", "surrogateescape"))
+            sys.stderr.flush()
+        except OSError:
+            pass
+    return exit_code_for(state)
+
+
+def is_terminal(fd: int) -> bool:
+    """Whether ``fd`` is a terminal (False for a closed descriptor)."""
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False

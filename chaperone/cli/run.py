@@ -17,7 +17,7 @@ import click
 
 from .app import add_options, cli, fail, run_async, served_call
 from .options import ssh_settings
-from .display import parse_duration
+from .display import is_terminal, parse_duration, say_end
 from ..transports.target import is_local
 from .options import RUN, SSH, split_run
 
@@ -70,7 +70,7 @@ def _typing(params: dict) -> bool:
     ``-n``, ``-d`` nor ``--stdin``)."""
     if params.get("no_stdin") or params.get("detach") or params.get("stdin_file") is not None:
         return False
-    return _is_terminal(0)
+    return is_terminal(0)
 
 
 def _tty(params: dict) -> bool:
@@ -80,19 +80,12 @@ def _tty(params: dict) -> bool:
     count = params.get("tty") or 0
     if params.get("no_tty") or not count:
         return False
-    if count == 1 and not params.get("detach") and not _is_terminal(0):
+    if count == 1 and not params.get("detach") and not is_terminal(0):
         if not params.get("quiet"):
             click.echo("chaperone: Pseudo-terminal will not be allocated because stdin is not a terminal "
                        "(-tt forces one).", err=True)
         return False
     return True
-
-
-def _is_terminal(fd: int) -> bool:
-    try:
-        return os.isatty(fd)
-    except OSError:
-        return False
 
 
 def _stdin_source(params: dict):
@@ -294,7 +287,7 @@ async def _foreground(ch, target, command, kw, params) -> int:
 
         print_json(ch.get(run_id).info().model_dump())
         return exit_code_for(state)
-    return _said_end(run_id, state, exit_code_for(state))
+    return say_end(run_id, state)
 
 
 async def _signal_quietly(ch, run_id, sig):
@@ -310,7 +303,6 @@ async def _attached(ch, target, command, kw, params) -> int:
     """``run -t`` with this terminal: raw mode, what is typed to the
     program, the window's size followed, the terminal restored at the end
     whatever happens (see :mod:`chaperone.cli.terminal`)."""
-    from ..states import exit_code_for
     from .terminal import Attached
 
     run_id = kw["id"]
@@ -320,14 +312,6 @@ async def _attached(ch, target, command, kw, params) -> int:
     state, detached = await att.drive(events)
     if detached is not None:
         return detached
-    return _said_end(run_id, state, exit_code_for(state))
+    return say_end(run_id, state)
 
 
-def _said_end(run_id: str, state: dict, code: int) -> int:
-    """How a run ended, on stderr when it is not its exit status alone."""
-    from .display import end_note
-
-    note = end_note(run_id, state)
-    if note:
-        click.echo(note, err=True)
-    return code

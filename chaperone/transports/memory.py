@@ -890,7 +890,7 @@ class MemoryHost:
         run = self._run(args)
         if run.spec["program"]["stdin"] != {"stream": True}:
             raise _agent().AgentError("run %s does not read its stdin from a stream (program.stdin is not "
-                                      "{\"stream\": true})" % run.id)
+                                      "{\"stream\": true})" % run.id, _agent().NOT_A_STREAM)
         proc.marker(args.marker)
         proc.stream(lambda: self._stdin(run, proc))
 

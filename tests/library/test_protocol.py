@@ -49,6 +49,7 @@ from chaperone.models import (
 )
 from chaperone.protocol import (
     FRAME,
+    AfterMarker,
     End,
     OutputChunk,
     ProtocolError,
@@ -777,6 +778,22 @@ def test_stream_decoder_any_split(noise, cuts):
     assert events == expected
     assert dec.ended and dec.noise == len(noise)
     assert dec.feed(b"") == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(noise=_noise, payload=st.binary(max_size=300), cuts=st.lists(st.integers(0, 400), max_size=12))
+def test_after_marker_any_split(noise, payload, cuts):
+    """The one place the clients skip a login script's output (output,
+    output --stream both, stdin, the decoder): the payload exactly, and
+    the noise counted, however the bytes arrive."""
+    needle = b"\n" + MARKER.encode() + b"\n"
+    assume((noise + needle).find(needle) == len(noise))
+    raw = noise + needle + payload
+    after = AfterMarker(MARKER)
+    points = sorted({c % (len(raw) + 1) for c in cuts})
+    got = b"".join(after.feed(raw[a:b]) for a, b in zip([0] + points, points + [len(raw)]))
+    assert after.found and got == payload and after.noise == len(noise)
+    assert AfterMarker(MARKER).feed(noise) == b"" and not AfterMarker(MARKER).found
 
 
 def test_stream_decoder_byte_at_a_time_with_banner():
