@@ -113,6 +113,13 @@ def main() -> None:
             pass
         else:
             attempt(sys.argv[1:])  # `run local CMD`: runs it and exits, or returns
+    elif "logs" in sys.argv[1:4]:
+        try:
+            from .cli.fastlogs import attempt as deliver
+        except Exception:
+            pass
+        else:
+            deliver(sys.argv[1:])  # `logs ID > file`: ssh writes the file; exits, or returns
     _speculate(sys.argv[1:])
     from .cli import main as cli_main
 

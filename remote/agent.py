@@ -4450,19 +4450,39 @@ def cmd_output(args, marker):
     try:
         # Up to what the run holds now, never past its final count.
         upto = run.refresh()[args.stream + "_bytes"]
-        out = Output(marker)
         pos = args.offset
         left = max(0, upto - pos) if args.length is None else max(0, min(args.length, upto - pos))
-        send_range(out.fd, fd, pos, left)
+        if args.direct:
+            left = max(0, min(left, os.fstat(fd).st_size - pos))
+            direct_head(marker, left, 0)
+            send_all(1, fd, pos, left, run.what(args.stream))
+        else:
+            send_range(Output(marker).fd, fd, pos, left)
     finally:
         os.close(fd)
     return 0
 
 
+def direct_head(marker, stdout_size, stderr_size):
+    """``output --direct``: its head goes to stderr (the marker line, then
+    ``N M``), so that stdout holds the data from its first byte: a client
+    can give ssh its own stdout, a file, and check afterwards that it grew
+    by exactly N (``logs ID > file`` at the pace of ``ssh HOST cat``)."""
+    head = b"\n" + os.fsencode(marker or "") + b"\n"
+    write_all(2, head + ("%d %d\n" % (stdout_size, stderr_size)).encode())
+
+
+def send_all(out, fd, pos, size, what):
+    if send_range(out, fd, pos, size) < size:
+        raise AgentError("%s shrank while it was read" % what, 3)
+
+
 def output_both(run, args, marker):
     """``output ID --stream both``: one call for both streams as they are
     (``logs ID > file``): a line ``N M``, then N bytes of stdout, then M of
-    stderr, all the run holds now (never past its counts)."""
+    stderr, all the run holds now (never past its counts).  ``--direct``:
+    the line, then the M bytes of stderr, on stderr; stdout's N on
+    stdout."""
     if args.offset or args.length is not None:
         raise AgentError("--stream both takes no --offset or --length")
     fds = {}
@@ -4472,11 +4492,15 @@ def output_both(run, args, marker):
         st = run.refresh()
         # (a spool file shorter than its count: a leftover child truncated it; what is there)
         sizes = [min(st[n + "_bytes"], os.fstat(fds[n]).st_size) for n in STREAMS]
+        if args.direct:
+            direct_head(marker, *sizes)
+            send_all(2, fds["stderr"], 0, sizes[1], run.what("stderr"))
+            send_all(1, fds["stdout"], 0, sizes[0], run.what("stdout"))
+            return 0
         out = Output(marker)
         write_all(out.fd, ("%d %d\n" % tuple(sizes)).encode())
         for name, size in zip(STREAMS, sizes):
-            if send_range(out.fd, fds[name], 0, size) < size:
-                raise AgentError("%s shrank while it was read" % run.what(name), 3)
+            send_all(out.fd, fds[name], 0, size, run.what(name))
     finally:
         for fd in fds.values():
             os.close(fd)
@@ -4810,7 +4834,7 @@ commands:
   start [--follow]                       < program.json (or a JSON array of them)
   status ID
   follow ID [--stdout-offset N] [--stderr-offset N]
-  output ID --stream {stdout,stderr,both} [--offset N] [--length L]
+  output ID --stream {stdout,stderr,both} [--offset N] [--length L] [--direct]
   signal ID SIGNAL [--grace SECONDS]
   list
   clean ID [--force]
@@ -4830,7 +4854,7 @@ COMMAND_ARGS = {
     "follow": (("id",), {"--stdout-offset": ("stdout_offset", int, 0),
                          "--stderr-offset": ("stderr_offset", int, 0)}),
     "output": (("id",), {"--stream": ("stream", STREAMS + ("both",), None), "--offset": ("offset", int, 0),
-                         "--length": ("length", int, None)}),
+                         "--length": ("length", int, None), "--direct": ("direct", None, False)}),
     "signal": (("id", "signal"), {"--grace": ("grace", float, None)}),
     "list": ((), {}),
     "clean": (("id",), {"--force": ("force", None, False)}),

@@ -40,3 +40,20 @@ def stock_sshd():
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def noisy_host(tmp_path):
+    """A host whose login scripts print to stdout and to stderr before any
+    command runs (bash reads ~/.bashrc for a command sent by sshd), with a
+    home of its own (no agent there yet)."""
+    require_sshd()
+    remote_home = tmp_path / "remote-home"
+    remote_home.mkdir()
+    (remote_home / ".bashrc").write_text("echo 'Welcome! (login noise on stdout)'\necho 'stderr noise' >&2\n")
+    server = SSHD(extra_config="SetEnv HOME=%s\n" % remote_home)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

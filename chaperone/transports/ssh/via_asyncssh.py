@@ -423,6 +423,9 @@ class _ChannelLaunch(Launch):
         except (asyncssh.Error, OSError) as e:
             raise ConnectionLost("connection to %s lost: %s" % (self.transport.host, e)) from None
 
+    async def more(self) -> bytes:
+        return await self.first()
+
     async def finish(self):
         try:
             self.result = await self.proc.wait()  # until the channel is closed

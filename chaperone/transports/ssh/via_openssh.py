@@ -443,6 +443,9 @@ class _SSHLaunch(Launch):
             self._first = await self.proc.stdout.read(1 << 16)
         return self._first
 
+    async def more(self) -> bytes:
+        return await self.proc.stdout.read(1 << 16)
+
     async def finish(self):
         if self._result is None:
             code = await self.proc.wait()

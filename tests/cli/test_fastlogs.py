@@ -1,0 +1,86 @@
+"""``chaperone logs ID > file`` with ssh writing into the file itself
+(chaperone/cli/fastlogs.py), against a real sshd.
+
+The fast path is run with click, asyncio and pydantic made unimportable:
+the normal path cannot run like that, so what such a command delivers, the
+fast path delivered.  The normal path is the same command with
+``CHAPERONE_FAST_LOGS=0``.  Both must write the same bytes."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from support.helpers import cli, cli_env
+
+BLOCKED = ("click", "asyncio", "pydantic")
+FAST = [sys.executable, "-c", "import sys\nfor m in %r: sys.modules[m] = None\n"
+        "from chaperone.__main__ import main\nmain()" % (BLOCKED,)]
+NORMAL = [sys.executable, "-c", "from chaperone.__main__ import main\nmain()"]
+
+#: Both streams, bytes that are not UTF-8, no newline at the end of either.
+WRITE = ("import sys\n"
+         "sys.stdout.buffer.write(bytes(range(256)) * 300 + b'out, no newline')\n"
+         "sys.stderr.buffer.write(b'err \\xff\\x00 ' * 1000 + b'err, no newline')\n")
+OUT = bytes(range(256)) * 300 + b"out, no newline"
+ERR = b"err \xff\x00 " * 1000 + b"err, no newline"
+
+
+def logs_to_files(entry, home, config, *args, env=None, prefix=b""):
+    """``chaperone -F CONFIG logs ARGS > out 2> err``: (status, out, err)."""
+    out, err = home / "out.bin", home / "err.bin"
+    out.write_bytes(prefix)
+    with open(out, "ab" if prefix else "wb") as o, open(err, "wb") as e:
+        res = subprocess.run(entry + ["-F", str(config), "logs"] + [str(a) for a in args], stdout=o, stderr=e,
+                             stdin=subprocess.DEVNULL, env=cli_env(home, **(env or {})), cwd=str(home), timeout=60)
+    return res.returncode, out.read_bytes(), err.read_bytes()
+
+
+def finished_run(home, config):
+    res = cli(home, "-F", config, "run", "-q", "testhost", "--", sys.executable, "-c", WRITE)
+    assert res.returncode == 0, res.stderr
+    res = cli(home, "ps", "-a", "-q")
+    return res.stdout.decode().split()[0]
+
+
+@pytest.mark.timeout(120)
+def test_fast_logs_to_files_are_the_exact_bytes(sshd, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    run_id = finished_run(home, sshd.config_file)
+    for entry, env in ((FAST, None), (NORMAL, {"CHAPERONE_FAST_LOGS": "0"})):
+        assert logs_to_files(entry, home, sshd.config_file, run_id, env=env) == (0, OUT, ERR)
+        assert logs_to_files(entry, home, sshd.config_file, "--stdout", run_id, env=env) == (0, OUT, b"")
+        assert logs_to_files(entry, home, sshd.config_file, "--stderr", run_id, env=env) == (0, ERR, b"")
+        # appended (>>) after what the file held: kept
+        assert logs_to_files(entry, home, sshd.config_file, "--stdout", run_id, env=env,
+                             prefix=b"before\n") == (0, b"before\n" + OUT, b"")
+
+
+@pytest.mark.timeout(120)
+def test_fast_logs_skip_what_login_scripts_print(noisy_host, tmp_path):
+    """The login noise on stdout lands in the file before the data: it is
+    taken out again; the noise on stderr comes before the agent's marker
+    there and is skipped."""
+    home = tmp_path / "home"
+    home.mkdir()
+    run_id = finished_run(home, noisy_host.config_file)
+    assert logs_to_files(FAST, home, noisy_host.config_file, run_id) == (0, OUT, ERR)
+    assert logs_to_files(FAST, home, noisy_host.config_file, "--stdout", run_id, prefix=b"x") == (0, b"x" + OUT, b"")
+
+
+@pytest.mark.timeout(120)
+def test_fast_logs_hand_errors_to_the_normal_path(sshd, tmp_path):
+    """A run whose spool is gone on the host: nothing written, the normal
+    path's message and status (4), and the file left as it was."""
+    home = tmp_path / "home"
+    home.mkdir()
+    run_id = finished_run(home, sshd.config_file)
+    subprocess.run(sshd.ssh_argv("rm", "-rf", ".chaperone/runs/%s" % run_id), check=True, timeout=30)
+    code, out, err = logs_to_files(NORMAL, home, sshd.config_file, run_id, prefix=b"kept")
+    assert (code, out) == (4, b"kept")
+    assert err.decode().startswith("chaperone: ") and run_id in err.decode() and err.count(b"\n") == 1
+    # the fast path alone (the normal one blocked) gave up before writing anything
+    code, out, _ = logs_to_files(FAST, home, sshd.config_file, run_id, prefix=b"kept")
+    assert code != 0 and out == b"kept"
