@@ -209,7 +209,7 @@ def test_memory_host_answers_as_the_agent_does(tmp_path):
         assert got == want, args
     assert [code for code, _, _ in real] == [0, 0, 0, 0, 0, 0, 2, 2, 2, 1, 2, 2, 4, 2, 4, 2, 2, 2, 2, 2, 2, 2, 2,
                                              0, 2, 2, 0, 0, 0, 0, 0, 0, 2, 2, 4, 0, 2, 0, 2, 2, 2, 0, 4, 0,
-                                             0, 0, 1, 2, 2, 0, 0, 4, 2, 2]
+                                             0, 0, 1, 2, 2, 0, 0, 4, 5, 2]
     assert real[45][2] == [{"closed": False, "end": False, "held": n, "tty": False} for n in (0, 3, 4, 4, 4)]
     assert real[49][2][-2:] == [{"closed": False, "end": True, "held": 4, "tty": False}] * 2
     assert real[50][2] == [{"closed": True, "end": True, "held": 4, "tty": False}]
