@@ -24,6 +24,7 @@ records, and the hooks the push side offers (``on_change``,
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -32,6 +33,8 @@ from ..api import Chaperone
 from ..errors import ChaperoneError, NoSuchRun, UsageError
 from ..models import FINAL_STATES, STREAMS, check_run_id
 from ..errors import Conflict  # noqa: F401 (defined there; exported here too)
+
+log = logging.getLogger("chaperone.serve")
 
 
 ATTACH_CONCURRENCY = 8
@@ -204,6 +207,9 @@ class Runs:
                     await self.attach(run_id)
                     results[run_id] = None
                 except (ChaperoneError, OSError) as e:
+                    results[run_id] = e
+                except Exception as e:  # (a bug: that run's, not every other run's)
+                    log.exception("re-attaching run %s", run_id)
                     results[run_id] = e
 
         await asyncio.gather(*(one(sem, rid) for ids in by_host.values()

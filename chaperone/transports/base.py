@@ -182,11 +182,14 @@ async def spawn(argv: List[str], env: Optional[dict] = None) -> asyncio.subproce
         limit=1 << 20,
         env=env,
     )
-    pipe = proc.stdout._transport.get_extra_info("pipe")
+    # (a larger pipe for what it writes: fewer, larger reads of a long
+    # output; the transport may have closed it already, a quick exit)
     try:
         import fcntl
+
+        pipe = proc.stdout._transport.get_extra_info("pipe")
         fcntl.fcntl(pipe.fileno(), getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
-    except (OSError, ImportError, AttributeError):
+    except (OSError, ValueError, ImportError, AttributeError):
         pass
     return proc
 
