@@ -1,0 +1,71 @@
+"""Which cipher chaperone's SSH connections use.  On a CPU with AES
+instructions AES-GCM moves bytes with about a third of the CPU time of
+chacha20-poly1305, which OpenSSH (and asyncssh) put first by default: both
+clients then put AES-GCM first, keeping every other default cipher after
+it.  A ``Ciphers`` in the user's ssh config or ``-o`` options stands, as
+with ssh.  Checked in the server's log, where sshd says what was agreed."""
+
+import re
+import subprocess
+
+import pytest
+
+from chaperone.transports.ssh import options as ssh_opts
+from support.helpers import CLI, cli_env
+from support.sshd import SSHD, require_sshd
+
+
+@pytest.fixture(scope="module")
+def debug_sshd():
+    require_sshd()
+    server = SSHD(log_level="DEBUG1")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def agreed(server, since):
+    """The ciphers sshd agreed on for connections logged after offset ``since``."""
+    with open(server.log_file, errors="replace") as f:
+        f.seek(since)
+        return set(re.findall(r"kex: client->server cipher: (\S+)", f.read()))
+
+
+def log_size(server):
+    with open(server.log_file, "rb") as f:
+        return len(f.read())
+
+
+def test_a_ciphers_setting_of_the_user_stands(tmp_path):
+    own = tmp_path / "config"
+    own.write_text("Host *\n    Ciphers chacha20-poly1305@openssh.com\n")
+    empty = tmp_path / "empty"
+    empty.write_text("Host *\n    ServerAliveInterval 5\n")
+    assert ssh_opts.prefer_fast_ciphers([str(own)]) is False
+    assert ssh_opts.prefer_fast_ciphers([str(empty)], ["Ciphers=aes256-ctr"]) is False
+    assert ssh_opts.prefer_fast_ciphers([str(empty)]) is ssh_opts.cpu_has_aes()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("client", ["openssh", "asyncssh"])
+def test_connections_agree_on_aes_gcm_unless_told(debug_sshd, tmp_path, client):
+    if not ssh_opts.cpu_has_aes():
+        pytest.skip("this CPU has no AES instructions: chaperone keeps the default order")
+    home = tmp_path / "home"
+    home.mkdir()
+    env = cli_env(home, CHAPERONE_SSH_CLIENT=client)
+
+    def run(config, *extra):
+        at = log_size(debug_sshd)
+        res = subprocess.run(CLI + ["-F", str(config), "run", "-q"] + list(extra) + ["testhost", "--", "true"],
+                             env=env, cwd=str(home), stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return agreed(debug_sshd, at)
+
+    assert run(debug_sshd.config_file) == {"aes128-gcm@openssh.com"}
+    theirs = tmp_path / "theirs"
+    theirs.write_text("Ciphers chacha20-poly1305@openssh.com\n" + open(debug_sshd.config_file).read())
+    assert run(theirs) == {"chacha20-poly1305@openssh.com"}
+    assert run(debug_sshd.config_file, "-o", "Ciphers=aes256-ctr") == {"aes256-ctr"}
