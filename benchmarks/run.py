@@ -1147,12 +1147,31 @@ async def _deliver_stream(ch, run_id: str, path: str) -> int:
     return n
 
 
+def _gcm_first() -> bool:
+    """Whether chaperone's connections put AES-GCM first here (a CPU with
+    AES instructions; the harness's ssh config names no Ciphers): then the
+    delivery rows get one more, against ssh told to use the same cipher."""
+    from chaperone.transports.ssh.options import cpu_has_aes
+
+    return cpu_has_aes()
+
+
+GCM_NOTE = ("no target: the same chaperone figure against `ssh -o Ciphers=aes128-gcm@openssh.com ... cat FILE > "
+            "file`, the cipher chaperone puts first on a CPU with AES instructions (plain ssh agrees on "
+            "chacha20-poly1305, OpenSSH's first choice): what the rest of chaperone's path costs")
+
+
+def _with_gcm(argv: List[str]) -> List[str]:
+    return argv[:1] + ["-o", "Ciphers=aes128-gcm@openssh.com"] + argv[1:]
+
+
 def bench_delivery(ctx: Context):
     ctx.require_ssh()
     sizes = ctx.p["delivery_sizes"]
     big = max(sizes)
     out = os.path.join(ctx.tmp, "delivered")
     rows = {}
+    gcm = _gcm_first()
     ctx.reconnect_run = None
 
     for size in sizes:
@@ -1194,19 +1213,22 @@ def bench_delivery(ctx: Context):
                 raise BenchError("the follow stream delivered %d of %d bytes" % (n, size))
             return dt
 
-        logs_t, one_t, stream_t, base_t = [], [], [], []
+        logs_t, one_t, stream_t, base_t, gcm_t = [], [], [], [], []
         warm = 1 if size < 64 * MiB and ctx.mode == "full" else 0
         for i in range(reps + warm):
             a = timed_to_file(ctx.cli_argv("logs", run_id, ssh=True))
             o = timed_to_file(ctx.cli_argv("logs", "--stdout", run_id, ssh=True))
             b = asyncio.run(stream_once())
             c = timed_to_file(ctx.sshd.ssh_argv("cat", data))
+            g = timed_to_file(_with_gcm(ctx.sshd.ssh_argv("cat", data))) if size == big and gcm else None
             if i >= warm:
                 logs_t.append(a)
                 one_t.append(o)
                 stream_t.append(b)
                 base_t.append(c)
-        rows[size] = (logs_t, one_t, stream_t, base_t)
+                if g is not None:
+                    gcm_t.append(g)
+        rows[size] = (logs_t, one_t, stream_t, base_t, gcm_t)
         if size == big:
             ctx.reconnect_run = run_id  # finished, with the most output: for `status`
         else:
@@ -1222,7 +1244,7 @@ def bench_delivery(ctx: Context):
             ctx.drop_data_file(size)
 
     for size in sizes:
-        logs_t, one_t, stream_t, base_t = rows[size]
+        logs_t, one_t, stream_t, base_t, gcm_t = rows[size]
         mib = size / MiB
         base = mib / median(base_t)
         head = size == big
@@ -1248,6 +1270,12 @@ def bench_delivery(ctx: Context):
             samples=stream_t, baseline_samples=base_t,
             notes="Chaperone.events() from offset 0 to a file, new connection each time; " + common,
         )
+        if gcm_t:
+            ctx.results.add(
+                "delivery_logs_same_cipher", "delivery %s: chaperone logs ID > file, against ssh with AES-GCM" % label,
+                mib / median(logs_t), "MiB/s", baseline=mib / median(gcm_t), samples=logs_t,
+                baseline_samples=gcm_t, notes=GCM_NOTE,
+            )
 
 
 def bench_delivery_callback(ctx: Context):
@@ -1260,6 +1288,7 @@ def bench_delivery_callback(ctx: Context):
     big = max(sizes)
     out = os.path.join(ctx.tmp, "delivered")
     ssh_client = ctx.library().transports.client_for(Target("testhost"))
+    gcm = _gcm_first()
     for size in sizes:
         data = ctx.data_file(size)
         reps = ctx.p["io_reps"] if size >= 64 * MiB else min(ctx.p["reps"], 5)
@@ -1274,7 +1303,7 @@ def bench_delivery_callback(ctx: Context):
                 await ch.clean(run.id)
                 return dt, held, st
 
-        cb_t, base_t = [], []
+        cb_t, base_t, gcm_t = [], [], []
         for _ in range(reps):
             dt, held, st = asyncio.run(once())
             if held != size or st.get("stdout_bytes") != size:
@@ -1283,6 +1312,11 @@ def bench_delivery_callback(ctx: Context):
             with open(out, "wb") as f:
                 base_t.append(Timed.once(ctx.sshd.ssh_argv("cat", data), env=ctx.env, stdout=f, timeout=900))
             os.unlink(out)
+            if size == big and gcm:
+                with open(out, "wb") as f:
+                    gcm_t.append(Timed.once(_with_gcm(ctx.sshd.ssh_argv("cat", data)), env=ctx.env, stdout=f,
+                                            timeout=900))
+                os.unlink(out)
         mib = size / MiB
         head = size == big
         ctx.results.add(
@@ -1295,6 +1329,13 @@ def bench_delivery_callback(ctx: Context):
                   "scheduler's default SSH client (%s); baseline: "
                   "ssh -F cfg testhost cat FILE > file; %d reps" % (ssh_client, len(cb_t)),
         )
+        if gcm_t:
+            ctx.results.add(
+                "delivery_callback_same_cipher",
+                "delivery %s: HTTPS callbacks, against ssh with AES-GCM" % human_size(size),
+                mib / median(cb_t), "MiB/s", baseline=mib / median(gcm_t), samples=cb_t, baseline_samples=gcm_t,
+                notes=GCM_NOTE,
+            )
         if size != ctx.p["big"]:
             ctx.drop_data_file(size)
 
@@ -1511,8 +1552,9 @@ BENCHMARKS = [
     ("launch_ansible", bench_launch_ansible, ["launch_vs_ansible"]),
     ("spool", bench_spool, ["spool_throughput", "agent_cpu_per_gib", "agent_memory"]),
     ("idle", bench_idle, ["idle_cost"]),
-    ("delivery", bench_delivery, ["delivery_logs", "delivery_logs_stdout", "delivery_stream"]),
-    ("delivery_callback", bench_delivery_callback, ["delivery_callback"]),
+    ("delivery", bench_delivery, ["delivery_logs", "delivery_logs_stdout", "delivery_stream",
+                                  "delivery_logs_same_cipher"]),
+    ("delivery_callback", bench_delivery_callback, ["delivery_callback", "delivery_callback_same_cipher"]),
     ("many_outputs", bench_many_outputs, ["many_outputs_memory"]),
     ("reconnect", bench_reconnect, ["reconnect_status"]),
     ("tty_echo", bench_tty_echo, ["tty_echo"]),
@@ -1538,6 +1580,8 @@ NAMES = {
     "delivery_logs_stdout": "delivery: chaperone logs --stdout ID > file",
     "delivery_stream": "delivery: follow stream (library)",
     "delivery_callback": "delivery: HTTPS callbacks to the scheduler",
+    "delivery_logs_same_cipher": "delivery: chaperone logs ID > file, against ssh with AES-GCM",
+    "delivery_callback_same_cipher": "delivery: HTTPS callbacks, against ssh with AES-GCM",
     "reconnect_status": "reconnect: chaperone status ID",
     "tty_echo": "run -t: a key's echo from the program's terminal",
     "many_outputs_memory": "scheduler memory: many programs at once on one host, 1 MiB each",
