@@ -113,13 +113,17 @@ def main() -> None:
             pass
         else:
             attempt(sys.argv[1:])  # `run local CMD`: runs it and exits, or returns
-    elif "logs" in sys.argv[1:4]:
+    elif "logs" in sys.argv[1:4] or "status" in sys.argv[1:4]:
         try:
             from .cli.fastlogs import attempt as deliver
+            from .cli.fastcall import status_attempt
         except Exception:
             pass
         else:
-            deliver(sys.argv[1:])  # `logs ID > file`: ssh writes the file; exits, or returns
+            # (one remote run: `logs ID > file`, ssh writes the file; `status ID`,
+            # one agent call: each exits, or returns for the normal path)
+            deliver(sys.argv[1:])
+            status_attempt(sys.argv[1:])
     _speculate(sys.argv[1:])
     from .cli import main as cli_main
 

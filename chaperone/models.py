@@ -41,7 +41,7 @@ def check_run_id(value: str) -> str:
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, defer_build=True)
 
 
 class StdinPath(_Strict):
@@ -145,7 +145,7 @@ class Program(_Strict):
 
 
 class Callback(_Strict):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, defer_build=True)
 
     #: Base URL, e.g. ``https://127.0.0.1:8443/api/v1/agent/``; the agent
     #: appends ``<id>/output/<stream>``, ``<id>/state``, ``<id>/completed``.
@@ -166,7 +166,7 @@ class Callback(_Strict):
 
 
 class Config(_Strict):
-    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False, defer_build=True)
 
     #: Seconds after which the program's group gets SIGTERM, then SIGKILL.
     timeout: Optional[float] = Field(default=None, gt=0)
@@ -310,7 +310,7 @@ class RunInfo(BaseModel):
     :meth:`chaperone.Run.info` and the local server's API.  Documented in
     docs/cli.md with its JSON Schema."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     #: The run id.
     id: str

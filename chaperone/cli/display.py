@@ -164,6 +164,13 @@ def result(info: dict) -> str:
     return "-"
 
 
+def status_table(infos: Sequence[dict]) -> str:
+    """``chaperone status ID...``'s table (each run as RunInfo, a dict)."""
+    rows = [(i["id"], i["host"], i["state"], result(i), human_duration(i.get("duration")),
+             str(i["stdout_bytes"]), str(i["stderr_bytes"])) for i in infos]
+    return table(rows, ("ID", "HOST", "STATE", "RESULT", "DURATION", "STDOUT", "STDERR"), flex=3)
+
+
 def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

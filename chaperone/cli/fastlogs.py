@@ -19,7 +19,8 @@ exact id of a run on a host reached with OpenSSH, stdout a regular file
 Anything else, or a call that fails before a byte was written (no such
 run, the agent missing on the host, no connection), returns to the normal
 path, which then does (and says) what it always did.
-``CHAPERONE_FAST_LOGS=0`` turns this off.
+``CHAPERONE_FAST_LOGS=0`` turns this off (``CHAPERONE_FAST_CALLS=0``: this and
+the other direct calls, chaperone/cli/fastcall.py).
 """
 
 import os
@@ -30,41 +31,29 @@ OFF = ("0", "off", "no", "false")
 
 def attempt(argv) -> None:
     """Deliver the output and exit, or return for the normal path."""
+    from .fastcall import finish, plan
+
     try:
-        plan = _plan(argv)
-        code = None if plan is None else _deliver(*plan)
+        planned = None if os.environ.get("CHAPERONE_FAST_LOGS", "").lower() in OFF else \
+            plan(argv, "logs", ("--stdout", "--stderr"))
+        code = None if planned is None else _deliver(*planned)
     except KeyboardInterrupt:
         code = 130
     except Exception:
         return
-    if code is None:
-        return
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    finally:
-        os._exit(code)
+    finish(code)
 
 
-def _plan(argv):
-    """(run id, streams, target) or None."""
-    if os.environ.get("CHAPERONE_FAST_LOGS", "").lower() in OFF:
-        return None
-    configs, i = [], 0
-    while argv[i:i + 1] == ["-F"] and i + 1 < len(argv):
-        configs.append(argv[i + 1])
-        i += 2
-    if argv[i:i + 1] != ["logs"]:
-        return None
-    rest = argv[i + 1:]
-    flags = [a for a in rest if a in ("--stdout", "--stderr")]
-    ids = [a for a in rest if a not in flags]
-    if len(ids) != 1 or ids[0].startswith("-"):
-        return None
-    one = set(flags)
-    streams = ["stdout"] if one == {"--stdout"} else ["stderr"] if one == {"--stderr"} else ["stdout", "stderr"]
+def _deliver(rec, target, flags):
+    """The exit status, or None (nothing written: the normal path)."""
+    import fcntl
     import stat
 
+    from .fastcall import new_marker, ssh_argv, ssh_failed
+    from ..transports.ssh.process import DEVNULL, PIPE, close_fd, watched
+
+    one = set(flags)
+    streams = ["stdout"] if one == {"--stdout"} else ["stderr"] if one == {"--stderr"} else ["stdout", "stderr"]
     out = os.fstat(1)
     if not stat.S_ISREG(out.st_mode):
         return None
@@ -72,45 +61,11 @@ def _plan(argv):
         err = os.fstat(2)
         if (err.st_dev, err.st_ino) == (out.st_dev, out.st_ino):
             return None  # (both to one file: in the order written, the normal path's timeline)
-    from ..records import Records, chaperone_home
-
-    home = chaperone_home()
-    if (home / "serve" / "server.json").exists() or not (home / "runs.db").exists():
-        return None
-    records = Records(home / "runs.db")
-    try:
-        rec = records.get(ids[0])
-    finally:
-        records.close()
-    from ..transports.target import Target, is_local
-
-    if rec is None or is_local(rec.host):
-        return None
-    target = Target.from_description(rec.transport)
-    if configs:
-        target = target.replace(config=tuple(configs))
-    if len(target.config) > 1:
-        return None
-    return rec.id, streams, target
-
-
-def _deliver(run_id, streams, target):
-    """The exit status, or None (nothing written: the normal path)."""
-    import fcntl
-
-    from ..transports.ssh import options
-    from ..transports.ssh.process import DEVNULL, PIPE, close_fd, watched
-    from ..transports.ssh.remote import agent_command
-
-    ssh = options.ssh_binary()
-    if ssh is None or options.default_client() != "openssh":
-        return None
-    marker = "CHAPERONE-" + os.urandom(8).hex()
+    marker = new_marker()
     stream = streams[0] if len(streams) == 1 else "both"
-    command = agent_command(target.python or "python3", target.spool,
-                            ["--marker", marker, "output", run_id, "--stream", stream, "--direct"])
-    argv = options.direct_argv(options.ssh_options(ssh, target), target.destination, command,
-                               not options.multiplexes_itself(target.config))
+    argv = ssh_argv(target, ["--marker", marker, "output", rec.id, "--stream", stream, "--direct"])
+    if argv is None:
+        return None
     appends = bool(fcntl.fcntl(1, fcntl.F_GETFL) & os.O_APPEND)
     sys.stdout.flush()
     start = _position(appends)
@@ -126,6 +81,10 @@ def _deliver(run_id, streams, target):
     grew = _position(appends) - start
     if counts is None or code != 0 or copied < counts[1] or grew < counts[0]:
         if grew == 0 and copied == 0:
+            failed = ssh_failed(target, code, tail) if counts is None else None
+            if failed is not None:  # (cannot connect: said once, not tried again by the normal path)
+                _say("chaperone: %s" % failed)
+                return failed.exit_code
             return None  # (nothing written: the normal path says what went wrong, or ships the agent)
         os.ftruncate(1, start)
         os.lseek(1, start, os.SEEK_SET)

@@ -12,7 +12,8 @@ import click
 
 from . import served
 from .app import cli, fail, guarded, leave_open, run_async, served_call, ssh_options
-from .display import (ago, human_duration, parse_duration, parse_time, print_json, result, short_ago, table)
+from .display import (ago, human_duration, parse_duration, parse_time, print_json, result, short_ago, status_table,
+                      table)
 
 IDS = click.argument("run_ids", nargs=-1, required=True, metavar="ID...")
 
@@ -242,9 +243,7 @@ def status(run_ids, as_json, timeout, **params):
         if as_json:
             print_json(infos[0] if len(run_ids) == 1 and len(infos) == 1 else infos)
         elif infos:
-            rows = [(i["id"], i["host"], i["state"], result(i), human_duration(i.get("duration")),
-                     str(i["stdout_bytes"]), str(i["stderr_bytes"])) for i in infos]
-            click.echo(table(rows, ("ID", "HOST", "STATE", "RESULT", "DURATION", "STDOUT", "STDERR"), flex=3))
+            click.echo(status_table(infos))
         return max(errors) if errors else 0
 
     server = served.client(params)

@@ -24,6 +24,7 @@ from ...errors import ChaperoneError, ConnectFailed
 from ..base import AgentProcess, Transport
 from ..target import Target
 
+from .failures import _host_for_ssh, connect_error  # noqa: F401 (defined there, used here and by others)
 from .remote import (  # noqa: F401 (what runs on a host: defined there, used here and by others)
     BOOTSTRAP, REMOTE_DIR, SAFE_DIR, SHIP, SHIP_AGAIN, agent_command, agent_file, command_of,
 )
@@ -61,56 +62,6 @@ def report_ship_notes(host: str, stderr: bytes) -> None:
         log = logging.getLogger("chaperone.ssh")
         for note in notes:
             log.warning("chaperone: %s: %s", host, note)
-
-
-def _host_for_ssh(target: Target) -> str:
-    """How to name the host in a command the user may type."""
-    port = " -p %d" % target.port if target.port else ""
-    return port, target.destination
-
-
-def connect_error(target: Target, kind: str, detail: str = "") -> ConnectFailed:
-    """The one error each way of failing to connect reads as, whichever
-    client failed.  ``kind``: ``host_key_unknown``, ``host_key_changed``,
-    ``host_key`` (one of the two), ``auth``, ``unknown_host``, ``refused``,
-    ``timeout``, ``dropped`` (before login: sshd's MaxStartups, a reset
-    during key exchange), ``closed``, ``unreachable``, ``other``."""
-    host = target.name
-    port, dest = _host_for_ssh(target)
-    detail = detail.strip()
-    if kind in ("host_key", "host_key_unknown"):
-        what = "is not known here" if kind == "host_key_unknown" else "is not known here or has changed"
-        return ConnectFailed(
-            "host key verification failed for %s: its host key %s; check its fingerprint, then add it "
-            "(ssh-keyscan%s %s >> ~/.ssh/known_hosts, or connect once with ssh%s %s), or pass --no-host-key-check "
-            "(unsafe)" % (host, what, port, dest, port, dest))
-    if kind == "host_key_changed":
-        return ConnectFailed(
-            "host key verification failed for %s: its host key has CHANGED (a reinstalled host, or someone in "
-            "the middle); if that is expected, remove the old key (ssh-keygen -R %s) and add the new one"
-            % (host, dest))
-    if kind == "auth":
-        who = detail or ("%s@%s" % (target.user, dest) if target.user else "")
-        return ConnectFailed(
-            "authentication failed for %s%s: permission denied (check the user name, -l USER or USER@HOST, "
-            "and your keys: -i KEY, ssh-add -l)" % (host, " (as %s)" % who if who and who != host else ""))
-    if kind == "unknown_host":
-        return ConnectFailed("unknown host %s: %s (is it in ~/.ssh/config? check the spelling)"
-                             % (host, detail or "cannot resolve its name"))
-    if kind == "refused":
-        return ConnectFailed("connection to %s refused (is sshd running there, on that port?)" % host,
-                             transient=True)
-    if kind == "timeout":
-        return ConnectFailed("connection to %s timed out" % host, transient=True)
-    if kind == "dropped":
-        return ConnectFailed("%s dropped the connection before login%s (too many connections at once? "
-                             "sshd's MaxStartups)" % (host, ": " + detail if detail else ""), retry_safe=True)
-    if kind == "closed":
-        return ConnectFailed("%s closed the connection%s" % (host, ": " + detail if detail else ""),
-                             transient=True)
-    if kind == "unreachable":
-        return ConnectFailed("cannot connect to %s: %s" % (host, detail), transient=True)
-    return ConnectFailed("cannot connect to %s: %s" % (host, detail or "unknown error"))
 
 
 def no_python(python: str, host: str) -> ChaperoneError:

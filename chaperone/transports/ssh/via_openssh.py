@@ -30,49 +30,11 @@ from ...errors import ChaperoneError, ConnectFailed, ConnectionLost
 from . import master as masters
 from . import options as ssh_opts
 from .common import Launch, SSHTransportBase, Tunnel, connect_error, ship_command, ship_failure
+from .failures import SSH_FAILED, ssh_error
 from ..target import Target
 from ..base import AgentProcess, AttachedProcess, PipeStdin, copy_pipe, feed_stdin, spawn, write_all
 
 __all__ = ["OpenSSHTransport"]
-
-#: ``ssh`` exits with this when it (not the remote command) failed.
-SSH_FAILED = 255
-
-
-def ssh_error(target: Target, stderr: bytes, got_output: bool) -> ChaperoneError:
-    """The error for ``ssh`` exiting 255, from what it wrote on stderr:
-    :class:`ConnectFailed` (``transient`` when worth retrying, ``retry_safe``
-    when dropped before login) before the agent said anything,
-    :class:`ConnectionLost` after."""
-    host = target.name
-    lines = [l.strip() for l in stderr.decode("utf-8", "replace").splitlines() if l.strip()]
-    text = "\n".join(lines)
-    if not lines:  # ssh says why it failed to connect; a silent 255 is a dropped connection
-        return ConnectionLost("connection to %s lost" % host)
-    last = lines[-1]
-    if "IDENTIFICATION HAS CHANGED" in text:
-        return connect_error(target, "host_key_changed")
-    if re.search(r"host key is known for|Host key verification failed", text):
-        return connect_error(target, "host_key_unknown" if "is known for" in text else "host_key")
-    if "Permission denied" in text and not got_output:
-        m = re.search(r"^(\S+@\S+): Permission denied", text, re.M)
-        return connect_error(target, "auth", m.group(1) if m else "")
-    if "Could not resolve hostname" in text:
-        return connect_error(target, "unknown_host", last.rsplit(": ", 1)[-1])
-    if not got_output and re.search(r"kex_exchange_identification|^Connection (closed|reset) by \S+ port \d+",
-                                    text, re.M):
-        return connect_error(target, "dropped", last)
-    if got_output or re.search(r"Timeout, server .* not responding|Broken pipe|Connection reset|"
-                               r"closed by remote host|Connection closed by|client_loop|mux_client", text):
-        return ConnectionLost("connection to %s lost: %s" % (host, last))
-    if "Connection refused" in text:
-        return connect_error(target, "refused")
-    if "timed out" in text:
-        return connect_error(target, "timeout")
-    if re.search(r"No route to host|Network is unreachable", text):
-        return connect_error(target, "unreachable", last)
-    return connect_error(target, "other", last)
-
 
 class _Process(AgentProcess):
     def __init__(self, transport: "OpenSSHTransport", proc: asyncio.subprocess.Process, first: bytes,

@@ -1,0 +1,103 @@
+"""How a failed SSH connection reads: one text for each way of failing,
+whichever client failed (:func:`connect_error`), and what ``ssh``'s stderr
+means when it exits 255 (:func:`ssh_error`).  Stdlib only, no asyncio: the
+head start's direct calls report these too (chaperone/cli/fastcall.py)."""
+
+from __future__ import annotations
+
+import re
+
+from ...errors import ChaperoneError, ConnectFailed, ConnectionLost
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from ..target import Target
+
+
+def _host_for_ssh(target: Target) -> str:
+    """How to name the host in a command the user may type."""
+    port = " -p %d" % target.port if target.port else ""
+    return port, target.destination
+
+
+def connect_error(target: Target, kind: str, detail: str = "") -> ConnectFailed:
+    """The one error each way of failing to connect reads as, whichever
+    client failed.  ``kind``: ``host_key_unknown``, ``host_key_changed``,
+    ``host_key`` (one of the two), ``auth``, ``unknown_host``, ``refused``,
+    ``timeout``, ``dropped`` (before login: sshd's MaxStartups, a reset
+    during key exchange), ``closed``, ``unreachable``, ``other``."""
+    host = target.name
+    port, dest = _host_for_ssh(target)
+    detail = detail.strip()
+    if kind in ("host_key", "host_key_unknown"):
+        what = "is not known here" if kind == "host_key_unknown" else "is not known here or has changed"
+        return ConnectFailed(
+            "host key verification failed for %s: its host key %s; check its fingerprint, then add it "
+            "(ssh-keyscan%s %s >> ~/.ssh/known_hosts, or connect once with ssh%s %s), or pass --no-host-key-check "
+            "(unsafe)" % (host, what, port, dest, port, dest))
+    if kind == "host_key_changed":
+        return ConnectFailed(
+            "host key verification failed for %s: its host key has CHANGED (a reinstalled host, or someone in "
+            "the middle); if that is expected, remove the old key (ssh-keygen -R %s) and add the new one"
+            % (host, dest))
+    if kind == "auth":
+        who = detail or ("%s@%s" % (target.user, dest) if target.user else "")
+        return ConnectFailed(
+            "authentication failed for %s%s: permission denied (check the user name, -l USER or USER@HOST, "
+            "and your keys: -i KEY, ssh-add -l)" % (host, " (as %s)" % who if who and who != host else ""))
+    if kind == "unknown_host":
+        return ConnectFailed("unknown host %s: %s (is it in ~/.ssh/config? check the spelling)"
+                             % (host, detail or "cannot resolve its name"))
+    if kind == "refused":
+        return ConnectFailed("connection to %s refused (is sshd running there, on that port?)" % host,
+                             transient=True)
+    if kind == "timeout":
+        return ConnectFailed("connection to %s timed out" % host, transient=True)
+    if kind == "dropped":
+        return ConnectFailed("%s dropped the connection before login%s (too many connections at once? "
+                             "sshd's MaxStartups)" % (host, ": " + detail if detail else ""), retry_safe=True)
+    if kind == "closed":
+        return ConnectFailed("%s closed the connection%s" % (host, ": " + detail if detail else ""),
+                             transient=True)
+    if kind == "unreachable":
+        return ConnectFailed("cannot connect to %s: %s" % (host, detail), transient=True)
+    return ConnectFailed("cannot connect to %s: %s" % (host, detail or "unknown error"))
+
+
+#: ``ssh`` exits with this when it (not the remote command) failed.
+SSH_FAILED = 255
+
+
+def ssh_error(target: Target, stderr: bytes, got_output: bool) -> ChaperoneError:
+    """The error for ``ssh`` exiting 255, from what it wrote on stderr:
+    :class:`ConnectFailed` (``transient`` when worth retrying, ``retry_safe``
+    when dropped before login) before the agent said anything,
+    :class:`ConnectionLost` after."""
+    host = target.name
+    lines = [l.strip() for l in stderr.decode("utf-8", "replace").splitlines() if l.strip()]
+    text = "\n".join(lines)
+    if not lines:  # ssh says why it failed to connect; a silent 255 is a dropped connection
+        return ConnectionLost("connection to %s lost" % host)
+    last = lines[-1]
+    if "IDENTIFICATION HAS CHANGED" in text:
+        return connect_error(target, "host_key_changed")
+    if re.search(r"host key is known for|Host key verification failed", text):
+        return connect_error(target, "host_key_unknown" if "is known for" in text else "host_key")
+    if "Permission denied" in text and not got_output:
+        m = re.search(r"^(\S+@\S+): Permission denied", text, re.M)
+        return connect_error(target, "auth", m.group(1) if m else "")
+    if "Could not resolve hostname" in text:
+        return connect_error(target, "unknown_host", last.rsplit(": ", 1)[-1])
+    if not got_output and re.search(r"kex_exchange_identification|^Connection (closed|reset) by \S+ port \d+",
+                                    text, re.M):
+        return connect_error(target, "dropped", last)
+    if got_output or re.search(r"Timeout, server .* not responding|Broken pipe|Connection reset|"
+                               r"closed by remote host|Connection closed by|client_loop|mux_client", text):
+        return ConnectionLost("connection to %s lost: %s" % (host, last))
+    if "Connection refused" in text:
+        return connect_error(target, "refused")
+    if "timed out" in text:
+        return connect_error(target, "timeout")
+    if re.search(r"No route to host|Network is unreachable", text):
+        return connect_error(target, "unreachable", last)
+    return connect_error(target, "other", last)
