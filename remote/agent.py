@@ -2186,7 +2186,7 @@ TRANSITIONS = {
     ("done", "signal_request"): (None, (), ("forward",)),
     ("lost", "signal_request"): (None, (), ("forward",)),
     ("exited", "over"): ("ending", (), ("drain", "record_end")),
-    ("ending", "recorded"): (None, (), ("close_spool", "restore_signals")),
+    ("ending", "recorded"): (None, (), ("restore_signals", "close_spool")),
 }
 HOUSEKEEPING = ("check_dir", "retry_state", "check_sizes", "flush_timeline", "read_watch")
 
@@ -2614,16 +2614,20 @@ class Supervisor(object):
             os.close(self.tty_done)  # (the program was reaped: what it left gets its SIGHUP now, as after ssh -t)
             self.tty_done = None
 
-    @staticmethod
-    def restore_signals():
+    def restore_signals(self):
         """The program is gone and its final state is on disk: from here a
         SIGTERM/SIGINT/SIGHUP ends the supervisor (and any callbacks it
-        still owes) instead of being forwarded to nobody.  (Requests on
-        the control FIFO are still read while the final state waits for
-        its callback: a new callback address must get in.)"""
+        still owes) instead of being forwarded to nobody; one that came
+        since the loop's last turn (say as soon as the state was read)
+        does so now.  (Requests on the control FIFO are still read while
+        the final state waits for its callback: a new callback address
+        must get in.)"""
         _signal.set_wakeup_fd(-1)
-        for sig in (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
+        ending = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP)
+        for sig in ending:
             _signal.signal(sig, _signal.SIG_DFL)
+        for sig in [s for s in self.pending if s in ending][:1]:
+            os.kill(os.getpid(), sig)
 
     def handle(self, event, arg=None):
         """An event of the run's life: step() says what the supervisor

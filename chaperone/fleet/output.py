@@ -188,13 +188,16 @@ class LiveOutput:
         start = 0
         nl = buf.find(b"\n")
         if nl >= 0 and self._continued.get(key):  # the end of a line cut before: '+'
-            self._line(f, key, bytes(buf[:nl + 1]))
+            self._whole(f, key, bytes(buf[:nl + 1]))
             start = nl + 1
             nl = buf.find(b"\n", start)
         if nl >= 0:  # whole lines: one write each (the loop kept tight: 1 MiB of short lines is 16k of them)
-            write, p = f.write, self.prefix(name)
+            write, p, most = f.write, self.prefix(name), self.max_line + 1
             while nl >= 0:
-                write(p + buf[start:nl + 1])
+                if nl + 1 - start > most:  # (a line that came in pieces, longer than max_line)
+                    self._whole(f, key, bytes(buf[start:nl + 1]))
+                else:
+                    write(p + buf[start:nl + 1])
                 start = nl + 1
                 nl = buf.find(b"\n", start)
             self._continued[key] = False
@@ -203,6 +206,14 @@ class LiveOutput:
             piece = bytes(buf[:self.max_line])
             del buf[:self.max_line]
             self._line(f, key, piece + b"\n", cut=True)
+
+    def _whole(self, f: IO[bytes], key: Tuple[str, str], line: bytes) -> None:
+        """A line with its newline, cut into pieces of max_line ('+' marks
+        the pieces after the first)."""
+        while len(line) > self.max_line + 1:
+            self._line(f, key, line[:self.max_line] + b"\n", cut=True)
+            line = line[self.max_line:]
+        self._line(f, key, line)
 
     def _line(self, f: IO[bytes], key: Tuple[str, str], line: bytes, cut: bool = False) -> None:
         mark = b"+" if self._continued.get(key) else b":"

@@ -554,3 +554,23 @@ def test_a_follow_whose_reader_is_gone_ends_at_once(root, how):
         proc.stderr.close()
         agent(root, "signal", "quiet", "SIGKILL")
         wait_state(root, "quiet")
+
+
+def test_a_signal_that_came_after_the_loop_ends_the_supervisor_once_restored():
+    """A SIGTERM that reached the supervisor after its loop's last turn
+    (its handler only queues signals for the loop) ends it as soon as the
+    final state is on disk (restore_signals), instead of being lost while
+    the supervisor goes on owing callbacks for a day."""
+    import types
+
+    ag = _load_agent()
+    for pending, expect in (([signal.SIGCHLD, signal.SIGTERM], -signal.SIGTERM), ([signal.SIGCHLD], 0)):
+        pid = os.fork()
+        if pid == 0:  # (the child: exits 0 unless a signal ends it)
+            try:
+                ag.Supervisor.restore_signals(types.SimpleNamespace(pending=pending))
+                time.sleep(0.2)
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == expect

@@ -24,8 +24,8 @@ def run(events, life=None):
 def test_a_program_that_runs_and_exits():
     life, phases, actions = run(["started", "exited", "over", ("recorded", "done")])
     assert phases == ["starting", "running", "exited", "ending", "done"]
-    assert actions == ["record_start", "ready", "start_sender", "linger", "drain", "record_end", "close_spool",
-                       "restore_signals"]
+    assert actions == ["record_start", "ready", "start_sender", "linger", "drain", "record_end", "restore_signals",
+                       "close_spool"]
     assert not life.timed_out and not life.spool_removed
 
 

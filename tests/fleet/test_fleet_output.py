@@ -47,6 +47,7 @@ class Writes(io.BytesIO):
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.binary(max_size=40), min_size=3, max_size=3), st.randoms(use_true_random=False))
 @example([b"x" * 16, b"y" * 17, b"z" * 32], random.Random(0))   # pieces of exactly max_line, no newline
+@example([b"", b"", b"\0" * 17 + b"\n"], random.Random(0))      # a line longer than max_line, come in pieces
 def test_live_lines_never_mix_hosts_and_keep_every_byte(datas, rnd):
     names = ["a", "bb", "ccc"]
     out = Writes()
