@@ -123,25 +123,40 @@ class AgentClient:
             proc.close()
 
     async def output_to(self, run_id: str, stream: str, fd: int, offset: int = 0) -> int:
-        """:meth:`output_stream` written to ``fd`` (blocking writes): once
-        past the marker, the rest goes from the transport's pipe straight
-        to ``fd`` where it can (:meth:`AgentProcess.copy_to`).  The number
-        of bytes written."""
+        """:meth:`output_stream` written to ``fd`` (blocking writes): past
+        the marker, a line with the count, then that many bytes, from the
+        transport's pipe straight to ``fd`` where it can
+        (:meth:`AgentProcess.copy_to`); whatever follows them (a job a
+        login script left behind, printing late) is not written.  The
+        number of bytes written."""
         marker = _marker()
         after = AfterMarker(marker)
         proc = await self.transport.open(
-            ["--marker", marker, "output", run_id, "--stream", stream, "--offset", str(offset)])
+            ["--marker", marker, "output", run_id, "--stream", stream, "--offset", str(offset), "--counted"])
         try:
-            n = 0
-            while not after.found:
-                chunk = await proc.read()
+            head, size, n = b"", None, 0
+            while size is None:
+                chunk = await proc.read(1 << 16)
                 if not chunk:
                     break
-                rest = after.feed(chunk)
-                if after.found:
-                    write_all(fd, rest)
-                    n = len(rest) + await proc.copy_to(fd)
+                head += after.feed(chunk)
+                line, nl, rest = head.partition(b"\n")
+                if nl:
+                    if not line.isdigit():
+                        raise ChaperoneError("the agent's reply to output --counted has no count")
+                    size = int(line)
+                    first = rest[:size]
+                    write_all(fd, first)
+                    n = len(first)
+                    if n < size:
+                        n += await proc.copy_to(fd, size - n)
+            while await proc.read(1 << 16):  # (what follows the reply: not the run's)
+                pass
             await self._ended(proc, after)
+            if size is None:
+                raise ChaperoneError("the agent's reply to output --counted has no count")
+            if n != size:
+                raise ConnectionLost("connection to %s lost: %d of %d bytes came" % (self.transport.host, n, size))
             return n
         finally:
             proc.close()
@@ -176,6 +191,8 @@ class AgentClient:
                     got[name] = len(first)
                     if got[name] < sizes[name]:
                         got[name] += await proc.copy_to(fds[name], sizes[name] - got[name])
+            while await proc.read(1 << 16):  # (what follows the reply: not the run's)
+                pass
             await self._ended(proc, after)
             if sizes is None:
                 raise ChaperoneError("the agent's reply to output --stream both has no counts")

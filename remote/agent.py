@@ -4460,6 +4460,11 @@ def cmd_output(args, marker):
             left = max(0, min(left, os.fstat(fd).st_size - pos))
             direct_head(marker, left, 0)
             send_all(1, fd, pos, left, run.what(args.stream))
+        elif args.counted:  # (a line with the count first: bytes after them are not the reply's)
+            left = max(0, min(left, os.fstat(fd).st_size - pos))
+            out = Output(marker)
+            write_all(out.fd, b"%d\n" % left)
+            send_all(out.fd, fd, pos, left, run.what(args.stream))
         else:
             send_range(Output(marker).fd, fd, pos, left)
     finally:
@@ -4838,7 +4843,7 @@ commands:
   start [--follow]                       < program.json (or a JSON array of them)
   status ID
   follow ID [--stdout-offset N] [--stderr-offset N]
-  output ID --stream {stdout,stderr,both} [--offset N] [--length L] [--direct]
+  output ID --stream {stdout,stderr,both} [--offset N] [--length L] [--counted|--direct]
   signal ID SIGNAL [--grace SECONDS]
   list
   clean ID [--force]
@@ -4858,7 +4863,8 @@ COMMAND_ARGS = {
     "follow": (("id",), {"--stdout-offset": ("stdout_offset", int, 0),
                          "--stderr-offset": ("stderr_offset", int, 0)}),
     "output": (("id",), {"--stream": ("stream", STREAMS + ("both",), None), "--offset": ("offset", int, 0),
-                         "--length": ("length", int, None), "--direct": ("direct", None, False)}),
+                         "--length": ("length", int, None), "--direct": ("direct", None, False),
+                         "--counted": ("counted", None, False)}),
     "signal": (("id", "signal"), {"--grace": ("grace", float, None)}),
     "list": ((), {}),
     "clean": (("id",), {"--force": ("force", None, False)}),

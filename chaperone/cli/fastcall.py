@@ -112,24 +112,14 @@ def finish(code):
         os._exit(code)
 
 
-#: ``status``'s default --timeout (chaperone/cli/manage.py), in seconds.
-STATUS_TIMEOUT = 20.0
-
-
-def _read_all(pipes, seconds):
-    """Everything the pipes hold until each is closed, or None once
-    ``seconds`` have passed."""
+def _read_all(pipes):
+    """Everything the pipes hold until each is closed."""
     import select
-    import time
 
-    deadline = time.monotonic() + seconds
     data = {p: [] for p in pipes}
     open_ = list(pipes)
     while open_:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        ready, _, _ = select.select(open_, [], [], left)
+        ready, _, _ = select.select(open_, [], [])
         for p in ready:
             chunk = os.read(p.fileno(), 65536)
             if chunk:
@@ -162,10 +152,9 @@ def _status(rec, target, flags):
         return None
     proc, lifeline = watched(argv, stdin=DEVNULL, stdout=PIPE, stderr=PIPE)
     try:
-        got = _read_all((proc.stdout, proc.stderr), STATUS_TIMEOUT)  # (a few hundred bytes)
-        if got is None:
-            return None  # (no answer in time: the normal path, with its --timeout)
-        out, err = got
+        # (a few hundred bytes; no deadline, as the normal path's `status
+        # ID` has none: ssh's ConnectTimeout and keepalives bound a dead host)
+        out, err = _read_all((proc.stdout, proc.stderr))
         code = proc.wait()
     finally:
         close_fd(lifeline)  # (the watchdog ends ssh if it still runs)

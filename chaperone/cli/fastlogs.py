@@ -7,18 +7,17 @@ what login scripts printed before the agent's marker, and copies the rest
 to the file: one more copy of every byte.  Here ssh is given this process's
 stdout, the file itself, and the agent is asked for ``output --direct``:
 its marker and the counts (``N M``) go to stderr, then (both streams) the
-M bytes of the run's stderr, which are copied to this process's stderr;
-stdout gets the N bytes of data and nothing else.  Once ssh has exited,
-the file must have grown by exactly N bytes.  More means a login script
-wrote to stdout before the agent ran: those bytes are at the start of what
-was written, and the data is moved back over them.
+M bytes of the run's stderr, which are held here; stdout gets the N bytes
+of data and nothing else.  Once ssh has exited, the file must have grown by
+exactly N bytes: then the held stderr is written, and that is all.  Else
+(a login script that printed to stdout, a connection lost midway, the
+agent not on the host yet, no such run) the file is cut back to where it
+was and the normal path does it all, as always; a connection that could
+not be made is said at once, as the normal path would say it.
 
 Only the plain case: ``[-F CFG]... logs [--stdout|--stderr] ID`` with the
 exact id of a run on a host reached with OpenSSH, stdout a regular file
 (and, for both streams, stderr another file), no server running.
-Anything else, or a call that fails before a byte was written (no such
-run, the agent missing on the host, no connection), returns to the normal
-path, which then does (and says) what it always did.
 ``CHAPERONE_FAST_LOGS=0`` turns this off (``CHAPERONE_FAST_CALLS=0``: this and
 the other direct calls, chaperone/cli/fastcall.py).
 """
@@ -71,65 +70,80 @@ def _deliver(rec, target, flags):
     start = _position(appends)
     proc, lifeline = watched(argv, stdin=DEVNULL, stdout=None, stderr=PIPE)
     try:
-        err = _Stderr(proc.stderr, marker)
-        counts = err.counts()
-        copied = err.copy_to(2, counts[1]) if counts is not None else 0
-        tail = err.rest()
-        code = proc.wait()
-    finally:
-        close_fd(lifeline)
-    grew = _position(appends) - start
-    if counts is None or code != 0 or copied < counts[1] or grew < counts[0]:
-        if grew == 0 and copied == 0:
-            failed = ssh_failed(target, code, tail) if counts is None else None
-            if failed is not None:  # (cannot connect: said once, not tried again by the normal path)
-                _say("chaperone: %s" % failed)
-                return failed.exit_code
-            return None  # (nothing written: the normal path says what went wrong, or ships the agent)
-        os.ftruncate(1, start)
-        os.lseek(1, start, os.SEEK_SET)
-        _say("chaperone: connection to %s lost: %d of %d bytes came%s" % (
-            target.name, grew + copied, sum(counts or (0, 0)), _last_line(tail)))
-        return 255
-    if grew > counts[0] and not _shift(start, grew - counts[0], counts[0]):
-        os.ftruncate(1, start)  # (a file it cannot read back: the normal path writes it again)
-        os.lseek(1, start, os.SEEK_SET)
+        try:
+            err = _Stderr(proc.stderr, marker)
+            counts = err.counts()
+            # (the run's stderr is held until stdout is known to be right:
+            # a call handed to the normal path must not have written it)
+            held = err.take(counts[1]) if counts is not None else None
+            tail = err.rest()
+            code = proc.wait()
+        finally:
+            close_fd(lifeline)
+        grew = _position(appends) - start
+        if counts is not None and code == 0 and held.size == counts[1] and grew == counts[0]:
+            held.write_to(2)
+            return 0
+    except Exception:
+        _undo(start)  # (else raises: the normal path must not write it all again)
         return None
-    return 0
+    # Not as it should be: what ssh wrote goes, and nothing else was written.
+    # No head from the agent: a connection that failed is said once (the
+    # normal path would only try it again); anything else (the agent to be
+    # shipped, no such run) and a head with something wrong after it (a
+    # login script's output in the file, a connection lost midway) go to
+    # the normal path, which skips the noise and says what went wrong.
+    _undo(start)
+    failed = ssh_failed(target, code, tail) if counts is None else None
+    if failed is not None:
+        _say("chaperone: %s" % failed)
+        return failed.exit_code
+    return None
 
 
 def _position(appends):
     return os.fstat(1).st_size if appends else os.lseek(1, 0, os.SEEK_CUR)
 
 
-def _shift(start, noise, size):
-    """Move ``size`` bytes at ``start + noise`` of stdout back to ``start``
-    (what a login script printed first goes), and cut the file there.
-    False if the file cannot be read back (opened again, read-write)."""
-    try:
-        fd = os.open("/proc/self/fd/1", os.O_RDWR)
-    except OSError:
-        return False
-    try:
-        done = 0
-        while done < size:
-            data = os.pread(fd, min(1 << 20, size - done), start + noise + done)
+def _undo(start):
+    """Cut stdout back to ``start``: what ssh wrote there goes."""
+    os.ftruncate(1, start)
+    os.lseek(1, start, os.SEEK_SET)
+
+
+class _Held:
+    """Bytes kept until they may be written: in memory, past 8 MiB in an
+    unlinked temporary file."""
+
+    LIMIT = 8 << 20
+
+    def __init__(self):
+        self.parts, self.file, self.size = [], None, 0
+
+    def add(self, data):
+        self.size += len(data)
+        if self.file is None and self.size > self.LIMIT:
+            import tempfile
+
+            self.file = tempfile.TemporaryFile()
+            for part in self.parts:
+                self.file.write(part)
+            self.parts = []
+        if self.file is not None:
+            self.file.write(data)
+        else:
+            self.parts.append(data)
+
+    def write_to(self, fd):
+        if self.file is None:
+            _write_all(fd, b"".join(self.parts))
+            return
+        self.file.seek(0)
+        while True:
+            data = self.file.read(1 << 20)
             if not data:
                 break
-            _pwrite_all(fd, data, start + done)
-            done += len(data)
-        os.ftruncate(fd, start + size)
-    finally:
-        os.close(fd)
-    os.lseek(1, start + size, os.SEEK_SET)
-    return True
-
-
-def _pwrite_all(fd, data, at):
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, at)
-        view, at = view[n:], at + n
+            _write_all(fd, data)
 
 
 class _Stderr:
@@ -161,15 +175,15 @@ class _Stderr:
             if not self._more():
                 return None
 
-    def copy_to(self, fd, size):
-        done = 0
-        while done < size:
+    def take(self, size):
+        """The next ``size`` bytes (fewer at the end), held (:class:`_Held`)."""
+        held = _Held()
+        while held.size < size:
             if not self.buf and not self._more():
                 break
-            take, self.buf = self.buf[:size - done], self.buf[size - done:]
-            _write_all(fd, take)
-            done += len(take)
-        return done
+            piece, self.buf = self.buf[:size - held.size], self.buf[size - held.size:]
+            held.add(piece)
+        return held
 
     def rest(self):
         while self._more():
@@ -181,11 +195,6 @@ def _write_all(fd, data):
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view):]
-
-
-def _last_line(data):
-    lines = [l for l in data.decode("utf-8", "replace").splitlines() if l.strip()]
-    return (": " + lines[-1].replace("chaperone-agent: ", "", 1)) if lines else ""
 
 
 def _say(text):

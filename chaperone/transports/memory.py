@@ -841,7 +841,8 @@ class MemoryHost:
         proc.marker(args.marker)
         upto = run._status()[args.stream + "_bytes"]
         end = upto if args.length is None else min(upto, args.offset + args.length)
-        proc.emit(bytes(run._data[args.stream][args.offset:max(args.offset, end)]))
+        data = bytes(run._data[args.stream][args.offset:max(args.offset, end)])
+        proc.emit((b"%d\n" % len(data) if getattr(args, "counted", False) else b"") + data)
 
     def _cmd_signal(self, args, proc: _Process, stdin: bytes) -> None:
         agent = _agent()

@@ -451,6 +451,7 @@ def _argparse_reference(ag):
             s.add_argument("--offset", type=int, default=0)
             s.add_argument("--length", type=int, default=None)
             s.add_argument("--direct", action="store_true")
+            s.add_argument("--counted", action="store_true")
         elif name == "signal":
             s.add_argument("signal")
             s.add_argument("--grace", type=float, default=None)
@@ -485,7 +486,7 @@ def test_command_line_parses_as_argparse_did():
               "TERM", "-1", "-2.5", "--follow", "--force", "--root", "--root=/tmp/r", "/tmp/r", "--marker",
               "M", "--expect-hash", "abc", "--stdout-offset", "--stderr-offset", "5", "z", "--stream",
               "stdout", "stderr", "stdin", "--offset", "--length", "--grace", "1e308", "nan", "--", "-x",
-              "--bogus", "--direct", "--grace=3", "--stream=stderr", "--force=1", "a b", "-", "../x", "--login-env", "12"]
+              "--bogus", "--direct", "--counted", "--grace=3", "--stream=stderr", "--force=1", "a b", "-", "../x", "--login-env", "12"]
     cases = [["status", "x"], ["signal", "x", "TERM", "--grace", "-1"], ["list"], ["start", "--follow"],
              ["output", "x", "--stream", "stdout", "--offset", "3", "--length", "4"], ["clean", "x", "--force"],
              ["--root", "/tmp/q", "--marker", "MM", "follow", "r", "--stdout-offset", "7", "--stderr-offset", "-2"],

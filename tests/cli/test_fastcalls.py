@@ -62,16 +62,37 @@ def test_fast_logs_to_files_are_the_exact_bytes(sshd, tmp_path):
                              prefix=b"before\n") == (0, b"before\n" + OUT, b"")
 
 
+@pytest.fixture
+def late_noisy_host(tmp_path):
+    """A host whose login script leaves a job behind that prints after the
+    command's own output (sshd waits for it: it holds the session's stdout)."""
+    remote_home = tmp_path / "late-home"
+    remote_home.mkdir()
+    (remote_home / ".bashrc").write_text("(sleep 0.5; echo 'late noise') &\n")
+    server = SSHD(extra_config="SetEnv HOME=%s\n" % remote_home)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.mark.timeout(120)
-def test_fast_logs_skip_what_login_scripts_print(noisy_host, tmp_path):
-    """The login noise on stdout lands in the file before the data: it is
-    taken out again; the noise on stderr comes before the agent's marker
-    there and is skipped."""
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_fast_logs_never_keep_what_login_scripts_print(noisy_host, late_noisy_host, tmp_path, where):
+    """Login noise lands in the file with the data (before it, or after it
+    from a job the login script left behind): the file is not what the
+    agent counted, so it is cut back to where it was, the run's stderr was
+    not written yet, and the normal path (which reads the data after the
+    agent's marker) delivers the exact bytes."""
+    host = noisy_host if where == "before" else late_noisy_host
     home = tmp_path / "home"
     home.mkdir()
-    run_id = finished_run(home, noisy_host.config_file)
-    assert logs_to_files(FAST, home, noisy_host.config_file, run_id) == (0, OUT, ERR)
-    assert logs_to_files(FAST, home, noisy_host.config_file, "--stdout", run_id, prefix=b"x") == (0, b"x" + OUT, b"")
+    run_id = finished_run(home, host.config_file)
+    assert logs_to_files(NORMAL, home, host.config_file, run_id) == (0, OUT, ERR)
+    assert logs_to_files(NORMAL, home, host.config_file, "--stderr", run_id, prefix=b"x") == (0, b"x" + ERR, b"")
+    code, out, err = logs_to_files(FAST, home, host.config_file, run_id, prefix=b"kept")
+    assert code != 0 and out == b"kept" and ERR not in err  # (the fast path alone gave it back untouched)
 
 
 @pytest.mark.timeout(120)

@@ -46,6 +46,12 @@ def test_a_ciphers_setting_of_the_user_stands(tmp_path):
     assert ssh_opts.prefer_fast_ciphers([str(own)]) is False
     assert ssh_opts.prefer_fast_ciphers([str(empty)], ["Ciphers=aes256-ctr"]) is False
     assert ssh_opts.prefer_fast_ciphers([str(empty)]) is ssh_opts.cpu_has_aes()
+    # a Ciphers in a file the config includes (as a system crypto policy does) stands too
+    (tmp_path / "policy.d").mkdir()
+    (tmp_path / "policy.d" / "50-crypto.conf").write_text("Ciphers aes256-gcm@openssh.com\n")
+    including = tmp_path / "including"
+    including.write_text("Host *\n    Include %s/policy.d/*.conf\n" % tmp_path)
+    assert ssh_opts.prefer_fast_ciphers([str(including)]) is False
 
 
 @pytest.mark.timeout(120)

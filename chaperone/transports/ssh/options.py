@@ -81,8 +81,9 @@ def prefer_fast_ciphers(config: Sequence[str], options: Sequence[str] = ()) -> b
 
 
 def _ssh_has_gcm(ssh: str) -> bool:
-    """Whether this ``ssh`` has AES-GCM (not so when built without
-    OpenSSL): ``ssh -Q cipher``, run once per binary (its path, size and
+    """Whether this ``ssh`` has every cipher of FAST_CIPHERS (no AES-GCM
+    when built without OpenSSL; a FIPS build may lack chacha20):
+    ``ssh -Q cipher``, run once per binary (its path, size and
     mtime) and remembered in ``$XDG_CACHE_HOME/chaperone`` (each command is
     a new process: the answer costs a few ms to get)."""
     try:
@@ -97,7 +98,7 @@ def _ssh_has_gcm(ssh: str) -> bool:
             for line in f:
                 name, sep, answer = line.rstrip("\n").rpartition(" ")
                 if sep and name == key:
-                    return answer == "gcm"
+                    return answer == "all"
     except OSError:
         pass
     import subprocess
@@ -107,11 +108,11 @@ def _ssh_has_gcm(ssh: str) -> bool:
                              stderr=subprocess.DEVNULL, timeout=10).stdout.decode(errors="replace")
     except (OSError, subprocess.SubprocessError):
         return False
-    has = all(c in out.split() for c in FAST_CIPHERS[:2])
+    has = all(c in out.split() for c in FAST_CIPHERS)  # (one it lacks: the whole option is refused)
     try:
         os.makedirs(os.path.dirname(cache), mode=0o700, exist_ok=True)
         with open(cache, "a") as f:
-            f.write("%s %s\n" % (key, "gcm" if has else "no"))
+            f.write("%s %s\n" % (key, "all" if has else "no"))
     except OSError:
         pass
     return has
@@ -120,17 +121,31 @@ def _ssh_has_gcm(ssh: str) -> bool:
 def config_mentions(paths: Sequence[str], keyword: str) -> bool:
     """Whether any of these ssh config files sets ``keyword`` (a regular
     expression; a textual check: enough to decide whether to supply a
-    default)."""
+    default), the files they ``Include`` too (as ssh: globs, relative to
+    ~/.ssh for the user's files and /etc/ssh for the system's; a system
+    crypto policy lives in such a file)."""
+    import glob
     import re
 
     pattern = re.compile(r"\s*(%s)\b" % keyword, re.IGNORECASE)
-    for path in paths:
+    include = re.compile(r"\s*include\s+(.+)", re.IGNORECASE)
+    todo = [(os.path.expanduser(p), 0) for p in paths]
+    while todo:
+        path, depth = todo.pop(0)
         try:
-            with open(os.path.expanduser(path), errors="replace") as f:
-                if any(pattern.match(line) for line in f):
-                    return True
+            with open(path, errors="replace") as f:
+                lines = f.readlines()
         except OSError:
             continue
+        for line in lines:
+            if pattern.match(line):
+                return True
+            m = include.match(line)
+            if m and depth < 8:
+                base = "/etc/ssh" if path.startswith("/etc/") else os.path.expanduser("~/.ssh")
+                for word in m.group(1).split():
+                    word = os.path.expanduser(word.strip('"'))
+                    todo += [(f, depth + 1) for f in sorted(glob.glob(os.path.join(base, word)))]
     return False
 
 
