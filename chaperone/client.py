@@ -129,76 +129,53 @@ class AgentClient:
         (:meth:`AgentProcess.copy_to`); whatever follows them (a job a
         login script left behind, printing late) is not written.  The
         number of bytes written."""
+        args = ["output", run_id, "--stream", stream, "--offset", str(offset), "--counted"]
+        return (await self._counted_to(args, [fd]))[0]
+
+    async def output_both_to(self, run_id: str, fds: Dict[str, int]) -> Dict[str, int]:
+        """Both streams in one call (``output --stream both``), each to its
+        file descriptor in ``fds`` (blocking writes; from the transport's
+        pipe straight to it where it can); the bytes of each."""
+        got = await self._counted_to(["output", run_id, "--stream", "both"], [fds["stdout"], fds["stderr"]])
+        return dict(zip(("stdout", "stderr"), got))
+
+    async def _counted_to(self, args: List[str], fds: List[int]) -> List[int]:
+        """An agent reply that is a line of counts (one per fd) and then
+        that many bytes for each in turn: each part written to its fd, what
+        follows them read and dropped; the bytes of each."""
         marker = _marker()
         after = AfterMarker(marker)
-        proc = await self.transport.open(
-            ["--marker", marker, "output", run_id, "--stream", stream, "--offset", str(offset), "--counted"])
+        what = "the agent's reply to output %s" % " ".join(args[2:4])
+        proc = await self.transport.open(["--marker", marker, *args])
         try:
-            head, size, n = b"", None, 0
-            while size is None:
+            head, sizes, rest = b"", None, b""
+            while sizes is None:  # (the marker, then the line of counts)
                 chunk = await proc.read(1 << 16)
                 if not chunk:
                     break
                 head += after.feed(chunk)
                 line, nl, rest = head.partition(b"\n")
                 if nl:
-                    if not line.isdigit():
-                        raise ChaperoneError("the agent's reply to output --counted has no count")
-                    size = int(line)
-                    first = rest[:size]
-                    write_all(fd, first)
-                    n = len(first)
-                    if n < size:
-                        n += await proc.copy_to(fd, size - n)
-            while await proc.read(1 << 16):  # (what follows the reply: not the run's)
-                pass
-            await self._ended(proc, after)
-            if size is None:
-                raise ChaperoneError("the agent's reply to output --counted has no count")
-            if n != size:
-                raise ConnectionLost("connection to %s lost: %d of %d bytes came" % (self.transport.host, n, size))
-            return n
-        finally:
-            proc.close()
-
-    async def output_both_to(self, run_id: str, fds: Dict[str, int]) -> Dict[str, int]:
-        """Both streams in one call (``output --stream both``), each to its
-        file descriptor in ``fds`` (blocking writes; from the transport's
-        pipe straight to it where it can); the bytes of each."""
-        marker = _marker()
-        after = AfterMarker(marker)
-        proc = await self.transport.open(["--marker", marker, "output", run_id, "--stream", "both"])
-        try:
-            head, sizes = b"", None
-            while True:  # (the marker, then a line of counts)
-                chunk = await proc.read(1 << 16)
-                if not chunk:
-                    break
-                head += after.feed(chunk)
-                line, nl, rest = head.partition(b"\n")
-                if not nl:
-                    continue
-                fields = line.split()
-                if len(fields) != 2 or not all(f.isdigit() for f in fields):
-                    raise ChaperoneError("the agent's reply to output --stream both has no counts")
-                sizes = dict(zip(("stdout", "stderr"), map(int, fields)))
-                break
-            got = {}
-            if sizes is not None:
-                for name in ("stdout", "stderr"):
-                    first, rest = rest[:sizes[name]], rest[sizes[name]:]
-                    write_all(fds[name], first)
-                    got[name] = len(first)
-                    if got[name] < sizes[name]:
-                        got[name] += await proc.copy_to(fds[name], sizes[name] - got[name])
+                    fields = line.split()
+                    if len(fields) != len(fds) or not all(f.isdigit() for f in fields):
+                        raise ChaperoneError("%s has no counts" % what)
+                    sizes = [int(f) for f in fields]
+            got = []
+            for fd, size in zip(fds, sizes or ()):
+                first, rest = rest[:size], rest[size:]
+                write_all(fd, first)
+                n = len(first)
+                if n < size:
+                    n += await proc.copy_to(fd, size - n)
+                got.append(n)
             while await proc.read(1 << 16):  # (what follows the reply: not the run's)
                 pass
             await self._ended(proc, after)
             if sizes is None:
-                raise ChaperoneError("the agent's reply to output --stream both has no counts")
+                raise ChaperoneError("%s has no counts" % what)
             if got != sizes:
                 raise ConnectionLost("connection to %s lost: %d of %d bytes came"
-                                     % (self.transport.host, sum(got.values()), sum(sizes.values())))
+                                     % (self.transport.host, sum(got), sum(sizes)))
             return got
         finally:
             proc.close()

@@ -9,7 +9,7 @@ TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 if TESTS_DIR not in sys.path:
     sys.path.insert(0, TESTS_DIR)
 
-from support.sshd import SSHD, require_sshd  # noqa: E402
+from support.sshd import SSHD, require_sshd, sshd_with_home  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -48,11 +48,8 @@ def noisy_host(tmp_path):
     command runs (bash reads ~/.bashrc for a command sent by sshd), with a
     home of its own (no agent there yet)."""
     require_sshd()
-    remote_home = tmp_path / "remote-home"
-    remote_home.mkdir()
-    (remote_home / ".bashrc").write_text("echo 'Welcome! (login noise on stdout)'\necho 'stderr noise' >&2\n")
-    server = SSHD(extra_config="SetEnv HOME=%s\n" % remote_home)
-    server.start()
+    server = sshd_with_home(tmp_path / "remote-home",
+                            "echo 'Welcome! (login noise on stdout)'\necho 'stderr noise' >&2\n")
     try:
         yield server
     finally:

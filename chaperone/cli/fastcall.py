@@ -87,14 +87,33 @@ def ssh_failed(target, code, stderr):
     return None if getattr(error, "retry_safe", False) else error
 
 
+def write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def say(text):
+    """One line on stderr."""
     try:
-        data = (text + "\n").encode("utf-8", "surrogateescape")
-        view = memoryview(data)
-        while view:
-            view = view[os.write(2, view):]
+        write_all(2, (text + "\n").encode("utf-8", "surrogateescape"))
     except OSError:
         pass
+
+
+def attempt(argv, command, flags, call) -> None:
+    """``call(record, target, flags given)`` for ``[-F CFG]... COMMAND
+    [FLAGS] ID`` (see :func:`plan`), then exit with its status; return
+    (for the normal path) where the plan or the call gives None, or the
+    call fails before it decided."""
+    try:
+        planned = plan(argv, command, flags)
+        code = None if planned is None else call(*planned)
+    except KeyboardInterrupt:
+        code = 130
+    except Exception:
+        return
+    finish(code)
 
 
 def new_marker():
@@ -131,14 +150,7 @@ def _read_all(pipes):
 
 def status_attempt(argv) -> None:
     """``chaperone status [--json] ID``: print and exit, or return."""
-    try:
-        planned = plan(argv, "status", ("--json",))
-        code = None if planned is None else _status(*planned)
-    except KeyboardInterrupt:
-        code = 130
-    except Exception:
-        return
-    finish(code)
+    attempt(argv, "status", ("--json",), _status)
 
 
 def _status(rec, target, flags):

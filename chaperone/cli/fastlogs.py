@@ -25,22 +25,17 @@ the other direct calls, chaperone/cli/fastcall.py).
 import os
 import sys
 
+from .fastcall import write_all
+
 OFF = ("0", "off", "no", "false")
 
 
 def attempt(argv) -> None:
     """Deliver the output and exit, or return for the normal path."""
-    from .fastcall import finish, plan
+    from . import fastcall
 
-    try:
-        planned = None if os.environ.get("CHAPERONE_FAST_LOGS", "").lower() in OFF else \
-            plan(argv, "logs", ("--stdout", "--stderr"))
-        code = None if planned is None else _deliver(*planned)
-    except KeyboardInterrupt:
-        code = 130
-    except Exception:
-        return
-    finish(code)
+    if os.environ.get("CHAPERONE_FAST_LOGS", "").lower() not in OFF:
+        fastcall.attempt(argv, "logs", ("--stdout", "--stderr"), _deliver)
 
 
 def _deliver(rec, target, flags):
@@ -48,7 +43,7 @@ def _deliver(rec, target, flags):
     import fcntl
     import stat
 
-    from .fastcall import new_marker, ssh_argv, ssh_failed
+    from .fastcall import new_marker, say, ssh_argv, ssh_failed
     from ..transports.ssh.process import DEVNULL, PIPE, close_fd, watched
 
     one = set(flags)
@@ -96,7 +91,7 @@ def _deliver(rec, target, flags):
     _undo(start)
     failed = ssh_failed(target, code, tail) if counts is None else None
     if failed is not None:
-        _say("chaperone: %s" % failed)
+        say("chaperone: %s" % failed)
         return failed.exit_code
     return None
 
@@ -136,14 +131,14 @@ class _Held:
 
     def write_to(self, fd):
         if self.file is None:
-            _write_all(fd, b"".join(self.parts))
+            write_all(fd, b"".join(self.parts))
             return
         self.file.seek(0)
         while True:
             data = self.file.read(1 << 20)
             if not data:
                 break
-            _write_all(fd, data)
+            write_all(fd, data)
 
 
 class _Stderr:
@@ -189,16 +184,3 @@ class _Stderr:
         while self._more():
             pass
         return self.buf
-
-
-def _write_all(fd, data):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _say(text):
-    try:
-        _write_all(2, (text + "\n").encode("utf-8", "surrogateescape"))
-    except OSError:
-        pass

@@ -9,14 +9,13 @@ fast path delivered.  The normal path is the same command with
 ``CHAPERONE_FAST_LOGS=0``.  Both must write the same bytes."""
 
 import json
-import os
 import subprocess
 import sys
 
 import pytest
 
 from support.helpers import cli, cli_env
-from support.sshd import SSHD
+from support.sshd import SSHD, sshd_with_home
 
 BLOCKED = ("click", "asyncio", "pydantic")
 FAST = [sys.executable, "-c", "import sys\nfor m in %r: sys.modules[m] = None\n"
@@ -66,11 +65,7 @@ def test_fast_logs_to_files_are_the_exact_bytes(sshd, tmp_path):
 def late_noisy_host(tmp_path):
     """A host whose login script leaves a job behind that prints after the
     command's own output (sshd waits for it: it holds the session's stdout)."""
-    remote_home = tmp_path / "late-home"
-    remote_home.mkdir()
-    (remote_home / ".bashrc").write_text("(sleep 0.5; echo 'late noise') &\n")
-    server = SSHD(extra_config="SetEnv HOME=%s\n" % remote_home)
-    server.start()
+    server = sshd_with_home(tmp_path / "late-home", "(sleep 0.5; echo 'late noise') &\n")
     try:
         yield server
     finally:

@@ -365,3 +365,16 @@ class SSHD:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=5)
+
+
+def sshd_with_home(home, bashrc: Optional[str] = None) -> SSHD:
+    """A started SSHD whose sessions get ``HOME=home`` (made; its
+    ``.bashrc``, which bash reads for every command sshd runs, is
+    ``bashrc`` when given).  The caller stops it."""
+    os.makedirs(str(home), exist_ok=True)
+    if bashrc is not None:
+        with open(os.path.join(str(home), ".bashrc"), "w") as f:
+            f.write(bashrc)
+    server = SSHD(extra_config="SetEnv HOME=%s\n" % home)
+    server.start()
+    return server

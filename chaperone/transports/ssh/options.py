@@ -4,6 +4,7 @@ but the host and the command).  Stdlib only, light to import.
 
 from __future__ import annotations
 
+import functools
 import os
 
 TYPE_CHECKING = False
@@ -58,6 +59,7 @@ FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-po
                 "aes128-ctr", "aes192-ctr", "aes256-ctr")
 
 
+@functools.lru_cache(maxsize=None)
 def cpu_has_aes() -> bool:
     """Whether this machine's CPU has AES instructions (Linux: the
     ``aes`` flag, x86's AES-NI, or ARMv8's ``aes`` feature)."""
@@ -80,12 +82,13 @@ def prefer_fast_ciphers(config: Sequence[str], options: Sequence[str] = ()) -> b
     return cpu_has_aes() and not config_mentions(default_config_files(config), "Ciphers")
 
 
-def _ssh_has_gcm(ssh: str) -> bool:
+@functools.lru_cache(maxsize=None)
+def _ssh_has_all_ciphers(ssh: str) -> bool:
     """Whether this ``ssh`` has every cipher of FAST_CIPHERS (no AES-GCM
     when built without OpenSSL; a FIPS build may lack chacha20):
     ``ssh -Q cipher``, run once per binary (its path, size and
     mtime) and remembered in ``$XDG_CACHE_HOME/chaperone`` (each command is
-    a new process: the answer costs a few ms to get)."""
+    a new process: the answer costs a few ms to get); once per process."""
     try:
         st = os.stat(ssh)
     except OSError:
@@ -174,7 +177,7 @@ def ssh_options(ssh: str, target: "Target", *, connect_timeout: Optional[float] 
     ]
     if not forwardings:
         argv += ["-o", "ClearAllForwardings=yes"]  # a LocalForward in the config is not for us
-    if prefer_fast_ciphers(target.config, target.options) and _ssh_has_gcm(ssh):
+    if prefer_fast_ciphers(target.config, target.options) and _ssh_has_all_ciphers(ssh):
         argv += ["-o", "Ciphers=" + ",".join(FAST_CIPHERS)]
     if connect_timeout is not None:
         argv += ["-o", "ConnectTimeout=%d" % max(1, round(connect_timeout))]
