@@ -12,8 +12,15 @@ if TYPE_CHECKING:  # (hashlib and pathlib load when used: the fast `run local` p
 #: The start of both bootstraps (``python -I -S -c``): ``_rd(path)``, the
 #: bytes of a regular file of this user (or root), opened without
 #: following a symbolic link or waiting on a FIFO; None for anything else.
+#: ``_H``: SHA-256, from the interpreter's built-in module when it has one
+#: (``hashlib`` loads OpenSSL and reads its configuration: 3 ms of every
+#: agent call here).
 PRELUDE = """\
 import sys,os,stat
+try:from _sha2 import sha256 as _H
+except ImportError:
+    try:from _sha256 import sha256 as _H
+    except ImportError:from hashlib import sha256 as _H
 def _rd(p):
     try:f=os.open(p,os.O_RDONLY|os.O_NOFOLLOW|os.O_NONBLOCK)
     except OSError:return None
@@ -135,11 +142,22 @@ def agent_bytes() -> bytes:
     return agent_path().read_bytes()
 
 
+def sha256_hex(data: bytes) -> str:
+    """SHA-256 of ``data`` in hex, as the bootstraps compute it (``_H``:
+    the built-in module, without loading OpenSSL, when there is one)."""
+    try:
+        from _sha2 import sha256  # Python >= 3.12
+    except ImportError:
+        try:
+            from _sha256 import sha256  # type: ignore[no-redef]
+        except ImportError:  # (a Python built without its own hashes)
+            from hashlib import sha256  # type: ignore[no-redef]
+    return sha256(data).hexdigest()
+
+
 @functools.lru_cache(maxsize=1)
 def agent_hash() -> str:
-    import hashlib
-
-    return hashlib.sha256(agent_bytes()).hexdigest()
+    return sha256_hex(agent_bytes())
 
 
 @functools.lru_cache(maxsize=1)

@@ -34,13 +34,16 @@ def exit_code_for(state) -> Optional[int]:
     get = state.get if isinstance(state, dict) else (lambda k, d=None: getattr(state, k, d))
     name = get("state")
     if name == "done":
-        if get("signal"):
-            import signal as _signal
+        sig = get("signal")
+        if sig:
+            # signal.Signals[sig], from the C module: `signal` builds its
+            # enums at import (the fast `run local` path ends here).
+            import _signal
 
-            try:
-                return 128 + int(_signal.Signals[get("signal")])
-            except KeyError:
-                return 255
+            number = getattr(_signal, sig, None) if isinstance(sig, str) and not sig.startswith("_") and (
+                sig.isupper() and sig.startswith("SIG") and not sig.startswith("SIG_")
+                or sig.startswith("CTRL_")) else None
+            return 128 + number if isinstance(number, int) and not isinstance(number, bool) else 255
         return int(get("return_code") or 0)
     if name == "error":
         import errno

@@ -60,9 +60,9 @@ def _plan(argv):
             return None  # stdin is given to the program: the normal path's business
     if exact:
         argv_, shell = list(words), False
-        import shlex
+        from ..records import shell_join  # (shlex would load re: ~8 ms)
 
-        display = shlex.join(argv_)
+        display = shell_join(argv_)
     else:
         display = " ".join(words)
         if not display.strip():
@@ -108,10 +108,11 @@ def attempt(argv) -> None:
             return
         doc, shell, display, quiet = plan
         from ..agent_source import agent_module
-        from ..records import Records, home_dir
+        from ..records import Records, home_dir, use_json
         from ..transports.target import Target
 
         agent = agent_module()
+        use_json(agent.dumps, agent.loads)  # (json's own text, without loading json: see use_json)
         try:
             spec = agent.validate_spec(doc)
         except agent.AgentError:
@@ -162,11 +163,9 @@ def _say(text):
         pass
 
 
-def _sorted(state):
+def _sorted(agent, state):
     """The state as the normal path records it (through sorted JSON)."""
-    import json
-
-    return json.loads(json.dumps(state, sort_keys=True))
+    return agent.loads(agent.dumps(state, sort_keys=True))
 
 
 class _Frames:
@@ -191,9 +190,7 @@ class _Frames:
         elif kind == b"2":
             _write(2, data)
         elif kind == b"S":
-            import json
-
-            self.state = json.loads(data)
+            self.state = self.agent.loads(data.decode("utf-8"))
             self.records.update(self.run.id, self.state)
         if self.pending:
             self.send_sigint()
@@ -273,7 +270,7 @@ class _Frames:
         finally:
             agent.Output = saved
         if replies:
-            self.records.update(self.run.id, _sorted(replies[-1]))
+            self.records.update(self.run.id, _sorted(agent, replies[-1]))
 
 
 def _finish(agent, records, root, spec, quiet, db_fds):
@@ -304,7 +301,7 @@ def _finish(agent, records, root, spec, quiet, db_fds):
             _say("chaperone: %s" % message)
             _exit(255)
         supervisor = st.get("agent_pid") if claimed and st.get("state") == "running" else None
-        records.update(run_id, _sorted(st))
+        records.update(run_id, _sorted(agent, st))
         frames = _Frames(agent, records, root, run, supervisor)
         signal.signal(signal.SIGINT, frames.on_sigint)
         try:

@@ -5,6 +5,7 @@ The JSON and signal checks run under every Python the agent supports that
 is installed here (3.8 to 3.13), each against its own stdlib.
 """
 
+import hashlib
 import json
 import os
 import random
@@ -16,6 +17,7 @@ import time
 
 import pytest
 
+from chaperone.agent_source import agent_hash
 from support.helpers import AGENT, agent, agent_start, load_agent, program, unique, wait_state
 
 from support.helpers import find_python, require_python  # noqa: E402
@@ -279,7 +281,8 @@ ag.__file__ = sys.argv[1]
 SourceFileLoader("chaperone_agent_imports", ag.__file__).exec_module(ag)
 code = ag.main(sys.argv[2:])
 heavy = sorted(m for m in ("json", "re", "enum", "signal", "threading", "subprocess", "argparse",
-                           "datetime", "tempfile", "shutil", "base64", "ssl") if m in sys.modules)
+                           "datetime", "tempfile", "shutil", "base64", "ssl", "hashlib", "_hashlib")
+               if m in sys.modules)
 os.write(2, ("\nIMPORTED %d %s\n" % (code, " ".join(heavy))).encode())
 '''
 
@@ -307,6 +310,11 @@ def test_commands_import_no_heavy_module(tmp_path):
         code, heavy = _imports(root, *args)
         assert code in (0, 1, 2, 4), (args, code)
         assert heavy == [], (args, heavy)
+    # (as the SSH bootstrap calls it: the agent checks its own hash, without hashlib and OpenSSL)
+    code, heavy = _imports(root, "--expect-hash", agent_hash(), "status", run_id)
+    assert (code, heavy) == (0, [])
+    code, heavy = _imports(root, "--expect-hash", "0" * 64, "status", run_id)
+    assert (code, heavy) == (97, [])
     code, heavy = _imports(root, "control", run_id, stdin=b'{"op": "release"}')
     assert (code, heavy) == (0, [])
     for args in (["watch"], ["release"]):
@@ -535,3 +543,19 @@ def test_a_damaged_state_is_one_error_for_that_run(tmp_path, data):
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout.decode()) == {"id": "hurt", "cleaned": True, "state": None}
     assert not os.path.exists(str(root / "hurt"))
+
+
+def test_bootstraps_hash_without_hashlib():
+    """The bootstraps' SHA-256 (``_H``, in PRELUDE) is hashlib's, from the
+    interpreter's built-in module: hashlib loads OpenSSL and reads its
+    configuration (3 ms of each agent call here)."""
+    from chaperone.agent_source import PRELUDE, sha256_hex
+
+    data = bytes(range(256)) * 1000
+    code = PRELUDE + ("print(_H(sys.stdin.buffer.read()).hexdigest(), "
+                      "sorted(m for m in ('hashlib', '_hashlib') if m in sys.modules))")
+    for py in PYTHONS:
+        out = subprocess.run([py, "-I", "-S", "-c", code], input=data, stdout=subprocess.PIPE, timeout=60,
+                             check=True).stdout
+        assert out.decode().split(None, 1) == [hashlib.sha256(data).hexdigest(), "[]\n"], py
+    assert sha256_hex(data) == hashlib.sha256(data).hexdigest()

@@ -22,6 +22,30 @@ def test_every_package_is_listed_for_the_wheel():
     assert (REPO / "chaperone" / "py.typed").exists()
 
 
+def test_the_command_is_a_script_that_loads_only_chaperone():
+    """``chaperone`` is bin/chaperone, not an entry point: the launcher pip
+    writes for an entry point imports re first (~8 ms of every command).
+    The script imports chaperone.__main__ and nothing else."""
+    import ast
+    import subprocess
+
+    import pytest
+
+    if tomllib is None:
+        pytest.skip("tomllib needs Python 3.11")
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "chaperone" not in project["project"].get("scripts", {})
+    assert project["tool"]["setuptools"]["script-files"] == ["bin/chaperone"]
+    script = (REPO / "bin" / "chaperone").read_text()
+    assert script.startswith("#!python\n")  # (pip writes the interpreter's path there)
+    imported = [n for node in ast.walk(ast.parse(script)) if isinstance(node, (ast.Import, ast.ImportFrom))
+                for n in ([node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names])]
+    assert imported == ["chaperone.__main__"]
+    res = subprocess.run([sys.executable, str(REPO / "bin" / "chaperone"), "--version"], capture_output=True,
+                         text=True, timeout=60)
+    assert res.returncode == 0 and res.stdout.startswith("chaperone "), res.stderr
+
+
 def test_every_exception_is_defined_in_errors_py():
     """One module holds every exception chaperone raises (issue 11): a class
     deriving from an exception anywhere else in the package is a defect,

@@ -48,7 +48,6 @@ def _dir(d):
 #: write (else one line, exit 3); the code run is the checked bytes, or a
 #: checked-hash ``.pyc`` of them (see agent_source.RUN_AGENT).
 BOOTSTRAP = PRELUDE + SAFE_DIR + """\
-import hashlib
 _p=sys.argv[1]
 _d=os.path.dirname(_p) or '.'
 _x=_dir(_d)
@@ -56,7 +55,7 @@ if _x<0:_no('%s is not a directory: move it away (chaperone makes it)'%_d)
 _c=os.path.join(_d,'__pycache__')
 if _x<1 or _dir(_c)<0:sys.exit(97)
 _b=_rd(_p)
-if _b is None or hashlib.sha256(_b).hexdigest()!=sys.argv[2]:sys.exit(97)
+if _b is None or _H(_b).hexdigest()!=sys.argv[2]:sys.exit(97)
 sys.argv=sys.argv[1:2]+sys.argv[3:]
 _D=97
 """ + RUN_AGENT
@@ -69,12 +68,12 @@ _D=97
 #: damaged one).  Each repair is a line ``chaperone-agent: note: ...`` on
 #: stderr (see ship_notes).
 SHIP = PRELUDE + SAFE_DIR + """\
-import hashlib,time,marshal,_imp,_frozen_importlib_external as _e
+import time,marshal,_imp,_frozen_importlib_external as _e
 _t,_s,_p=sys.argv[1:4]
 _d=os.path.dirname(_p) or '.'
 if _dir(_d)<1:_no('%s is not a directory: move it away (chaperone makes it)'%_d)
 _b=_rd(_t)
-if _b is None or hashlib.sha256(_b).hexdigest()!=_s:sys.exit(4)
+if _b is None or _H(_b).hexdigest()!=_s:sys.exit(4)
 _c=os.path.join(_d,'__pycache__')
 _n=[]
 def _kind(m):
