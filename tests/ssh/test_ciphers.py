@@ -9,6 +9,8 @@ import re
 import subprocess
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from chaperone.transports.ssh import options as ssh_opts
 from support.helpers import CLI, cli_env
@@ -75,3 +77,19 @@ def test_connections_agree_on_aes_gcm_unless_told(debug_sshd, tmp_path, client):
     theirs.write_text("Ciphers chacha20-poly1305@openssh.com\n" + open(debug_sshd.config_file).read())
     assert run(theirs) == {"chacha20-poly1305@openssh.com"}
     assert run(debug_sshd.config_file, "-o", "Ciphers=aes256-ctr") == {"aes256-ctr"}
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(st.sampled_from(["Ciphers aes128-ctr", "  ciphers=aes", "CiphersX y", "# Ciphers x",
+                                       "\tConnectTimeout 5", "ControlMaster auto", "controlpersist=1",
+                                       "Host *", "HostName h", "ControlPathX", " é Ciphers", "Include",
+                                       "Ciphers", "ConnectTimeoutx 3", ""]), max_size=6))
+def test_config_keywords_read_as_the_regular_expression_did(tmp_path, lines):
+    """config_mentions reads keywords without re (the head start calls it
+    before ssh starts): as ``\\s*(KEYWORD)\\b`` matched, case-insensitive."""
+    path = tmp_path / ("cfg-%d" % (hash(tuple(lines)) & 0xffffff))
+    path.write_text("\n".join(lines) + "\n")
+    for names, pattern in ((("Ciphers",), "Ciphers"), (("ConnectTimeout",), "ConnectTimeout"),
+                           (("ControlMaster", "ControlPath", "ControlPersist"), "Control(Master|Path|Persist)")):
+        want = any(re.match(r"\s*(%s)\b" % pattern, line, re.IGNORECASE) for line in lines)
+        assert ssh_opts.config_mentions([str(path)], *names) == want, (names, lines)

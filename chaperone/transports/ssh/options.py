@@ -4,7 +4,6 @@ but the host and the command).  Stdlib only, light to import.
 
 from __future__ import annotations
 
-import functools
 import os
 
 TYPE_CHECKING = False
@@ -12,6 +11,24 @@ if TYPE_CHECKING:  # (annotations are not evaluated: __future__)
     from typing import List, Optional, Sequence
 
     from ..target import Target
+
+def _memo(func):
+    """``functools.lru_cache(maxsize=None)`` for positional arguments,
+    without importing functools (and collections: 1.5 ms of the head
+    start, which builds ssh's options before it starts ssh)."""
+    cache: dict = {}
+
+    def memo(*args):
+        try:
+            return cache[args]
+        except KeyError:
+            value = cache[args] = func(*args)
+            return value
+
+    memo.__name__, memo.__doc__, memo.__wrapped__ = func.__name__, func.__doc__, func  # type: ignore[attr-defined]
+    memo.cache_clear = cache.clear  # type: ignore[attr-defined]
+    return memo
+
 
 #: Seconds to connect and log in when neither ``connect_timeout`` nor the
 #: SSH config's ``ConnectTimeout`` says.
@@ -47,7 +64,7 @@ def multiplexes_itself(config: Sequence[str]) -> bool:
     """Whether the user's ssh config does its own connection sharing
     (ControlMaster/ControlPath/ControlPersist): chaperone then starts no
     master of its own."""
-    return config_mentions(default_config_files(config), r"Control(Master|Path|Persist)")
+    return config_mentions(default_config_files(config), "ControlMaster", "ControlPath", "ControlPersist")
 
 
 #: The ciphers OpenSSH enables by default, AES-GCM first: on a CPU with AES
@@ -59,7 +76,7 @@ FAST_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-po
                 "aes128-ctr", "aes192-ctr", "aes256-ctr")
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def cpu_has_aes() -> bool:
     """Whether this machine's CPU has AES instructions (Linux: the
     ``aes`` flag, x86's AES-NI, or ARMv8's ``aes`` feature)."""
@@ -82,7 +99,7 @@ def prefer_fast_ciphers(config: Sequence[str], options: Sequence[str] = ()) -> b
     return cpu_has_aes() and not config_mentions(default_config_files(config), "Ciphers")
 
 
-@functools.lru_cache(maxsize=None)
+@_memo
 def _ssh_has_all_ciphers(ssh: str) -> bool:
     """Whether this ``ssh`` has every cipher of FAST_CIPHERS (no AES-GCM
     when built without OpenSSL; a FIPS build may lack chacha20):
@@ -121,17 +138,31 @@ def _ssh_has_all_ciphers(ssh: str) -> bool:
     return has
 
 
-def config_mentions(paths: Sequence[str], keyword: str) -> bool:
-    """Whether any of these ssh config files sets ``keyword`` (a regular
-    expression; a textual check: enough to decide whether to supply a
-    default), the files they ``Include`` too (as ssh: globs, relative to
-    ~/.ssh for the user's files and /etc/ssh for the system's; a system
-    crypto policy lives in such a file)."""
-    import glob
-    import re
+def config_mentions(paths: Sequence[str], *keywords: str) -> bool:
+    """Whether any of these ssh config files sets one of ``keywords``
+    (case-insensitive names such as ``Ciphers``; a textual check: enough to
+    decide whether to supply a default), the files they ``Include`` too
+    (as ssh: globs, relative to ~/.ssh for the user's files and /etc/ssh
+    for the system's; a system crypto policy lives in such a file)."""
+    stamps = []
+    for p in paths:
+        try:
+            st = os.stat(os.path.expanduser(p))
+            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        except OSError:
+            stamps.append(None)
+    found = config_keywords(tuple(paths), tuple(stamps))
+    return any(k.lower() in found for k in keywords)
 
-    pattern = re.compile(r"\s*(%s)\b" % keyword, re.IGNORECASE)
-    include = re.compile(r"\s*include\s+(.+)", re.IGNORECASE)
+
+@_memo
+def config_keywords(paths: Sequence[str], stamps: tuple = ()) -> "frozenset[str]":
+    """The keywords (lower case) that lines of these ssh config files, and
+    of the files they include, start with.  Without re and glob (unless a
+    file includes others): the head start reads them before it starts ssh.
+    Read once per process while the files' ``stamps`` (their stat) stay
+    the same (an included file's change is seen by the next process)."""
+    found = set()
     todo = [(os.path.expanduser(p), 0) for p in paths]
     while todo:
         path, depth = todo.pop(0)
@@ -141,15 +172,29 @@ def config_mentions(paths: Sequence[str], keyword: str) -> bool:
         except OSError:
             continue
         for line in lines:
-            if pattern.match(line):
-                return True
-            m = include.match(line)
-            if m and depth < 8:
+            word = _keyword(line)
+            if not word:
+                continue
+            found.add(word)
+            rest = line.lstrip()[len(word):]
+            if word == "include" and depth < 8 and rest[:1] in (" ", "\t"):
+                import glob
+
                 base = "/etc/ssh" if path.startswith("/etc/") else os.path.expanduser("~/.ssh")
-                for word in m.group(1).split():
-                    word = os.path.expanduser(word.strip('"'))
-                    todo += [(f, depth + 1) for f in sorted(glob.glob(os.path.join(base, word)))]
-    return False
+                for name in rest.split():
+                    name = os.path.expanduser(name.strip('"'))
+                    todo += [(f, depth + 1) for f in sorted(glob.glob(os.path.join(base, name)))]
+    return frozenset(found)
+
+
+def _keyword(line: str) -> str:
+    """The word a config line starts with (after blanks; letters, digits
+    and ``_``, as the regular expression ``\\s*(\\w+)\\b`` reads it), lower case."""
+    text = line.lstrip()
+    end = 0
+    while end < len(text) and (text[end].isalnum() or text[end] == "_"):
+        end += 1
+    return text[:end].lower()
 
 
 def default_config_files(config: Sequence[str]) -> List[str]:

@@ -56,7 +56,7 @@ class Child:
     process's own)."""
 
     def __init__(self, argv: Sequence[str], *, stdin=None, stdout=None, stderr=None, keep=()):
-        import signal
+        import _signal as signal  # (the C module: `signal` builds its enums at import)
 
         self.returncode: Optional[int] = None
         self.stdin = self.stdout = self.stderr = None
