@@ -12,15 +12,8 @@ if TYPE_CHECKING:  # (hashlib and pathlib load when used: the fast `run local` p
 #: The start of both bootstraps (``python -I -S -c``): ``_rd(path)``, the
 #: bytes of a regular file of this user (or root), opened without
 #: following a symbolic link or waiting on a FIFO; None for anything else.
-#: ``_H``: SHA-256, from the interpreter's built-in module when it has one
-#: (``hashlib`` loads OpenSSL and reads its configuration: 3 ms of every
-#: agent call here).
 PRELUDE = """\
 import sys,os,stat
-try:from _sha2 import sha256 as _H
-except ImportError:
-    try:from _sha256 import sha256 as _H
-    except ImportError:from hashlib import sha256 as _H
 def _rd(p):
     try:f=os.open(p,os.O_RDONLY|os.O_NOFOLLOW|os.O_NONBLOCK)
     except OSError:return None
@@ -33,6 +26,17 @@ def _rd(p):
             if not x:return b''.join(r)
             r.append(x)
     finally:os.close(f)
+"""
+
+#: For the bootstraps that hash (the SSH one and the ship script): ``_H``,
+#: SHA-256 from the interpreter's built-in module when it has one
+#: (``hashlib`` loads OpenSSL and reads its configuration: 3 ms of every
+#: agent call here).
+SHA256 = """\
+try:from _sha2 import sha256 as _H
+except ImportError:
+    try:from _sha256 import sha256 as _H
+    except ImportError:from hashlib import sha256 as _H
 """
 
 #: Python source that runs the agent from bytes the bootstrap has checked:

@@ -45,7 +45,7 @@ def parse_duration(text: str, what: str = "duration") -> float:
         if pos == start:
             break
         number = float(s[start:pos])
-        while pos < len(s) and s[pos] in " \t\n\r\f\v":
+        while pos < len(s) and s[pos].isspace():
             pos += 1
         unit = next((u for u in ("ms", "s", "m", "h", "d", "w") if s.startswith(u, pos)), None)
         total += number * _UNITS[unit]

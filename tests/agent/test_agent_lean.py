@@ -549,10 +549,12 @@ def test_bootstraps_hash_without_hashlib():
     """The bootstraps' SHA-256 (``_H``, in PRELUDE) is hashlib's, from the
     interpreter's built-in module: hashlib loads OpenSSL and reads its
     configuration (3 ms of each agent call here)."""
-    from chaperone.agent_source import PRELUDE, sha256_hex
+    from chaperone.agent_source import LOCAL_BOOTSTRAP, PRELUDE, SHA256, sha256_hex
+    from chaperone.transports.ssh.remote import BOOTSTRAP, SHIP
 
+    assert SHA256 in BOOTSTRAP and SHA256 in SHIP and "_H" not in LOCAL_BOOTSTRAP  # (it hashes nothing)
     data = bytes(range(256)) * 1000
-    code = PRELUDE + ("print(_H(sys.stdin.buffer.read()).hexdigest(), "
+    code = PRELUDE + SHA256 + ("print(_H(sys.stdin.buffer.read()).hexdigest(), "
                       "sorted(m for m in ('hashlib', '_hashlib') if m in sys.modules))")
     for py in PYTHONS:
         out = subprocess.run([py, "-I", "-S", "-c", code], input=data, stdout=subprocess.PIPE, timeout=60,

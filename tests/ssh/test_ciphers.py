@@ -93,3 +93,25 @@ def test_config_keywords_read_as_the_regular_expression_did(tmp_path, lines):
                            (("ControlMaster", "ControlPath", "ControlPersist"), "Control(Master|Path|Persist)")):
         want = any(re.match(r"\s*(%s)\b" % pattern, line, re.IGNORECASE) for line in lines)
         assert ssh_opts.config_mentions([str(path)], *names) == want, (names, lines)
+
+
+@settings(max_examples=400, deadline=None)
+@given(pattern=st.text(alphabet="ab*?.c", max_size=7), name=st.text(alphabet="abc.", max_size=7))
+def test_include_wildcards_match_as_fnmatch(pattern, name):
+    """config_keywords follows ``Include dir/*.conf`` without glob (and its
+    re): the same names as fnmatch's (glob's) ``*`` and ``?``."""
+    import fnmatch
+
+    assert ssh_opts._wild_match(pattern, name) == fnmatch.fnmatchcase(name, pattern)
+
+
+def test_include_globs_list_what_glob_lists(tmp_path):
+    import glob
+
+    for name in ("a.conf", "b.conf", ".hidden.conf", "c.txt", "dir.conf", "x"):
+        (tmp_path / name).write_text("")
+    for pattern in ("*.conf", "*", ".*", "?.conf", "a.conf", "nothere.conf", "*.none", "[ab].conf", "*/x",
+                    "x"):
+        path = str(tmp_path / pattern)
+        assert sorted(ssh_opts._glob(path)) == sorted(glob.glob(path)), pattern
+    assert ssh_opts._glob(str(tmp_path / "missing" / "*.conf")) == []

@@ -144,24 +144,16 @@ def config_mentions(paths: Sequence[str], *keywords: str) -> bool:
     decide whether to supply a default), the files they ``Include`` too
     (as ssh: globs, relative to ~/.ssh for the user's files and /etc/ssh
     for the system's; a system crypto policy lives in such a file)."""
-    stamps = []
-    for p in paths:
-        try:
-            st = os.stat(os.path.expanduser(p))
-            stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            stamps.append(None)
-    found = config_keywords(tuple(paths), tuple(stamps))
+    found = config_keywords(paths)
     return any(k.lower() in found for k in keywords)
 
 
-@_memo
-def config_keywords(paths: Sequence[str], stamps: tuple = ()) -> "frozenset[str]":
+def config_keywords(paths: Sequence[str]) -> "frozenset[str]":
     """The keywords (lower case) that lines of these ssh config files, and
-    of the files they include, start with.  Without re and glob (unless a
-    file includes others): the head start reads them before it starts ssh.
-    Read once per process while the files' ``stamps`` (their stat) stay
-    the same (an included file's change is seen by the next process)."""
+    of the files they include, start with, read again at each call.
+    Without re (nor glob, for an Include whose wildcards are in its last
+    part only, as the usual ``/etc/ssh/ssh_config.d/*.conf``): the head
+    start reads them before it starts ssh."""
     found = set()
     todo = [(os.path.expanduser(p), 0) for p in paths]
     while todo:
@@ -177,14 +169,51 @@ def config_keywords(paths: Sequence[str], stamps: tuple = ()) -> "frozenset[str]
                 continue
             found.add(word)
             rest = line.lstrip()[len(word):]
-            if word == "include" and depth < 8 and rest[:1] in (" ", "\t"):
-                import glob
-
+            if word == "include" and depth < 8 and rest[:1].isspace():
                 base = "/etc/ssh" if path.startswith("/etc/") else os.path.expanduser("~/.ssh")
                 for name in rest.split():
                     name = os.path.expanduser(name.strip('"'))
-                    todo += [(f, depth + 1) for f in sorted(glob.glob(os.path.join(base, name)))]
+                    todo += [(f, depth + 1) for f in sorted(_glob(os.path.join(base, name)))]
     return frozenset(found)
+
+
+def _glob(pattern: str) -> "list[str]":
+    """``glob.glob(pattern)``; by hand (without re) when only the last part
+    of the path has wildcards, and those are ``*`` and ``?``."""
+    head, tail = os.path.split(pattern)
+    if any(c in head for c in "*?[") or "[" in tail:
+        import glob
+
+        return glob.glob(pattern)
+    if not any(c in tail for c in "*?"):
+        return [pattern] if os.path.lexists(pattern) else []
+    try:
+        names = os.listdir(head or os.curdir)
+    except OSError:
+        return []
+    return [os.path.join(head, n) for n in names
+            if (tail.startswith(".") or not n.startswith(".")) and _wild_match(tail, n)]
+
+
+def _wild_match(pattern: str, name: str) -> bool:
+    """fnmatch's ``*`` and ``?`` (case-sensitive, as glob on POSIX)."""
+    p = n = 0
+    star, mark = -1, 0
+    while n < len(name):
+        if p < len(pattern) and pattern[p] in ("?", name[n]) and pattern[p] != "*":
+            p += 1
+            n += 1
+        elif p < len(pattern) and pattern[p] == "*":
+            star, mark = p, n
+            p += 1
+        elif star >= 0:
+            p, mark = star + 1, mark + 1
+            n = mark
+        else:
+            return False
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern)
 
 
 def _keyword(line: str) -> str:

@@ -12,7 +12,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import List, Optional
 
-from ...agent_source import PRELUDE, RUN_AGENT, agent_hash
+from ...agent_source import PRELUDE, RUN_AGENT, SHA256, agent_hash
 
 #: Exit status of the remote bootstrap when the agent file is missing, stale or damaged.
 SHIP_AGAIN = 97
@@ -47,7 +47,7 @@ def _dir(d):
 #: ``__pycache__`` must be directories of this user that nobody else can
 #: write (else one line, exit 3); the code run is the checked bytes, or a
 #: checked-hash ``.pyc`` of them (see agent_source.RUN_AGENT).
-BOOTSTRAP = PRELUDE + SAFE_DIR + """\
+BOOTSTRAP = PRELUDE + SHA256 + SAFE_DIR + """\
 _p=sys.argv[1]
 _d=os.path.dirname(_p) or '.'
 _x=_dir(_d)
@@ -67,7 +67,7 @@ _D=97
 #: renames TMP to DEST, and writes its checked-hash bytecode (replacing a
 #: damaged one).  Each repair is a line ``chaperone-agent: note: ...`` on
 #: stderr (see ship_notes).
-SHIP = PRELUDE + SAFE_DIR + """\
+SHIP = PRELUDE + SHA256 + SAFE_DIR + """\
 import time,marshal,_imp,_frozen_importlib_external as _e
 _t,_s,_p=sys.argv[1:4]
 _d=os.path.dirname(_p) or '.'
