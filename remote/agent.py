@@ -1432,7 +1432,11 @@ def dir_watch(path, libc, events=DIR_EVENTS):
 
 
 #: inotify: IN_MODIFY: a spool file written (file capture: spool_watch).
-SPOOL_EVENTS = 0x2
+IN_MODIFY = 0x2
+#: ... and IN_ATTRIB: its links changed, say it was unlinked (``rm -rf`` of
+#: the run or of the spool): the same watch tells the supervisor of its
+#: spool's removal, without a second inotify instance (a user has 128).
+SPOOL_EVENTS = IN_MODIFY | 0x4
 
 
 def spool_watch(paths, libc):
@@ -1459,20 +1463,24 @@ def spool_watch(paths, libc):
 
 
 #: Where in an inotify event (struct inotify_event: int wd, then mask,
-#: cookie, len, each 4 bytes, native order) the low byte of its watch is.
+#: cookie, len, each 4 bytes, native order) the low bytes of its watch and
+#: of its mask are.
 _WD_LOW = 0 if sys.byteorder == "little" else 3
+_MASK_LOW = 4 if sys.byteorder == "little" else 7
 
 
 def spool_events(fd, names):
     """Read what the inotify descriptor ``fd`` (spool_watch) holds: the
     streams written (by the time of each one's last write, the last one
-    last), the first one written, and how many times the writes went from
-    one stream to the other; None: the queue overflowed (the order is not
-    known).  (A file's own watch names no entry: each
-    event is 16 bytes, and spool_watch's few watches are numbered below
-    255: the low bytes of the watches are the order of the writes, read in
-    C however many events a chatty program left.)"""
-    key = b""
+    last), the first one written, how many times the writes went from
+    one stream to the other, and whether anything else happened to the
+    files (their links changed: see SPOOL_EVENTS); None: the queue
+    overflowed (the order is not known, and what else happened neither).
+    (A file's own watch names no entry: each event is 16 bytes, and
+    spool_watch's few watches are numbered below 255: the low bytes of the
+    watches are the order of the writes, read in C however many events a
+    chatty program left.)"""
+    key, masks = b"", b""
     while True:
         try:
             data = os.read(fd, 65536)
@@ -1481,12 +1489,16 @@ def spool_events(fd, names):
         if not data:
             break
         key += data[_WD_LOW::16]
+        masks += data[_MASK_LOW::16]
     if not key or b"\xff" in key:  # (IN_Q_OVERFLOW: watch -1)
-        return None if key else ([], None, 0)
+        return None if key else ([], None, 0, False)
+    other = masks.count(IN_MODIFY) != len(masks)
+    if other:  # (the writes' order from the writes alone)
+        key = bytes(k for k, m in zip(key, masks) if m == IN_MODIFY)
     marks = dict((bytes((wd,)), name) for wd, name in names.items())
     last = sorted((key.rfind(mark), name) for mark, name in marks.items() if mark in key)
     changes = sum(key.count(a + b) for a in marks for b in marks if a != b)
-    return [name for _, name in last], marks.get(key[:1]), changes
+    return [name for _, name in last], marks.get(key[:1]), changes, other
 
 
 def entry_events(fd, name):
@@ -2253,6 +2265,7 @@ class Supervisor(object):
         self.spool_fd = None  # file capture: the inotify watch of the spool files (spool_watch)
         self.unwatched = []  # inotify descriptors done with, closed after the end (unwatch)
         self.spool_names = {}
+        self.spool_unlinked = False  # a spool file unlinked, its directory not gone yet (links_changed)
         self.spool_last = None  # the stream it said was written last
         self.spool_polled = False  # in the poller (not while Timers.spool_written pauses it)
         self.use_splice = hasattr(os, "splice")
@@ -2486,13 +2499,16 @@ class Supervisor(object):
         self.poller = poller = select.poll()
         for fd in list(self.pipes) + [wake_r, self.ctl_fd]:
             poller.register(fd, select.POLLIN)
-        # The run's directory removed (rm -rf): inotify says so at once, at
-        # no cost while nothing happens; without it, look once a second.
-        self.watch_fd = dir_watch(os.path.dirname(self.run.dir), _libc()) if self.dir_key is not None else None
-        if self.watch_fd is not None:
-            poller.register(self.watch_fd, select.POLLIN)
         self.start_feeding(poller)
         self.watch_spool()
+        # The run's directory removed (rm -rf): inotify says so at once, at
+        # no cost while nothing happens: file capture's watch of the spool
+        # files sees them unlinked (one inotify instance per supervisor);
+        # else a watch of the spool root; without inotify, look once a second.
+        if self.spool_fd is None and self.dir_key is not None:
+            self.watch_fd = dir_watch(os.path.dirname(self.run.dir), _libc())
+            if self.watch_fd is not None:
+                poller.register(self.watch_fd, select.POLLIN)
         self.reap()
         self.check_dir()
         while True:
@@ -2527,7 +2543,8 @@ class Supervisor(object):
             now, running=self.life.phase == "running", timed_out=self.timed_out,
             lingering=self.timers.lingering(now, output_open), pipes=bool(self.pipes),
             poll_sizes=self.polls_sizes(), timeline_due=self.timeline_due(),
-            dir_poll=self.watch_fd is None and self.dir_key is not None and not self.spool_removed,
+            dir_poll=self.watch_fd is None and (self.spool_fd is None or self.spool_unlinked)
+            and self.dir_key is not None and not self.spool_removed,
             unwritten=self.unwritten, held_until=min(self.held.values()) if self.held else None)
 
     def poll_once(self, wait_ms, wake_r):
@@ -2878,8 +2895,11 @@ class Supervisor(object):
         events = spool_events(self.spool_fd, self.spool_names)
         if events is None:  # (the queue overflowed: the files' mtimes say the order)
             self.poll_sizes()
+            self.links_changed()
             return
-        order, first, changes = events
+        order, first, changes, other = events
+        if other:
+            self.links_changed()
         if not order:
             return
         before = dict(self.counts)
@@ -2894,6 +2914,16 @@ class Supervisor(object):
         if self.timers.spool_written(switched, changes <= 1, self.timeline_due()) and self.spool_polled:
             self.poller.unregister(self.spool_fd)
             self.spool_polled = False
+
+    def links_changed(self):
+        """The spool files' watch told of something else than a write:
+        their links changed (say ``rm -rf`` unlinked them).  Was the run's
+        directory removed?  While it is still there and a spool file is
+        unlinked, it is looked at again on the timers (``rm -rf`` removes
+        the files first and the directory last, and only the files are
+        watched)."""
+        if not self.check_dir():
+            self.spool_unlinked = any(os.fstat(fd).st_nlink == 0 for fd in self.files.values())
 
     # The output timeline ---------------------------------------------------------
 

@@ -23,7 +23,7 @@ import pytest
 
 from chaperone.protocol import End, OutputChunk, StateUpdate, StreamDecoder
 from support.helpers import (
-    agent, agent_cmd, agent_start, kill_marked, marker_number, pid_alive, procs_with, program,
+    agent, agent_cmd, agent_start, kill_marked, main_thread_wakeups, marker_number, pid_alive, procs_with, program,
     read_state, run_async, unique, wait_for, wait_no_procs, wait_state,
 )
 
@@ -359,15 +359,6 @@ def test_pipe_capture_200mb_exact_and_supervisor_memory_flat(root):
 
 
 # --- the supervisor's cost -----------------------------------------------------------
-
-
-def main_thread_wakeups(pid):
-    """Voluntary context switches of the supervisor's main thread."""
-    with open("/proc/%d/task/%d/status" % (pid, pid)) as f:
-        for line in f:
-            if line.startswith("voluntary_ctxt_switches:"):
-                return int(line.split()[1])
-    raise AssertionError("no voluntary_ctxt_switches")
 
 
 @pytest.mark.timeout(30)

@@ -26,7 +26,7 @@ import uuid
 import pytest
 
 from support.helpers import (
-    AGENT, REPO, agent, agent_cmd, agent_start, kill_marked, marker_number, one_line_error, pid_alive, procs_with,
+    AGENT, main_thread_wakeups, REPO, agent, agent_cmd, agent_start, kill_marked, marker_number, one_line_error, pid_alive, procs_with,
     program, read_state, wait_for, wait_no_procs, wait_state,
 )
 
@@ -175,12 +175,11 @@ def test_a_spool_removed_while_running_ends_the_program_and_records_it(root, wat
     spec = program("rm", ["sh", "-c", "(trap '' TERM; sleep %s) & sleep %s; wait" % (m, m)],
                    config={"kill_grace": 0.5})
     try:
-        st = start_in_process(root, spec, "" if watch == "inotify" else "dir_watch = lambda *a: None")
+        st = start_in_process(root, spec, "" if watch == "inotify" else
+                              "dir_watch = lambda *a: None; spool_watch = lambda *a: (None, None)")
         wait_for(lambda: len(procs_with(m)) == 2, 10, what="two sleeps")
         sup = st["agent_pid"]
         if watch == "polling":
-            from test_capture import main_thread_wakeups
-
             time.sleep(1.5)  # (the sizes' looks back off to one a second)
             before = main_thread_wakeups(sup)
             time.sleep(2)
@@ -201,6 +200,47 @@ def test_a_spool_removed_while_running_ends_the_program_and_records_it(root, wat
         assert agent(root, "output", "rm", "--stream", "stdout").stdout == b""
         assert run_files(root, "rm") == ["program.json", "state.json", "stderr", "stdout"]
         assert "token" not in (root / "rm" / "program.json").read_text() or True
+    finally:
+        kill_marked(m)
+
+
+def inotify_instances(pid):
+    count = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            count += os.readlink("/proc/%d/fd/%s" % (pid, fd)) == "anon_inode:inotify"
+        except OSError:
+            pass
+    return count
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("capture", ["file", "pipe"])
+def test_a_supervisor_holds_one_inotify_instance(root, capture):
+    """A user may have 128 inotify instances (max_user_instances): each
+    supervisor holds one, so hundreds of runs are woken by inotify, not by
+    timers.  File capture: the watch of its spool files also sees them
+    unlinked (the run's directory removed: see the test above); pipe
+    capture: a watch of the spool root."""
+    m = marker_number()
+    run_id = "one-%s" % capture
+    try:
+        st = agent_start(root, program(run_id, ["sh", "-c", "sleep %s" % m], config={"capture": capture}))
+        wait_for(lambda: len(procs_with(m)) == 1, 10, what="the sleep")
+        time.sleep(0.2)  # (the loop set up)
+        assert inotify_instances(st["agent_pid"]) == 1
+        removed = time.monotonic()
+        shutil.rmtree(str(root / run_id))
+        wait_no_procs(m, timeout=5)
+        assert time.monotonic() - removed < 3.5
+
+        def lost():
+            try:
+                return read_state(root, run_id)["state"] == "lost"
+            except (OSError, ValueError):  # (not made again yet)
+                return False
+
+        wait_for(lost, 10, what="the run recorded lost")
     finally:
         kill_marked(m)
 

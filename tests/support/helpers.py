@@ -313,3 +313,12 @@ def user_ssh_dir(tmp_path, sshd, aliases=("gpu1",)):
     os.chmod(ssh_dir / "config", 0o600)
     os.chmod(ssh_dir / "known_hosts_test", 0o600)
     return ssh_dir
+
+
+def main_thread_wakeups(pid):
+    """Voluntary context switches of the supervisor's main thread."""
+    with open("/proc/%d/task/%d/status" % (pid, pid)) as f:
+        for line in f:
+            if line.startswith("voluntary_ctxt_switches:"):
+                return int(line.split()[1])
+    raise AssertionError("no voluntary_ctxt_switches")
