@@ -11,6 +11,49 @@ if TESTS_DIR not in sys.path:
 
 from support.sshd import SSHD, require_sshd, sshd_with_home  # noqa: E402
 
+#: Where runs on the test sshd (which logs in as this user, in this user's
+#: home) are spooled, and this user's own records of runs.
+HOST_RUNS = os.path.join(os.path.expanduser("~"), ".chaperone", "runs")
+USER_RECORDS = os.path.join(os.path.expanduser("~"), ".chaperone", "runs.db")
+
+
+def pytest_sessionstart(session):
+    if not hasattr(session.config, "workerinput"):  # (the controller, or a run without xdist)
+        session.config._runs_before = set(os.listdir(HOST_RUNS)) if os.path.isdir(HOST_RUNS) else set()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The runs the tests left on the test sshd's host (this user's
+    ~/.chaperone/runs: 40 or so per session, some of 256 MiB) are removed
+    once they are over: only those made during this session, and none this
+    user recorded (a run of their own, started meanwhile, stays)."""
+    before = getattr(session.config, "_runs_before", None)
+    if before is None or not os.path.isdir(HOST_RUNS):
+        return
+    import json
+    import shutil
+    import sqlite3
+
+    mine = set()
+    if os.path.exists(USER_RECORDS):
+        try:
+            db = sqlite3.connect("file:%s?mode=ro" % USER_RECORDS, uri=True, timeout=5)
+            try:
+                mine = {row[0] for row in db.execute("SELECT id FROM runs")}
+            finally:
+                db.close()
+        except sqlite3.Error:
+            return  # (cannot tell which are the user's: keep everything)
+    for name in set(os.listdir(HOST_RUNS)) - before - mine:
+        path = os.path.join(HOST_RUNS, name)
+        try:
+            with open(os.path.join(path, "state.json")) as f:
+                over = json.loads(f.read()).get("state") in ("done", "error", "lost")
+        except (OSError, ValueError):
+            continue  # (being made, or not a run)
+        if over:
+            shutil.rmtree(path, ignore_errors=True)
+
 
 @pytest.fixture(scope="session")
 def sshd():
