@@ -449,7 +449,8 @@ class Chaperone:
         try:
             return agent.validate_spec(doc)
         except agent.AgentError as e:
-            raise UsageError("invalid %s" % e) from None
+            message = str(e)
+            raise UsageError(message if message.startswith("invalid ") else "invalid " + message) from None
 
     @staticmethod
     def _argv(command: Command) -> "tuple[List[str], bool, str]":

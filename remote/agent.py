@@ -1811,6 +1811,20 @@ def login_shell():
         return "/bin/sh"
 
 
+def program_cwd(prog):
+    """The program's working directory: ``cwd``, with ``~`` or ``~/...``
+    the home directory and a relative path taken from it, as ``cd`` in a
+    command that ssh runs (which starts in the home directory); the home
+    directory without one."""
+    home = os.path.expanduser("~")
+    cwd = prog["cwd"]
+    if not cwd:
+        return home
+    if cwd == "~" or cwd.startswith("~/"):
+        cwd = home + cwd[1:]
+    return os.path.join(home, cwd)  # (an absolute cwd stays as it is)
+
+
 def program_argv(prog):
     """``(argv, executable)`` to exec for ``program``: its argv as is, or,
     for a shell command line (``shell``), what sshd execs for a command:
@@ -2371,7 +2385,7 @@ class Supervisor(object):
         prog = self.spec["program"]
         what = getattr(self, "executable", None) or prog["argv"][0]
         filename = getattr(e, "filename", None)
-        if filename is not None and filename == prog.get("cwd"):
+        if filename is not None and prog.get("cwd") and filename in (prog["cwd"], getattr(self, "cwd", None)):
             what = "cwd %s" % prog["cwd"]
         elif filename is not None and prog["stdin"] and filename == prog["stdin"].get("path"):
             what = "stdin %s" % filename
@@ -2386,7 +2400,7 @@ class Supervisor(object):
             stdio = self.open_terminal(prog)
         else:
             stdio = self.open_stdio(prog)
-        cwd = prog["cwd"] or os.path.expanduser("~")
+        cwd = self.cwd = program_cwd(prog)
         argv, self.executable = program_argv(prog)
         env = build_env(prog, cwd)
         if prog.get("tty") is not None and prog["tty"]["term"] and "TERM" not in prog["env"]:

@@ -24,8 +24,17 @@ EXIT_FAILURE = 255
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
+#: The command being run ("chaperone run"), for the help hint of a usage
+#: error raised after click's context is gone.
+_COMMAND = ["chaperone"]
+
+
 def fail(message: str, code: int = EXIT_FAILURE):
-    """One line on stderr, then exit ``code``."""
+    """One line on stderr, then exit ``code``.  A usage error (2) ends by
+    saying where help is, as click's own do."""
+    if code == 2 and "(Try '" not in message:
+        ctx = click.get_current_context(silent=True)
+        message = "%s (Try '%s --help'.)" % (message.rstrip("."), ctx.command_path if ctx else _COMMAND[-1])
     click.echo("chaperone: %s" % message, err=True)
     sys.exit(code)
 
@@ -160,7 +169,10 @@ class Group(click.Group):
         aliases = {"rm": "clean", "inspect": "status", "stop": "kill", "list": "ps", "ls": "ps"}
         if args and args[0] in aliases:
             args = [aliases[args[0]]] + list(args[1:])
-        return super().resolve_command(ctx, args)
+        name, command, rest = super().resolve_command(ctx, args)
+        if command is not None:
+            _COMMAND.append("%s %s" % (ctx.command_path, command.name))
+        return name, command, rest
 
 
 @click.group(cls=Group, context_settings=CONTEXT)

@@ -15,7 +15,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:  # (annotations are not evaluated: __future__)
     from typing import Iterable, List, Optional, Sequence
 
-_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800, None: 1}
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def parse_duration(text: str, what: str = "duration") -> float:
@@ -48,14 +48,31 @@ def parse_duration(text: str, what: str = "duration") -> float:
         while pos < len(s) and s[pos].isspace():
             pos += 1
         unit = next((u for u in ("ms", "s", "m", "h", "d", "w") if s.startswith(u, pos)), None)
+        if unit is None:  # ("1h30": 30 what? a bare number stands alone, else each has its unit)
+            raise UsageError("invalid %s %r: each number after the first needs its unit, as in 1h30m"
+                             % (what, text))
         total += number * _UNITS[unit]
         matched = True
-        if unit is None:
-            break
         pos += len(unit)
     if not matched or pos != len(s):
         raise UsageError("invalid %s %r: use seconds or a duration such as 30s, 5m, 1h30m, 2d" % (what, text))
     return total
+
+
+def run_limits(timeout: Optional[str], kill_grace: Optional[str]) -> "tuple":
+    """``--timeout`` and ``--kill-grace`` in seconds (None: not given).  A
+    timeout of 0 or ``inf`` is none, as for ``timeout 0 CMD``; a grace
+    must be finite."""
+    from ..errors import UsageError
+
+    limit = parse_duration(timeout, "--timeout") if timeout else None
+    if limit is not None and (limit == 0 or limit == float("inf")):
+        limit = None
+    grace = parse_duration(kill_grace, "--kill-grace") if kill_grace else None
+    if grace == float("inf"):
+        raise UsageError("invalid --kill-grace %r: a finite number of seconds (SIGKILL follows SIGTERM after it)"
+                         % kill_grace)
+    return limit, grace
 
 
 def human_duration(seconds: Optional[float]) -> str:
@@ -132,13 +149,17 @@ def cut(text: str, width: int) -> str:
     return head.rstrip() + "…"
 
 
+#: Control characters as escapes (``\n`` for a newline): a table's cell is one line.
+_CONTROLS = dict([(c, "\\x%02x" % c) for c in list(range(32)) + [127]] + [(10, "\\n"), (9, "\\t"), (13, "\\r")])
+
+
 def table(rows: Sequence[Sequence[str]], headers: Sequence[str], *, flex=-1,
           width: Optional[int] = None) -> str:
     """Columns padded to their widest cell; when the rows are wider than the
     terminal, column ``flex`` (the last by default; or several, the first
     given shrinking first, none below its header or 12 characters) is cut
     to fit, at a word boundary with an ellipsis."""
-    rows = [[str(c) for c in row] for row in rows]
+    rows = [[str(c).translate(_CONTROLS) for c in row] for row in rows]  # (a newline in a command: one row still)
     cols = len(headers)
     flexes = [f % cols for f in (flex if isinstance(flex, (list, tuple)) else (flex,))]
     widths = [max([len(headers[i])] + [len(r[i]) for r in rows]) for i in range(cols)]
@@ -231,13 +252,23 @@ def end_note(run_id: str, state: dict) -> "Optional[str]":
     return None
 
 
-def say_end(run_id: str, state: dict) -> int:
+def mid_line(last: bytes, fd: int) -> bool:
+    """Whether a note on stderr would be glued to the output: the output's
+    last bytes ``last`` went to ``fd`` without a final newline, and that and
+    stderr are terminals (the same screen; a file or a pipe is left as is)."""
+    return bool(last) and not last.endswith(b"\n") and is_terminal(fd) and is_terminal(2)
+
+
+def say_end(run_id: str, state: dict, after_partial_line: bool = False) -> int:
     """The end of a run watched in the foreground (run, attach, the fast
-    run): :func:`end_note` on stderr when there is one; the exit status
-    to give (the run's: see ``chaperone.states.exit_code_for``)."""
+    run): :func:`end_note` on stderr when there is one (on a line of its
+    own: ``after_partial_line``, see :func:`mid_line`); the exit status to
+    give (the run's: see ``chaperone.states.exit_code_for``)."""
     from ..states import exit_code_for
 
     note = end_note(run_id, state)
+    if note and after_partial_line:
+        note = "\n" + note
     if note:
         try:
             sys.stdout.flush()

@@ -77,16 +77,17 @@ def _plan(argv):
     config = {}
     if parsed.get("timeout") or parsed.get("kill_grace"):
         from ..errors import UsageError
-        from .display import parse_duration
+        from .display import run_limits
 
         try:
-            if parsed.get("kill_grace") and parsed["kill_grace"][-1]:
-                config["kill_grace"] = parse_duration(parsed["kill_grace"][-1], "--kill-grace")
-            if parsed.get("timeout") and parsed["timeout"][-1]:
-                config["timeout"] = float(parse_duration(parsed["timeout"][-1], "--timeout"))
+            timeout, grace = run_limits((parsed.get("timeout") or [None])[-1], (parsed.get("kill_grace") or [None])[-1])
         except UsageError:
-            return None
-    cwd = parsed["cwd"][-1] if parsed.get("cwd") else os.getcwd()
+            return None  # (the normal path says so)
+        if grace is not None:
+            config["kill_grace"] = grace
+        if timeout is not None:
+            config["timeout"] = float(timeout)
+    cwd = os.path.join(os.getcwd(), os.path.expanduser(parsed["cwd"][-1])) if parsed.get("cwd") else os.getcwd()
     run_id = parsed["run_id"][-1] if parsed.get("run_id") else None
     if not run_id:
         if parsed.get("run_id"):
@@ -180,6 +181,7 @@ class _Frames:
         self.run = run
         self.supervisor = supervisor  # our child: its exit wakes the wait
         self.state = {}
+        self.last = (b"", 1)  # (the output's last byte, and the fd it went to)
         self.interrupts = 0
         self.pending = False
         self._pidfd = None
@@ -189,6 +191,8 @@ class _Frames:
             _write(1, data)
         elif kind == b"2":
             _write(2, data)
+        if kind in (b"1", b"2") and data:
+            self.last = (bytes(data[-1:]), int(kind))
         elif kind == b"S":
             self.state = self.agent.loads(data.decode("utf-8"))
             self.records.update(self.run.id, self.state)
@@ -311,11 +315,11 @@ def _finish(agent, records, root, spec, quiet, db_fds):
         state = frames.state
         from ..states import exit_code_for
 
-        from .display import end_note
+        from .display import end_note, mid_line
 
         note = end_note(run_id, state)
         if note:
-            _say(note)
+            _say(("\n" if mid_line(*frames.last) else "") + note)
         code = exit_code_for(state)
     except _Detach:
         from .display import detached_note

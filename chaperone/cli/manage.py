@@ -45,6 +45,15 @@ def _rows(infos, refreshed_ids):
     return rows
 
 
+def about(run_id: str, error) -> str:
+    """The line that reports ``error`` about run ``run_id`` (whose message
+    may already say which run it is about)."""
+    message = str(error)
+    if message.startswith("run %s " % run_id) or message.startswith("run %s:" % run_id):
+        return "chaperone: %s" % message
+    return "chaperone: run %s: %s" % (run_id, message)
+
+
 async def _current(ch, recs, timeout: float, say=None):
     """Make the unfinished ones of ``recs`` current: local ones from their
     spools here, remote ones from their hosts, all hosts at once, each
@@ -111,7 +120,7 @@ def _refresh_local(ch, recs, records=None, home=None):
 @cli.command()
 @click.option("-a", "--all", "show_all", is_flag=True, help="All runs (default: those not over).")
 @click.option("-q", "--quiet", is_flag=True, help="Only the ids.")
-@click.option("-n", "--last", type=int, metavar="N", help="The N newest runs, over or not.")
+@click.option("-n", "--last", type=click.IntRange(min=0), metavar="N", help="The N newest runs, over or not.")
 @click.option("--host", "hosts", multiple=True, metavar="HOST", help="Only runs on HOST (repeatable).")
 @click.option("--state", "states", multiple=True, metavar="STATE",
               help="Only runs in STATE: running, done, error, lost, failed, starting, unknown (repeatable).")
@@ -260,16 +269,15 @@ def status(run_ids, as_json, timeout, **params):
         from ..errors import ChaperoneError, StartFailed
 
         errors = []
-        if not run_ids:
-            recs = list(ch.records.all())
+        if not run_ids:  # (every run not over as recorded, re-read now: some may have ended since)
+            recs = [r for r in ch.records.all() if not r.final]
             recs.reverse()
             fresh, unreachable = await _current(ch, recs, wait, say=lambda line: click.echo(line, err=True))
             infos = [ch.records.get(r.id).info() for r in recs]
             if as_json:
                 print_json(infos)
-            else:
-                click.echo(table(_rows(infos, fresh | {i["id"] for i in infos if i["state"] != "running"}),
-                                 ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND"), flex=(5, 2)))
+            elif infos:
+                click.echo(status_table(infos))
             return 1 if unreachable else 0
         infos, fresh = [], set()
         for rec in _records(ch, run_ids, errors):
@@ -279,7 +287,7 @@ def status(run_ids, as_json, timeout, **params):
             except StartFailed:
                 fresh.add(rec.id)
             except ChaperoneError as e:
-                click.echo("chaperone: run %s: %s" % (rec.id, e), err=True)
+                click.echo(about(rec.id, e), err=True)
                 errors.append(e.exit_code)
             infos.append(ch.records.get(rec.id).info() if ch.records.get(rec.id) else rec.info())
         return show(infos, errors)
@@ -344,7 +352,7 @@ def _since(text: str) -> float:
     except ValueError:
         pass
     else:
-        if value >= 1e9:  # (a time, as docker takes it: 1732482000)
+        if value >= 0 and value == value:  # (a bare number is a time, as docker takes it: 1732482000; 0: all)
             return value
     try:
         return time.time() - parse_duration(text, "--since")
@@ -439,8 +447,10 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **pa
     if tail not in (None, "all"):
         try:
             lines = int(tail)
+            if lines < 0:
+                raise ValueError(tail)
         except ValueError:
-            fail("invalid --tail %r: a number of lines, or all (Try 'chaperone logs --help'.)" % tail, 2)
+            fail("invalid --tail %r: a number of lines (0 or more), or all (Try 'chaperone logs --help'.)" % tail, 2)
     from ..errors import UsageError
 
     try:
@@ -518,11 +528,13 @@ def wait(run_ids, timeout, as_json, **params):
     several: the largest)."""
     limit = parse_duration(timeout, "--timeout") if timeout else None
 
+    said = set()  # (runs whose error was said already)
+
     def report(ids, infos, codes, errors):
         for run_id, info, code in zip(ids, infos, codes):
             if not as_json and len(ids) > 1:
                 click.echo("%s: %s" % (run_id, result(info)))
-            elif not as_json and info["state"] not in ("done", "running"):
+            elif not as_json and info["state"] not in ("done", "running") and run_id not in said:
                 click.echo("chaperone: run %s: %s" % (run_id, result(info)), err=True)
         if as_json:
             print_json(infos[0] if len(run_ids) == 1 and len(infos) == 1 else infos)
@@ -564,7 +576,8 @@ def wait(run_ids, timeout, as_json, **params):
                 click.echo("chaperone: run %s: still running after %s" % (rec.id, timeout), err=True)
                 return 124
             except ChaperoneError as e:
-                click.echo("chaperone: run %s: %s" % (rec.id, e), err=True)
+                click.echo(about(rec.id, e), err=True)
+                said.add(rec.id)
                 return e.exit_code
 
         codes = await asyncio.gather(*(one(r) for r in recs))
@@ -600,7 +613,7 @@ def kill(run_ids, sig, grace, **params):
                 try:
                     view = server.signal(run_id, name, grace_s)
                 except ChaperoneError as e:
-                    click.echo("chaperone: run %s: %s" % (run_id, e), err=True)
+                    click.echo(about(run_id, e), err=True)
                     errors.append(e.exit_code)
                     continue
                 click.echo("sent %s to run %s (pid %s)" % (name, run_id, view.get("pid")))
@@ -616,7 +629,7 @@ def kill(run_ids, sig, grace, **params):
             try:
                 st = await ch.signal(rec.id, name, grace_s)
             except ChaperoneError as e:
-                click.echo("chaperone: run %s: %s" % (rec.id, e), err=True)
+                click.echo(about(rec.id, e), err=True)
                 errors.append(e.exit_code)
                 continue
             click.echo("sent %s to run %s (pid %s)" % (name, rec.id, st.pid))
@@ -642,7 +655,7 @@ def clean(run_ids, force, **params):
                 try:
                     server.clean(run_id, force)
                 except ChaperoneError as e:
-                    click.echo("chaperone: run %s: %s" % (run_id, e), err=True)
+                    click.echo(about(run_id, e), err=True)
                     errors.append(e.exit_code)
                     continue
                 click.echo("cleaned %s" % run_id)
@@ -658,7 +671,7 @@ def clean(run_ids, force, **params):
             try:
                 await ch.clean(rec.id, force)
             except ChaperoneError as e:
-                click.echo("chaperone: run %s: %s" % (rec.id, e), err=True)
+                click.echo(about(rec.id, e), err=True)
                 errors.append(e.exit_code)
                 continue
             click.echo("cleaned %s" % rec.id)
@@ -701,7 +714,7 @@ def prune(older, hosts, dry_run, **params):
                 await ch.clean(rec.id)
                 removed += 1
             except ChaperoneError as e:
-                click.echo("chaperone: run %s: %s" % (rec.id, e), err=True)
+                click.echo(about(rec.id, e), err=True)
                 errors.append(e.exit_code)
         if not dry_run:
             click.echo("removed %d run%s" % (removed, "" if removed == 1 else "s"))

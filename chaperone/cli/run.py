@@ -17,7 +17,7 @@ import click
 
 from .app import add_options, cli, fail, run_async, served_call
 from .options import ssh_settings
-from .display import is_terminal, parse_duration, say_end
+from .display import is_terminal, parse_duration, run_limits, say_end
 from ..transports.target import is_local
 from .options import RUN, SSH, split_run
 
@@ -60,9 +60,13 @@ def _stdin_fd(params: dict):
     if source == "-":
         return 0
     try:
-        return os.open(source, os.O_RDONLY)
+        fd = os.open(source, os.O_RDONLY)
     except OSError as e:
         raise UsageError("cannot read --stdin %s: %s" % (source, e.strerror)) from None
+    if stat.S_ISDIR(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UsageError("cannot read --stdin %s: it is a directory (give a file, or - for this input)" % source)
+    return fd
 
 
 def _typing(params: dict) -> bool:
@@ -182,10 +186,9 @@ def run(host, **params):
             tty = True
         command = LOGIN_SHELL
     cwd = params.get("cwd")
-    if is_local(host) and cwd is None:
-        cwd = os.getcwd()
-    timeout = parse_duration(params["timeout"], "--timeout") if params.get("timeout") else None
-    grace = parse_duration(params["kill_grace"], "--kill-grace") if params.get("kill_grace") else None
+    if is_local(host):  # (here: the current directory, as for any local command; on a host: the home directory)
+        cwd = os.path.join(os.getcwd(), os.path.expanduser(cwd)) if cwd else os.getcwd()
+    timeout, grace = run_limits(params.get("timeout"), params.get("kill_grace"))
 
     from . import served
 
@@ -208,6 +211,8 @@ def run(host, **params):
         target = ch.target(host, **settings)
         if not target.local:
             ch.preconnect(target)
+        if params.get("run_id") == "":
+            fail("invalid run id '': use 1-128 letters, digits, '.', '_' or '-' (or no --id: a new id)", 2)
         run_id = params.get("run_id") or new_run_id()
         kw = dict(id=run_id, cwd=cwd, env=parse_env(params.get("env") or ()), timeout=timeout, stdin=stdin,
                   config={"kill_grace": grace} if grace is not None else None, tty=bool(tty) or None)
@@ -266,13 +271,15 @@ async def _foreground(ch, target, command, kw, params) -> int:
 
     on_reconnect = OutageNotice(quiet)
     loop.add_signal_handler(signal.SIGINT, on_sigint)
+    last = [b"", 1]  # (the output's last bytes, and where they went)
     try:
         async for event in ch.run(target, command, on_reconnect=on_reconnect, **kw):
             on_reconnect.recovered()
             if isinstance(event, OutputChunk):
-                if not as_json:
+                if not as_json and event.data:
                     out[event.stream].write(event.data)
                     out[event.stream].flush()
+                    last[:] = [event.data[-1:], 1 if event.stream == "stdout" else 2]
             elif isinstance(event, StateUpdate):
                 state = event.state
     except asyncio.CancelledError:
@@ -287,7 +294,9 @@ async def _foreground(ch, target, command, kw, params) -> int:
 
         print_json(ch.get(run_id).info().model_dump())
         return exit_code_for(state)
-    return say_end(run_id, state)
+    from .display import mid_line
+
+    return say_end(run_id, state, mid_line(last[0], last[1]))
 
 
 async def _signal_quietly(ch, run_id, sig):

@@ -575,3 +575,31 @@ def test_a_signal_that_came_after_the_loop_ends_the_supervisor_once_restored():
                 os._exit(0)
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == expect
+
+
+@pytest.mark.parametrize("cwd, where", [
+    ("sub", "HOME/sub"), ("sub/deeper", "HOME/sub/deeper"), ("~", "HOME"), ("~/sub", "HOME/sub"),
+    (None, "HOME"), ("ABS", "ABS"), ("missing", None),
+])
+def test_cwd_is_taken_from_the_home_directory_as_cd_after_ssh(tmp_path, cwd, where):
+    """A relative ``cwd`` is taken from the home directory (ssh runs a
+    command there: ``cd sub`` means ~/sub), ``~`` and ``~/...`` are it;
+    an absolute one stays; a missing one is the run's error, named."""
+    home = tmp_path / "home"
+    (home / "sub" / "deeper").mkdir(parents=True)
+    absolute = tmp_path / "elsewhere"
+    absolute.mkdir()
+    cwd = str(absolute) if cwd == "ABS" else cwd
+    root = tmp_path / "spool"
+    run_id = unique("cwd")
+    env = dict(os.environ, HOME=str(home))
+    res = subprocess.run(agent_cmd(root, "start"), input=json.dumps(program(run_id, ["pwd"], cwd=cwd)).encode(),
+                         env=env, capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    st = wait_state(root, run_id)
+    if where is None:
+        assert st["state"] == "error" and st["error"] == "cwd missing: No such file or directory", st
+        return
+    want = where.replace("HOME", str(home)).replace("ABS", str(absolute))
+    assert st["state"] == "done", st
+    assert (root / run_id / "stdout").read_bytes() == want.encode() + b"\n"

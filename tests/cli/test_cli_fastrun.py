@@ -240,3 +240,52 @@ def test_what_the_fast_path_leaves_to_the_normal_one(tmp_path):
     # ... and the normal path does them as always.
     res = run_cli(NORMAL, home, "run", "local", "--", "cat", input=b"data", stdin=None)
     assert res.returncode == 0 and res.stdout == b"data", res.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_relative_cwd_is_taken_from_the_current_directory(tmp_path):
+    """``run local --cwd sub``: ./sub, as any local command would take it
+    (both paths; on a host it is taken from the home directory, as ssh)."""
+    home = tmp_path / "home"
+    (home / "sub").mkdir(parents=True)
+    for argv, fast in ((FAST, "1"), (NORMAL, "0")):
+        res = run_cli(argv, home, "run", "-q", "--cwd", "sub", "local", "--", "pwd", env={"CHAPERONE_FAST_RUN": fast})
+        assert (res.returncode, res.stdout) == (0, str(home / "sub").encode() + b"\n"), res.stderr
+
+
+def _on_a_terminal(argv, home, env):
+    """``argv`` with stdout and stderr on one pseudo-terminal: (status, what the screen got)."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, env=env, cwd=str(home), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
+        os.close(slave)
+        slave = None
+        screen = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: the terminal's other end is closed
+                break
+            if not chunk:
+                break
+            screen += chunk
+        return proc.wait(timeout=30), screen
+    finally:
+        os.close(master)
+        if slave is not None:
+            os.close(slave)
+
+
+@pytest.mark.timeout(60)
+def test_the_end_note_starts_its_own_line_on_a_terminal(tmp_path):
+    """Output without a final newline, then the run's end note (here its
+    timeout): on a terminal the note starts a line of its own, as a shell's
+    prompt would not; both paths."""
+    for argv, fast in ((FAST, "1"), (NORMAL, "0")):
+        home = tmp_path / ("h" + fast)
+        home.mkdir()
+        code, screen = _on_a_terminal(argv + ["run", "-q", "--timeout", "0.5", "local", "--", "sh", "-c",
+                                              "printf partial; sleep 30"],
+                                      home, cli_env(home, CHAPERONE_FAST_RUN=fast))
+        assert code == 143, screen
+        assert screen.startswith(b"partial\r\nchaperone: run "), screen

@@ -502,3 +502,21 @@ def test_ps_fits_80_columns_with_a_long_error(home):
     assert all(len(line) <= 80 for line in lines), lines
     shown = lines[1].split("nohost", 1)[1].split("\u2026", 1)[0].strip()   # the status as cut
     assert shown.startswith("failed:") and ("failed: unknown host nohost: " + "x").startswith(shown + " "), lines
+
+
+def test_status_without_ids_shows_the_runs_not_over(home, tmp_path):
+    """`status` with no id: every run not over (as recorded), re-read now,
+    in status's own columns; runs over are `ps -a`'s business."""
+    m = marker_number()
+    try:
+        assert cli(home, "run", "-q", "--id", "over", "local", "--", "true").returncode == 0
+        assert cli(home, "run", "-d", "--id", "going", "local", "--", "sleep", m).returncode == 0
+        res = cli(home, "status")
+        assert res.returncode == 0, res.stderr
+        lines = res.stdout.decode().splitlines()
+        assert lines[0].split() == ["ID", "HOST", "STATE", "RESULT", "DURATION", "STDOUT", "STDERR"], lines
+        assert [line.split()[:3] for line in lines[1:]] == [["going", "local", "running"]], lines
+        res = cli(home, "status", "--json")
+        assert [(i["id"], i["state"]) for i in json.loads(res.stdout)] == [("going", "running")]
+    finally:
+        kill_marked(m)
