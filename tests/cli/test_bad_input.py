@@ -164,3 +164,36 @@ def test_cli_invalid_id_on_other_commands_is_usage_error(home):
     res = cli(home, "status", "a/b")
     assert "invalid run id" in one_line_error(res.stderr)
     assert res.returncode == 2
+
+
+#: (arguments, exit status, what the one line says): each a usage error that
+#: says what to do and where help is.
+USAGE = [
+    (["run", "--timeout", "1h30", "local", "--", "true"], "each number after the first needs its unit, as in 1h30m",
+     "chaperone run"),
+    (["run", "--kill-grace", "inf", "local", "--", "true"], "a finite number of seconds", "chaperone run"),
+    (["run", "--id", "", "local", "--", "true"], "invalid run id ''", "chaperone run"),
+    (["run", "--id", "bad id", "local", "--", "true"], "invalid run id 'bad id'", "chaperone run"),
+    (["run", "--stdin", "/", "local", "--", "cat"], "cannot read --stdin /: it is a directory", "chaperone run"),
+    (["run", "-e", "NOEQUALS", "local", "--", "true"], "expected NAME=VALUE", "chaperone run"),
+    (["logs", "--tail", "-1", "x"], "invalid --tail '-1'", "chaperone logs"),
+    (["ps", "-n", "-1"], "-1 is not in the range", "chaperone ps"),
+    (["kill", "-s", "BOGUS", "x"], "unknown signal 'BOGUS'", "chaperone kill"),
+]
+
+
+@pytest.mark.parametrize("args, says, command", USAGE, ids=[" ".join(a[:3]) for a, _, _ in USAGE])
+def test_usage_errors_say_what_and_where_help_is(home, args, says, command):
+    res = cli(home, *args)
+    line = one_line_error(res.stderr)
+    assert res.returncode == 2, (args, res.stderr)
+    assert says in line and line.endswith("(Try '%s --help'.)" % command), line
+    assert "invalid invalid" not in line
+    assert ps_ids(home) == []  # (nothing started, nothing recorded)
+
+
+@pytest.mark.parametrize("timeout", ["0", "inf"])
+def test_a_timeout_of_0_or_inf_is_none(home, timeout):
+    """As ``timeout 0 CMD``: no time limit (was: an error naming config.timeout)."""
+    res = cli(home, "run", "-q", "--timeout", timeout, "local", "--", "sh", "-c", "echo ran")
+    assert (res.returncode, res.stdout, res.stderr) == (0, b"ran\n", b"")

@@ -520,3 +520,26 @@ def test_status_without_ids_shows_the_runs_not_over(home, tmp_path):
         assert [(i["id"], i["state"]) for i in json.loads(res.stdout)] == [("going", "running")]
     finally:
         kill_marked(m)
+
+
+def test_a_newline_in_a_command_stays_on_its_row(home):
+    assert cli(home, "run", "-q", "--id", "nl", "local", "--", "sh", "-c", "echo a\necho b").returncode == 0
+    lines = cli(home, "ps", "-a").stdout.decode().splitlines()
+    assert len(lines) == 2 and lines[1].startswith("nl ") and lines[1].endswith("sh -c 'echo a\\necho b'"), lines
+
+
+def test_logs_since_a_bare_number_is_a_time_as_docker(home):
+    """``--since 0``: everything (the epoch), as docker; a duration needs its unit."""
+    assert cli(home, "run", "-q", "--id", "s0", "local", "--", "sh", "-c", "echo one; echo two >&2").returncode == 0
+    for since in ("0", "1", "3600"):
+        res = cli(home, "logs", "--since", since, "s0")
+        assert (res.returncode, res.stdout, res.stderr) == (0, b"one\n", b"two\n"), since
+    assert cli(home, "logs", "--since", "1h", "s0").stdout == b"one\n"
+
+
+def test_wait_says_a_never_started_runs_error_once(home):
+    cli(home, "run", "-d", "--id", "never", "nohost.invalid", "--", "true")
+    res = cli(home, "wait", "never")
+    assert res.returncode == 255
+    lines = res.stderr.decode().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("chaperone: run never never started: unknown host "), lines

@@ -10,12 +10,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chaperone.cli.display import _UNITS, parse_duration
+from chaperone.cli.display import parse_duration
 from chaperone.errors import UsageError
 from chaperone.records import _dumps, _loads, shell_join
 
-#: parse_duration's grammar as it was written with re (the reference).
+#: parse_duration's grammar as it was written with re (the reference), but
+#: for one rule added since: a number without a unit stands alone ("30"),
+#: never after another ("1h30": 30 what?).
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?)", re.I)
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
 def reference_duration(text):
@@ -31,10 +34,10 @@ def reference_duration(text):
         m = _DURATION.match(s, pos)
         if not m or m.end() == pos:
             break
+        if m.group(2) is None:
+            return None
         total += float(m.group(1)) * _UNITS[m.group(2)]
         matched, pos = True, m.end()
-        if m.group(2) is None:
-            break
     return total if matched and pos == len(s) else None
 
 
