@@ -63,11 +63,15 @@ class ConnectFailed(ChaperoneError):
 
 
 class AgentFailed(ChaperoneError):
-    """The agent answered with an error (its one-line message)."""
+    """The agent answered with an error (its one-line message).  The CLI's
+    exit status follows the agent's (docs/protocol.md): 1 when it refused
+    (a signal to a run that is over, clean of a running run), 3 when the
+    spool is damaged or the host's OS failed; else 255."""
 
     def __init__(self, message, code):
         super().__init__(message)
         self.agent_code = code
+        self.exit_code = code if code in (1, 3) else 255
 
 
 class TimeoutExpired(Exception):

@@ -543,3 +543,22 @@ def test_wait_says_a_never_started_runs_error_once(home):
     assert res.returncode == 255
     lines = res.stderr.decode().splitlines()
     assert len(lines) == 1 and lines[0].startswith("chaperone: run never never started: unknown host "), lines
+
+
+def test_refusals_exit_1_and_a_damaged_state_3(home):
+    """As docs/cli.md's table says: a refusal (nothing done) is 1, a damaged
+    state 3; never 255, which says chaperone failed or lost the run."""
+    m = marker_number()
+    try:
+        assert cli(home, "run", "-q", "--id", "over", "local", "--", "true").returncode == 0
+        res = cli(home, "kill", "over")
+        assert res.returncode == 1 and one_line_error(res.stderr).startswith("chaperone: run over is not running")
+        assert cli(home, "run", "-d", "--id", "going", "local", "--", "sleep", m).returncode == 0
+        res = cli(home, "clean", "going")
+        assert res.returncode == 1 and "kill it first, or clean --force" in one_line_error(res.stderr)
+        (home / "spool" / "over" / "state.json").write_bytes(b"{damaged")
+        for args in (("status", "over"), ("logs", "over")):
+            res = cli(home, *args)
+            assert res.returncode == 3 and "state.json is damaged" in one_line_error(res.stderr), args
+    finally:
+        kill_marked(m)
