@@ -70,6 +70,8 @@ class PushReceiver:
         self.states: Dict[str, dict] = {}
         self._changed: Dict[str, asyncio.Event] = {}
         self._tunnels: Dict[int, dict] = {}  # id(transport) -> {"tunnel", "task", "transport"}
+        #: One tunnel made at a time per host: starts at once share it.
+        self._tunnel_locks: Dict[int, asyncio.Lock] = {}
         self._runs: Dict[str, Transport] = {}  # runs pushing here -> their host's transport
         self._open = False
         self._released: set = set()  # runs told to stop calling back
@@ -159,12 +161,22 @@ class PushReceiver:
             return self.callback_url
         if local:
             return self.server.url
-        tunnel = self._tunnels.get(id(transport))
-        if tunnel is None or tunnel["tunnel"].closed():
-            transport.warm()  # the calls' connection logs in meanwhile, not after
-            await self._open_tunnel(transport)
-            tunnel = self._tunnels[id(transport)]
+        tunnel = await self._ensure_tunnel(transport)
         return self.server.base_url("127.0.0.1", tunnel["tunnel"].port)
+
+    async def _ensure_tunnel(self, transport: Transport) -> dict:
+        """The host's tunnel, made if there is none or it closed: by one
+        caller at a time (starts submitted together all wait for the one
+        it makes; each making its own would close the one before, under
+        runs already given its port)."""
+        lock = self._tunnel_locks.setdefault(id(transport), asyncio.Lock())
+        async with lock:
+            tunnel = self._tunnels.get(id(transport))
+            if tunnel is None or tunnel["tunnel"].closed():
+                transport.warm()  # the calls' connection logs in meanwhile, not after
+                await self._open_tunnel(transport)
+                tunnel = self._tunnels[id(transport)]
+            return tunnel
 
     async def _open_tunnel(self, transport: Transport) -> None:
         new = await transport.forward_remote(self.server.port)
@@ -185,7 +197,7 @@ class PushReceiver:
             while True:
                 await asyncio.sleep(self.heal_interval)
                 try:
-                    await self._open_tunnel(transport)
+                    await self._ensure_tunnel(transport)
                     break
                 except ChaperoneError:
                     continue

@@ -549,3 +549,32 @@ def test_a_short_answer_voids_the_pipelined_bodies_behind_it(tmp_path):
     assert first[:3] == (1, 0, 1000)
     again = [(c, o) for c, o, _, _ in rest if c > 1]
     assert again and again[0][1] == 500, server.outputs
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("ssh_client", ["openssh", "asyncssh"])
+def test_starts_at_once_share_one_tunnel(sshd, tmp_path, ssh_client):
+    """Several push starts to one host at once: one tunnel, its port in
+    every run's callback (each start making its own closed the one before,
+    under runs already told its port: their callbacks went nowhere until
+    wait()'s 30 s safety net)."""
+    async def main():
+        async with Chaperone(tmp_path / "home", push=True, ssh_config=[str(sshd.config_file)],
+                             ssh_client=ssh_client) as ch:
+            runs = await asyncio.gather(*(ch.start("testhost", ["sh", "-c", "echo hi; sleep 1"]) for _ in range(4)))
+            t0 = time.monotonic()
+            states = await asyncio.wait_for(asyncio.gather(*(r.wait() for r in runs)), 20)
+            took = time.monotonic() - t0
+            outputs = [await r.read() for r in runs]
+            ports = set()
+            for r in runs:
+                res = subprocess.run(sshd.ssh_argv("cat", ".chaperone/runs/%s/program.json" % r.id),
+                                     capture_output=True, timeout=30, check=True)
+                ports.add(json.loads(res.stdout)["callback"]["url"])
+                await ch.clean(r.id)
+            return states, took, outputs, ports
+
+    states, took, outputs, ports = asyncio.run(main())
+    assert [s.state for s in states] == ["done"] * 4 and outputs == [b"hi\n"] * 4
+    assert len(ports) == 1, ports
+    assert took < 8, took  # (the callbacks brought the ends: not the safety net)
