@@ -8,6 +8,7 @@ piles up in ``~/.chaperone/runs``.
 """
 
 import asyncio
+import signal
 import json
 import os
 import pwd
@@ -377,3 +378,56 @@ def test_wait_gives_its_channel_back_when_it_returns(sshd, tmp_path):
             assert [c.channels - c.closing for c in _open(transport)] == [0]
 
     asyncio.run(main())
+
+
+def _ssh_children():
+    """The ssh processes under this process's watchdogs (sh -c ... ssh)."""
+    out = subprocess.run(["ps", "-eo", "pid=,ppid=,args="], capture_output=True, text=True).stdout.splitlines()
+    rows = [line.split(None, 2) for line in out if len(line.split(None, 2)) == 3]
+    watchdogs = {int(p) for p, pp, _ in rows if int(pp) == os.getpid()}
+    return {int(p) for p, pp, a in rows if int(pp) in watchdogs and a.split()[0].endswith("/ssh")}
+
+
+@pytest.mark.timeout(90)
+def test_an_ssh_killed_while_logging_in_is_a_lost_connection(sshd, tmp_path):
+    """A follow whose connection drops reconnects; if that new ssh is killed
+    before it logged in (the watchdog's shell says "Killed"), that too is a
+    connection lost, tried again, not a failure that ends the follow."""
+    from chaperone.api import Chaperone
+    from chaperone.protocol import OutputChunk
+
+    async def main():
+        async with Chaperone(tmp_path / "home", ssh_config=[str(sshd.config_file)], ssh_client="openssh") as ch:
+            run = await ch.start("testhost", ["sh", "-c", "for i in $(seq 30); do echo $i; sleep 0.1; done"])
+            reconnects, out = [], []
+
+            async def follow():
+                async for ev in run.events(on_reconnect=lambda e, d: reconnects.append(e)):
+                    if isinstance(ev, OutputChunk):
+                        out.append(ev.data)
+
+            task = asyncio.ensure_future(follow())
+            await asyncio.sleep(1)
+            old = _ssh_children()
+            for pid in old:
+                os.kill(pid, signal.SIGKILL)
+            while not _ssh_children() - old:
+                await asyncio.sleep(0.002)
+            for pid in _ssh_children() - old:
+                os.kill(pid, signal.SIGKILL)  # (its handshake takes a good part of a second: still logging in)
+            await asyncio.wait_for(task, 60)
+            return b"".join(out), reconnects
+
+    out, reconnects = asyncio.run(main())
+    assert out == b"".join(b"%d\n" % i for i in range(1, 31))
+    assert len(reconnects) >= 2, reconnects
+
+
+def test_a_killed_ssh_reads_as_a_lost_connection():
+    from chaperone.errors import ConnectionLost
+    from chaperone.transports.ssh.failures import ssh_error
+    from chaperone.transports.target import Target
+
+    for word in ("Killed", "Terminated"):
+        e = ssh_error(Target.parse("gpu1"), word.encode() + b"\n", False)
+        assert isinstance(e, ConnectionLost) and word.lower() in str(e), e

@@ -79,6 +79,8 @@ def ssh_error(target: Target, stderr: bytes, got_output: bool) -> ChaperoneError
     if not lines:  # ssh says why it failed to connect; a silent 255 is a dropped connection
         return ConnectionLost("connection to %s lost" % host)
     last = lines[-1]
+    if last in ("Killed", "Terminated", "Hangup"):  # (the watchdog's shell: ssh was killed, say while logging in)
+        return ConnectionLost("connection to %s lost: ssh was %s" % (host, last.lower()))
     if "IDENTIFICATION HAS CHANGED" in text:
         return connect_error(target, "host_key_changed")
     if re.search(r"host key is known for|Host key verification failed", text):

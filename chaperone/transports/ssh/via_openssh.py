@@ -186,6 +186,9 @@ class OpenSSHTransport(SSHTransportBase):
                     self._stop_master()
                 if code == 127:
                     raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh)
+                if code is not None and 128 < code < 255:  # (killed by a signal, before it logged in: try again)
+                    raise ConnectionLost("connection to %s lost: ssh was killed by signal %d while logging in"
+                                         % (self.host, code - 128))
                 raise ssh_error(self.target, err, False)
             await asyncio.sleep(0.001)  # (a stat a ms while it logs in: the call goes out at once)
 
