@@ -128,9 +128,12 @@ class PushReceiver:
         self.ch.records.update(run_id, st)
         self.wake(run_id)
         if self.on_update is not None and (old is None or _changed(old, st)):
-            result = self.on_update(run_id, self.ch._typed(st))
-            if inspect.isawaitable(result):
-                await result
+            try:  # (the scheduler's hook failing must not fail a start, a status or a delivery)
+                result = self.on_update(run_id, self.ch._typed(st))
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.warning("on_update hook failed for run %s", run_id, exc_info=True)
 
     def knows(self, run_id: str) -> bool:
         """Whether ``run_id`` pushes to this process."""

@@ -578,3 +578,26 @@ def test_starts_at_once_share_one_tunnel(sshd, tmp_path, ssh_client):
     assert [s.state for s in states] == ["done"] * 4 and outputs == [b"hi\n"] * 4
     assert len(ports) == 1, ports
     assert took < 8, took  # (the callbacks brought the ends: not the safety net)
+
+
+@pytest.mark.timeout(60)
+def test_a_failing_on_update_hook_fails_nothing(tmp_path, caplog):
+    """The scheduler's on_update raising: the start still returns its run
+    (a start that raised after the program ran would be started again by a
+    scheduler that retries), the run ends as it does, the failure is logged."""
+    calls = []
+
+    def on_update(run_id, state):
+        calls.append(state.state)
+        raise RuntimeError("a bug in the scheduler's hook")
+
+    async def main():
+        async with Chaperone(tmp_path / "home", push=True, config=FAST, on_update=on_update) as ch:
+            run = await ch.start("local", ["sh", "-c", "echo ran"])
+            st = await run.wait()
+            return st, await run.read(), [r.id for r in ch.runs()]
+
+    with caplog.at_level("WARNING", logger="chaperone"):
+        st, out, ids = run_async(main())
+    assert st.state == "done" and out == b"ran\n" and len(ids) == 1
+    assert calls and "on_update hook failed" in caplog.text
