@@ -90,6 +90,19 @@ def check_signal(name: Union[str, int]) -> str:
     return text
 
 
+def _offsets(offsets: Optional[Mapping[str, int]]) -> Dict[str, int]:
+    """Where to start each stream: ``offsets``, 0 for a stream it leaves
+    out; an unknown stream or a negative offset is a usage error."""
+    out = {s: 0 for s in STREAMS}
+    for stream, offset in (offsets or {}).items():
+        if stream not in STREAMS:
+            raise UsageError("unknown stream %r in offsets: stdout or stderr" % (stream,))
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise UsageError("offset of %s must be an integer >= 0 (got %r)" % (stream, offset))
+        out[stream] = offset
+    return out
+
+
 class _StartBatcher:
     """Starts requested in the same turn of the event loop for one host go
     to the agent together: one channel and one Python start-up for all."""
@@ -729,6 +742,7 @@ class Chaperone:
         reconnects with backoff when the connection breaks, for up to
         ``reconnect_for`` seconds at a time (``on_reconnect(error,
         delay)`` is told each time)."""
+        offsets = _offsets(offsets)
         rec = self.record(run_id)
         self._never_started(rec)
         if self.push is not None and self.push.knows(rec.id):
@@ -831,6 +845,10 @@ class Chaperone:
         """Bytes of the run's output held now (from its spool; with push,
         what the local mirror holds if it holds that much), in memory:
         :meth:`output` streams any size."""
+        if stream not in STREAMS:
+            raise UsageError("unknown stream %r: stdout or stderr" % stream)
+        if offset < 0 or (length is not None and length < 0):
+            raise UsageError("offset and length must be >= 0 (got %r, %r)" % (offset, length))
         rec = self.record(run_id)
         self._never_started(rec)
         if self.push is not None and self.push.knows(rec.id):
@@ -912,7 +930,8 @@ class Chaperone:
                 raise UsageError("unknown stream %r: stdout or stderr" % stream)
         rec = self.record(run_id)
         self._never_started(rec)
-        start = {s: (offsets or {}).get(s, 0) if s in streams else SKIP_OUTPUT[s] for s in STREAMS}
+        given = _offsets(offsets)
+        start = {s: given[s] if s in streams else SKIP_OUTPUT[s] for s in STREAMS}
         return self._follow(rec.id, start, on_reconnect=on_reconnect, skips=since is not None,
                             via=lambda client, at: client.logs(rec.id, at, since=since, follow=follow))
 

@@ -376,3 +376,36 @@ def test_the_same_id_from_many_processes_at_once(tmp_path):
              for _ in range(40)]
     results = [(p.wait(100), p.stdout.read(), p.stderr.read()) for p in procs]
     assert [r[:2] for r in results] == [(0, b"same\n")] * 40, [r for r in results if r[0]][:3]
+
+
+def test_offsets_and_stream_names_are_checked_alike_everywhere(tmp_path):
+    """events() takes offsets for some streams (the others from 0), as
+    logs() and push do; read() takes stdout or stderr only, and offsets
+    >= 0, as output() and logs() do: a UsageError, not an agent's usage
+    text or its framing."""
+    from chaperone.errors import UsageError
+    from chaperone.protocol import OutputChunk
+
+    async def main():
+        async with Chaperone(tmp_path / "home") as ch:
+            run = await ch.start("local", ["sh", "-c", "printf 0123456789; printf ERR >&2"])
+            await run.wait()
+            got = [(e.stream, e.offset, e.data) async for e in run.events({"stdout": 5})
+                   if isinstance(e, OutputChunk)]
+            errors = []
+            for call in (lambda: run.read("both"), lambda: run.read("stdin"), lambda: run.read("stdout", -1),
+                         lambda: run.read("stdout", 0, -1)):
+                try:
+                    await call()
+                except UsageError as e:
+                    errors.append(str(e))
+            for offsets in ({"stdout": -1}, {"both": 0}):
+                try:
+                    [e async for e in run.events(offsets)]
+                except UsageError as e:
+                    errors.append(str(e))
+            return got, errors
+
+    got, errors = run_async(main())
+    assert sorted(got) == [("stderr", 0, b"ERR"), ("stdout", 5, b"56789")]
+    assert len(errors) == 6, errors
