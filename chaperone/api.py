@@ -675,6 +675,7 @@ class Chaperone:
         """run()'s events: the start and its follow, then follows again
         after a dropped connection; the input sent once it started."""
         started = False
+        final = None  # (a final state is given once, after the output, just before End)
         try:
             events = AgentClient(transport).start_follow(program)
             try:
@@ -684,8 +685,13 @@ class Chaperone:
                         self.records.update(run_id, event.state)
                         if source is not None and not event.final:
                             self._feed(run_id, source)  # (quiet: the follow tells of a lost connection)
+                        if event.final:  # (the start's answer may be final already: its output follows it)
+                            final = event
+                            continue
                     elif isinstance(event, OutputChunk):
                         offsets[event.stream] = event.offset + len(event.data)
+                    if isinstance(event, End) and final is not None:
+                        yield final
                     yield event
                     if isinstance(event, End):
                         return

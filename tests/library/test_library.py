@@ -409,3 +409,25 @@ def test_offsets_and_stream_names_are_checked_alike_everywhere(tmp_path):
     got, errors = run_async(main())
     assert sorted(got) == [("stderr", 0, b"ERR"), ("stdout", 5, b"56789")]
     assert len(errors) == 6, errors
+
+
+def test_run_gives_the_final_state_once_after_the_output(tmp_path):
+    """run()'s events: the final state once, after every byte of output,
+    just before End (the start's answer can be final already when the
+    program ends at once: it was given first, then again after the output:
+    a consumer stopping at the first final state lost the output)."""
+    from chaperone.protocol import End, OutputChunk, StateUpdate
+
+    async def main():
+        shapes = set()
+        async with Chaperone(tmp_path / "home") as ch:
+            for _ in range(12):
+                events = [e async for e in ch.run("local", ["sh", "-c", "echo a; echo E >&2; exit 3"])]
+                finals = [i for i, e in enumerate(events) if isinstance(e, StateUpdate) and e.final]
+                outputs = [i for i, e in enumerate(events) if isinstance(e, OutputChunk)]
+                assert len(finals) == 1 and finals[0] > max(outputs) and isinstance(events[-1], End), events
+                assert finals[0] == len(events) - 2 and events[finals[0]].state["return_code"] == 3
+                shapes.add(tuple(type(e).__name__ for e in events))
+        return shapes
+
+    assert run_async(main())
