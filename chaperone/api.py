@@ -278,6 +278,7 @@ class Chaperone:
                  transports: Optional[Mapping[str, Transport]] = None, overrides: Optional[Mapping] = None):
         self.home = chaperone_home(home)
         self._records: Optional[Records] = None
+        self._closed = False  # (close() was called: no new connections, see close)
         self.ssh_config = list(ssh_config or [])
         self.check_host_keys = check_host_keys
         self.known_hosts = known_hosts
@@ -320,13 +321,21 @@ class Chaperone:
 
     async def open(self) -> None:
         """Start what runs in the background (push: the callback endpoint)."""
+        self._closed = False
         if self.push is not None:
             await self.push.open()
 
     async def close(self) -> None:
         """Close connections, the callback endpoint and the records.  Input
         still being sent (``start(stdin=a stream)``) stops there: await
-        :meth:`Run.stdin_sent` first to deliver all of it."""
+        :meth:`Run.stdin_sent` first to deliver all of it.  A call still in
+        flight (a ``wait()``, a follow) that needs the host again raises
+        :class:`~chaperone.errors.ChaperoneError` instead of connecting anew
+        (:meth:`open` makes this object usable again)."""
+        self._closed = True
+        watchers, self._watchers = list(self._watchers.values()), {}
+        for watcher in watchers:  # (the wait()s in flight end now, with this error)
+            watcher.close(ChaperoneError("this Chaperone was closed while waiting (open() it again, or use a new one)"))
         feeders, self._feeders = list(self._feeders.values()), {}
         for task in feeders:
             task.cancel()
@@ -361,6 +370,8 @@ class Chaperone:
     def transport_for(self, record: Record) -> Transport:
         """The transport to a recorded run's host (the same object as for a
         start there), with this object's ``overrides``."""
+        if self._closed:
+            raise ChaperoneError("run %s: this Chaperone was closed (open() it again, or use a new one)" % record.id)
         target = Target.from_description(dict(record.transport))
         if self.overrides and not target.local:
             target = target.replace(**self.overrides)

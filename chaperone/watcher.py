@@ -70,6 +70,18 @@ class HostWatcher:
         finally:
             self._drop(run_id, waiter)
 
+    def close(self, error: BaseException) -> None:
+        """Stop: the calls end, every waiter gets ``error``."""
+        if self._kick is not None:
+            self._kick.cancel()
+            self._kick = None
+        for task in list(self.calls):
+            task.cancel()
+        self.calls.clear()
+        self.pending.clear()
+        for run_id in list(self.waiters):
+            self._fail(run_id, error)
+
     def _drop(self, run_id: str, waiter: _Waiter) -> None:
         waiters = self.waiters.get(run_id)
         if waiters and waiter in waiters:

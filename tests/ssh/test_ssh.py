@@ -431,3 +431,31 @@ def test_a_killed_ssh_reads_as_a_lost_connection():
     for word in ("Killed", "Terminated"):
         e = ssh_error(Target.parse("gpu1"), word.encode() + b"\n", False)
         assert isinstance(e, ConnectionLost) and word.lower() in str(e), e
+
+
+@pytest.mark.timeout(60)
+def test_close_ends_the_calls_in_flight_instead_of_connecting_again(sshd, tmp_path):
+    """A wait() still in flight when its Chaperone closes fails with a
+    ChaperoneError once it needs the host again; it does not open a new
+    connection (an ssh master nobody would close) nor the records again."""
+    from chaperone.api import Chaperone
+    from chaperone.errors import ChaperoneError
+
+    async def main():
+        ch = Chaperone(tmp_path / "home", ssh_config=[str(sshd.config_file)], ssh_client="openssh")
+        await ch.open()
+        run = await ch.start("testhost", ["sleep", "2"])
+        waiter = asyncio.ensure_future(run.wait())
+        await asyncio.sleep(0.5)
+        await ch.close()
+        try:
+            await asyncio.wait_for(waiter, 30)
+            outcome = "returned"
+        except ChaperoneError as e:
+            outcome = str(e)
+        await asyncio.sleep(0.5)
+        return outcome, _ssh_children(), ch._records
+
+    outcome, sshs, records = asyncio.run(main())
+    assert "was closed" in outcome, outcome
+    assert sshs == set() and records is None
