@@ -50,10 +50,10 @@ def chaperone(home, *args, timeout=60):
     return res
 
 
-def assert_fails_cleanly(home, res, *words):
-    """255, one clear line on stderr mentioning ``words``, no running run."""
+def assert_fails_cleanly(home, res, *words, code=255):
+    """255 (or ``code``), one clear line on stderr mentioning ``words``, no running run."""
     err = res.stderr.decode("utf-8", "replace")
-    assert res.returncode == 255, err
+    assert res.returncode == code, err
     assert res.stdout == b""
     lines = err.splitlines()
     assert len(lines) == 1, err
@@ -169,4 +169,5 @@ def test_spool_not_writable(sshd, tmp_path):
     # /etc/hostname is a regular file: nothing can be created under it.
     res = chaperone(tmp_path, "-F", sshd.config_file, "run", "--spool", "/etc/hostname/x",
                     "testhost", "--", "true")
-    assert_fails_cleanly(tmp_path, res, "/etc/hostname/x", "Not a directory")
+    # (3, as docs/cli.md says: the host's spool cannot be written)
+    assert_fails_cleanly(tmp_path, res, "/etc/hostname/x", "Not a directory", code=3)
