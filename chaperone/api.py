@@ -1024,6 +1024,13 @@ class Chaperone:
                 await self.client(rec.id).clean(rec.id, force)
             except NoSuchRun:
                 pass  # already gone there
+        self.forget(rec.id)
+
+    def forget(self, run_id: str) -> None:
+        """Drop the run's record here, without reaching its host (its spool
+        there, if any, stays: for a host gone for good; :meth:`clean`
+        removes both)."""
+        rec = self.record(run_id)
         if self.push is not None:
             self.push.forget(rec.id)
         self.records.remove(rec.id)

@@ -664,12 +664,21 @@ def clean(run_ids, force, **params):
         sys.exit(served_call(via))
 
     async def go(ch):
-        from ..errors import ChaperoneError
+        from ..errors import ChaperoneError, ConnectFailed
 
         errors = []
         for rec in _records(ch, run_ids, errors):
             try:
                 await ch.clean(rec.id, force)
+            except ConnectFailed as e:
+                if not force:
+                    click.echo(about(rec.id, "%s; clean -f forgets it here, its spool there stays" % e), err=True)
+                    errors.append(e.exit_code)
+                    continue
+                ch.forget(rec.id)  # (docker rm -f: a host gone for good must not keep its runs here for ever)
+                click.echo(about(rec.id, "%s; forgotten here, its spool on %s stays" % (e, rec.host)), err=True)
+                click.echo("forgot %s" % rec.id)
+                continue
             except ChaperoneError as e:
                 click.echo(about(rec.id, e), err=True)
                 errors.append(e.exit_code)

@@ -562,3 +562,29 @@ def test_refusals_exit_1_and_a_damaged_state_3(home):
             assert res.returncode == 3 and "state.json is damaged" in one_line_error(res.stderr), args
     finally:
         kill_marked(m)
+
+
+@pytest.mark.timeout(60)
+def test_clean_force_forgets_a_run_whose_host_is_gone(home, tmp_path):
+    """A run started on a host that is then gone for good: clean says why
+    it cannot and what -f does (exit 255); clean -f forgets it here (its
+    spool stays there), exit 0, and ps no longer shows it."""
+    from support.sshd import SSHD
+
+    server = SSHD()
+    server.start()
+    stopped = False
+    try:
+        res = cli(home, "-F", server.config_file, "run", "-d", "--id", "away", "testhost", "--", "sleep", "1")
+        assert res.returncode == 0, res.stderr
+        server.stop()
+        stopped = True
+        res = cli(home, "-F", server.config_file, "clean", "away")
+        assert res.returncode == 255 and "clean -f forgets it here" in one_line_error(res.stderr), res.stderr
+        res = cli(home, "-F", server.config_file, "clean", "-f", "away")
+        assert (res.returncode, res.stdout) == (0, b"forgot away\n"), res.stderr
+        assert "forgotten here, its spool on testhost stays" in one_line_error(res.stderr)
+        assert cli(home, "ps", "-a", "-q").stdout == b""
+    finally:
+        if not stopped:
+            server.stop()
