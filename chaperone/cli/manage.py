@@ -565,8 +565,9 @@ def wait(run_ids, timeout, as_json, **params):
         errors, infos, codes = [], [], []
         recs = _records(ch, run_ids, errors)
 
-        def on_reconnect(error, delay):
-            click.echo("chaperone: %s; reconnecting" % error, err=True)
+        from .display import OutageNotice
+
+        on_reconnect = OutageNotice()  # (one line per outage, not one per attempt: as logs -f)
 
         async def one(rec):
             try:

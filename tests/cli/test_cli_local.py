@@ -575,16 +575,39 @@ def test_clean_force_forgets_a_run_whose_host_is_gone(home, tmp_path):
     server.start()
     stopped = False
     try:
-        res = cli(home, "-F", server.config_file, "run", "-d", "--id", "away", "testhost", "--", "sleep", "1")
+        run_id = unique("away")  # (the host's spool is this user's home: shared by every test session)
+        res = cli(home, "-F", server.config_file, "run", "-d", "--id", run_id, "testhost", "--", "sleep", "1")
         assert res.returncode == 0, res.stderr
         server.stop()
         stopped = True
-        res = cli(home, "-F", server.config_file, "clean", "away")
+        res = cli(home, "-F", server.config_file, "clean", run_id)
         assert res.returncode == 255 and "clean -f forgets it here" in one_line_error(res.stderr), res.stderr
-        res = cli(home, "-F", server.config_file, "clean", "-f", "away")
-        assert (res.returncode, res.stdout) == (0, b"forgot away\n"), res.stderr
+        res = cli(home, "-F", server.config_file, "clean", "-f", run_id)
+        assert (res.returncode, res.stdout) == (0, b"forgot %s\n" % run_id.encode()), res.stderr
         assert "forgotten here, its spool on testhost stays" in one_line_error(res.stderr)
         assert cli(home, "ps", "-a", "-q").stdout == b""
     finally:
         if not stopped:
             server.stop()
+
+
+@pytest.mark.timeout(60)
+def test_wait_says_an_outage_once(home):
+    """wait on a host that went away: one line saying it reconnects (not
+    one per attempt), then 124 when --timeout passes."""
+    from support.sshd import SSHD
+
+    server = SSHD()
+    server.start()
+    config = home / "ssh_config"  # (stop() removes the server's files: its port stays named here)
+    try:
+        config.write_bytes(open(server.config_file, "rb").read())
+        run_id = unique("w")  # (the host's spool is this user's home: shared by every test session)
+        res = cli(home, "-F", config, "run", "-d", "--id", run_id, "testhost", "--", "sleep", "30")
+        assert res.returncode == 0, res.stderr
+    finally:
+        server.stop()
+    res = cli(home, "-F", config, "wait", "--timeout", "4s", run_id)
+    lines = res.stderr.decode().splitlines()
+    assert res.returncode == 124, res.stderr
+    assert sum("reconnecting" in line for line in lines) == 1, lines
