@@ -156,8 +156,8 @@ def _iso(ts: Optional[float]) -> Optional[str]:
         return None
     import datetime
 
-    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat(timespec="seconds").replace(
-        "+00:00", "Z")
+    # (as the agent writes start_time and end_time: one format in one object)
+    return datetime.datetime.fromtimestamp(ts, datetime.timezone.utc).isoformat()
 
 
 def _seconds_between(start: Optional[str], end: Optional[str]) -> Optional[float]:

@@ -611,3 +611,16 @@ def test_wait_says_an_outage_once(home):
     lines = res.stderr.decode().splitlines()
     assert res.returncode == 124, res.stderr
     assert sum("reconnecting" in line for line in lines) == 1, lines
+
+
+def test_the_times_of_a_run_object_read_alike(home):
+    """created, start_time and end_time (and last_seen) in one format:
+    ISO 8601 in UTC as the agent writes them (+00:00, microseconds)."""
+    import datetime
+
+    assert cli(home, "run", "-q", "--id", "t", "local", "--", "true").returncode == 0
+    info = json.loads(cli(home, "status", "--json", "t").stdout)
+    for key in ("created", "start_time", "end_time"):
+        value = info[key]
+        assert value.endswith("+00:00"), (key, value)
+        assert datetime.datetime.fromisoformat(value).tzinfo is not None
