@@ -459,3 +459,22 @@ def test_close_ends_the_calls_in_flight_instead_of_connecting_again(sshd, tmp_pa
     outcome, sshs, records = asyncio.run(main())
     assert "was closed" in outcome, outcome
     assert sshs == set() and records is None
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("push", [False, True])
+def test_close_leaves_no_zombie(sshd, tmp_path, push):
+    """A scheduler closes its Chaperone and goes on: the ssh masters (the
+    connection's, the tunnel's) and their watchdogs are reaped by then."""
+    from chaperone.api import Chaperone
+
+    async def main():
+        async with Chaperone(tmp_path / ("home%d" % push), ssh_config=[str(sshd.config_file)],
+                             ssh_client="openssh", push=push) as ch:
+            run = await ch.start("testhost", ["true"])
+            await run.wait()
+        out = subprocess.run(["ps", "-o", "pid=,stat=", "--ppid", str(os.getpid())], capture_output=True,
+                             text=True).stdout
+        return [line for line in out.splitlines() if line.split()[1].startswith("Z")]
+
+    assert asyncio.run(main()) == []

@@ -145,6 +145,20 @@ def _reap() -> None:
     _stopping[:] = [p for p in _stopping if p.poll() is None]
 
 
+async def reap_stopped(within: float = 1.0) -> None:
+    """Wait (up to ``within`` seconds) until the stopped masters and
+    standby sessions exited, and reap them: a long-lived process (a
+    scheduler) that closes its connections must not keep zombies."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    end = loop.time() + within
+    _reap()
+    while _stopping and loop.time() < end:
+        await asyncio.sleep(0.01)
+        _reap()
+
+
 #: The head start's session, until a transport adopts it.
 _standby: Optional[Standby] = None
 

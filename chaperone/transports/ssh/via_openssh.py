@@ -284,6 +284,7 @@ class OpenSSHTransport(SSHTransportBase):
             except (asyncio.TimeoutError, ProcessLookupError):
                 pass
         self._stop_master()
+        await masters.reap_stopped()  # (its master's, and its tunnels' once closed: no zombie left)
 
     # Running the agent -----------------------------------------------------
 
