@@ -124,6 +124,9 @@ class PushReceiver:
         old = self.states.get(run_id)
         if old is not None and old["state"] in FINAL_STATES:
             return
+        if old is not None and st["state"] not in FINAL_STATES and any(
+                (st.get(k) or 0) < (old.get(k) or 0) for k in ("stdout_bytes", "stderr_bytes")):
+            return  # (older than what is held: the start's answer after the first callbacks, say)
         self.states[run_id] = st
         self.ch.records.update(run_id, st)
         self.wake(run_id)

@@ -601,3 +601,26 @@ def test_a_failing_on_update_hook_fails_nothing(tmp_path, caplog):
         st, out, ids = run_async(main())
     assert st.state == "done" and out == b"ran\n" and len(ids) == 1
     assert calls and "on_update hook failed" in caplog.text
+
+
+@pytest.mark.timeout(90)
+def test_push_states_never_go_back(sshd, tmp_path):
+    """With push, a run's states come in order: a running state never has
+    fewer bytes than the one before (the start's answer, older, came after
+    the first callbacks and was given as the latest)."""
+    from chaperone.protocol import StateUpdate
+
+    async def main():
+        seen = []
+        async with Chaperone(tmp_path / "home", push=True, ssh_config=[str(sshd.config_file)], config=FAST) as ch:
+            for _ in range(6):
+                run = await ch.start("testhost", ["sh", "-c", "echo a; echo E >&2; sleep 0.3"])
+                states = [e.state for e in [e async for e in run.events()] if isinstance(e, StateUpdate)]
+                seen.append([(s["state"], s["stdout_bytes"], s["stderr_bytes"]) for s in states])
+                await ch.clean(run.id)
+        return seen
+
+    for states in asyncio.run(main()):
+        assert states[-1][0] == "done", states
+        for before, after in zip(states, states[1:]):
+            assert after[1] >= before[1] and after[2] >= before[2], states
