@@ -86,15 +86,32 @@ def agent_hash():
     return agent_hash()
 
 
-def agent_file():
+def agent_file(home=REMOTE_HOME):
     from chaperone.agent_source import agent_bytes
 
-    return REMOTE_HOME / ".chaperone" / ("agent-%s.py" % agent_hash()[:16]), agent_bytes()
+    return Path(home) / ".chaperone" / ("agent-%s.py" % agent_hash()[:16]), agent_bytes()
+
+
+@pytest.fixture
+def own_host(tmp_path):
+    """An sshd whose sessions have a home of their own: its agent file can
+    be removed or damaged without pulling it from under the tests that run
+    meanwhile (in the other xdist worker) on the shared sshd."""
+    from support.sshd import require_sshd, sshd_with_home
+
+    require_sshd()
+    home = tmp_path / "remote-home"
+    server = sshd_with_home(home)
+    try:
+        yield server, home
+    finally:
+        server.stop()
 
 
 @pytest.mark.timeout(60)
-def test_agent_is_shipped_again_after_removal(sshd, tmp_path):
-    path, content = agent_file()
+def test_agent_is_shipped_again_after_removal(own_host, tmp_path):
+    sshd, home = own_host
+    path, content = agent_file(home)
     path.unlink(missing_ok=True)
     res = chaperone(sshd, tmp_path, "run", "--spool", tmp_path / "spool", "testhost", "--", "echo", "hi")
     assert (res.returncode, res.stdout, res.stderr) == (0, b"hi\n", b"")
@@ -107,8 +124,10 @@ def test_agent_is_shipped_again_after_removal(sshd, tmp_path):
 
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize("damage", ["modified", "truncated", "empty"])
-def test_damaged_agent_is_detected_and_shipped_again(sshd, tmp_path, damage):
-    path, content = agent_file()
+def test_damaged_agent_is_detected_and_shipped_again(own_host, tmp_path, damage):
+    sshd, home = own_host
+    path, content = agent_file(home)
+    path.parent.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     path.parent.mkdir(mode=0o700, exist_ok=True)
     # Same name, other content.  "modified" is still a working agent (its
     # own --expect-hash check catches it); "truncated" and "empty" never get
