@@ -2369,6 +2369,11 @@ class Supervisor(object):
             libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
         if self.spec.get("callback"):
             self.sender = CallbackSender(self)
+        # The control FIFO is read from before the program starts: a
+        # request sent as soon as the start is answered (a Ctrl-C right
+        # after the program's first line) finds a reader, and waits there
+        # for the loop.
+        self.ctl_fd = os.open(self.run.path("control"), os.O_RDWR | os.O_NONBLOCK)
         try:
             self.start_program(libc)
         except (OSError, ValueError) as e:
@@ -2509,7 +2514,6 @@ class Supervisor(object):
         control requests and timers, until it and what it left behind are
         done; then record the end (the ``over`` event: see TRANSITIONS)."""
         wake_r = self.catch_signals()
-        self.ctl_fd = os.open(self.run.path("control"), os.O_RDWR | os.O_NONBLOCK)
         self.poller = poller = select.poll()
         for fd in list(self.pipes) + [wake_r, self.ctl_fd]:
             poller.register(fd, select.POLLIN)

@@ -603,3 +603,24 @@ def test_cwd_is_taken_from_the_home_directory_as_cd_after_ssh(tmp_path, cwd, whe
     want = where.replace("HOME", str(home)).replace("ABS", str(absolute))
     assert st["state"] == "done", st
     assert (root / run_id / "stdout").read_bytes() == want.encode() + b"\n"
+
+
+
+def test_a_signal_right_after_the_start_is_taken(tmp_path):
+    """The start's answer comes once the program runs; a signal sent at
+    once (a Ctrl-C right after the program's first line) finds the
+    supervisor's control FIFO open: it is opened before the program
+    starts, and the request waits there for the loop.  (Here the loop is
+    made to start a second late: before, that was "its supervisor does not
+    read its control FIFO".)"""
+    root = tmp_path / "spool"
+    run_id = unique("sig")
+    patch = "_loop = Supervisor.loop\nSupervisor.loop = lambda self: (time.sleep(1.0), _loop(self))[1]"
+    code = ("import sys; sys.path.insert(0, %r); import agent; exec(%r, vars(agent)); "
+            "agent.exit_now(agent.main(['--root', %r, 'start']))" % (str(AGENT.parent), patch, str(root)))
+    res = subprocess.run([sys.executable, "-c", code], input=json.dumps(program(run_id, ["sleep", "30"])).encode(),
+                         capture_output=True, timeout=30)
+    assert res.returncode == 0, res
+    res = agent(root, "signal", run_id, "TERM")
+    assert res.returncode == 0, res.stderr
+    assert wait_state(root, run_id)["signal"] == "SIGTERM"
