@@ -48,7 +48,9 @@ except ImportError:
 #: header holds their source hash), read from a directory nobody else can
 #: write (the bootstraps check it: the header proves which source a file
 #: was compiled from, not who wrote it); else the bytes are compiled and
-#: the ``.pyc`` written again (atomically, 0600).  The module is run as
+#: the ``.pyc`` written again (atomically, 0600).  ``_V``, when the
+#: bootstrap checked the bytes' SHA-256, is that hash: the module gets it as
+#: ``BOOTSTRAP_SHA256`` (its own ``--expect-hash`` check is then done).  The module is run as
 #: ``chaperone_agent``; its exit status is given without the interpreter's
 #: teardown (~8 ms): what sys.stdout/sys.stderr hold is flushed (a failed
 #: flush is status 120, as at a normal exit), then ``os._exit``.
@@ -82,6 +84,7 @@ if _k is None:
             except OSError:pass
 _m=type(sys)('chaperone_agent')
 _m.__file__=_p
+_m.BOOTSTRAP_SHA256=globals().get('_V')
 exec(_k,_m.__dict__)
 _r=_m.main()
 try:

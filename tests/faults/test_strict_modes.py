@@ -409,3 +409,19 @@ def test_the_bootstraps_on_python38(home, tmp_path):
         res = subprocess.run([PY38, "-I", "-S", "-c", LOCAL_BOOTSTRAP, str(d / "agent.py"), "--root",
                               str(tmp_path / "spool"), "list"], capture_output=True, timeout=30)
         assert res.returncode == 0 and res.stdout == b"[]\n", res
+
+
+def test_the_bootstrap_hashes_the_agent_once_without_openssl(home, tmp_path):
+    """Through the SSH bootstrap an agent call hashes the agent once, with
+    the interpreter's own SHA-256: the bootstrap checks the bytes and tells
+    the agent (BOOTSTRAP_SHA256), which does not read and hash itself
+    again with hashlib (OpenSSL: 3 ms of every call)."""
+    assert ship(home).returncode == 0
+    python = tmp_path / "python-importtime"
+    python.write_text('#!/bin/sh\nexec %s -X importtime "$@"\n' % PY)
+    python.chmod(0o755)
+    res = remote(home, ["list"], python=str(python))
+    assert res.returncode == 0, res.stderr
+    imported = [line.rsplit("|", 1)[-1].strip() for line in res.stderr.decode().splitlines()
+                if line.startswith("import time:")]
+    assert imported and "hashlib" not in imported and "_hashlib" not in imported, imported

@@ -434,9 +434,7 @@ def test_agent_is_stdlib_only():
             assert node.level == 0, "relative import in the agent"
             names.add(node.module.split(".")[0])
     assert names  # the walk found the imports
-    # (_sha2: the stdlib's built-in SHA-2 from Python 3.12 on, _sha256 before; the agent tries both)
-    later = {"_sha2"} if sys.version_info < (3, 12) else set()
-    outside = sorted(n for n in names if n not in sys.stdlib_module_names and n not in later and n != "__future__")
+    outside = sorted(n for n in names if n not in sys.stdlib_module_names and n != "__future__")
     assert not outside, "the agent imports non-stdlib modules: %s" % outside
 
 

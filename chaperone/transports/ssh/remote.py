@@ -56,6 +56,7 @@ _c=os.path.join(_d,'__pycache__')
 if _x<1 or _dir(_c)<0:sys.exit(97)
 _b=_rd(_p)
 if _b is None or _H(_b).hexdigest()!=sys.argv[2]:sys.exit(97)
+_V=sys.argv[2]
 sys.argv=sys.argv[1:2]+sys.argv[3:]
 _D=97
 """ + RUN_AGENT
