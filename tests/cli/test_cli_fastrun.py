@@ -21,7 +21,8 @@ import time
 
 import pytest
 
-from support.helpers import REPO, cli, cli_env, kill_marked, marker_number, read_until, unique, wait_no_procs
+from support.helpers import (REPO, cli, cli_env, kill_marked, marker_number, read_terminal, read_until, unique,
+                             wait_no_procs)
 
 #: The normal path's modules, and what the fast path must not load either
 #: (re, json, shlex, enum: ~8 ms of a 40 ms command; hashlib: OpenSSL).
@@ -134,15 +135,7 @@ def test_generated_id_and_the_id_line_on_a_terminal(tmp_path):
             os.close(slave)
             slave = None
             out, _ = proc.communicate(timeout=30)
-            err = b""
-            while True:
-                try:
-                    chunk = os.read(master, 4096)
-                except OSError:  # EIO: the terminal's other end is closed
-                    break
-                if not chunk:
-                    break
-                err += chunk
+            err = read_terminal(master)
         finally:
             os.close(master)
             if slave is not None:
@@ -260,15 +253,7 @@ def _on_a_terminal(argv, home, env):
         proc = subprocess.Popen(argv, env=env, cwd=str(home), stdin=subprocess.DEVNULL, stdout=slave, stderr=slave)
         os.close(slave)
         slave = None
-        screen = b""
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: the terminal's other end is closed
-                break
-            if not chunk:
-                break
-            screen += chunk
+        screen = read_terminal(master)
         return proc.wait(timeout=30), screen
     finally:
         os.close(master)

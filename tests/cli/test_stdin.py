@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from support.helpers import cli_env, read_state, spool_root, wait_for
+from support.helpers import cli_env, read_state, read_terminal, spool_root, wait_for
 
 #: Reads its stdin to its end, copies it to stdout, then says it saw the end.
 CAT_EOF = "cat; printf '|EOF'"
@@ -181,15 +181,7 @@ def test_on_a_terminal_a_hint_and_t_without_one_warns(home):
                              stdin=slave, stdout=slave, stderr=slave, env=cli_env(home), cwd=str(home))
         os.close(slave)
         slave = None
-        got = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:  # EIO: the last writer closed it
-                break
-            if not chunk:
-                break
-            got += chunk
+        got = read_terminal(master)
         assert p.wait(30) == 0, got
     finally:
         os.close(master)

@@ -322,3 +322,17 @@ def main_thread_wakeups(pid):
             if line.startswith("voluntary_ctxt_switches:"):
                 return int(line.split()[1])
     raise AssertionError("no voluntary_ctxt_switches")
+
+
+def read_terminal(master):
+    """All a pseudo-terminal's programs wrote, read from its ``master``
+    side until the last of them closed it (EIO)."""
+    got = b""
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # EIO: the terminal's other end is closed
+            return got
+        if not chunk:
+            return got
+        got += chunk
