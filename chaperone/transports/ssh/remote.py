@@ -150,7 +150,8 @@ def agent_command(python: str, root: Optional[str], args: List[str]) -> str:
     # truncated or stale copy exits 97 ("ship it again") before any of it
     # runs.  (Checking the hash inside the agent alone misses a copy too
     # damaged to reach that check: empty, truncated, a syntax error.)  The
-    # agent checks its own hash too (--expect-hash).
+    # agent, told the hash the bootstrap checked (BOOTSTRAP_SHA256), does
+    # not check it again; run any other way, --expect-hash makes it check.
     # -I -S: stdlib only, nothing from the host's site-packages or PYTHON* vars.
     # A missing python makes `exec` fail with 127.
     run = "%s -I -S -c %s %s %s --expect-hash %s%s %s" % (
