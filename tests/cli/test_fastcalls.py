@@ -64,8 +64,12 @@ def test_fast_logs_to_files_are_the_exact_bytes(sshd, tmp_path):
 @pytest.fixture
 def late_noisy_host(tmp_path):
     """A host whose login script leaves a job behind that prints after the
-    command's own output (sshd waits for it: it holds the session's stdout)."""
-    server = sshd_with_home(tmp_path / "late-home", "(sleep 0.5; echo 'late noise') &\n")
+    command's own output (sshd waits for it: it holds the session's stdout).
+    The job waits for the command (bash execs it: ``$$``) to end, so the
+    noise comes after its output however slow the machine is (a fixed
+    delay landed in the middle of a run's frames on a slow CI machine)."""
+    server = sshd_with_home(tmp_path / "late-home",
+                            "(while kill -0 $$ 2>/dev/null; do sleep 0.05; done; echo 'late noise') &\n")
     try:
         yield server
     finally:
