@@ -86,6 +86,30 @@ def test_unknown_host(sshd, tmp_path):
 
 
 @pytest.mark.timeout(30)
+def test_an_unknown_jump_host_is_named(sshd, tmp_path):
+    """The jump host (-J, ProxyJump) is what cannot be resolved, not the
+    host the run was for: the line names it."""
+    cfg = write_config(tmp_path / "cfg", sshd, "behind")
+    res = chaperone(tmp_path, "-F", cfg, "run", "-J", "nojump.invalid", "behind", "--", "true")
+    line = assert_fails_cleanly(tmp_path, res, "behind", "nojump.invalid", "jump host")
+    assert "Connection closed" not in line
+
+
+@pytest.mark.timeout(60)
+def test_a_jump_host_on_the_command_line_is_used_for_the_destination_only(sshd, tmp_path):
+    """``-J jumpbox behind``: the run goes through jumpbox (the same test
+    sshd, reached as another alias) and works; -J is not applied to the
+    jump host itself (asyncssh read it for every hop: endless recursion)."""
+    cfg = tmp_path / "cfg"
+    write_config(cfg, sshd, "behind")
+    both = cfg.read_text()
+    write_config(cfg, sshd, "jumpbox")
+    cfg.write_text(both + cfg.read_text())
+    res = chaperone(tmp_path, "-F", cfg, "run", "-J", "jumpbox", "behind", "--", "echo", "through")
+    assert (res.returncode, res.stdout) == (0, b"through\n"), res.stderr
+
+
+@pytest.mark.timeout(30)
 def test_connection_refused(sshd, tmp_path):
     cfg = write_config(tmp_path / "cfg", sshd, "closed", port=free_port())
     res = chaperone(tmp_path, "-F", cfg, "run", "closed", "--", "true")

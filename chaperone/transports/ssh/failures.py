@@ -11,6 +11,8 @@ from ...errors import ChaperoneError, ConnectFailed, ConnectionLost
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Tuple, Union
+
     from ..target import Target
 
 
@@ -20,7 +22,7 @@ def _host_for_ssh(target: Target) -> str:
     return port, target.destination
 
 
-def connect_error(target: Target, kind: str, detail: str = "") -> ConnectFailed:
+def connect_error(target: Target, kind: str, detail: Union[str, Tuple[str, str]] = "") -> ConnectFailed:
     """The one error each way of failing to connect reads as, whichever
     client failed.  ``kind``: ``host_key_unknown``, ``host_key_changed``,
     ``host_key`` (one of the two), ``auth``, ``unknown_host``, ``refused``,
@@ -28,7 +30,7 @@ def connect_error(target: Target, kind: str, detail: str = "") -> ConnectFailed:
     during key exchange), ``closed``, ``unreachable``, ``other``."""
     host = target.name
     port, dest = _host_for_ssh(target)
-    detail = detail.strip()
+    detail = detail if isinstance(detail, tuple) else detail.strip()
     if kind in ("host_key", "host_key_unknown"):
         what = "is not known here" if kind == "host_key_unknown" else "is not known here or has changed"
         return ConnectFailed(
@@ -46,8 +48,16 @@ def connect_error(target: Target, kind: str, detail: str = "") -> ConnectFailed:
             "authentication failed for %s%s: permission denied (check the user name, -l USER or USER@HOST, "
             "and your keys: -i KEY, ssh-add -l)" % (host, " (as %s)" % who if who and who != host else ""))
     if kind == "unknown_host":
+        # ``detail``: why, or (name, why) when the name that could not be
+        # resolved is known: one on the way (a jump host, or the alias's
+        # HostName) is named, as the one to check.
+        name, why = detail if isinstance(detail, tuple) else ("", detail)
+        if name and name not in (dest, host):
+            return ConnectFailed("unknown host %s: cannot resolve %s, on the way to it: %s (its jump host, -J or "
+                                 "ProxyJump, or its HostName in ~/.ssh/config? check the spelling)"
+                                 % (host, name, why or "no such name"))
         return ConnectFailed("unknown host %s: %s (is it in ~/.ssh/config? check the spelling)"
-                             % (host, detail or "cannot resolve its name"))
+                             % (host, why or "cannot resolve its name"))
     if kind == "refused":
         return ConnectFailed("connection to %s refused (is sshd running there, on that port?)" % host,
                              transient=True)
@@ -88,8 +98,9 @@ def ssh_error(target: Target, stderr: bytes, got_output: bool) -> ChaperoneError
     if "Permission denied" in text and not got_output:
         m = re.search(r"^(\S+@\S+): Permission denied", text, re.M)
         return connect_error(target, "auth", m.group(1) if m else "")
-    if "Could not resolve hostname" in text:
-        return connect_error(target, "unknown_host", last.rsplit(": ", 1)[-1])
+    unresolved = re.search(r"Could not resolve hostname (\S+): (.*)$", text, re.M)
+    if unresolved:  # (ssh's, or the one a jump host's ProxyCommand ran)
+        return connect_error(target, "unknown_host", (unresolved.group(1), unresolved.group(2).strip()))
     if not got_output and re.search(r"kex_exchange_identification|^Connection (closed|reset) by \S+ port \d+",
                                     text, re.M):
         return connect_error(target, "dropped", last)

@@ -52,6 +52,14 @@ def _preferred_ciphers(config_files: Sequence[str]) -> Optional[List[str]]:
     return gcm + [a for a in algs if a not in gcm]
 
 
+def _host_of(hop: str) -> str:
+    """The host name in a jump host's ``[user@]host[:port]``."""
+    host = hop.rpartition("@")[2]
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
+
+
 def _connect_error(target: Target, e: BaseException) -> ConnectFailed:
     """What an exception from ``asyncssh.connect`` means (nothing has run yet)."""
     if isinstance(e, asyncssh.HostKeyNotVerifiable):
@@ -59,7 +67,10 @@ def _connect_error(target: Target, e: BaseException) -> ConnectFailed:
     if isinstance(e, asyncssh.PermissionDenied):
         return connect_error(target, "auth")
     if isinstance(e, socket.gaierror):
-        return connect_error(target, "unknown_host", e.strerror or str(e))
+        why = e.strerror or str(e)
+        # Through a jump host, the destination's name is resolved there: a
+        # name that cannot be resolved here is the jump host's.
+        return connect_error(target, "unknown_host", (_host_of(target.jump.split(",")[0]), why) if target.jump else why)
     if isinstance(e, ConnectionRefusedError):
         return connect_error(target, "refused")
     if isinstance(e, (asyncio.TimeoutError, TimeoutError)):
@@ -170,6 +181,10 @@ class SSHTransport(SSHTransportBase):
         if self.target.jump:
             lines.append("ProxyJump %s" % self.target.jump)
         if lines:
+            # For the destination only, as ssh's -o and -J are: asyncssh
+            # reads these files for each jump host too, and a ProxyJump
+            # there would send it through itself, without end.
+            lines = ["Host %s" % self.hostname] + ["    " + line for line in lines]
             if self._config_dir is None:
                 import tempfile
 
