@@ -516,16 +516,22 @@ class Chaperone:
         if self.push is not None and kw.get("callback") is None and not (existed and self.push.knows(run_id)):
             try:
                 spec["callback"] = await self.push.callback(run_id, transport, target.local)
-            except ChaperoneError as e:
+            except BaseException as e:
                 self._start_failed(run_id, e)
                 raise
             spec = self.program_spec(argv, run_id=run_id, shell=shell, **{**kw, "callback": spec["callback"]})
         return target, transport, spec, existed
 
-    def _start_failed(self, run_id: str, error: ChaperoneError) -> None:
+    def _start_failed(self, run_id: str, error: BaseException) -> None:
         """The start did not go through: ``failed`` if it never reached the
         host (nothing ran), ``unknown`` if the connection broke after the
-        program.json was sent (the next look at the host decides)."""
+        program.json was sent, or the start was cut short by anything else
+        (cancelled, a bug): the next look at the host decides; never left
+        ``starting``."""
+        if not isinstance(error, ChaperoneError):
+            what = type(error).__name__ + (": %s" % error if str(error) else "")
+            self.records.mark(run_id, "unknown", "the start was cut short (%s)" % what)
+            return
         never_reached = isinstance(error, (ConnectFailed, UsageError)) or not isinstance(error, ConnectionLost)
         self.records.mark(run_id, "failed" if never_reached else "unknown", str(error))
 
@@ -571,7 +577,7 @@ class Chaperone:
         run_id = spec["id"]
         try:
             state = await self._batcher(transport).submit(json.dumps(spec).encode())
-        except ChaperoneError as e:
+        except BaseException as e:
             self._start_failed(run_id, e)
             raise
         self.records.update(run_id, state)
@@ -713,7 +719,7 @@ class Chaperone:
                 self.records.mark(run_id, "unknown", str(e))
             if on_reconnect:
                 on_reconnect(e, 0.0)
-        except ChaperoneError as e:
+        except BaseException as e:  # (ChaperoneError, or cut short: cancelled, a bug)
             if not started:
                 self._start_failed(run_id, e)
             raise

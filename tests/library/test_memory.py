@@ -575,6 +575,42 @@ def test_a_start_that_never_reached_the_host_is_failed(tmp_path):
     go(main())
 
 
+def test_a_start_cut_short_is_never_left_starting(tmp_path, monkeypatch):
+    """A start cut short by something other than a connection error (a
+    bug, an exception of the transport, a cancel): the record says
+    ``unknown`` with what cut it short, never ``starting`` for ever; the
+    next look at the host decides (here: it never got it: ``failed``)."""
+    import chaperone.api as api
+
+    host = MemoryHost("fake")
+    sleeper(host, seconds=5)
+
+    async def boom(*a, **k):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    def boom_follow(*a, **k):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    async def main():
+        async with chaperone(tmp_path, host) as ch:
+            with monkeypatch.context() as m:
+                m.setattr(api._StartBatcher, "submit", boom)
+                with pytest.raises(RecursionError):
+                    await ch.start("fake", ["sleep"], id="cut")
+                m.setattr(api.AgentClient, "start_follow", boom_follow)
+                with pytest.raises(RecursionError):
+                    async for _ in ch.run("fake", ["sleep"], id="cut2"):
+                        pass
+            for run_id in ("cut", "cut2"):
+                rec = ch.records.get(run_id)
+                assert rec.state == "unknown" and "RecursionError" in rec.error, (rec.state, rec.error)
+                with pytest.raises(StartFailed, match="never reached fake"):
+                    await ch.wait(run_id)
+                assert ch.records.get(run_id).state == "failed"
+
+    go(main())
+
+
 def test_a_failed_start_started_again_is_recorded_running(tmp_path):
     host = MemoryHost("fake")
     sleeper(host, seconds=5, code=3)
