@@ -6,7 +6,7 @@ import json
 import secrets
 from typing import AsyncIterator, Dict, List, Optional
 
-from .errors import AgentFailed, ChaperoneError, ConnectionLost, NoSuchRun
+from .errors import AgentFailed, ChaperoneError, ConnectionLost, ForeignBytes, NoSuchRun
 from .protocol import NO_MARKER, AfterMarker, Event, ProtocolError, StateUpdate, StreamDecoder, payload_after_marker
 from .transports.base import AgentProcess, Transport, write_all
 
@@ -208,6 +208,8 @@ class AgentClient:
             # The agent exited cleanly without its end frame: not a broken
             # connection (worth retrying) but a broken agent.
             raise ChaperoneError("the agent on %s ended its output stream early" % self.transport.host)
+        except ForeignBytes as e:  # (what came before them was whole: read on from the spool)
+            raise ConnectionLost("the agent's reply from %s was cut: %s" % (self.transport.host, e)) from None
         except ProtocolError as e:
             raise ChaperoneError(str(e)) from None
         finally:

@@ -86,6 +86,13 @@ class ProtocolError(Exception):
     turns it into :class:`ConnectionLost` or :class:`AgentFailed`)."""
 
 
+class ForeignBytes(ProtocolError):
+    """Bytes in the agent's frames that are not the agent's: something else
+    wrote to the session's output (say a job the login scripts left
+    running).  The frames before them were whole; the client reads on
+    from the spool, as after a dropped connection."""
+
+
 class OffsetGap(Exception):
     """A chunk starts after the last byte held; resend from :attr:`held`."""
 

@@ -21,13 +21,17 @@ from __future__ import annotations
 import json
 import struct
 from dataclasses import dataclass
-from typing import List, Optional, Union
-from .errors import ProtocolError  # noqa: F401 (defined there; exported here too)
+from typing import Dict, List, Optional, Union
+from .errors import ForeignBytes, ProtocolError  # noqa: F401 (defined there; exported here too)
 
 FRAME = struct.Struct("!cQI")
 #: The output streams of a run (the agent mirrors this; tests check it).
 STREAMS = ("stdout", "stderr")
 KIND_STREAM = {b"1": STREAMS[0], b"2": STREAMS[1]}
+#: Every kind of frame the agent sends, and the longest frame it sends (a
+#: stream's are at most its CHUNK, 1 MiB; a state at most 1 MiB too).
+FRAME_KINDS = frozenset((b"1", b"2", b"S", b"T", b"X", b"E"))
+MAX_FRAME = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -126,6 +130,8 @@ class StreamDecoder:
         self._head: Optional[tuple] = None
         self._parts: List[bytes] = []
         self._have = 0
+        #: Where each stream's next frame starts (known from its first).
+        self._next_offset: Dict[str, int] = {}
 
     @property
     def noise(self) -> int:
@@ -178,6 +184,7 @@ class StreamDecoder:
             if len(buf) < FRAME.size:
                 return None
             kind, offset, length = FRAME.unpack_from(buf)
+            self._check(kind, offset, length)
             if len(buf) < FRAME.size + length:
                 # (the rest of its data comes in feed's later calls)
                 self._head = (kind, offset, length)
@@ -191,16 +198,33 @@ class StreamDecoder:
             return self._frame(kind, offset, data)
         return None
 
+    def _check(self, kind: bytes, offset: int, length: int) -> None:
+        """A frame's header as the agent writes them: a known kind, a sane
+        length, and a stream's frames one after the other; else bytes that
+        are not the agent's came in (:class:`ForeignBytes`)."""
+        stream = KIND_STREAM.get(kind)
+        if kind not in FRAME_KINDS or length > MAX_FRAME or (
+                stream is not None and self._next_offset.get(stream, offset) != offset) or (
+                kind in (b"S", b"X", b"E") and offset != 0) or (kind == b"E" and length != 0):
+            raise ForeignBytes("bytes that are not the agent's came in its frames (something else writes to the "
+                               "session's output: a job the login scripts left running?)")
+        if stream is not None:
+            self._next_offset[stream] = offset + length
+
     def _frame(self, kind: bytes, offset: int, data: bytes) -> Event:
         if kind in KIND_STREAM:
             return OutputChunk(KIND_STREAM[kind], offset, data)
-        if kind == b"S":
-            return StateUpdate(json.loads(data))
+        if kind in (b"S", b"X"):
+            try:
+                obj = json.loads(data)
+            except ValueError:  # (the agent's are always whole JSON: these bytes were cut by others)
+                raise ForeignBytes("a frame of the agent's was cut by bytes that are not its own (something else "
+                                   "writes to the session's output: a job the login scripts left running?)") from None
+            if kind == b"X":
+                return RunError(str(obj.get("id")), str(obj.get("error")), int(obj.get("code") or 3))
+            return StateUpdate(obj)
         if kind == b"T":
             return Written(offset / 1e6 if offset else None)
-        if kind == b"X":
-            obj = json.loads(data)
-            return RunError(str(obj.get("id")), str(obj.get("error")), int(obj.get("code") or 3))
         if kind == b"E":
             self._stage = "done"
             self.ended = True

@@ -780,6 +780,44 @@ def test_stream_decoder_any_split(noise, cuts):
     assert dec.feed(b"") == []
 
 
+def test_bytes_that_are_not_the_agents_are_caught_among_its_frames():
+    """A line written into the agent's reply by something else (a job the
+    login scripts left running), at each place after the marker's JSON
+    line: between two frames it is caught (:class:`ForeignBytes`) before
+    anything after it is given out; in the middle of a frame, at the next
+    header at the latest (that frame's data may be out: a stream's data is
+    given out as it comes).  Never a reply that ends as if whole with
+    other events than the agent's."""
+    from chaperone.errors import ForeignBytes
+
+    needle = b"\n" + MARKER.encode() + b"\n"
+    stream, expected = _stream_and_events()
+    first = stream.index(b"\n") + 1
+    bounds, at = set(), first
+    while at < len(stream):
+        bounds.add(at)
+        at += FRAME.size + FRAME.unpack_from(stream, at)[2]
+    for noise in (b"late noise\n", b"S", b"\x00" * 13):
+        for at in range(first, len(stream)):
+            dec = StreamDecoder(MARKER, json_line=True, framed=True)
+            events = []
+            try:
+                for i in range(0, len(needle + stream) + len(noise), 7):
+                    raw = needle + stream[:at] + noise + stream[at:]
+                    events += dec.feed(raw[i:i + 7])
+            except ForeignBytes:
+                caught = True
+            else:
+                caught = False
+            # (zeros in the end frame's header of zeros: the same bytes, the same events)
+            assert caught or not dec.ended or events == expected, (noise, at)
+            if at in bounds:
+                assert caught and events == expected[:len(events)] and len(events) <= 1 + sorted(bounds).index(at), \
+                    (noise, at, events)
+            else:
+                assert events[:-1] == expected[:len(events) - 1], (noise, at)
+
+
 @settings(max_examples=200, deadline=None)
 @given(noise=_noise, payload=st.binary(max_size=300), cuts=st.lists(st.integers(0, 400), max_size=12))
 def test_after_marker_any_split(noise, payload, cuts):

@@ -38,3 +38,41 @@ def test_run_status_and_logs_on_a_host_whose_login_scripts_print(noisy_host, tmp
     assert (got["state"], got["exit_code"]) == ("done", 3), got
     logs = chaperone("logs", "--stdout", run_id)
     assert (logs.returncode, logs.stdout) == (0, b"out\n")
+
+
+@pytest.fixture
+def chatty_host(tmp_path):
+    """A host whose login script leaves a job behind that prints into the
+    session half a second after login, in the middle of the agent's reply
+    to a run that is still writing."""
+    from support.sshd import require_sshd, sshd_with_home
+
+    require_sshd()
+    server = sshd_with_home(tmp_path / "chatty-home", "(sleep 0.5; echo 'late noise') &\n")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+#: 40 numbered lines over 2 s: several of the job's lines fall in the middle.
+STEADY = "import sys,time\nfor i in range(40):\n    sys.stdout.write('line %02d\\n' % i); sys.stdout.flush(); " \
+         "time.sleep(0.05)\nsys.stdout.write('end, no newline')"
+
+
+@pytest.mark.timeout(120)
+def test_a_run_whose_reply_is_broken_by_a_login_job_reads_on_from_the_spool(chatty_host, tmp_path):
+    """The job's line lands among the agent's frames: the client sees bytes
+    that are not the agent's, drops that reply and reads on from the spool
+    (the offsets it holds), as after a dropped connection.  The program's
+    output arrives whole, each byte once, and the run's exit status is its
+    own (before: 'the agent on testhost ended its output stream early',
+    exit 255)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    res = subprocess.run(CLI + ["-F", chatty_host.config_file, "run", "-q", "testhost", "--", "python3", "-c",
+                                STEADY], env=cli_env(home), cwd=str(home), stdin=subprocess.DEVNULL,
+                         capture_output=True, timeout=90)
+    want = b"".join(b"line %02d\n" % i for i in range(40)) + b"end, no newline"
+    assert (res.returncode, res.stdout) == (0, want), res.stderr
+    assert b"late noise" not in res.stdout + res.stderr
