@@ -30,7 +30,7 @@ STREAMS = ("stdout", "stderr")
 KIND_STREAM = {b"1": STREAMS[0], b"2": STREAMS[1]}
 #: Every kind of frame the agent sends, and the longest frame it sends (a
 #: stream's are at most its CHUNK, 1 MiB; a state at most 1 MiB too).
-FRAME_KINDS = frozenset((b"1", b"2", b"S", b"T", b"X", b"E"))
+FRAME_KINDS = frozenset((b"1", b"2", b"S", b"T", b"X", b"E", b"."))
 MAX_FRAME = 16 << 20
 
 
@@ -132,6 +132,9 @@ class StreamDecoder:
         self._have = 0
         #: Where each stream's next frame starts (known from its first).
         self._next_offset: Dict[str, int] = {}
+        #: A stream's data, until the header after it checks out.
+        self._held: Optional[OutputChunk] = None
+        self._events: List[Event] = []
 
     @property
     def noise(self) -> int:
@@ -139,7 +142,12 @@ class StreamDecoder:
         return self._after.noise
 
     def feed(self, data: bytes) -> List[Event]:
-        events: List[Event] = []
+        """The events ``data`` completes.  A stream's data is given out once
+        the header after it checked out (the next frame, or the agent's
+        ``.`` seal when it goes idle): bytes another process wrote into a
+        frame are caught there (:class:`ForeignBytes`) before that frame's
+        data is given out."""
+        events = self._events = []
         if self._stage == "marker":
             data = self._after.feed(data)
             if not self._after.found:
@@ -155,23 +163,28 @@ class StreamDecoder:
             self._parts.append(data[:need])
             body = b"".join(self._parts)
             self._head, self._parts, self._have = None, [], 0
-            events.append(self._frame(kind, offset, body))
+            self._deliver(self._frame(kind, offset, body))
             data = data[need:]
             if self.ended:
                 return events
         self._buf += data
-        while True:
-            event = self._next()
-            if event is None:
-                return events
-            events.append(event)
+        while self._next():
+            pass
+        return events
 
-    def _next(self) -> Optional[Event]:
+    def _deliver(self, event: Optional[Event]) -> None:
+        if isinstance(event, OutputChunk):
+            self._held = event  # (until the next header checks out)
+        elif event is not None:
+            self._events.append(event)
+
+    def _next(self) -> bool:
+        """Decode what the buffer holds next; False when it needs more."""
         buf = self._buf
         if self._stage == "json":
             at = buf.find(b"\n")
             if at < 0:
-                return None
+                return False
             line = bytes(buf[:at])
             del buf[: at + 1]
             self._stage = "frames" if self._framed else "done"
@@ -179,10 +192,11 @@ class StreamDecoder:
                 obj = json.loads(line)
             except ValueError as e:
                 raise ProtocolError("the agent sent invalid JSON: %s" % e) from None
-            return StateUpdate(obj) if isinstance(obj, dict) else StateUpdate({"list": obj})
+            self._deliver(StateUpdate(obj) if isinstance(obj, dict) else StateUpdate({"list": obj}))
+            return True
         if self._stage == "frames":
             if len(buf) < FRAME.size:
-                return None
+                return False
             kind, offset, length = FRAME.unpack_from(buf)
             self._check(kind, offset, length)
             if len(buf) < FRAME.size + length:
@@ -191,27 +205,35 @@ class StreamDecoder:
                 self._parts = [bytes(buf[FRAME.size:])]
                 self._have = len(self._parts[0])
                 del buf[:]
-                return None
+                return False
             with memoryview(buf) as view:
                 data = view[FRAME.size: FRAME.size + length].tobytes()
             del buf[: FRAME.size + length]
-            return self._frame(kind, offset, data)
-        return None
+            self._deliver(self._frame(kind, offset, data))
+            return not self.ended
+        return False
 
     def _check(self, kind: bytes, offset: int, length: int) -> None:
         """A frame's header as the agent writes them: a known kind, a sane
         length, and a stream's frames one after the other; else bytes that
-        are not the agent's came in (:class:`ForeignBytes`)."""
+        are not the agent's came in (:class:`ForeignBytes`).  A header that
+        checks out shows the frame before it was whole: its data is given
+        out."""
         stream = KIND_STREAM.get(kind)
         if kind not in FRAME_KINDS or length > MAX_FRAME or (
                 stream is not None and self._next_offset.get(stream, offset) != offset) or (
-                kind in (b"S", b"X", b"E") and offset != 0) or (kind == b"E" and length != 0):
+                kind in (b"S", b"X", b"E", b".") and offset != 0) or (kind in (b"E", b".") and length != 0):
             raise ForeignBytes("bytes that are not the agent's came in its frames (something else writes to the "
                                "session's output: a job the login scripts left running?)")
         if stream is not None:
             self._next_offset[stream] = offset + length
+        if self._held is not None:
+            self._events.append(self._held)
+            self._held = None
 
-    def _frame(self, kind: bytes, offset: int, data: bytes) -> Event:
+    def _frame(self, kind: bytes, offset: int, data: bytes) -> Optional[Event]:
+        if kind == b".":  # (the agent's seal: the frames before it were whole)
+            return None
         if kind in KIND_STREAM:
             return OutputChunk(KIND_STREAM[kind], offset, data)
         if kind in (b"S", b"X"):

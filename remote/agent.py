@@ -81,6 +81,8 @@ CAPTURES = ("file", "pipe")
 #: Follow frames: kind (b"1" stdout, b"2" stderr, b"S" state JSON,
 #: b"E" end), offset, length; then ``length`` bytes.
 FRAME = struct.Struct("!cQI")
+STREAM_KINDS = (b"1", b"2")
+SEAL = FRAME.pack(b".", 0, 0)
 CHUNK = 1 << 20
 
 #: Exit status of ``stdin ID`` for a run whose input is not a stream.
@@ -3643,6 +3645,10 @@ class Output(object):
         self.fd = sys.stdout.fileno()
         self._watch = None
         self._wake = None  # (run_watch: what ends an idle wait early)
+        # An output frame was the last thing written: before going idle, a
+        # seal (a ``.`` frame) follows it, whose header shows the client
+        # that the frame was whole (nothing else wrote into it).
+        self._open = False
         if marker:
             # (os.fsencode: the bytes it had on the command line, even
             # those that are not UTF-8)
@@ -3653,11 +3659,13 @@ class Output(object):
 
     def frame(self, kind, offset, data):
         write_all(self.fd, FRAME.pack(kind, offset, len(data)) + bytes(data))
+        self._open = kind in STREAM_KINDS
 
     def frame_range(self, kind, offset, fd, length):
         """A frame of ``length`` bytes of the file ``fd`` from ``offset``
         (which holds them: the caller checked its size)."""
         write_all(self.fd, FRAME.pack(kind, offset, length))
+        self._open = True
         sent = send_range(self.fd, fd, offset, length)
         if sent < length:  # (truncated meanwhile: the frame cannot be whole)
             raise DamagedRun("a spool file shrank while it was sent (%d of %d bytes)" % (sent, length))
@@ -3673,6 +3681,9 @@ class Output(object):
             self._watch.register(self.fd, 0)  # (POLLERR/POLLHUP come anyway)
             if self._wake is not None:
                 self._watch.register(self._wake, select.POLLIN)
+        if self._open:
+            write_all(self.fd, SEAL)
+            self._open = False
         for fd, _ in self._watch.poll(seconds * 1000.0):
             if fd == self.fd:
                 raise BrokenPipeError(errno.EPIPE, "the reader of this output is gone")

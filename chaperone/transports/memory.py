@@ -405,6 +405,13 @@ class _Process(AgentProcess):
 
     def frame(self, kind: bytes, offset: int, data: bytes = b"") -> None:
         self.emit(_agent().FRAME.pack(kind, offset, len(data)) + bytes(data))
+        self._open = kind in (b"1", b"2")
+
+    def seal(self) -> None:
+        """Before going idle after an output frame: the agent's seal."""
+        if getattr(self, "_open", False):
+            self.emit(_agent().SEAL)
+            self._open = False
 
     async def take(self, n: int) -> bytes:
         """``n`` bytes of what the client writes on the agent's stdin
@@ -737,6 +744,7 @@ class MemoryHost:
             if st["state"] not in agent.FINAL_STATES and (st["state"], st["pid"]) != shown:
                 proc.frame(b"S", 0, agent.dumps(st, sort_keys=True).encode())
                 shown = (st["state"], st["pid"])
+            proc.seal()
             await run._wait_change(since)
 
     def _cmd_watch(self, args, proc: _Process, stdin: bytes) -> None:
@@ -824,6 +832,7 @@ class MemoryHost:
             if (st["state"], st["pid"]) != shown:
                 proc.frame(b"S", 0, agent.dumps(st, sort_keys=True).encode())
                 shown = (st["state"], st["pid"])
+            proc.seal()
             await run._wait_change(changed)
 
     def _cmd_output(self, args, proc: _Process, stdin: bytes) -> None:

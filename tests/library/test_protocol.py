@@ -783,39 +783,43 @@ def test_stream_decoder_any_split(noise, cuts):
 def test_bytes_that_are_not_the_agents_are_caught_among_its_frames():
     """A line written into the agent's reply by something else (a job the
     login scripts left running), at each place after the marker's JSON
-    line: between two frames it is caught (:class:`ForeignBytes`) before
-    anything after it is given out; in the middle of a frame, at the next
-    header at the latest (that frame's data may be out: a stream's data is
-    given out as it comes).  Never a reply that ends as if whole with
-    other events than the agent's."""
+    line, between two frames or in the middle of one: caught
+    (:class:`ForeignBytes`) at the next frame header at the latest, and a
+    stream's data is given out only once the header after it checked out:
+    every event given out is one of the agent's, as sent, in order."""
     from chaperone.errors import ForeignBytes
 
     needle = b"\n" + MARKER.encode() + b"\n"
     stream, expected = _stream_and_events()
     first = stream.index(b"\n") + 1
-    bounds, at = set(), first
-    while at < len(stream):
-        bounds.add(at)
-        at += FRAME.size + FRAME.unpack_from(stream, at)[2]
-    for noise in (b"late noise\n", b"S", b"\x00" * 13):
+    for noise in (b"late noise\n", b"S", b"\x00" * 13, b"\r\n", b"pyenv: cannot rehash: /root/.pyenv/shims isn't writable\n"):
         for at in range(first, len(stream)):
-            dec = StreamDecoder(MARKER, json_line=True, framed=True)
-            events = []
-            try:
-                for i in range(0, len(needle + stream) + len(noise), 7):
-                    raw = needle + stream[:at] + noise + stream[at:]
-                    events += dec.feed(raw[i:i + 7])
-            except ForeignBytes:
-                caught = True
-            else:
-                caught = False
-            # (zeros in the end frame's header of zeros: the same bytes, the same events)
-            assert caught or not dec.ended or events == expected, (noise, at)
-            if at in bounds:
-                assert caught and events == expected[:len(events)] and len(events) <= 1 + sorted(bounds).index(at), \
-                    (noise, at, events)
-            else:
-                assert events[:-1] == expected[:len(events) - 1], (noise, at)
+            raw = needle + stream[:at] + noise + stream[at:]
+            for step in (1, 7, len(raw)):
+                dec = StreamDecoder(MARKER, json_line=True, framed=True)
+                events = []
+                try:
+                    for i in range(0, len(raw), step):
+                        events += dec.feed(raw[i:i + step])
+                except ForeignBytes:
+                    caught = True
+                else:
+                    caught = False
+                assert events == expected[:len(events)], (noise, at, step)
+                # (zeros in the end frame's header of zeros: the same bytes, the same events)
+                assert caught or not dec.ended or events == expected, (noise, at, step)
+
+
+def test_a_streams_data_is_given_out_when_the_next_header_or_the_seal_comes():
+    """The agent seals its output frames before it goes idle (a ``.``
+    frame): a live run's output is given out at once, not held until
+    more comes."""
+    needle = b"\n" + MARKER.encode() + b"\n"
+    dec = StreamDecoder(MARKER, json_line=False, framed=True)
+    assert dec.feed(needle + _frame(b"1", 0, b"first line\n")) == []  # (held: the header after it is not there)
+    assert dec.feed(_frame(b".", 0, b"")) == [OutputChunk("stdout", 0, b"first line\n")]
+    assert dec.feed(_frame(b"2", 0, b"e") + _frame(b"1", 11, b"x")) == [OutputChunk("stderr", 0, b"e")]
+    assert dec.feed(_frame(b"E", 0, b"")) == [OutputChunk("stdout", 11, b"x"), End()]
 
 
 @settings(max_examples=200, deadline=None)

@@ -55,9 +55,10 @@ def chatty_host(tmp_path):
         server.stop()
 
 
-#: 40 numbered lines over 2 s: several of the job's lines fall in the middle.
-STEADY = "import sys,time\nfor i in range(40):\n    sys.stdout.write('line %02d\\n' % i); sys.stdout.flush(); " \
-         "time.sleep(0.05)\nsys.stdout.write('end, no newline')"
+#: 40 numbered lines over 2 s, each after 256 KiB: the job's line falls in
+#: the middle of the reply, most likely inside a frame's data.
+STEADY = "import sys,time\nfor i in range(40):\n    sys.stdout.write(('%02d' % i) * (1 << 17) + 'line %02d\\n' % i); " \
+         "sys.stdout.flush(); time.sleep(0.05)\nsys.stdout.write('end, no newline')"
 
 
 @pytest.mark.timeout(120)
@@ -73,6 +74,6 @@ def test_a_run_whose_reply_is_broken_by_a_login_job_reads_on_from_the_spool(chat
     res = subprocess.run(CLI + ["-F", chatty_host.config_file, "run", "-q", "testhost", "--", "python3", "-c",
                                 STEADY], env=cli_env(home), cwd=str(home), stdin=subprocess.DEVNULL,
                          capture_output=True, timeout=90)
-    want = b"".join(b"line %02d\n" % i for i in range(40)) + b"end, no newline"
-    assert (res.returncode, res.stdout) == (0, want), res.stderr
+    want = b"".join(b"%02d" % i * (1 << 17) + b"line %02d\n" % i for i in range(40)) + b"end, no newline"
+    assert (res.returncode, len(res.stdout), res.stdout == want) == (0, len(want), True), res.stderr
     assert b"late noise" not in res.stdout + res.stderr
