@@ -20,6 +20,60 @@ def _marker() -> str:
     return "CHAPERONE-" + secrets.token_hex(8)
 
 
+def _end_of(marker: str) -> bytes:
+    """What follows a counted reply's bytes (the agent's counted_end)."""
+    return b"\n" + marker.encode() + b"\n"
+
+
+CUT = ("bytes that are not the agent's came in its reply (something else writes to the session's output: a job "
+       "the login scripts left running?); what was given out may hold them")
+
+
+class _Reply:
+    """An agent call's stdout past its marker, read as needed."""
+
+    def __init__(self, proc: AgentProcess, marker: str):
+        self.proc, self.marker = proc, marker
+        self.after = AfterMarker(marker)
+        self.buf = b""
+
+    async def _more(self) -> bool:
+        chunk = await self.proc.read(1 << 16)
+        if not chunk:
+            return False
+        self.buf += self.after.feed(chunk)
+        return True
+
+    async def line(self) -> Optional[bytes]:
+        while b"\n" not in self.buf:
+            if not await self._more():
+                return None
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line
+
+    async def take(self, most: int) -> bytes:
+        """Up to ``most`` bytes (b"" at the end)."""
+        if not self.buf and not await self._more():
+            return b""
+        chunk, self.buf = self.buf[:most], self.buf[most:]
+        return chunk
+
+    async def end(self, client: "AgentClient", left: int) -> None:
+        """After the counted bytes (``left`` of them missing): the end
+        marker must follow; the rest is read and dropped; the agent's exit."""
+        want = _end_of(self.marker)
+        while not left and len(self.buf) < len(want) and await self._more():
+            pass
+        ok = self.buf.startswith(want)
+        while await self.proc.read(1 << 16):  # (what follows the reply: not the run's)
+            pass
+        await client._ended(self.proc, self.after)
+        if left:
+            raise ConnectionLost("connection to %s lost: %d bytes short" % (client.transport.host, left))
+        if not ok:
+            raise ConnectionLost("the agent's reply from %s was cut: %s" % (client.transport.host, CUT))
+
+
 class AgentClient:
     def __init__(self, transport: Transport):
         self.transport = transport
@@ -101,26 +155,38 @@ class AgentClient:
         args = ["output", run_id, "--stream", stream, "--offset", str(offset)]
         if length is not None:
             args += ["--length", str(length)]
-        return await self._run(args)
+        return b"".join([chunk async for chunk in self._counted(args + ["--counted"])])
 
     async def output_stream(self, run_id: str, stream: str, offset: int = 0) -> AsyncIterator[bytes]:
         """The bytes of a spool file from ``offset`` to its current end, as
         they arrive (one agent call, nothing held in memory)."""
+        async for chunk in self._counted(["output", run_id, "--stream", stream, "--offset", str(offset),
+                                          "--counted"]):
+            yield chunk
+
+    async def _counted(self, args: List[str]) -> AsyncIterator[bytes]:
+        """A counted reply's bytes as they come: past the marker, a line
+        with the count, that many bytes, then the marker again, which must
+        follow them at once (else something else wrote into them: a job a
+        login script left running; :class:`ConnectionLost`, as the bytes
+        given out may not be the run's); what follows it is dropped."""
         marker = _marker()
-        after = AfterMarker(marker)
-        proc = await self.transport.open(
-            ["--marker", marker, "output", run_id, "--stream", stream, "--offset", str(offset)])
+        reader = _Reply(await self.transport.open(["--marker", marker, *args]), marker)
         try:
-            while True:
-                chunk = await proc.read()
+            line = await reader.line()
+            if line is None or not line.isdigit():
+                await self._ended(reader.proc, reader.after)
+                raise ChaperoneError("the agent's reply to %s has no count" % " ".join(args[:2]))
+            left = int(line)
+            while left:
+                chunk = await reader.take(left)
                 if not chunk:
                     break
-                chunk = after.feed(chunk)
-                if chunk:
-                    yield chunk
-            await self._ended(proc, after)
+                left -= len(chunk)
+                yield chunk
+            await reader.end(self, left)
         finally:
-            proc.close()
+            reader.proc.close()
 
     async def output_to(self, run_id: str, stream: str, fd: int, offset: int = 0) -> int:
         """:meth:`output_stream` written to ``fd`` (blocking writes): past
@@ -168,6 +234,12 @@ class AgentClient:
                 if n < size:
                     n += await proc.copy_to(fd, size - n)
                 got.append(n)
+            end = _end_of(marker)
+            while sizes is not None and got == sizes and len(rest) < len(end):
+                chunk = await proc.read(1 << 16)
+                if not chunk:
+                    break
+                rest += chunk
             while await proc.read(1 << 16):  # (what follows the reply: not the run's)
                 pass
             await self._ended(proc, after)
@@ -176,6 +248,8 @@ class AgentClient:
             if got != sizes:
                 raise ConnectionLost("connection to %s lost: %d of %d bytes came"
                                      % (self.transport.host, sum(got), sum(sizes)))
+            if not rest.startswith(end):
+                raise ConnectionLost("the agent's reply from %s was cut: %s" % (self.transport.host, CUT))
             return got
         finally:
             proc.close()

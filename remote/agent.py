@@ -4524,11 +4524,20 @@ def cmd_output(args, marker):
             out = Output(marker)
             write_all(out.fd, b"%d\n" % left)
             send_all(out.fd, fd, pos, left, run.what(args.stream))
+            write_all(out.fd, counted_end(marker))
         else:
             send_range(Output(marker).fd, fd, pos, left)
     finally:
         os.close(fd)
     return 0
+
+
+def counted_end(marker):
+    """What follows a counted reply's bytes (``--counted``, ``--stream
+    both``): the marker line again.  Found right after the counted bytes,
+    it shows the client that nothing else wrote into them (a job a login
+    script left running, printing into the session)."""
+    return b"\n" + os.fsencode(marker or "") + b"\n"
 
 
 def direct_head(marker, stdout_size, stderr_size):
@@ -4569,6 +4578,7 @@ def output_both(run, args, marker):
         write_all(out.fd, ("%d %d\n" % tuple(sizes)).encode())
         for name, size in zip(STREAMS, sizes):
             send_all(out.fd, fds[name], 0, size, run.what(name))
+        write_all(out.fd, counted_end(marker))
     finally:
         for fd in fds.values():
             os.close(fd)

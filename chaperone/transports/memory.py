@@ -845,13 +845,14 @@ class MemoryHost:
             proc.marker(args.marker)
             st = run._status()
             data = [bytes(run._data[n][:st[n + "_bytes"]]) for n in ("stdout", "stderr")]
-            proc.emit(b"%d %d\n" % tuple(len(d) for d in data) + b"".join(data))
+            proc.emit(b"%d %d\n" % tuple(len(d) for d in data) + b"".join(data) + _agent().counted_end(args.marker))
             return
         proc.marker(args.marker)
         upto = run._status()[args.stream + "_bytes"]
         end = upto if args.length is None else min(upto, args.offset + args.length)
         data = bytes(run._data[args.stream][args.offset:max(args.offset, end)])
-        proc.emit((b"%d\n" % len(data) if getattr(args, "counted", False) else b"") + data)
+        counted = getattr(args, "counted", False)
+        proc.emit((b"%d\n" % len(data) if counted else b"") + data + (_agent().counted_end(args.marker) if counted else b""))
 
     def _cmd_signal(self, args, proc: _Process, stdin: bytes) -> None:
         agent = _agent()

@@ -95,7 +95,7 @@ def _reply(code, out, err, args=()):
     or the bytes."""
     if b"\nM\n" in out and "stdin" in args:
         out = [json.loads(line) for line in out.split(b"\nM\n", 1)[1].splitlines()]
-    elif b"\nM\n" in out:
+    elif b"\nM\n" in out and "output" not in args:  # (output's replies are bytes, compared as they are)
         json_line = out.split(b"\nM\n", 1)[1][:1] in (b"{", b"[")
         events = StreamDecoder("M", json_line=json_line, framed=True).feed(out)
         data = {}
