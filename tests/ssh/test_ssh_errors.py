@@ -86,6 +86,15 @@ def test_unknown_host(sshd, tmp_path):
 
 
 @pytest.mark.timeout(30)
+def test_an_unknown_host_in_capitals_is_the_host_itself(sshd, tmp_path):
+    """ssh says the name it could not resolve in lower case: that is still
+    the host typed, not one on the way to it."""
+    res = chaperone(tmp_path, "run", "NoSuch.Invalid", "--", "true")
+    line = assert_fails_cleanly(tmp_path, res, "unknown host NoSuch.Invalid")
+    assert "on the way" not in line and "jump" not in line, line
+
+
+@pytest.mark.timeout(30)
 def test_an_unknown_jump_host_is_named(sshd, tmp_path):
     """The jump host (-J, ProxyJump) is what cannot be resolved, not the
     host the run was for: the line names it."""

@@ -52,7 +52,7 @@ def connect_error(target: Target, kind: str, detail: Union[str, Tuple[str, str]]
         # resolved is known: one on the way (a jump host, or the alias's
         # HostName) is named, as the one to check.
         name, why = detail if isinstance(detail, tuple) else ("", detail)
-        if name and name not in (dest, host):
+        if name and name.lower() not in (dest.lower(), host.lower()):  # (ssh says names in lower case)
             return ConnectFailed("unknown host %s: cannot resolve %s, on the way to it: %s (its jump host, -J or "
                                  "ProxyJump, or its HostName in ~/.ssh/config? check the spelling)"
                                  % (host, name, why or "no such name"))
