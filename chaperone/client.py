@@ -109,6 +109,9 @@ class AgentClient:
             return ChaperoneError("cannot run the agent on %s: %s" % (self.transport.host, message))
         if code == 255 or code is None or code < 0:
             return ConnectionLost("connection to %s lost: %s" % (self.transport.host, message))
+        if not lines:  # (the agent always says why: what exited silently was not the agent)
+            return ChaperoneError("cannot run the agent on %s: its interpreter exited with status %d and said "
+                                  "nothing (is --python a Python 3 interpreter there?)" % (self.transport.host, code))
         return AgentFailed(message, code)
 
     async def _json(self, args: List[str], stdin: bytes = b""):

@@ -95,6 +95,15 @@ def test_an_unknown_host_in_capitals_is_the_host_itself(sshd, tmp_path):
 
 
 @pytest.mark.timeout(30)
+def test_an_interpreter_that_is_not_python_is_not_taken_for_the_agent(sshd, tmp_path):
+    """``--python /bin/false``: it exits 1 and says nothing; not the
+    agent's refusal (exit 1, as if the program had failed) but a start that
+    never ran (255), naming --python."""
+    res = chaperone(tmp_path, "-F", sshd.config_file, "run", "--python", "/bin/false", "testhost", "echo", "hi")
+    assert_fails_cleanly(tmp_path, res, "cannot run the agent on testhost", "--python")
+
+
+@pytest.mark.timeout(30)
 def test_an_unknown_jump_host_is_named(sshd, tmp_path):
     """The jump host (-J, ProxyJump) is what cannot be resolved, not the
     host the run was for: the line names it."""
