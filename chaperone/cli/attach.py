@@ -42,11 +42,14 @@ def attach(run_id, no_stdin, quiet, **params):
         info = None if no_stdin else await ch.input_status(rec.id)
         typing = info is not None and not info.end and not info.closed
         here = is_terminal(0)
-        att = Attached(ch, rec.id, raw=bool(info is not None and info.tty and here), quiet=quiet)
+        # (raw only to type to its terminal: output only, Ctrl-C must detach)
+        att = Attached(ch, rec.id, raw=bool(typing and info.tty and here), quiet=quiet)
         if typing:
             from ..feed import read_fd
 
             ch.send_input(rec.id, att.keys() if here else read_fd(0), on_reconnect=att.notice)
+        elif here:
+            att.swallow_keys()
         if att.raw is not None:
             size = window_size()
             if size is not None:  # (a redraw: a full-screen program repaints at SIGWINCH)

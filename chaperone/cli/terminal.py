@@ -51,7 +51,7 @@ class RawMode:
             saved, self.saved = self.saved, None
             try:
                 termios.tcsetattr(self.fd, termios.TCSADRAIN, saved)
-            except OSError:  # (the terminal is gone)
+            except (OSError, termios.error):  # (the terminal is gone: termios.error is no OSError)
                 pass
 
     def say(self, text: str) -> None:
@@ -59,8 +59,11 @@ class RawMode:
         data = text.replace("\r\n", "\n")
         if self.saved is not None:
             data = data.replace("\n", "\r\n")
-        sys.stderr.write(data)
-        sys.stderr.flush()
+        try:
+            sys.stderr.write(data)
+            sys.stderr.flush()
+        except OSError:  # (the terminal is gone: nobody to tell)
+            pass
 
 
 class Escapes:
@@ -98,14 +101,28 @@ class Escapes:
         return bytes(out)
 
 
-async def keystrokes(fd: int, escapes: Escapes) -> AsyncIterator[bytes]:
-    """What is typed on ``fd``, escapes taken out, as it comes."""
+async def keystrokes(fd: int, escapes: Escapes, on_gone: Optional[Callable[[], None]] = None
+                     ) -> AsyncIterator[bytes]:
+    """What is typed on ``fd``, escapes taken out, as it comes.
+
+    ``on_gone``: for a terminal in raw mode, which has no end of its own
+    (Ctrl-D is a byte for the program): its end, or an error reading it,
+    is the terminal gone (its window closed): ``on_gone()`` is called and
+    this never ends, so the program's input is not ended (a terminal
+    attached later types to it again)."""
     from ..feed import read_fd
 
-    async for data in read_fd(fd, 4096):
-        data = escapes.feed(data)
-        if data:
-            yield data
+    try:
+        async for data in read_fd(fd, 4096):
+            data = escapes.feed(data)
+            if data:
+                yield data
+    except OSError:
+        if on_gone is None:
+            raise
+    if on_gone is not None:
+        on_gone()
+        await asyncio.Event().wait()  # (cancelled with the rest, at the detach)
 
 
 class Resizer:
@@ -177,7 +194,22 @@ class Attached:
             self.task.cancel()
 
     def keys(self) -> AsyncIterator[bytes]:
-        return keystrokes(0, self.escapes)
+        import signal
+
+        gone = (lambda: self.detach(signal.SIGHUP)) if self.raw is not None else None
+        return keystrokes(0, self.escapes, on_gone=gone)
+
+    def swallow_keys(self) -> None:
+        """Output only, on a terminal: what is typed is read and dropped
+        (``~.`` still detaches), not left for the shell after the detach."""
+        async def swallow():
+            try:
+                async for _ in self.keys():
+                    pass
+            except OSError:
+                pass
+
+        self.swallower = asyncio.ensure_future(swallow())
 
     async def drive(self, events: AsyncIterator) -> "tuple[dict, Optional[int]]":
         """``(the run's last state, None)`` at its end, or ``({}, exit
@@ -216,6 +248,8 @@ class Attached:
             return {}, 128 + sig if sig else 130
         finally:
             self.restore()
+            if getattr(self, "swallower", None) is not None:
+                self.swallower.cancel()
             for sig in handled:
                 loop.remove_signal_handler(sig)
             if self.resizer is not None:

@@ -206,6 +206,49 @@ def test_tilde_dot_detaches_and_the_program_goes_on(sshd, home, prog, tmp_path):
 
 
 @pytest.mark.timeout(90)
+def test_a_closed_terminal_detaches_and_attach_types_to_the_run_again(sshd, home, prog, tmp_path):
+    """The window of a ``run -t`` closed (the terminal hung up, its reads
+    fail): a detach, as ``~.`` is, not the end of the program's input; a
+    later ``attach`` types to it again.  (Before, the end of the terminal
+    ended the input: attach was output only, and stuck, as it had entered
+    raw mode: Ctrl-C did nothing.)"""
+    run_id = "tty-hup-%d-%d" % (os.getpid(), time.time())  # (the test host's spool is shared by test sessions)
+    t = Terminal(cli(sshd, "run", "-t", "--id", run_id, "testhost", "python3", prog), cli_env(home))
+    try:
+        t.read_until(b"ctty True")
+        os.close(t.master)  # (the window closed: the kernel hangs the terminal up)
+        t.master = os.open("/dev/null", os.O_RDONLY)  # (for close())
+        assert t.proc.wait(30) != 0, t.screen  # (what it says goes nowhere: the terminal is gone)
+    finally:
+        t.close()
+    t = Terminal(cli(sshd, "attach", run_id), cli_env(home))
+    try:
+        t.read_until(b"attached to run " + run_id.encode())
+        assert b"not open" not in t.screen, t.screen
+        t.type(b"again\r")
+        t.read_until(b"got b'again\\n'")
+        t.type(b"\r~.")
+        assert t.wait() == 130, t.screen
+    finally:
+        t.close()
+    # output only (--no-stdin): what is typed is read and dropped, not left
+    # for the shell once attach ends (here: the run is killed meanwhile)
+    t = Terminal(cli(sshd, "attach", "--no-stdin", run_id), cli_env(home))
+    try:
+        t.read_until(b"attached to run " + run_id.encode())
+        t.type(b"typed\r")
+        time.sleep(0.5)
+        subprocess.run(cli(sshd, "kill", "-s", "KILL", run_id), env=cli_env(home), capture_output=True,
+                       timeout=60)
+        assert t.wait() == 137, t.screen
+        assert t.settings() == t.before
+        left = select.select([t.slave], [], [], 0.2)[0] and os.read(t.slave, 100)
+        assert not left, left
+    finally:
+        t.close()
+
+
+@pytest.mark.timeout(90)
 def test_attach_appends_to_a_stream_input_another_process_began(sshd, home, tmp_path):
     """A run reading piped input whose sender went away (killed): `attach`
     with piped input appends after what the host holds (each byte once)
