@@ -18,6 +18,13 @@ _LAZY = {
 
 __all__ = sorted(_LAZY) + ["__version__"]
 
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # (for type checkers: the names as they are; at run time, loaded when first used)
+    from .api import Chaperone, Run
+    from .command import build_command, build_program
+    from .errors import ChaperoneError
+    from .models import ProgramSpec, RunState
+
 
 def __getattr__(name):
     module = _LAZY.get(name)

@@ -37,8 +37,8 @@ from typing import (TYPE_CHECKING, AsyncIterator, Callable, Dict, List, Mapping,
 from . import feed
 from .agent_source import agent_module
 from .client import AgentClient
-from .errors import ChaperoneError, ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, UsageError
-from .states import FINAL_STATES, exit_code_for
+from .errors import ChaperoneError, ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, StartPending, UsageError
+from .states import FINAL_STATES, exit_code_for, start_in_flight
 from .protocol import STREAMS, End, Event, OutputChunk, StateUpdate
 from .records import Record, Records, chaperone_home
 from .transports.base import Transport
@@ -115,11 +115,16 @@ class _StartBatcher:
         self.task: Optional[asyncio.Task] = None
 
     async def submit(self, program: bytes) -> dict:
+        return await self.enqueue(program)
+
+    def enqueue(self, program: bytes) -> asyncio.Future:
+        """The start's answer to come: a future the batch settles even when
+        whoever awaits it was cancelled meanwhile (the start goes on)."""
         fut = asyncio.get_running_loop().create_future()
         self.pending.append((program, fut))
         if self.task is None:
             self.task = asyncio.ensure_future(self._flush())
-        return await fut
+        return fut
 
     async def _flush(self) -> None:
         await asyncio.sleep(0)  # let the other starts of this turn join
@@ -522,6 +527,15 @@ class Chaperone:
             spec = self.program_spec(argv, run_id=run_id, shell=shell, **{**kw, "callback": spec["callback"]})
         return target, transport, spec, existed
 
+    def _landed(self, run_id: str, answer: asyncio.Future) -> None:
+        """The answer of a start whose caller was cancelled: recorded."""
+        if answer.cancelled():
+            self.records.mark(run_id, "unknown", "the start was cut short (cancelled)")
+        elif answer.exception() is not None:
+            self._start_failed(run_id, answer.exception())
+        else:
+            self.records.update(run_id, answer.result())
+
     def _start_failed(self, run_id: str, error: BaseException) -> None:
         """The start did not go through: ``failed`` if it never reached the
         host (nothing ran), ``unknown`` if the connection broke after the
@@ -575,8 +589,14 @@ class Chaperone:
                                             stdin_path=stdin_path, config=config, callback=callback,
                                             stdin_stream=source is not None, tty=tty))
         run_id = spec["id"]
+        answer = self._batcher(transport).enqueue(json.dumps(spec).encode())
         try:
-            state = await self._batcher(transport).submit(json.dumps(spec).encode())
+            state = await asyncio.shield(answer)
+        except asyncio.CancelledError:
+            # The start is on its way and goes on (the batch sends it): its
+            # answer is recorded when it comes; ``starting`` until then.
+            answer.add_done_callback(lambda f: self._landed(run_id, f))
+            raise
         except BaseException as e:
             self._start_failed(run_id, e)
             raise
@@ -748,7 +768,14 @@ class Chaperone:
         return self._typed(state)
 
     def _gone(self, rec: Record) -> ChaperoneError:
-        """The error for a recorded run its host does not know."""
+        """The error for a recorded run its host does not know (recorded
+        ``failed`` or ``lost``; a start that may still be on its way, left
+        ``starting``)."""
+        import time
+
+        if start_in_flight(rec.state, rec.created, time.time()):
+            return StartPending("run %s is starting: its host does not have it yet (its start is on its way: "
+                                "look again in a moment)" % rec.id)
         if rec.state in ("starting", "unknown"):
             reason = "its start never reached %s" % rec.host + (": %s" % rec.error if rec.error else "")
             self.records.mark(rec.id, "failed", reason)

@@ -45,6 +45,15 @@ class StartFailed(ChaperoneError):
     refused there (its record says ``failed``, with the original error)."""
 
 
+class StartPending(ChaperoneError):
+    """The run is ``starting`` and its host does not have it yet: its start
+    may still be on its way (another process, or this one, is starting
+    it).  Look again in a moment; after ``states.START_GRACE`` a start
+    that never arrived is ``failed``."""
+
+    transient = True
+
+
 class ConnectionLost(ChaperoneError):
     """The transport to the host broke; the run itself goes on."""
 

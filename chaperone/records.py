@@ -291,8 +291,8 @@ class Records:
 
     def restart(self, run_id: str) -> None:
         """A run whose start failed is started again: ``starting`` anew."""
-        self.db.execute("UPDATE runs SET state = 'starting', error = NULL WHERE id = ? AND state = 'failed'",
-                        (run_id,))
+        self.db.execute("UPDATE runs SET state = 'starting', error = NULL, created = ? WHERE id = ? AND state = 'failed'",
+                        (time.time(), run_id))
 
     def remove(self, run_id: str) -> None:
         self.db.execute("DELETE FROM runs WHERE id = ?", (run_id,))

@@ -23,6 +23,17 @@ STATES = ("starting", "running", "unknown", "done", "error", "lost", "failed")
 FINAL_STATES = ("done", "error", "lost", "failed")
 #: The final states an agent writes.
 AGENT_FINAL_STATES = tuple(s for s in FINAL_STATES if s in AGENT_STATES)
+#: Seconds a ``starting`` record may wait for its start to reach its host:
+#: a look at the host (``status``, ``ps``, another process) that does not
+#: find the run within them leaves it ``starting`` (its start may still be
+#: on its way: connecting, retried); after them it is ``failed``.
+START_GRACE = 120.0
+
+
+def start_in_flight(state: str, created: float, now: float) -> bool:
+    """Whether a record in ``state`` made at ``created`` may still have its
+    start on its way to the host (not to be settled as ``failed`` yet)."""
+    return state == "starting" and now - created < START_GRACE
 
 
 def exit_code_for(state) -> Optional[int]:

@@ -94,7 +94,10 @@ def _refresh_local(ch, recs, records=None, home=None):
     """Local runs: their spools are on this machine; read them here with the
     agent's own code (no process, no connection).  ``records``/``home``:
     without a Chaperone (``ch`` None)."""
+    import time
+
     from ..agent_source import agent_module
+    from ..states import start_in_flight
 
     agent = agent_module()
     records = records if ch is None else ch.records
@@ -105,6 +108,8 @@ def _refresh_local(ch, recs, records=None, home=None):
         try:
             state = agent.Run(root, rec.id).require().refresh()
         except agent.AgentError as e:
+            if getattr(e, "code", None) == 4 and start_in_flight(rec.state, rec.created, time.time()):
+                continue  # (its start may still be on its way)
             if getattr(e, "code", None) == 4 and rec.state in ("starting", "unknown"):
                 records.mark(rec.id, "failed", "its start never reached this machine's spool")
             elif getattr(e, "code", None) == 4:

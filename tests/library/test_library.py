@@ -16,7 +16,8 @@ import pytest
 from support.helpers import run_async, with_ssh_dir
 
 from chaperone import Chaperone
-from chaperone.errors import ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, UsageError
+from chaperone.errors import ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, StartPending, UsageError
+from chaperone.states import START_GRACE
 from chaperone.models import RunInfo, RunState
 from chaperone.transports.target import Target, parse_host
 
@@ -351,6 +352,10 @@ def test_a_start_recorded_but_never_answered_is_settled_by_the_host(tmp_path):
             await ok.wait()
             target = ch.target("local")
             ch.records.add("ghost", "local", target.describe(), ["true"])
+            # (made longer ago than a start may take: the process that made it is gone; a younger
+            # one may have its start on its way, from another process: left starting, see below)
+            ch.records.db.execute("UPDATE runs SET created = created - ? WHERE id = 'ghost'", (START_GRACE + 1,))
+            ch.records.add("young", "local", target.describe(), ["true"])
             ch.records.add("away", "127.0.0.1:%d" % free_port(),
                            Target.parse("127.0.0.1:%d" % free_port()).describe(), ["true"])
             ch.records.mark("away", "running")
@@ -359,6 +364,9 @@ def test_a_start_recorded_but_never_answered_is_settled_by_the_host(tmp_path):
             assert ids == ["real"]
             assert ch.record("real").state == "done"
             assert ch.record("ghost").state == "failed" and "never reached" in ch.record("ghost").error
+            assert ch.record("young").state == "starting"
+            with pytest.raises(StartPending, match="is starting"):
+                await ch.status("young")
             assert ch.record("away").state == "running"  # unreachable: left for later
 
     run_async(main())

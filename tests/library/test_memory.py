@@ -575,6 +575,58 @@ def test_a_start_that_never_reached_the_host_is_failed(tmp_path):
     go(main())
 
 
+def test_a_look_while_a_start_is_on_its_way_does_not_fail_it(tmp_path):
+    """Another process (here: another Chaperone on the same home) looks at
+    the runs while a start is on its way (the host does not have the run
+    yet): the run stays ``starting``, its status says so (StartPending),
+    and once the start lands it is ``running``, then ``done`` (before: the
+    look recorded it ``failed`` for good, though it ran)."""
+    from chaperone.errors import StartPending
+
+    host = MemoryHost("fake", latency=5.0)
+    sleeper(host, seconds=20)
+
+    async def main():
+        async with chaperone(tmp_path, host) as ch, chaperone(tmp_path, host) as other:
+            starting = asyncio.ensure_future(ch.start("fake", ["sleep"], id="inflight"))
+            await asyncio.sleep(1.0)
+            host.latency = 0.0  # (the start's call takes 5 s to connect; the looks none)
+            assert other.records.get("inflight").state == "starting"
+            await other.refresh()
+            assert other.records.get("inflight").state == "starting"
+            with pytest.raises(StartPending):
+                await other.status("inflight")
+            run = await starting
+            assert ch.records.get("inflight").state == "running"
+            assert (await run.wait()).state == "done"
+
+    go(main())
+
+
+def test_a_cancelled_start_goes_on_and_its_answer_is_recorded(tmp_path):
+    """start() cancelled while its start is on its way: the start goes on
+    (it was sent: a program may run), the record stays ``starting``, and
+    the answer, when it comes, is recorded: the run is ``running``, then
+    ``done`` (before: ``unknown``, then ``failed`` at the next look, though
+    the program ran)."""
+    host = MemoryHost("fake", latency=5.0)
+    started = sleeper(host, seconds=20)
+
+    async def main():
+        async with chaperone(tmp_path, host) as ch:
+            task = asyncio.ensure_future(ch.start("fake", ["sleep"], id="cancelled"))
+            await asyncio.sleep(1.0)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert ch.records.get("cancelled").state == "starting"
+            await asyncio.sleep(5.0)
+            assert started == ["cancelled"] and ch.records.get("cancelled").state == "running"
+            assert (await ch.wait("cancelled")).state == "done"
+
+    go(main())
+
+
 def test_a_start_cut_short_is_never_left_starting(tmp_path, monkeypatch):
     """A start cut short by something other than a connection error (a
     bug, an exception of the transport, a cancel): the record says
@@ -585,8 +637,10 @@ def test_a_start_cut_short_is_never_left_starting(tmp_path, monkeypatch):
     host = MemoryHost("fake")
     sleeper(host, seconds=5)
 
-    async def boom(*a, **k):
-        raise RecursionError("maximum recursion depth exceeded")
+    def boom(*a, **k):
+        answer = asyncio.get_running_loop().create_future()
+        answer.set_exception(RecursionError("maximum recursion depth exceeded"))
+        return answer
 
     def boom_follow(*a, **k):
         raise RecursionError("maximum recursion depth exceeded")
@@ -594,7 +648,7 @@ def test_a_start_cut_short_is_never_left_starting(tmp_path, monkeypatch):
     async def main():
         async with chaperone(tmp_path, host) as ch:
             with monkeypatch.context() as m:
-                m.setattr(api._StartBatcher, "submit", boom)
+                m.setattr(api._StartBatcher, "enqueue", boom)
                 with pytest.raises(RecursionError):
                     await ch.start("fake", ["sleep"], id="cut")
                 m.setattr(api.AgentClient, "start_follow", boom_follow)
