@@ -509,6 +509,8 @@ class Chaperone:
         return rec  # (the same run again: start is idempotent)
 
     async def _prepare(self, host, command: Command, ssh, group, kw) -> "tuple[Target, Transport, dict, bool]":
+        if self._closed:
+            raise ChaperoneError("this Chaperone was closed: it starts nothing (open() it again, or use a new one)")
         argv, shell, display = self._argv(command)
         target = self.target(host, **(ssh or {}))
         transport = self.transports.get(target)

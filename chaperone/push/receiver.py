@@ -74,11 +74,14 @@ class PushReceiver:
         self._tunnel_locks: Dict[int, asyncio.Lock] = {}
         self._runs: Dict[str, Transport] = {}  # runs pushing here -> their host's transport
         self._open = False
+        self._closed = False  # (close() ends the waits in flight; open() again clears it)
+        self._waiting = 0
         self._released: set = set()  # runs told to stop calling back
         self._to_release: Dict[int, tuple] = {}  # id(transport) -> (transport, run ids)
         self._releasing: Dict[int, asyncio.Task] = {}  # id(transport) -> its task, until done
 
     async def open(self) -> None:
+        self._closed = False
         if not self._open:
             await self.server.start(self.bind, self.port, cert_dir=self.ch.home / "tls")
             self._open = True
@@ -100,6 +103,9 @@ class PushReceiver:
         self._tunnels.clear()
         await self.server.stop()
         self._open = False
+        self._closed = True
+        for event in self._changed.values():  # (the waits in flight see it and raise)
+            event.set()
 
     # State -------------------------------------------------------------------
 
@@ -348,11 +354,40 @@ class PushReceiver:
                 except ChaperoneError:
                     pass
 
-    async def wait(self, run_id: str, safety_net: float = 30.0) -> dict:
+    def _safety_net(self) -> float:
+        """Seconds without news before a wait reads the spool: two of the
+        agents' heartbeats and 2 s (their default heartbeat: 15 s)."""
+        return 2 * (self.heartbeat if self.heartbeat is not None else 15.0) + 2.0
+
+    async def wait(self, run_id: str, safety_net: Optional[float] = None) -> dict:
         """The run's final state, once the mirror holds all of its output.
-        Callbacks drive it; every ``safety_net`` seconds without news, and
-        at the end, catch-up over SSH fills whatever they missed."""
+        Callbacks drive it; every ``safety_net`` seconds without news
+        (default: two heartbeats and 2 s), and at the end, catch-up over SSH
+        fills whatever they missed.  A run its host does not have raises
+        (StartFailed, NoSuchRun), as the pull mode does; so does
+        :meth:`close` (ChaperoneError)."""
+        from ..errors import NoSuchRun, StartPending
+
+        safety_net = self._safety_net() if safety_net is None else safety_net
+        self._waiting += 1
+        try:
+            return await self._wait(run_id, safety_net, NoSuchRun, StartPending)
+        finally:
+            self._waiting -= 1
+
+    async def _wait(self, run_id: str, safety_net: float, NoSuchRun, StartPending) -> dict:
+        rec = self.ch.records.get(run_id)
+        if rec is not None and rec.state == "unknown":  # (its start may never have arrived: no callback will say)
+            try:
+                await self.catch_up(run_id)
+            except NoSuchRun:
+                raise self.ch._gone(self.ch.records.get(run_id)) from None
+            except ChaperoneError:
+                pass
         while True:
+            if self._closed:
+                raise ChaperoneError("run %s: this Chaperone was closed while waiting (open() it again, or use "
+                                     "a new one)" % run_id)
             st = self._complete(run_id)
             if st is not None:
                 # Also when its final callback was acknowledged: the answer
@@ -368,6 +403,8 @@ class PushReceiver:
             if st and st["state"] in FINAL_STATES:
                 try:
                     await self.catch_up(run_id)
+                except NoSuchRun:
+                    raise self.ch._gone(self.ch.records.get(run_id)) from None
                 except ChaperoneError:
                     await asyncio.sleep(1.0)
                 continue
@@ -376,6 +413,10 @@ class PushReceiver:
             except asyncio.TimeoutError:
                 try:
                     await self.catch_up(run_id)
+                except NoSuchRun:
+                    gone = self.ch._gone(self.ch.records.get(run_id))
+                    if not isinstance(gone, StartPending):
+                        raise gone from None
                 except ChaperoneError:
                     pass
 

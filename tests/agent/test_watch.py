@@ -282,3 +282,55 @@ def test_push_wait_returns_with_the_final_callback(tmp_path):
     assert max(late) < 1.0, sorted(late)
     assert not [c for c in transport.calls if "control" in c]
     assert 1 <= len([c for c in transport.calls if "release" in c]) <= 4
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("push", [False, True])
+def test_waits_on_a_closed_chaperone_and_starts_after_close_fail_at_once(tmp_path, push):
+    """close(): a wait() in flight raises ChaperoneError (push too: before,
+    it waited on for ever), and start() on a closed Chaperone refuses
+    (before, it started a run nobody could wait on)."""
+    from chaperone.errors import ChaperoneError
+
+    async def main():
+        ch = Chaperone(tmp_path / "home", push=push)
+        await ch.open()
+        run = await ch.start("local", ["sleep", "3"])
+        waiter = asyncio.ensure_future(run.wait())
+        await asyncio.sleep(0.3)
+        await ch.close()
+        with pytest.raises(ChaperoneError, match="was closed"):
+            await asyncio.wait_for(waiter, 10)
+        with pytest.raises(ChaperoneError, match="was closed"):
+            await asyncio.wait_for(ch.start("local", ["true"]), 10)
+        await ch.open()
+        await ch.signal(run.id, "KILL")
+        await ch.close()
+
+    asyncio.run(main())
+
+
+@pytest.mark.timeout(60)
+def test_push_wait_on_a_start_that_never_arrived_raises(tmp_path):
+    """Push: a start whose connection dropped (recorded ``unknown``) and
+    that never reached the host: wait() asks the host at once and raises
+    StartFailed, as pull does (before: it waited for callbacks for ever)."""
+    from chaperone.errors import ConnectionLost, StartFailed
+    from chaperone.transports.local import LocalTransport
+
+    class Dropping(LocalTransport):
+        async def open(self, args, stdin=b"", **kw):
+            if "start" in args:
+                raise ConnectionLost("connection to local lost: dropped (a test)")
+            return await super().open(args, stdin, **kw)
+
+    async def main():
+        transport = Dropping(root=str(tmp_path / "spool"))
+        async with Chaperone(tmp_path / "home", push=True, transports={"local": transport}) as ch:
+            with pytest.raises(ConnectionLost):
+                await ch.start("local", ["true"], id="never-arrived")
+            assert ch.records.get("never-arrived").state == "unknown"
+            with pytest.raises(StartFailed, match="never reached"):
+                await asyncio.wait_for(ch.wait("never-arrived"), 10)
+
+    asyncio.run(main())
