@@ -287,6 +287,20 @@ async def _foreground(ch, target, command, kw, params) -> int:
 
         click.echo("\n" + detached_note(run_id), err=True)
         return 130
+    except BrokenPipeError:
+        # Nothing reads the output here any more (``| head``): chaperone
+        # lets go, as Ctrl-C twice does; the run goes on (it never depends
+        # on this process), and says so (ssh's remote command would get
+        # SIGPIPE and die).
+        from .display import detached_note
+
+        try:
+            sys.stderr.write("chaperone: nothing reads the output here any more; %s\n"
+                             % detached_note(run_id)[len("chaperone: "):])
+            sys.stderr.flush()
+        except OSError:
+            pass
+        return 141
     finally:
         loop.remove_signal_handler(signal.SIGINT)
     if as_json:

@@ -51,3 +51,24 @@ def test_logs_into_a_closed_pipe_ends_quietly(sshd, tmp_path):
                        capture_output=True, timeout=60)
     assert p.stdout.split()[:1] != []
     assert b"Traceback" not in p.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_foreground_run_whose_reader_goes_away_says_the_run_goes_on(sshd, tmp_path):
+    """``chaperone run HOST CMD | head -2``: once nothing reads its output
+    here, chaperone exits 141 and says on stderr that the run goes on and
+    how to reach it (before: 141 in silence); the run is not killed: its
+    output is all in the spool at its end."""
+    env = dict(os.environ, CHAPERONE_HOME=str(tmp_path))
+    line = "for i in $(seq 1 40); do echo x$i; sleep 0.05; done"
+    p = subprocess.Popen([sys.executable, "-m", "chaperone.cli", "-F", str(sshd.config_file), "run", "testhost",
+                          line], env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline() == b"x1\n"
+    p.stdout.close()  # (as head does once it has its lines)
+    err = p.stderr.read().decode()
+    assert p.wait(60) == 141, err
+    assert "goes on" in err and "chaperone wait " in err and err.count("\n") == 1, err
+    run_id = err.split("run ", 1)[1].split()[0]
+    assert cli(sshd, tmp_path, "wait", run_id).returncode == 0
+    logs = cli(sshd, tmp_path, "logs", run_id).stdout
+    assert logs == b"".join(b"x%d\n" % i for i in range(1, 41))
