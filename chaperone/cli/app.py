@@ -168,7 +168,15 @@ class Group(click.Group):
         # docker's words for the same things
         aliases = {"rm": "clean", "inspect": "status", "stop": "kill", "list": "ps", "ls": "ps"}
         if args and args[0] in aliases:
-            args = [aliases[args[0]]] + list(args[1:])
+            rest = list(args[1:])
+            if args[0] == "inspect" and "--json" not in rest:
+                rest.insert(0, "--json")  # (docker inspect prints JSON)
+            if args[0] == "stop":
+                # docker stop: SIGTERM, then SIGKILL after -t/--time seconds (10)
+                rest = ["--grace" if a in ("-t", "--time") else a for a in rest]
+                if "--grace" not in rest and not any(a.startswith("--grace=") for a in rest):
+                    rest[:0] = ["--grace", "10"]
+            args = [aliases[args[0]]] + rest
         name, command, rest = super().resolve_command(ctx, args)
         if command is not None:
             _COMMAND.append("%s %s" % (ctx.command_path, command.name))

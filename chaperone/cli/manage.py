@@ -435,7 +435,7 @@ def _same_file(a, b) -> bool:
 @click.option("-f", "--follow", is_flag=True, help="Keep printing output until the run ends.")
 @click.option("--stdout", "only_stdout", is_flag=True, help="Only stdout.")
 @click.option("--stderr", "only_stderr", is_flag=True, help="Only stderr.")
-@click.option("--tail", "tail", metavar="N", help="Only the last N lines of each stream ('all': everything).")
+@click.option("-n", "--tail", "tail", metavar="N", help="Only the last N lines of each stream ('all': everything).")
 @click.option("--since", "since", metavar="DURATION|TIME",
               help="Only output written since then: 10m (back from now), 2026-11-24T21:00:00Z, or epoch seconds.")
 @click.option("-t", "--timestamps", is_flag=True, help="Start each line with when it was written (RFC 3339, UTC).")

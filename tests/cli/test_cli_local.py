@@ -624,3 +624,21 @@ def test_the_times_of_a_run_object_read_alike(home):
         value = info[key]
         assert value.endswith("+00:00"), (key, value)
         assert datetime.datetime.fromisoformat(value).tzinfo is not None
+
+
+@pytest.mark.timeout(60)
+def test_docker_s_logs_n_inspect_and_stop_t(home):
+    """docker's habits: ``logs -n N`` (its --tail), ``inspect ID`` prints
+    the JSON object, ``stop -t S ID`` sends SIGTERM then SIGKILL after S
+    seconds (docker's default: 10)."""
+    res = cli(home, "run", "local", "--id", "dock1", "-q", "--", "sh", "-c", "echo a; echo b; echo c")
+    assert res.returncode == 0, res.stderr
+    assert cli(home, "logs", "-n", "1", "dock1").stdout == b"c\n"
+    obj = json.loads(cli(home, "inspect", "dock1").stdout)
+    assert (obj["id"], obj["state"], obj["exit_code"]) == ("dock1", "done", 0)
+    res = cli(home, "run", "-d", "local", "--id", "dock2", "--", "sh", "-c", "trap '' TERM; sleep 30")
+    assert res.returncode == 0, res.stderr
+    time.sleep(0.3)
+    assert cli(home, "stop", "-t", "1", "dock2").returncode == 0
+    res = cli(home, "wait", "--timeout", "20s", "dock2")
+    assert res.returncode == 128 + signal.SIGKILL, res.stderr
