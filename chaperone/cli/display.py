@@ -222,7 +222,7 @@ class OutageNotice:
 
     def __call__(self, error, delay) -> None:
         if not self.said and not self.quiet:
-            line = "chaperone: %s; reconnecting\n" % error
+            line = "chaperone: %s; reconnecting\n" % str(error).rstrip(".")
             if self.write is not None:
                 self.write(line)
             else:

@@ -118,6 +118,14 @@ def _ipv6_at(s: str, i: int) -> int:
     return j
 
 
+def _port_at(s: str, j: int) -> bool:
+    """Whether the ':' at ``j`` starts a port: digits to the end or a ','."""
+    k = j + 1
+    while k < len(s) and s[k].isdigit():
+        k += 1
+    return k > j + 1 and (k == len(s) or s[k] in ",:")
+
+
 def tokenize(pattern: str, *, ansible: bool = False) -> List[Term]:
     """Split a pattern into :class:`Term` s.
 
@@ -207,6 +215,10 @@ def tokenize(pattern: str, *, ansible: bool = False) -> List[Term]:
                     if ansible and d == ":":
                         if colon_ok:
                             colon_ok = False
+                        elif s.startswith("ssh://", start) and j == start + 3:
+                            pass  # (a URL's ':' of ssh://)
+                        elif _port_at(s, j) and ("@" in s[start:j] or s.startswith("ssh://", start)):
+                            pass  # (user@host:PORT, ssh://host:PORT: one host, as everywhere)
                         else:
                             break
                     j += 1

@@ -146,3 +146,15 @@ def test_twenty_hosts_with_three_failures(fleet_hosts, tmp_path):
     assert text.startswith(b"-" * 15 + b"\nh[01-02,04,06-08,10-20] (17)\n" + b"-" * 15 + b"\n" + PAYLOAD + b"\n")
     assert err.getvalue().startswith(b"started\n")
     assert os.path.exists(f.config_file)
+
+
+def test_a_host_with_a_port_is_one_host_in_a_pattern():
+    """``-H ssh://me@h:2222`` and ``-H me@h:2222`` name one host each, as
+    on every command that connects (before: ``ssh``, ``//me@h`` and
+    ``2222``); ``web:db`` stays two names (Ansible's ``:``)."""
+    from chaperone.fleet.patterns import select
+
+    assert select("ssh://me@127.0.0.1:2222") == ["ssh://me@127.0.0.1:2222"]
+    assert select("me@h1:2222,h2") == ["h2", "me@h1:2222"]
+    assert sorted(select("ssh://me@h:22:web")) == ["ssh://me@h:22", "web"]
+    assert select("web:db") == ["db", "web"]
