@@ -193,9 +193,17 @@ def result(info: dict) -> str:
     return "-"
 
 
-def status_table(infos: Sequence[dict]) -> str:
-    """``chaperone status ID...``'s table (each run as RunInfo, a dict)."""
-    rows = [(i["id"], i["host"], i["state"], result(i), human_duration(i.get("duration")),
+def status_table(infos: Sequence[dict], stale: "Optional[set]" = None) -> str:
+    """``chaperone status ID...``'s table (each run as RunInfo, a dict);
+    ``stale``: the ids of runs not read from their hosts now, shown as last
+    seen (``running (seen 5m ago)``, no duration that goes on growing)."""
+    def state(i):
+        if stale and i["id"] in stale and i["state"] == "running":
+            return "running (seen %s ago)" % short_ago(parse_time(i.get("last_seen")))
+        return i["state"]
+
+    rows = [(i["id"], i["host"], state(i), result(i),
+             "-" if stale and i["id"] in stale and i["state"] == "running" else human_duration(i.get("duration")),
              str(i["stdout_bytes"]), str(i["stderr_bytes"])) for i in infos]
     return table(rows, ("ID", "HOST", "STATE", "RESULT", "DURATION", "STDOUT", "STDERR"), flex=3)
 

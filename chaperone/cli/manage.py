@@ -253,11 +253,11 @@ def status(run_ids, as_json, timeout, **params):
     not over, host by host, saying which hosts could not be reached)."""
     wait = parse_duration(timeout, "--timeout")
 
-    def show(infos, errors):
+    def show(infos, errors, stale=None):
         if as_json:
             print_json(infos[0] if len(run_ids) == 1 and len(infos) == 1 else infos)
         elif infos:
-            click.echo(status_table(infos))
+            click.echo(status_table(infos, stale))
         return max(errors) if errors else 0
 
     server = served.client(params)
@@ -271,7 +271,7 @@ def status(run_ids, as_json, timeout, **params):
         sys.exit(served_call(via))
 
     async def go(ch):
-        from ..errors import ChaperoneError, StartFailed
+        from ..errors import ChaperoneError, ConnectionLost, StartFailed
 
         errors = []
         if not run_ids:  # (every run not over as recorded, re-read now: some may have ended since)
@@ -284,18 +284,26 @@ def status(run_ids, as_json, timeout, **params):
             elif infos:
                 click.echo(status_table(infos))
             return 1 if unreachable else 0
-        infos, fresh = [], set()
+        import asyncio
+
+        infos, stale = [], set()
         for rec in _records(ch, run_ids, errors):
             try:
-                await ch.status(rec.id)
-                fresh.add(rec.id)
+                await asyncio.wait_for(ch.status(rec.id), wait)
             except StartFailed:
-                fresh.add(rec.id)
+                pass
+            except asyncio.TimeoutError:
+                click.echo("chaperone: run %s: %s did not answer within %s; shown as last seen"
+                           % (rec.id, rec.host, timeout), err=True)
+                errors.append(1)  # (docs/cli.md: a host that could not be reached)
+                stale.add(rec.id)
             except ChaperoneError as e:
                 click.echo(about(rec.id, e), err=True)
-                errors.append(e.exit_code)
+                unreachable = getattr(e, "transient", False) or isinstance(e, ConnectionLost)
+                errors.append(1 if unreachable else e.exit_code)
+                stale.add(rec.id)
             infos.append(ch.records.get(rec.id).info() if ch.records.get(rec.id) else rec.info())
-        return show(infos, errors)
+        return show(infos, errors, stale)
 
     sys.exit(run_async(params, go))
 

@@ -231,3 +231,37 @@ def test_arguments_that_are_not_utf8_pass_through(tmp_path):
     assert (res.returncode, res.stdout) == (0, b"a\xffb"), res.stderr
     ps = run_cli(home, "ps", "-a")
     assert b"a\\xffb" in ps.stdout and ps.returncode == 0
+
+
+@pytest.mark.timeout(60)
+def test_status_of_a_run_on_a_host_out_of_reach_is_last_seen_and_bounded(sshd, tmp_path):
+    """``status ID`` when its host refuses, or never answers: within
+    ``--timeout``, one line on stderr, the row as last seen ("running (seen
+    ... ago)", no duration that grows), exit 1 as docs/cli.md says (before:
+    shown as current, 255, and a host that never answered took 15 s
+    whatever --timeout said)."""
+    import socket
+
+    from support.sshd import free_port
+
+    home = tmp_path / "home"
+    home.mkdir()
+    run_id = unique("far")
+    res = run_cli(home, "-F", sshd.config_file, "run", "-d", "--id", run_id, "testhost", "--", "sleep", "60")
+    assert res.returncode == 0, res.stderr
+    try:
+        refused = run_cli(home, "-F", sshd.config_file, "status", "-p", str(free_port()), "--timeout", "5s", run_id)
+        with socket.socket() as silent:  # (completes TCP handshakes, never says a word)
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(8)
+            start = time.monotonic()
+            hung = run_cli(home, "-F", sshd.config_file, "status", "-p", str(silent.getsockname()[1]),
+                           "--timeout", "2s", run_id)
+            took = time.monotonic() - start
+        for res in (refused, hung):
+            out, err = res.stdout.decode(), res.stderr.decode()
+            assert res.returncode == 1, err
+            assert "running (seen" in out and err.count("\n") == 1 and run_id in err, (out, err)
+        assert took < 8, took
+    finally:
+        run_cli(home, "-F", sshd.config_file, "kill", "-s", "KILL", run_id)
