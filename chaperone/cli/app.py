@@ -152,7 +152,13 @@ class Group(click.Group):
         except click.ClickException as e:
             message = e.format_message()
             if isinstance(e, click.UsageError):
+                if type(e).__name__ == "NoArgsIsHelpError" or message.startswith("Usage:"):
+                    # (no command at all: the help, as docker and git print it)
+                    sys.stderr.write(message.rstrip("\n") + "\n")
+                    sys.exit(2)
                 path = e.ctx.command_path if e.ctx is not None else "chaperone"
+                if len(_COMMAND[-1]) > len(path):  # (an option's value missing: click names the group)
+                    path = _COMMAND[-1]
                 fail("%s (Try '%s --help'.)" % (message.rstrip("."), path), 2)
             fail(message, 1)
         except BrokenPipeError:

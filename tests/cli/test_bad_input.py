@@ -179,6 +179,9 @@ USAGE = [
     (["logs", "--tail", "-1", "x"], "invalid --tail '-1'", "chaperone logs"),
     (["ps", "-n", "-1"], "-1 is not in the range", "chaperone ps"),
     (["kill", "-s", "BOGUS", "x"], "unknown signal 'BOGUS'", "chaperone kill"),
+    # an option's value missing: the command's help, not the group's
+    (["logs", "--tail"], "Option '--tail' requires an argument", "chaperone logs"),
+    (["run", "--id"], "Option '--id' requires an argument", "chaperone run"),
 ]
 
 
@@ -190,6 +193,13 @@ def test_usage_errors_say_what_and_where_help_is(home, args, says, command):
     assert says in line and line.endswith("(Try '%s --help'.)" % command), line
     assert "invalid invalid" not in line
     assert ps_ids(home) == []  # (nothing started, nothing recorded)
+
+
+def test_no_command_prints_the_help_not_a_line_of_it(home):
+    res = cli(home)
+    err = res.stderr.decode()
+    assert res.returncode == 2 and err.startswith("Usage: chaperone") and "Commands:" in err, err
+    assert "(Try" not in err and not err.startswith("chaperone:")
 
 
 @pytest.mark.parametrize("timeout", ["0", "inf"])
