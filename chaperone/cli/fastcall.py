@@ -189,10 +189,15 @@ def _status(rec, target, flags):
         records.close()
     from .display import print_json, status_table
 
-    if failed is not None:  # (as the normal path: the error, then the run as recorded)
+    if failed is not None:  # (as the normal path: the error, then the run as last seen)
         say("chaperone: run %s: %s" % (rec.id, failed))
     if flags:
         print_json(info)
     else:
-        sys.stdout.write(status_table([info]) + "\n")
-    return failed.exit_code if failed is not None else 0
+        sys.stdout.write(status_table([info], {rec.id} if failed is not None else None) + "\n")
+    if failed is None:
+        return 0
+    from ..errors import ConnectionLost
+
+    # (docs/cli.md: 1 when a host could not be reached, as the normal path)
+    return 1 if getattr(failed, "transient", False) or isinstance(failed, ConnectionLost) else failed.exit_code
