@@ -97,7 +97,8 @@ def _plan(argv):
         run_id = time.strftime("%Y%m%d-%H%M%S-") + os.urandom(3).hex()  # (api.new_run_id)
     doc = {"id": run_id, "program": {"argv": argv_, "cwd": cwd, "env": env, "stdin": None, "shell": shell},
            "callback": None, "config": config}
-    return doc, shell, display, bool(parsed.get("quiet"))
+    typing = not parsed.get("no_stdin") and os.isatty(0)  # (the program meets /dev/null: as run.py, say so)
+    return doc, shell, display, (bool(parsed.get("quiet")), typing)
 
 
 def attempt(argv) -> None:
@@ -277,6 +278,10 @@ class _Frames:
             self.records.update(self.run.id, _sorted(agent, replies[-1]))
 
 
+#: The hint of run.py for a program that would read this terminal (the same words).
+NO_TERMINAL = " (no terminal there: stdin is /dev/null; -t gives it this terminal, --stdin - what you type)"
+
+
 def _finish(agent, records, root, spec, quiet, db_fds):
     """Start the recorded run, stream it to its end, exit with its status.
 
@@ -288,9 +293,10 @@ def _finish(agent, records, root, spec, quiet, db_fds):
     import _signal as signal  # (the C module: `signal` builds its enums at import)
 
     run_id = spec["id"]
+    quiet, typing = quiet
     try:
         if not quiet and sys.stderr.isatty():
-            _say("chaperone: run %s on local" % run_id)
+            _say("chaperone: run %s on local%s" % (run_id, NO_TERMINAL if typing else ""))
         try:
             run, claimed = agent.claim(root, spec)
             if claimed:

@@ -205,6 +205,22 @@ def run(host, **params):
                                                  cwd, timeout)))
 
     async def go(ch):
+        from ..errors import ChaperoneError
+
+        ran = []
+        try:
+            return await started(ch, ran)
+        except ChaperoneError:
+            # --json: the run's object at the end, as documented, also for a
+            # start that failed (its record says failed and why)
+            rec = ch.records.get(ran[0]) if ran and params.get("as_json") else None
+            if rec is not None:
+                from .display import print_json
+
+                print_json(rec.info())
+            raise
+
+    async def started(ch, ran):
         from ..api import new_run_id, parse_env
 
         settings = ssh_settings(params)
@@ -214,6 +230,7 @@ def run(host, **params):
         if params.get("run_id") == "":
             fail("invalid run id '': use 1-128 letters, digits, '.', '_' or '-' (or no --id: a new id)", 2)
         run_id = params.get("run_id") or new_run_id()
+        ran.append(run_id)
         kw = dict(id=run_id, cwd=cwd, env=parse_env(params.get("env") or ()), timeout=timeout, stdin=stdin,
                   config={"kill_grace": grace} if grace is not None else None, tty=bool(tty) or None)
         if params.get("detach"):
@@ -235,7 +252,9 @@ def run(host, **params):
             if attached:
                 hint = " (a terminal there: ~. detaches)"
             elif stdin is None and _typing(params):  # (top, a REPL ... would meet /dev/null in silence)
-                hint = " (no terminal there: stdin is /dev/null; -t gives it this terminal, --stdin - what you type)"
+                from .fastrun import NO_TERMINAL
+
+                hint = NO_TERMINAL
             click.echo("chaperone: run %s on %s%s" % (run_id, target.name, hint), err=True)
         if attached:
             return await _attached(ch, target, command, kw, params)

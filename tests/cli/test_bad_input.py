@@ -207,3 +207,13 @@ def test_a_timeout_of_0_or_inf_is_none(home, timeout):
     """As ``timeout 0 CMD``: no time limit (was: an error naming config.timeout)."""
     res = cli(home, "run", "-q", "--timeout", timeout, "local", "--", "sh", "-c", "echo ran")
     assert (res.returncode, res.stdout, res.stderr) == (0, b"ran\n", b"")
+
+
+def test_run_json_prints_the_run_of_a_start_that_failed(home):
+    """``run --json``: the run's object at the end, as docs/cli.md says,
+    also when its start failed (state failed, the error), besides the one
+    line on stderr (before: nothing on stdout)."""
+    res = cli(home, "run", "--json", "--id", "jsonfail", "nosuch.invalid", "--", "true")
+    assert res.returncode == 255 and one_line_error(res.stderr).startswith("chaperone: unknown host")
+    obj = json.loads(res.stdout)
+    assert (obj["id"], obj["state"]) == ("jsonfail", "failed") and "unknown host" in obj["error"]

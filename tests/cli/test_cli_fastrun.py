@@ -274,3 +274,28 @@ def test_the_end_note_starts_its_own_line_on_a_terminal(tmp_path):
                                       home, cli_env(home, CHAPERONE_FAST_RUN=fast))
         assert code == 143, screen
         assert screen.startswith(b"partial\r\nchaperone: run "), screen
+
+
+def test_the_fast_path_says_the_program_meets_no_terminal_as_the_normal_one(tmp_path):
+    """stdin a terminal the program does not get: both paths say so on
+    stderr, in the same words (before: only the normal path did)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    said = {}
+    for name, entry, env in (("fast", FAST, {}), ("normal", NORMAL, {"CHAPERONE_FAST_RUN": "0"})):
+        master, slave = pty.openpty()
+        try:
+            proc = subprocess.Popen(entry + ["run", "local", "--", "true"], env=cli_env(home, **env), cwd=str(home),
+                                    stdin=slave, stdout=subprocess.PIPE, stderr=slave)
+            os.close(slave)
+            slave = None
+            proc.communicate(timeout=30)
+            said[name] = read_terminal(master).decode()
+        finally:
+            os.close(master)
+            if slave is not None:
+                os.close(slave)
+        assert proc.returncode == 0, said[name]
+    for text in said.values():
+        assert "no terminal there: stdin is /dev/null" in text, said
+    assert said["fast"].split(" on local", 1)[1] == said["normal"].split(" on local", 1)[1]

@@ -221,15 +221,21 @@ def test_no_ssh_outlives_a_killed_cli(sshd, tmp_path, calls):
         if calls == "one":
             follower = psutil.Process(supervisor).ppid()
         else:
+            spool = str(tmp_path / "spool")
+
             def reconnected():
-                return [p.pid for p in psutil.process_iter(["cmdline"])
-                        if "follow" in (p.info["cmdline"] or []) and "orphan" in p.info["cmdline"]]
+                # (this test's spool: not a follow of another test's run "orphan"; the newest: the one
+                # that followed the cut session may not have seen it gone yet on a loaded machine)
+                found = [p for p in psutil.process_iter(["cmdline", "create_time"])
+                         if "follow" in (p.info["cmdline"] or []) and "orphan" in p.info["cmdline"]
+                         and spool in " ".join(p.info["cmdline"])]
+                return [p.pid for p in sorted(found, key=lambda p: p.info["create_time"])]
 
             deadline = time.monotonic() + 20
             while not reconnected():
                 assert time.monotonic() < deadline, "the CLI did not follow again"
                 time.sleep(0.05)
-            follower, = reconnected()
+            follower = reconnected()[-1]
         assert "--marker" in psutil.Process(follower).cmdline()
         proc.send_signal(signal.SIGKILL)
         proc.wait()
