@@ -919,6 +919,7 @@ class Chaperone:
         however they reach this process (SSH or push)."""
         if stream not in STREAMS:
             raise UsageError("unknown stream %r: stdout or stderr" % stream)
+        _offsets({stream: offset})  # (a negative offset: a usage error, before any call, in every mode)
         rec = self.record(run_id)
         self._never_started(rec)
         if self.push is not None and self.push.knows(rec.id) and follow:

@@ -974,3 +974,22 @@ def test_stdin_as_bytes_goes_with_the_start_or_streams_when_large(tmp_path):
             assert "bad" not in host.runs
 
     go(main())
+
+
+def test_a_negative_offset_is_a_usage_error_in_every_mode(tmp_path):
+    """output() with a negative offset: UsageError before any call, as
+    read() says it (before: the agent's AgentFailed after a round trip)."""
+    host = MemoryHost("fake")
+    sleeper(host, seconds=1)
+
+    async def main():
+        async with chaperone(tmp_path, host) as ch:
+            run = await ch.start("fake", ["sleep"], id="neg")
+            for follow in (False, True):
+                with pytest.raises(UsageError, match="offset"):
+                    async for _ in run.output(offset=-3, follow=follow):
+                        pass
+            with pytest.raises(UsageError, match="offset"):
+                await run.read(offset=-1)
+
+    go(main())
