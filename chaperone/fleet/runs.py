@@ -73,7 +73,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Dict, List, Mapp
 from .fanout import CANCELLED, DEFAULT_BUFFER, DEFAULT_PER_HOST, FAILED, TIMEOUT, Fanout, HostFailure, HostResult
 from .inventory import HostEntry, Inventory, load_inventory, select_hosts
 from .nodeset import natural_key
-from .output import EXIT_INTERRUPTED, EXIT_TIMEOUT, HostOutcome
+from .output import EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_UNREACHABLE, HostOutcome
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..api import Chaperone, Run
@@ -655,12 +655,12 @@ class ManyRuns:
             return self._result(job, TIMEOUT, EXIT_TIMEOUT, "stopped waiting after %g s; it runs on"
                                 % self.host_timeout)
         except _GaveUp as e:
-            return self._result(job, "unreachable", None, str(e))
+            return self._result(job, "unreachable", EXIT_UNREACHABLE, str(e))
         except ChaperoneError as e:
             rec = self.ch.records.get(job.run_id)
             if rec is not None and rec.state == "lost":
                 return self._result(job, "lost", None, rec.error or str(e))
-            return self._result(job, "unreachable", None, "%s; the run may go on there"
+            return self._result(job, "unreachable", EXIT_UNREACHABLE, "%s; the run may go on there"
                                 % (str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__))
         finally:
             await gen.aclose()
@@ -715,7 +715,7 @@ class ManyRuns:
                 self.ch.records.mark(job.run_id, "unknown", "interrupted before %s answered" % job.name)
             return self._result(job, CANCELLED, EXIT_INTERRUPTED, r.reason or "not started: interrupted")
         assert r.state == FAILED
-        return self._result(job, FAILED, None, r.reason)
+        return self._result(job, FAILED, EXIT_UNREACHABLE, r.reason)  # (never started: 255, as the CLI says)
 
 
 # --- following runs that exist ------------------------------------------------------------------------------

@@ -332,3 +332,19 @@ def test_run_many_hosts_stdin_of_any_size_as_it_comes(fleet_hosts, ssh_config, t
     group = res.stdout.decode().strip()
     assert cli(home, ssh_config, "wait", group).returncode == 0
     assert by_host(cli(home, ssh_config, "logs", group).stdout) == {h: [digest + b"  -\n"] for h in ("h01", "h02")}
+
+
+def test_a_host_never_reached_contributes_255_as_the_cli_says(tmp_path):
+    """run_many: a host whose start never happened (an unknown name) has
+    state ``failed`` and exit_status 255, as the CLI's summary and JSON
+    say (before: None in the library, 255 in the CLI)."""
+    from chaperone import Chaperone
+
+    async def main():
+        async with Chaperone(home=tmp_path / "home") as ch:
+            async with ch.run_many(["local", "nosuch.invalid"], ["true"]) as many:
+                return {r.name: r async for r in many}
+
+    got = asyncio.run(main())
+    assert (got["local"].state, got["local"].exit_status) == ("done", 0)
+    assert (got["nosuch.invalid"].state, got["nosuch.invalid"].exit_status) == ("failed", 255), got
