@@ -300,6 +300,10 @@ class Chaperone:
         #: Defaults for each program.json's ``config`` (timeouts, batching ...).
         self.config = dict(config or {})
         self.push = None
+        if on_update is not None and not push:
+            # (it is called by the callbacks: without them it would never be, in silence)
+            raise UsageError("on_update needs push=True (the agents' HTTPS callbacks call it); without push, "
+                             "follow runs with events() or wait()")
         if push:
             from .push.endpoint import DEFAULT_MAX_BODY
             from .push.receiver import PushReceiver

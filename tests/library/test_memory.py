@@ -993,3 +993,10 @@ def test_a_negative_offset_is_a_usage_error_in_every_mode(tmp_path):
                 await run.read(offset=-1)
 
     go(main())
+
+
+def test_on_update_without_push_is_refused(tmp_path):
+    """on_update is called by the callbacks: without push it would never
+    be called, in silence (before); now a UsageError says so."""
+    with pytest.raises(UsageError, match="on_update needs push=True"):
+        Chaperone(tmp_path, on_update=lambda run_id, state: None)
