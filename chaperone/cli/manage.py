@@ -39,8 +39,9 @@ def _rows(infos, refreshed_ids):
     now = None
     rows = []
     for info in infos:
+        stale = info["state"] == "running" and info["id"] not in refreshed_ids  # (its duration is not known now)
         rows.append((info["id"], info["host"], _status_cell(info, info["id"] in refreshed_ids),
-                     ago(parse_time(info["created"]), now), human_duration(info.get("duration")),
+                     ago(parse_time(info["created"]), now), "-" if stale else human_duration(info.get("duration")),
                      info["command"]))
     return rows
 
@@ -200,7 +201,11 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params)
                 fresh |= _refresh_local(None, local, records, home)
             if remote:
                 async def go(ch):
-                    return (await _current(ch, remote, wait))[0]
+                    made, unreachable = await _current(ch, remote, wait)
+                    for host, why in sorted(unreachable.items()):  # (its rows say "seen ... ago": say why)
+                        click.echo("chaperone: could not reach %s (%s): its runs are shown as last seen"
+                                   % (host, why), err=True)
+                    return made
 
                 fresh |= run_async(params, go)
             if local or remote:

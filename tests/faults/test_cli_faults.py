@@ -263,5 +263,10 @@ def test_status_of_a_run_on_a_host_out_of_reach_is_last_seen_and_bounded(sshd, t
             assert res.returncode == 1, err
             assert "running (seen" in out and err.count("\n") == 1 and run_id in err, (out, err)
         assert took < 8, took
+        # ps too: the row as last seen, no duration, and which host could not be reached
+        ps = run_cli(home, "-F", sshd.config_file, "ps", "-p", str(free_port()), "--timeout", "5s")
+        row = [line for line in ps.stdout.decode().splitlines() if line.startswith(run_id)][0]
+        assert "running (seen" in row and " - " in row, row
+        assert ps.stderr.decode().startswith("chaperone: could not reach testhost"), ps.stderr
     finally:
         run_cli(home, "-F", sshd.config_file, "kill", "-s", "KILL", run_id)
