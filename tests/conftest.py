@@ -2,6 +2,7 @@
 
 import os
 import sys
+import time
 
 import pytest
 
@@ -49,6 +50,9 @@ def pytest_sessionfinish(session, exitstatus):
         try:
             with open(os.path.join(path, "state.json")) as f:
                 over = json.loads(f.read()).get("state") in ("done", "error", "lost")
+            # (ended a while ago: another test session on this machine, started after this one, may
+            # still be reading a run it has just made)
+            over = over and os.path.getmtime(os.path.join(path, "state.json")) < time.time() - 120
         except (OSError, ValueError):
             continue  # (being made, or not a run)
         if over:
