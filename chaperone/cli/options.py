@@ -183,6 +183,25 @@ def parse_options(args: List[str], options) -> Optional[Dict[str, list]]:
     return out
 
 
+_WARNED: set = set()
+
+
+def _warn_identity(path: str) -> None:
+    """ssh's warning for an ``-i`` file that cannot be read (ssh goes on
+    with the other keys; so does chaperone), once per process."""
+    import os
+
+    full = os.path.expanduser(path)
+    if path in _WARNED or os.access(full, os.R_OK):
+        return
+    _WARNED.add(path)
+    import sys
+
+    why = "No such file or directory" if not os.path.exists(full) else "Permission denied"
+    sys.stderr.write("chaperone: warning: identity file %s not accessible: %s (as ssh, going on with the "
+                     "other keys)\n" % (path, why))
+
+
 def ssh_settings(params: Dict) -> Dict:
     """The SSH options of a command line (click's params, or
     :func:`parse_options`'s lists) as settings for a Target."""
@@ -209,6 +228,8 @@ def ssh_settings(params: Dict) -> Dict:
             out[key] = one(key)
     if many("identity"):
         out["identities"] = many("identity")
+        for path in out["identities"]:
+            _warn_identity(path)
     if many("ssh_option"):
         out["options"] = many("ssh_option")
     return out

@@ -104,6 +104,17 @@ def test_an_interpreter_that_is_not_python_is_not_taken_for_the_agent(sshd, tmp_
 
 
 @pytest.mark.timeout(30)
+def test_an_identity_file_that_is_missing_is_warned_about_and_passed_over(sshd, tmp_path):
+    """``-i /nonexistent``: as ssh, one warning line, and the other keys
+    (the config's) log in (before: nothing said with OpenSSH, and asyncssh
+    failed to connect)."""
+    res = chaperone(tmp_path, "-F", sshd.config_file, "run", "-i", tmp_path / "nokey", "testhost", "echo", "hi")
+    assert (res.returncode, res.stdout) == (0, b"hi\n"), res.stderr
+    err = res.stderr.decode()
+    assert err.count("\n") == 1 and "identity file %s not accessible" % (tmp_path / "nokey") in err, err
+
+
+@pytest.mark.timeout(30)
 def test_an_unknown_jump_host_is_named(sshd, tmp_path):
     """The jump host (-J, ProxyJump) is what cannot be resolved, not the
     host the run was for: the line names it."""

@@ -212,8 +212,10 @@ class SSHTransport(SSHTransportBase):
             options["port"] = target.port
         if target.user:
             options["username"] = target.user
-        if target.identities:
-            options["client_keys"] = list(target.identities)
+        # (as ssh: an -i file that cannot be read is passed over, the other keys are tried)
+        keys = [k for k in target.identities if os.access(os.path.expanduser(k), os.R_OK)]
+        if keys:
+            options["client_keys"] = keys
         if not target.check_host_keys:
             options["known_hosts"] = None
         elif target.known_hosts:
