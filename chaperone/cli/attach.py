@@ -10,10 +10,11 @@ import sys
 import click
 
 from .app import cli, fail, run_async, ssh_options
+from .manage import complete_ids
 
 
 @cli.command()
-@click.argument("run_id", metavar="ID")
+@click.argument("run_id", metavar="ID", shell_complete=complete_ids)
 @click.option("--no-stdin", "no_stdin", is_flag=True, help="Only watch: send nothing typed here to the run.")
 @click.option("-q", "--quiet", is_flag=True, help="Do not print reconnects on stderr.")
 @ssh_options

@@ -15,7 +15,25 @@ from .app import cli, fail, guarded, leave_open, run_async, served_call, ssh_opt
 from .display import (ago, human_duration, parse_duration, parse_time, print_json, result, short_ago, status_table,
                       table)
 
-IDS = click.argument("run_ids", nargs=-1, required=True, metavar="ID...")
+def complete_ids(ctx, param, incomplete):
+    """Shell completion of run ids: the recorded ones starting with what is
+    typed, newest first (never an error: a completion prints nothing)."""
+    try:
+        import sqlite3
+
+        from ..records import chaperone_home
+
+        db = sqlite3.connect("file:%s?mode=ro" % (chaperone_home() / "runs.db"), uri=True, timeout=1)
+        try:
+            rows = db.execute("SELECT id FROM runs ORDER BY created DESC")
+            return [row[0] for row in rows if row[0].startswith(incomplete)][:500]
+        finally:
+            db.close()
+    except Exception:
+        return []
+
+
+IDS = click.argument("run_ids", nargs=-1, required=True, metavar="ID...", shell_complete=complete_ids)
 
 
 def _status_cell(info: dict, refreshed: bool) -> str:
@@ -248,7 +266,7 @@ def _ids_or_errors(run_ids, errors):
 
 
 @cli.command()
-@click.argument("run_ids", nargs=-1, metavar="[ID...]")
+@click.argument("run_ids", nargs=-1, metavar="[ID...]", shell_complete=complete_ids)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one run; a list for several or none).")
 @click.option("--timeout", default="20s", show_default=True, metavar="DURATION",
               help="How long to wait for each host.")
@@ -444,7 +462,7 @@ def _same_file(a, b) -> bool:
 
 
 @cli.command()
-@click.argument("run_id", metavar="ID")
+@click.argument("run_id", metavar="ID", shell_complete=complete_ids)
 @click.option("-f", "--follow", is_flag=True, help="Keep printing output until the run ends.")
 @click.option("--stdout", "only_stdout", is_flag=True, help="Only stdout.")
 @click.option("--stderr", "only_stderr", is_flag=True, help="Only stderr.")

@@ -642,3 +642,17 @@ def test_docker_s_logs_n_inspect_and_stop_t(home):
     assert cli(home, "stop", "-t", "1", "dock2").returncode == 0
     res = cli(home, "wait", "--timeout", "20s", "dock2")
     assert res.returncode == 128 + signal.SIGKILL, res.stderr
+
+
+@pytest.mark.timeout(60)
+def test_shell_completion_completes_run_ids(home):
+    """click's completion (docs/cli.md) completes the ids of recorded runs
+    for every command that takes them, newest first."""
+    for run_id in ("comp-a1", "comp-a2", "other-b"):
+        assert cli(home, "run", "local", "--id", run_id, "-q", "--", "true").returncode == 0
+    env = cli_env(home, _CHAPERONE_COMPLETE="bash_complete")
+    for words, cword in (("chaperone logs comp-", 2), ("chaperone kill -s KILL comp-a", 4),
+                         ("chaperone attach comp", 2), ("chaperone status comp", 2)):
+        res = subprocess.run([sys.executable, "-m", "chaperone.cli"], capture_output=True, timeout=30,
+                             env=dict(env, COMP_WORDS=words, COMP_CWORD=str(cword)))
+        assert res.stdout.decode().split() == ["plain,comp-a2", "plain,comp-a1"], (words, res)
