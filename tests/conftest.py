@@ -90,6 +90,23 @@ def stock_sshd():
 
 
 @pytest.fixture
+def late_noisy_host(tmp_path):
+    """A host whose login script leaves a job behind that prints after the
+    session's command ends (sshd waits for it: it holds the session's
+    stdout).  The job waits for the command (bash execs it: ``$$``), so the
+    noise comes after the agent's whole reply however slow the machine is
+    (a fixed delay landed in the middle of a run's frames on a slow CI
+    machine)."""
+    require_sshd()
+    server = sshd_with_home(tmp_path / "late-home",
+                            "(while kill -0 $$ 2>/dev/null; do sleep 0.05; done; echo 'late noise') &\n")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
 def noisy_host(tmp_path):
     """A host whose login scripts print to stdout and to stderr before any
     command runs (bash reads ~/.bashrc for a command sent by sshd), with a

@@ -24,7 +24,7 @@ import logging
 import shutil
 from typing import AsyncIterator, Callable, Dict, List, Optional
 
-from ..errors import ChaperoneError, UsageError
+from ..errors import ChaperoneError, NoSuchRun, StartPending, UsageError
 from ..models import FINAL_STATES, STREAMS
 from ..protocol import End, Event, OutputChunk, StateUpdate
 from ..transports.base import Transport
@@ -366,16 +366,14 @@ class PushReceiver:
         fills whatever they missed.  A run its host does not have raises
         (StartFailed, NoSuchRun), as the pull mode does; so does
         :meth:`close` (ChaperoneError)."""
-        from ..errors import NoSuchRun, StartPending
-
         safety_net = self._safety_net() if safety_net is None else safety_net
         self._waiting += 1
         try:
-            return await self._wait(run_id, safety_net, NoSuchRun, StartPending)
+            return await self._wait(run_id, safety_net)
         finally:
             self._waiting -= 1
 
-    async def _wait(self, run_id: str, safety_net: float, NoSuchRun, StartPending) -> dict:
+    async def _wait(self, run_id: str, safety_net: float) -> dict:
         rec = self.ch.records.get(run_id)
         if rec is not None and rec.state == "unknown":  # (its start may never have arrived: no callback will say)
             try:

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from support.helpers import cli, cli_env
-from support.sshd import SSHD, sshd_with_home
+from support.sshd import SSHD
 
 BLOCKED = ("click", "asyncio", "pydantic")
 FAST = [sys.executable, "-c", "import sys\nfor m in %r: sys.modules[m] = None\n"
@@ -59,21 +59,6 @@ def test_fast_logs_to_files_are_the_exact_bytes(sshd, tmp_path):
         # appended (>>) after what the file held: kept
         assert logs_to_files(entry, home, sshd.config_file, "--stdout", run_id, env=env,
                              prefix=b"before\n") == (0, b"before\n" + OUT, b"")
-
-
-@pytest.fixture
-def late_noisy_host(tmp_path):
-    """A host whose login script leaves a job behind that prints after the
-    command's own output (sshd waits for it: it holds the session's stdout).
-    The job waits for the command (bash execs it: ``$$``) to end, so the
-    noise comes after its output however slow the machine is (a fixed
-    delay landed in the middle of a run's frames on a slow CI machine)."""
-    server = sshd_with_home(tmp_path / "late-home",
-                            "(while kill -0 $$ 2>/dev/null; do sleep 0.05; done; echo 'late noise') &\n")
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.timeout(120)

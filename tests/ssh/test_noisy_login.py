@@ -79,25 +79,9 @@ def test_a_run_whose_reply_is_broken_by_a_login_job_reads_on_from_the_spool(chat
     assert b"late noise" not in res.stdout + res.stderr
 
 
-@pytest.fixture
-def late_host(tmp_path):
-    """A host whose login script leaves a job behind that prints once the
-    session's command (bash execs it: ``$$``) has ended: after the agent's
-    whole reply, however slow the machine."""
-    from support.sshd import require_sshd, sshd_with_home
-
-    require_sshd()
-    server = sshd_with_home(tmp_path / "late-home",
-                            "(while kill -0 $$ 2>/dev/null; do sleep 0.05; done; echo 'late noise') &\n")
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("client", ["openssh", "asyncssh"])
-def test_reading_output_never_keeps_what_a_login_job_prints_after_the_reply(late_host, tmp_path, client):
+def test_reading_output_never_keeps_what_a_login_job_prints_after_the_reply(late_noisy_host, tmp_path, client):
     """``read()`` and ``output()`` (what the run holds now) give the run's
     bytes and nothing after them: the agent counts them and ends its reply
     with its marker (before, what the job printed after the agent had
@@ -109,7 +93,7 @@ def test_reading_output_never_keeps_what_a_login_job_prints_after_the_reply(late
     out = bytes(range(256)) * 40 + b"no newline"
 
     async def main():
-        async with Chaperone(home=tmp_path / "home", ssh_config=[late_host.config_file], ssh_client=client) as ch:
+        async with Chaperone(home=tmp_path / "home", ssh_config=[late_noisy_host.config_file], ssh_client=client) as ch:
             run = await ch.start("testhost", ["python3", "-c", "import sys; sys.stdout.buffer.write(%r)" % out])
             assert (await run.wait()).exit_code == 0
             assert await run.read() == out
