@@ -108,7 +108,7 @@ def attempt(argv) -> None:
         plan = _plan(argv)
         if plan is None:
             return
-        doc, shell, display, quiet = plan
+        doc, shell, display, said = plan  # (said: -q, and whether to say there is no terminal)
         from ..agent_source import agent_module
         from ..records import Records, home_dir, use_json
         from ..transports.target import Target
@@ -146,7 +146,7 @@ def attempt(argv) -> None:
     except Exception:
         return
     # Recorded: from here on this path finishes the run, as the normal one would.
-    _finish(agent, records, root, spec, quiet, db_fds)
+    _finish(agent, records, root, spec, said, db_fds)
 
 
 def _exit(code):
@@ -282,7 +282,7 @@ class _Frames:
 NO_TERMINAL = " (no terminal there: stdin is /dev/null; -t gives it this terminal, --stdin - what you type)"
 
 
-def _finish(agent, records, root, spec, quiet, db_fds):
+def _finish(agent, records, root, spec, said, db_fds):
     """Start the recorded run, stream it to its end, exit with its status.
 
     The records are not closed at the end: closing the last connection
@@ -293,7 +293,7 @@ def _finish(agent, records, root, spec, quiet, db_fds):
     import _signal as signal  # (the C module: `signal` builds its enums at import)
 
     run_id = spec["id"]
-    quiet, typing = quiet
+    quiet, typing = said
     try:
         if not quiet and sys.stderr.isatty():
             _say("chaperone: run %s on local%s" % (run_id, NO_TERMINAL if typing else ""))
