@@ -37,7 +37,8 @@ def _guess(argv):
     if command == "run":
         opts, host, words, _ = o.split_run(rest, o.RUN + o.SSH)
         parsed = o.parse_options(opts, o.RUN + o.SSH)
-        if parsed is None or host is None or is_local(host) or not words or "hosts" in parsed:
+        if parsed is None or host is None or is_local(host) or not words or "hosts" in parsed \
+                or "verbose" in parsed:  # (-v: the ssh started here would not be verbose)
             return None
         from .transports.target import Target
 
@@ -54,7 +55,7 @@ def _guess(argv):
         ids = [a for a in rest if not a.startswith("-")]
         opts = [a for a in rest if a not in ids[:1]]
         parsed = o.parse_options(opts[:len(opts)], o.SSH + extra) if ids else None
-        if parsed is None or len(ids) != 1:
+        if parsed is None or len(ids) != 1 or "verbose" in parsed:
             return None
         # (an option's value would be taken for the id: only clear cases)
         if any(a in ids for a in sum((v for v in parsed.values() if isinstance(v, list)), [])):

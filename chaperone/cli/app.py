@@ -47,11 +47,21 @@ def add_options(table):
                 f = click.option(*opt.flags, opt.dest, multiple=opt.multiple, metavar=opt.metavar,
                                  help=opt.help)(f)
             elif opt.count:
-                f = click.option(*opt.flags, opt.dest, count=True, help=opt.help)(f)
+                f = click.option(*opt.flags, opt.dest, count=True, help=opt.help,
+                                 callback=_verbose if opt.dest == "verbose" else None)(f)
             else:
                 f = click.option(*opt.flags, opt.dest, is_flag=True, help=opt.help)(f)
         return f
     return decorate
+
+
+def _verbose(ctx, param, value):
+    """``-v``: how much the SSH clients say, for this whole process."""
+    if value:
+        from ..transports.ssh.options import set_verbose
+
+        set_verbose(value)
+    return value
 
 
 def chaperone_for(params: dict, **kw):
@@ -192,7 +202,9 @@ class Group(click.Group):
 @click.group(cls=Group, context_settings=CONTEXT)
 @click.version_option(package_name="chaperone", message="chaperone %(version)s")
 @click.option("-F", "ssh_config", multiple=True, metavar="FILE", help="SSH config file (as ssh -F).")
-def cli(ssh_config):
+@click.option("-v", "--verbose", "verbose", count=True, callback=_verbose,
+              help="Say how hosts are reached, with ssh's own -v messages (-vv, -vvv: more).")
+def cli(ssh_config, verbose):
     """Run programs on this machine or remote hosts over SSH, and never lose them.
 
     \b

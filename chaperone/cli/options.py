@@ -50,6 +50,8 @@ SSH = (
     Opt(("-J", "--jump"), "jump", metavar="[USER@]HOST[:PORT]", help="Connect through this jump host (as ssh -J)."),
     Opt(("--no-host-key-check",), "no_host_key_check", value=False,
         help="Do not check SSH host keys (unsafe: for throw-away hosts)."),
+    Opt(("-v", "--verbose"), "verbose", value=False, count=True,
+        help="Say how the host is reached, with ssh's own -v messages (-vv, -vvv: more)."),
     Opt(("--python",), "python", metavar="PATH", help="Python on the host (default: python3)."),
     Opt(("--spool",), "spool", metavar="DIR", help="Spool directory on the host (default ~/.chaperone/runs)."),
 )

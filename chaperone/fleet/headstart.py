@@ -56,7 +56,7 @@ def guess_targets(configs: "List[str]", args: "Sequence[str]") -> "Optional[List
 
     opts, host, words, _ = o.split_run(list(args), o.RUN + o.SSH)
     parsed = o.parse_options(opts, o.RUN + o.SSH)
-    if parsed is None or host is not None or not words or "pick" in parsed:
+    if parsed is None or host is not None or not words or "pick" in parsed or "verbose" in parsed:
         return None
     if not (parsed.get("hosts") or parsed.get("hostfiles")):
         return None

@@ -224,3 +224,27 @@ def test_spool_not_writable(sshd, tmp_path):
                     "testhost", "--", "true")
     # (3, as docs/cli.md says: the host's spool cannot be written)
     assert_fails_cleanly(tmp_path, res, "/etc/hostname/x", "Not a directory", code=3)
+
+
+@pytest.mark.timeout(60)
+def test_verbose_shows_how_the_host_is_reached_and_the_error_stays_one_clear_line(sshd, tmp_path, ssh_client):
+    """``-v`` (ssh's habit when a connection fails): the SSH client's own
+    debug messages on stderr, on ``run`` and before the command, and the
+    output untouched; a failure still ends with chaperone's one line saying
+    what is wrong (before: "No such option '-v'", exit 2)."""
+    res = chaperone(tmp_path, "-F", sshd.config_file, "run", "-v", "testhost", "--", "echo", "hi")
+    err = res.stderr.decode("utf-8", "replace")
+    assert (res.returncode, res.stdout) == (0, b"hi\n"), err
+    marker = "debug1: " if ssh_client == "openssh" else "asyncssh: "
+    assert marker in err and "127.0.0.1" in err, err
+    res = chaperone(tmp_path, "-vv", "-F", sshd.config_file, "run", "testhost", "--", "echo", "hi")
+    err = res.stderr.decode("utf-8", "replace")
+    assert (res.returncode, res.stdout) == (0, b"hi\n"), err
+    assert ("debug2: " if ssh_client == "openssh" else "asyncssh: ") in err, err
+    res = chaperone(tmp_path, "-F", sshd.config_file, "run", "-v", "nohost.invalid", "--", "true", timeout=40)
+    err = res.stderr.decode("utf-8", "replace")
+    assert res.returncode == 255 and res.stdout == b"", err
+    assert err.splitlines()[-1].startswith("chaperone: unknown host nohost.invalid"), err
+    assert "Traceback" not in err
+    res = chaperone(tmp_path, "-F", sshd.config_file, "run", "testhost", "--", "echo", "hi")
+    assert (res.returncode, res.stdout, res.stderr) == (0, b"hi\n", b"")  # (quiet without -v)

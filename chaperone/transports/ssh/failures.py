@@ -85,6 +85,8 @@ def ssh_error(target: Target, stderr: bytes, got_output: bool) -> ChaperoneError
     :class:`ConnectionLost` after."""
     host = target.name
     lines = [l.strip() for l in stderr.decode("utf-8", "replace").splitlines() if l.strip()]
+    # (-v: ssh's own debug messages, not why it failed)
+    lines = [l for l in lines if not re.match(r"debug\d: |OpenSSH_\S+, |Transferred: |Bytes per second: ", l)]
     text = "\n".join(lines)
     if not lines:  # ssh says why it failed to connect; a silent 255 is a dropped connection
         return ConnectionLost("connection to %s lost" % host)

@@ -30,6 +30,40 @@ def _memo(func):
     return memo
 
 
+#: How much the SSH clients say (the CLI's ``-v``, ``-vv``, ``-vvv``): 0,
+#: the default, only errors.  See :func:`set_verbose`.
+_VERBOSE = [0]
+
+
+def set_verbose(level: int) -> None:
+    """``-v`` (1) to ``-vvv`` (3), as ``ssh -v``: OpenSSH's own debug
+    messages on this process's stderr as they come (each ssh on a
+    connection of its own then, no shared master, so that each shows its
+    whole handshake), asyncssh's log at
+    debug level (``set_debug_level`` for 2 and 3), and chaperone's debug
+    lines (the ``chaperone`` logger), each line prefixed with its source."""
+    level = max(0, min(int(level or 0), 3))
+    _VERBOSE[0] = level
+    if not level:
+        return
+    import logging
+    import sys
+
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    for name in ("chaperone", "asyncssh"):
+        logger = logging.getLogger(name)
+        if not any(getattr(h, "_chaperone_verbose", False) for h in logger.handlers):
+            handler._chaperone_verbose = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+        logger.setLevel(logging.DEBUG)
+
+
+def verbose() -> int:
+    """The level :func:`set_verbose` set (0: quiet)."""
+    return _VERBOSE[0]
+
+
 #: Seconds to connect and log in when neither ``connect_timeout`` nor the
 #: SSH config's ``ConnectTimeout`` says.
 DEFAULT_CONNECT_TIMEOUT = 15
@@ -247,8 +281,11 @@ def ssh_options(ssh: str, target: "Target", *, connect_timeout: Optional[float] 
         "-o", "BatchMode=yes",  # never a prompt
         "-o", "ServerAliveInterval=%d" % max(1, round(keepalive_interval)),
         "-o", "ServerAliveCountMax=3",
-        "-o", "LogLevel=ERROR",
     ]
+    if verbose():  # (its stderr is copied to this process's as it comes: see read_stderr)
+        argv += ["-" + "v" * verbose()]
+    else:
+        argv += ["-o", "LogLevel=ERROR"]
     if not forwardings:
         argv += ["-o", "ClearAllForwardings=yes"]  # a LocalForward in the config is not for us
     if prefer_fast_ciphers(target.config, target.options) and _ssh_has_all_ciphers(ssh):

@@ -19,6 +19,7 @@ travels on the channel's stdin, never in argv.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import socket
 from typing import List, Optional, Sequence
@@ -28,6 +29,7 @@ import asyncssh
 from ...agent_source import agent_bytes
 from ...errors import ConnectFailed, ConnectionLost
 from .common import Launch, SSHTransportBase, Tunnel, connect_error, ship_command, ship_failure
+from . import options as ssh_opts
 from .options import (DEFAULT_CONNECT_TIMEOUT, FAST_CIPHERS, default_config_files, option_line,
                       prefer_fast_ciphers)
 from ..target import Target
@@ -226,6 +228,11 @@ class SSHTransport(SSHTransportBase):
         return options
 
     async def _new_connection(self) -> _Conn:
+        if ssh_opts.verbose():
+            if ssh_opts.verbose() > 1:
+                asyncssh.set_debug_level(ssh_opts.verbose())
+            logging.getLogger("chaperone.ssh").debug("connecting to %s with asyncssh", self.target.name)
+
         async def connect():
             try:
                 # asyncssh applies the config's ConnectTimeout (to the whole

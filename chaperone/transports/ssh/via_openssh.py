@@ -113,6 +113,27 @@ class _MasterTunnel(Tunnel):
         self.master.stop()
 
 
+async def read_stderr(stream) -> bytes:
+    """All that ``ssh`` writes on stderr (its errors are read from it); with
+    ``-v`` (:func:`~.options.set_verbose`) each chunk is also copied to this
+    process's stderr as it comes."""
+    if not ssh_opts.verbose():
+        return await stream.read()
+    import sys
+
+    chunks = []
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        try:
+            sys.stderr.flush()
+            os.write(2, chunk)
+        except OSError:
+            pass
+
+
 class OpenSSHTransport(SSHTransportBase):
     """Runs the agent through the ``ssh`` program: one control master per
     host that the calls share (MaxSessions of them at once; past that a
@@ -129,7 +150,7 @@ class OpenSSHTransport(SSHTransportBase):
         # One connection for every call (OpenSSH's ControlMaster), unless
         # the user's config does its own multiplexing.
         if multiplex is None:
-            multiplex = not ssh_opts.multiplexes_itself(target.config)
+            multiplex = not ssh_opts.multiplexes_itself(target.config) and not ssh_opts.verbose()
         self.multiplex = multiplex
         self._master: Optional[masters.Master] = None
         self._options: dict = {}
@@ -248,12 +269,18 @@ class OpenSSHTransport(SSHTransportBase):
             master.stop()
 
     async def _spawn(self, command: str, stdin: bytes, muxed: bool, keep_stdin: bool = False):
+        argv = self.argv(command, muxed)
+        if ssh_opts.verbose():
+            import logging
+
+            logging.getLogger("chaperone.ssh").debug("%s: %s COMMAND (an agent call)", self.target.name,
+                                                     " ".join(argv[:-1]))
         try:
-            proc = await spawn(self.argv(command, muxed))
+            proc = await spawn(argv)
         except FileNotFoundError:
             raise ChaperoneError("no ssh program (%s): install OpenSSH's client" % self.ssh) from None
         self._procs.add(proc)
-        stderr_task = asyncio.ensure_future(proc.stderr.read())
+        stderr_task = asyncio.ensure_future(read_stderr(proc.stderr))
         feeder = asyncio.ensure_future(feed_stdin(proc, stdin, close=not keep_stdin))
         return proc, stderr_task, feeder
 
@@ -313,7 +340,7 @@ class OpenSSHTransport(SSHTransportBase):
             standby.stop()
             raise
         self._procs.add(proc)
-        stderr_task = asyncio.ensure_future(proc.stderr.read())
+        stderr_task = asyncio.ensure_future(read_stderr(proc.stderr))
         # `exec`: the agent's Python then replaces the standby's shell, so
         # the processes on the host are those of a direct call (one shell
         # fewer); a follow whose client is gone ends by itself (the agent
