@@ -105,10 +105,14 @@ def _reply(code, out, err, args=()):
         # (a follow's states while running depend on timing: the line, and the final ones)
         states = [e.state for i, e in enumerate(events) if isinstance(e, StateUpdate)
                   and (i == 0 and json_line or e.final)]
-        out = ([_normal(s) for s in states], data,
-               [(e.run_id, e.error, e.code) if isinstance(e, RunError) else
-                ("Written", type(e.time).__name__) if isinstance(e, Written) else type(e).__name__ for e in events
-                if not isinstance(e, OutputChunk) and not (isinstance(e, StateUpdate) and e.state not in states)])
+        kinds = [(e.run_id, e.error, e.code) if isinstance(e, RunError) else
+                 ("Written", type(e.time).__name__) if isinstance(e, Written) else type(e).__name__ for e in events
+                 if not isinstance(e, OutputChunk) and not (isinstance(e, StateUpdate) and e.state not in states)]
+        # (how many times a log's writes are stamped with depends on timing:
+        # two writes a moment apart are one timeline record or two, as the
+        # supervisor's polls fall; that there are stamps, and where, does not)
+        kinds = [k for i, k in enumerate(kinds) if not (i and k == kinds[i - 1] and k[0] == "Written")]
+        out = ([_normal(s) for s in states], data, kinds)
     elif out[:1] in (b"{", b"["):
         out = _normal(json.loads(out))
     return code, err.decode(), out
