@@ -14,11 +14,13 @@ from .manage import complete_ids
 
 
 @cli.command()
-@click.argument("run_id", metavar="ID", shell_complete=complete_ids)
+@click.argument("run_id", metavar="ID", required=False, shell_complete=complete_ids)
+@click.option("-t", "--target", "target", metavar="ID", shell_complete=complete_ids,
+              help="The run (as tmux attach -t): the same as ID.")
 @click.option("--no-stdin", "no_stdin", is_flag=True, help="Only watch: send nothing typed here to the run.")
 @click.option("-q", "--quiet", is_flag=True, help="Do not print reconnects on stderr.")
 @ssh_options
-def attach(run_id, no_stdin, quiet, **params):
+def attach(run_id, target, no_stdin, quiet, **params):
     """Attach to a running run: its output as it comes, what you type to it.
 
     \b
@@ -29,6 +31,12 @@ def attach(run_id, no_stdin, quiet, **params):
     (Ctrl-D, or the pipe's end) is its end of file. Other runs: their
     output only. Exit status: the run's, at its end (as wait).
     """
+    if run_id and target and run_id != target:
+        raise click.UsageError("two runs given (%s and -t %s): attach to one" % (run_id, target))
+    run_id = run_id or target
+    if not run_id:
+        raise click.UsageError("Missing argument 'ID' (the run to attach to; chaperone ps lists them)")
+
     async def go(ch):
         from ..states import FINAL_STATES
         from .display import is_terminal, say_end

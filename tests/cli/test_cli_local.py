@@ -656,3 +656,18 @@ def test_shell_completion_completes_run_ids(home):
         res = subprocess.run([sys.executable, "-m", "chaperone.cli"], capture_output=True, timeout=30,
                              env=dict(env, COMP_WORDS=words, COMP_CWORD=str(cword)))
         assert res.stdout.decode().split() == ["plain,comp-a2", "plain,comp-a1"], (words, res)
+
+
+@pytest.mark.timeout(60)
+def test_attach_takes_the_run_as_tmux_does(home):
+    """``attach -t ID`` (tmux's habit) is ``attach ID``: the output from now
+    on and the run's exit status; two different runs, or none, are one
+    usage line (before: "No such option '-t'")."""
+    started = cli(home, "run", "-d", "--id", "tmuxish", "local", "--", "sh", "-c", "sleep 1; echo late; exit 5")
+    assert started.returncode == 0, started.stderr
+    res = cli(home, "attach", "-t", "tmuxish", input=b"")
+    assert (res.returncode, res.stdout) == (5, b"late\n"), res.stderr
+    for args in (["attach", "-t", "tmuxish", "other"], ["attach"]):
+        res = cli(home, *args)
+        assert res.returncode == 2 and res.stderr.count(b"\n") == 1, res.stderr
+        assert b"Traceback" not in res.stderr
