@@ -128,9 +128,8 @@ def run_many(words, exact, params) -> int:
         fail("--json and -b do not go together: --json gives each host's output (Try 'chaperone run --help'.)", 2)
 
     async def go(ch) -> int:
-        from ..api import parse_env
         from ..errors import UsageError
-        from .options import ssh_settings
+        from .options import run_env, ssh_settings
         from .run import _stdin_source
 
         live = []  # what writes a piece of output, once the hosts are known
@@ -139,7 +138,7 @@ def run_many(words, exact, params) -> int:
             live[0](name, stream, data)
 
         streaming = not (detach or as_json or gather)
-        kw = dict(group=params.get("run_id"), ssh=ssh_settings(params), env=parse_env(params.get("env") or ()),
+        kw = dict(group=params.get("run_id"), ssh=ssh_settings(params), env=run_env(params),
                   cwd=params.get("cwd"), timeout=timeout, stdin=_stdin_source(params),
                   config={"kill_grace": grace} if grace is not None else None,
                   inventory=list(params.get("inventory") or ()), exclude=list(params.get("exclude") or ()),
@@ -152,6 +151,11 @@ def run_many(words, exact, params) -> int:
         code = await _drive(ch, many, params, live)
         if detach:
             code = max(code, await _inputs_sent(ch, many))
+        elif params.get("remove"):
+            from .run import _remove
+
+            for run_id in many.run_ids.values():
+                await _remove(ch, run_id)
         return code
 
     return run_async(params, go)

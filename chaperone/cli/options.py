@@ -58,9 +58,15 @@ SSH = (
 
 #: ``run``'s own options.
 RUN = (
-    Opt(("--id",), "run_id", metavar="ID", help="Run id (default: generated). Starting an existing id re-attaches."),
+    Opt(("--id", "--name"), "run_id", metavar="ID",
+        help="Run id (default: generated). Starting an existing id re-attaches."),
+    Opt(("--rm",), "remove", value=False,
+        help="Remove the run (its spool and record) once it has ended and its output is here."),
     Opt(("-d", "--detach"), "detach", value=False, help="Start it, print its id and return; it runs on."),
-    Opt(("-e", "--env"), "env", multiple=True, metavar="NAME=VALUE", help="Set an environment variable."),
+    Opt(("-e", "--env"), "env", multiple=True, metavar="NAME=VALUE",
+        help="Set an environment variable (NAME alone: its value here, as docker -e)."),
+    Opt(("--env-file",), "env_files", multiple=True, metavar="FILE",
+        help="Environment variables from FILE (NAME=VALUE lines, # comments, as docker's)."),
     Opt(("--cwd", "-w", "--workdir"), "cwd", metavar="DIR",
         help="Working directory (default: here for local, the home directory on hosts)."),
     Opt(("--timeout",), "timeout", metavar="DURATION", help="Then SIGTERM, and SIGKILL after the kill grace (30s, 5m, 2h)."),
@@ -235,3 +241,45 @@ def ssh_settings(params: Dict) -> Dict:
     if many("ssh_option"):
         out["options"] = many("ssh_option")
     return out
+
+
+def run_env(params: Dict) -> Dict[str, str]:
+    """The environment ``run`` sets: ``--env-file`` files in order, then each
+    ``-e``, as docker reads them: ``NAME=VALUE``; ``NAME`` alone takes the
+    value it has here (unset here: a usage error for ``-e``, left out for a
+    file's line, as docker does); a file's blank lines and
+    ``#`` lines are skipped, and its values are taken as written (no quotes
+    removed).  A usage error names what is wrong."""
+    import os
+
+    from ..errors import UsageError
+
+    def setting(text: str, where: str) -> None:
+        name, sep, value = text.partition("=")
+        if not name or "\0" in text:
+            raise UsageError("bad environment setting %r%s: expected NAME=VALUE" % (text, where))
+        if sep:
+            env[name] = value
+        elif name in os.environ:
+            env[name] = os.environ[name]
+        elif not where:  # (-e NAME with NAME unset here: surely a mistake; in a file, skipped as docker does)
+            raise UsageError("bad environment setting %r: %s is not set here (-e NAME passes this machine's "
+                             "value); expected NAME=VALUE" % (text, name))
+
+    env: Dict[str, str] = {}
+    for path in params.get("env_files") or ():
+        try:
+            with open(os.path.expanduser(path), "rb") as f:
+                data = f.read()
+        except OSError as e:
+            raise UsageError("cannot read --env-file %s: %s" % (path, e.strerror or e)) from None
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise UsageError("--env-file %s is not UTF-8 text" % path) from None
+        for number, line in enumerate(lines, 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                setting(line.lstrip(), " (%s, line %d)" % (path, number))
+    for pair in params.get("env") or ():
+        setting(pair, "")
+    return env

@@ -16,7 +16,7 @@ import sys
 import click
 
 from .app import add_options, cli, fail, run_async, served_call
-from .options import ssh_settings
+from .options import run_env, ssh_settings
 from .display import is_terminal, parse_duration, run_limits, say_end
 from ..transports.target import is_local
 from .options import RUN, SSH, split_run
@@ -161,6 +161,9 @@ def run(host, **params):
     """
     ctx = click.get_current_context()
     words, exact = ctx.meta.get("chaperone.command", ([], False))
+    if params.get("remove") and params.get("detach"):
+        fail("--rm goes with a run in the foreground: a detached run is removed once it has ended with "
+             "chaperone rm ID (or chaperone prune) (Try 'chaperone run --help'.)", 2)
     if params.get("hosts") or params.get("hostfiles"):
         if params.get("tty") and not params.get("no_tty"):
             fail("-t goes with one host: many hosts have no terminal to share (Try 'chaperone run --help'.)", 2)
@@ -199,10 +202,7 @@ def run(host, **params):
     stdin = None if attached else _stdin_source(params)
     server = served.client(params) if stdin is None and not tty else None  # (the server takes no input)
     if server is not None:
-        from ..api import parse_env
-
-        sys.exit(served_call(lambda: served.run(server, host, command, params, parse_env(params.get("env") or ()),
-                                                 cwd, timeout)))
+        sys.exit(served_call(lambda: served.run(server, host, command, params, run_env(params), cwd, timeout)))
 
     async def go(ch):
         from ..errors import ChaperoneError
@@ -221,7 +221,7 @@ def run(host, **params):
             raise
 
     async def started(ch, ran):
-        from ..api import new_run_id, parse_env
+        from ..api import new_run_id
 
         settings = ssh_settings(params)
         target = ch.target(host, **settings)
@@ -231,7 +231,7 @@ def run(host, **params):
             fail("invalid run id '': use 1-128 letters, digits, '.', '_' or '-' (or no --id: a new id)", 2)
         run_id = params.get("run_id") or new_run_id()
         ran.append(run_id)
-        kw = dict(id=run_id, cwd=cwd, env=parse_env(params.get("env") or ()), timeout=timeout, stdin=stdin,
+        kw = dict(id=run_id, cwd=cwd, env=run_env(params), timeout=timeout, stdin=stdin,
                   config={"kill_grace": grace} if grace is not None else None, tty=bool(tty) or None)
         if params.get("detach"):
             r = await ch.start(target, command, **kw)
@@ -257,10 +257,34 @@ def run(host, **params):
                 hint = NO_TERMINAL
             click.echo("chaperone: run %s on %s%s" % (run_id, target.name, hint), err=True)
         if attached:
-            return await _attached(ch, target, command, kw, params)
-        return await _foreground(ch, target, command, kw, params)
+            code = await _attached(ch, target, command, kw, params)
+        else:
+            code = await _foreground(ch, target, command, kw, params)
+        if params.get("remove"):
+            await _remove(ch, run_id)
+        return code
 
     sys.exit(run_async(params, go))
+
+
+async def _remove(ch, run_id) -> None:
+    """``--rm``: the run removed, once it has ended (a run detached from,
+    still running, stays: it is said how to remove it later)."""
+    from ..states import FINAL_STATES
+
+    rec = ch.records.get(run_id)
+    if rec is None:
+        return
+    if rec.state not in FINAL_STATES:
+        click.echo("chaperone: run %s goes on, so it is kept (--rm): chaperone rm %s once it has ended"
+                   % (run_id, run_id), err=True)
+        return
+    from ..errors import ChaperoneError
+
+    try:
+        await ch.clean(run_id)
+    except ChaperoneError as e:  # (the run's result stands; only its removal failed)
+        click.echo("chaperone: run %s is kept (--rm): %s" % (run_id, e), err=True)
 
 
 async def _foreground(ch, target, command, kw, params) -> int:

@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover
 
 #: Options that the server's API does not take: given, the CLI goes direct.
 DIRECT_ONLY = ("ssh_config", "port", "user", "identity", "ssh_option", "jump", "no_host_key_check", "python",
-               "stdin_file", "no_stdin", "kill_grace", "tty", "cached", "spool_local", "run_id_exact")
+               "stdin_file", "no_stdin", "kill_grace", "tty", "cached", "spool_local", "run_id_exact", "remove",
+               "verbose")
 
 
 def client(params: dict, *also_direct: str) -> "Optional[ServeClient]":

@@ -671,3 +671,31 @@ def test_attach_takes_the_run_as_tmux_does(home):
         res = cli(home, *args)
         assert res.returncode == 2 and res.stderr.count(b"\n") == 1, res.stderr
         assert b"Traceback" not in res.stderr
+
+
+@pytest.mark.timeout(60)
+def test_docker_run_habits_name_env_file_and_rm(home, tmp_path, monkeypatch):
+    """docker's ``run`` habits: ``--name`` is the id; ``--env-file`` (docker's
+    format: NAME=VALUE lines, # comments, values as written) under ``-e``,
+    and ``-e NAME`` takes this machine's value; ``--rm`` removes the run
+    (spool and record) once it has ended, keeping its exit status; ``-d
+    --rm`` is one usage line.  (Before: "No such option" for each.)"""
+    env_file = tmp_path / "env"
+    env_file.write_text("# settings\nA=1\n\nB=two 'words'\nC=from-file\n")
+    monkeypatch.setenv("FROM_HERE", "here-value")
+    res = cli(home, "run", "--name", "dn1", "--env-file", env_file, "-e", "C=3", "-e", "FROM_HERE", "local", "--",
+              "sh", "-c", 'printf "%s|%s|%s|%s" "$A" "$B" "$C" "$FROM_HERE"')
+    assert (res.returncode, res.stdout) == (0, b"1|two 'words'|3|here-value"), res.stderr
+    listed = json.loads(cli(home, "ps", "-a", "--json").stdout)
+    assert [r["id"] for r in listed] == ["dn1"] and (spool_root(home) / "dn1").is_dir()
+
+    res = cli(home, "run", "--rm", "--name", "gone", "local", "--", "sh", "-c", "echo out; exit 3")
+    assert (res.returncode, res.stdout) == (3, b"out\n"), res.stderr
+    assert [r["id"] for r in json.loads(cli(home, "ps", "-a", "--json").stdout)] == ["dn1"]
+    assert not (spool_root(home) / "gone").exists()
+
+    for args in (["run", "-d", "--rm", "local", "--", "true"], ["run", "--env-file", tmp_path / "nope", "local",
+                                                                  "--", "true"]):
+        res = cli(home, *args)
+        assert res.returncode == 2 and res.stderr.count(b"\n") == 1, res.stderr
+    assert b"--env-file" in res.stderr and b"No such file" in res.stderr
