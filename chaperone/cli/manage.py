@@ -36,6 +36,65 @@ def complete_ids(ctx, param, incomplete):
 IDS = click.argument("run_ids", nargs=-1, required=True, metavar="ID...", shell_complete=complete_ids)
 
 
+def formatted(template, infos, fields, status):
+    """``--format``: chaperone/cli/template.py, over the runs' JSON fields."""
+    from ..models import RunInfo
+    from .template import formatted as fill
+
+    return fill(template, infos, tuple(RunInfo.model_fields), status)
+
+
+RUN_FIELDS = None  # (formatted() takes them from the one model: RunInfo)
+
+
+def _format_status(info: dict) -> str:
+    return _status_cell(info, True)
+
+
+#: docker ps's status= values, in chaperone's states.
+DOCKER_STATUS = {"created": ("starting",), "restarting": (), "paused": (), "removing": (),
+                 "running": ("running",), "exited": ("done", "error"), "dead": ("lost", "failed", "unknown")}
+
+
+def run_filter(filters):
+    """``ps -f KEY=VALUE`` (docker's): a predicate on a run's JSON object.
+    The same key given again widens (or), different keys narrow (and):
+    ``status=`` (a state, or docker's running/exited/created/dead),
+    ``id=`` (a prefix), ``name=`` (a part of the id), ``host=``,
+    ``exited=CODE`` (its exit code)."""
+    from ..errors import UsageError
+    from ..states import STATES
+
+    wanted: dict = {}
+    for text in filters:
+        key, sep, value = text.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in ("status", "state", "id", "name", "host", "exited"):
+            raise UsageError("bad filter %r: KEY=VALUE with KEY status, id, name, host or exited "
+                             "(Try 'chaperone ps --help'.)" % text)
+        if key == "state":
+            key = "status"
+        if key == "status" and value not in STATES and value not in DOCKER_STATUS:
+            raise UsageError("bad filter %r: status is one of %s (or docker's %s) (Try 'chaperone ps --help'.)"
+                             % (text, ", ".join(STATES), ", ".join(DOCKER_STATUS)))
+        if key == "exited" and not value.lstrip("-").isdigit():
+            raise UsageError("bad filter %r: exited= takes an exit code (Try 'chaperone ps --help'.)" % text)
+        wanted.setdefault(key, []).append(value)
+
+    def one(info, key, value):
+        if key == "status":
+            return info["state"] == value or info["state"] in DOCKER_STATUS.get(value, ())
+        if key == "id":
+            return info["id"].startswith(value)
+        if key == "name":
+            return value in info["id"]
+        if key == "host":
+            return info["host"] == value
+        return info.get("exit_code") == int(value) and info["state"] in ("done", "error")
+
+    return lambda info: all(any(one(info, k, v) for v in vs) for k, vs in wanted.items())
+
+
 def _status_cell(info: dict, refreshed: bool) -> str:
     state = info["state"]
     if state == "running":
@@ -151,9 +210,14 @@ def _refresh_local(ch, recs, records=None, home=None):
 @click.option("--cached", is_flag=True, help="Show what the records hold; contact no host.")
 @click.option("--timeout", default="3s", show_default=True, metavar="DURATION",
               help="How long to wait for hosts while refreshing.")
+@click.option("-f", "--filter", "filters", multiple=True, metavar="KEY=VALUE",
+              help="Only runs matching (as docker ps): status=, id=, name=, host=, exited=CODE (repeatable).")
+@click.option("--format", "template", metavar="TEMPLATE",
+              help="Each run through a template, as docker's: '{{.ID}} {{.Status}}', 'table {{.ID}}\\t{{.Host}}', "
+                   "'{{json .}}'.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of runs).")
 @ssh_options
-def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params):
+def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, filters, template, **params):
     """List runs, newest first, with their current state.
 
     Local runs are read from their spools; runs on hosts are refreshed
@@ -165,6 +229,9 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params)
     if bad:
         fail("unknown state %r: one of %s (Try 'chaperone ps --help'.)" % (bad[0], ", ".join(STATES)), 2)
     wait = parse_duration(timeout, "--timeout")
+    matches = guarded(lambda: run_filter(filters))
+    if template is not None:
+        guarded(lambda: formatted(template, [], RUN_FIELDS, _format_status))  # (a bad one: before any work)
 
     def show(infos, fresh, newest_first=False):
         from ..states import FINAL_STATES
@@ -175,12 +242,16 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params)
             infos = [i for i in infos if i["host"] in hosts]
         if states:
             infos = [i for i in infos if i["state"] in states]
-        elif not show_all and last is None:
+        elif not show_all and last is None and not filters:
             infos = [i for i in infos if i["state"] not in FINAL_STATES]
+        infos = [i for i in infos if matches(i)]
         if last is not None:
             infos = infos[:max(0, last)]
         if as_json:
             print_json(infos)
+        elif template is not None:
+            if infos:
+                click.echo(formatted(template, infos, RUN_FIELDS, _format_status))
         elif quiet:
             for info in infos:
                 click.echo(info["id"])
@@ -210,7 +281,7 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, **params)
             leave_open(records)
 
     def listed(records, home):
-        recs = records.select(final=bool(show_all or last is not None or states), hosts=hosts)
+        recs = records.select(final=bool(show_all or last is not None or states or filters), hosts=hosts)
         fresh = set()
         if not cached:
             local = [r for r in recs if r.state not in FINAL_STATES and is_local(r.host)]
@@ -268,16 +339,23 @@ def _ids_or_errors(run_ids, errors):
 @cli.command()
 @click.argument("run_ids", nargs=-1, metavar="[ID...]", shell_complete=complete_ids)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one run; a list for several or none).")
+@click.option("-f", "--format", "template", metavar="TEMPLATE",
+              help="Each run through a template, as docker inspect -f: '{{.State}}', '{{.ExitCode}}'.")
 @click.option("--timeout", default="20s", show_default=True, metavar="DURATION",
               help="How long to wait for each host.")
 @ssh_options
-def status(run_ids, as_json, timeout, **params):
+def status(run_ids, as_json, template, timeout, **params):
     """Show runs' states, re-read from their spools now (no ID: every run
     not over, host by host, saying which hosts could not be reached)."""
     wait = parse_duration(timeout, "--timeout")
+    if template is not None:
+        guarded(lambda: formatted(template, [], RUN_FIELDS, _format_status))  # (a bad one: before any work)
 
     def show(infos, errors, stale=None):
-        if as_json:
+        if template is not None:
+            if infos:
+                click.echo(formatted(template, infos, RUN_FIELDS, _format_status))
+        elif as_json:
             print_json(infos[0] if len(run_ids) == 1 and len(infos) == 1 else infos)
         elif infos:
             click.echo(status_table(infos, stale))
@@ -302,7 +380,10 @@ def status(run_ids, as_json, timeout, **params):
             recs.reverse()
             fresh, unreachable = await _current(ch, recs, wait, say=lambda line: click.echo(line, err=True))
             infos = [ch.records.get(r.id).info() for r in recs]
-            if as_json:
+            if template is not None:
+                if infos:
+                    click.echo(formatted(template, infos, RUN_FIELDS, _format_status))
+            elif as_json:
                 print_json(infos)
             elif infos:
                 click.echo(status_table(infos))

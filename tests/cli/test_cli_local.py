@@ -699,3 +699,36 @@ def test_docker_run_habits_name_env_file_and_rm(home, tmp_path, monkeypatch):
         res = cli(home, *args)
         assert res.returncode == 2 and res.stderr.count(b"\n") == 1, res.stderr
     assert b"--env-file" in res.stderr and b"No such file" in res.stderr
+
+
+@pytest.mark.timeout(60)
+def test_docker_ps_and_inspect_habits_filter_and_format(home):
+    """``ps -f KEY=VALUE`` and ``--format`` (docker's Go-template subset),
+    ``inspect -f``/``status --format``: the same fields as ``--json``;
+    a bad filter or template is one usage line, before any work.  (Before:
+    "No such option" for each.)"""
+    for run_id, code in (("fmt-ok", 0), ("fmt-three", 3), ("other", 3)):
+        assert cli(home, "run", "--id", run_id, "local", "--", "sh", "-c", "exit %d" % code).returncode == code
+    res = cli(home, "ps", "-a", "--format", "{{.ID}}|{{.Status}}|{{.ExitCode}}|{{.host}}|{{json .argv}}")
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.decode().splitlines() == [
+        'other|exited 3|3|local|["sh", "-c", "exit 3"]', 'fmt-three|exited 3|3|local|["sh", "-c", "exit 3"]',
+        'fmt-ok|exited 0|0|local|["sh", "-c", "exit 0"]']
+    res = cli(home, "ps", "-a", "--format", "table {{.ID}}\\t{{.Status}}")
+    lines = res.stdout.decode().splitlines()
+    assert lines[0].split() == ["ID", "STATUS"] and lines[1].split() == ["other", "exited", "3"], lines
+    assert len({line.index(line.split()[1]) for line in lines}) == 1  # (aligned columns)
+    # filters: one key again widens, another narrows; without -a, finished runs match too (as docker's)
+    assert cli(home, "ps", "-q", "-f", "status=exited", "-f", "exited=3").stdout == b"other\nfmt-three\n"
+    assert cli(home, "ps", "-q", "-f", "name=fmt", "-f", "exited=0", "-f", "exited=3").stdout == \
+        b"fmt-three\nfmt-ok\n"
+    assert cli(home, "ps", "-q", "-f", "id=fmt-o", "-f", "status=done").stdout == b"fmt-ok\n"
+    assert cli(home, "ps", "-q", "-f", "status=running").stdout == b""
+    res = cli(home, "inspect", "-f", "{{.State}} {{.ExitCode}} {{upper .host}}", "fmt-three")
+    assert (res.returncode, res.stdout) == (0, b"done 3 LOCAL\n"), res.stderr
+    assert json.loads(cli(home, "status", "--format", "{{json .}}", "fmt-ok").stdout)["id"] == "fmt-ok"
+    for args in (["ps", "-f", "colour=red"], ["ps", "-f", "status=sleeping"], ["ps", "--format", "{{.Nope}}"],
+                 ["ps", "--format", "{{range .}}{{end}}"], ["inspect", "-f", "{{.State", "fmt-ok"]):
+        res = cli(home, *args)
+        assert res.returncode == 2 and res.stdout == b"" and res.stderr.count(b"\n") == 1, (args, res.stderr)
+        assert b"Traceback" not in res.stderr
