@@ -64,6 +64,23 @@ def _verbose(ctx, param, value):
     return value
 
 
+def _kill_flag(arg: str) -> str:
+    """kill(1)'s habit: ``kill -9 ID``, ``kill -KILL ID``, ``kill -SIGINT ID``
+    are ``kill -s N ID`` (one word, so that ``-s9`` is click's)."""
+    import signal
+
+    name = arg[1:]
+    if not arg.startswith("-") or arg.startswith("--") or len(name) < 1:
+        return arg
+    if name.isdigit() and 0 < int(name) < 65:
+        return "-s" + name
+    upper = name.upper()
+    if len(name) >= 3 and name == upper and (upper in signal.Signals.__members__
+                                             or "SIG" + upper in signal.Signals.__members__):
+        return "-s" + name
+    return arg
+
+
 def chaperone_for(params: dict, **kw):
     """The Chaperone a command works with: the ssh config files (``-F``
     before the command and on it), host key checking, and the SSH options
@@ -193,6 +210,8 @@ class Group(click.Group):
                 if "--grace" not in rest and not any(a.startswith("--grace=") for a in rest):
                     rest[:0] = ["--grace", "10"]
             args = [aliases[args[0]]] + rest
+        if args and args[0] == "kill":
+            args = ["kill"] + [_kill_flag(a) for a in args[1:]]
         name, command, rest = super().resolve_command(ctx, args)
         if command is not None:
             _COMMAND.append("%s %s" % (ctx.command_path, command.name))

@@ -732,3 +732,18 @@ def test_docker_ps_and_inspect_habits_filter_and_format(home):
         res = cli(home, *args)
         assert res.returncode == 2 and res.stdout == b"" and res.stderr.count(b"\n") == 1, (args, res.stderr)
         assert b"Traceback" not in res.stderr
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("flag,name", [("-9", "SIGKILL"), ("-INT", "SIGINT"), ("-SIGHUP", "SIGHUP"),
+                                       ("-USR1", "SIGUSR1")])
+def test_kill_takes_the_signal_as_kill_does(home, flag, name):
+    """kill(1)'s habit, ``chaperone kill -9 ID`` (or ``-INT``, ``-SIGHUP``),
+    is ``kill -s``: the run ends by that signal.  (Before: "No such option
+    '-9'".)"""
+    run_id = "killflag-%s" % flag.strip("-").lower()
+    assert cli(home, "run", "-d", "--id", run_id, "local", "--", "sleep", "60").returncode == 0
+    res = cli(home, "kill", flag, run_id)
+    assert res.returncode == 0 and ("sent %s to run %s" % (name, run_id)).encode() in res.stdout, res.stderr
+    res = cli(home, "wait", run_id)
+    assert res.returncode == 128 + signal.Signals[name].value, res.stderr
