@@ -12,6 +12,7 @@ _LAZY = {
     "Chaperone": "chaperone.api",
     "Run": "chaperone.api",
     "ChaperoneError": "chaperone.errors",
+    "Process": "chaperone.models",
     "ProgramSpec": "chaperone.models",
     "RunState": "chaperone.models",
 }
@@ -23,7 +24,7 @@ if TYPE_CHECKING:  # (for type checkers: the names as they are; at run time, loa
     from .api import Chaperone, Run
     from .command import build_command, build_program
     from .errors import ChaperoneError
-    from .models import ProgramSpec, RunState
+    from .models import Process, ProgramSpec, RunState
 
 
 def __getattr__(name):

@@ -48,7 +48,7 @@ from .watcher import HostWatcher
 
 if TYPE_CHECKING:  # pragma: no cover
     from .fleet.runs import ManyRuns
-    from .models import RunInfo, RunState, StdinAck
+    from .models import Process, RunInfo, RunState, StdinAck
 
 __all__ = ["Chaperone", "Run", "new_run_id", "parse_env", "check_signal", "exit_code_for"]
 
@@ -237,6 +237,10 @@ class Run:
     def send_input(self, source: "feed.Source", **kw) -> asyncio.Task:
         """See :meth:`Chaperone.send_input`."""
         return self._ch.send_input(self.id, source, **kw)
+
+    async def processes(self) -> "List[Process]":
+        """See :meth:`Chaperone.processes`."""
+        return await self._ch.processes(self.id)
 
     async def resize(self, rows: int, cols: int) -> bool:
         """See :meth:`Chaperone.resize`."""
@@ -1038,6 +1042,22 @@ class Chaperone:
             raise self._gone(rec) from None
         self.records.update(rec.id, state)
         return self._typed(state)
+
+    async def processes(self, run_id: str) -> "List[Process]":
+        """The run's processes on its host now, as ``docker top`` lists them:
+        while its supervisor lives, every process below it (the program, its
+        children, and those that left its process group: the supervisor is
+        their subreaper); once it has ended, what it left running in its
+        process group.  The program first, then by pid."""
+        from .models import Process
+
+        rec = self.record(run_id)
+        self._never_started(rec)
+        try:
+            procs = await self.client(rec.id).procs(rec.id)
+        except NoSuchRun:
+            raise self._gone(rec) from None
+        return [Process.model_validate(p) for p in procs]
 
     async def resize(self, run_id: str, rows: int, cols: int) -> bool:
         """A new window size for the terminal of a run started with ``tty``

@@ -136,6 +136,10 @@ class AgentClient:
     async def list(self) -> List[dict]:
         return await self._json(["list"])
 
+    async def procs(self, run_id: str) -> List[dict]:
+        """The run's processes on its host now (the agent's ``procs``)."""
+        return await self._json(["procs", run_id])
+
     async def signal(self, run_id: str, sig: str, grace: Optional[float] = None) -> dict:
         args = ["signal", run_id, str(sig)]
         if grace is not None:

@@ -304,6 +304,24 @@ class RunState(_Strict):
         return exit_code_for(self)
 
 
+class Process(_Strict):
+    """One process of a run, on its host, now: the agent's ``procs`` answer
+    (:meth:`chaperone.Chaperone.processes`, ``chaperone top``)."""
+
+    pid: int
+    ppid: int
+    pgid: int
+    #: /proc's state letter: R running, S sleeping, D disk, T stopped, Z zombie ...
+    state: str
+    #: CPU seconds so far, user and system.
+    cpu: float
+    #: Resident memory, bytes.
+    rss: int
+    #: Seconds since it started.
+    elapsed: float
+    argv: List[str]
+
+
 class RunInfo(BaseModel):
     """A run as chaperone shows it: ONE object for every ``--json`` of the
     CLI (``run``, ``status``, ``wait``, ``ps``), the library's

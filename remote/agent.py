@@ -367,6 +367,10 @@ try:
     CLK_TCK = os.sysconf("SC_CLK_TCK")
 except (ValueError, OSError, AttributeError):  # pragma: no cover
     CLK_TCK = 100
+try:
+    PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+except (ValueError, OSError, AttributeError):  # pragma: no cover
+    PAGE_SIZE = 4096
 
 
 def ticks_now():
@@ -4868,6 +4872,56 @@ def cmd_list(args, marker):
     return 0
 
 
+def proc_info(pid, boot_ticks_now):
+    """One process, as ``procs`` answers it (Linux /proc), or None if gone:
+    pid, ppid, pgid, state letter, CPU seconds (user + system), resident
+    bytes, seconds since it started, its argv (its name in brackets when
+    it has none: a kernel thread, a zombie)."""
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            data = f.read()
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return None
+    try:
+        name = data[data.index(b"(") + 1:data.rindex(b")")]
+        fields = data[data.rindex(b")") + 2:].split()
+        ticks = int(fields[11]) + int(fields[12])
+        started = int(fields[19])
+        rss = int(fields[21]) * PAGE_SIZE
+    except (ValueError, IndexError):
+        return None
+    argv = [a.decode("utf-8", "replace") for a in cmdline.split(b"\0")[:-1]] if cmdline else []
+    return {"pid": pid, "ppid": int(fields[1]), "pgid": int(fields[2]), "state": fields[0].decode("ascii", "replace"),
+            "cpu": round(ticks / float(CLK_TCK), 2), "rss": rss,
+            "elapsed": round(max(0, boot_ticks_now - started) / float(CLK_TCK), 2),
+            "argv": argv or ["[%s]" % name.decode("utf-8", "replace")]}
+
+
+def cmd_procs(args, marker):
+    """The run's processes now (as ``docker top``): while its supervisor
+    lives, every process below it (it is their subreaper: the program, its
+    children, and what left its process group, daemons included); after,
+    what is left in its process group, when run_group() proves that group
+    is the run's.  A JSON list, the program first, then by pid."""
+    run = Run(args.root, args.id).require()
+    st = run.refresh()
+    if not judged_here(st):
+        raise AgentError("run %s was started by another host or pid namespace (%s; this is %s): look from there"
+                         % (run.id, st.get("host_id"), host_id()), 1)
+    if st["state"] == "running" and run.supervisor_alive(st):
+        pids = descendants(st["agent_pid"])
+    else:
+        pgid, _ = run_group(st)
+        pids = [pid for pid, _, _ in group_members(pgid)] if pgid is not None else []
+    now = ticks_now() or 0
+    procs = [info for info in (proc_info(pid, now) for pid in pids) if info is not None]
+    procs.sort(key=lambda p: (p["pid"] != st.get("pid"), p["pid"]))
+    Output(marker).json(procs)
+    return 0
+
+
 def cmd_clean(args, marker):
     try:
         run = Run(args.root, args.id).require()
@@ -4915,6 +4969,7 @@ commands:
   output ID --stream {stdout,stderr,both} [--offset N] [--length L] [--counted|--direct]
   signal ID SIGNAL [--grace SECONDS]
   list
+  procs ID
   clean ID [--force]
   control ID                             < message.json
   logs ID [--follow] [--since SECONDS] [--stdout-offset N] [--stderr-offset N]
@@ -4936,6 +4991,7 @@ COMMAND_ARGS = {
                          "--counted": ("counted", None, False)}),
     "signal": (("id", "signal"), {"--grace": ("grace", float, None)}),
     "list": ((), {}),
+    "procs": (("id",), {}),
     "clean": (("id",), {"--force": ("force", None, False)}),
     "control": (("id",), {}),
     "logs": (("id",), {"--follow": ("follow", None, False), "--since": ("since", float, None),
@@ -5098,7 +5154,7 @@ def _option_value(name, kind, text):
 COMMANDS = {
     "start": cmd_start, "status": cmd_status, "follow": cmd_follow, "output": cmd_output,
     "signal": cmd_signal, "list": cmd_list, "clean": cmd_clean, "control": cmd_control, "stdin": cmd_stdin,
-    "watch": cmd_watch, "release": cmd_release, "logs": cmd_logs,
+    "watch": cmd_watch, "release": cmd_release, "logs": cmd_logs, "procs": cmd_procs,
 }
 
 

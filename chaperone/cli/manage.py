@@ -848,3 +848,43 @@ def prune(older, hosts, dry_run, **params):
         return max(errors) if errors else 0
 
     sys.exit(run_async(params, go))
+
+
+@cli.command()
+@click.argument("run_id", metavar="ID", shell_complete=complete_ids)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of processes).")
+@ssh_options
+def top(run_id, as_json, **params):
+    """The run's processes on its host now, as docker top: the program,
+    its children, and those that left its process group (a run that
+    ended: what it left running)."""
+    async def go(ch):
+        rec = ch.record(run_id)
+        procs = await ch.processes(rec.id)
+        if as_json:
+            print_json([p.model_dump() for p in procs])
+            return 0
+        if not procs:
+            state = (await ch.status(rec.id)).state
+            click.echo("chaperone: run %s has no process running on %s (%s)" % (rec.id, rec.host, state), err=True)
+            return 0
+        rows = [(str(p.pid), str(p.ppid), p.state, _clock(p.cpu), _size(p.rss), human_duration(p.elapsed),
+                 " ".join(p.argv)) for p in procs]
+        click.echo(table(rows, ("PID", "PPID", "S", "TIME", "RSS", "ELAPSED", "COMMAND")))
+        return 0
+
+    sys.exit(run_async(params, go))
+
+
+def _clock(seconds: float) -> str:
+    """CPU time as ps shows it: M:SS (H:MM:SS from an hour)."""
+    s = int(seconds)
+    return "%d:%02d:%02d" % (s // 3600, s // 60 % 60, s % 60) if s >= 3600 else "%d:%02d" % (s // 60, s % 60)
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return ("%d %s" if unit == "B" else "%.1f %s") % (n, unit)
+        n /= 1024.0
+    return str(n)

@@ -938,6 +938,19 @@ class MemoryHost:
         proc.marker(args.marker)
         proc.json([runs[run_id]._status() for run_id in sorted(runs)])
 
+    def _cmd_procs(self, args, proc: _Process, stdin: bytes) -> None:
+        """The agent's ``procs``: a running program is one process (its
+        children are not modelled here)."""
+        run = self._run(args)
+        st = run._status()
+        proc.marker(args.marker)
+        procs = []
+        if run.running:
+            procs.append({"pid": st.get("pid") or 0, "ppid": st.get("agent_pid") or 0, "pgid": st.get("pgid") or 0,
+                          "state": "S", "cpu": 0.0, "rss": 0, "elapsed": 0.0,
+                          "argv": list(run.spec["program"]["argv"])})
+        proc.json(procs)
+
     def _cmd_clean(self, args, proc: _Process, stdin: bytes) -> None:
         run = self._run(args)
         if run.running:

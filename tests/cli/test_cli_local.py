@@ -747,3 +747,29 @@ def test_kill_takes_the_signal_as_kill_does(home, flag, name):
     assert res.returncode == 0 and ("sent %s to run %s" % (name, run_id)).encode() in res.stdout, res.stderr
     res = cli(home, "wait", run_id)
     assert res.returncode == 128 + signal.Signals[name].value, res.stderr
+
+
+@pytest.mark.timeout(60)
+def test_top_lists_the_runs_processes_as_docker_top(home):
+    """``chaperone top ID``: a table of the run's processes (the program
+    first, a child that left its group included); ``--json`` the same as
+    objects; a run with nothing left running says so on stderr."""
+    tag = str(os.getpid())
+    assert cli(home, "run", "-d", "--id", "topped", "local", "--", "sh", "-c",
+               "(setsid sleep 51%s &); sleep 52%s" % (tag, tag)).returncode == 0
+    for _ in range(100):
+        procs = json.loads(cli(home, "top", "--json", "topped").stdout)
+        if len(procs) == 3:
+            break
+        time.sleep(0.05)
+    assert [p["argv"][-1] for p in procs] == ["(setsid sleep 51%s &); sleep 52%s" % (tag, tag), "51" + tag,
+                                              "52" + tag] or sorted(p["argv"][-1] for p in procs[1:]) == \
+        ["51" + tag, "52" + tag], procs
+    res = cli(home, "top", "topped")
+    lines = res.stdout.decode().splitlines()
+    assert res.returncode == 0 and lines[0].split() == ["PID", "PPID", "S", "TIME", "RSS", "ELAPSED", "COMMAND"]
+    assert lines[1].split()[0] == str(procs[0]["pid"]) and len(lines) == 4, lines
+    assert cli(home, "kill", "-s", "KILL", "topped").returncode == 0
+    cli(home, "wait", "topped")
+    res = cli(home, "top", "topped")
+    assert (res.returncode, res.stdout) == (0, b"") and b"no process running" in res.stderr, res.stderr

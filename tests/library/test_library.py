@@ -439,3 +439,42 @@ def test_run_gives_the_final_state_once_after_the_output(tmp_path):
         return shapes
 
     assert run_async(main())
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("client", ["openssh", "asyncssh"])
+def test_processes_lists_the_whole_tree_then_what_an_ended_run_left(sshd, tmp_path, client):
+    """``processes()`` (docker top): the program first, its children, and a
+    child that left its process group (setsid), from the host, typed; once
+    the run is killed, nothing; a run that ended but left a child in its
+    group: that child.  Over a real sshd, with both SSH clients."""
+    tag = "%d%d" % (os.getpid(), random.randrange(10 ** 6))
+
+    async def main():
+        async with Chaperone(tmp_path / "home", ssh_config=[str(sshd.config_file)], ssh_client=client) as ch:
+            run = await ch.start("testhost", ["sh", "-c", "sleep 41%s & (setsid sleep 42%s &); sleep 43%s; :"
+                                              % (tag, tag, tag)], id="top-" + tag)
+            for _ in range(100):
+                procs = await run.processes()
+                if len(procs) == 4:
+                    break
+                await asyncio.sleep(0.05)
+            st = await run.status()
+            await run.signal("KILL")
+            await run.wait()
+            after = await run.processes()
+            left = await ch.start("testhost", ["sh", "-c", "sleep 44%s & exit 0" % tag], id="left-" + tag)
+            await left.wait()
+            leftover = await left.processes()
+            await left.signal("KILL")
+            return procs, st, after, leftover
+
+    procs, st, after, leftover = run_async(main())
+    assert [type(p).__name__ for p in procs] == ["Process"] * 4
+    assert procs[0].pid == st.pid and procs[0].argv[:2] == ["sh", "-c"]
+    argvs = {" ".join(p.argv): p for p in procs[1:]}
+    assert set(argvs) == {"sleep 41" + tag, "sleep 42" + tag, "sleep 43" + tag}, argvs
+    assert argvs["sleep 41" + tag].pgid == st.pid and argvs["sleep 42" + tag].pgid != st.pid  # (left the group)
+    assert all(p.rss > 0 and p.elapsed >= 0 and p.state in "RSD" for p in procs)
+    assert after == []
+    assert [p.argv for p in leftover] == [["sleep", "44" + tag]]
