@@ -48,6 +48,9 @@ SSH = (
     Opt(("-i", "--identity"), "identity", multiple=True, metavar="FILE", help="SSH identity file (tried first)."),
     Opt(("-o",), "ssh_option", multiple=True, metavar="KEY=VALUE", help="SSH option (as ssh -o)."),
     Opt(("-J", "--jump"), "jump", metavar="[USER@]HOST[:PORT]", help="Connect through this jump host (as ssh -J)."),
+    Opt(("-4",), "ipv4", value=False, help="IPv4 only (as ssh -4)."),
+    Opt(("-6",), "ipv6", value=False, help="IPv6 only (as ssh -6)."),
+    Opt(("-C",), "compression", value=False, help="Compress the connection (as ssh -C)."),
     Opt(("--no-host-key-check",), "no_host_key_check", value=False,
         help="Do not check SSH host keys (unsafe: for throw-away hosts)."),
     Opt(("-v", "--verbose"), "verbose", value=False, count=True,
@@ -238,8 +241,18 @@ def ssh_settings(params: Dict) -> Dict:
         out["identities"] = many("identity")
         for path in out["identities"]:
             _warn_identity(path)
-    if many("ssh_option"):
-        out["options"] = many("ssh_option")
+    options = many("ssh_option")
+    # ssh's own flags for options: after the -o ones (ssh keeps the first value)
+    if one("ipv4") and one("ipv6"):
+        from ..errors import UsageError
+
+        raise UsageError("-4 and -6 do not go together: one address family")
+    for flag, option in (("ipv4", "AddressFamily=inet"), ("ipv6", "AddressFamily=inet6"),
+                         ("compression", "Compression=yes")):
+        if one(flag):
+            options += (option,)
+    if options:
+        out["options"] = options
     return out
 
 

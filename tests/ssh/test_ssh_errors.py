@@ -248,3 +248,16 @@ def test_verbose_shows_how_the_host_is_reached_and_the_error_stays_one_clear_lin
     assert "Traceback" not in err
     res = chaperone(tmp_path, "-F", sshd.config_file, "run", "testhost", "--", "echo", "hi")
     assert (res.returncode, res.stdout, res.stderr) == (0, b"hi\n", b"")  # (quiet without -v)
+
+
+@pytest.mark.timeout(60)
+def test_ssh_address_family_and_compression_flags(sshd, tmp_path, ssh_client):
+    """ssh's ``-4``, ``-6`` and ``-C`` (before: "No such option"): ``-4 -C``
+    reaches the IPv4 test host; ``-6`` to a host with only an IPv4 address
+    is one line naming the flags; ``-4 -6`` is a usage error."""
+    res = chaperone(tmp_path, "-F", sshd.config_file, "run", "-4", "-C", "testhost", "--", "echo", "hi")
+    assert (res.returncode, res.stdout) == (0, b"hi\n"), res.stderr
+    res = chaperone(tmp_path, "-F", sshd.config_file, "run", "-6", "testhost", "--", "true")
+    assert_fails_cleanly(tmp_path, res, "testhost", "no address of the family", "-6")
+    res = chaperone(tmp_path, "-F", sshd.config_file, "run", "-4", "-6", "testhost", "--", "true")
+    assert res.returncode == 2 and res.stderr.count(b"\n") == 1 and b"-4 and -6" in res.stderr, res.stderr

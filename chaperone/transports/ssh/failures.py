@@ -27,7 +27,8 @@ def connect_error(target: Target, kind: str, detail: Union[str, Tuple[str, str]]
     client failed.  ``kind``: ``host_key_unknown``, ``host_key_changed``,
     ``host_key`` (one of the two), ``auth``, ``unknown_host``, ``refused``,
     ``timeout``, ``dropped`` (before login: sshd's MaxStartups, a reset
-    during key exchange), ``closed``, ``unreachable``, ``other``."""
+    during key exchange), ``closed``, ``unreachable``, ``family`` (no
+    address of the family -4/-6 asked for), ``other``."""
     host = target.name
     port, dest = _host_for_ssh(target)
     detail = detail if isinstance(detail, tuple) else detail.strip()
@@ -58,6 +59,9 @@ def connect_error(target: Target, kind: str, detail: Union[str, Tuple[str, str]]
                                  % (host, name, why or "no such name"))
         return ConnectFailed("unknown host %s: %s (is it in ~/.ssh/config? check the spelling)"
                              % (host, why or "cannot resolve its name"))
+    if kind == "family":
+        return ConnectFailed("cannot connect to %s: it has no address of the family asked for (-4, -6 or "
+                             "AddressFamily)%s" % (host, ": " + detail if detail else ""))
     if kind == "refused":
         return ConnectFailed("connection to %s refused (is sshd running there, on that port?)" % host,
                              transient=True)
@@ -100,6 +104,8 @@ def ssh_error(target: Target, stderr: bytes, got_output: bool) -> ChaperoneError
     if "Permission denied" in text and not got_output:
         m = re.search(r"^(\S+@\S+): Permission denied", text, re.M)
         return connect_error(target, "auth", m.group(1) if m else "")
+    if "Address family for hostname not supported" in text:
+        return connect_error(target, "family", last)
     unresolved = re.search(r"Could not resolve hostname (\S+): (.*)$", text, re.M)
     if unresolved:  # (ssh's, or the one a jump host's ProxyCommand ran)
         return connect_error(target, "unknown_host", (unresolved.group(1), unresolved.group(2).strip()))

@@ -70,6 +70,8 @@ def _connect_error(target: Target, e: BaseException) -> ConnectFailed:
         return connect_error(target, "auth")
     if isinstance(e, socket.gaierror):
         why = e.strerror or str(e)
+        if e.errno == getattr(socket, "EAI_ADDRFAMILY", -9) or "Address family" in why:
+            return connect_error(target, "family", why)
         # Through a jump host, the destination's name is resolved there: a
         # name that cannot be resolved here is the jump host's.
         return connect_error(target, "unknown_host", (_host_of(target.jump.split(",")[0]), why) if target.jump else why)
