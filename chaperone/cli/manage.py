@@ -449,7 +449,7 @@ def _tail(data: bytes, n: int) -> bytes:
     return data[at + 1:]
 
 
-def _since(text: str) -> float:
+def _since(text: str, option: str = "--since") -> float:
     """``--since``: seconds since the epoch from a duration back from now
     (``10m``, ``90s``), a time (``2026-11-24T21:00:00Z``; the local time zone
     without an offset, as docker), or seconds since the epoch."""
@@ -472,11 +472,11 @@ def _since(text: str) -> float:
         if value >= 0 and value == value:  # (a bare number is a time, as docker takes it: 1732482000; 0: all)
             return value
     try:
-        return time.time() - parse_duration(text, "--since")
+        return time.time() - parse_duration(text, option)
     except UsageError:
-        raise UsageError("invalid --since %r: a duration back from now (10m, 2h), a time "
+        raise UsageError("invalid %s %r: a duration back from now (10m, 2h), a time "
                          "(2026-11-24T21:00:00Z), or seconds since the epoch (Try 'chaperone logs --help'.)"
-                         % text) from None
+                         % (option, text)) from None
 
 
 def rfc3339(t: float) -> bytes:
@@ -550,9 +550,11 @@ def _same_file(a, b) -> bool:
 @click.option("-n", "--tail", "tail", metavar="N", help="Only the last N lines of each stream ('all': everything).")
 @click.option("--since", "since", metavar="DURATION|TIME",
               help="Only output written since then: 10m (back from now), 2026-11-24T21:00:00Z, or epoch seconds.")
+@click.option("--until", "until", metavar="DURATION|TIME",
+              help="Only output written before then (as --since; with -f: follow until then).")
 @click.option("-t", "--timestamps", is_flag=True, help="Start each line with when it was written (RFC 3339, UTC).")
 @ssh_options
-def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **params):
+def logs(run_id, follow, only_stdout, only_stderr, tail, since, until, timestamps, **params):
     """Print a run's output: the exact bytes it wrote, in the order it
     wrote them.  By default both streams, interleaved as written, its
     stdout to stdout and its stderr to stderr; --stdout or --stderr: that
@@ -572,6 +574,7 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **pa
 
     try:
         since_t = _since(since) if since is not None else None
+        until_t = _since(until, "--until") if until is not None else None
     except UsageError as e:
         fail(str(e), 2)
     # Both streams: each to its own.  One asked for: to stdout, to be piped.
@@ -581,7 +584,7 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **pa
     # written in cannot show (one stream, or the two to different files);
     # the server's mirror (each stream's bytes, not when they were written)
     # serves that, and without it the fast path below.
-    plain = lines is None and since is None and not timestamps and \
+    plain = lines is None and since is None and until is None and not timestamps and \
         (len(streams) == 1 or not _same_file(out["stdout"], out["stderr"]))
     server = served.client(params) if plain else None
     if server is not None:
@@ -602,9 +605,10 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **pa
         from ..protocol import OutputChunk, Written
         from .fleet import logs_many  # a group, or a pattern: lines prefixed with their hosts
 
-        many = await logs_many(ch, run_id, streams, follow, lines, out, since=since_t, timestamps=timestamps)
-        if many is not None:
-            return many
+        if until_t is None:
+            many = await logs_many(ch, run_id, streams, follow, lines, out, since=since_t, timestamps=timestamps)
+            if many is not None:
+                return many
         rec = ch.record(run_id)
         offsets = await tail_offsets(ch, rec.id, streams, lines)
 
@@ -623,13 +627,28 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, timestamps, **pa
 
         on_reconnect = OutageNotice()
         printer = _Printer(out, timestamps, rec.id)
-        async for event in ch.logs(rec.id, streams, offsets=offsets, since=since_t, follow=follow,
-                                   on_reconnect=on_reconnect):
-            on_reconnect.recovered()
-            if isinstance(event, Written):
-                printer.written(event.time)
-            elif isinstance(event, OutputChunk) and event.stream in streams:
-                printer.chunk(event.stream, event.data)
+
+        async def printed():
+            async for event in ch.logs(rec.id, streams, offsets=offsets, since=since_t, follow=follow,
+                                       on_reconnect=on_reconnect):
+                on_reconnect.recovered()
+                if isinstance(event, Written):
+                    if until_t is not None and event.time >= until_t:
+                        return  # (what follows was written later)
+                    printer.written(event.time)
+                elif isinstance(event, OutputChunk) and event.stream in streams:
+                    printer.chunk(event.stream, event.data)
+
+        if until_t is None or not follow:
+            await printed()
+        else:  # (-f --until: following until then, not past it)
+            import asyncio
+            import time
+
+            try:
+                await asyncio.wait_for(printed(), max(0.0, until_t - time.time()))
+            except asyncio.TimeoutError:
+                pass
         return 0
 
     sys.exit(run_async(params, go))

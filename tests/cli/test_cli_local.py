@@ -773,3 +773,26 @@ def test_top_lists_the_runs_processes_as_docker_top(home):
     cli(home, "wait", "topped")
     res = cli(home, "top", "topped")
     assert (res.returncode, res.stdout) == (0, b"") and b"no process running" in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(60)
+def test_logs_until_stops_at_that_time_as_docker(home):
+    """``logs --until TIME`` (docker's): only what was written before then,
+    both streams in write order; a bad time is one usage line.  (Before:
+    "No such option '--until'".)"""
+    assert cli(home, "run", "--id", "untl", "local", "--", "sh", "-c",
+               "echo a; sleep 0.6; echo b >&2; sleep 0.6; echo c").returncode == 0
+    stamped = cli(home, "logs", "-t", "untl").stdout.decode().splitlines()
+    assert [line.split()[1] for line in stamped] == ["a", "c"]
+    when = [datetime.datetime.fromisoformat(line.split()[0][:26] + "+00:00").timestamp() for line in stamped]
+    mid = "%.3f" % ((when[0] + when[1]) / 2)  # (between a and c: b, on stderr, was written about then)
+    res = cli(home, "logs", "--until", mid, "untl")
+    assert (res.returncode, res.stdout) == (0, b"a\n"), res.stderr
+    res = cli(home, "logs", "--until", "%.3f" % (when[1] - 0.001), "untl")
+    assert (res.stdout, res.stderr) == (b"a\n", b"b\n")
+    res = cli(home, "logs", "--until", "%.3f" % (when[1] + 0.001), "untl")
+    assert (res.stdout, res.stderr) == (b"a\nc\n", b"b\n")
+    res = cli(home, "logs", "--since", "%.3f" % (when[0] + 0.001), "--until", "%.3f" % (when[1] - 0.001), "untl")
+    assert (res.stdout, res.stderr) == (b"", b"b\n")
+    res = cli(home, "logs", "--until", "yesterday-ish", "untl")
+    assert res.returncode == 2 and res.stderr.count(b"\n") == 1 and b"--until" in res.stderr
