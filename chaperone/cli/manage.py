@@ -577,6 +577,10 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, until, timestamp
         until_t = _since(until, "--until") if until is not None else None
     except UsageError as e:
         fail(str(e), 2)
+    if until_t is not None and follow:
+        import time
+
+        follow = until_t > time.time()  # (an --until already past: nothing more to follow)
     # Both streams: each to its own.  One asked for: to stdout, to be piped.
     out = {"stdout": sys.stdout.buffer, "stderr": sys.stderr.buffer if len(streams) == 2 else sys.stdout.buffer}
 

@@ -794,5 +794,7 @@ def test_logs_until_stops_at_that_time_as_docker(home):
     assert (res.stdout, res.stderr) == (b"a\nc\n", b"b\n")
     res = cli(home, "logs", "--since", "%.3f" % (when[0] + 0.001), "--until", "%.3f" % (when[1] - 0.001), "untl")
     assert (res.stdout, res.stderr) == (b"", b"b\n")
+    res = cli(home, "logs", "-f", "--until", mid, "untl", timeout=20)  # (a time past: nothing to follow)
+    assert (res.returncode, res.stdout) == (0, b"a\n"), res.stderr
     res = cli(home, "logs", "--until", "yesterday-ish", "untl")
     assert res.returncode == 2 and res.stderr.count(b"\n") == 1 and b"--until" in res.stderr
