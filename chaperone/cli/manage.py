@@ -633,15 +633,19 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, until, timestamp
         printer = _Printer(out, timestamps, rec.id)
 
         async def printed():
-            async for event in ch.logs(rec.id, streams, offsets=offsets, since=since_t, follow=follow,
-                                       on_reconnect=on_reconnect):
-                on_reconnect.recovered()
-                if isinstance(event, Written):
-                    if until_t is not None and event.time >= until_t:
-                        return  # (what follows was written later)
-                    printer.written(event.time)
-                elif isinstance(event, OutputChunk) and event.stream in streams:
-                    printer.chunk(event.stream, event.data)
+            events = ch.logs(rec.id, streams, offsets=offsets, since=since_t, follow=follow,
+                             on_reconnect=on_reconnect)
+            try:
+                async for event in events:
+                    on_reconnect.recovered()
+                    if isinstance(event, Written):
+                        if until_t is not None and event.time >= until_t:
+                            return  # (what follows was written later)
+                        printer.written(event.time)
+                    elif isinstance(event, OutputChunk) and event.stream in streams:
+                        printer.chunk(event.stream, event.data)
+            finally:
+                await events.aclose()  # (its agent call ended now, not at the loop's shutdown)
 
         if until_t is None or not follow:
             await printed()
