@@ -1002,6 +1002,15 @@ class Chaperone:
         hosts, one call per host, all hosts at once, each bounded by
         ``timeout`` seconds.  Returns ``{host: None or why it could not be
         reached}``."""
+        _, reached = await self._refresh(run_ids, timeout)
+        return reached
+
+    async def _refresh(self, run_ids: Optional[Sequence[str]],
+                       timeout: float) -> "tuple[set, Dict[str, Optional[str]]]":
+        """:meth:`refresh`, and the ids of the runs it re-read.  (Two runs
+        on hosts of one name reached two ways, say through two SSH configs,
+        are two calls: the name is unreachable if either could not be
+        reached, and only the other's runs are fresh.)"""
         by_host: Dict[str, List[Record]] = {}
         for rec in (self.records.all() if run_ids is None else (self.record(r) for r in run_ids)):
             if rec.state in FINAL_STATES:
@@ -1024,7 +1033,14 @@ class Chaperone:
 
         hosts = list(by_host.values())
         results = await asyncio.gather(*(one(recs) for recs in hosts))
-        return {recs[0].host: why for recs, why in zip(hosts, results)}
+        reached: Dict[str, Optional[str]] = {}
+        fresh = set()
+        for recs, why in zip(hosts, results):
+            if why is None:
+                fresh |= {rec.id for rec in recs}
+            if why is not None or recs[0].host not in reached:
+                reached[recs[0].host] = why
+        return fresh, reached
 
     # Acting --------------------------------------------------------------------
 

@@ -48,6 +48,7 @@ RUN_FIELDS = None  # (formatted() takes them from the one model: RunInfo)
 
 
 def _format_status(info: dict) -> str:
+    """``.Status`` for a run as its record has it (a template's check)."""
     return _status_cell(info, True)
 
 
@@ -153,9 +154,9 @@ async def _current(ch, recs, timeout: float, say=None):
             hosts = sorted({r.host for r in remote})
             say("chaperone: checking %d run%s on %s" % (len(remote), "" if len(remote) == 1 else "s",
                                                          ", ".join(hosts)))
-        unreachable = {h: why for h, why in (await ch.refresh([r.id for r in remote], timeout=timeout)).items()
-                       if why}
-        fresh |= {r.id for r in remote if r.host not in unreachable}
+        made, reached = await ch._refresh([r.id for r in remote], timeout)
+        unreachable = {h: why for h, why in reached.items() if why}
+        fresh |= made
         if say:
             for host, why in sorted(unreachable.items()):
                 say("chaperone: could not reach %s: %s" % (host, why))
@@ -247,16 +248,16 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, filters, 
         infos = [i for i in infos if matches(i)]
         if last is not None:
             infos = infos[:max(0, last)]
+        fresh = set(fresh) | {i["id"] for i in infos if i["state"] in FINAL_STATES}
         if as_json:
             print_json(infos)
         elif template is not None:
             if infos:
-                click.echo(formatted(template, infos, RUN_FIELDS, _format_status))
+                click.echo(formatted(template, infos, RUN_FIELDS, lambda i: _status_cell(i, i["id"] in fresh)))
         elif quiet:
             for info in infos:
                 click.echo(info["id"])
         else:
-            fresh = set(fresh) | {i["id"] for i in infos if i["state"] in FINAL_STATES}
             click.echo(table(_rows(infos, fresh), ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND"), flex=(5, 2)))
         return 0
 
@@ -354,7 +355,8 @@ def status(run_ids, as_json, template, timeout, **params):
     def show(infos, errors, stale=None):
         if template is not None:
             if infos:
-                click.echo(formatted(template, infos, RUN_FIELDS, _format_status))
+                click.echo(formatted(template, infos, RUN_FIELDS,
+                                     lambda i: _status_cell(i, i["id"] not in (stale or ()))))
         elif as_json:
             print_json(infos[0] if len(run_ids) == 1 and len(infos) == 1 else infos)
         elif infos:
@@ -380,13 +382,15 @@ def status(run_ids, as_json, template, timeout, **params):
             recs.reverse()
             fresh, unreachable = await _current(ch, recs, wait, say=lambda line: click.echo(line, err=True))
             infos = [ch.records.get(r.id).info() for r in recs]
+            stale = {i["id"] for i in infos if i["id"] not in fresh}  # (as last seen: its host was not reached)
             if template is not None:
                 if infos:
-                    click.echo(formatted(template, infos, RUN_FIELDS, _format_status))
+                    click.echo(formatted(template, infos, RUN_FIELDS,
+                                         lambda i: _status_cell(i, i["id"] not in stale)))
             elif as_json:
                 print_json(infos)
             elif infos:
-                click.echo(status_table(infos))
+                click.echo(status_table(infos, stale))
             return 1 if unreachable else 0
         import asyncio
 

@@ -270,3 +270,40 @@ def test_status_of_a_run_on_a_host_out_of_reach_is_last_seen_and_bounded(sshd, t
         assert ps.stderr.decode().startswith("chaperone: could not reach testhost"), ps.stderr
     finally:
         run_cli(home, "-F", sshd.config_file, "kill", "-s", "KILL", run_id)
+
+
+@pytest.mark.timeout(90)
+def test_a_host_name_reached_two_ways_one_down_shows_only_that_ones_runs_as_last_seen(sshd, tmp_path):
+    """Two runs on "testhost", started with two SSH configs; the second
+    config's port then dead: ``ps``, ``ps --format`` and ``status`` show the
+    first run as current and the second as last seen (before: both as
+    current, and no word of the host that could not be reached, as the
+    answers were kept by host name and the reachable one's won)."""
+    from support.sshd import free_port
+
+    home = tmp_path / "home"
+    home.mkdir()
+    cfg2 = tmp_path / "ssh_config2"
+    text = open(sshd.config_file).read()
+    cfg2.write_text(text)
+    near, far = unique("near"), unique("far2")
+    for run_id, cfg in ((near, sshd.config_file), (far, cfg2)):
+        res = run_cli(home, "-F", cfg, "run", "-d", "--id", run_id, "testhost", "--", "sleep", "60")
+        assert res.returncode == 0, res.stderr
+    assert "Port %d" % sshd.port in text
+    cfg2.write_text(text.replace("Port %d" % sshd.port, "Port %d" % free_port()))
+    try:
+        ps = run_cli(home, "ps", "--timeout", "5s")
+        rows = {line.split()[0]: line for line in ps.stdout.decode().splitlines()[1:]}
+        assert "running (seen" not in rows[near] and "running (seen" in rows[far] and " - " in rows[far], rows
+        assert ps.stderr.decode().startswith("chaperone: could not reach testhost"), ps.stderr
+        fmt = run_cli(home, "ps", "--timeout", "5s", "--format", "{{.ID}}={{.Status}}").stdout.decode().split()
+        statuses = dict(item.split("=", 1) for item in fmt if "=" in item)
+        assert statuses[near].startswith("running") and "(seen" not in statuses[near], fmt
+        assert "(seen" in " ".join(fmt[fmt.index(far + "=running"):]), fmt
+        st = run_cli(home, "status", "--timeout", "5s")
+        rows = {line.split()[0]: line for line in st.stdout.decode().splitlines()[1:]}
+        assert st.returncode == 1 and "(seen" not in rows[near] and "running (seen" in rows[far], rows
+    finally:
+        for run_id in (near, far):
+            run_cli(home, "-F", sshd.config_file, "kill", "-s", "KILL", run_id)
