@@ -82,6 +82,17 @@ CREATE INDEX IF NOT EXISTS runs_created ON runs (created);
 _FINAL_SQL = "('done', 'error', 'lost', 'failed')"
 
 
+def generated_id(run_id: str) -> bool:
+    """Whether ``run_id`` was made by chaperone (``new_run_id``: date, time
+    and 6 hex digits, maybe then ``-HOST`` in a group), not chosen with
+    ``--id``: only such ids are taken by a prefix.  (No ``re``: the fast
+    paths do without it.)"""
+    head = run_id[:22]
+    return (len(head) == 22 and head[:8].isdigit() and head[8] == "-" and head[9:15].isdigit()
+            and head[15] == "-" and all(c in "0123456789abcdef" for c in head[16:22])
+            and (len(run_id) == 22 or run_id[22] == "-") and head.isascii())
+
+
 def printable(text: str) -> str:
     """``text`` with the bytes that are not UTF-8 (surrogate escapes, as
     argv holds them) written as ``\\xNN``: storable and printable anywhere."""
@@ -266,11 +277,14 @@ class Records:
         return Record(row) if row else None
 
     def resolve(self, prefix: str) -> List[str]:
-        """The ids equal to ``prefix``, else those starting with it."""
+        """The ids equal to ``prefix``, else the generated ones starting with
+        it (as docker takes a prefix of an id, never of a name: ``job1`` is
+        not ``job10``)."""
         if self.exists(prefix):
             return [prefix]
         like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-        return [r[0] for r in self.db.execute("SELECT id FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 10", (like,))]
+        return [r[0] for r in self.db.execute("SELECT id FROM runs WHERE id LIKE ? ESCAPE '\\' LIMIT 200", (like,))
+                if generated_id(r[0])][:10]
 
     def update(self, run_id: str, state: dict) -> None:
         """Store the state the host reported.  A record that is final stays

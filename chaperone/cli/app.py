@@ -64,6 +64,11 @@ def _verbose(ctx, param, value):
     return value
 
 
+#: kill's options that take a value (the SSH ones included).
+_KILL_VALUES = ("-s", "--signal", "--grace", "-F", "-p", "--port", "-l", "--login", "-i", "--identity", "-o", "-J",
+                "--jump", "--python", "--spool")
+
+
 def _kill_flag(arg: str) -> str:
     """kill(1)'s habit: ``kill -9 ID``, ``kill -KILL ID``, ``kill -SIGINT ID``
     are ``kill -s N ID`` (one word, so that ``-s9`` is click's)."""
@@ -211,7 +216,8 @@ class Group(click.Group):
                     rest[:0] = ["--grace", "10"]
             args = [aliases[args[0]]] + rest
         if args and args[0] == "kill":
-            args = ["kill"] + [_kill_flag(a) for a in args[1:]]
+            # (a value of an option is what it is: --grace -1 stays -1)
+            args = ["kill"] + [a if args[i] in _KILL_VALUES else _kill_flag(a) for i, a in enumerate(args[1:])]
         name, command, rest = super().resolve_command(ctx, args)
         if command is not None:
             _COMMAND.append("%s %s" % (ctx.command_path, command.name))

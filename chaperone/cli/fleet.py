@@ -376,9 +376,7 @@ def _group_of(ch, word: str) -> Optional[str]:
         return None
     if groups[0] == word:
         return word
-    like = word.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-    outside = ch.records.db.execute("SELECT 1 FROM runs WHERE id LIKE ? ESCAPE '\\' AND (grp IS NULL OR grp != ?)"
-                                    " LIMIT 1", (like, groups[0])).fetchone()
+    outside = [r for r in ch.records.resolve(word) if (ch.records.get(r).group or None) != groups[0]]
     return None if outside else groups[0]
 
 

@@ -74,6 +74,7 @@ from .fanout import CANCELLED, DEFAULT_BUFFER, DEFAULT_PER_HOST, FAILED, TIMEOUT
 from .inventory import HostEntry, Inventory, load_inventory, select_hosts
 from .nodeset import natural_key
 from .output import EXIT_INTERRUPTED, EXIT_TIMEOUT, EXIT_UNREACHABLE, HostOutcome
+from ..records import generated_id
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..api import Chaperone, Run
@@ -205,13 +206,14 @@ def group_run_ids(ch: "Chaperone", group: str) -> List[str]:
 
 
 def group_ids_like(ch: "Chaperone", prefix: str) -> List[str]:
-    """Recorded group ids equal to ``prefix``, else those starting with it."""
+    """Recorded group ids equal to ``prefix``, else the generated ones
+    starting with it (a name given with ``--id`` is never taken by a prefix)."""
     db = ch.records.db
     if db.execute("SELECT 1 FROM runs WHERE grp = ? LIMIT 1", (prefix,)).fetchone():
         return [prefix]
     like = prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
-    return [r[0] for r in db.execute("SELECT DISTINCT grp FROM runs WHERE grp LIKE ? ESCAPE '\\' LIMIT 10",
-                                     (like,))]
+    return [r[0] for r in db.execute("SELECT DISTINCT grp FROM runs WHERE grp LIKE ? ESCAPE '\\' LIMIT 200",
+                                     (like,)) if generated_id(r[0])][:10]
 
 
 # --- the fan-out -------------------------------------------------------------------------------------------

@@ -798,3 +798,26 @@ def test_logs_until_stops_at_that_time_as_docker(home):
     assert (res.returncode, res.stdout) == (0, b"a\n"), res.stderr
     res = cli(home, "logs", "--until", "yesterday-ish", "untl")
     assert res.returncode == 2 and res.stderr.count(b"\n") == 1 and b"--until" in res.stderr
+
+
+@pytest.mark.timeout(60)
+def test_a_name_given_with_id_is_never_taken_by_a_prefix(home):
+    """As docker: a prefix takes a generated id (``20261202-1``), never a
+    name chosen with ``--id``: ``kill job1`` with only ``job10`` recorded
+    is "no such run" (before: it killed job10, and ``rm -f job1`` removed
+    it); the same for a group's name.  And kill's ``--grace -1`` is its own
+    value, named as given (before: "invalid --grace '-s1'")."""
+    assert cli(home, "run", "-d", "--id", "job10", "local", "--", "sleep", "60").returncode == 0
+    assert cli(home, "run", "-d", "-H", "local", "--id", "grp10", "--", "sleep", "60").returncode == 0
+    generated = cli(home, "run", "-d", "local", "--", "sleep", "60").stdout.decode().strip()
+    try:
+        for args in (["kill", "job1"], ["clean", "-f", "job1"], ["status", "job1"], ["kill", "grp1"]):
+            res = cli(home, *args)
+            assert res.returncode == 4 and b"no such run" in res.stderr, (args, res.stderr)
+        assert json.loads(cli(home, "status", "--json", "job10").stdout)["state"] == "running"
+        res = cli(home, "kill", generated[:17])
+        assert res.returncode == 0 and ("to run %s " % generated).encode() in res.stdout, res.stderr
+        res = cli(home, "kill", "--grace", "-1", "job10")
+        assert res.returncode == 2 and b"invalid --grace '-1'" in res.stderr, res.stderr
+    finally:
+        cli(home, "kill", "-s", "KILL", "job10", "grp10", generated)

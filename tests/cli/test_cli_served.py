@@ -45,7 +45,9 @@ def scenario(home, env):
     time.sleep(0.5)
     r = cli(home, "ps", "--json", env=env)
     seen["ps"] = (r.returncode, [i["id"] for i in json.loads(r.stdout)])
-    r = cli(home, "kill", "b", env=env)  # a unique prefix
+    r = cli(home, "kill", "b", env=env)  # (a prefix of a name given with --id: never taken, as docker's names)
+    seen["kill b"] = (r.returncode, r.stdout, r.stderr)
+    r = cli(home, "kill", "bg", env=env)
     seen["kill"] = (r.returncode, r.stdout.split(b"(pid")[0], r.stderr)
     r = cli(home, "wait", "bg", "fg", env=env)
     seen["wait"] = (r.returncode, r.stdout, r.stderr)
@@ -92,7 +94,7 @@ def test_the_same_results_with_and_without_the_server(tmp_path):
     assert with_server == without
     assert without["run"] == (3, b"out\0put", b"err")
     assert without["wait"][0] == 9 and without["ps"][1] == ["bg"]
-    assert without["status nosuch"][0] == 4
+    assert without["status nosuch"][0] == 4 and without["kill b"][0] == 4
     assert without["ps -q"] == (0, [b"bg"])
     assert seen_by_server
 

@@ -575,25 +575,7 @@ def test_fuzz_spool_entries(tmp_path):
                 path = root / run_id / "state.json"
                 path.write_text(json.dumps(bad))
             else:
-                if path.is_dir() and not path.is_symlink():
-                    subprocess.run(["rm", "-rf", str(path)])
-                elif os.path.lexists(str(path)):
-                    os.unlink(str(path))
-                if kind == "fifo":
-                    os.mkfifo(str(path))
-                elif kind == "zero":
-                    os.symlink("/dev/zero", str(path))
-                elif kind == "dirlink":
-                    os.symlink(str(tmp_path), str(path))
-                elif kind == "dangling":
-                    os.symlink("/nonexistent-fuzz", str(path))
-                elif kind == "dir":
-                    os.mkdir(str(path))
-                elif kind == "garbage":
-                    path.write_bytes(bytes(rnd.getrandbits(8) for _ in range(200)))
-                elif kind == "huge":
-                    with open(str(path), "wb") as f:
-                        f.truncate(2 << 20)
+                replace_entry(path, kind, rnd, tmp_path)
             args = cmd[:1] + ([run_id] if cmd != ["list"] else []) + cmd[1:]
             if args[0] == "follow" and running:
                 args = ["status", run_id]  # (a follow of a running run rightly goes on)
@@ -619,3 +601,38 @@ def test_fuzz_spool_entries(tmp_path):
         kill_marked(m)
         canary.kill()
         canary.wait()
+
+
+def replace_entry(path, kind, rnd, tmp_path):
+    """Put a ``kind`` of thing where ``path`` was.  (The run's directory of a
+    running run, removed, is made again at once by its supervisor, with a
+    final state saying so: then it is removed again.)"""
+    for _ in range(50):
+        if path.is_dir() and not path.is_symlink():
+            subprocess.run(["rm", "-rf", str(path)])
+        elif os.path.lexists(str(path)):
+            os.unlink(str(path))
+        try:
+            make_entry(path, kind, rnd, tmp_path)
+            return
+        except (FileExistsError, IsADirectoryError):
+            time.sleep(0.02)
+    raise AssertionError("%s kept coming back" % path)
+
+
+def make_entry(path, kind, rnd, tmp_path):
+    if kind == "fifo":
+        os.mkfifo(str(path))
+    elif kind == "zero":
+        os.symlink("/dev/zero", str(path))
+    elif kind == "dirlink":
+        os.symlink(str(tmp_path), str(path))
+    elif kind == "dangling":
+        os.symlink("/nonexistent-fuzz", str(path))
+    elif kind == "dir":
+        os.mkdir(str(path))
+    elif kind == "garbage":
+        path.write_bytes(bytes(rnd.getrandbits(8) for _ in range(200)))
+    elif kind == "huge":
+        with open(str(path), "xb") as f:
+            f.truncate(2 << 20)
