@@ -3192,6 +3192,19 @@ class Supervisor(object):
                 self.handle("spool_removed")
         return self.spool_removed
 
+    def spool_gone(self):
+        """Whether the run's directory is no longer the one this supervisor
+        made (removed: cleaned; or another run of the same id in its place)."""
+        if self.dir_key is None:
+            return False
+        try:
+            info = os.lstat(self.run.dir)
+        except FileNotFoundError:
+            return True
+        except OSError:  # pragma: no cover - cannot tell
+            return False
+        return (info.st_dev, info.st_ino) != self.dir_key
+
     def record_removed(self):
         """The run's directory was removed while it ran: the program was
         ended; make the directory again (in a private one, renamed into
@@ -3217,6 +3230,8 @@ class Supervisor(object):
                 write_json_atomic(os.path.join(tmp, "state.json"), self.state)
                 os.rename(tmp, self.run.dir)
                 fsync_dir(root)
+                info = os.lstat(self.run.dir)
+                self.dir_key = (info.st_dev, info.st_ino)  # (its spool now: see spool_gone)
             except OSError:
                 remove_tree(tmp)  # (a new run of this id took its place: it stays)
         if self.sender:
@@ -3227,14 +3242,20 @@ class Supervisor(object):
         try:
             if not self.sender:
                 return
-            if ctl_fd is None:
-                self.sender.finish()
-                return
             self.sender.finish(wait=False)
             buf = getattr(self, "ctl_buf", b"")
             while self.sender.is_alive():
-                if select.select([ctl_fd], [], [], 0.5)[0]:
+                if ctl_fd is None:
+                    self.sender.thread.join(0.5)
+                elif select.select([ctl_fd], [], [], 0.5)[0]:
                     buf = self.read_control(ctl_fd, buf)
+                    continue
+                if self.spool_gone():
+                    # Cleaned: nobody can take this run back (reattach reads
+                    # its spool), so no one is waiting for its callbacks.
+                    self.sender.release()
+                    self.sender.thread.join(5.0)
+                    return
         finally:
             if ctl_fd is not None:
                 os.close(ctl_fd)

@@ -624,3 +624,41 @@ def test_push_states_never_go_back(sshd, tmp_path):
         assert states[-1][0] == "done", states
         for before, after in zip(states, states[1:]):
             assert after[1] >= before[1] and after[2] >= before[2], states
+
+
+@pytest.mark.timeout(60)
+def test_a_cleaned_run_leaves_no_supervisor_calling_back(sshd, tmp_path):
+    """A run started with push whose scheduler went away (its callbacks
+    find no one), then ``clean(force=True)``: its supervisor ends within
+    seconds (before: it went on trying to deliver the final state, for
+    ``callback_timeout``, a day, as nobody could ever take back a run whose
+    spool is gone).  And ``clean(force=True)`` with the scheduler there."""
+    def alive(pid):
+        try:
+            with open("/proc/%d/stat" % pid) as f:
+                return f.read().split(") ", 1)[1][0] not in "ZX"
+        except OSError:
+            return False
+
+    async def gone(pid):
+        for _ in range(100):
+            if not alive(pid):
+                return True
+            await asyncio.sleep(0.1)
+        return False
+
+    async def main():
+        home = tmp_path / "home"
+        async with Chaperone(home, push=True, ssh_config=[str(sshd.config_file)], config=FAST) as ch:
+            first = await ch.start("testhost", ["sleep", "30"], id="cleaned-" + uuid.uuid4().hex[:8])
+            second = await ch.start("testhost", ["sleep", "30"], id="cleaned-" + uuid.uuid4().hex[:8])
+            sups = [first.state.agent_pid, second.state.agent_pid]
+            assert all(map(alive, sups))
+            await second.clean(force=True)
+            with_scheduler = await gone(sups[1])
+        async with Chaperone(home, ssh_config=[str(sshd.config_file)]) as ch:  # (no push: nobody to call back)
+            await ch.clean(first.id, force=True)
+            without = await gone(sups[0])
+        return with_scheduler, without
+
+    assert run_async(main()) == (True, True)
