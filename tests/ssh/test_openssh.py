@@ -376,3 +376,46 @@ def test_child_is_spawned_like_popen_with_close_fds_and_a_new_session(tmp_path):
     finally:
         for fd in (leak_r, leak_w, keep_r, keep_w):
             os.close(fd)
+
+
+def test_a_connect_timeout_for_another_host_leaves_this_one_bounded(tmp_path):
+    """A config whose ConnectTimeout is for another host only: this host
+    still gets chaperone's bound (before: any mention of ConnectTimeout in
+    the config dropped it for every host, and a host that accepts the
+    connection and never speaks hung ``rm``, ``kill``, ``logs`` and ``run``
+    for ever).  The host the config gives one keeps its own."""
+    from chaperone.transports.ssh import options
+    from chaperone.transports.target import Target
+
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text("Host slowpoke\n    ConnectTimeout 3\nHost *\n    User nobody\n")
+    ssh = options.ssh_binary()
+    for name, expected in (("node5", ["ConnectTimeout=%d" % options.DEFAULT_CONNECT_TIMEOUT]), ("slowpoke", [])):
+        argv = options.ssh_options(ssh, Target.parse(name, config=[str(cfg)]))
+        assert [a for a in argv if a.startswith("ConnectTimeout")] == expected, (name, argv)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_a_host_that_never_speaks_times_out_whatever_the_config_says_of_others(tmp_path):
+    """The real thing: a listener that accepts and never says a word, in a
+    config that gives another host a ConnectTimeout: ``run -d`` ends with
+    one line, after chaperone's bound, not never."""
+    import socket
+
+    from chaperone.transports.ssh.options import DEFAULT_CONNECT_TIMEOUT
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        cfg = tmp_path / "ssh_config"
+        cfg.write_text("Host mute\n    HostName 127.0.0.1\n    Port %d\n    BatchMode yes\n"
+                       "Host other\n    ConnectTimeout 3\n" % silent.getsockname()[1])
+        home = tmp_path / "home"
+        home.mkdir()
+        start = time.monotonic()
+        res = subprocess.run(CLI + ["-F", str(cfg), "run", "-d", "mute", "--", "true"], env=cli_env(home),
+                             stdin=subprocess.DEVNULL, capture_output=True, timeout=55)
+        took = time.monotonic() - start
+    assert res.returncode == 255 and res.stderr.decode().startswith("chaperone: connection to mute timed out"), res
+    assert DEFAULT_CONNECT_TIMEOUT - 1 < took < DEFAULT_CONNECT_TIMEOUT + 15, took

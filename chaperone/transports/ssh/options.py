@@ -293,7 +293,7 @@ def ssh_options(ssh: str, target: "Target", *, connect_timeout: Optional[float] 
     if connect_timeout is not None:
         argv += ["-o", "ConnectTimeout=%d" % max(1, round(connect_timeout))]
     elif not (any(option_name(o) == "connecttimeout" for o in target.options)
-              or config_mentions(default_config_files(target.config), "ConnectTimeout")):
+              or config_sets_connect_timeout(ssh, target)):
         argv += ["-o", "ConnectTimeout=%d" % DEFAULT_CONNECT_TIMEOUT]
     if target.port:
         argv += ["-p", str(int(target.port))]
@@ -309,6 +309,41 @@ def ssh_options(ssh: str, target: "Target", *, connect_timeout: Optional[float] 
     elif target.known_hosts:
         argv += ["-o", "UserKnownHostsFile=%s" % target.known_hosts]
     return argv
+
+
+def config_sets_connect_timeout(ssh: str, target: "Target") -> bool:
+    """Whether the SSH config gives ``target`` a ConnectTimeout (else
+    chaperone's default bounds the connect: without one, ssh waits for ever
+    on a host that accepts the connection and never says a word).  Only
+    when a config file mentions ConnectTimeout at all is ssh asked what it
+    makes of it for this host (``ssh -G``: Host and Match blocks apply to
+    some hosts only)."""
+    if not config_mentions(default_config_files(target.config), "ConnectTimeout"):
+        return False
+    return _effective(ssh, tuple(target.config[:1]), tuple(target.options), target.port, target.user,
+                      target.destination).get("connecttimeout", "none") != "none"
+
+
+@_memo
+def _effective(ssh, config, options, port, user, destination) -> dict:
+    """``ssh -G``: the settings ssh would use for this host (lower-case
+    keywords; {} when ssh cannot say)."""
+    import subprocess
+
+    argv = [ssh, "-G"] + (["-F", config[0]] if config else [])
+    for option in options:
+        argv += ["-o", option]
+    argv += (["-p", str(port)] if port else []) + (["-l", user] if user else []) + ["--", destination]
+    try:
+        out = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             timeout=10).stdout.decode("utf-8", "replace")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    settings = {}
+    for line in out.splitlines():
+        key, _, value = line.partition(" ")
+        settings.setdefault(key.lower(), value.strip())
+    return settings
 
 
 def option_name(option: str) -> str:
