@@ -694,6 +694,12 @@ def read_hostfile(path: str) -> List[HostEntry]:
     return out
 
 
+def _spelled(e: HostEntry) -> str:
+    """``[user@]name[:port]``, as a host file line writes it."""
+    name = "[%s]" % e.name if ":" in e.name and e.port else e.name
+    return "%s%s%s" % (e.user + "@" if e.user else "", name, ":%d" % e.port if e.port else "")
+
+
 def select_hosts(patterns: Sequence[str] = (), *, inventory: Optional[Inventory] = None,
                  exclude: Sequence[str] = (), hostfiles: Sequence[str] = (), pick: Optional[int] = None,
                  seed: Any = None, limit: int = DEFAULT_LIMIT) -> List[HostEntry]:
@@ -711,12 +717,21 @@ def select_hosts(patterns: Sequence[str] = (), *, inventory: Optional[Inventory]
             raise SelectionError(str(e)) from None
         for n in names:
             chosen.setdefault(n, inv.entry(n))
-    for hf in hostfiles:
-        for e in read_hostfile(hf):
-            known = inv.hosts.get(e.name)
-            if known is not None and (e.user or e.port):
-                e = dataclasses.replace(known, user=e.user or known.user, port=e.port or known.port)
-            chosen.setdefault(e.name, known if known is not None and not (e.user or e.port) else e)
+    listed = [e for hf in hostfiles for e in read_hostfile(hf)]
+    ways: Dict[str, set] = {}
+    for e in listed:
+        ways.setdefault(e.name, set()).add((e.user, e.port))
+    for e in listed:
+        known = inv.hosts.get(e.name)
+        if known is not None and (e.user or e.port):
+            e = dataclasses.replace(known, user=e.user or known.user, port=e.port or known.port)
+        elif known is not None:
+            e = known
+        if len(ways[e.name]) > 1:
+            # (one name reached several ways, as pssh's localhost:2201,
+            # localhost:2202: each a host of its own, named as written)
+            e = dataclasses.replace(e, name=_spelled(e))
+        chosen.setdefault(e.name, e)
     if len(chosen) > limit:
         raise SelectionError("the selection has %d hosts, over the limit of %d" % (len(chosen), limit))
     for x in exclude:

@@ -217,8 +217,9 @@ def tokenize(pattern: str, *, ansible: bool = False) -> List[Term]:
                             colon_ok = False
                         elif s.startswith("ssh://", start) and j == start + 3:
                             pass  # (a URL's ':' of ssh://)
-                        elif _port_at(s, j) and ("@" in s[start:j] or s.startswith("ssh://", start)):
-                            pass  # (user@host:PORT, ssh://host:PORT: one host, as everywhere)
+                        elif _port_at(s, j):
+                            pass  # (host:PORT, user@host:PORT, ssh://host:PORT: one host, as everywhere;
+                            # Ansible's group names are never all digits)
                         else:
                             break
                     j += 1

@@ -348,3 +348,31 @@ def test_a_host_never_reached_contributes_255_as_the_cli_says(tmp_path):
     got = asyncio.run(main())
     assert (got["local"].state, got["local"].exit_status) == ("done", 0)
     assert (got["nosuch.invalid"].state, got["nosuch.invalid"].exit_status) == ("failed", 255), got
+
+
+@pytest.mark.timeout(90)
+def test_one_host_name_at_several_ports_is_several_hosts(sshd, tmp_path):
+    """pssh's habit, one host at several ports (containers on localhost):
+    a host file's ``127.0.0.1:PORT`` lines are each a host, named as
+    written (before: the first line only ran, in silence), and ``-H
+    127.0.0.1:PORT`` is one host at that port (before: hosts
+    ``127.0.0.1`` and ``PORT``)."""
+    from support.sshd import free_port
+
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text("Host 127.0.0.1\n    User %s\n    IdentityFile %s\n    IdentitiesOnly yes\n"
+                   "    StrictHostKeyChecking no\n    UserKnownHostsFile /dev/null\n    BatchMode yes\n"
+                   "    LogLevel ERROR\n" % (sshd.user, sshd.identity_file))
+    dead = free_port()
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1:%d\n127.0.0.1:%d\n" % (sshd.port, dead))
+    home = tmp_path / "home"
+    home.mkdir()
+    res = cli(home, str(cfg), "run", "--hostfile", hosts, "--", "echo", "hi")
+    out, err = res.stdout.decode(), res.stderr.decode()
+    assert res.returncode == 255, err  # (one host refused)
+    assert "127.0.0.1:%d: hi" % sshd.port in out.replace("  ", " "), out
+    assert "127.0.0.1:%d" % dead in err and "refused" in err, err
+    res = cli(home, str(cfg), "run", "-H", "127.0.0.1:%d" % sshd.port, "--", "echo", "hi")
+    assert (res.returncode, res.stdout.split()[-1:]) == (0, [b"hi"]), res.stderr
+    assert b"2222" not in res.stderr and str(sshd.port).encode() in res.stdout + res.stderr, (res.stdout, res.stderr)
