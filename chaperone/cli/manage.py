@@ -428,15 +428,19 @@ async def tail_of(ch, run_id: str, stream: str, size: int, lines: int) -> bytes:
         start = max(0, start - (size - start))
 
 
-async def tail_offsets(ch, run_id: str, streams, lines: "Optional[int]") -> dict:
+async def tail_offsets(ch, run_id: str, streams, lines: "Optional[int]", ends: "Optional[dict]" = None) -> dict:
     """Where each stream's last ``lines`` lines start (``--tail``); 0 for
-    each without ``lines``."""
+    each without ``lines``.  ``ends``: filled with each stream's size then
+    (the last lines are those of that moment: what a running program
+    writes after is not among them)."""
     offsets = {s: 0 for s in streams}
     if lines is not None:
         state = (await ch.status(run_id)).model_dump()
         for stream in streams:
             size = state[stream + "_bytes"]
             offsets[stream] = size - len(await tail_of(ch, run_id, stream, size, lines))
+            if ends is not None:
+                ends[stream] = size
     return offsets
 
 
@@ -618,7 +622,8 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, until, timestamp
             if many is not None:
                 return many
         rec = ch.record(run_id)
-        offsets = await tail_offsets(ch, rec.id, streams, lines)
+        ends: dict = {}  # (-n N without -f: the last N lines as of now, not what is written meanwhile)
+        offsets = await tail_offsets(ch, rec.id, streams, lines, None if follow else ends)
 
         if plain and not follow:
             # (from the SSH client's pipe straight to the file: as fast as
@@ -647,7 +652,11 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, until, timestamp
                             return  # (what follows was written later)
                         printer.written(event.time)
                     elif isinstance(event, OutputChunk) and event.stream in streams:
-                        printer.chunk(event.stream, event.data)
+                        data = event.data
+                        if event.stream in ends:
+                            data = data[:max(0, ends[event.stream] - event.offset)]
+                        if data:
+                            printer.chunk(event.stream, data)
             finally:
                 await events.aclose()  # (its agent call ended now, not at the loop's shutdown)
 

@@ -821,3 +821,24 @@ def test_a_name_given_with_id_is_never_taken_by_a_prefix(home):
         assert res.returncode == 2 and b"invalid --grace '-1'" in res.stderr, res.stderr
     finally:
         cli(home, "kill", "-s", "KILL", "job10", "grp10", generated)
+
+
+@pytest.mark.timeout(60)
+def test_logs_tail_of_a_busy_run_is_n_lines(home):
+    """``logs -n N`` of a run that writes all the time: its last N lines as
+    of the call, N lines, on each path (one stream, both, with times)
+    (before: what it wrote meanwhile came too: hundreds or thousands of
+    lines for ``-n 1``)."""
+    writer = "import sys, time\nfor i in range(200000):\n    print(i, flush=True)\n    time.sleep(0.0005)\n"
+    assert cli(home, "run", "-d", "--id", "busy", "local", "--", sys.executable, "-c", writer).returncode == 0
+    try:
+        time.sleep(0.5)
+        for args in (["--stdout"], [], ["-t"]):
+            for n in (1, 3):
+                res = cli(home, "logs", "-n", str(n), *args, "busy")
+                lines = res.stdout.decode().splitlines()
+                assert res.returncode == 0 and len(lines) == n, (args, n, lines[:5], len(lines))
+                numbers = [int(line.split()[-1]) for line in lines]
+                assert numbers == list(range(numbers[0], numbers[0] + n)), numbers
+    finally:
+        cli(home, "kill", "-s", "KILL", "busy")
