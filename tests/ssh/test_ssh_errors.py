@@ -261,3 +261,28 @@ def test_ssh_address_family_and_compression_flags(sshd, tmp_path, ssh_client):
     assert_fails_cleanly(tmp_path, res, "testhost", "no address of the family", "-6")
     res = chaperone(tmp_path, "-F", sshd.config_file, "run", "-4", "-6", "testhost", "--", "true")
     assert res.returncode == 2 and res.stderr.count(b"\n") == 1 and b"-4 and -6" in res.stderr, res.stderr
+
+
+@pytest.mark.timeout(90)
+def test_a_jump_host_that_refuses_or_cannot_connect_is_said_at_once(sshd, tmp_path, ssh_client):
+    """OpenSSH: a jump host that refuses the connection, and a jump host
+    that cannot reach the destination, are each one line naming the jump
+    host, at once (before: both read as "dropped the connection before
+    login ... MaxStartups", after about 20 s of retries)."""
+    if ssh_client != "openssh":
+        pytest.skip("the jump's own ssh messages are OpenSSH's")
+    from support.sshd import free_port
+
+    dead = free_port()
+    cfg = write_config(tmp_path / "cfg", sshd, "testhost")
+    with open(cfg, "a") as f:
+        f.write("Host deadjump\n    HostName 127.0.0.1\n    Port %d\n    BatchMode yes\n" % dead)
+        f.write("Host viadead\n    HostName 127.0.0.1\n    Port %d\n    BatchMode yes\n    ProxyJump deadjump\n"
+                % sshd.port)
+        f.write("Host deadbehind\n    HostName 127.0.0.1\n    Port %d\n    BatchMode yes\n    ProxyJump testhost\n"
+                % dead)
+    for host, words in (("viadead", ("viadead", "jump host 127.0.0.1 (port %d)" % dead, "refused")),
+                        ("deadbehind", ("deadbehind", "jump host could not open a connection"))):
+        res = chaperone(tmp_path, "-F", cfg, "run", host, "--", "true")
+        line = assert_fails_cleanly(tmp_path, res, *words)
+        assert "MaxStartups" not in line and res.elapsed < 10, (line, res.elapsed)

@@ -109,6 +109,20 @@ def ssh_error(target: Target, stderr: bytes, got_output: bool) -> ChaperoneError
     unresolved = re.search(r"Could not resolve hostname (\S+): (.*)$", text, re.M)
     if unresolved:  # (ssh's, or the one a jump host's ProxyCommand ran)
         return connect_error(target, "unknown_host", (unresolved.group(1), unresolved.group(2).strip()))
+    reach = re.search(r"^ssh: connect to host (\S+) port (\d+): (.*)$", text, re.M)
+    if reach and not got_output:  # (ssh's own connect failed: to the host, or to a jump host on the way)
+        name, port, why = reach.group(1), reach.group(2), reach.group(3).strip()
+        kind = ("refused" if "refused" in why else "timeout" if "timed out" in why else
+                "unreachable" if re.search(r"No route to host|Network is unreachable", why) else "other")
+        if name.lower() not in (target.destination.lower(), target.name.lower()) and target.jump is not None \
+                or "kex_exchange_identification" in text:
+            return ConnectFailed("cannot connect to %s: its jump host %s (port %s) cannot be reached: %s "
+                                 "(-J or ProxyJump: is it up, that name and port right?)"
+                                 % (target.name, name, port, why), transient=kind in ("refused", "timeout"))
+        return connect_error(target, kind, why if kind in ("unreachable", "other") else "")
+    if not got_output and "stdio forwarding failed" in text:  # (ssh -W on the jump host: it could not connect)
+        return ConnectFailed("cannot connect to %s: its jump host could not open a connection to it (is sshd "
+                             "running there, on that port, and reachable from the jump host?)" % host, transient=True)
     if not got_output and re.search(r"kex_exchange_identification|^Connection (closed|reset) by \S+ port \d+",
                                     text, re.M):
         return connect_error(target, "dropped", last)
