@@ -214,6 +214,7 @@ class Group(click.Group):
                 rest = ["--grace" if a in ("-t", "--time") else a for a in rest]
                 if "--grace" not in rest and not any(a.startswith("--grace=") for a in rest):
                     rest[:0] = ["--grace", "10"]
+                rest[:0] = ["--wait"]  # (docker stop returns once it has stopped)
             args = [aliases[args[0]]] + rest
         if args and args[0] == "kill":
             # (a value of an option is what it is: --grace -1 stays -1)

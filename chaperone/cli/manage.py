@@ -750,8 +750,10 @@ def wait(run_ids, timeout, as_json, **params):
 @IDS
 @click.option("-s", "--signal", "sig", default="TERM", show_default=True, help="Signal name or number.")
 @click.option("--grace", metavar="DURATION", help="Then SIGKILL after this long if still running.")
+@click.option("--wait", "wait_end", is_flag=True,
+              help="Return once each run has ended (as docker stop: stop is kill --grace 10 --wait).")
 @ssh_options
-def kill(run_ids, sig, grace, **params):
+def kill(run_ids, sig, grace, wait_end, **params):
     """Send a signal to runs' whole process trees (each process once); a
     run that ended: to what it left running."""
     from ..api import check_signal
@@ -775,6 +777,8 @@ def kill(run_ids, sig, grace, **params):
                     errors.append(e.exit_code)
                     continue
                 click.echo("sent %s to run %s (pid %s)" % (name, run_id, view.get("pid")))
+                if wait_end:
+                    server.wait(run_id, timeout=(grace_s or 0) + 30)
             return max(errors) if errors else 0
 
         sys.exit(served_call(via))
@@ -791,6 +795,17 @@ def kill(run_ids, sig, grace, **params):
                 errors.append(e.exit_code)
                 continue
             click.echo("sent %s to run %s (pid %s)" % (name, rec.id, st.pid))
+            if wait_end:
+                import asyncio
+
+                try:  # (the grace, then SIGKILL: it ends; 30 s more for the host to say so)
+                    await ch.wait(rec.id, timeout=(grace_s or 0) + 30)
+                except asyncio.TimeoutError:
+                    click.echo("chaperone: run %s: still running" % rec.id, err=True)
+                    errors.append(1)
+                except ChaperoneError as e:
+                    click.echo(about(rec.id, e), err=True)
+                    errors.append(e.exit_code)
         return max(errors) if errors else 0
 
     sys.exit(run_async(params, go))

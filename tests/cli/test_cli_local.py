@@ -842,3 +842,19 @@ def test_logs_tail_of_a_busy_run_is_n_lines(home):
                 assert numbers == list(range(numbers[0], numbers[0] + n)), numbers
     finally:
         cli(home, "kill", "-s", "KILL", "busy")
+
+
+@pytest.mark.timeout(60)
+def test_stop_returns_once_the_run_has_stopped_as_docker_stop(home):
+    """``stop -t 1 ID && rm ID`` (docker's habit) for a program that ignores
+    SIGTERM: stop returns once SIGKILL has ended it, so rm works (before:
+    stop returned at once, and rm said it was still running)."""
+    assert cli(home, "run", "-d", "--id", "stubborn", "local", "--", "sh", "-c",
+               "trap '' TERM; sleep 60").returncode == 0
+    time.sleep(0.3)
+    start = time.monotonic()
+    res = cli(home, "stop", "-t", "1", "stubborn")
+    assert res.returncode == 0 and b"sent SIGTERM" in res.stdout, res.stderr
+    assert time.monotonic() - start >= 0.9
+    res = cli(home, "rm", "stubborn")
+    assert res.returncode == 0 and b"cleaned stubborn" in res.stdout, res.stderr
