@@ -19,7 +19,7 @@ from .app import add_options, cli, fail, run_async, served_call
 from .options import run_env, ssh_settings
 from .display import is_terminal, parse_duration, run_limits, say_end
 from ..transports.target import is_local
-from .options import RUN, SSH, split_run
+from .options import RUN, SSH, arity, split_run
 
 
 class SSHStyleCommand(click.Command):
@@ -30,6 +30,11 @@ class SSHStyleCommand(click.Command):
         if any(a in ("-h", "--help") for a in args[:1]) or args == []:
             return super().parse_args(ctx, args)
         opts, host, words, exact = split_run(list(args), RUN + SSH)
+        takes = arity(RUN + SSH)
+        for opt in opts:
+            # (click reads -host, or -dhost, as a cluster with -h in it: the help, exit 0, nothing run)
+            if len(opt) > 2 and opt[0] == "-" and opt[1] != "-" and not takes.get(opt[:2]) and "h" in opt[1:]:
+                raise click.UsageError("No such option: %s" % opt, ctx)
         ctx.meta["chaperone.command"] = (words, exact)
         return super().parse_args(ctx, opts + ([host] if host is not None else []))
 

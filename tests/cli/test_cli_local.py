@@ -858,3 +858,14 @@ def test_stop_returns_once_the_run_has_stopped_as_docker_stop(home):
     assert time.monotonic() - start >= 0.9
     res = cli(home, "rm", "stubborn")
     assert res.returncode == 0 and b"cleaned stubborn" in res.stdout, res.stderr
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("typo", ["-host", "-dhost"])
+def test_a_typo_with_h_in_it_is_a_usage_error_not_the_help(home, typo):
+    """``run -host node1 true`` (a typo): exit 2 and one line, nothing run
+    (before: click read -h in it, printed the help and exited 0, so a
+    script's ``&&`` went on)."""
+    res = cli(home, "run", typo, "local", "touch", "ran")
+    assert res.returncode == 2 and res.stdout == b"" and res.stderr.count(b"\n") == 1, res
+    assert typo.encode() in res.stderr and not (home / "ran").exists()
