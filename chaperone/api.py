@@ -507,6 +507,9 @@ class Chaperone:
     def _register(self, target: Target, spec: dict, shell: bool, display: str,
                   group: Optional[str]) -> Record:
         run_id, argv = spec["id"], spec["program"]["argv"]
+        if group is None and not self.records.exists(run_id) and self.records.db.execute(
+                "SELECT 1 FROM runs WHERE grp = ? LIMIT 1", (run_id,)).fetchone():
+            raise UsageError("%s is already the id of a group of runs: choose another run id" % run_id)
         rec = self.records.add(run_id, target.name, target.describe(), argv, command=display, shell=shell,
                                group=group)
         if rec.argv != argv or rec.host != target.name:

@@ -324,6 +324,8 @@ class ManyRuns:
             raise UsageError(str(e).replace("run id", "group id")) from None
         if len(self.group) > 100:
             raise UsageError("group id %r is too long: at most 100 characters (run ids add the host)" % self.group)
+        if group and ch.records.exists(group) and (ch.records.get(group).group or None) != group:
+            raise UsageError("%s is already the id of a run (not of a group): choose another group id" % group)
         chosen = resolve_hosts(hosts, inventory=inventory, exclude=exclude, hostfiles=hostfiles, pick=pick,
                                seed=seed)
         self.hosts: List[HostEntry] = [_entry_of(h) if isinstance(h, Target) else h for h in chosen]

@@ -869,3 +869,21 @@ def test_a_typo_with_h_in_it_is_a_usage_error_not_the_help(home, typo):
     res = cli(home, "run", typo, "local", "touch", "ran")
     assert res.returncode == 2 and res.stdout == b"" and res.stderr.count(b"\n") == 1, res
     assert typo.encode() in res.stderr and not (home / "ran").exists()
+
+
+@pytest.mark.timeout(60)
+def test_a_group_id_and_a_run_id_are_never_the_same(home):
+    """``run -H ... --id X`` where X is a run, and ``run --id X`` where X
+    is a group: each a usage line (before: both accepted, and ``kill X``
+    reached only one of them)."""
+    assert cli(home, "run", "-d", "-H", "local", "--id", "grp", "--", "sleep", "30").returncode == 0
+    assert cli(home, "run", "-d", "--id", "single", "local", "--", "sleep", "30").returncode == 0
+    try:
+        for args, words in ((["run", "-d", "--id", "grp", "local", "--", "sleep", "30"], b"id of a group"),
+                            (["run", "-d", "-H", "local", "--id", "single", "--", "sleep", "30"], b"id of a run")):
+            res = cli(home, *args)
+            assert res.returncode == 2 and words in res.stderr and res.stderr.count(b"\n") == 1, res.stderr
+        assert sorted(cli(home, "ps", "-q").stdout.split()) == [b"grp-local", b"single"]
+        assert cli(home, "run", "-d", "-H", "local", "--id", "grp", "--", "sleep", "30").returncode == 0  # (again)
+    finally:
+        cli(home, "kill", "-s", "KILL", "grp", "single")
