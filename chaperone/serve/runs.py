@@ -15,7 +15,7 @@ records, and the hooks the push side offers (``on_change``,
   ``wait(id)`` (final state, all output held, agent released),
   ``attach(id)`` / ``attach_all()`` (re-attach after a restart: callbacks
   re-pointed, catch-up from the spool), ``catch_up(id)`` (poll the spool),
-  ``mark_lost(id, why)``.
+  ``not_on_host(id)``.
 * subscriptions (constructor arguments): ``on_change(id)`` after any new
   state or output of a run; ``on_callback(id, kind, status)`` for every
   callback request answered; ``on_catch_up(id, ok)`` for every catch-up.
@@ -216,9 +216,19 @@ class Runs:
                                for sem in [asyncio.Semaphore(ATTACH_CONCURRENCY)] for rid in ids))
         return results
 
-    def mark_lost(self, run_id: str, why: str) -> None:
-        self._records.mark(run_id, "lost", why)
+    def not_on_host(self, run_id: str) -> bool:
+        """Its host does not have the run: as the library decides it (a
+        start that may still be on its way stays ``starting``; one that
+        never reached the host is ``failed``; a run whose spool went is
+        ``lost``).  False while it may still be on its way."""
+        from ..errors import StartPending
+
+        rec = self._records.get(run_id)
+        if rec is None:
+            return True
+        pending = isinstance(self.ch._gone(rec), StartPending)
         self.on_change(run_id)
+        return not pending
 
 
 __all__ = ["Runs", "Conflict", "NoSuchRun", "UsageError", "ChaperoneError"]

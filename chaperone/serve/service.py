@@ -101,7 +101,8 @@ class Service:
                 self.heard[rid] = time.time()
                 self._finisher(rid)
             elif isinstance(error, NoSuchRun):
-                self.runs.mark_lost(rid, "its spool is gone from %s" % self._open.get(rid, "its host"))
+                if not self.runs.not_on_host(rid):  # (its start may be on its way: the poll looks again)
+                    self.runs.forget(rid)
             else:
                 self.runs.forget(rid)  # the poll of a silent host tries again
                 log.warning("re-attaching run %s failed: %s", rid, error)
@@ -414,7 +415,8 @@ class Service:
                         self._finisher(rid)
                     self.heard[rid] = time.time()
                 except NoSuchRun:
-                    self.runs.mark_lost(rid, "its spool is gone from %s" % host)
+                    if not self.runs.not_on_host(rid) and not watching:
+                        self.runs.forget(rid)  # (its start may be on its way: the next poll looks again)
                 except (ChaperoneError, OSError) as e:
                     if not watching:
                         self.runs.forget(rid)  # the next poll re-attaches from scratch

@@ -138,3 +138,31 @@ def test_a_silent_host_gets_a_badge_and_is_polled_back(nshost, tmp_path):
     finally:
         server.kill()
         kill_runs(tmp_path)
+
+
+@pytest.mark.timeout(120)
+def test_a_start_that_never_arrived_is_failed_not_lost(tmp_path):
+    """Records of starts that never reached their host (a scheduler killed
+    while sending them): ``serve`` settles them as the library does, an
+    old one ``failed`` (safe to start again), one young enough to be still
+    on its way left ``starting`` (before: both ``lost``, "its spool is
+    gone", which says the program may have run)."""
+    from chaperone.records import Records
+    from chaperone.states import START_GRACE
+
+    home = tmp_path / "home"
+    home.mkdir()
+    records = Records(home / "runs.db")
+    for rid in ("ghost-old", "ghost-young"):
+        records.add(rid, "local", {"host": "local", "root": str(home / "spool")}, ["true"])
+    records.db.execute("UPDATE runs SET created = created - ? WHERE id = 'ghost-old'", (START_GRACE + 1,))
+    records.close()
+    server = Server(home).start()
+    try:
+        server.wait_attached(60)
+        c = server.client
+        old, young = c.run("ghost-old"), c.run("ghost-young")
+    finally:
+        server.stop()
+    assert old["state"] == "failed" and "never reached" in (old["error"] or ""), old
+    assert young["state"] == "starting", young
