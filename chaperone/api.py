@@ -38,7 +38,7 @@ from . import feed
 from .agent_source import agent_module
 from .client import AgentClient
 from .errors import ChaperoneError, ConnectFailed, ConnectionLost, NoSuchRun, StartFailed, StartPending, UsageError
-from .states import FINAL_STATES, exit_code_for, start_in_flight
+from .states import FINAL_STATES, START_GRACE, exit_code_for, start_in_flight
 from .protocol import STREAMS, End, Event, OutputChunk, StateUpdate
 from .records import Record, Records, chaperone_home
 from .transports.base import Transport
@@ -474,7 +474,10 @@ class Chaperone:
             stdin_spec = {"path": stdin_path}
         cfg = {**self.config, **(config or {})}
         if timeout is not None:
-            cfg["timeout"] = float(timeout)
+            try:
+                cfg["timeout"] = float(timeout)
+            except (TypeError, ValueError):
+                raise UsageError("timeout must be a number of seconds, not %r" % (timeout,)) from None
         doc = {
             "id": run_id or new_run_id(),
             "program": {"argv": list(argv), "cwd": cwd, "env": dict(env or {}), "stdin": stdin_spec,
@@ -787,8 +790,10 @@ class Chaperone:
         import time
 
         if start_in_flight(rec.state, rec.created, time.time()):
-            return StartPending("run %s is starting: its host does not have it yet (its start is on its way: "
-                                "look again in a moment)" % rec.id)
+            return StartPending("run %s is starting: its host does not have it yet (its start may still be on its "
+                                "way, from this process or another one; if none is sending it any more, it is "
+                                "settled as failed %d s after it was recorded: look again then)"
+                                % (rec.id, START_GRACE))
         if rec.state in ("starting", "unknown"):
             reason = "its start never reached %s" % rec.host + (": %s" % rec.error if rec.error else "")
             self.records.mark(rec.id, "failed", reason)

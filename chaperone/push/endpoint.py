@@ -412,6 +412,10 @@ class CallbackServer:
             return _error(status, e.reason or "error", headers)
         except asyncio.CancelledError:
             raise
+        except ConnectionError as e:  # (the agent's connection dropped mid-request: it sends again)
+            log.info("callback %s %s: the agent's connection dropped (%s)", request.method, request.path,
+                     e or type(e).__name__)
+            return _error(503, "connection lost; retry")
         except Exception:
             log.exception("callback %s %s failed", request.method, request.path)
             return _error(503, "internal error; retry later")

@@ -136,7 +136,12 @@ class ServeClient:
 
     def start(self, host: str, argv: Optional[Sequence[str]] = None, *, command: Optional[str] = None,
               run_id: Optional[str] = None, env: Optional[dict] = None, cwd: Optional[str] = None,
-              timeout: Optional[float] = None, spool: Optional[str] = None) -> dict:
+              timeout: Optional[float] = None, spool: Optional[str] = None, id: Optional[str] = None) -> dict:
+        """Start a run through the server (``POST /api/runs``); ``id`` (as
+        :meth:`chaperone.Chaperone.start` names it) or ``run_id``."""
+        if id is not None and run_id is not None and id != run_id:
+            raise UsageError("give id or run_id, not both")
+        run_id = run_id if run_id is not None else id
         body = {"host": host}
         for key, value in (("argv", list(argv) if argv is not None else None), ("command", command),
                            ("id", run_id), ("env", env), ("cwd", cwd), ("timeout", timeout), ("spool", spool)):

@@ -302,6 +302,8 @@ def test_one_api_typed_results_shell_lines_and_exact_argv(tmp_path):
                 await ch.start("local", ["true"], id=shell.id)
             with pytest.raises(UsageError):
                 await ch.start("local", "   ")
+            with pytest.raises(UsageError, match="timeout must be a number of seconds"):
+                await ch.start("local", ["true"], timeout="x")  # (was a bare ValueError)
             return st1, st2, await exact.read(), [r.id for r in ch.runs()]
 
     st1, st2, out, ids = run_async(main())

@@ -100,3 +100,25 @@ def test_no_function_of_the_agent_is_over_60_lines():
     stale = sorted(name for name in LONG_AGENT_FUNCTIONS
                    if all(size <= MAX_FUNCTION_LINES for _, size in sizes.get(name, [(0, 0)])))
     assert not stale, "short now (or gone): take them off LONG_AGENT_FUNCTIONS: %s" % stale
+
+
+def test_the_public_names_are_exported_for_strict_type_checkers():
+    """``mypy --strict`` takes ``from chaperone import Chaperone`` only if
+    the package re-exports it explicitly: an ``import X as X`` under
+    TYPE_CHECKING and a literal ``__all__`` (before: "Module 'chaperone'
+    does not explicitly export attribute 'Chaperone'", for every name the
+    README imports).  Read from the source, as a type checker does."""
+    import ast
+
+    import chaperone
+
+    tree = ast.parse(open(chaperone.__file__).read())
+    literal = [n for n in tree.body if isinstance(n, ast.Assign) and any(
+        isinstance(t, ast.Name) and t.id == "__all__" for t in n.targets)]
+    assert literal and isinstance(literal[0].value, ast.List), "__all__ must be a literal list"
+    listed = {ast.literal_eval(e) for e in literal[0].value.elts}
+    assert listed == set(chaperone._LAZY) | {"__version__"}
+    block = [n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", None) == "TYPE_CHECKING"][0]
+    reexported = {a.name for imp in block.body if isinstance(imp, ast.ImportFrom) for a in imp.names
+                  if a.asname == a.name}
+    assert reexported == set(chaperone._LAZY)

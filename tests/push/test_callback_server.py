@@ -649,3 +649,23 @@ def test_large_body_streams_to_the_mirror_and_a_cut_one_is_completed_by_its_retr
             await server.stop()
 
     run(scenario())
+
+
+def test_a_dropped_agent_connection_is_one_line_not_a_traceback(caplog):
+    """An agent whose connection drops mid-request (a routine thing: a
+    cleaned run, a cut tunnel) is answered 503 and logged as one info line,
+    not as an internal failure with a traceback on the scheduler's stderr."""
+    from chaperone.push.endpoint import CallbackServer
+
+    class Request:
+        method, path = "POST", "/api/v1/agent/r1/state"
+
+    async def dropped(request):
+        raise ConnectionResetError("Connection lost")
+
+    server = CallbackServer()
+    with caplog.at_level(logging.DEBUG, logger="chaperone.push.endpoint"):
+        response = asyncio.run(server._answer(Request(), dropped))
+    assert response.status == 503
+    records = [r for r in caplog.records if r.name == "chaperone.push.endpoint"]
+    assert records and all(r.levelno <= logging.INFO and r.exc_info is None for r in records), records

@@ -101,7 +101,7 @@ def test_starting_the_same_id_again_is_the_same_run(server):
     c = server.client
     rid = "same-%d" % os.getpid()
     first = c.start("local", ["true"], run_id=rid)
-    again = c.start("local", ["true"], run_id=rid)
+    again = c.start("local", ["true"], id=rid)  # (id=, as Chaperone.start names it, or run_id=)
     assert again["id"] == first["id"] == rid
     with pytest.raises(serve_client.ServeUsageError) as e:
         c.start("local", ["false"], run_id=rid)
