@@ -558,6 +558,10 @@ class Chaperone:
         program.json was sent, or the start was cut short by anything else
         (cancelled, a bug): the next look at the host decides; never left
         ``starting``."""
+        if isinstance(error, (asyncio.CancelledError, KeyboardInterrupt)):
+            self.records.mark(run_id, "unknown", "the start was interrupted before its host answered (if it "
+                                                 "got there, it runs: the next look at the host says)")
+            return
         if not isinstance(error, ChaperoneError):
             what = type(error).__name__ + (": %s" % error if str(error) else "")
             self.records.mark(run_id, "unknown", "the start was cut short (%s)" % what)

@@ -309,7 +309,11 @@ async def _foreground(ch, target, command, kw, params) -> int:
 
     def on_sigint():
         interrupts.append(1)
-        if len(interrupts) == 1:
+        if not state and len(interrupts) == 1:
+            # Not started yet (still connecting, say): as ssh, Ctrl-C gives
+            # up; there is no program to send SIGINT to.
+            task.cancel()
+        elif len(interrupts) == 1:
             click.echo("\nchaperone: sending SIGINT to run %s (Ctrl-C again to detach)" % run_id, err=True)
             loop.create_task(_signal_quietly(ch, run_id, "SIGINT"))
         else:
@@ -333,6 +337,10 @@ async def _foreground(ch, target, command, kw, params) -> int:
     except asyncio.CancelledError:
         from .display import detached_note
 
+        if not state:
+            click.echo("\nchaperone: interrupted before %s answered the start of run %s; if the start got there, "
+                       "the run goes on: chaperone status %s" % (target.name, run_id, run_id), err=True)
+            return 130
         click.echo("\n" + detached_note(run_id), err=True)
         return 130
     except BrokenPipeError:

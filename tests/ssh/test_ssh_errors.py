@@ -286,3 +286,33 @@ def test_a_jump_host_that_refuses_or_cannot_connect_is_said_at_once(sshd, tmp_pa
         res = chaperone(tmp_path, "-F", cfg, "run", host, "--", "true")
         line = assert_fails_cleanly(tmp_path, res, *words)
         assert "MaxStartups" not in line and res.elapsed < 10, (line, res.elapsed)
+
+
+@pytest.mark.timeout(60)
+def test_ctrl_c_while_connecting_gives_up_as_ssh_does(sshd, tmp_path, ssh_client):
+    """Ctrl-C while the host has not answered the start (here: it accepts
+    the connection and never speaks): chaperone gives up at once, exit
+    130, with one line saying the run may go on if its start got there;
+    the record says it was interrupted (before: "sending SIGINT to run" to
+    a program that never ran, a second Ctrl-C to "detach", and the record
+    said "cut short (CancelledError)")."""
+    import signal
+    import socket
+
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        proc = subprocess.Popen(CLI + ["-F", str(sshd.config_file), "run", "-p", str(silent.getsockname()[1]),
+                                       "--id", "cc", "testhost", "--", "echo", "hi"], env=cli_env(tmp_path),
+                                cwd=str(tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
+        time.sleep(1.5)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        took = time.monotonic() - start
+    err = err.decode()
+    assert proc.returncode == 130 and out == b"" and took < 5, (proc.returncode, err, took)
+    assert "interrupted before testhost answered the start of run cc" in err and "SIGINT" not in err, err
+    info = json.loads(chaperone(tmp_path, "ps", "-a", "--cached", "--json").stdout)
+    assert [(i["id"], i["state"]) for i in info] == [("cc", "unknown")] and "interrupted" in info[0]["error"], info
