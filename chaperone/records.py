@@ -124,13 +124,26 @@ def _makedirs(path: str) -> None:
     if os.path.isdir(path):
         return
     parent = os.path.dirname(os.path.abspath(path))
-    if parent != path and not os.path.isdir(parent):
-        os.makedirs(parent, exist_ok=True)  # (parents: the default mode, as Path.mkdir makes them)
     try:
+        if parent != path and not os.path.isdir(parent):
+            os.makedirs(parent, exist_ok=True)  # (parents: the default mode, as Path.mkdir makes them)
         os.mkdir(path, 0o700)
     except FileExistsError:
+        if not os.path.isdir(path) and os.path.isdir(parent):
+            from .errors import ChaperoneError
+
+            raise ChaperoneError("chaperone's home %s is a file, not a directory: set CHAPERONE_HOME to a "
+                                 "directory (or move the file)" % path) from None
         if not os.path.isdir(path):
-            raise
+            from .errors import ChaperoneError
+
+            raise ChaperoneError("cannot make chaperone's home %s: a part of its path is a file (set "
+                                 "CHAPERONE_HOME to a directory you can write)" % path) from None
+    except OSError as e:
+        from .errors import ChaperoneError
+
+        raise ChaperoneError("cannot make chaperone's home %s: %s (set CHAPERONE_HOME to a directory you can "
+                             "write)" % (path, e.strerror or e)) from None
 
 
 class Record:
@@ -230,10 +243,20 @@ class Records:
             except FileExistsError:
                 pass
         self.db = sqlite3.connect(self._path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(SCHEMA)
-        self._migrate()
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+            self._migrate()
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
+                raise
+            from .errors import ChaperoneError
+
+            raise ChaperoneError("the records %s cannot be read (%s): move it aside (mv %s %s.bad) and chaperone "
+                                 "starts new ones; the runs' spools on their hosts are untouched"
+                                 % (self._path, e, self._path, self._path)) from None
 
     @property
     def path(self) -> Path:

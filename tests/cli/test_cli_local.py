@@ -887,3 +887,26 @@ def test_a_group_id_and_a_run_id_are_never_the_same(home):
         assert cli(home, "run", "-d", "-H", "local", "--id", "grp", "--", "sleep", "30").returncode == 0  # (again)
     finally:
         cli(home, "kill", "-s", "KILL", "grp", "single")
+
+
+@pytest.mark.timeout(60)
+def test_damaged_records_and_a_home_that_is_a_file_are_one_line_each(tmp_path):
+    """A ``runs.db`` that is not SQLite, and a ``CHAPERONE_HOME`` that is a
+    file (or under one): one line naming the path and what to do, no
+    "internal error" (before: "internal error: DatabaseError: file is not a
+    database (please report it)", and "File exists: PATH")."""
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "runs.db").write_bytes(b"not a database, not at all" * 100)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for home, words in ((damaged, [str(damaged / "runs.db"), "move it aside"]),
+                        (afile, [str(afile), "is a file"]), (afile / "sub", [str(afile / "sub"), "is a file"])):
+        for args in (["ps"], ["run", "local", "--", "true"], ["status", "x"]):
+            from support.helpers import CLI
+
+            res = subprocess.run(CLI + args, env=dict(cli_env(tmp_path), CHAPERONE_HOME=str(home)),
+                                 capture_output=True, timeout=30)
+            err = res.stderr.decode()
+            assert res.returncode not in (0, 2) and err.count("\n") == 1, (home, args, err)
+            assert "internal error" not in err and all(w in err for w in words), (home, args, err)
