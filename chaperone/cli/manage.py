@@ -684,13 +684,21 @@ def wait(run_ids, timeout, as_json, **params):
     """Wait for runs to end; exit with the exit status of the run (of
     several: the largest)."""
     limit = parse_duration(timeout, "--timeout") if timeout else None
+    after = ("%gs" % limit) if limit is not None and timeout.strip()[-1:].isdigit() else timeout
+
+    def not_over(run_id, state):
+        """The line for a run not over when --timeout came."""
+        if state == "running":
+            return "chaperone: run %s: still running after %s" % (run_id, after)
+        return "chaperone: run %s: not over after %s (%s: its host has not said it started)" % (
+            run_id, after, state)
 
     said = set()  # (runs whose error was said already)
 
     def report(ids, infos, codes, errors):
         for run_id, info, code in zip(ids, infos, codes):
             if not as_json and len(ids) > 1:
-                click.echo("%s: %s" % (run_id, result(info)))
+                click.echo("%s: %s" % (run_id, result(info) if result(info) != "-" else info["state"]))
             elif not as_json and info["state"] not in ("done", "running") and run_id not in said:
                 click.echo("chaperone: run %s: %s" % (run_id, result(info)), err=True)
         if as_json:
@@ -706,7 +714,8 @@ def wait(run_ids, timeout, as_json, **params):
             codes = []
             for run_id, info in zip(ids, infos):
                 if info["state"] in ("starting", "running", "unknown"):
-                    click.echo("chaperone: run %s: still running after %s" % (run_id, timeout), err=True)
+                    click.echo(not_over(run_id, info["state"]), err=True)
+                    said.add(run_id)
                     codes.append(124)
                 else:
                     codes.append(info["exit_code"])
@@ -731,7 +740,9 @@ def wait(run_ids, timeout, as_json, **params):
                 st = await ch.wait(rec.id, timeout=limit, on_reconnect=on_reconnect)
                 return st.exit_code
             except asyncio.TimeoutError:
-                click.echo("chaperone: run %s: still running after %s" % (rec.id, timeout), err=True)
+                now = ch.records.get(rec.id)
+                click.echo(not_over(rec.id, now.state if now is not None else rec.state), err=True)
+                said.add(rec.id)
                 return 124
             except ChaperoneError as e:
                 click.echo(about(rec.id, e), err=True)

@@ -910,3 +910,17 @@ def test_damaged_records_and_a_home_that_is_a_file_are_one_line_each(tmp_path):
             err = res.stderr.decode()
             assert res.returncode not in (0, 2) and err.count("\n") == 1, (home, args, err)
             assert "internal error" not in err and all(w in err for w in words), (home, args, err)
+
+
+@pytest.mark.timeout(60)
+def test_wait_timeout_says_how_long_with_its_unit(home):
+    """``wait --timeout 1.5 ID``: exit 124 and "still running after 1.5s"
+    (before: "after 1.5", no unit); ``--timeout 1s`` is said as given."""
+    assert cli(home, "run", "-d", "--id", "slowish", "local", "--", "sleep", "20").returncode == 0
+    try:
+        for given, said in (("1.5", b"after 1.5s"), ("1s", b"after 1s")):
+            res = cli(home, "wait", "--timeout", given, "slowish")
+            assert res.returncode == 124 and res.stderr == b"chaperone: run slowish: still running " + said + b"\n", \
+                res.stderr
+    finally:
+        cli(home, "kill", "-s", "KILL", "slowish")
