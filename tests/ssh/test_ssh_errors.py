@@ -316,3 +316,10 @@ def test_ctrl_c_while_connecting_gives_up_as_ssh_does(sshd, tmp_path, ssh_client
     assert "interrupted before testhost answered the start of run cc" in err and "SIGINT" not in err, err
     info = json.loads(chaperone(tmp_path, "ps", "-a", "--cached", "--json").stdout)
     assert [(i["id"], i["state"]) for i in info] == [("cc", "unknown")] and "interrupted" in info[0]["error"], info
+
+
+@pytest.mark.timeout(60)
+def test_an_unknown_host_points_at_the_config_given(sshd, tmp_path, ssh_client):
+    """With ``-F FILE``, the hint names that file, not ~/.ssh/config."""
+    res = chaperone(tmp_path, "-F", sshd.config_file, "run", "nohost.invalid", "--", "true")
+    assert_fails_cleanly(tmp_path, res, "unknown host nohost.invalid", "is it in %s?" % sshd.config_file)

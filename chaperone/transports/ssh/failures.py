@@ -49,16 +49,17 @@ def connect_error(target: Target, kind: str, detail: Union[str, Tuple[str, str]]
             "authentication failed for %s%s: permission denied (check the user name, -l USER or USER@HOST, "
             "and your keys: -i KEY, ssh-add -l)" % (host, " (as %s)" % who if who and who != host else ""))
     if kind == "unknown_host":
+        config = target.config[0] if target.config else "~/.ssh/config"  # (-F: the file the user gave)
         # ``detail``: why, or (name, why) when the name that could not be
         # resolved is known: one on the way (a jump host, or the alias's
         # HostName) is named, as the one to check.
         name, why = detail if isinstance(detail, tuple) else ("", detail)
         if name and name.lower() not in (dest.lower(), host.lower()):  # (ssh says names in lower case)
             return ConnectFailed("unknown host %s: cannot resolve %s, on the way to it: %s (its jump host, -J or "
-                                 "ProxyJump, or its HostName in ~/.ssh/config? check the spelling)"
-                                 % (host, name, why or "no such name"))
-        return ConnectFailed("unknown host %s: %s (is it in ~/.ssh/config? check the spelling)"
-                             % (host, why or "cannot resolve its name"))
+                                 "ProxyJump, or its HostName in %s? check the spelling)"
+                                 % (host, name, why or "no such name", config))
+        return ConnectFailed("unknown host %s: %s (is it in %s? check the spelling)"
+                             % (host, why or "cannot resolve its name", config))
     if kind == "family":
         return ConnectFailed("cannot connect to %s: it has no address of the family asked for (-4, -6 or "
                              "AddressFamily)%s" % (host, ": " + detail if detail else ""))
