@@ -329,6 +329,10 @@ class ManyRuns:
         chosen = resolve_hosts(hosts, inventory=inventory, exclude=exclude, hostfiles=hostfiles, pick=pick,
                                seed=seed)
         self.hosts: List[HostEntry] = [_entry_of(h) if isinstance(h, Target) else h for h in chosen]
+        from ..transports.target import parse_host
+
+        for entry in self.hosts:  # (a name no host can have: a usage error before anything starts)
+            parse_host(entry.hostname)
         self.run_ids: Dict[str, str] = run_ids_for(self.group, [h.name for h in self.hosts])
         self._jobs = [_Job(e, self.run_ids[e.name], h if isinstance(h, Target) else None)
                       for e, h in zip(self.hosts, chosen)]

@@ -924,3 +924,13 @@ def test_wait_timeout_says_how_long_with_its_unit(home):
                 res.stderr
     finally:
         cli(home, "kill", "-s", "KILL", "slowish")
+
+
+@pytest.mark.timeout(30)
+def test_a_bad_host_name_in_a_pattern_is_a_usage_error_before_any_start(home):
+    """``-H 'node[1-3],-node2'`` (a typo for ``!node2``): exit 2, one line
+    naming the name, nothing started or recorded (before: node1-3 ran,
+    and a failed row for ``-node2``, exit 255)."""
+    res = cli(home, "run", "-H", "local,-node2", "--", "touch", "ran")
+    assert res.returncode == 2 and res.stderr.count(b"\n") == 1 and b"-node2" in res.stderr, res.stderr
+    assert not (home / "ran").exists() and cli(home, "ps", "-a", "-q").stdout == b""
