@@ -154,11 +154,11 @@ _CONTROLS = dict([(c, "\\x%02x" % c) for c in list(range(32)) + [127]] + [(10, "
 
 
 def table(rows: Sequence[Sequence[str]], headers: Sequence[str], *, flex=-1,
-          width: Optional[int] = None) -> str:
+          width: Optional[int] = None, floor: int = 12) -> str:
     """Columns padded to their widest cell; when the rows are wider than the
     terminal, column ``flex`` (the last by default; or several, the first
-    given shrinking first, none below its header or 12 characters) is cut
-    to fit, at a word boundary with an ellipsis."""
+    given shrinking first, none below its header or ``floor`` characters)
+    is cut to fit, at a word boundary with an ellipsis."""
     rows = [[str(c).translate(_CONTROLS) for c in row] for row in rows]  # (a newline in a command: one row still)
     cols = len(headers)
     flexes = [f % cols for f in (flex if isinstance(flex, (list, tuple)) else (flex,))]
@@ -168,8 +168,8 @@ def table(rows: Sequence[Sequence[str]], headers: Sequence[str], *, flex=-1,
     for i in flexes:
         if excess <= 0:
             break
-        floor = max(len(headers[i]), 12) if i != flexes[0] else len(headers[i])
-        take = max(0, min(excess, widths[i] - floor))
+        least = max(len(headers[i]), floor) if i != flexes[0] else len(headers[i])
+        take = max(0, min(excess, widths[i] - least))
         widths[i] -= take
         excess -= take
     out = []

@@ -113,15 +113,32 @@ def _status_cell(info: dict, refreshed: bool) -> str:
     return state
 
 
-def _rows(infos, refreshed_ids):
+def _rows(infos, refreshed_ids, short=False):
     now = None
     rows = []
     for info in infos:
         stale = info["state"] == "running" and info["id"] not in refreshed_ids  # (its duration is not known now)
+        created = parse_time(info["created"])
         rows.append((info["id"], info["host"], _status_cell(info, info["id"] in refreshed_ids),
-                     ago(parse_time(info["created"]), now), "-" if stale else human_duration(info.get("duration")),
-                     info["command"]))
+                     (short_ago(created, now) + " ago" if created is not None else "-") if short else ago(created, now),
+                     "-" if stale else human_duration(info.get("duration")), info["command"]))
     return rows
+
+
+PS_HEADERS = ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND")
+
+
+def ps_table(infos, refreshed_ids, width=None) -> str:
+    """``ps``'s table, fitted to the terminal: the command, then the status,
+    cut first; on a narrow terminal the times short (``5m ago``) and the
+    status cut further."""
+    from .display import terminal_width
+
+    width = width or terminal_width()
+    text = table(_rows(infos, refreshed_ids), PS_HEADERS, flex=(5, 2), width=width)
+    if max((len(line) for line in text.splitlines()), default=0) <= width:
+        return text
+    return table(_rows(infos, refreshed_ids, short=True), PS_HEADERS, flex=(5, 2), width=width, floor=8)
 
 
 def about(run_id: str, error) -> str:
@@ -258,7 +275,7 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, filters, 
             for info in infos:
                 click.echo(info["id"])
         else:
-            click.echo(table(_rows(infos, fresh), ("ID", "HOST", "STATUS", "CREATED", "DURATION", "COMMAND"), flex=(5, 2)))
+            click.echo(ps_table(infos, fresh))
         return 0
 
     server = served.client(params, "cached")

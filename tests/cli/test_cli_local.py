@@ -934,3 +934,25 @@ def test_a_bad_host_name_in_a_pattern_is_a_usage_error_before_any_start(home):
     res = cli(home, "run", "-H", "local,-node2", "--", "touch", "ran")
     assert res.returncode == 2 and res.stderr.count(b"\n") == 1 and b"-node2" in res.stderr, res.stderr
     assert not (home / "ran").exists() and cli(home, "ps", "-a", "-q").stdout == b""
+
+
+@pytest.mark.timeout(60)
+def test_ps_fits_a_narrow_terminal(home):
+    """``ps`` in 70 columns, generated ids, a long command: every line fits
+    (times short, status and command cut), in 80 the long forms stay
+    (before: 71-76 characters in 70 columns, wrapped)."""
+    from support.helpers import CLI
+
+    for _ in range(2):
+        assert cli(home, "run", "local", "--", "sh", "-c", "exit 0; " + "x" * 80).returncode == 0
+    assert cli(home, "run", "-d", "local", "--", "sleep", "20").returncode == 0
+    try:
+        for columns, short in ((70, True), (120, False)):
+            res = subprocess.run(CLI + ["ps", "-a"], env=dict(cli_env(home), COLUMNS=str(columns)),
+                                 capture_output=True, timeout=30)
+            lines = res.stdout.decode().splitlines()
+            assert res.returncode == 0 and len(lines) == 4, res
+            assert max(map(len, lines)) <= columns, lines
+            assert ("s ago" in lines[1] and "seconds ago" not in lines[1]) == short, lines
+    finally:
+        cli(home, "kill", "-s", "KILL", *cli(home, "ps", "-q").stdout.decode().split())
