@@ -137,13 +137,17 @@ def run_many(words, exact, params) -> int:
         def on_output(name, stream, data):
             live[0](name, stream, data)
 
+        def on_reconnect(name, error):
+            live[1](name, error)
+
         streaming = not (detach or as_json or gather)
         kw = dict(group=params.get("run_id"), ssh=ssh_settings(params), env=run_env(params),
                   cwd=params.get("cwd"), timeout=timeout, stdin=_stdin_source(params),
                   config={"kill_grace": grace} if grace is not None else None,
                   inventory=list(params.get("inventory") or ()), exclude=list(params.get("exclude") or ()),
                   hostfiles=list(params.get("hostfiles") or ()), pick=pick, forks=forks,
-                  collect=not (streaming or detach), on_output=on_output if streaming else None)
+                  collect=not (streaming or detach), on_output=on_output if streaming else None,
+                  on_reconnect=on_reconnect if streaming and not params.get("quiet") else None)
         try:
             many = (ch.start_many if detach else ch.run_many)(list(params.get("hosts") or ()), command, **kw)
         except ValueError as e:  # a bad pattern, inventory, host file (one line each)
@@ -206,7 +210,14 @@ async def _drive(ch, many, params, live) -> int:
         lines.feed(name, data, stream)
         (out if stream == "stdout" else err).flush()
 
-    live.append(feed)
+    def lost(name, error):  # (as one run says it: a line on stderr, the host's prefix, the output goes on after)
+        screen.clear()
+        out.flush()
+        why = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        err.write(lines.prefix(name) + ("chaperone: %s; reconnecting\n" % why).encode("utf-8", "replace"))
+        err.flush()
+
+    live.extend([feed, lost])
     hint = "chaperone logs %s, wait %s, kill %s" % (many.group, many.group, many.group)
     if detach:
         if not as_json:

@@ -299,6 +299,7 @@ class ManyRuns:
                  hostfiles: Sequence[str] = (), pick: Optional[int] = None, seed: Any = None,
                  group: Optional[str] = None, detach: bool = False, collect: bool = True,
                  on_output: Optional[Callable[[str, str, bytes], Any]] = None,
+                 on_reconnect: Optional[Callable[[str, Exception], Any]] = None,
                  forks: Optional[int] = None, per_host: Optional[int] = DEFAULT_PER_HOST,
                  start_timeout: Optional[float] = DEFAULT_START_TIMEOUT, host_timeout: Optional[float] = None,
                  reconnect_for: float = DEFAULT_RECONNECT_FOR, buffer: int = DEFAULT_BUFFER,
@@ -339,6 +340,7 @@ class ManyRuns:
         self.detach = detach
         self.collect = collect
         self.on_output = on_output
+        self.on_reconnect = on_reconnect  # (name, error): once each time a host's connection is lost
         self.forks = forks
         self.per_host = per_host
         if start_timeout is not None and start_timeout <= 0:
@@ -627,6 +629,11 @@ class ManyRuns:
         job.last_error = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if job.lost_since is None or delay <= 0.25:
             job.lost_since = now
+            if self.on_reconnect is not None:
+                try:
+                    self.on_reconnect(job.name, error)
+                except Exception:  # (a hook must not break the run's following)
+                    pass
         if now + delay - job.lost_since > self.reconnect_for:
             raise _GaveUp("no contact for %.0f s (%s); the run may go on there"
                           % (now - job.lost_since, job.last_error))

@@ -135,6 +135,9 @@ def test_twenty_hosts_down_rekeyed_dropped_and_the_group(fleet_hosts, ssh_config
     assert "connection to h03 refused" in rows["h03"] and " failed " in rows["h03"] and " 255 " in rows["h03"]
     assert "host key" in rows["h05"].lower() and " failed " in rows["h05"] and " 255 " in rows["h05"]
     assert " done " in rows["h09"] and "reconnected" in rows["h09"], summary
+    # ... and it was said when it happened, as one run says it (before: nothing until the summary)
+    assert [line for line in err.splitlines() if line.startswith(b"h09: chaperone: ")
+            and line.endswith(b"; reconnecting")], err
     assert rows["h[01-02,04,06-08,10-20]"].split()[1:3] == ["done", "0"], summary
 
     # The group: one id in every run's record.
