@@ -382,6 +382,10 @@ class PushReceiver:
                 raise self.ch._gone(self.ch.records.get(run_id)) from None
             except ChaperoneError:
                 pass
+        # While the start's fate is not known (its connection broke), the
+        # host is asked again soon, with backoff, not after a whole safety
+        # net: no callback may ever come.
+        backoff = 0.5
         while True:
             if self._closed:
                 raise ChaperoneError("run %s: this Chaperone was closed while waiting (open() it again, or use "
@@ -406,9 +410,12 @@ class PushReceiver:
                 except ChaperoneError:
                     await asyncio.sleep(1.0)
                 continue
+            rec = self.ch.records.get(run_id)
+            unknown = rec is not None and rec.state == "unknown"
             try:
-                await asyncio.wait_for(event.wait(), safety_net)
+                await asyncio.wait_for(event.wait(), min(backoff, safety_net) if unknown else safety_net)
             except asyncio.TimeoutError:
+                backoff = min(backoff * 2, safety_net)
                 try:
                     await self.catch_up(run_id)
                 except NoSuchRun:

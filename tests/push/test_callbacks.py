@@ -662,3 +662,44 @@ def test_a_cleaned_run_leaves_no_supervisor_calling_back(sshd, tmp_path):
         return with_scheduler, without
 
     assert run_async(main()) == (True, True)
+
+
+@pytest.mark.timeout(60)
+def test_a_start_whose_fate_is_unknown_is_settled_soon_not_after_a_safety_net(sshd, tmp_path, monkeypatch):
+    """Push: a start whose connection broke (so: ``unknown``), and the
+    first look at the host fails too (the connection is still down): the
+    host is asked again within seconds, and a start that never got there
+    is ``StartFailed`` (before: only after a whole safety net, two
+    heartbeats and 2 s: 32 s by default, so ``wait(timeout=30)`` timed
+    out)."""
+    from chaperone.client import AgentClient
+    from chaperone.errors import ConnectionLost, StartFailed
+
+    async def lost_before_sending(self, program):
+        raise ConnectionLost("connection to testhost lost (the test)")
+
+    async def main():
+        async with Chaperone(tmp_path / "home", push=True, ssh_config=[str(sshd.config_file)]) as ch:
+            await ch.start("testhost", ["true"], id="warm-" + uuid.uuid4().hex[:8])  # (connected, tunnel up)
+            rid = "never-" + uuid.uuid4().hex[:8]
+            monkeypatch.setattr(AgentClient, "start", lost_before_sending)
+            with pytest.raises(ConnectionLost):
+                await ch.start("testhost", ["true"], id=rid)
+            monkeypatch.undo()
+            assert ch.records.get(rid).state == "unknown"
+            real, calls = ch.push.catch_up, []
+
+            async def first_fails(run_id):
+                calls.append(run_id)
+                if len(calls) == 1:
+                    raise ConnectionLost("connection to testhost lost (still, the test)")
+                return await real(run_id)
+
+            ch.push.catch_up = first_fails
+            began = time.monotonic()
+            with pytest.raises(StartFailed):
+                await ch.wait(rid, timeout=30)
+            return time.monotonic() - began, len(calls)
+
+    took, calls = run_async(main())
+    assert took < 8 and calls >= 2, (took, calls)
