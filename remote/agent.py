@@ -4959,7 +4959,8 @@ def cmd_clean(args, marker):
             raise AgentError("run %s is running on another host or pid namespace (%s): clean it from there, "
                              "or clean --force removes its spool without stopping it" % (run.id, st.get("host_id")), 1)
         if not args.force:
-            raise AgentError("run %s is running: kill it first, or clean --force" % run.id, 1)
+            raise AgentError("run %s is running: kill it first, or clean --force (force=True in the library)"
+                             % run.id, 1)
         if judged_here(st):
             try:
                 send_control(run, {"op": "signal", "signal": _signal.SIGKILL})

@@ -955,7 +955,8 @@ class MemoryHost:
         run = self._run(args)
         if run.running:
             if not args.force:
-                raise _agent().AgentError("run %s is running: kill it first, or clean --force" % run.id, 1)
+                raise _agent().AgentError("run %s is running: kill it first, or clean --force (force=True in the "
+                                          "library)" % run.id, 1)
             run._deliver("SIGKILL")
         state = run.state["state"]
         self.remove(run.id, args.root)

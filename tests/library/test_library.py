@@ -480,3 +480,20 @@ def test_processes_lists_the_whole_tree_then_what_an_ended_run_left(sshd, tmp_pa
     assert all(p.rss > 0 and p.elapsed >= 0 and p.state in "RSD" for p in procs)
     assert after == []
     assert [p.argv for p in leftover] == [["sleep", "44" + tag]]
+
+
+def test_library_errors_name_the_librarys_own_spelling(tmp_path):
+    """A library user is told the library's option, not only the CLI's:
+    ``clean()`` of a running run says ``force=True``."""
+    from chaperone.errors import ChaperoneError
+
+    async def main():
+        async with Chaperone(tmp_path / "home") as ch:
+            run = await ch.start("local", ["sleep", "30"])
+            try:
+                with pytest.raises(ChaperoneError, match=r"force=True"):
+                    await run.clean()
+            finally:
+                await run.clean(force=True)
+
+    run_async(main())

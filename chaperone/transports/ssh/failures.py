@@ -37,7 +37,7 @@ def connect_error(target: Target, kind: str, detail: Union[str, Tuple[str, str]]
         return ConnectFailed(
             "host key verification failed for %s: its host key %s; check its fingerprint, then add it "
             "(ssh-keyscan%s %s >> ~/.ssh/known_hosts, or connect once with ssh%s %s), or pass --no-host-key-check "
-            "(unsafe)" % (host, what, port, dest, port, dest))
+            "(check_host_keys=False in the library; unsafe)" % (host, what, port, dest, port, dest))
     if kind == "host_key_changed":
         return ConnectFailed(
             "host key verification failed for %s: its host key has CHANGED (a reinstalled host, or someone in "
