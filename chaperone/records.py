@@ -242,7 +242,10 @@ class Records:
                 os.close(os.open(self._path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
             except FileExistsError:
                 pass
-        self.db = sqlite3.connect(self._path, timeout=30, isolation_level=None)
+        # (an SQLite built serialized, threadsafety 3 as Python's own is, lets
+        # other threads use this connection: asyncio.to_thread(ch.get, ...))
+        self.db = sqlite3.connect(self._path, timeout=30, isolation_level=None,
+                                  check_same_thread=sqlite3.threadsafety != 3)
         try:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")

@@ -497,3 +497,18 @@ def test_library_errors_name_the_librarys_own_spelling(tmp_path):
                 await run.clean(force=True)
 
     run_async(main())
+
+
+def test_records_can_be_read_from_another_thread(tmp_path):
+    """``get`` and ``runs`` (records only, no I/O) from a worker thread, as
+    a scheduler's threads call them (before: sqlite3.ProgrammingError,
+    "objects created in a thread can only be used in that same thread")."""
+    async def main():
+        async with Chaperone(tmp_path / "home") as ch:
+            run = await ch.start("local", ["true"], id="threaded")
+            await run.wait()
+            got = await asyncio.to_thread(ch.get, "threaded")
+            listed = await asyncio.to_thread(ch.runs)
+            return got.id, [r.id for r in listed]
+
+    assert run_async(main()) == ("threaded", ["threaded"])
