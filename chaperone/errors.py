@@ -5,7 +5,8 @@ its ``exit_code``; everything else is a bug and gets a traceback):
 
 * the user's and the hosts': :class:`ChaperoneError` and its kinds
   (:class:`UsageError` 2, :class:`NoSuchRun` 4, :class:`StartFailed`,
-  :class:`ConnectFailed`, :class:`ConnectionLost`, :class:`AgentFailed`);
+  :class:`StartPending`, :class:`ConnectFailed`, :class:`ConnectionLost`,
+  :class:`AgentFailed`);
 * the wire: :class:`ProtocolError` (the agent's output), :class:`OffsetGap`
   and :class:`Reject` (requests the callback endpoint or the server refuse);
 * ``chaperone serve``: :class:`CannotServe`, :class:`AlreadyRunning`,
