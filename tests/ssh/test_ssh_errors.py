@@ -323,3 +323,25 @@ def test_an_unknown_host_points_at_the_config_given(sshd, tmp_path, ssh_client):
     """With ``-F FILE``, the hint names that file, not ~/.ssh/config."""
     res = chaperone(tmp_path, "-F", sshd.config_file, "run", "nohost.invalid", "--", "true")
     assert_fails_cleanly(tmp_path, res, "unknown host nohost.invalid", "is it in %s?" % sshd.config_file)
+
+
+@pytest.mark.timeout(60)
+def test_the_host_key_hint_works_when_followed(sshd, tmp_path, ssh_client):
+    """An alias with its own port and known_hosts file, whose key is not
+    known: the hint names the real address, port and file (before:
+    ``ssh-keyscan ALIAS >> ~/.ssh/known_hosts``, which adds nothing the
+    alias uses); running the hint's ssh-keyscan makes the next run work."""
+    import re
+    import shlex
+
+    known = tmp_path / "known"
+    known.write_text("")
+    cfg = write_config(tmp_path / "cfg", sshd, "keyless", known_hosts=known)
+    res = chaperone(tmp_path, "-F", cfg, "run", "keyless", "--", "echo", "hi")
+    line = assert_fails_cleanly(tmp_path, res, "host key verification failed for keyless")
+    scan = re.search(r"\(ssh-keyscan (.*?) >> (\S+),", line)
+    assert scan and scan.group(2) == str(known) and "-p %d" % sshd.port in scan.group(1), line
+    keys = subprocess.run(["ssh-keyscan", "-T", "5"] + shlex.split(scan.group(1)), capture_output=True, timeout=30)
+    known.write_bytes(keys.stdout)
+    res = chaperone(tmp_path, "-F", cfg, "run", "keyless", "--", "echo", "hi")
+    assert (res.returncode, res.stdout) == (0, b"hi\n"), res.stderr

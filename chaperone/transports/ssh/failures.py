@@ -22,6 +22,30 @@ def _host_for_ssh(target: Target) -> str:
     return port, target.destination
 
 
+def _key_place(target: Target) -> Tuple[str, str, str, str]:
+    """(host name, `` -p PORT`` or "", known_hosts file, ``-F CFG `` or "")
+    for the host-key hints: what ssh makes of the host (``ssh -G``: an
+    alias's HostName, Port and UserKnownHostsFile), else what the target
+    says."""
+    port, dest = _host_for_ssh(target)
+    known = target.known_hosts or "~/.ssh/known_hosts"
+    config = "-F %s " % target.config[0] if target.config else ""
+    try:
+        from .options import _effective, ssh_binary
+
+        ssh = ssh_binary()
+        if ssh:
+            eff = _effective(ssh, tuple(target.config[:1]), tuple(target.options), target.port, target.user,
+                             target.destination)
+            dest = eff.get("hostname") or dest
+            port = " -p %s" % eff["port"] if eff.get("port") and eff.get("port") != "22" else ""
+            files = (eff.get("userknownhostsfile") or "").split()
+            known = target.known_hosts or (files[0] if files else known)
+    except Exception:  # (only a hint)
+        pass
+    return dest, port, known, config
+
+
 def connect_error(target: Target, kind: str, detail: Union[str, Tuple[str, str]] = "") -> ConnectFailed:
     """The one error each way of failing to connect reads as, whichever
     client failed.  ``kind``: ``host_key_unknown``, ``host_key_changed``,
@@ -34,15 +58,19 @@ def connect_error(target: Target, kind: str, detail: Union[str, Tuple[str, str]]
     detail = detail if isinstance(detail, tuple) else detail.strip()
     if kind in ("host_key", "host_key_unknown"):
         what = "is not known here" if kind == "host_key_unknown" else "is not known here or has changed"
+        name, kport, known, config = _key_place(target)
         return ConnectFailed(
             "host key verification failed for %s: its host key %s; check its fingerprint, then add it "
-            "(ssh-keyscan%s %s >> ~/.ssh/known_hosts, or connect once with ssh%s %s), or pass --no-host-key-check "
-            "(check_host_keys=False in the library; unsafe)" % (host, what, port, dest, port, dest))
+            "(ssh-keyscan%s %s >> %s, or connect once with ssh %s%s%s), or pass --no-host-key-check "
+            "(check_host_keys=False in the library; unsafe)"
+            % (host, what, kport, name, known, config, port.strip() + " " if port else "", dest))
     if kind == "host_key_changed":
+        name, kport, known, _ = _key_place(target)
+        entry = "[%s]:%s" % (name, kport.split()[-1]) if kport else name
         return ConnectFailed(
             "host key verification failed for %s: its host key has CHANGED (a reinstalled host, or someone in "
-            "the middle); if that is expected, remove the old key (ssh-keygen -R %s) and add the new one"
-            % (host, dest))
+            "the middle); if that is expected, remove the old key (ssh-keygen -f %s -R '%s') and add the new one"
+            % (host, known, entry))
     if kind == "auth":
         who = detail or ("%s@%s" % (target.user, dest) if target.user else "")
         return ConnectFailed(
