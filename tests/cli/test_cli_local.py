@@ -663,10 +663,19 @@ def test_attach_takes_the_run_as_tmux_does(home):
     """``attach -t ID`` (tmux's habit) is ``attach ID``: the output from now
     on and the run's exit status; two different runs, or none, are one
     usage line (before: "No such option '-t'")."""
-    started = cli(home, "run", "-d", "--id", "tmuxish", "local", "--", "sh", "-c", "sleep 1; echo late; exit 5")
+    stop = home / "stop"
+    started = cli(home, "run", "-d", "--id", "tmuxish", "local", "--", "sh", "-c",
+                  "while [ ! -e %s ]; do echo late; sleep 0.1; done; exit 5" % stop)
     assert started.returncode == 0, started.stderr
-    res = cli(home, "attach", "-t", "tmuxish", input=b"")
-    assert (res.returncode, res.stdout) == (5, b"late\n"), res.stderr
+    attached = cli_popen(home, "attach", "-t", "tmuxish")
+    try:
+        first = attached.stdout.readline()  # (attached: its output from now on comes)
+        stop.touch()
+        rest, err = attached.communicate(timeout=30)
+    finally:
+        attached.kill()
+    assert first == b"late\n" and set((first + rest).splitlines()) == {b"late"}, (first, rest, err)
+    assert attached.returncode == 5, err
     for args in (["attach", "-t", "tmuxish", "other"], ["attach"]):
         res = cli(home, *args)
         assert res.returncode == 2 and res.stderr.count(b"\n") == 1, res.stderr

@@ -306,11 +306,26 @@ def test_ctrl_c_while_connecting_gives_up_as_ssh_does(sshd, tmp_path, ssh_client
                                        "--id", "cc", "testhost", "--", "echo", "hi"], env=cli_env(tmp_path),
                                 cwd=str(tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE)
-        time.sleep(1.5)
+        silent.settimeout(30)
+        conn, _ = silent.accept()  # (its SSH client is connecting)
+        import sqlite3
+
+        for _ in range(300):  # (the run is recorded once the CLI is past its start-up: its Ctrl-C is its own)
+            if (tmp_path / "runs.db").exists():
+                db = sqlite3.connect(str(tmp_path / "runs.db"))
+                try:
+                    if db.execute("SELECT 1 FROM runs WHERE id = 'cc'").fetchone():
+                        break
+                except sqlite3.Error:
+                    pass
+                finally:
+                    db.close()
+            time.sleep(0.05)
         start = time.monotonic()
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=20)
         took = time.monotonic() - start
+        conn.close()
     err = err.decode()
     assert proc.returncode == 130 and out == b"" and took < 5, (proc.returncode, err, took)
     assert "interrupted before testhost answered the start of run cc" in err and "SIGINT" not in err, err
