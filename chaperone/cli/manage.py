@@ -36,7 +36,7 @@ def complete_ids(ctx, param, incomplete):
 IDS = click.argument("run_ids", nargs=-1, required=True, metavar="ID...", shell_complete=complete_ids)
 
 
-def formatted(template, infos, fields, status):
+def formatted(template, infos, status):
     """``--format``: chaperone/cli/template.py, over the runs' JSON fields."""
     from ..models import RunInfo
     from .template import formatted as fill
@@ -44,7 +44,6 @@ def formatted(template, infos, fields, status):
     return fill(template, infos, tuple(RunInfo.model_fields), status)
 
 
-RUN_FIELDS = None  # (formatted() takes them from the one model: RunInfo)
 
 
 def _format_status(info: dict) -> str:
@@ -249,7 +248,7 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, filters, 
     wait = parse_duration(timeout, "--timeout")
     matches = guarded(lambda: run_filter(filters))
     if template is not None:
-        guarded(lambda: formatted(template, [], RUN_FIELDS, _format_status))  # (a bad one: before any work)
+        guarded(lambda: formatted(template, [], _format_status))  # (a bad one: before any work)
 
     def show(infos, fresh, newest_first=False):
         from ..states import FINAL_STATES
@@ -270,7 +269,7 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, filters, 
             print_json(infos)
         elif template is not None:
             if infos:
-                click.echo(formatted(template, infos, RUN_FIELDS, lambda i: _status_cell(i, i["id"] in fresh)))
+                click.echo(formatted(template, infos, lambda i: _status_cell(i, i["id"] in fresh)))
         elif quiet:
             for info in infos:
                 click.echo(info["id"])
@@ -367,12 +366,12 @@ def status(run_ids, as_json, template, timeout, **params):
     not over, host by host, saying which hosts could not be reached)."""
     wait = parse_duration(timeout, "--timeout")
     if template is not None:
-        guarded(lambda: formatted(template, [], RUN_FIELDS, _format_status))  # (a bad one: before any work)
+        guarded(lambda: formatted(template, [], _format_status))  # (a bad one: before any work)
 
     def show(infos, errors, stale=None):
         if template is not None:
             if infos:
-                click.echo(formatted(template, infos, RUN_FIELDS,
+                click.echo(formatted(template, infos,
                                      lambda i: _status_cell(i, i["id"] not in (stale or ()))))
         elif as_json:
             print_json(infos[0] if len(run_ids) == 1 and len(infos) == 1 else infos)
@@ -402,7 +401,7 @@ def status(run_ids, as_json, template, timeout, **params):
             stale = {i["id"] for i in infos if i["id"] not in fresh}  # (as last seen: its host was not reached)
             if template is not None:
                 if infos:
-                    click.echo(formatted(template, infos, RUN_FIELDS,
+                    click.echo(formatted(template, infos,
                                          lambda i: _status_cell(i, i["id"] not in stale)))
             elif as_json:
                 print_json(infos)
