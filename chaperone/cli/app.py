@@ -72,17 +72,14 @@ _KILL_VALUES = ("-s", "--signal", "--grace", "-F", "-p", "--port", "-l", "--logi
 def _kill_flag(arg: str) -> str:
     """kill(1)'s habit: ``kill -9 ID``, ``kill -KILL ID``, ``kill -SIGINT ID``
     are ``kill -s N ID`` (one word, so that ``-s9`` is click's)."""
-    import signal
-
     name = arg[1:]
     if not arg.startswith("-") or arg.startswith("--") or len(name) < 1:
         return arg
-    if name.isdigit() and 0 < int(name) < 65:
+    if name.isdigit():  # (any number: a bad one is then "unknown signal", not "no such option -9")
         return "-s" + name
-    upper = name.upper()
-    if len(name) >= 3 and name == upper and (upper in signal.Signals.__members__
-                                             or "SIG" + upper in signal.Signals.__members__):
-        return "-s" + name
+    if len(name) >= 3 and name == name.upper() and name.replace("+", "").replace("-", "").isalnum() \
+            and name[0].isalpha():
+        return "-s" + name  # (-KILL, -SIGINT, -BOGUS: a signal name, known or not)
     return arg
 
 

@@ -655,6 +655,10 @@ def logs(run_id, follow, only_stdout, only_stderr, tail, since, until, timestamp
         from .display import OutageNotice
 
         on_reconnect = OutageNotice()
+        if not follow:
+            def on_reconnect(error, delay):  # (logs without -f: what is there now, or one line and 255)
+                raise error
+            on_reconnect.recovered = lambda: None
         printer = _Printer(out, timestamps, rec.id)
 
         async def printed():

@@ -235,6 +235,9 @@ def run(host, **params):
         if params.get("run_id") == "":
             fail("invalid run id '': use 1-128 letters, digits, '.', '_' or '-' (or no --id: a new id)", 2)
         run_id = params.get("run_id") or new_run_id()
+        if params.get("remove") and ch.records.exists(run_id):
+            fail("--rm with the id of a run already recorded (%s): it would remove a run this command did not "
+                 "start; choose another id (Try 'chaperone run --help'.)" % run_id, 2)
         ran.append(run_id)
         kw = dict(id=run_id, cwd=cwd, env=run_env(params), timeout=timeout, stdin=stdin,
                   config={"kill_grace": grace} if grace is not None else None, tty=bool(tty) or None)

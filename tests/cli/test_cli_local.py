@@ -965,3 +965,18 @@ def test_ps_fits_a_narrow_terminal(home):
             assert ("s ago" in lines[1] and "seconds ago" not in lines[1]) == short, lines
     finally:
         cli(home, "kill", "-s", "KILL", *cli(home, "ps", "-q").stdout.decode().split())
+
+
+@pytest.mark.timeout(60)
+def test_a_bad_kill_signal_and_rm_with_a_recorded_id_are_said_plainly(home):
+    """``kill -99 ID``, ``kill -BOGUS ID``: "unknown signal" (before: "No
+    such option '-9'", "'-B'"); ``run --rm --id X`` with X recorded: a usage
+    line, and X stays (before: it re-attached to the old run and removed
+    it)."""
+    assert cli(home, "run", "--id", "old", "local", "--", "true").returncode == 0
+    for flag, word in (("-99", b"'99'"), ("-BOGUS", b"'BOGUS'")):
+        res = cli(home, "kill", flag, "old")
+        assert res.returncode == 2 and b"unknown signal " + word in res.stderr, res.stderr
+    res = cli(home, "run", "--rm", "--id", "old", "local", "--", "true")
+    assert res.returncode == 2 and b"--rm" in res.stderr and res.stderr.count(b"\n") == 1, res.stderr
+    assert cli(home, "ps", "-a", "-q").stdout == b"old\n"

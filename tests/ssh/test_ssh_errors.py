@@ -7,6 +7,7 @@ loopback addresses: no network is needed.
 """
 
 import json
+import os
 import socket
 import subprocess
 import time
@@ -360,3 +361,21 @@ def test_the_host_key_hint_works_when_followed(sshd, tmp_path, ssh_client):
     known.write_bytes(keys.stdout)
     res = chaperone(tmp_path, "-F", cfg, "run", "keyless", "--", "echo", "hi")
     assert (res.returncode, res.stdout) == (0, b"hi\n"), res.stderr
+
+
+@pytest.mark.timeout(60)
+def test_logs_of_a_host_out_of_reach_with_both_streams_together_is_one_line(sshd, tmp_path, ssh_client):
+    """``logs ID > f 2>&1`` (both streams to one place: the interleaved
+    path) when the host refuses: one line and 255 at once, as with the
+    streams apart (before: "...; reconnecting" and a wait for ever)."""
+    from support.sshd import free_port
+
+    run_id = "far-%d" % os.getpid()
+    res = chaperone(tmp_path, "-F", sshd.config_file, "run", "--id", run_id, "testhost", "--", "echo", "hi")
+    assert res.returncode == 0, res.stderr
+    start = time.monotonic()
+    res = subprocess.run(CLI + ["-F", str(sshd.config_file), "logs", "-p", str(free_port()), run_id],
+                         env=cli_env(tmp_path), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, timeout=40)
+    assert res.returncode == 255 and time.monotonic() - start < 20, res.stdout
+    assert res.stdout.count(b"\n") == 1 and b"refused" in res.stdout and b"reconnecting" not in res.stdout, res.stdout
