@@ -204,7 +204,8 @@ class Group(click.Group):
         aliases = {"rm": "clean", "inspect": "status", "stop": "kill", "list": "ps", "ls": "ps"}
         if args and args[0] in aliases:
             rest = list(args[1:])
-            if args[0] == "inspect" and "--json" not in rest:
+            if args[0] == "inspect" and "--json" not in rest and not any(
+                    a in ("-f", "--format") or a.startswith("--format=") for a in rest):
                 rest.insert(0, "--json")  # (docker inspect prints JSON)
             if args[0] == "stop":
                 # docker stop: SIGTERM, then SIGKILL after -t/--time seconds (10)

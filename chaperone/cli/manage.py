@@ -46,6 +46,19 @@ def formatted(template, infos, status):
 
 
 
+def _template(template, as_json, command):
+    """``--format``'s template, checked before any work; None for the
+    default output (no template, an empty one, or ``table`` alone, as
+    docker)."""
+    if template is None or template.strip() in ("", "table"):
+        return None
+    if as_json:
+        fail("--format and --json do not go together: --format '{{json .}}' prints each run as JSON "
+             "(Try 'chaperone %s --help'.)" % command, 2)
+    guarded(lambda: formatted(template, [], _format_status))
+    return template.lstrip()
+
+
 def _format_status(info: dict) -> str:
     """``.Status`` for a run as its record has it (a template's check)."""
     return _status_cell(info, True)
@@ -247,8 +260,7 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, filters, 
         fail("unknown state %r: one of %s (Try 'chaperone ps --help'.)" % (bad[0], ", ".join(STATES)), 2)
     wait = parse_duration(timeout, "--timeout")
     matches = guarded(lambda: run_filter(filters))
-    if template is not None:
-        guarded(lambda: formatted(template, [], _format_status))  # (a bad one: before any work)
+    template = _template(template, as_json, "ps")
 
     def show(infos, fresh, newest_first=False):
         from ..states import FINAL_STATES
@@ -268,7 +280,7 @@ def ps(show_all, quiet, last, hosts, states, cached, timeout, as_json, filters, 
         if as_json:
             print_json(infos)
         elif template is not None:
-            if infos:
+            if infos or template.startswith("table"):
                 click.echo(formatted(template, infos, lambda i: _status_cell(i, i["id"] in fresh)))
         elif quiet:
             for info in infos:
@@ -365,12 +377,11 @@ def status(run_ids, as_json, template, timeout, **params):
     """Show runs' states, re-read from their spools now (no ID: every run
     not over, host by host, saying which hosts could not be reached)."""
     wait = parse_duration(timeout, "--timeout")
-    if template is not None:
-        guarded(lambda: formatted(template, [], _format_status))  # (a bad one: before any work)
+    template = _template(template, as_json, "status")
 
     def show(infos, errors, stale=None):
         if template is not None:
-            if infos:
+            if infos or template.startswith("table"):
                 click.echo(formatted(template, infos,
                                      lambda i: _status_cell(i, i["id"] not in (stale or ()))))
         elif as_json:
@@ -400,7 +411,7 @@ def status(run_ids, as_json, template, timeout, **params):
             infos = [ch.records.get(r.id).info() for r in recs]
             stale = {i["id"] for i in infos if i["id"] not in fresh}  # (as last seen: its host was not reached)
             if template is not None:
-                if infos:
+                if infos or template.startswith("table"):
                     click.echo(formatted(template, infos,
                                          lambda i: _status_cell(i, i["id"] not in stale)))
             elif as_json:

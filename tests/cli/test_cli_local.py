@@ -980,3 +980,21 @@ def test_a_bad_kill_signal_and_rm_with_a_recorded_id_are_said_plainly(home):
     res = cli(home, "run", "--rm", "--id", "old", "local", "--", "true")
     assert res.returncode == 2 and b"--rm" in res.stderr and res.stderr.count(b"\n") == 1, res.stderr
     assert cli(home, "ps", "-a", "-q").stdout == b"old\n"
+
+
+@pytest.mark.timeout(60)
+def test_format_edges_as_docker(home):
+    """``--format ''`` and ``--format table`` are the default table; a
+    ``table`` template with no runs prints its header; ``--format`` with
+    ``--json`` is one usage line, for ps and status alike (before: blank
+    lines, nothing, and the two resolved in opposite ways)."""
+    assert cli(home, "run", "--id", "fe", "local", "--", "true").returncode == 0
+    default = cli(home, "ps", "-a").stdout
+    for template in ("", "table"):
+        assert cli(home, "ps", "-a", "--format", template).stdout == default
+    res = cli(home, "ps", "-a", "-f", "name=zzz", "--format", "table {{.ID}}\\t{{.Status}}")
+    assert res.stdout.split() == [b"ID", b"STATUS"], res.stdout
+    for args in (["ps", "-a", "--json", "--format", "{{.ID}}"], ["status", "--json", "--format", "{{.ID}}", "fe"]):
+        res = cli(home, *args)
+        assert res.returncode == 2 and res.stdout == b"" and b"--json" in res.stderr, (args, res)
+    assert cli(home, "inspect", "-f", "{{.State}}", "fe").stdout == b"done\n"
