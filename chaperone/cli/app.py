@@ -132,6 +132,21 @@ def leave_open(records) -> None:
     _OPEN.append(records)
 
 
+def _broken_pipe():
+    """Nothing reads the output any more (``| head``): exit 141 (SIGPIPE's
+    status), at once.  (An exit through the interpreter's clean-up would
+    collect the SSH client's subprocess transport after its event loop
+    closed, and Python prints "Exception ignored ... Event loop is closed"
+    with a traceback on stderr.)"""
+    import os
+
+    try:
+        sys.stderr.flush()
+    except OSError:
+        pass
+    os._exit(141)
+
+
 def guarded(fn):
     """``fn()`` with run_async's rule for errors (one line, never a
     traceback), for a command's part that needs no event loop."""
@@ -144,7 +159,7 @@ def guarded(fn):
     except KeyboardInterrupt:
         sys.exit(130)
     except BrokenPipeError:
-        sys.exit(141)
+        _broken_pipe()
     except OSError as e:
         fail(_os_error(e))
     except ValueError as e:
@@ -191,7 +206,7 @@ class Group(click.Group):
                 fail("%s (Try '%s --help'.)" % (message.rstrip("."), path), 2)
             fail(message, 1)
         except BrokenPipeError:
-            sys.exit(141)
+            _broken_pipe()
         except Exception as e:  # never a traceback
             from ..errors import ChaperoneError
 
