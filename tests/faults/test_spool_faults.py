@@ -251,10 +251,12 @@ def test_a_new_run_of_the_same_id_is_never_overwritten(root):
     supervisor ended: the new run stays."""
     m = marker_number()
     try:
-        agent_start(root, program("again", ["sh", "-c", "trap '' TERM; sleep %s" % m], config={"kill_grace": 1}))
+        # (kill_grace: the old supervisor records its end, a second or more after the removal;
+        # the new start must come first, which a loaded machine took over 1 s to do once)
+        agent_start(root, program("again", ["sh", "-c", "trap '' TERM; sleep %s" % m], config={"kill_grace": 4}))
         shutil.rmtree(str(root / "again"))
         agent_start(root, program("again", ["echo", "second"]))
-        wait_no_procs(m, timeout=5)
+        wait_no_procs(m, timeout=15)
         time.sleep(0.5)
         st = wait_state(root, "again")
         assert st["state"] == "done" and (root / "again" / "stdout").read_bytes() == b"second\n"
