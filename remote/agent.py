@@ -3178,18 +3178,10 @@ class Supervisor(object):
         spool): it is not there any more, or another one is in its place.
         (No descriptor of it is held: while one is, the kernel tells
         inotify of its deletion only when the last one is closed.)"""
-        if self.dir_key is not None and not self.spool_removed:
-            try:
-                info = os.lstat(self.run.dir)
-                gone = (info.st_dev, info.st_ino) != self.dir_key
-            except FileNotFoundError:
-                gone = True
-            except OSError:  # pragma: no cover - say EACCES: cannot tell
-                gone = False
-            if gone:
-                # While it runs, nothing could reach the program any more
-                # (its control FIFO is gone): it is ended, as a timeout does.
-                self.handle("spool_removed")
+        if not self.spool_removed and self.spool_gone():
+            # While it runs, nothing could reach the program any more
+            # (its control FIFO is gone): it is ended, as a timeout does.
+            self.handle("spool_removed")
         return self.spool_removed
 
     def spool_gone(self):
@@ -3201,7 +3193,7 @@ class Supervisor(object):
             info = os.lstat(self.run.dir)
         except FileNotFoundError:
             return True
-        except OSError:  # pragma: no cover - cannot tell
+        except OSError:  # pragma: no cover - say EACCES: cannot tell
             return False
         return (info.st_dev, info.st_ino) != self.dir_key
 

@@ -18,7 +18,7 @@ import sys
 
 import click
 
-from .options import SSH, Opt, ssh_settings
+from .options import SSH, Opt, arity, ssh_settings
 
 EXIT_FAILURE = 255
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -64,9 +64,10 @@ def _verbose(ctx, param, value):
     return value
 
 
-#: kill's options that take a value (the SSH ones included).
-_KILL_VALUES = ("-s", "--signal", "--grace", "-F", "-p", "--port", "-l", "--login", "-i", "--identity", "-o", "-J",
-                "--jump", "--python", "--spool")
+def _kill_values():
+    """kill's options that take a value: its own and the SSH ones (from
+    the one table of options)."""
+    return {"-s", "--signal", "--grace"} | {flag for flag, takes in arity(SSH).items() if takes}
 
 
 def _kill_flag(arg: str) -> str:
@@ -231,7 +232,8 @@ class Group(click.Group):
             args = [aliases[args[0]]] + rest
         if args and args[0] == "kill":
             # (a value of an option is what it is: --grace -1 stays -1)
-            args = ["kill"] + [a if args[i] in _KILL_VALUES else _kill_flag(a) for i, a in enumerate(args[1:])]
+            values = _kill_values()
+            args = ["kill"] + [a if args[i] in values else _kill_flag(a) for i, a in enumerate(args[1:])]
         name, command, rest = super().resolve_command(ctx, args)
         if command is not None:
             _COMMAND.append("%s %s" % (ctx.command_path, command.name))

@@ -44,8 +44,6 @@ def formatted(template, infos, status):
     return fill(template, infos, tuple(RunInfo.model_fields), status)
 
 
-
-
 def _template(template, as_json, command):
     """``--format``'s template, checked before any work; None for the
     default output (no template, an empty one, or ``table`` alone, as

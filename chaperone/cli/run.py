@@ -218,11 +218,13 @@ def run(host, **params):
         except ChaperoneError:
             # --json: the run's object at the end, as documented, also for a
             # start that failed (its record says failed and why)
-            rec = ch.records.get(ran[0]) if ran and params.get("as_json") else None
-            if rec is not None:
+            rec = ch.records.get(ran[0]) if ran else None
+            if rec is not None and params.get("as_json"):
                 from .display import print_json
 
                 print_json(rec.info())
+            if rec is not None and params.get("remove") and rec.state == "failed":
+                ch.forget(rec.id)  # (--rm: a start that never happened leaves nothing, as with -H)
             raise
 
     async def started(ch, ran):

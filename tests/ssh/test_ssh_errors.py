@@ -379,3 +379,12 @@ def test_logs_of_a_host_out_of_reach_with_both_streams_together_is_one_line(sshd
                          stderr=subprocess.STDOUT, timeout=40)
     assert res.returncode == 255 and time.monotonic() - start < 20, res.stdout
     assert res.stdout.count(b"\n") == 1 and b"refused" in res.stdout and b"reconnecting" not in res.stdout, res.stdout
+
+
+@pytest.mark.timeout(60)
+def test_rm_leaves_no_record_of_a_start_that_never_happened(sshd, tmp_path, ssh_client):
+    """``run --rm`` whose start never reached the host: one line, 255, and
+    no record left (as ``-H --rm`` already did; before: a failed record)."""
+    res = chaperone(tmp_path, "-F", sshd.config_file, "run", "--rm", "--id", "rmfail", "nohost.invalid", "--", "true")
+    assert_fails_cleanly(tmp_path, res, "unknown host nohost.invalid")
+    assert chaperone(tmp_path, "ps", "-a", "-q").stdout == b""
