@@ -58,7 +58,7 @@ def test_a_busy_host_does_not_block_the_others():
     jobs = [("slow", i) for i in range(4)] + [("h%d" % i, 0) for i in range(4)]
 
     async def task(job):
-        return await tr.run(job, 0.2 if job[0] == "slow" else 0.01)
+        return await tr.run(job, 1.0 if job[0] == "slow" else 0.01)  # (0.2 s was not enough on a loaded CI machine)
 
     results = asyncio.run(collect(fanout(jobs, task, forks=4, per_host=1)))
     # the three other 'slow' jobs wait; the four other hosts run meanwhile
